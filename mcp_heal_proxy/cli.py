@@ -1,0 +1,156 @@
+"""Command line: ``mcp-heal-proxy serve ...``. The only module that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+
+from mcp_heal_proxy import __version__
+from mcp_heal_proxy.app import build_app
+from mcp_heal_proxy.config import DEFAULT_HOST, DEFAULT_PORT, MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.observability import configure_logging
+from mcp_heal_proxy.upstream import UpstreamConfig
+
+EXIT_USAGE = 2
+
+SERVE_EXAMPLES = """\
+examples:
+  mcp-heal-proxy serve --upstream https://mcp.example.com/mcp
+  mcp-heal-proxy serve --upstream http://127.0.0.1:8000/mcp --port 9000 --state :memory:
+
+then point the client at the proxy, e.g. in ~/.codex/config.toml:
+  [mcp_servers.example]
+  url = "http://127.0.0.1:8787/mcp"
+"""
+
+
+class UsageError(Exception):
+    """A user mistake: reported in one line, exit status 2, no traceback."""
+
+
+def _upstream_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with examples in each subcommand's help."""
+    parser = argparse.ArgumentParser(
+        prog="mcp-heal-proxy",
+        description="Local proxy that keeps MCP Streamable HTTP sessions alive when the server forgets them.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mcp-heal-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy in front of one upstream MCP server",
+        description="Run the proxy. Clients connect to http://HOST:PORT/mcp.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--upstream", required=True, type=_upstream_url, metavar="URL", help="upstream MCP endpoint")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument(
+        "--port",
+        default=DEFAULT_PORT,
+        type=_port,
+        help=f"port to listen on, 0 for any (default {DEFAULT_PORT})",
+    )
+    serve.add_argument("--state", default=MEMORY_STATE, metavar="PATH", help="session store file (default :memory:)")
+    serve.add_argument(
+        "--log-format", choices=("auto", "json", "console"), default="auto", help="log format (default auto)"
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="log level (default info)",
+    )
+    return parser
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it exists (not on Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: int = uvloop.run(coro)
+    return result
+
+
+async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; return the exit status."""
+    log = structlog.get_logger("mcp_heal_proxy")
+    runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+    # With --port 0 the system picked a free port: report the real one.
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    bound = replace(config, port=port)
+    print(f"mcp-heal-proxy {__version__} forwarding to {config.upstream.url}", flush=True)
+    print(f'paste into your MCP client: url = "{bound.client_url}"', flush=True)
+    log.info("proxy.started", url=bound.client_url, upstream=config.upstream.url, state=config.state)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("proxy.stopping")
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``mcp-heal-proxy`` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    config = ProxyConfig(
+        upstream=UpstreamConfig(url=args.upstream),
+        host=args.host,
+        port=args.port,
+        state=args.state,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+    try:
+        sys.exit(_run(serve(config)))
+    except UsageError as exc:
+        print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)

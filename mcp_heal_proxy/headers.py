@@ -1,0 +1,82 @@
+"""Header rewriting between the client and the upstream: pure functions over header pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+MCP_SESSION_ID: Final = "Mcp-Session-Id"
+MCP_PROTOCOL_VERSION: Final = "MCP-Protocol-Version"
+LAST_EVENT_ID: Final = "Last-Event-ID"
+
+# RFC 9110 section 7.6.1 plus the proxy-specific ones every proxy drops.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Never copied upstream: Host is the upstream's own (aiohttp sets it from the URL; the Python SDK
+# answers 421 to a foreign Host); the body length is recomputed; the session id is rewritten.
+# Accept-Encoding is dropped so that the upstream answers uncompressed: the proxy inspects error and
+# initialize bodies, and streams SSE, which compression would hold back. Origin names the page that
+# talked to the proxy, which means nothing to the upstream and trips its DNS-rebinding guard.
+_NOT_UPSTREAM: Final = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "mcp-session-id",
+    "accept-encoding",
+    "origin",
+}
+
+# Never copied back to the client: the upstream's session id must not leak (the TypeScript SDK client
+# adopts any session id header it sees, even on an error answer); the length and encoding are set by
+# the proxy's own response writer.
+_NOT_DOWNSTREAM: Final = HOP_BY_HOP | {
+    "content-length",
+    "mcp-session-id",
+    "content-encoding",
+    "server",
+    "date",
+}
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Header names that ``Connection`` marks as hop-by-hop for this one message."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+def upstream_request_headers(
+    client_headers: Mapping[str, str],
+    upstream_session_id: str | None,
+    *,
+    drop: Iterable[str] = (),
+) -> dict[str, str]:
+    """Headers to send upstream for a client's request, carrying the upstream session id."""
+    skip = _NOT_UPSTREAM | _connection_tokens(client_headers) | {name.lower() for name in drop}
+    out = {name: value for name, value in client_headers.items() if name.lower() not in skip}
+    if upstream_session_id is not None:
+        out[MCP_SESSION_ID] = upstream_session_id
+    return out
+
+
+def client_response_headers(
+    upstream_headers: Mapping[str, str], client_session_id: str | None
+) -> list[tuple[str, str]]:
+    """Headers to send the client for an upstream answer, carrying the client's own session id."""
+    skip = _NOT_DOWNSTREAM | _connection_tokens(upstream_headers)
+    out = [(name, value) for name, value in upstream_headers.items() if name.lower() not in skip]
+    if client_session_id is not None:
+        out.append((MCP_SESSION_ID, client_session_id))
+    return out

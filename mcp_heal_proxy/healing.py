@@ -1,0 +1,211 @@
+"""Expiry detection and the heal sequence (PROTOCOL.md, "Healing, step by step").
+
+``is_session_expired`` is pure so it can be tested over arbitrary status/body pairs. ``Healer`` runs
+the re-initialization: at most one per client session and generation at a time, shared by every
+request that found the upstream session dead (single-flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+import structlog
+
+from mcp_heal_proxy.errors import HealFailed, ProxyError
+from mcp_heal_proxy.headers import (
+    LAST_EVENT_ID,
+    MCP_PROTOCOL_VERSION,
+    MCP_SESSION_ID,
+    upstream_request_headers,
+)
+from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, METHOD_NOT_FOUND
+from mcp_heal_proxy.sessions import SessionRecord, SessionStore
+from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.tasks import TaskOwner
+from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
+
+log = structlog.get_logger("mcp_heal_proxy.healing")
+
+# Statuses worth reading the body of: every expiry answer seen in the wild (PROTOCOL.md) is one of these.
+EXPIRY_STATUSES: Final = frozenset({400, 404})
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+def _jsonrpc_error_code(body: bytes) -> int | None:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and isinstance(error.get("code"), int):
+            return int(error["code"])
+    return None
+
+
+def is_session_expired(status: int, body: bytes, *, sent_session_id: bool) -> bool:
+    """Does this upstream answer mean "the session you named is gone"?
+
+    Only a request that carried an upstream session id can find its session expired. 404 is the
+    spec's signal, except when it carries JSON-RPC -32601 (a 2026-07-28 server's "method not found").
+    400 counts when its body speaks of the session, as server-everything's "No valid session ID
+    provided" does; any other 400 is the request's own fault and passes through.
+    """
+    if not sent_session_id or status not in EXPIRY_STATUSES:
+        return False
+    if _jsonrpc_error_code(body) == METHOD_NOT_FOUND:
+        return False
+    if status == 404:
+        return True
+    return b"session" in body.lower()
+
+
+def _answer_from_json(payload: object, request_id: str) -> Mapping[str, Any] | None:
+    items = payload if isinstance(payload, list) else [payload]
+    for item in items:
+        if isinstance(item, dict) and item.get("id") == request_id:
+            return item
+    return None
+
+
+async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapping[str, Any]:
+    """Read the JSON-RPC answer to ``request_id`` from a JSON or SSE upstream response."""
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.startswith("text/event-stream"):
+        parser = SSEParser()
+        seen = 0
+        async for chunk in response.content.iter_any():
+            seen += len(chunk)
+            if seen > INSPECT_LIMIT:
+                break
+            for item in parser.feed(chunk):
+                if not isinstance(item, Event) or not item.data:
+                    continue
+                try:
+                    answer = _answer_from_json(json.loads(item.data), request_id)
+                except ValueError:
+                    continue
+                if answer is not None:
+                    return answer
+        raise HealFailed("upstream sent no answer to the re-initialize")
+    body = await read_capped(response)
+    try:
+        answer = _answer_from_json(json.loads(body), request_id)
+    except ValueError as exc:
+        raise HealFailed("upstream answered the re-initialize with invalid JSON") from exc
+    if answer is None:
+        raise HealFailed("upstream sent no answer to the re-initialize")
+    return answer
+
+
+class Healer:
+    """Re-initializes expired upstream sessions, once per (client session, generation)."""
+
+    def __init__(self, upstream: Upstream, store: SessionStore) -> None:
+        self._upstream = upstream
+        self._store = store
+        self._tasks = TaskOwner()
+        self._in_flight: dict[tuple[str, int], asyncio.Task[SessionRecord]] = {}
+        self._ids = itertools.count(1)
+
+    async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
+        """Return the record of a live upstream session for this client session, healing if needed.
+
+        Concurrent callers with the same generation share one heal. The heal runs in its own task so
+        that a client that disconnects while waiting does not abort it for the others.
+        """
+        key = (record.client_session_id, record.generation)
+        task = self._in_flight.get(key)
+        if task is None:
+            task = self._tasks.spawn(self._heal_once(record, dict(client_headers), reason), name="heal")
+            self._in_flight[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        return await asyncio.shield(task)
+
+    def _forget(self, key: tuple[str, int], done: asyncio.Task[SessionRecord]) -> None:
+        self._in_flight.pop(key, None)
+        if not done.cancelled():
+            # Retrieve the outcome so that a heal whose waiters all left is not reported as unhandled.
+            done.exception()
+
+    async def close(self) -> None:
+        """Cancel heals still running (shutdown)."""
+        await self._tasks.close()
+
+    async def _heal_once(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
+        current = await self._store.get(record.client_session_id)
+        if current is not None and current.generation > record.generation:
+            # A heal for this generation already finished: its result is the live session.
+            return current
+        started = time.perf_counter()
+        try:
+            upstream_session_id, protocol_version = await self._reinitialize(record, client_headers)
+        except ProxyError as exc:
+            log.warning(
+                "session.heal_failed",
+                client_session=record.client_session_id[:8],
+                generation=record.generation,
+                reason=reason,
+                error=exc.message,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            raise
+        healed = record.healed(upstream_session_id, protocol_version)
+        await self._store.put(healed)
+        log.info(
+            "session.healed",
+            client_session=record.client_session_id[:8],
+            reason=reason,
+            old_generation=record.generation,
+            new_generation=healed.generation,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return healed
+
+    async def _reinitialize(self, record: SessionRecord, client_headers: dict[str, str]) -> tuple[str, str | None]:
+        """Steps 2 and 3: initialize without a session id, then notifications/initialized."""
+        base = upstream_request_headers(client_headers, None, drop=(MCP_PROTOCOL_VERSION, LAST_EVENT_ID))
+        base.update(_JSON_HEADERS)
+        request_id = f"mcp-heal-proxy-{next(self._ids)}"
+        initialize = {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "method": INITIALIZE,
+            "params": record.initialize_params,
+        }
+        response = await self._upstream.send("POST", base, json.dumps(initialize).encode())
+        try:
+            if response.status != 200:
+                raise HealFailed(f"upstream answered {response.status} to the re-initialize")
+            upstream_session_id = response.headers.get(MCP_SESSION_ID)
+            if not upstream_session_id:
+                raise HealFailed("upstream gave no session id to the re-initialize")
+            answer = await read_answer(response, request_id)
+        finally:
+            response.release()
+        result = answer.get("result")
+        if not isinstance(result, dict):
+            raise HealFailed("upstream refused the re-initialize")
+        version = result.get("protocolVersion")
+        protocol_version = version if isinstance(version, str) else None
+
+        # Servers may refuse requests on a session whose handshake is not complete: wait for the 202.
+        headers = dict(base)
+        headers[MCP_SESSION_ID] = upstream_session_id
+        if protocol_version is not None:
+            headers[MCP_PROTOCOL_VERSION] = protocol_version
+        notification = json.dumps({"jsonrpc": "2.0", "method": INITIALIZED}).encode()
+        response = await self._upstream.send("POST", headers, notification)
+        try:
+            if not 200 <= response.status < 300:
+                raise HealFailed(f"upstream answered {response.status} to notifications/initialized")
+        finally:
+            response.release()
+        return upstream_session_id, protocol_version

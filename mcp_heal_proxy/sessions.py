@@ -1,0 +1,84 @@
+"""Client sessions: the record the proxy keeps per client-facing session id, and where it keeps it.
+
+The client-facing id is opaque and random, never derived from the upstream's id, so that the proxy can
+point it at a new upstream session after a heal while the client keeps using the same id.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+
+def new_client_session_id() -> str:
+    """A fresh client-facing session id: 128 random bits as hex (visible ASCII, header-safe)."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """What the proxy knows about one client session.
+
+    ``generation`` counts heals: a request remembers the generation it was sent on, so concurrent
+    requests that hit the same dead upstream session share one re-initialization.
+    """
+
+    client_session_id: str
+    upstream_session_id: str
+    initialize_params: Mapping[str, Any]
+    protocol_version: str | None = None
+    generation: int = 0
+    created_at: float = field(default_factory=time.time)
+
+    def healed(self, upstream_session_id: str, protocol_version: str | None) -> SessionRecord:
+        """The record after a heal: new upstream session, next generation."""
+        return replace(
+            self,
+            upstream_session_id=upstream_session_id,
+            protocol_version=protocol_version or self.protocol_version,
+            generation=self.generation + 1,
+        )
+
+
+class SessionStore(Protocol):
+    """Where records live. A put must be durable before the client sees the id it stores."""
+
+    async def get(self, client_session_id: str) -> SessionRecord | None:
+        """The record for a client session id, or None if this proxy never issued it."""
+
+    async def put(self, record: SessionRecord) -> None:
+        """Insert or replace a record."""
+
+    async def delete(self, client_session_id: str) -> None:
+        """Forget a client session (idempotent)."""
+
+    async def close(self) -> None:
+        """Release resources (flush, close files or connections)."""
+
+
+class MemorySessionStore:
+    """Keeps records in a dict: fast, and gone with the process (``--state :memory:``)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, SessionRecord] = {}
+
+    async def get(self, client_session_id: str) -> SessionRecord | None:
+        """See SessionStore.get."""
+        return self._records.get(client_session_id)
+
+    async def put(self, record: SessionRecord) -> None:
+        """See SessionStore.put."""
+        self._records[record.client_session_id] = record
+
+    async def delete(self, client_session_id: str) -> None:
+        """See SessionStore.delete."""
+        self._records.pop(client_session_id, None)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -1,0 +1,145 @@
+"""Incremental Server-Sent Events parsing and writing, pure and without I/O.
+
+The proxy forwards SSE bytes untouched (never re-encoded, so ids, ``retry``, comments and priming
+events survive as the upstream wrote them). It parses a stream only where it must read a message:
+the upstream's answer to a re-``initialize`` during a heal, and the client's original initialize
+answer (to learn the negotiated protocol version). Parsing follows the WHATWG rules: lines end in
+``\\r\\n``, ``\\n`` or ``\\r``; a leading BOM is skipped; a blank line dispatches the event.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One dispatched SSE event."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+    retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Comment:
+    """A comment line (``: text``), kept so writers and tests can see keep-alives."""
+
+    text: str
+
+
+class SSEParser:
+    """Feed it bytes as they arrive, in chunks split anywhere; it returns what completed."""
+
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_decoder",
+        "_event",
+        "_id",
+        "_last_id",
+        "_pending_cr",
+        "_retry",
+        "_started",
+    )
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._pending_cr = False
+        self._started = False
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+        self._last_id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[Event | Comment]:
+        """Parse a chunk; return the events and comments it completed, in order."""
+        text = self._decoder.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        if self._pending_cr and text.startswith("\n"):
+            # The "\r" that ended the previous chunk and this "\n" are one line ending.
+            text = text[1:]
+        self._pending_cr = False
+        self._buffer += text
+        out: list[Event | Comment] = []
+        start = 0
+        buffer = self._buffer
+        length = len(buffer)
+        index = 0
+        while index < length:
+            char = buffer[index]
+            if char == "\r" or char == "\n":
+                line = buffer[start:index]
+                if char == "\r":
+                    if index + 1 < length:
+                        if buffer[index + 1] == "\n":
+                            index += 1
+                    else:
+                        self._pending_cr = True
+                self._line(line, out)
+                start = index + 1
+            index += 1
+        self._buffer = buffer[start:]
+        return out
+
+    def _line(self, line: str, out: list[Event | Comment]) -> None:
+        if not line:
+            self._dispatch(out)
+            return
+        if line.startswith(":"):
+            out.append(Comment(line[1:].removeprefix(" ")))
+            return
+        field, sep, value = line.partition(":")
+        if sep:
+            value = value.removeprefix(" ")
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        elif field == "id":
+            if "\0" not in value:
+                self._id = value
+        elif field == "retry" and value.isdigit():
+            self._retry = int(value)
+
+    def _dispatch(self, out: list[Event | Comment]) -> None:
+        if self._id is not None:
+            self._last_id = self._id
+        # As in browsers, an event without data lines only updates the last event id.
+        if self._data:
+            out.append(Event("\n".join(self._data), self._event or "message", self._id, self._retry))
+        self._data = []
+        self._event = ""
+        self._id = None
+        self._retry = None
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The id of the last event that set one (what a client would resume from)."""
+        return self._last_id
+
+
+def encode_event(event: Event) -> bytes:
+    """Serialize an event so that SSEParser reads back the same event."""
+    lines: list[str] = []
+    if event.event != "message":
+        lines.append(f"event: {event.event}")
+    if event.id is not None:
+        lines.append(f"id: {event.id}")
+    if event.retry is not None:
+        lines.append(f"retry: {event.retry}")
+    for data_line in event.data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        lines.append(f"data: {data_line}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def encode_comment(text: str) -> bytes:
+    """Serialize a comment line (used for keep-alives)."""
+    return f": {text}\n\n".encode()

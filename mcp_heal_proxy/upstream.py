@@ -1,0 +1,84 @@
+"""The upstream MCP server as the proxy sees it: one pooled aiohttp client, errors in MCP terms.
+
+Everything that talks to the upstream goes through ``Upstream.send`` so that transport failures become
+``UpstreamUnavailable`` / ``UpstreamTimeout`` in one place, and a faster client can replace aiohttp's
+behind the same method without the handlers noticing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+
+from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
+
+# Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
+INSPECT_LIMIT: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """How to reach one upstream MCP server."""
+
+    url: str
+    connect_timeout: float = 10.0
+    # The longest silence allowed on a POST answer (a tool may think for minutes; SSE answers may
+    # also carry progress). GET streams are server-to-client and may stay silent: they have no limit.
+    read_timeout: float = 300.0
+    pool_size: int = 100
+
+
+class Upstream:
+    """Sends requests to one upstream over the app's shared ClientSession."""
+
+    def __init__(self, config: UpstreamConfig, client: aiohttp.ClientSession) -> None:
+        self.config = config
+        self._client = client
+        self._post_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=config.connect_timeout,
+            sock_read=config.read_timeout,
+        )
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=config.connect_timeout, sock_read=None
+        )
+
+    async def send(
+        self, method: str, headers: Mapping[str, str], body: bytes | None = None, *, stream: bool = False
+    ) -> aiohttp.ClientResponse:
+        """Send a request and return the response once its headers arrived; the caller releases it."""
+        try:
+            return await self._client.request(
+                method,
+                self.config.url,
+                headers=dict(headers),
+                data=body,
+                timeout=self._stream_timeout if stream else self._post_timeout,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:
+    """Read a response body up to ``limit`` bytes (the rest stays unread)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            chunk = await response.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("upstream MCP server stopped answering mid-body") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"upstream MCP server broke the answer: {type(exc).__name__}") from exc
+    return b"".join(chunks)

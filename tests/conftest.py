@@ -1,0 +1,156 @@
+"""Shared fixtures: the official MCP SDK server as a restartable upstream process, the proxy in-process,
+and the official SDK client.
+
+Every service binds 127.0.0.1 on a free port and is stopped by its PID when the test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from mcp_heal_proxy.app import build_app
+from mcp_heal_proxy.config import ProxyConfig
+from mcp_heal_proxy.upstream import UpstreamConfig
+
+HERE = Path(__file__).parent
+READY_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``check`` until it is true, failing the test after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not reached within {timeout} s") from None
+
+
+class UpstreamProcess:
+    """The official Python SDK MCP server (tests/upstream_server.py) in its own process."""
+
+    def __init__(self, *, json_response: bool, idle_timeout: float | None = None) -> None:
+        self.port = free_port()
+        self.json_response = json_response
+        self.idle_timeout = idle_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The MCP endpoint."""
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    async def start(self) -> None:
+        """Start the server and wait until it answers."""
+        command = [sys.executable, str(HERE / "upstream_server.py"), "--port", str(self.port)]
+        if self.json_response:
+            command.append("--json")
+        if self.idle_timeout is not None:
+            command += ["--idle-timeout", str(self.idle_timeout)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_until(self._answers, READY_TIMEOUT, "upstream ready")
+
+    async def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"upstream server exited with {self.process.returncode}")
+        try:
+            await self.stats()
+        except (aiohttp.ClientError, OSError):
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop the server by its PID (SIGKILL: every session dies at once, as in a crash)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(self.process.wait, 10)
+        self.process = None
+
+    async def restart(self) -> None:
+        """A restart or deploy: the process dies with its sessions, a new one takes the port."""
+        await self.stop()
+        await self.start()
+
+    async def stats(self) -> dict[str, int]:
+        """Requests counted by the upstream since it started."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
+        ):
+            data: dict[str, int] = await response.json()
+            return data
+
+
+@pytest.fixture(params=["sse", "json"])
+async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamProcess]:
+    """The SDK server, once in SSE-answer mode and once in JSON-answer mode."""
+    server = UpstreamProcess(json_response=request.param == "json")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def sse_upstream() -> AsyncIterator[UpstreamProcess]:
+    """The SDK server in its default SSE-answer mode only."""
+    server = UpstreamProcess(json_response=False)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+ProxyFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[ProxyFactory]:
+    """Start the proxy in this process in front of an upstream URL; returns the client-facing URL."""
+    servers: list[TestServer] = []
+
+    async def start(upstream_url: str, **upstream_options: Any) -> str:
+        config = ProxyConfig(upstream=UpstreamConfig(url=upstream_url, **upstream_options))
+        server = TestServer(build_app(config), host="127.0.0.1", port=0)
+        await server.start_server()  # TestServer cancels handlers on disconnect, as serve() does
+        servers.append(server)
+        return str(server.make_url("/mcp"))
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(url: str) -> AsyncIterator[ClientSession]:
+    """The official SDK client, initialized, on ``url``."""
+    async with (
+        streamable_http_client(url) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream) as session,
+    ):
+        await session.initialize()
+        yield session

@@ -1,0 +1,109 @@
+"""The official MCP Python SDK server, run as a separate process for the tests.
+
+Run it as ``python tests/upstream_server.py --port N [--json] [--idle-timeout S]``.
+It serves a streamable HTTP endpoint at ``/mcp`` on 127.0.0.1, with tools that the tests call, and
+``/stats`` that counts the ``initialize`` requests it received (so a test can prove single-flight
+healing at the upstream, not by trusting the proxy). A restart is a kill plus a new process on the
+same port: the SDK keeps sessions in memory, so every session dies with the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATS: dict[str, int] = {"initialize": 0, "tools_call": 0}
+
+server = MCPServer("heal-test-upstream")
+
+
+@server.tool()
+async def echo(text: str) -> str:
+    """Return the text unchanged."""
+    return text
+
+
+@server.tool()
+async def stream_steps(steps: int, ctx: Context) -> str:
+    """Send one progress notification per step, then finish; the test paces the steps."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, f"step {step}")
+        # Yield to the event loop so each progress event leaves before the next; not a pacing sleep.
+        await asyncio.sleep(0.05)
+    return f"done after {steps} steps"
+
+
+@server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
+async def stats(_: Request) -> JSONResponse:
+    """How many initialize and tools/call requests arrived since start."""
+    return JSONResponse(STATS)
+
+
+def counting(app: ASGIApp) -> ASGIApp:
+    """Count initialize and tools/call POSTs before the SDK sees them."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        for item in parsed if isinstance(parsed, list) else [parsed]:
+            if isinstance(item, dict) and item.get("method") == "initialize":
+                STATS["initialize"] += 1
+            if isinstance(item, dict) and item.get("method") == "tools/call":
+                STATS["tools_call"] += 1
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await app(scope, replay, send)
+
+    return wrapped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--json", action="store_true", help="answer with application/json, not SSE")
+    parser.add_argument("--idle-timeout", type=float, default=None, help="session idle TTL in seconds")
+    args = parser.parse_args()
+    app = server.streamable_http_app(
+        json_response=args.json,
+        session_idle_timeout=args.idle_timeout,
+        host="127.0.0.1",
+    )
+    config = uvicorn.Config(counting(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

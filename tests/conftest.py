@@ -14,17 +14,20 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_heal_proxy.app import build_app
+from mcp_heal_proxy.app import STORE_KEY, build_app
 from mcp_heal_proxy.config import ProxyConfig
+from mcp_heal_proxy.sessions import SessionRecord
 from mcp_heal_proxy.upstream import UpstreamConfig
 
 HERE = Path(__file__).parent
@@ -97,13 +100,26 @@ class UpstreamProcess:
         await self.stop()
         await self.start()
 
-    async def stats(self) -> dict[str, int]:
-        """Requests counted by the upstream since it started."""
+    async def release(self, step: int) -> None:
+        """Let the upstream's gated_steps tool go past ``step``."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{self.port}/release?step={step}") as response,
+        ):
+            assert response.status == 200
+
+    async def live_sessions(self) -> list[str]:
+        """Session ids the upstream still holds."""
+        sessions: list[str] = (await self.stats())["live_sessions"]
+        return sessions
+
+    async def stats(self) -> dict[str, Any]:
+        """Requests counted by the upstream since it started, and its live sessions."""
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
         ):
-            data: dict[str, int] = await response.json()
+            data: dict[str, Any] = await response.json()
             return data
 
 
@@ -125,20 +141,33 @@ async def sse_upstream() -> AsyncIterator[UpstreamProcess]:
     await server.stop()
 
 
-ProxyFactory = Callable[..., Awaitable[str]]
+@dataclass(frozen=True)
+class RunningProxy:
+    """A proxy started by a test: its client-facing URL and its app (to look at its session store)."""
+
+    url: str
+    app: web.Application
+
+    async def record(self, client_session_id: str) -> SessionRecord | None:
+        """The proxy's record for a client session id."""
+        return await self.app[STORE_KEY].get(client_session_id)
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[ProxyFactory]:
-    """Start the proxy in this process in front of an upstream URL; returns the client-facing URL."""
+    """Start the proxy in this process in front of an upstream URL."""
     servers: list[TestServer] = []
 
-    async def start(upstream_url: str, **upstream_options: Any) -> str:
+    async def start(upstream_url: str, **upstream_options: Any) -> RunningProxy:
         config = ProxyConfig(upstream=UpstreamConfig(url=upstream_url, **upstream_options))
-        server = TestServer(build_app(config), host="127.0.0.1", port=0)
+        app = build_app(config)
+        server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()  # TestServer cancels handlers on disconnect, as serve() does
         servers.append(server)
-        return str(server.make_url("/mcp"))
+        return RunningProxy(str(server.make_url("/mcp")), app)
 
     yield start
     for server in servers:
@@ -154,3 +183,29 @@ async def mcp_session(url: str) -> AsyncIterator[ClientSession]:
     ):
         await session.initialize()
         yield session
+
+
+MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+INITIALIZE_PARAMS = {
+    "protocolVersion": "2025-11-25",
+    "capabilities": {},
+    "clientInfo": {"name": "raw-test-client", "version": "1"},
+}
+
+
+async def raw_initialize(http: aiohttp.ClientSession, url: str) -> str:
+    """Initialize by hand (no SDK) and complete the handshake; return the session id the client got."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}
+    async with http.post(url, json=body, headers=MCP_HEADERS) as response:
+        assert response.status == 200, await response.text()
+        session_id = response.headers["Mcp-Session-Id"]
+        await response.read()
+    headers = {**MCP_HEADERS, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-11-25"}
+    async with http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers) as r:
+        assert r.status == 202, await r.text()
+    return session_id
+
+
+def session_headers(session_id: str) -> dict[str, str]:
+    """Headers of a request on an initialized session."""
+    return {**MCP_HEADERS, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-11-25"}

@@ -28,6 +28,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATS: dict[str, int] = {"initialize": 0, "tools_call": 0}
 
+
 server = MCPServer("heal-test-upstream")
 
 
@@ -37,20 +38,43 @@ async def echo(text: str) -> str:
     return text
 
 
+# Steps of gated_steps that the test has released (POST /release?step=N); the tool blocks on them.
+RELEASED: dict[int, asyncio.Event] = {}
+GATE_TIMEOUT = 30.0
+
+
+def gate(step: int) -> asyncio.Event:
+    return RELEASED.setdefault(step, asyncio.Event())
+
+
 @server.tool()
-async def stream_steps(steps: int, ctx: Context) -> str:
-    """Send one progress notification per step, then finish; the test paces the steps."""
+async def gated_steps(steps: int, ctx: Context) -> str:
+    """Report progress for each step, then block until the test releases that step.
+
+    A progress notification that reaches the client while the tool is still blocked proves that the
+    answer was streamed, not buffered until the tool finished.
+    """
     for step in range(1, steps + 1):
         await ctx.report_progress(step, steps, f"step {step}")
-        # Yield to the event loop so each progress event leaves before the next; not a pacing sleep.
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(GATE_TIMEOUT):
+            await gate(step).wait()
     return f"done after {steps} steps"
+
+
+@server.custom_route("/release", methods=["POST"])  # type: ignore[untyped-decorator]
+async def release(request: Request) -> JSONResponse:
+    """Let gated_steps go past one step."""
+    gate(int(request.query_params["step"])).set()
+    return JSONResponse({"released": int(request.query_params["step"])})
 
 
 @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
 async def stats(_: Request) -> JSONResponse:
-    """How many initialize and tools/call requests arrived since start."""
-    return JSONResponse(STATS)
+    """How many initialize and tools/call requests arrived since start, and the live session ids."""
+    # Reading the SDK's private session table lets a test wait for an idle expiry without touching
+    # the session (any request on it would reset its idle timer).
+    live = sorted(server.session_manager._server_instances)
+    return JSONResponse({**STATS, "live_sessions": live})
 
 
 def counting(app: ASGIApp) -> ASGIApp:

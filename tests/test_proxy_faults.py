@@ -1,0 +1,312 @@
+"""Healing edge cases and failures, against a fault-injecting fake upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers
+from tests.fake_upstream import FakeUpstream, answer_404, drop_connection, hang_forever
+
+AiohttpServer = Callable[..., Any]
+
+
+@pytest.fixture
+async def fake(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[FakeUpstream, str]]:
+    upstream = FakeUpstream()
+    server: TestServer = await aiohttp_server(upstream.app())
+    yield upstream, str(server.make_url("/mcp"))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+def call(request_id: int | str, text: str = "hi") -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": text}},
+    }
+
+
+async def post(
+    http: aiohttp.ClientSession, proxy: RunningProxy, session_id: str, body: object
+) -> tuple[int, dict[str, str], Any]:
+    async with http.post(proxy.url, data=json.dumps(body), headers=session_headers(session_id)) as response:
+        raw = await response.read()
+        return response.status, dict(response.headers), json.loads(raw) if raw else None
+
+
+async def test_expired_session_is_reinitialized_with_handshake_then_replayed(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    status, headers, answer = await post(http, proxy, session_id, call(41))
+    assert status == 200
+    assert answer["id"] == 41
+    assert headers["Mcp-Session-Id"] == session_id
+    methods = [s.body.get("method") if isinstance(s.body, dict) else s.method for s in upstream.seen]
+    # initialize, initialized, the call that found the session dead, re-initialize, initialized, replay
+    assert methods == [
+        "initialize",
+        "notifications/initialized",
+        "tools/call",
+        "initialize",
+        "notifications/initialized",
+        "tools/call",
+    ]
+    reinitialize = upstream.seen[3]
+    assert "Mcp-Session-Id" not in reinitialize.headers
+    assert reinitialize.body["params"]["clientInfo"]["name"] == "raw-test-client"
+    assert upstream.seen[4].headers["Mcp-Session-Id"] == upstream.seen[5].headers["Mcp-Session-Id"] == "upstream-2"
+
+
+async def test_heal_is_attempted_once_when_the_upstream_refuses_everything(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    upstream.on_reinitialize = answer_404
+    status, headers, answer = await post(http, proxy, session_id, call("abc"))
+    assert status == 502
+    assert answer["id"] == "abc"
+    assert "re-initialize" in answer["error"]["message"]
+    assert upstream.initializes == 2
+    assert "Mcp-Session-Id" not in headers
+
+
+async def test_upstream_dying_during_heal_gives_a_jsonrpc_error_with_the_request_id(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    upstream.on_reinitialize = drop_connection
+    status, _, answer = await post(http, proxy, session_id, call(9))
+    assert status == 502
+    assert answer == {"jsonrpc": "2.0", "id": 9, "error": {"code": -32002, "message": answer["error"]["message"]}}
+    assert "unreachable" in answer["error"]["message"]
+
+
+async def test_upstream_hanging_during_heal_gives_a_timeout_error(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, read_timeout=0.3)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    upstream.on_reinitialize = hang_forever
+    status, _, answer = await post(http, proxy, session_id, call(10))
+    assert status == 504
+    assert answer["id"] == 10
+
+
+async def test_replay_that_fails_again_is_passed_through_without_a_second_heal(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+
+    async def calls_always_expire(request: web.Request, body: Any) -> web.StreamResponse | None:
+        return await answer_404(request, body) if body.get("method") == "tools/call" else None
+
+    upstream.on_request = calls_always_expire
+    status, headers, answer = await post(http, proxy, session_id, call(11))
+    assert status == 404
+    assert answer["error"]["message"] == "Session not found"
+    assert upstream.initializes == 2
+    assert headers.get("Mcp-Session-Id") == session_id
+
+
+async def test_answers_and_cancellations_for_a_dead_session_are_dropped_not_replayed(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    sampling_answer = {"jsonrpc": "2.0", "id": 3, "result": {"role": "assistant"}}
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 5}}
+    for body in (sampling_answer, cancel):
+        status, _, answer = await post(http, proxy, session_id, body)
+        assert status == 202
+        assert answer is None
+    assert upstream.initializes == 1
+
+
+async def test_method_not_found_404_is_not_mistaken_for_expiry(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+
+    async def method_not_found(request: web.Request, body: Any) -> web.StreamResponse:
+        error = {"jsonrpc": "2.0", "id": body["id"], "error": {"code": -32601, "message": "Method not found"}}
+        return web.json_response(error, status=404)
+
+    upstream.on_request = method_not_found
+    status, _, answer = await post(http, proxy, session_id, call(12))
+    assert status == 404
+    assert answer["error"]["code"] == -32601
+    assert upstream.initializes == 1
+
+
+async def test_unknown_client_session_id_gets_404_with_the_request_id(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    status, _, answer = await post(http, proxy, "never-issued", call(13))
+    assert status == 404
+    assert answer["id"] == 13
+    assert answer["error"]["message"] == "Session not found"
+    assert upstream.seen == []
+
+
+async def test_client_sees_its_own_session_id_never_the_upstreams(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    assert not session_id.startswith("upstream-")
+    assert upstream.seen[1].headers["Mcp-Session-Id"] == "upstream-1"
+
+    async def leaky_error(request: web.Request, body: Any) -> web.StreamResponse:
+        # The Python SDK attaches a fresh session id even to its 400 for a request without one.
+        return web.json_response({"error": "bad"}, status=400, headers={"Mcp-Session-Id": "upstream-leak"})
+
+    upstream.on_request = leaky_error
+    async with http.post(proxy.url, json=call(1), headers=MCP_HEADERS) as response:
+        assert response.status == 400
+        assert "Mcp-Session-Id" not in response.headers
+
+
+async def test_headers_pass_through_except_hop_by_hop_and_host(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    headers = {
+        **session_headers(session_id),
+        "Authorization": "Bearer upstream-token",
+        "Last-Event-ID": "41",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "must not pass",
+        "Proxy-Authorization": "Basic must-not-pass",
+    }
+    async with http.post(proxy.url, json=call(1), headers=headers) as response:
+        assert response.status == 200
+    seen = upstream.seen[-1].headers
+    assert seen["Authorization"] == "Bearer upstream-token"
+    assert seen["MCP-Protocol-Version"] == "2025-11-25"
+    assert seen["Last-Event-ID"] == "41"
+    assert seen["Accept"] == "application/json, text/event-stream"
+    assert seen["Host"] == url.split("/")[2]
+    assert "X-Hop" not in seen
+    assert "Proxy-Authorization" not in seen
+
+
+async def test_delete_ends_the_upstream_session_and_forgets_the_mapping(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    async with http.delete(proxy.url, headers=session_headers(session_id)) as response:
+        assert response.status == 200
+    assert upstream.seen[-1].method == "DELETE"
+    assert upstream.seen[-1].headers["Mcp-Session-Id"] == "upstream-1"
+    assert upstream.sessions == set()
+    assert await proxy.record(session_id) is None
+    status, _, answer = await post(http, proxy, session_id, call(2))
+    assert status == 404
+
+
+async def test_delete_of_an_already_expired_upstream_session_succeeds(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    async with http.delete(proxy.url, headers=session_headers(session_id)) as response:
+        assert response.status == 200
+    assert await proxy.record(session_id) is None
+
+
+async def test_get_stream_on_an_expired_session_heals_and_drops_the_stale_event_id(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    headers = {**session_headers(session_id), "Accept": "text/event-stream", "Last-Event-ID": "7"}
+    async with http.get(proxy.url, headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Mcp-Session-Id"] == session_id
+        line = await response.content.readline()
+        assert line == b"id: 1\n"
+    get_requests = [seen for seen in upstream.seen if seen.method == "GET"]
+    assert get_requests[0].headers["Last-Event-ID"] == "7"
+    assert "Last-Event-ID" not in get_requests[1].headers
+    assert get_requests[1].headers["Mcp-Session-Id"] == "upstream-2"
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_get_and_delete_without_a_session_are_refused(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, method: str
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+    async with http.request(method, proxy.url, headers=MCP_HEADERS) as response:
+        assert response.status == 400
+        answer = await response.json()
+        assert answer["error"]["code"] == -32600
+
+
+async def test_unreachable_upstream_gives_502_with_the_request_id(
+    start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    from tests.conftest import free_port
+
+    proxy = await start_proxy(f"http://127.0.0.1:{free_port()}/mcp")
+    body = {"jsonrpc": "2.0", "id": 77, "method": "initialize", "params": {}}
+    async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
+        assert response.status == 502
+        answer = await response.json()
+        assert answer["id"] == 77
+        assert answer["error"]["code"] == -32002
+
+
+async def test_slow_upstream_gives_504_with_the_request_id(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, read_timeout=0.3)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.on_request = hang_forever
+    status, _, answer = await post(http, proxy, session_id, call(78))
+    assert status == 504
+    assert answer["id"] == 78

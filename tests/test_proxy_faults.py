@@ -18,10 +18,10 @@ AiohttpServer = Callable[..., Any]
 
 
 @pytest.fixture
-async def fake(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[FakeUpstream, str]]:
+async def fake(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, str]:
     upstream = FakeUpstream()
     server: TestServer = await aiohttp_server(upstream.app())
-    yield upstream, str(server.make_url("/mcp"))
+    return upstream, str(server.make_url("/mcp"))
 
 
 @pytest.fixture
@@ -241,6 +241,7 @@ async def test_delete_ends_the_upstream_session_and_forgets_the_mapping(
     assert await proxy.record(session_id) is None
     status, _, answer = await post(http, proxy, session_id, call(2))
     assert status == 404
+    assert answer["error"]["message"] == "Session not found"
 
 
 async def test_delete_of_an_already_expired_upstream_session_succeeds(

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
-from mcp.types import TextContent
+from mcp.types import CallToolResult, TextContent
 
 from tests.conftest import (
     ProxyFactory,
@@ -19,10 +19,11 @@ from tests.conftest import (
 )
 
 
-def text_of(result: object) -> str:
-    content = getattr(result, "content")
-    assert content and isinstance(content[0], TextContent)
-    return content[0].text
+def text_of(result: CallToolResult) -> str:
+    assert result.content
+    first = result.content[0]
+    assert isinstance(first, TextContent)
+    return first.text
 
 
 async def test_tool_call_survives_upstream_restart(upstream: UpstreamProcess, start_proxy: ProxyFactory) -> None:

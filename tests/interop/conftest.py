@@ -1,0 +1,223 @@
+"""Fixtures of the interop suite: the pinned npm packages, server-everything as a restartable upstream,
+and the proxy as its own process (the real ``mcp-heal-proxy serve``), so that it can be restarted too.
+
+The npm packages are installed by ``tests/interop/install.sh`` (run by ``.ci/run``) into
+``.cache/interop/node_modules``. Without them the suite skips, except in CI (``CI=true``), where a
+missing install is a failure. Every process binds 127.0.0.1 on a free port and is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_until
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+NODE_MODULES = Path(os.environ.get("INTEROP_NODE_MODULES", REPO / ".cache" / "interop" / "node_modules"))
+CODEX_BINARY = NODE_MODULES / "@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/codex/codex"
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+_URL_LINE = re.compile(r'url = "(http://[^"]+)"')
+
+
+def missing_prerequisite(reason: str) -> None:
+    """Skip the test on a developer machine without the installs; fail it in CI."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the interop suite must run; see .ci/run)")
+    pytest.skip(f"{reason}; run tests/interop/install.sh to enable the interop suite")
+
+
+@dataclass(frozen=True)
+class NodeEnv:
+    """Where node and the pinned packages are."""
+
+    node: str
+    modules: Path
+
+    def env(self) -> dict[str, str]:
+        """Environment for a node script of this suite."""
+        return {**os.environ, "INTEROP_NODE_MODULES": str(self.modules)}
+
+
+@pytest.fixture(scope="session")
+def node_env() -> NodeEnv:
+    """node and the npm install, or skip (fail in CI) with the reason."""
+    node = shutil.which("node")
+    if node is None:
+        missing_prerequisite("node is not on PATH")
+    assert node is not None
+    if not (NODE_MODULES / "@modelcontextprotocol" / "sdk").is_dir():
+        missing_prerequisite(f"npm packages not installed in {NODE_MODULES}")
+    return NodeEnv(node=node, modules=NODE_MODULES)
+
+
+async def port_open(port: int) -> bool:
+    """Does something accept TCP connections on 127.0.0.1:port?"""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def stop_process(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process by its PID and reap it (SIGKILL if it lingers)."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await process.wait()
+
+
+class EverythingServer:
+    """``@modelcontextprotocol/server-everything streamableHttp`` on 127.0.0.1, restartable."""
+
+    def __init__(self, node: NodeEnv, log_path: Path) -> None:
+        self.node = node
+        self.port = free_port()
+        self.log_path = log_path
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """The MCP endpoint."""
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    async def start(self) -> None:
+        """Start the server and wait until it listens."""
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                self.node.node,
+                str(HERE / "everything_server.mjs"),
+                str(self.port),
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.node.env(),
+            )
+        await wait_until(self._listening, READY_TIMEOUT, "server-everything ready")
+
+    async def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            raise RuntimeError(f"server-everything exited with {self.process.returncode}; see {self.log_path}")
+        return await port_open(self.port)
+
+    async def stop(self) -> None:
+        """Kill it (SIGKILL: every session dies at once, as in a crash)."""
+        if self.process is not None:
+            await stop_process(self.process, signal.SIGKILL)
+            self.process = None
+
+    async def restart(self) -> None:
+        """A restart or deploy: the process dies with its sessions, a new one takes the port."""
+        await self.stop()
+        await self.start()
+
+
+@pytest.fixture
+async def everything(node_env: NodeEnv, tmp_path: Path) -> AsyncIterator[EverythingServer]:
+    """server-everything as the upstream."""
+    server = EverythingServer(node_env, tmp_path / "server-everything.log")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class ProxyProcess:
+    """``mcp-heal-proxy serve`` in its own process, on a fixed free port so a restart keeps the URL."""
+
+    def __init__(self, upstream_url: str, log_dir: Path) -> None:
+        self.upstream_url = upstream_url
+        self.port = free_port()
+        self.stdout_path = log_dir / "proxy.stdout"
+        self.log_path = log_dir / "proxy.log"
+        self.process: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        """Start the proxy and wait for the URL it prints."""
+        command = [
+            sys.executable,
+            "-m",
+            "mcp_heal_proxy",
+            "serve",
+            "--upstream",
+            self.upstream_url,
+            "--port",
+            str(self.port),
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ]
+        self.stdout_path.write_bytes(b"")
+        with self.stdout_path.open("ab") as out, self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(*command, stdout=out, stderr=log, cwd=REPO)
+        await wait_until(self._printed_url, READY_TIMEOUT, "proxy ready")
+
+    async def _printed_url(self) -> bool:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            raise RuntimeError(f"proxy exited with {self.process.returncode}; see {self.log_path}")
+        match = _URL_LINE.search(self.stdout_path.read_text())
+        if match is None:
+            return False
+        self.url = match.group(1)
+        return True
+
+    async def stop(self) -> None:
+        """Stop it as an operator would (SIGTERM)."""
+        if self.process is not None:
+            await stop_process(self.process, signal.SIGTERM)
+            self.process = None
+
+    async def restart(self) -> None:
+        """Stop and start again on the same port."""
+        await self.stop()
+        await self.start()
+
+    def log(self) -> str:
+        """What the proxy logged so far (for assertion messages)."""
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+ProxyFactory = Callable[[str], Awaitable[ProxyProcess]]
+
+
+@pytest.fixture
+async def proxy_process(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start proxy processes in front of an upstream URL; stops every one it started."""
+    started: list[ProxyProcess] = []
+
+    async def start(upstream_url: str) -> ProxyProcess:
+        log_dir = tmp_path / f"proxy-{len(started)}"
+        log_dir.mkdir()
+        proxy = ProxyProcess(upstream_url, log_dir)
+        started.append(proxy)
+        await proxy.start()
+        return proxy
+
+    yield start
+    for proxy in started:
+        await proxy.stop()

@@ -33,6 +33,15 @@ then point the client at the proxy, e.g. in ~/.codex/config.toml:
   url = "http://127.0.0.1:8787/mcp"
 """
 
+DEMO_EXAMPLES = """\
+examples:
+  mcp-heal-proxy demo             # about 3 seconds: a call, 2.5 s idle, a healed call
+  mcp-heal-proxy demo --verbose   # also show the proxy's own log events (session.healed)
+
+Everything runs in this process on free 127.0.0.1 ports; no server of your own is needed.
+Exit status 0 when the proxy healed the expired session, 1 when it did not.
+"""
+
 
 class UsageError(Exception):
     """A user mistake: reported in one line, exit status 2, no traceback."""
@@ -90,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="log level (default info)",
     )
+    demo = commands.add_parser(
+        "demo",
+        help="watch the proxy heal an expired session (built-in server and client)",
+        description="Start a built-in MCP server whose sessions expire after 2 s idle, the proxy in front of it, "
+        "and a scripted client that calls a tool, waits past the expiry, and calls again.",
+        epilog=DEMO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--verbose", action="store_true", help="print the proxy's log events to stderr")
     return parser
 
 
@@ -138,6 +156,11 @@ async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> i
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``mcp-heal-proxy`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from mcp_heal_proxy.demo import run_demo
+
+        configure_logging("auto", "info" if args.verbose else "warning")
+        sys.exit(_run(run_demo(sys.stdout)))
     configure_logging(args.log_format, args.log_level)
     config = ProxyConfig(
         upstream=UpstreamConfig(url=args.upstream),

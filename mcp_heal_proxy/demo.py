@@ -168,7 +168,7 @@ class DemoUpstream:
         session_id = secrets.token_hex(16)
         self._touch(session_id)
         self._record("initialize", session_id)
-        result = {
+        result: dict[str, Any] = {
             "protocolVersion": version,
             "capabilities": {"tools": {}},
             "serverInfo": {"name": "mcp-heal-proxy-demo-upstream", "version": __version__},
@@ -186,7 +186,8 @@ class DemoUpstream:
             }
             return _result(request_id, {"tools": [echo]})
         if method == TOOLS_CALL:
-            arguments = params.get("arguments") if isinstance(params, dict) else None
+            params = params if isinstance(params, dict) else {}
+            arguments = params.get("arguments")
             if params.get("name") != "echo" or not isinstance(arguments, dict):
                 return _error(request_id, INVALID_PARAMS, "unknown tool or bad arguments")
             self._record("tools_call", session_id)
@@ -334,7 +335,9 @@ class Timeline:
             number = upstream.count("initialize")
             self.say("upstream", f"session {_short(event.session_id)} opened (initialize #{number})", event.wall)
         elif event.kind == "expired":
-            self.say("upstream", f"session {_short(event.session_id)} expired after {upstream.ttl:g} s idle", event.wall)
+            self.say(
+                "upstream", f"session {_short(event.session_id)} expired after {upstream.ttl:g} s idle", event.wall
+            )
 
 
 @asynccontextmanager
@@ -354,7 +357,9 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
 async def run_demo(out: TextIO, *, ttl: float = DEFAULT_TTL) -> int:
     """Run the whole demo, printing its timeline to ``out``; 0 if the proxy healed the session, else 1."""
     timeline = Timeline(out)
-    timeline.plain(f"mcp-heal-proxy {__version__} demo: an MCP server that forgets idle sessions, and the proxy in front")
+    timeline.plain(
+        f"mcp-heal-proxy {__version__} demo: an MCP server that forgets idle sessions, and the proxy in front"
+    )
     timeline.plain()
     try:
         async with asyncio.timeout(ttl + DEADLINE_BEYOND_TTL):
@@ -404,8 +409,8 @@ async def _talk(timeline: Timeline, upstream: DemoUpstream, client: DemoClient, 
         raise DemoFailure(f"call 1 failed before any expiry: {exc}") from None
     timeline.say("client", f"call 1 ok ({(time.perf_counter() - started) * 1000:.1f} ms): echo -> {text!r}")
 
-    idle = ttl_idle = upstream.ttl + IDLE_MARGIN
-    timeline.say("client", f"idle for {ttl_idle:g} s, longer than the server's {upstream.ttl:g} s session TTL ...")
+    idle = upstream.ttl + IDLE_MARGIN
+    timeline.say("client", f"idle for {idle:g} s, longer than the server's {upstream.ttl:g} s session TTL ...")
     # The point of the demo: stay quiet long enough for the upstream to forget the session.
     await asyncio.sleep(idle)
     opened = upstream.first("initialize")
@@ -415,7 +420,9 @@ async def _talk(timeline: Timeline, upstream: DemoUpstream, client: DemoClient, 
     # What a client talking to the upstream directly would get now, on the id the server gave it.
     direct.protocol_version = client.protocol_version
     answer = await direct.request(TOOLS_CALL, {"name": "echo", "arguments": {"text": "hello"}}, opened.session_id)
-    timeline.say("direct", f"a client without the proxy, same call on session {_short(opened.session_id)}: {answer.describe()}")
+    timeline.say(
+        "direct", f"a client without the proxy, same call on session {_short(opened.session_id)}: {answer.describe()}"
+    )
     if answer.status != 404:
         raise DemoFailure(f"the demo server answered the expired session with {answer.describe()}, not 404")
 
@@ -429,12 +436,13 @@ async def _talk(timeline: Timeline, upstream: DemoUpstream, client: DemoClient, 
     reinitializes = upstream.count("initialize") - 1
     if reinitializes != 1:
         raise DemoFailure(f"expected exactly 1 re-initialize at the demo server, it saw {reinitializes}")
-    healed = upstream.events[-1] if upstream.events else None
     new_session = [event for event in upstream.events if event.kind == "initialize"][-1].session_id
     handshake = next((e for e in upstream.events if e.kind == "initialized" and e.session_id == new_session), None)
     replays = [e for e in upstream.events if e.kind == "tools_call" and e.session_id == new_session]
-    rejected = [e for e in upstream.events if e.kind == "not_found" and handshake is not None and e.mono < handshake.mono]
-    if handshake is None or not rejected or len(replays) != 1 or healed is None:
+    rejected = [
+        e for e in upstream.events if e.kind == "not_found" and handshake is not None and e.mono < handshake.mono
+    ]
+    if handshake is None or not rejected or len(replays) != 1:
         raise DemoFailure("the demo server did not see initialize, notifications/initialized and one replayed call")
     heal_ms = (handshake.mono - rejected[-1].mono) * 1000
     timeline.say(
@@ -443,9 +451,7 @@ async def _talk(timeline: Timeline, upstream: DemoUpstream, client: DemoClient, 
         f"(initialize + notifications/initialized), replayed tools/call once",
         handshake.wall,
     )
-    timeline.say(
-        "client", f"call 2 ok ({call_ms:.1f} ms) on the same client session id {client_sid}: echo -> {text!r}"
-    )
+    timeline.say("client", f"call 2 ok ({call_ms:.1f} ms) on the same client session id {client_sid}: echo -> {text!r}")
     timeline.plain()
     timeline.plain(
         "healed: the server forgot the session, the client never noticed "

@@ -133,16 +133,17 @@ async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> i
         await runner.cleanup()
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+    # Handlers go in before the banner: a supervisor may signal as soon as it reads the URL.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     # With --port 0 the system picked a free port: report the real one.
     port = runner.addresses[0][1] if runner.addresses else config.port
     bound = replace(config, port=port)
     print(f"mcp-heal-proxy {__version__} forwarding to {config.upstream.url}", flush=True)
     print(f'paste into your MCP client: url = "{bound.client_url}"', flush=True)
     log.info("proxy.started", url=bound.client_url, upstream=config.upstream.url, state=config.state)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     if ready is not None:
         ready.set()
     try:

@@ -31,6 +31,7 @@ from mcp_heal_proxy.sessions import SessionRecord
 from mcp_heal_proxy.upstream import UpstreamConfig
 
 HERE = Path(__file__).parent
+REPO_ROOT = HERE.parent
 READY_TIMEOUT = 20.0
 
 

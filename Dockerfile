@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# mcp-heal-proxy as a sidecar: a small image, a non-root user, state on /data, signals reach the proxy.
+#
+#   docker build -t mcp-heal-proxy .
+#   docker run --rm -p 127.0.0.1:8787:8787 -v mcp-heal-proxy-data:/data \
+#       mcp-heal-proxy --upstream https://mcp.example.com/mcp
+#
+# Arguments after the image name are appended to the ENTRYPOINT's `serve` command line: name the
+# upstream there (or a mounted config file), or override a default (the last occurrence of a flag wins).
+
+# --- build: the package and its dependencies in a virtualenv ----------------------------------------
+FROM python:3.11-slim AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY mcp_heal_proxy ./mcp_heal_proxy
+# The runtime needs neither pip nor setuptools: drop them from the venv that gets copied.
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/pip uninstall --yes setuptools pip
+
+# --- runtime: the same slim base plus the virtualenv, nothing else ----------------------------------
+FROM python:3.11-slim
+
+LABEL org.opencontainers.image.title="mcp-heal-proxy" \
+      org.opencontainers.image.description="Keeps MCP Streamable HTTP sessions alive across upstream expiry and restarts." \
+      org.opencontainers.image.licenses="MIT"
+
+# A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and a host directory can be chowned to it.
+RUN groupadd --system --gid 10001 mcp \
+    && useradd --system --uid 10001 --gid mcp --home-dir /data --no-create-home --shell /usr/sbin/nologin mcp \
+    && mkdir /data \
+    && chown 10001:10001 /data
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH="/opt/venv/bin:$PATH" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# The session store: on a volume, so client-facing session ids survive a container restart.
+VOLUME ["/data"]
+WORKDIR /data
+USER 10001:10001
+EXPOSE 8787
+
+# slim has no curl: ask /healthz with the standard library (port 8787 unless MCP_HEAL_PROXY_PORT says otherwise).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MCP_HEAL_PROXY_PORT', '8787'), timeout=4)"]
+
+# Exec form, no shell: the proxy is PID 1 and receives `docker stop`'s SIGTERM itself, then stops gracefully.
+# --host 0.0.0.0 is right only inside a container; publish the port on 127.0.0.1 on the host.
+# These flags sit in the ENTRYPOINT, not the CMD, so that `docker run IMAGE --upstream URL` keeps them.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["mcp-heal-proxy", "serve", "--host", "0.0.0.0", "--state", "/data/sessions.db"]

@@ -6,15 +6,18 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mcp_heal_proxy.config import ENDPOINT_PATH, MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.healing import Healer
-from mcp_heal_proxy.proxy import Proxy
+from mcp_heal_proxy.observability import Metrics
+from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
 from mcp_heal_proxy.upstream import Upstream
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
+PROXIES_KEY = web.AppKey("proxies", dict[str, Proxy])
 STORE_KEY = web.AppKey("store", SessionStore)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 
 
 def open_store(state: str) -> SessionStore:
@@ -26,43 +29,68 @@ def open_store(state: str) -> SessionStore:
 
 
 def build_app(config: ProxyConfig) -> web.Application:
-    """The proxy as an aiohttp application."""
+    """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics."""
     app = web.Application(client_max_size=config.max_body_bytes)
+    metrics = Metrics()
+    app[METRICS_KEY] = metrics
+    settings = ProxySettings(max_body_bytes=config.max_body_bytes, keepalive_interval=config.keepalive_interval)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=config.upstream.pool_size, limit_per_host=config.upstream.pool_size)
-        # One client for the app's lifetime: pooled keep-alive connections to the upstream.
+        store = open_store(config.state)
+        app[STORE_KEY] = store
+        metrics.open_sessions.set_function(lambda: len(store))
+        healers: list[Healer] = []
+        proxies: dict[str, Proxy] = {}
         async with aiohttp.ClientSession(
-            connector=connector,
+            # Pool sizes are per upstream; the connector's overall limit is their sum.
+            connector=aiohttp.TCPConnector(limit=sum(u.pool_size for u in config.upstreams)),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         ) as client:
-            store = open_store(config.state)
-            healer = Healer(Upstream(config.upstream, client), store)
-            app[STORE_KEY] = store
-            app[PROXY_KEY] = Proxy(Upstream(config.upstream, client), store, healer, config.max_body_bytes)
+            for upstream_config in config.upstreams:
+                upstream = Upstream(upstream_config, client)
+                healer = Healer(upstream, store, metrics)
+                healers.append(healer)
+                proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings)
+            app[PROXIES_KEY] = proxies
             try:
                 yield
             finally:
-                await healer.close()
+                for healer in healers:
+                    await healer.close()
                 await store.close()
 
     app.cleanup_ctx.append(lifetime)
 
+    def proxy_for(request: web.Request) -> Proxy:
+        return request.app[PROXIES_KEY][request.path]
+
     async def post(request: web.Request) -> web.StreamResponse:
-        return await request.app[PROXY_KEY].handle_post(request)
+        return await proxy_for(request).handle_post(request)
 
     async def get(request: web.Request) -> web.StreamResponse:
-        return await request.app[PROXY_KEY].handle_get(request)
+        return await proxy_for(request).handle_get(request)
 
     async def delete(request: web.Request) -> web.StreamResponse:
-        return await request.app[PROXY_KEY].handle_delete(request)
+        return await proxy_for(request).handle_delete(request)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    app.router.add_post(ENDPOINT_PATH, post)
-    app.router.add_get(ENDPOINT_PATH, get, allow_head=False)
-    app.router.add_delete(ENDPOINT_PATH, delete)
+    async def readyz(request: web.Request) -> web.Response:
+        ready = STORE_KEY in request.app and PROXIES_KEY in request.app
+        return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+
+    async def metrics_page(_: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    for upstream_config in config.upstreams:
+        app.router.add_post(upstream_config.path, post)
+        app.router.add_get(upstream_config.path, get, allow_head=False)
+        app.router.add_delete(upstream_config.path, delete)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
     return app

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import json
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from dataclasses import replace
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -17,9 +17,17 @@ from aiohttp import web
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.app import build_app
-from mcp_heal_proxy.config import DEFAULT_HOST, DEFAULT_PORT, MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    ProxyConfig,
+    build_config,
+    describe,
+)
 from mcp_heal_proxy.observability import configure_logging
-from mcp_heal_proxy.upstream import UpstreamConfig
 
 EXIT_USAGE = 2
 
@@ -27,6 +35,11 @@ SERVE_EXAMPLES = """\
 examples:
   mcp-heal-proxy serve --upstream https://mcp.example.com/mcp
   mcp-heal-proxy serve --upstream http://127.0.0.1:8000/mcp --port 9000 --state :memory:
+  mcp-heal-proxy serve --config proxy.toml          # several upstreams, headers, timeouts
+  MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy serve
+
+settings come from the config file, then MCP_HEAL_PROXY_* variables (HOST, PORT, STATE, UPSTREAM,
+CONFIG, LOG_FORMAT, LOG_LEVEL, MAX_BODY_BYTES), then flags; later ones win.
 
 then point the client at the proxy, e.g. in ~/.codex/config.toml:
   [mcp_servers.example]
@@ -40,6 +53,15 @@ examples:
 
 Everything runs in this process on free 127.0.0.1 ports; no server of your own is needed.
 Exit status 0 when the proxy healed the expired session, 1 when it did not.
+"""
+
+
+CHECK_EXAMPLES = """\
+examples:
+  mcp-heal-proxy check-config proxy.toml
+  GITHUB_TOKEN=... mcp-heal-proxy check-config proxy.toml
+
+exit status 0 when the file is valid, 2 with a one-line reason when it is not.
 """
 
 
@@ -81,24 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--upstream", required=True, type=_upstream_url, metavar="URL", help="upstream MCP endpoint")
-    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    serve.add_argument(
-        "--port",
-        default=DEFAULT_PORT,
-        type=_port,
-        help=f"port to listen on, 0 for any (default {DEFAULT_PORT})",
+    serve.add_argument("--upstream", type=_upstream_url, metavar="URL", help="upstream MCP endpoint, served at /mcp")
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (see config.example.toml)")
+    serve.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=_port, help=f"port to listen on, 0 for any (default {DEFAULT_PORT})")
+    serve.add_argument("--state", metavar="PATH", help="session store file, or :memory: (default :memory:)")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default auto: console on a terminal)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file and print the effective config, secrets masked",
+        description="Validate a config file (with MCP_HEAL_PROXY_* variables applied) and print the result.",
+        epilog=CHECK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--state", default=MEMORY_STATE, metavar="PATH", help="session store file (default :memory:)")
-    serve.add_argument(
-        "--log-format", choices=("auto", "json", "console"), default="auto", help="log format (default auto)"
-    )
-    serve.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="log level (default info)",
-    )
+    check.add_argument("file", metavar="FILE", help="TOML config file")
     demo = commands.add_parser(
         "demo",
         help="watch the proxy heal an expired session (built-in server and client)",
@@ -140,10 +159,14 @@ async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> i
         loop.add_signal_handler(signum, stop.set)
     # With --port 0 the system picked a free port: report the real one.
     port = runner.addresses[0][1] if runner.addresses else config.port
-    bound = replace(config, port=port)
-    print(f"mcp-heal-proxy {__version__} forwarding to {config.upstream.url}", flush=True)
-    print(f'paste into your MCP client: url = "{bound.client_url}"', flush=True)
-    log.info("proxy.started", url=bound.client_url, upstream=config.upstream.url, state=config.state)
+    print(f"mcp-heal-proxy {__version__} on {config.host}:{port}, sessions in {config.state}", flush=True)
+    for upstream in config.upstreams:
+        url = config.client_url(upstream, port)
+        print(f"  {upstream.name}: {url} -> {upstream.url}", flush=True)
+        print(f'  paste into your MCP client: url = "{url}"', flush=True)
+        log.info("proxy.started", upstream=upstream.name, url=url, upstream_url=upstream.url, state=config.state)
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("proxy.exposed", host=config.host, hint="anyone who can reach this address can use the upstreams")
     if ready is not None:
         ready.set()
     try:
@@ -162,18 +185,23 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
         configure_logging("auto", "info" if args.verbose else "warning")
         sys.exit(_run(run_demo(sys.stdout)))
-    configure_logging(args.log_format, args.log_level)
-    config = ProxyConfig(
-        upstream=UpstreamConfig(url=args.upstream),
-        host=args.host,
-        port=args.port,
-        state=args.state,
-        log_format=args.log_format,
-        log_level=args.log_level,
-    )
     try:
+        if args.command == "check-config":
+            config = build_config(config_file=args.file, flags={})
+            print(json.dumps(describe(config), indent=2, default=list))
+            sys.exit(0)
+        flags = {
+            "upstream": args.upstream,
+            "host": args.host,
+            "port": args.port,
+            "state": args.state,
+            "log_format": args.log_format,
+            "log_level": args.log_level,
+        }
+        config = build_config(config_file=args.config, flags=flags)
+        configure_logging(config.log_format, config.log_level, config.secrets())
         sys.exit(_run(serve(config)))
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:

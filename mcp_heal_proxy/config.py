@@ -1,11 +1,20 @@
-"""The proxy's configuration: frozen dataclasses built once at startup and passed down."""
+"""The proxy's configuration: frozen dataclasses built once at startup and passed down.
+
+Sources, later ones winning: the TOML file, ``MCP_HEAL_PROXY_*`` environment variables, CLI flags.
+Every key of the file is checked here, with the file and the key's name in the message, so that a typo
+never silently falls back to a default.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Final
-
-from mcp_heal_proxy.upstream import UpstreamConfig
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final, Literal
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -13,23 +22,307 @@ MEMORY_STATE: Final = ":memory:"
 # MCP messages are small; a bound keeps one client from filling the proxy's memory.
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 ENDPOINT_PATH: Final = "/mcp"
+# Statuses that can mean "session expired". 404 always does (when a session id was sent); 400 and 401
+# only when the body speaks of the session (see healing.is_session_expired).
+DEFAULT_HEAL_ON: Final = (404, 400)
+HEALABLE_STATUSES: Final = frozenset({400, 401, 404})
+ENV_PREFIX: Final = "MCP_HEAL_PROXY_"
+
+LogFormat = Literal["auto", "json", "console"]
+LOG_FORMATS: Final = ("auto", "json", "console")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+ReplayPolicy = Literal["all", "none"] | tuple[str, ...]
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, reported in one line (exit status 2)."""
+
+
+def default_state_path() -> str:
+    """Where the session store lives unless told otherwise: the user's state directory."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return str(base / "mcp-heal-proxy" / "sessions.db")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """How to reach one upstream MCP server, and how to heal its sessions."""
+
+    url: str
+    name: str = "default"
+    path: str = ENDPOINT_PATH
+    # Injected into every upstream request (e.g. an Authorization bearer token); values are secrets.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    connect_timeout: float = 10.0
+    # The longest silence allowed on a POST answer (a tool may think for minutes).
+    read_timeout: float = 300.0
+    # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
+    stream_idle_timeout: float | None = None
+    pool_size: int = 100
+    heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
+    replay: ReplayPolicy = "all"
+
+    def replays(self, method: str) -> bool:
+        """Whether a request of this method may be replayed on a new session after a heal."""
+        if self.replay == "all":
+            return True
+        if self.replay == "none":
+            return False
+        return method in self.replay
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """Everything ``serve`` needs."""
 
-    upstream: UpstreamConfig
+    upstreams: tuple[UpstreamConfig, ...]
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     state: str = MEMORY_STATE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    log_format: str = "auto"
+    log_format: LogFormat = "auto"
     log_level: str = "info"
-    extra: dict[str, str] = field(default_factory=dict)
+    allowed_origins: tuple[str, ...] = ()
+    # Client sessions unused for this long are forgotten (the durable store's housekeeping).
+    session_idle_ttl: float = 24 * 3600.0
+    # A comment line on idle SSE streams this often keeps load balancers from cutting them.
+    keepalive_interval: float = 15.0
 
-    @property
-    def client_url(self) -> str:
-        """The URL a client puts in its config."""
+    def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
+        """The URL a client puts in its config for one upstream."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{ENDPOINT_PATH}"
+        return f"http://{host}:{self.port if port is None else port}{upstream.path}"
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured value that must never be logged."""
+        return tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
+
+
+def single_upstream(url: str, **options: Any) -> ProxyConfig:
+    """A config with one upstream served at /mcp (what ``serve --upstream URL`` builds)."""
+    upstream_options = {k: v for k, v in options.items() if k in _UPSTREAM_FIELDS}
+    proxy_options = {k: v for k, v in options.items() if k not in _UPSTREAM_FIELDS}
+    return ProxyConfig(upstreams=(UpstreamConfig(url=url, **upstream_options),), **proxy_options)
+
+
+_UPSTREAM_FIELDS: Final = frozenset(f.name for f in fields(UpstreamConfig))
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+_SERVER_KEYS: Final = {
+    "host": str,
+    "port": int,
+    "state": str,
+    "log_format": str,
+    "log_level": str,
+    "max_body_bytes": int,
+    "allowed_origins": list,
+    "session_idle_ttl": (int, float),
+    "keepalive_interval": (int, float),
+}
+_UPSTREAM_KEYS: Final = {
+    "url": str,
+    "path": str,
+    "headers": dict,
+    "connect_timeout": (int, float),
+    "read_timeout": (int, float),
+    "stream_idle_timeout": (int, float),
+    "pool_size": int,
+    "heal_on": list,
+    "replay": (str, list),
+}
+
+
+def _type_name(expected: Any) -> str:
+    names = {str: "a string", int: "an integer", list: "a list", dict: "a table", float: "a number"}
+    if isinstance(expected, tuple):
+        return " or ".join(names[t] for t in expected if t in names)
+    return names.get(expected, str(expected))
+
+
+def _check_table(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, source: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown key {where}.{key}")
+        expected = allowed[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{source}: {where}.{key} must be {_type_name(expected)}, not {value!r}")
+
+
+def expand_env(value: str, where: str, source: str, environ: Mapping[str, str]) -> str:
+    """Replace ``${NAME}`` with the environment variable NAME; a missing one is an error."""
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"{source}: {where} refers to ${{{name}}}, which is not set")
+        return environ[name]
+
+    expanded = _ENV_REFERENCE.sub(lookup, value)
+    if any(char in expanded for char in "\r\n\0"):
+        # Header injection: a value must stay one header line.
+        raise ConfigError(f"{source}: {where} contains a line break or NUL")
+    return expanded
+
+
+def _upstream_from_table(
+    name: str, table: Mapping[str, Any], source: str, environ: Mapping[str, str]
+) -> UpstreamConfig:
+    where = f"upstreams.{name}"
+    if not _UPSTREAM_NAME.match(name):
+        raise ConfigError(f"{source}: upstream name {name!r} may use letters, digits, '_', '.', '-' only")
+    _check_table(table, _UPSTREAM_KEYS, where, source)
+    if "url" not in table:
+        raise ConfigError(f"{source}: {where}.url is required")
+    options: dict[str, Any] = {"name": name, "url": check_url(table["url"], f"{source}: {where}.url")}
+    options["path"] = table.get("path", f"/{name}/mcp")
+    if not options["path"].startswith("/"):
+        raise ConfigError(f"{source}: {where}.path must start with '/'")
+    headers = table.get("headers", {})
+    for header, value in headers.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {where}.headers.{header} must be a string")
+    options["headers"] = {h: expand_env(v, f"{where}.headers.{h}", source, environ) for h, v in headers.items()}
+    for key in ("connect_timeout", "read_timeout", "stream_idle_timeout"):
+        if key in table:
+            if table[key] <= 0:
+                raise ConfigError(f"{source}: {where}.{key} must be positive")
+            options[key] = float(table[key])
+    if "pool_size" in table:
+        if table["pool_size"] < 1:
+            raise ConfigError(f"{source}: {where}.pool_size must be at least 1")
+        options["pool_size"] = table["pool_size"]
+    if "heal_on" in table:
+        heal_on = table["heal_on"]
+        if not all(isinstance(s, int) and s in HEALABLE_STATUSES for s in heal_on) or 404 not in heal_on:
+            raise ConfigError(f"{source}: {where}.heal_on must list statuses among 400, 401, 404, and include 404")
+        options["heal_on"] = tuple(heal_on)
+    if "replay" in table:
+        options["replay"] = _replay_policy(table["replay"], f"{source}: {where}.replay")
+    return UpstreamConfig(**options)
+
+
+def _replay_policy(value: Any, where: str) -> ReplayPolicy:
+    if value in ("all", "none"):
+        return "all" if value == "all" else "none"
+    if isinstance(value, list) and all(isinstance(method, str) for method in value):
+        return tuple(value)
+    raise ConfigError(f'{where} must be "all", "none", or a list of method names')
+
+
+def check_url(value: str, where: str) -> str:
+    """An http(s) URL with a host, or a ConfigError naming where it came from."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: not an http(s) URL: {value!r}")
+    return value
+
+
+def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Read a TOML config file into keyword options for ProxyConfig (validated)."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    unknown = set(document) - {"server", "upstreams"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table or key {sorted(unknown)[0]}")
+    server = document.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: server must be a table")
+    _check_table(server, _SERVER_KEYS, "server", path)
+    options: dict[str, Any] = dict(server)
+    if "allowed_origins" in options:
+        options["allowed_origins"] = tuple(options["allowed_origins"])
+    upstream_tables = document.get("upstreams", {})
+    if not isinstance(upstream_tables, dict) or not all(isinstance(t, dict) for t in upstream_tables.values()):
+        raise ConfigError(f"{path}: upstreams must hold one table per upstream, e.g. [upstreams.github]")
+    options["upstreams"] = tuple(
+        _upstream_from_table(name, table, path, environ) for name, table in upstream_tables.items()
+    )
+    return options
+
+
+def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key in ("host", "state", "log_format", "log_level"):
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value:
+            options[key] = value
+    for key in ("port", "max_body_bytes"):
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value:
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{key.upper()} must be an integer, not {value!r}") from None
+    upstream = environ.get(ENV_PREFIX + "UPSTREAM")
+    if upstream:
+        options["upstream"] = check_url(upstream, f"{ENV_PREFIX}UPSTREAM")
+    return options
+
+
+def build_config(
+    *, config_file: str | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> ProxyConfig:
+    """The effective config: file, then environment, then flags (None flags are not given)."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    options: dict[str, Any] = load_file(config_file, environ) if config_file else {"upstreams": ()}
+    options.update(_env_options(environ))
+    options.update({key: value for key, value in flags.items() if value is not None})
+    single = options.pop("upstream", None)
+    if single is not None:
+        # --upstream serves one upstream at /mcp, replacing any of the same name from the file.
+        others = tuple(u for u in options["upstreams"] if u.path != ENDPOINT_PATH and u.name != "default")
+        options["upstreams"] = (UpstreamConfig(url=single), *others)
+    if not options["upstreams"]:
+        raise ConfigError("no upstream: give --upstream URL, or [upstreams.NAME] in a config file")
+    paths = [u.path for u in options["upstreams"]]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"two upstreams share the path {next(p for p in paths if paths.count(p) > 1)}")
+    if options.get("log_format", "auto") not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+    if options.get("log_level", "info") not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+    if options.get("state") == "":
+        options["state"] = default_state_path()
+    return ProxyConfig(**options)
+
+
+def describe(config: ProxyConfig) -> dict[str, Any]:
+    """The effective config as a plain dict with secrets masked (for ``check-config``)."""
+    server = {f.name: getattr(config, f.name) for f in fields(ProxyConfig) if f.name != "upstreams"}
+    upstreams = {}
+    for upstream in config.upstreams:
+        table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}
+        table["headers"] = {name: "***" for name in upstream.headers}
+        table["url"] = _mask_url(upstream.url)
+        upstreams[upstream.name] = table
+    return {"server": server, "upstreams": upstreams}
+
+
+def _mask_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+__all__ = ["ConfigError", "ProxyConfig", "UpstreamConfig", "build_config", "describe", "replace", "single_upstream"]

@@ -17,6 +17,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
 from mcp_heal_proxy.errors import HealFailed, ProxyError
 from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
@@ -25,15 +26,17 @@ from mcp_heal_proxy.headers import (
     upstream_request_headers,
 )
 from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, METHOD_NOT_FOUND
+from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.sessions import SessionRecord, SessionStore
 from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.state import state_requests
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
 
 log = structlog.get_logger("mcp_heal_proxy.healing")
 
 # Statuses worth reading the body of: every expiry answer seen in the wild (PROTOCOL.md) is one of these.
-EXPIRY_STATUSES: Final = frozenset({400, 404})
+EXPIRY_STATUSES: Final = frozenset(HEALABLE_STATUSES)
 
 _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
@@ -50,15 +53,18 @@ def _jsonrpc_error_code(body: bytes) -> int | None:
     return None
 
 
-def is_session_expired(status: int, body: bytes, *, sent_session_id: bool) -> bool:
+def is_session_expired(
+    status: int, body: bytes, *, sent_session_id: bool, heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
+) -> bool:
     """Does this upstream answer mean "the session you named is gone"?
 
     Only a request that carried an upstream session id can find its session expired. 404 is the
     spec's signal, except when it carries JSON-RPC -32601 (a 2026-07-28 server's "method not found").
-    400 counts when its body speaks of the session, as server-everything's "No valid session ID
-    provided" does; any other 400 is the request's own fault and passes through.
+    400 and 401 (when listed in ``heal_on``) count only when the body speaks of the session, as
+    server-everything's 400 "No valid session ID provided" and some hosted servers' 401 "Session not
+    found" do; any other 400 or 401 is the request's own fault and passes through.
     """
-    if not sent_session_id or status not in EXPIRY_STATUSES:
+    if not sent_session_id or (status != 404 and status not in heal_on):
         return False
     if _jsonrpc_error_code(body) == METHOD_NOT_FOUND:
         return False
@@ -108,9 +114,11 @@ async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapp
 class Healer:
     """Re-initializes expired upstream sessions, once per (client session, generation)."""
 
-    def __init__(self, upstream: Upstream, store: SessionStore) -> None:
+    def __init__(self, upstream: Upstream, store: SessionStore, metrics: Metrics) -> None:
         self._upstream = upstream
         self._store = store
+        self._metrics = metrics
+        self._name = upstream.config.name
         self._tasks = TaskOwner()
         self._in_flight: dict[tuple[str, int], asyncio.Task[SessionRecord]] = {}
         self._ids = itertools.count(1)
@@ -148,24 +156,42 @@ class Healer:
         try:
             upstream_session_id, protocol_version = await self._reinitialize(record, client_headers)
         except ProxyError as exc:
+            duration = time.perf_counter() - started
+            self._metrics.heals.labels(self._name, reason, "failed").inc()
+            self._metrics.heal_duration.labels(self._name).observe(duration)
             log.warning(
-                "session.heal_failed",
+                "session.heal",
+                upstream=self._name,
                 client_session=record.client_session_id[:8],
-                generation=record.generation,
                 reason=reason,
+                outcome="failed",
+                old_generation=record.generation,
                 error=exc.message,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(duration * 1000, 2),
             )
             raise
         healed = record.healed(upstream_session_id, protocol_version)
         await self._store.put(healed)
+        duration = time.perf_counter() - started
+        self._metrics.heals.labels(self._name, reason, "healed").inc()
+        self._metrics.heal_duration.labels(self._name).observe(duration)
+        if protocol_version is not None and protocol_version != record.protocol_version:
+            log.warning(
+                "session.protocol_version_changed",
+                upstream=self._name,
+                client_session=record.client_session_id[:8],
+                client_version=record.protocol_version,
+                upstream_version=protocol_version,
+            )
         log.info(
-            "session.healed",
+            "session.heal",
+            upstream=self._name,
             client_session=record.client_session_id[:8],
             reason=reason,
+            outcome="healed",
             old_generation=record.generation,
             new_generation=healed.generation,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(duration * 1000, 2),
         )
         return healed
 
@@ -208,4 +234,26 @@ class Healer:
                 raise HealFailed(f"upstream answered {response.status} to notifications/initialized")
         finally:
             response.release()
+        await self._reapply_state(record, headers)
         return upstream_session_id, protocol_version
+
+    async def _reapply_state(self, record: SessionRecord, headers: dict[str, str]) -> None:
+        """Step 4: give the new session the subscriptions and log level the client had set."""
+        for method, params in state_requests(record):
+            request_id = f"mcp-heal-proxy-{next(self._ids)}"
+            message = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            response = await self._upstream.send("POST", headers, message.encode())
+            try:
+                answer = await read_answer(response, request_id) if response.status == 200 else None
+            finally:
+                response.release()
+            if answer is None or "error" in answer:
+                # The replay can still succeed; the client just lost this piece of state, as it would
+                # have without the proxy. Say so, and go on.
+                log.warning(
+                    "session.state_not_restored",
+                    upstream=self._name,
+                    client_session=record.client_session_id[:8],
+                    method=method,
+                    status=response.status,
+                )

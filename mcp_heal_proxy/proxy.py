@@ -7,9 +7,10 @@ answer back chunk by chunk as it arrives.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Final
 
 import aiohttp
@@ -33,7 +34,10 @@ from mcp_heal_proxy.headers import (
 from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.initialize import InitializeAnswerWatcher
 from mcp_heal_proxy.jsonrpc import PostBody
+from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.sessions import SessionRecord, SessionStore, new_client_session_id
+from mcp_heal_proxy.sse import encode_comment
+from mcp_heal_proxy.state import record_state_change
 from mcp_heal_proxy.upstream import Upstream, read_capped
 
 log = structlog.get_logger("mcp_heal_proxy.proxy")
@@ -41,6 +45,21 @@ log = structlog.get_logger("mcp_heal_proxy.proxy")
 # Upstream answers to DELETE that mean the session is already gone or cannot be ended: to the
 # client, whose session the proxy forgets either way, that is success.
 _DELETE_GONE: Final = frozenset({404, 405})
+# GET stream answers after which reattaching is pointless: no GET stream, or one already open.
+_GET_REFUSED: Final = frozenset({405, 409})
+# Reattaching a client's GET stream after the upstream dropped it: back off, and give up after a while
+# so that a client whose upstream is gone for good sees its stream end and can decide for itself.
+_REATTACH_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 8.0, 8.0, 8.0)
+_KEEPALIVE: Final = encode_comment("keep-alive")
+_EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The per-app settings handlers need."""
+
+    max_body_bytes: int
+    keepalive_interval: float
 
 
 def error_response(exc: ProxyError, body: PostBody | None) -> web.Response:
@@ -70,11 +89,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 class Proxy:
     """Handlers for one upstream's MCP endpoint."""
 
-    def __init__(self, upstream: Upstream, store: SessionStore, healer: Healer, max_body_bytes: int) -> None:
+    def __init__(
+        self, upstream: Upstream, store: SessionStore, healer: Healer, metrics: Metrics, settings: ProxySettings
+    ) -> None:
         self._upstream = upstream
+        self._config = upstream.config
+        self._name = upstream.config.name
         self._store = store
         self._healer = healer
-        self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
+        self._settings = settings
 
     # --- POST -------------------------------------------------------------------------------------
 
@@ -82,52 +106,52 @@ class Proxy:
         """Forward a client's JSON-RPC message(s)."""
         body: PostBody | None = None
         started = time.perf_counter()
+        outcome = _Outcome()
         try:
             content_type = request.headers.get("Content-Type", "")
             if not content_type.lower().startswith("application/json"):
                 raise UnsupportedMediaType("POST body must be application/json")
-            body = jsonrpc.parse_post_body(await read_body(request, self._max_body_bytes))
-            response = await self._post(request, body)
+            body = jsonrpc.parse_post_body(await read_body(request, self._settings.max_body_bytes))
+            response = await self._post(request, body, outcome)
         except ProxyError as exc:
             response = error_response(exc, body)
-        log.debug(
-            "request",
-            method=body.method_label if body is not None else None,
-            status=response.status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        method = body.method_label if body is not None else "invalid"
+        self._finish(method, response.status, started, request, outcome)
         return response
 
-    async def _post(self, request: web.Request, body: PostBody) -> web.StreamResponse:
+    async def _post(self, request: web.Request, body: PostBody, outcome: _Outcome) -> web.StreamResponse:
         if body.initialize is not None:
             return await self._initialize(request, body)
         client_session_id = request.headers.get(MCP_SESSION_ID)
         if client_session_id is None:
             # No session: a 2026-07-28 stateless request, or a mistake the upstream will explain.
-            headers = upstream_request_headers(request.headers, None)
-            upstream = await self._upstream.send("POST", headers, body.raw)
+            upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
             return await self._relay(request, upstream, None)
         record = await self._record(client_session_id)
-        upstream = await self._upstream.send(
-            "POST", upstream_request_headers(request.headers, record.upstream_session_id), body.raw
-        )
+        upstream = await self._send("POST", self._headers(request, record), body.raw)
         expired, prefetched = await self._check_expiry(upstream)
         if not expired:
+            if upstream.status < 300:
+                await self._remember_state(record, body)
             return await self._relay(request, upstream, client_session_id, prefetched)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return web.Response(status=202)
         record = await self._healer.heal(record, request.headers, reason=f"http_{upstream.status}")
-        upstream = await self._upstream.send(
-            "POST", upstream_request_headers(request.headers, record.upstream_session_id), body.raw
-        )
+        outcome.healed = True
+        refused = [m.method for m in body.messages if m.method is not None and not self._config.replays(m.method)]
+        if refused:
+            raise _NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
+        upstream = await self._send("POST", self._headers(request, record), body.raw)
+        if upstream.status < 300:
+            await self._remember_state(record, body)
         return await self._relay(request, upstream, client_session_id)
 
     async def _initialize(self, request: web.Request, body: PostBody) -> web.StreamResponse:
         """Forward an initialize without any session id; map the session the upstream opens."""
         init = body.initialize
         assert init is not None
-        upstream = await self._upstream.send("POST", upstream_request_headers(request.headers, None), body.raw)
+        upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
         upstream_session_id = upstream.headers.get(MCP_SESSION_ID)
         if upstream.status != 200 or not upstream_session_id:
             # A refused initialize, or a server without sessions: nothing to map.
@@ -136,6 +160,7 @@ class Proxy:
             client_session_id=new_client_session_id(),
             upstream_session_id=upstream_session_id,
             initialize_params=dict(init.params or {}),
+            upstream=self._name,
         )
         try:
             # Stored before the client sees the id, so no request can arrive for an unknown id.
@@ -146,52 +171,142 @@ class Proxy:
         watcher = InitializeAnswerWatcher(init.id, upstream.headers.get("Content-Type", ""))
         response = await self._relay(request, upstream, record.client_session_id, observe=watcher.feed)
         if watcher.protocol_version is not None:
-            await self._store.put(replace(record, protocol_version=watcher.protocol_version))
+            version = watcher.protocol_version
+            await self._store.put(replace(record, protocol_version=version, upstream_protocol_version=version))
         return response
+
+    async def _remember_state(self, record: SessionRecord, body: PostBody) -> None:
+        updated = record_state_change(record, body)
+        if updated is not record:
+            await self._store.put(updated)
 
     # --- GET and DELETE ---------------------------------------------------------------------------
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
-        """Open the server-to-client SSE stream of a session."""
+        """Open the server-to-client SSE stream of a session, and keep it open across heals."""
+        started = time.perf_counter()
+        outcome = _Outcome()
         try:
             record = await self._record(self._required_session_id(request))
-            upstream = await self._upstream.send(
-                "GET", upstream_request_headers(request.headers, record.upstream_session_id), stream=True
-            )
+            upstream = await self._send("GET", self._headers(request, record), stream=True)
             expired, prefetched = await self._check_expiry(upstream)
             if expired:
                 record = await self._healer.heal(record, request.headers, reason=f"http_{upstream.status}")
-                # Event ids of the dead session mean nothing to the new one.
-                headers = upstream_request_headers(request.headers, record.upstream_session_id, drop=(LAST_EVENT_ID,))
-                upstream = await self._upstream.send("GET", headers, stream=True)
+                outcome.healed = True
+                upstream = await self._send("GET", self._headers(request, record, fresh_stream=True), stream=True)
                 prefetched = b""
-            return await self._relay(request, upstream, record.client_session_id, prefetched)
         except ProxyError as exc:
-            return error_response(exc, None)
+            response: web.StreamResponse = error_response(exc, None)
+        else:
+            if upstream.status != 200:
+                response = await self._relay(request, upstream, record.client_session_id, prefetched)
+            else:
+                response = await self._relay(
+                    request,
+                    upstream,
+                    record.client_session_id,
+                    prefetched,
+                    reattach=lambda: self._reattach(request, record),
+                )
+        self._finish("GET", response.status, started, request, outcome)
+        return response
+
+    async def _reattach(self, request: web.Request, stale: SessionRecord) -> aiohttp.ClientResponse | None:
+        """The upstream dropped a GET stream the client still holds: open a new one, healing if need be."""
+        for delay in _REATTACH_DELAYS:
+            record = await self._store.get(stale.client_session_id)
+            if record is None:
+                return None  # the client ended its session meanwhile
+            try:
+                upstream = await self._send("GET", self._headers(request, record, fresh_stream=True), stream=True)
+                expired, _ = await self._check_expiry(upstream)
+                if expired:
+                    record = await self._healer.heal(record, request.headers, reason="get_stream_lost")
+                    upstream = await self._send("GET", self._headers(request, record, fresh_stream=True), stream=True)
+            except ProxyError as exc:
+                log.info("stream.reattach_retry", upstream=self._name, error=exc.message, delay_s=delay)
+                await asyncio.sleep(delay)
+                continue
+            if upstream.status == 200:
+                log.info("stream.reattached", upstream=self._name, client_session=record.client_session_id[:8])
+                return upstream
+            upstream.release()
+            if upstream.status in _GET_REFUSED:
+                return None
+            await asyncio.sleep(delay)
+        return None
 
     async def handle_delete(self, request: web.Request) -> web.StreamResponse:
         """End a session: tell the upstream, forget the mapping."""
+        started = time.perf_counter()
         try:
             client_session_id = self._required_session_id(request)
             record = await self._record(client_session_id)
         except ProxyError as exc:
-            return error_response(exc, None)
+            refused = error_response(exc, None)
+            self._finish("DELETE", refused.status, started, request, _Outcome())
+            return refused
         status: int | None = None
         try:
-            upstream = await self._upstream.send(
-                "DELETE", upstream_request_headers(request.headers, record.upstream_session_id)
-            )
+            upstream = await self._send("DELETE", self._headers(request, record))
             status = upstream.status
             upstream.release()
         except ProxyError as exc:
-            log.warning("session.delete_upstream_failed", client_session=client_session_id[:8], error=exc.message)
+            log.warning(
+                "session.delete_upstream_failed",
+                upstream=self._name,
+                client_session=client_session_id[:8],
+                error=exc.message,
+            )
         finally:
             await self._store.delete(client_session_id)
-        if status is None or status in _DELETE_GONE:
-            return web.Response(status=200)
-        return web.Response(status=status)
+        response = web.Response(status=200 if status is None or status in _DELETE_GONE else status)
+        self._finish("DELETE", response.status, started, request, _Outcome())
+        return response
 
     # --- shared pieces ----------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        method: str,
+        status: int,
+        started: float,
+        request: web.Request,
+        outcome: _Outcome,
+    ) -> None:
+        """Count and log one answered request."""
+        label = method_label(method)
+        self._metrics.requests.labels(self._name, label, str(status)).inc()
+        session = request.headers.get(MCP_SESSION_ID)
+        log.info(
+            "request",
+            upstream=self._name,
+            client_session=session[:8] if session else None,
+            method=label,
+            status=status,
+            healed=outcome.healed,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def _headers(self, request: web.Request, record: SessionRecord, *, fresh_stream: bool = False) -> dict[str, str]:
+        """Headers for the upstream on this record's session (a new stream drops stale event ids)."""
+        headers = upstream_request_headers(
+            request.headers, record.upstream_session_id, drop=(LAST_EVENT_ID,) if fresh_stream else ()
+        )
+        version = record.version_to_send
+        if version is not None:
+            # A heal negotiated another version than the client's: speak the upstream's.
+            headers = {k: v for k, v in headers.items() if k.lower() != "mcp-protocol-version"}
+            headers["MCP-Protocol-Version"] = version
+        return headers
+
+    async def _send(
+        self, method: str, headers: dict[str, str], body: bytes | None = None, *, stream: bool = False
+    ) -> aiohttp.ClientResponse:
+        started = time.perf_counter()
+        response = await self._upstream.send(method, headers, body, stream=stream)
+        self._metrics.upstream_latency.labels(self._name).observe(time.perf_counter() - started)
+        return response
 
     @staticmethod
     def _required_session_id(request: web.Request) -> str:
@@ -202,12 +317,11 @@ class Proxy:
 
     async def _record(self, client_session_id: str) -> SessionRecord:
         record = await self._store.get(client_session_id)
-        if record is None:
+        if record is None or record.upstream != self._name:
             raise UnknownSession("Session not found")
         return record
 
-    @staticmethod
-    async def _check_expiry(upstream: aiohttp.ClientResponse) -> tuple[bool, bytes]:
+    async def _check_expiry(self, upstream: aiohttp.ClientResponse) -> tuple[bool, bytes]:
         """Read the body of a possible expiry answer; say whether it is one.
 
         Returns the bytes read, so that an answer that is not an expiry is still relayed whole.
@@ -219,7 +333,7 @@ class Proxy:
         except BaseException:
             upstream.release()
             raise
-        if is_session_expired(upstream.status, body, sent_session_id=True):
+        if is_session_expired(upstream.status, body, sent_session_id=True, heal_on=self._config.heal_on):
             upstream.release()
             return True, b""
         return False, body
@@ -232,15 +346,18 @@ class Proxy:
         prefetched: bytes = b"",
         *,
         observe: Callable[[bytes], None] | None = None,
+        reattach: Callable[[], Awaitable[aiohttp.ClientResponse | None]] | None = None,
     ) -> web.StreamResponse:
         """Stream an upstream answer to the client as it arrives, with the client's session id."""
+        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        streams = self._metrics.open_streams.labels(self._name)
         try:
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers, client_session_id),
             )
-            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if is_sse:
                 # Tell any buffering proxy in front of us (nginx) to pass events through at once.
                 response.headers["X-Accel-Buffering"] = "no"
             await response.prepare(request)
@@ -248,15 +365,84 @@ class Proxy:
                 await response.write(prefetched)
                 if observe is not None:
                     observe(prefetched)
+            streams.inc()
             try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                    if observe is not None:
-                        observe(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # The upstream broke the answer after it started; headers are gone, so end the stream.
-                log.warning("upstream.stream_broken", error=type(exc).__name__)
+                while True:
+                    if is_sse:
+                        clean_end = await self._pump_sse(upstream, response, observe)
+                    else:
+                        clean_end = await self._pump(upstream, response, observe)
+                    if reattach is None or not clean_end:
+                        break
+                    upstream.release()
+                    next_upstream = await reattach()
+                    if next_upstream is None:
+                        break
+                    upstream = next_upstream
+            finally:
+                streams.dec()
             await response.write_eof()
             return response
         finally:
             upstream.release()
+
+    @staticmethod
+    async def _pump(
+        upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
+    ) -> bool:
+        """Copy a non-SSE body; True if it ended cleanly."""
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                if observe is not None:
+                    observe(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream.stream_broken", error=type(exc).__name__)
+            return False
+        return True
+
+    async def _pump_sse(
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
+    ) -> bool:
+        """Copy an SSE body, filling silences with keep-alive comments; True if it ended between events."""
+        content = upstream.content
+        interval = self._settings.keepalive_interval
+        at_boundary = True
+        try:
+            while True:
+                idle = asyncio.timeout(interval)
+                try:
+                    async with idle:
+                        chunk = await content.readany()
+                except TimeoutError:
+                    if not idle.expired():
+                        raise  # the upstream read timeout, not our keep-alive tick
+                    if at_boundary:
+                        # Only between events: a comment inside an event would corrupt it.
+                        await response.write(_KEEPALIVE)
+                    continue
+                if not chunk:
+                    return at_boundary
+                await response.write(chunk)
+                at_boundary = chunk.endswith(_EVENT_ENDS)
+                if observe is not None:
+                    observe(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream.stream_broken", error=type(exc).__name__)
+            return at_boundary
+
+
+class _Outcome:
+    """What happened to a request on its way, for the request log."""
+
+    __slots__ = ("healed",)
+
+    def __init__(self) -> None:
+        self.healed = False
+
+
+class _NotReplayed(ProxyError):
+    """The replay policy forbids replaying this request on the new session."""
+
+    http_status = 200
+    code = -32004

@@ -29,8 +29,16 @@ class SessionRecord:
     client_session_id: str
     upstream_session_id: str
     initialize_params: Mapping[str, Any]
+    # The upstream (by config name) this session belongs to: an id is valid on its own path only.
+    upstream: str = "default"
+    # What the client negotiated; it keeps speaking this version for the life of its session.
     protocol_version: str | None = None
+    # What the current upstream session negotiated; differs only if a heal negotiated another version.
+    upstream_protocol_version: str | None = None
     generation: int = 0
+    # Session state the client built up, re-applied on a new upstream session before the replay.
+    subscriptions: frozenset[str] = frozenset()
+    log_level: str | None = None
     created_at: float = field(default_factory=time.time)
 
     def healed(self, upstream_session_id: str, protocol_version: str | None) -> SessionRecord:
@@ -38,9 +46,16 @@ class SessionRecord:
         return replace(
             self,
             upstream_session_id=upstream_session_id,
-            protocol_version=protocol_version or self.protocol_version,
+            upstream_protocol_version=protocol_version,
             generation=self.generation + 1,
         )
+
+    @property
+    def version_to_send(self) -> str | None:
+        """The MCP-Protocol-Version to send upstream when it differs from the client's own, else None."""
+        if self.upstream_protocol_version is not None and self.upstream_protocol_version != self.protocol_version:
+            return self.upstream_protocol_version
+        return None
 
 
 class SessionStore(Protocol):
@@ -57,6 +72,9 @@ class SessionStore(Protocol):
 
     async def close(self) -> None:
         """Release resources (flush, close files or connections)."""
+
+    def __len__(self) -> int:
+        """How many client sessions the store holds (for the open-sessions gauge)."""
 
 
 class MemorySessionStore:

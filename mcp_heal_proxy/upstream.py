@@ -8,31 +8,21 @@ behind the same method without the handlers noticing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
 
+from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 # Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
 INSPECT_LIMIT: Final = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    """How to reach one upstream MCP server."""
-
-    url: str
-    connect_timeout: float = 10.0
-    # The longest silence allowed on a POST answer (a tool may think for minutes; SSE answers may
-    # also carry progress). GET streams are server-to-client and may stay silent: they have no limit.
-    read_timeout: float = 300.0
-    pool_size: int = 100
-
-
 class Upstream:
     """Sends requests to one upstream over the app's shared ClientSession."""
+
+    __slots__ = ("_client", "_injected", "_injected_names", "_post_timeout", "_stream_timeout", "config")
 
     def __init__(self, config: UpstreamConfig, client: aiohttp.ClientSession) -> None:
         self.config = config
@@ -44,18 +34,23 @@ class Upstream:
             sock_read=config.read_timeout,
         )
         self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=config.connect_timeout, sock_read=None
+            total=None, connect=None, sock_connect=config.connect_timeout, sock_read=config.stream_idle_timeout
         )
+        # Configured headers (e.g. a bearer token from the environment) replace the client's own.
+        self._injected = dict(config.headers)
+        self._injected_names = frozenset(name.lower() for name in config.headers)
 
     async def send(
         self, method: str, headers: Mapping[str, str], body: bytes | None = None, *, stream: bool = False
     ) -> aiohttp.ClientResponse:
         """Send a request and return the response once its headers arrived; the caller releases it."""
+        if self._injected:
+            headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
         try:
             return await self._client.request(
                 method,
                 self.config.url,
-                headers=dict(headers),
+                headers=headers,
                 data=body,
                 timeout=self._stream_timeout if stream else self._post_timeout,
                 allow_redirects=False,

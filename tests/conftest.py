@@ -26,9 +26,8 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_heal_proxy.app import STORE_KEY, build_app
-from mcp_heal_proxy.config import ProxyConfig
+from mcp_heal_proxy.config import single_upstream
 from mcp_heal_proxy.sessions import SessionRecord
-from mcp_heal_proxy.upstream import UpstreamConfig
 
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent
@@ -163,7 +162,7 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
     servers: list[TestServer] = []
 
     async def start(upstream_url: str, **upstream_options: Any) -> RunningProxy:
-        config = ProxyConfig(upstream=UpstreamConfig(url=upstream_url, **upstream_options))
+        config = single_upstream(upstream_url, **upstream_options)
         app = build_app(config)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()  # TestServer cancels handlers on disconnect, as serve() does

@@ -33,7 +33,7 @@ async def serving() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     process = await start_cli("serve", "--upstream", "http://127.0.0.1:9/mcp", "--port", "0", "--log-format", "json")
     assert process.stdout is not None
     async with asyncio.timeout(20):
-        banner = await process.stdout.readline() + await process.stdout.readline()
+        banner = b"".join([await process.stdout.readline() for _ in range(3)])
     match = re.search(rb'url = "(http://127\.0\.0\.1:\d+/mcp)"', banner)
     assert match, banner
     yield process, match.group(1).decode()

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from mcp_heal_proxy.sse import Comment, Event, SSEParser, encode_comment, encode_event
 
 # Field values cannot contain line breaks (they end the field); data may, and is split into lines.
-line_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\0"), max_size=20)
+line_text = st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\r\n\0"), max_size=20)
 events = st.builds(
     Event,
-    data=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40),
+    data=st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=40),
     event=line_text.filter(lambda name: name.strip() == name and name != "").map(lambda n: n) | st.just("message"),
     id=st.none() | line_text.filter(lambda value: value.strip() == value),
     retry=st.none() | st.integers(min_value=0, max_value=10**6),

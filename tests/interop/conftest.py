@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import aiohttp
 import pytest
 
 from tests.conftest import free_port, wait_until
@@ -144,11 +147,82 @@ async def everything(node_env: NodeEnv, tmp_path: Path) -> AsyncIterator[Everyth
     await server.stop()
 
 
+class TtlServer:
+    """tests/interop/ttl_server.py: the Python SDK server with a short idle TTL and no GET stream."""
+
+    def __init__(self, log_path: Path, idle_timeout: float, *, json_response: bool = False) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.idle_timeout = idle_timeout
+        self.json_response = json_response
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """The MCP endpoint."""
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    async def start(self) -> None:
+        """Start the server and wait until it answers."""
+        command = [sys.executable, "-m", "tests.interop.ttl_server", "--port", str(self.port)]
+        command += ["--idle-timeout", str(self.idle_timeout)]
+        if self.json_response:
+            command.append("--json")
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *command, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=REPO
+            )
+        await wait_until(self._answers, READY_TIMEOUT, "TTL server ready")
+
+    async def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            raise RuntimeError(f"TTL server exited with {self.process.returncode}; see {self.log_path}")
+        try:
+            await self.stats()
+        except (aiohttp.ClientError, OSError):
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Kill it."""
+        if self.process is not None:
+            await stop_process(self.process, signal.SIGKILL)
+            self.process = None
+
+    async def stats(self) -> dict[str, int]:
+        """Requests and idle expiries counted since start."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
+        ):
+            data: dict[str, int] = await response.json()
+            return data
+
+    async def wait_for_expiry(self, count: int = 1) -> None:
+        """Wait until the server has expired ``count`` idle sessions (bounded: a few TTLs)."""
+
+        async def expired() -> bool:
+            return (await self.stats()).get("idle_expired", 0) >= count
+
+        await wait_until(expired, self.idle_timeout * 5 + 5, f"{count} idle session expiry")
+
+
+@pytest.fixture
+async def ttl_server(tmp_path: Path) -> AsyncIterator[TtlServer]:
+    """A Python SDK server whose sessions expire after 1 s idle."""
+    server = TtlServer(tmp_path / "ttl-server.log", idle_timeout=1.0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
 class ProxyProcess:
     """``mcp-heal-proxy serve`` in its own process, on a fixed free port so a restart keeps the URL."""
 
-    def __init__(self, upstream_url: str, log_dir: Path) -> None:
+    def __init__(self, upstream_url: str, log_dir: Path, state: Path | None = None) -> None:
         self.upstream_url = upstream_url
+        self.state = state
         self.port = free_port()
         self.stdout_path = log_dir / "proxy.stdout"
         self.log_path = log_dir / "proxy.log"
@@ -171,6 +245,8 @@ class ProxyProcess:
             "--log-level",
             "debug",
         ]
+        if self.state is not None:
+            command += ["--state", str(self.state)]
         self.stdout_path.write_bytes(b"")
         with self.stdout_path.open("ab") as out, self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(*command, stdout=out, stderr=log, cwd=REPO)
@@ -201,19 +277,39 @@ class ProxyProcess:
         """What the proxy logged so far (for assertion messages)."""
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def events(self, name: str) -> list[dict[str, object]]:
+        """The proxy's JSON log records whose event is ``name``."""
+        found: list[dict[str, object]] = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == name:
+                    found.append(record)
+        return found
 
-ProxyFactory = Callable[[str], Awaitable[ProxyProcess]]
+    def heal_reasons(self) -> list[str]:
+        """Why the proxy healed, per successful heal, from its log ("http_404", "http_400", ...)."""
+        heals = self.events("session.healed") + [
+            record for record in self.events("session.heal") if record.get("outcome") == "healed"
+        ]
+        return [str(record.get("reason")) for record in heals]
+
+
+class ProxyFactory(Protocol):
+    """Starts a proxy process in front of ``upstream_url`` (``state``: its session store file)."""
+
+    async def __call__(self, upstream_url: str, *, state: Path | None = None) -> ProxyProcess: ...
 
 
 @pytest.fixture
 async def proxy_process(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    """Start proxy processes in front of an upstream URL; stops every one it started."""
+    """Start proxy processes; stops every one it started."""
     started: list[ProxyProcess] = []
 
-    async def start(upstream_url: str) -> ProxyProcess:
+    async def start(upstream_url: str, *, state: Path | None = None) -> ProxyProcess:
         log_dir = tmp_path / f"proxy-{len(started)}"
         log_dir.mkdir()
-        proxy = ProxyProcess(upstream_url, log_dir)
+        proxy = ProxyProcess(upstream_url, log_dir, state)
         started.append(proxy)
         await proxy.start()
         return proxy
@@ -221,3 +317,11 @@ async def proxy_process(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     yield start
     for proxy in started:
         await proxy.stop()
+
+
+@pytest.fixture
+def codex_binary(node_env: NodeEnv) -> Path:
+    """The Codex 0.105.0 binary from the pinned npm package."""
+    if not CODEX_BINARY.is_file():
+        missing_prerequisite(f"Codex binary missing at {CODEX_BINARY} (only linux-x64 is pinned)")
+    return CODEX_BINARY

@@ -3,7 +3,8 @@
 The script does not depend on request counts but on what the request carries, so a retried request
 gets the same answer:
 
-1. no tool output in the input yet: ask for the MCP ``echo`` tool with ``FIRST_TEXT``;
+1. no tool output in the input yet: ask for the MCP ``echo`` tool with ``FIRST_TEXT`` (as the
+   argument named ``argument``: ``text`` for tests/upstream_server.py, ``message`` for server-everything);
 2. the first call's output is in: run ``between_calls`` (the harness restarts the MCP upstream), then
    ask for the tool again with ``SECOND_TEXT``;
 3. the second call's output is in: answer with a final assistant message.
@@ -89,8 +90,9 @@ def _tool_name(body: dict[str, Any]) -> str:
 class FakeModel:
     """The scripted model server."""
 
-    def __init__(self, between_calls: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, between_calls: Callable[[], Awaitable[None]], *, argument: str = "text") -> None:
         self.between_calls = between_calls
+        self.argument = argument
         self.requests: list[dict[str, Any]] = []
         self.unexpected: list[str] = []
         self.restarted = False
@@ -130,12 +132,12 @@ class FakeModel:
         response_id = f"resp_{len(self.requests)}"
         events = [_created(response_id)]
         if FIRST_CALL_ID not in outputs:
-            events.append(_function_call(FIRST_CALL_ID, _tool_name(body), {"text": FIRST_TEXT}))
+            events.append(_function_call(FIRST_CALL_ID, _tool_name(body), {self.argument: FIRST_TEXT}))
         elif SECOND_CALL_ID not in outputs:
             if not self.restarted:
                 await self.between_calls()
                 self.restarted = True
-            events.append(_function_call(SECOND_CALL_ID, _tool_name(body), {"text": SECOND_TEXT}))
+            events.append(_function_call(SECOND_CALL_ID, _tool_name(body), {self.argument: SECOND_TEXT}))
         else:
             events.append(_assistant_message(FINAL_MESSAGE))
         events.append(_completed(response_id))

@@ -1,6 +1,8 @@
 // The TypeScript SDK client (StreamableHTTPClientTransport), driven by tests/interop/test_ts_client.py.
 //
-// Usage: node ts_client.mjs URL
+// Usage: node ts_client.mjs URL [ARGUMENT]
+//        ARGUMENT names the echo tool's text argument: "text" (default, tests/upstream_server.py) or
+//        "message" (server-everything).
 // Env:   INTEROP_NODE_MODULES = the node_modules directory holding @modelcontextprotocol/sdk.
 //
 // One client session, two `echo` tool calls. Between them the script prints a "ready" line and waits
@@ -23,11 +25,12 @@ const { Client } = await sdk("client/index.js");
 const { StreamableHTTPClientTransport } = await sdk("client/streamableHttp.js");
 
 const url = process.argv[2];
+const argument = process.argv[3] ?? "text";
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 const say = (record) => process.stdout.write(JSON.stringify(record) + "\n");
 
 async function echo(client, text) {
-  const result = await client.callTool({ name: "echo", arguments: { text } }, undefined, {
+  const result = await client.callTool({ name: "echo", arguments: { [argument]: text } }, undefined, {
     timeout: CALL_TIMEOUT_MS,
   });
   if (result.isError) {

@@ -10,9 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.healing import Healer
+from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
+from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import Upstream
 
 PROXIES_KEY = web.AppKey("proxies", dict[str, Proxy])
@@ -20,12 +23,13 @@ STORE_KEY = web.AppKey("store", SessionStore)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 
 
-def open_store(state: str) -> SessionStore:
-    """The session store named by ``--state``."""
+async def open_store(state: str) -> SessionStore:
+    """The session store named by ``--state``: memory, a Redis URL, or a SQLite file path."""
     if state == MEMORY_STATE:
         return MemorySessionStore()
-    # The durable store is not built yet; run on memory rather than refuse the documented flag.
-    return MemorySessionStore()
+    store = SQLiteSessionStore(state)
+    await store.open()
+    return store
 
 
 def build_app(config: ProxyConfig) -> web.Application:
@@ -36,8 +40,11 @@ def build_app(config: ProxyConfig) -> web.Application:
     settings = ProxySettings(max_body_bytes=config.max_body_bytes, keepalive_interval=config.keepalive_interval)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        store = open_store(config.state)
+        store = await open_store(config.state)
         app[STORE_KEY] = store
+        activity = SessionActivity()
+        tasks = TaskOwner()
+        tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
         metrics.open_sessions.set_function(lambda: len(store))
         healers: list[Healer] = []
         proxies: dict[str, Proxy] = {}
@@ -51,13 +58,16 @@ def build_app(config: ProxyConfig) -> web.Application:
                 upstream = Upstream(upstream_config, client)
                 healer = Healer(upstream, store, metrics)
                 healers.append(healer)
-                proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings)
+                proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
             app[PROXIES_KEY] = proxies
             try:
                 yield
             finally:
+                await tasks.close()
                 for healer in healers:
                     await healer.close()
+                # Last-use marks since the last flush are written before the store closes.
+                await flush(store, activity, config.session_idle_ttl)
                 await store.close()
 
     app.cleanup_ctx.append(lifetime)

@@ -298,8 +298,11 @@ def build_config(
         raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
     if options.get("log_level", "info") not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-    if options.get("state") == "":
+    if not options.get("state"):
+        # Durable by default, so a restarted proxy keeps every client's session.
         options["state"] = default_state_path()
+    elif options["state"] != MEMORY_STATE and "://" not in options["state"]:
+        options["state"] = os.path.expanduser(options["state"])
     return ProxyConfig(**options)
 
 

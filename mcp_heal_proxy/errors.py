@@ -81,3 +81,10 @@ class HealFailed(ProxyError):
 
     http_status = 502
     code = -32003
+
+
+class StoreUnavailable(ProxyError):
+    """The session store failed (disk full, read-only, Redis down): refuse rather than guess a mapping."""
+
+    http_status = 503
+    code = -32005

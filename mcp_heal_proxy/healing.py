@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
-from mcp_heal_proxy.errors import HealFailed, ProxyError
+from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession
 from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
@@ -148,10 +148,16 @@ class Healer:
         await self._tasks.close()
 
     async def _heal_once(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
-        current = await self._store.get(record.client_session_id)
-        if current is not None and current.generation > record.generation:
-            # A heal for this generation already finished: its result is the live session.
-            return current
+        async with self._store.heal_lock(record.client_session_id, record.generation):
+            current = await self._store.get(record.client_session_id, fresh=True)
+            if current is None:
+                raise UnknownSession("Session not found")  # ended (DELETE, idle expiry) meanwhile
+            if current.generation > record.generation:
+                # This generation was healed already (here, or by another proxy sharing the store).
+                return current
+            return await self._heal_locked(current, client_headers, reason)
+
+    async def _heal_locked(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
         started = time.perf_counter()
         try:
             upstream_session_id, protocol_version = await self._reinitialize(record, client_headers)

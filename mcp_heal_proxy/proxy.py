@@ -32,6 +32,7 @@ from mcp_heal_proxy.headers import (
     upstream_request_headers,
 )
 from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
+from mcp_heal_proxy.housekeeping import SessionActivity
 from mcp_heal_proxy.initialize import InitializeAnswerWatcher
 from mcp_heal_proxy.jsonrpc import PostBody
 from mcp_heal_proxy.observability import Metrics, method_label
@@ -90,8 +91,15 @@ class Proxy:
     """Handlers for one upstream's MCP endpoint."""
 
     def __init__(
-        self, upstream: Upstream, store: SessionStore, healer: Healer, metrics: Metrics, settings: ProxySettings
+        self,
+        upstream: Upstream,
+        store: SessionStore,
+        healer: Healer,
+        metrics: Metrics,
+        settings: ProxySettings,
+        activity: SessionActivity,
     ) -> None:
+        self._activity = activity
         self._upstream = upstream
         self._config = upstream.config
         self._name = upstream.config.name
@@ -319,6 +327,7 @@ class Proxy:
         record = await self._store.get(client_session_id)
         if record is None or record.upstream != self._name:
             raise UnknownSession("Session not found")
+        self._activity.mark(client_session_id)
         return record
 
     async def _check_expiry(self, upstream: aiohttp.ClientResponse) -> tuple[bool, bytes]:

@@ -6,10 +6,13 @@ point it at a new upstream session after a heal while the client keeps using the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 
@@ -40,6 +43,8 @@ class SessionRecord:
     subscriptions: frozenset[str] = frozenset()
     log_level: str | None = None
     created_at: float = field(default_factory=time.time)
+    # Updated in batches (see SessionStore.touch), so it may lag real use by the flush interval.
+    last_used: float = field(default_factory=time.time)
 
     def healed(self, upstream_session_id: str, protocol_version: str | None) -> SessionRecord:
         """The record after a heal: new upstream session, next generation."""
@@ -59,9 +64,15 @@ class SessionRecord:
 
 
 class SessionStore(Protocol):
-    """Where records live. A put must be durable before the client sees the id it stores."""
+    """Where records live.
 
-    async def get(self, client_session_id: str) -> SessionRecord | None:
+    Guarantees every store keeps: a ``put`` is durable (for a durable store) before it returns, and the
+    proxy puts a record before the client sees its id; ``get(fresh=True)`` reads past any cache (the
+    heal path uses it to see another replica's heal); ``heal_lock`` serializes heals of one session
+    generation across every proxy that shares the store.
+    """
+
+    async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
         """The record for a client session id, or None if this proxy never issued it."""
 
     async def put(self, record: SessionRecord) -> None:
@@ -70,11 +81,36 @@ class SessionStore(Protocol):
     async def delete(self, client_session_id: str) -> None:
         """Forget a client session (idempotent)."""
 
+    async def touch(self, last_used: Mapping[str, float]) -> None:
+        """Record when sessions were last used (batched by the caller; missing ids are ignored)."""
+
+    async def forget_idle(self, unused_since: float) -> int:
+        """Forget sessions not used since this time; return how many."""
+
+    def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
+        """Held while healing this session generation; in-process stores need no lock."""
+
     async def close(self) -> None:
         """Release resources (flush, close files or connections)."""
 
     def __len__(self) -> int:
         """How many client sessions the store holds (for the open-sessions gauge)."""
+
+
+def record_to_json(record: SessionRecord) -> str:
+    """Serialize a record for a durable store."""
+    data = asdict(record)
+    data["subscriptions"] = sorted(record.subscriptions)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def record_from_json(text: str | bytes) -> SessionRecord:
+    """Read back a record written by record_to_json (unknown fields from newer versions are ignored)."""
+    data = json.loads(text)
+    known = {f.name for f in fields(SessionRecord)}
+    data = {key: value for key, value in data.items() if key in known}
+    data["subscriptions"] = frozenset(data.get("subscriptions", ()))
+    return SessionRecord(**data)
 
 
 class MemorySessionStore:
@@ -83,7 +119,7 @@ class MemorySessionStore:
     def __init__(self) -> None:
         self._records: dict[str, SessionRecord] = {}
 
-    async def get(self, client_session_id: str) -> SessionRecord | None:
+    async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
         """See SessionStore.get."""
         return self._records.get(client_session_id)
 
@@ -94,6 +130,24 @@ class MemorySessionStore:
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""
         self._records.pop(client_session_id, None)
+
+    async def touch(self, last_used: Mapping[str, float]) -> None:
+        """See SessionStore.touch."""
+        for client_session_id, when in last_used.items():
+            record = self._records.get(client_session_id)
+            if record is not None and when > record.last_used:
+                self._records[client_session_id] = replace(record, last_used=when)
+
+    async def forget_idle(self, unused_since: float) -> int:
+        """See SessionStore.forget_idle."""
+        idle = [cid for cid, record in self._records.items() if record.last_used < unused_since]
+        for client_session_id in idle:
+            del self._records[client_session_id]
+        return len(idle)
+
+    def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
+        """One process: the Healer's own single-flight is enough."""
+        return contextlib.nullcontext()
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -1,0 +1,65 @@
+"""Background upkeep of the session store: batched last-used times, and forgetting idle sessions.
+
+Writing a timestamp to a durable store on every request would put disk or network I/O on the hot
+path; instead the handlers mark use in memory and this task flushes the marks periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final
+
+import structlog
+
+from mcp_heal_proxy.errors import ProxyError
+from mcp_heal_proxy.sessions import SessionStore
+
+log = structlog.get_logger("mcp_heal_proxy.housekeeping")
+
+# Flush at least this often; a short idle TTL flushes more often (a tenth of it).
+MAX_FLUSH_INTERVAL: Final = 60.0
+
+
+class SessionActivity:
+    """Last-use marks not yet written to the store."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: dict[str, float] = {}
+
+    def mark(self, client_session_id: str) -> None:
+        """Note that a session was just used (hot path: one dict store)."""
+        self._pending[client_session_id] = time.time()
+
+    def drain(self) -> dict[str, float]:
+        """Take every pending mark."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+
+async def run_housekeeping(store: SessionStore, activity: SessionActivity, idle_ttl: float) -> None:
+    """Forever: flush last-use marks, then forget sessions idle for longer than ``idle_ttl``."""
+    interval = min(MAX_FLUSH_INTERVAL, idle_ttl / 10)
+    while True:
+        await asyncio.sleep(interval)
+        await flush(store, activity, idle_ttl)
+
+
+async def flush(store: SessionStore, activity: SessionActivity, idle_ttl: float) -> int:
+    """One round of upkeep; returns how many sessions were forgotten."""
+    marks = activity.drain()
+    try:
+        if marks:
+            await store.touch(marks)
+        forgotten = await store.forget_idle(time.time() - idle_ttl)
+    except ProxyError as exc:
+        # The store is down: keep the marks for the next round rather than lose them.
+        for client_session_id, when in marks.items():
+            activity._pending.setdefault(client_session_id, when)
+        log.warning("store.housekeeping_failed", error=exc.message)
+        return 0
+    if forgotten:
+        log.info("session.forgotten_idle", count=forgotten, idle_ttl_s=idle_ttl)
+    return forgotten

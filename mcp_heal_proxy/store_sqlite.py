@@ -1,0 +1,153 @@
+"""The durable session store: SQLite in WAL mode, on a thread of its own so the event loop never waits on disk.
+
+All records are loaded once at startup and served from memory; every change is committed to the file
+before the call returns (write-through). So a ``put`` made before the client sees its session id
+survives ``kill -9``, and reads on the hot path cost a dict lookup. One proxy process owns a file;
+replicas share state through the Redis store instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
+from pathlib import Path
+from typing import Final, TypeVar
+
+from mcp_heal_proxy.errors import StoreUnavailable
+from mcp_heal_proxy.sessions import SessionRecord, record_from_json, record_to_json
+
+T = TypeVar("T")
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS sessions (
+    client_session_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    last_used REAL NOT NULL
+)
+"""
+
+
+class SQLiteSessionStore:
+    """Records in a SQLite file, cached in memory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # One thread: sqlite3 connections belong to the thread that uses them, and one writer at a
+        # time is all SQLite allows anyway.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._connection: sqlite3.Connection | None = None
+        self._records: dict[str, SessionRecord] = {}
+
+    async def open(self) -> None:
+        """Create or open the file and load every record."""
+        records = await self._run(self._open_sync)
+        self._records = {record.client_session_id: record for record in records}
+
+    def _open_sync(self) -> list[SessionRecord]:
+        directory = Path(self.path).parent
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        with contextlib.suppress(OSError):
+            # Records hold clients' initialize parameters: readable by this user only.
+            os.chmod(self.path, 0o600)
+        connection.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss, not only a killed process. Commits are rare (a new
+        # session, a heal, a batch of last-used times), so the fsync is affordable.
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute(_SCHEMA)
+        self._connection = connection
+        rows = connection.execute("SELECT record, last_used FROM sessions").fetchall()
+        return [replace(record_from_json(text), last_used=last_used) for text, last_used in rows]
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"session store failed: {exc}") from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"session store failed: {exc.strerror or exc}") from exc
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise StoreUnavailable("session store is not open")
+        return self._connection
+
+    async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
+        """See SessionStore.get (this process is the only writer, so the cache is always fresh)."""
+        return self._records.get(client_session_id)
+
+    async def put(self, record: SessionRecord) -> None:
+        """See SessionStore.put: committed to the file before it returns."""
+        text = record_to_json(record)
+
+        def write() -> None:
+            self._db().execute(
+                "INSERT INTO sessions (client_session_id, record, last_used) VALUES (?, ?, ?) "
+                "ON CONFLICT(client_session_id) DO UPDATE SET record = excluded.record, last_used = excluded.last_used",
+                (record.client_session_id, text, record.last_used),
+            )
+
+        await self._run(write)
+        self._records[record.client_session_id] = record
+
+    async def delete(self, client_session_id: str) -> None:
+        """See SessionStore.delete."""
+        self._records.pop(client_session_id, None)
+        await self._run(
+            lambda: self._db().execute("DELETE FROM sessions WHERE client_session_id = ?", (client_session_id,))
+        )
+
+    async def touch(self, last_used: Mapping[str, float]) -> None:
+        """See SessionStore.touch: one transaction for the whole batch."""
+        rows = [(when, cid) for cid, when in last_used.items() if cid in self._records]
+        if not rows:
+            return
+
+        def write() -> None:
+            db = self._db()
+            db.execute("BEGIN")
+            db.executemany("UPDATE sessions SET last_used = max(last_used, ?) WHERE client_session_id = ?", rows)
+            db.execute("COMMIT")
+
+        await self._run(write)
+        for when, cid in rows:
+            record = self._records.get(cid)
+            if record is not None and when > record.last_used:
+                self._records[cid] = replace(record, last_used=when)
+
+    async def forget_idle(self, unused_since: float) -> int:
+        """See SessionStore.forget_idle."""
+        idle = [cid for cid, record in self._records.items() if record.last_used < unused_since]
+        if not idle:
+            return 0
+
+        def write() -> None:
+            db = self._db()
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM sessions WHERE client_session_id = ?", [(cid,) for cid in idle])
+            db.execute("COMMIT")
+
+        await self._run(write)
+        for cid in idle:
+            self._records.pop(cid, None)
+        return len(idle)
+
+    def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
+        """One process owns the file: the Healer's own single-flight is enough."""
+        return contextlib.nullcontext()
+
+    async def close(self) -> None:
+        """Close the file (every change is already committed)."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, connection.close)
+        self._executor.shutdown(wait=True)
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -36,8 +36,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 class SQLiteSessionStore:
     """Records in a SQLite file, cached in memory."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
+        # How long a write waits for another connection's lock before failing as StoreUnavailable.
+        self._busy_timeout = busy_timeout
         # One thread: sqlite3 connections belong to the thread that uses them, and one writer at a
         # time is all SQLite allows anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
@@ -52,7 +54,7 @@ class SQLiteSessionStore:
     def _open_sync(self) -> list[SessionRecord]:
         directory = Path(self.path).parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        connection = sqlite3.connect(self.path, isolation_level=None)
+        connection = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
         with contextlib.suppress(OSError):
             # Records hold clients' initialize parameters: readable by this user only.
             os.chmod(self.path, 0o600)

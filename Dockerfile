@@ -3,10 +3,16 @@
 #
 #   docker build -t mcp-heal-proxy .
 #   docker run --rm -p 127.0.0.1:8787:8787 -v mcp-heal-proxy-data:/data \
-#       mcp-heal-proxy --upstream https://mcp.example.com/mcp
+#       -e MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy
 #
-# Arguments after the image name are appended to the ENTRYPOINT's `serve` command line: name the
-# upstream there (or a mounted config file), or override a default (the last occurrence of a flag wins).
+# Name the upstream(s) in one of three ways:
+#   - an argument:      docker run ... mcp-heal-proxy --upstream https://mcp.example.com/mcp
+#   - the environment:  -e MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp
+#   - a mounted file:   -v ./config.toml:/etc/mcp-heal-proxy/config.toml:ro
+#                       -e MCP_HEAL_PROXY_CONFIG=/etc/mcp-heal-proxy/config.toml
+# Arguments after the image name are appended to the ENTRYPOINT below; the last occurrence of a flag
+# wins, and flags beat the environment, which beats the file. Move the port with MCP_HEAL_PROXY_PORT
+# (the HEALTHCHECK reads it too), not with --port or the file.
 
 # --- build: the package and its dependencies in a virtualenv ----------------------------------------
 FROM python:3.11-slim AS build

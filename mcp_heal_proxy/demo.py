@@ -31,7 +31,7 @@ from aiohttp import web
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.app import build_app
-from mcp_heal_proxy.config import ENDPOINT_PATH, single_upstream
+from mcp_heal_proxy.config import ENDPOINT_PATH, MEMORY_STATE, single_upstream
 from mcp_heal_proxy.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
 from mcp_heal_proxy.sse import Event, SSEParser
@@ -389,7 +389,8 @@ async def _script(timeline: Timeline, ttl: float) -> None:
     timeout = aiohttp.ClientTimeout(total=10)
     async with serving(upstream.app) as upstream_url:
         timeline.say("upstream", f"demo MCP server at {upstream_url}, forgets a session after {ttl:g} s idle")
-        proxy_config = single_upstream(upstream_url, port=0)
+        # In memory: the demo leaves nothing behind in the user's state directory.
+        proxy_config = single_upstream(upstream_url, port=0, state=MEMORY_STATE)
         async with serving(build_app(proxy_config)) as proxy_url, aiohttp.ClientSession(timeout=timeout) as http:
             timeline.say("proxy", f"mcp-heal-proxy at {proxy_url}, forwarding to the demo server")
             await _talk(timeline, upstream, DemoClient(http, proxy_url), DemoClient(http, upstream_url))

@@ -154,7 +154,7 @@ async def local_upstream() -> AsyncIterator[str]:
         yield url
 
 
-def localized(command: list[str], *, port: int, upstream_url: str, state_dir: Path) -> list[str]:
+def localized(command: list[str], *, port: int, state_dir: Path) -> list[str]:
     """The image's command line, with only what cannot work outside a container substituted."""
     out = list(command)
     executable = Path(sys.executable).parent / out[0]
@@ -166,15 +166,30 @@ def localized(command: list[str], *, port: int, upstream_url: str, state_dir: Pa
             out[i + 1] = str(state_dir / Path(out[i + 1]).name)
         elif word == "--port":
             out[i + 1] = str(port)
-    if "--port" not in out:
-        out += ["--port", str(port)]
-    return [*out, "--upstream", upstream_url]
+    return out
 
 
-async def test_image_command_line_serves_healthz_and_stops_on_sigterm(local_upstream: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("named_by", ["run-arguments", "environment", "mounted-config-file"])
+async def test_image_command_line_serves_healthz_and_stops_on_sigterm(
+    named_by: str, local_upstream: str, tmp_path: Path
+) -> None:
     port = free_port()
-    command = localized(image_command(), port=port, upstream_url=local_upstream, state_dir=tmp_path)
-    env = {**os.environ, "MCP_HEAL_PROXY_PORT": str(port)}
+    command = localized(image_command(), port=port, state_dir=tmp_path)
+    # The port as a user would move it in a container: the variable the HEALTHCHECK also reads.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MCP_HEAL_PROXY_")}
+    env["MCP_HEAL_PROXY_PORT"] = str(port)
+    endpoint = "/mcp"
+    if named_by == "run-arguments":  # docker run IMAGE --upstream URL
+        command += ["--upstream", local_upstream]
+    elif named_by == "environment":  # docker run -e MCP_HEAL_PROXY_UPSTREAM=URL IMAGE
+        env["MCP_HEAL_PROXY_UPSTREAM"] = local_upstream
+    else:  # docker run -v ./config.toml:/etc/mcp-heal-proxy/config.toml -e MCP_HEAL_PROXY_CONFIG=... IMAGE
+        config = tmp_path / "config.toml"
+        # The image's --host flag must win over the file's host: were the file to win, binding this
+        # documentation-only address (RFC 5737) would fail and the proxy would exit.
+        config.write_text(f'[server]\nhost = "192.0.2.1"\n\n[upstreams.neighbour]\nurl = "{local_upstream}"\n')
+        env["MCP_HEAL_PROXY_CONFIG"] = str(config)
+        endpoint = "/neighbour/mcp"
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
@@ -199,7 +214,7 @@ async def test_image_command_line_serves_healthz_and_stops_on_sigterm(local_upst
             async with asyncio.timeout(STOP_TIMEOUT):
                 assert await health.wait() == 0, "the HEALTHCHECK command failed against a healthy proxy"
 
-            client = DemoClient(http, f"http://127.0.0.1:{port}/mcp")
+            client = DemoClient(http, f"http://127.0.0.1:{port}{endpoint}")
             await client.initialize()
             assert await client.echo("through the sidecar") == "through the sidecar"
 
@@ -208,7 +223,7 @@ async def test_image_command_line_serves_healthz_and_stops_on_sigterm(local_upst
             stdout, stderr = await process.communicate()
         assert process.returncode == 0, f"SIGTERM should stop the proxy cleanly:\n{stderr.decode()}"
         assert b"Traceback" not in stderr
-        assert f"127.0.0.1:{port}/mcp".encode() in stdout
+        assert f"127.0.0.1:{port}{endpoint}".encode() in stdout
     finally:
         if process.returncode is None:
             process.kill()

@@ -39,6 +39,10 @@ class FakeUpstream:
     on_reinitialize: Behaviour | None = None
     # Called for every session request (not initialize); return a response to override.
     on_request: Behaviour | None = None
+    # Called for every GET on a live session; return a response to override the one-event stream.
+    on_get: Behaviour | None = None
+    # The protocol version re-initializes negotiate (the first initialize always gets 2025-11-25).
+    reinitialize_version: str = "2025-11-25"
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def forget_all(self) -> None:
@@ -65,6 +69,10 @@ class FakeUpstream:
         if request.method == "GET":
             if session_id not in self.sessions:
                 return not_found()
+            if self.on_get is not None:
+                override = await self.on_get(request, body)
+                if override is not None:
+                    return override
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             await response.write(b'id: 1\ndata: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n')
@@ -77,8 +85,9 @@ class FakeUpstream:
                     return override
             new_id = f"upstream-{next(self._ids)}"
             self.sessions.add(new_id)
+            version = "2025-11-25" if self.initializes == 1 else self.reinitialize_version
             result = {
-                "protocolVersion": "2025-11-25",
+                "protocolVersion": version,
                 "capabilities": {},
                 "serverInfo": {"name": "fake", "version": "1"},
             }

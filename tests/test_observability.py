@@ -1,0 +1,132 @@
+"""Logs and metrics: one event per request and per heal, Prometheus counters, secrets never shown."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp.test_utils import TestServer
+
+from mcp_heal_proxy.observability import Redactor, configure_logging
+from tests.conftest import ProxyFactory, raw_initialize, session_headers
+from tests.fake_upstream import FakeUpstream
+
+AiohttpServer = Callable[..., Any]
+INJECTED_TOKEN = "upstream-secret-token-4711"
+CLIENT_TOKEN = "client-bearer-token-0815"
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Route the proxy's JSON logs into a buffer (restoring the test default afterwards)."""
+    buffer = io.StringIO()
+    configure_logging("json", "debug", secrets=[INJECTED_TOKEN])
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buffer))
+    yield buffer
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+async def fake(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, str]:
+    upstream = FakeUpstream()
+    server: TestServer = await aiohttp_server(upstream.app())
+    return upstream, str(server.make_url("/mcp"))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+def events(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+async def test_requests_and_heals_are_logged_and_counted(
+    fake: tuple[FakeUpstream, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: io.StringIO,
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}}
+    async with http.post(proxy.url, json=body, headers=session_headers(session_id)) as response:
+        assert response.status == 200
+    logged = events(captured_logs)
+    call = [e for e in logged if e["event"] == "request" and e["method"] == "tools/call"]
+    assert len(call) == 1
+    assert call[0]["healed"] is True
+    assert call[0]["status"] == 200
+    assert call[0]["client_session"] == session_id[:8]
+    heal = [e for e in logged if e["event"] == "session.heal"]
+    assert [(h["outcome"], h["old_generation"], h["new_generation"]) for h in heal] == [("healed", 0, 1)]
+
+    async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
+        assert response.status == 200
+        text = await response.text()
+    assert 'mcp_heal_proxy_requests_total{method="tools/call",status="200",upstream="default"} 1.0' in text
+    assert 'mcp_heal_proxy_heals_total{outcome="healed",reason="http_404",upstream="default"} 1.0' in text
+    assert 'mcp_heal_proxy_heal_duration_seconds_count{upstream="default"} 1.0' in text
+    assert "mcp_heal_proxy_open_sessions 1.0" in text
+    assert "mcp_heal_proxy_upstream_latency_seconds_bucket" in text
+
+
+async def test_unknown_methods_share_one_metrics_label(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    for index in range(3):
+        body = {"jsonrpc": "2.0", "id": index, "method": f"made/up/{index}"}
+        async with http.post(proxy.url, json=body, headers=session_headers(session_id)) as response:
+            assert response.status == 200
+    async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
+        text = await response.text()
+    assert 'method="other",status="200",upstream="default"} 3.0' in text
+    assert "made/up" not in text
+
+
+async def test_secrets_never_reach_logs_metrics_or_error_bodies(
+    fake: tuple[FakeUpstream, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: io.StringIO,
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, headers={"Authorization": f"Bearer {INJECTED_TOKEN}"})
+    session_id = await raw_initialize(http, proxy.url)
+    assert upstream.seen[-1].headers["Authorization"] == f"Bearer {INJECTED_TOKEN}"
+    upstream.forget_all()
+    upstream.on_reinitialize = None
+    headers = {**session_headers(session_id), "Authorization": f"Bearer {CLIENT_TOKEN}"}
+    bodies = []
+    for body in ({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, {"broken": True}):
+        async with http.post(proxy.url, json=body, headers=headers) as response:
+            bodies.append(await response.text())
+    async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
+        metrics = await response.text()
+    structlog.get_logger("test").warning("leak.attempt", detail=f"token is {INJECTED_TOKEN}", authorization="x")
+    output = captured_logs.getvalue() + metrics + "".join(bodies)
+    assert INJECTED_TOKEN not in output
+    assert CLIENT_TOKEN not in output
+    assert "[redacted]" in captured_logs.getvalue()
+
+
+def test_the_redactor_cleans_nested_values_and_sensitive_keys() -> None:
+    redact = Redactor(["sekrit-value"])
+    event = {"event": "x", "headers": {"Authorization": "Bearer a", "X": "has sekrit-value inside"}, "token": "t"}
+    assert redact(None, "info", event) == {
+        "event": "x",
+        "headers": {"Authorization": "[redacted]", "X": "has [redacted] inside"},
+        "token": "[redacted]",
+    }

@@ -166,7 +166,7 @@ class Healer:
             self._metrics.heals.labels(self._name, reason, "failed").inc()
             self._metrics.heal_duration.labels(self._name).observe(duration)
             log.warning(
-                "session.heal",
+                "session.heal_failed",
                 upstream=self._name,
                 client_session=record.client_session_id[:8],
                 reason=reason,
@@ -190,7 +190,7 @@ class Healer:
                 upstream_version=protocol_version,
             )
         log.info(
-            "session.heal",
+            "session.healed",
             upstream=self._name,
             client_session=record.client_session_id[:8],
             reason=reason,

@@ -67,7 +67,7 @@ async def test_requests_and_heals_are_logged_and_counted(
     assert call[0]["healed"] is True
     assert call[0]["status"] == 200
     assert call[0]["client_session"] == session_id[:8]
-    heal = [e for e in logged if e["event"] == "session.heal"]
+    heal = [e for e in logged if e["event"] in ("session.healed", "session.heal_failed")]
     assert [(h["outcome"], h["old_generation"], h["new_generation"]) for h in heal] == [("healed", 0, 1)]
 
     async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:

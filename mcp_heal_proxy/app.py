@@ -27,6 +27,13 @@ async def open_store(state: str) -> SessionStore:
     """The session store named by ``--state``: memory, a Redis URL, or a SQLite file path."""
     if state == MEMORY_STATE:
         return MemorySessionStore()
+    if state.startswith(("redis://", "rediss://")):
+        # Imported here: the redis package is needed only by those who choose a Redis store.
+        from mcp_heal_proxy.store_redis import RedisSessionStore
+
+        redis_store = RedisSessionStore(state)
+        await redis_store.open()
+        return redis_store
     store = SQLiteSessionStore(state)
     await store.open()
     return store

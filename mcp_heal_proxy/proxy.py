@@ -8,6 +8,8 @@ answer back chunk by chunk as it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -18,12 +20,14 @@ import structlog
 from aiohttp import web
 
 from mcp_heal_proxy import jsonrpc
+from mcp_heal_proxy.answers import AnswerTracker
 from mcp_heal_proxy.errors import (
     BodyTooLarge,
     InvalidRequest,
     ProxyError,
     UnknownSession,
     UnsupportedMediaType,
+    UpstreamUnavailable,
 )
 from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
@@ -33,11 +37,10 @@ from mcp_heal_proxy.headers import (
 )
 from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.housekeeping import SessionActivity
-from mcp_heal_proxy.initialize import InitializeAnswerWatcher
 from mcp_heal_proxy.jsonrpc import PostBody
 from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.sessions import SessionRecord, SessionStore, new_client_session_id
-from mcp_heal_proxy.sse import encode_comment
+from mcp_heal_proxy.sse import Event, encode_comment, encode_event
 from mcp_heal_proxy.state import record_state_change
 from mcp_heal_proxy.upstream import Upstream, read_capped
 
@@ -53,6 +56,7 @@ _GET_REFUSED: Final = frozenset({405, 409})
 _REATTACH_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 8.0, 8.0, 8.0)
 _KEEPALIVE: Final = encode_comment("keep-alive")
 _EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +138,16 @@ class Proxy:
         if client_session_id is None:
             # No session: a 2026-07-28 stateless request, or a mistake the upstream will explain.
             upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
-            return await self._relay(request, upstream, None)
+            return await self._relay(request, upstream, None, tracker=self._tracker(upstream, body))
         record = await self._record(client_session_id)
         upstream = await self._send("POST", self._headers(request, record), body.raw)
         expired, prefetched = await self._check_expiry(upstream)
         if not expired:
             if upstream.status < 300:
                 await self._remember_state(record, body)
-            return await self._relay(request, upstream, client_session_id, prefetched)
+            return await self._relay(
+                request, upstream, client_session_id, prefetched, tracker=self._tracker(upstream, body)
+            )
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return web.Response(status=202)
@@ -153,7 +159,7 @@ class Proxy:
         upstream = await self._send("POST", self._headers(request, record), body.raw)
         if upstream.status < 300:
             await self._remember_state(record, body)
-        return await self._relay(request, upstream, client_session_id)
+        return await self._relay(request, upstream, client_session_id, tracker=self._tracker(upstream, body))
 
     async def _initialize(self, request: web.Request, body: PostBody) -> web.StreamResponse:
         """Forward an initialize without any session id; map the session the upstream opens."""
@@ -176,12 +182,20 @@ class Proxy:
         except BaseException:
             upstream.release()
             raise
-        watcher = InitializeAnswerWatcher(init.id, upstream.headers.get("Content-Type", ""))
-        response = await self._relay(request, upstream, record.client_session_id, observe=watcher.feed)
-        if watcher.protocol_version is not None:
-            version = watcher.protocol_version
+        tracker = AnswerTracker((init.id,), upstream.headers.get("Content-Type", ""))
+        response = await self._relay(request, upstream, record.client_session_id, tracker=tracker)
+        version = tracker.protocol_version(init.id)
+        if version is not None:
             await self._store.put(replace(record, protocol_version=version, upstream_protocol_version=version))
         return response
+
+    @staticmethod
+    def _tracker(upstream: aiohttp.ClientResponse, body: PostBody) -> AnswerTracker | None:
+        """Track responses on SSE answers to requests, to finish a broken stream with errors."""
+        content_type = upstream.headers.get("Content-Type", "")
+        if not body.request_ids or not content_type.startswith("text/event-stream"):
+            return None
+        return AnswerTracker(body.request_ids, content_type)
 
     async def _remember_state(self, record: SessionRecord, body: PostBody) -> None:
         updated = record_state_change(record, body)
@@ -354,10 +368,16 @@ class Proxy:
         client_session_id: str | None,
         prefetched: bytes = b"",
         *,
-        observe: Callable[[bytes], None] | None = None,
+        tracker: AnswerTracker | None = None,
         reattach: Callable[[], Awaitable[aiohttp.ClientResponse | None]] | None = None,
     ) -> web.StreamResponse:
-        """Stream an upstream answer to the client as it arrives, with the client's session id."""
+        """Stream an upstream answer to the client as it arrives, with the client's session id.
+
+        ``tracker`` watches the answer for responses: if the upstream breaks the stream first, each
+        unanswered request gets a JSON-RPC error event (it is not replayed: the tool may have run).
+        ``reattach`` opens a new upstream stream when a GET stream ends while the client still listens.
+        """
+        observe = tracker.feed if tracker is not None else None
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         streams = self._metrics.open_streams.labels(self._name)
         try:
@@ -381,6 +401,8 @@ class Proxy:
                         clean_end = await self._pump_sse(upstream, response, observe)
                     else:
                         clean_end = await self._pump(upstream, response, observe)
+                    if not clean_end and tracker is not None and is_sse:
+                        await self._finish_broken_stream(response, tracker)
                     if reattach is None or not clean_end:
                         break
                     upstream.release()
@@ -394,6 +416,20 @@ class Proxy:
             return response
         finally:
             upstream.release()
+
+    async def _finish_broken_stream(self, response: web.StreamResponse, tracker: AnswerTracker) -> None:
+        """End a stream the upstream broke with an error event for every request still unanswered."""
+        unanswered = tracker.unanswered()
+        if not unanswered:
+            return
+        log.warning("upstream.stream_broken_before_answer", upstream=self._name, unanswered=len(unanswered))
+        # A blank line first ends any half-written event, so the errors parse as events of their own.
+        errors = b"\n\n" + b"".join(
+            encode_event(Event(data=json.dumps(jsonrpc.error_object(request_id, UpstreamUnavailable.code, _BROKEN))))
+            for request_id in unanswered
+        )
+        with contextlib.suppress(ConnectionError):  # the client may have left too
+            await response.write(errors)
 
     @staticmethod
     async def _pump(

@@ -311,3 +311,56 @@ async def test_slow_upstream_gives_504_with_the_request_id(
     status, _, answer = await post(http, proxy, session_id, call(78))
     assert status == 504
     assert answer["id"] == 78
+
+
+async def test_upstream_dying_mid_sse_answer_ends_the_stream_with_an_error_and_no_replay(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+
+    async def progress_then_crash(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+        await response.write(f'data: {json.dumps(progress)}\n\ndata: {{"jsonrpc": "2.0", "meth'.encode())
+        assert request.transport is not None
+        request.transport.abort()  # the upstream process dies mid-event
+        return response
+
+    upstream.on_request = progress_then_crash
+    async with http.post(proxy.url, json=call(31), headers=session_headers(session_id)) as response:
+        assert response.status == 200
+        text = await response.text()
+    events = [block for block in text.split("\n\n") if block.startswith("data: ")]
+    assert json.loads(events[0][6:])["method"] == "notifications/progress"
+    error = json.loads(events[-1][6:])
+    assert error["id"] == 31
+    assert "not replayed" in error["error"]["message"]
+    assert upstream.count("tools/call") == 1
+
+
+async def test_an_sse_answer_that_completes_gets_no_extra_error(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+
+    async def answer_then_crash(request: web.Request, body: Any) -> web.StreamResponse | None:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"content": []}}
+        await response.write(f"id: e1\ndata: {json.dumps(answer)}\n\n".encode())
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    upstream.on_request = answer_then_crash
+    async with http.post(proxy.url, json=call(32), headers=session_headers(session_id)) as response:
+        text = await response.text()
+    assert text.count("data: ") == 1
+    assert '"result"' in text

@@ -1,0 +1,293 @@
+"""The shared session store: Redis, for several proxy replicas behind one load balancer.
+
+Selected by ``state = "redis://HOST:PORT/DB"`` (or ``rediss://`` for TLS). Every replica reads and
+writes the same records, and heals of one session generation are serialized across replicas with a
+Redis lock, so two replicas hit by the same dead upstream session re-initialize it once.
+
+Layout (``P`` is the key prefix, ``mcp-heal-proxy:`` by default):
+
+* ``P session:<client id>``: a hash with ``record`` (the record as JSON, ``record_to_json``) and
+  ``generation`` (kept beside the JSON so a Lua script can compare it without parsing the JSON).
+* ``P last-used``: a sorted set, member the client id, score its last use (Unix time). It is the one
+  place ``last_used`` lives (the copy inside the JSON is the value at the last ``put``), the index that
+  makes ``forget_idle`` a range query over the idle sessions only, and the count behind ``len()``.
+  A member exists exactly when its record does: ``put``, ``delete`` and ``forget_idle`` change both
+  atomically.
+* ``P heal-lock:<client id>:<generation>``: the heal lock (``SET NX PX`` with a random token).
+
+Why a sorted set rather than a key TTL equal to the idle TTL: with a TTL, Redis would drop idle
+records for free, but the store would need the idle TTL at construction (it is an argument of
+``forget_idle``), ``forget_idle`` could not say how many sessions it forgot, and ``len()`` would need a
+key scan. The sorted set costs one ``ZADD`` per ``put`` and one per batch of ``touch`` (``ZADD XX GT``:
+existing members only, never backwards), and ``forget_idle`` touches only the sessions it removes.
+
+What the store guarantees beyond the protocol:
+
+* A ``put`` never moves a session back to an older generation: a replica holding a stale record (from
+  its cache, or from a request that started before another replica healed) cannot overwrite a heal.
+  The refused write is logged and the newer record replaces the stale one in the cache.
+* Any Redis failure (refused connection, timeout, protocol error) raises ``StoreUnavailable`` (HTTP 503
+  with a JSON-RPC error): the proxy refuses rather than guess a mapping. The connection pool reconnects
+  by itself once Redis is back; nothing has to be restarted.
+
+Limits: one Redis (a primary, optionally with replicas for failover), not Redis Cluster: the scripts
+touch keys in several hash slots. Configure Redis with ``maxmemory-policy noeviction``; an evicted
+record is a session the proxy no longer knows (the client gets 404 and re-initializes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
+from typing import Final
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from mcp_heal_proxy.errors import StoreUnavailable
+from mcp_heal_proxy.sessions import SessionRecord, record_from_json, record_to_json
+
+log = structlog.get_logger("mcp_heal_proxy.store_redis")
+
+DEFAULT_PREFIX: Final = "mcp-heal-proxy:"
+# A cached record may be this old when served to a request (``get(fresh=True)`` always reads Redis).
+DEFAULT_CACHE_TTL: Final = 1.0
+# A heal is an initialize, a notifications/initialized and the state re-apply, each bounded by the
+# upstream's connect timeout (10 s by default) plus its answer time. 30 s outlives a normal heal by far,
+# and a replica that crashed while holding the lock blocks that session's heal for at most this long.
+DEFAULT_LOCK_TTL: Final = 30.0
+# Redis answers in well under a millisecond; a command that takes seconds means Redis is gone.
+DEFAULT_SOCKET_TIMEOUT: Final = 2.0
+# Waiting for another replica's heal: poll the lock with backoff from 5 ms up to 100 ms.
+_LOCK_POLL_FIRST: Final = 0.005
+_LOCK_POLL_MAX: Final = 0.1
+# Records are removed by forget_idle in scripts of at most this many, so Redis is never blocked long.
+_FORGET_BATCH: Final = 500
+_CACHE_MAX: Final = 10_000
+
+# KEYS: record, last-used set. ARGV: record JSON, generation, last_used, client id.
+# Returns {1, created} when written, {0, stored JSON} when refused (the stored generation is newer).
+_PUT: Final = """
+local stored = redis.call('HGET', KEYS[1], 'generation')
+if stored and tonumber(stored) > tonumber(ARGV[2]) then
+    return {0, redis.call('HGET', KEYS[1], 'record')}
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'generation', ARGV[2])
+redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[4])
+if stored then return {1, 0} end
+return {1, 1}
+"""
+
+# KEYS: last-used set. ARGV: idle cutoff, batch size, record key prefix.
+# Returns {removed, remaining}.
+_FORGET_IDLE: Final = """
+local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(idle) do
+    redis.call('DEL', ARGV[3] .. id)
+    redis.call('ZREM', KEYS[1], id)
+end
+return {#idle, redis.call('ZCARD', KEYS[1])}
+"""
+
+# Compare-and-delete: only the holder (who knows the token) releases the lock.
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@contextlib.contextmanager
+def _redis_errors(what: str) -> Iterator[None]:
+    """Turn every Redis failure into StoreUnavailable (the client-facing message names no address)."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        log.warning("store.redis_failed", operation=what, error=f"{type(exc).__name__}: {exc}")
+        raise StoreUnavailable(f"session store unavailable (Redis {what}: {type(exc).__name__})") from exc
+
+
+class RedisSessionStore:
+    """Records in Redis, shared by every proxy replica that names the same URL and prefix."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    ) -> None:
+        self._redis: Redis = Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            # One quick retry: a pooled connection that Redis closed (a Redis restart) fails once,
+            # and the retry reconnects. Anything longer would only delay the 503.
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+        )
+        self._prefix = prefix
+        self._session_prefix = f"{prefix}session:"
+        self._last_used_key = f"{prefix}last-used"
+        self._cache_ttl = cache_ttl
+        self._lock_ttl = lock_ttl
+        self._cache: dict[str, tuple[float, SessionRecord]] = {}
+        self._count = 0
+        self._put_script = self._redis.register_script(_PUT)
+        self._forget_script = self._redis.register_script(_FORGET_IDLE)
+        self._release_script = self._redis.register_script(_RELEASE)
+
+    def _key(self, client_session_id: str) -> str:
+        return f"{self._session_prefix}{client_session_id}"
+
+    async def open(self) -> None:
+        """Check that Redis answers and read the session count (fails fast on a wrong URL)."""
+        with _redis_errors("open"):
+            await self._redis.ping()
+            self._count = int(await self._redis.zcard(self._last_used_key))
+
+    # --- records ----------------------------------------------------------------------------------
+
+    async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
+        """See SessionStore.get: a cached record at most ``cache_ttl`` old, or Redis when ``fresh``.
+
+        Misses are never cached: a session another replica just created is found at once.
+        """
+        if not fresh:
+            cached = self._cache.get(client_session_id)
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+        with _redis_errors("get"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._key(client_session_id), "record")
+                pipe.zscore(self._last_used_key, client_session_id)
+                text, last_used = await pipe.execute()
+        if text is None:
+            self._cache.pop(client_session_id, None)
+            return None
+        record = record_from_json(text)
+        if last_used is not None:
+            record = replace(record, last_used=float(last_used))
+        self._remember(record)
+        return record
+
+    async def put(self, record: SessionRecord) -> None:
+        """See SessionStore.put: in Redis before it returns; refuses to go back a generation."""
+        with _redis_errors("put"):
+            written, detail = await self._put_script(
+                keys=[self._key(record.client_session_id), self._last_used_key],
+                args=[record_to_json(record), record.generation, repr(record.last_used), record.client_session_id],
+            )
+        if not written:
+            stored = record_from_json(detail)
+            log.warning(
+                "store.stale_put_refused",
+                client_session=record.client_session_id[:8],
+                generation=record.generation,
+                stored_generation=stored.generation,
+            )
+            self._remember(stored)
+            return
+        self._count += int(detail)
+        self._remember(record)
+
+    async def delete(self, client_session_id: str) -> None:
+        """See SessionStore.delete."""
+        self._cache.pop(client_session_id, None)
+        with _redis_errors("delete"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(client_session_id))
+                pipe.zrem(self._last_used_key, client_session_id)
+                deleted, _ = await pipe.execute()
+        self._count = max(0, self._count - int(deleted))
+
+    async def touch(self, last_used: Mapping[str, float]) -> None:
+        """See SessionStore.touch: one ``ZADD XX GT`` for the batch (known sessions only, never backwards)."""
+        if not last_used:
+            return
+        with _redis_errors("touch"):
+            await self._redis.zadd(self._last_used_key, dict(last_used), xx=True, gt=True)
+
+    async def forget_idle(self, unused_since: float) -> int:
+        """See SessionStore.forget_idle; also refreshes the count behind ``len()`` and prunes the cache."""
+        now = time.monotonic()
+        self._cache = {cid: entry for cid, entry in self._cache.items() if entry[0] > now}
+        forgotten = 0
+        with _redis_errors("forget_idle"):
+            while True:
+                removed, remaining = await self._forget_script(
+                    keys=[self._last_used_key], args=[repr(unused_since), _FORGET_BATCH, self._session_prefix]
+                )
+                forgotten += int(removed)
+                self._count = int(remaining)
+                if int(removed) < _FORGET_BATCH:
+                    return forgotten
+
+    def _remember(self, record: SessionRecord) -> None:
+        if self._cache_ttl <= 0:
+            return
+        if len(self._cache) >= _CACHE_MAX:
+            now = time.monotonic()
+            self._cache = {cid: entry for cid, entry in self._cache.items() if entry[0] > now}
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+        self._cache[record.client_session_id] = (time.monotonic() + self._cache_ttl, record)
+
+    # --- the cross-replica heal lock --------------------------------------------------------------
+
+    def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
+        """Held while healing this session generation, by one proxy among all that share this Redis.
+
+        ``SET NX PX`` with a random token; released by compare-and-delete so a holder whose lock
+        expired never frees another's. A waiter polls with a bounded backoff; the lock expires after
+        ``lock_ttl`` so a replica that crashed mid-heal delays the next heal by at most that long.
+        """
+        return self._heal_lock(f"{self._prefix}heal-lock:{client_session_id}:{generation}")
+
+    @contextlib.asynccontextmanager
+    async def _heal_lock(self, key: str) -> AsyncIterator[None]:
+        token = secrets.token_hex(16)
+        ttl_ms = int(self._lock_ttl * 1000)
+        delay = _LOCK_POLL_FIRST
+        try:
+            # Once the holder's TTL has run out the lock is free, so a wait longer than that (plus
+            # slack for Redis round trips) means other replicas keep taking it: give up then.
+            async with asyncio.timeout(self._lock_ttl + 5.0):
+                while True:
+                    with _redis_errors("heal_lock"):
+                        acquired = await self._redis.set(key, token, nx=True, px=ttl_ms)
+                    if acquired:
+                        break
+                    await asyncio.sleep(delay)  # another replica is healing this generation
+                    delay = min(delay * 2, _LOCK_POLL_MAX)
+        except TimeoutError:
+            raise StoreUnavailable("session store unavailable (heal lock held elsewhere for too long)") from None
+        try:
+            yield
+        finally:
+            try:
+                with _redis_errors("heal_unlock"):
+                    await self._release_script(keys=[key], args=[token])
+            except StoreUnavailable:
+                # The heal's outcome stands; the lock expires on its own after lock_ttl.
+                pass
+
+    async def close(self) -> None:
+        """Close the connection pool (every write is already in Redis)."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+    def __len__(self) -> int:
+        """Sessions in Redis as of the last housekeeping round, plus this replica's own puts and deletes
+        since; sessions other replicas created or deleted show up at the next round (at most a minute)."""
+        return self._count

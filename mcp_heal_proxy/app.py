@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.guards import origin_guard, router_errors_as_jsonrpc, token_guard
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
@@ -41,7 +42,10 @@ async def open_store(state: str) -> SessionStore:
 
 def build_app(config: ProxyConfig) -> web.Application:
     """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics."""
-    app = web.Application(client_max_size=config.max_body_bytes)
+    middlewares = [router_errors_as_jsonrpc, origin_guard(config.allowed_origins)]
+    if config.token:
+        middlewares.append(token_guard(config.token))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     metrics = Metrics()
     app[METRICS_KEY] = metrics
     settings = ProxySettings(max_body_bytes=config.max_body_bytes, keepalive_interval=config.keepalive_interval)
@@ -62,7 +66,7 @@ def build_app(config: ProxyConfig) -> web.Application:
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         ) as client:
             for upstream_config in config.upstreams:
-                upstream = Upstream(upstream_config, client)
+                upstream = Upstream(upstream_config, client, strip_client_authorization=config.token is not None)
                 healer = Healer(upstream, store, metrics)
                 healers.append(healer)
                 proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)

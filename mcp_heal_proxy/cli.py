@@ -39,7 +39,7 @@ examples:
   MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy serve
 
 settings come from the config file, then MCP_HEAL_PROXY_* variables (HOST, PORT, STATE, UPSTREAM,
-CONFIG, LOG_FORMAT, LOG_LEVEL, MAX_BODY_BYTES), then flags; later ones win.
+CONFIG, TOKEN, LOG_FORMAT, LOG_LEVEL, MAX_BODY_BYTES), then flags; later ones win.
 
 then point the client at the proxy, e.g. in ~/.codex/config.toml:
   [mcp_servers.example]
@@ -165,8 +165,12 @@ async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> i
         print(f"  {upstream.name}: {url} -> {upstream.url}", flush=True)
         print(f'  paste into your MCP client: url = "{url}"', flush=True)
         log.info("proxy.started", upstream=upstream.name, url=url, upstream_url=upstream.url, state=config.state)
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("proxy.exposed", host=config.host, hint="anyone who can reach this address can use the upstreams")
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
+        log.warning(
+            "proxy.exposed_without_token",
+            host=config.host,
+            hint="anyone who can reach this address can use the upstreams; set [server] token",
+        )
     if ready is not None:
         ready.set()
     try:

@@ -95,6 +95,8 @@ class ProxyConfig:
     session_idle_ttl: float = 24 * 3600.0
     # A comment line on idle SSE streams this often keeps load balancers from cutting them.
     keepalive_interval: float = 15.0
+    # Clients must present "Authorization: Bearer <token>"; that header is then not sent upstream.
+    token: str | None = None
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
         """The URL a client puts in its config for one upstream."""
@@ -103,7 +105,8 @@ class ProxyConfig:
 
     def secrets(self) -> tuple[str, ...]:
         """Every configured value that must never be logged."""
-        return tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
+        injected = tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
+        return (*injected, self.token) if self.token else injected
 
 
 def single_upstream(url: str, **options: Any) -> ProxyConfig:
@@ -127,6 +130,7 @@ _SERVER_KEYS: Final = {
     "allowed_origins": list,
     "session_idle_ttl": (int, float),
     "keepalive_interval": (int, float),
+    "token": str,
 }
 _UPSTREAM_KEYS: Final = {
     "url": str,
@@ -245,6 +249,8 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: server must be a table")
     _check_table(server, _SERVER_KEYS, "server", path)
     options: dict[str, Any] = dict(server)
+    if "token" in options:
+        options["token"] = expand_env(options["token"], "server.token", path, environ) or None
     if "allowed_origins" in options:
         options["allowed_origins"] = tuple(options["allowed_origins"])
     upstream_tables = document.get("upstreams", {})
@@ -258,7 +264,7 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    for key in ("host", "state", "log_format", "log_level"):
+    for key in ("host", "state", "log_format", "log_level", "token"):
         value = environ.get(ENV_PREFIX + key.upper())
         if value:
             options[key] = value
@@ -309,6 +315,8 @@ def build_config(
 def describe(config: ProxyConfig) -> dict[str, Any]:
     """The effective config as a plain dict with secrets masked (for ``check-config``)."""
     server = {f.name: getattr(config, f.name) for f in fields(ProxyConfig) if f.name != "upstreams"}
+    if config.token:
+        server["token"] = "***"
     upstreams = {}
     for upstream in config.upstreams:
         table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -47,6 +48,15 @@ _NOT_DOWNSTREAM: Final = HOP_BY_HOP | {
     "server",
     "date",
 }
+
+
+# The spec allows visible ASCII (0x21-0x7E) in session ids; the proxy's own are 32 hex characters.
+_VALID_SESSION_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def is_valid_session_id(value: str) -> bool:
+    """Whether a session id is safe to use as a header value (no CR/LF, spaces or controls)."""
+    return _VALID_SESSION_ID.fullmatch(value) is not None
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:

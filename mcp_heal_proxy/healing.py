@@ -23,6 +23,7 @@ from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
+    is_valid_session_id,
     upstream_request_headers,
 )
 from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, METHOD_NOT_FOUND
@@ -217,8 +218,8 @@ class Healer:
             if response.status != 200:
                 raise HealFailed(f"upstream answered {response.status} to the re-initialize")
             upstream_session_id = response.headers.get(MCP_SESSION_ID)
-            if not upstream_session_id:
-                raise HealFailed("upstream gave no session id to the re-initialize")
+            if not upstream_session_id or not is_valid_session_id(upstream_session_id):
+                raise HealFailed("upstream gave no valid session id to the re-initialize")
             answer = await read_answer(response, request_id)
         finally:
             response.release()

@@ -33,6 +33,7 @@ from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
     MCP_SESSION_ID,
     client_response_headers,
+    is_valid_session_id,
     upstream_request_headers,
 )
 from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
@@ -170,6 +171,9 @@ class Proxy:
         if upstream.status != 200 or not upstream_session_id:
             # A refused initialize, or a server without sessions: nothing to map.
             return await self._relay(request, upstream, None)
+        if not is_valid_session_id(upstream_session_id):
+            upstream.release()
+            raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
         record = SessionRecord(
             client_session_id=new_client_session_id(),
             upstream_session_id=upstream_session_id,
@@ -338,6 +342,8 @@ class Proxy:
         return client_session_id
 
     async def _record(self, client_session_id: str) -> SessionRecord:
+        if not is_valid_session_id(client_session_id):
+            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to 128 visible ASCII characters")
         record = await self._store.get(client_session_id)
         if record is None or record.upstream != self._name:
             raise UnknownSession("Session not found")

@@ -30,9 +30,18 @@ What the store guarantees beyond the protocol:
   with a JSON-RPC error): the proxy refuses rather than guess a mapping. The connection pool reconnects
   by itself once Redis is back; nothing has to be restarted.
 
-Limits: one Redis (a primary, optionally with replicas for failover), not Redis Cluster: the scripts
-touch keys in several hash slots. Configure Redis with ``maxmemory-policy noeviction``; an evicted
-record is a session the proxy no longer knows (the client gets 404 and re-initializes).
+The cache: ``get`` may answer from an in-process cache for ``cache_ttl`` (1 s), which saves a round
+trip on every proxied request. What a stale entry can cost: after another replica healed the session,
+one request goes to the dead upstream session, finds it expired, and the heal path (which reads with
+``fresh=True`` under the lock) picks up the other replica's heal without a second initialize; after a
+DELETE or idle expiry on another replica, this one keeps serving the session for up to ``cache_ttl``.
+
+Limits: Redis 6.2 or newer (``ZADD GT``). One Redis (a primary, optionally with replicas for
+failover), not Redis Cluster: the scripts touch keys in several hash slots. Configure Redis with
+``maxmemory-policy noeviction``; an evicted record is a session the proxy no longer knows (the client
+gets 404 and re-initializes). Idle expiry is as exact as the last-use marks: each replica flushes its
+marks every housekeeping round, so another replica's ``forget_idle`` may see a use up to one round
+late.
 """
 
 from __future__ import annotations

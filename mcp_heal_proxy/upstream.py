@@ -24,7 +24,9 @@ class Upstream:
 
     __slots__ = ("_client", "_injected", "_injected_names", "_post_timeout", "_stream_timeout", "config")
 
-    def __init__(self, config: UpstreamConfig, client: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: UpstreamConfig, client: aiohttp.ClientSession, *, strip_client_authorization: bool = False
+    ) -> None:
         self.config = config
         self._client = client
         self._post_timeout = aiohttp.ClientTimeout(
@@ -36,15 +38,17 @@ class Upstream:
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=config.connect_timeout, sock_read=config.stream_idle_timeout
         )
-        # Configured headers (e.g. a bearer token from the environment) replace the client's own.
+        # Configured headers (e.g. a bearer token from the environment) replace the client's own; the
+        # client's Authorization is the proxy's own inbound token when one is set, never the upstream's.
         self._injected = dict(config.headers)
-        self._injected_names = frozenset(name.lower() for name in config.headers)
+        stripped = {"authorization"} if strip_client_authorization else set()
+        self._injected_names = frozenset(name.lower() for name in config.headers) | stripped
 
     async def send(
         self, method: str, headers: Mapping[str, str], body: bytes | None = None, *, stream: bool = False
     ) -> aiohttp.ClientResponse:
         """Send a request and return the response once its headers arrived; the caller releases it."""
-        if self._injected:
+        if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
         try:
             return await self._client.request(

@@ -18,9 +18,7 @@ AiohttpServer = Callable[..., Any]
 
 
 @pytest.fixture
-async def proxy(
-    aiohttp_server: AiohttpServer, start_proxy: ProxyFactory
-) -> AsyncIterator[tuple[RunningProxy, FakeUpstream]]:
+async def proxy(aiohttp_server: AiohttpServer, start_proxy: ProxyFactory) -> tuple[RunningProxy, FakeUpstream]:
     upstream = FakeUpstream()
     server: TestServer = await aiohttp_server(upstream.app())
     running = await start_proxy(str(server.make_url("/mcp")), max_body_bytes=1024)

@@ -220,9 +220,11 @@ async def ttl_server(tmp_path: Path) -> AsyncIterator[TtlServer]:
 class ProxyProcess:
     """``mcp-heal-proxy serve`` in its own process, on a fixed free port so a restart keeps the URL."""
 
-    def __init__(self, upstream_url: str, log_dir: Path, state: Path | None = None) -> None:
+    def __init__(self, upstream_url: str, log_dir: Path, *, memory_state: bool = False) -> None:
         self.upstream_url = upstream_url
-        self.state = state
+        # A private session store that outlives a restart of this proxy (never the user's default one),
+        # or none at all.
+        self.state = ":memory:" if memory_state else str(log_dir / "sessions.sqlite3")
         self.port = free_port()
         self.stdout_path = log_dir / "proxy.stdout"
         self.log_path = log_dir / "proxy.log"
@@ -244,9 +246,9 @@ class ProxyProcess:
             "json",
             "--log-level",
             "debug",
+            "--state",
+            self.state,
         ]
-        if self.state is not None:
-            command += ["--state", str(self.state)]
         self.stdout_path.write_bytes(b"")
         with self.stdout_path.open("ab") as out, self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(*command, stdout=out, stderr=log, cwd=REPO)
@@ -269,8 +271,14 @@ class ProxyProcess:
             self.process = None
 
     async def restart(self) -> None:
-        """Stop and start again on the same port."""
-        await self.stop()
+        """A crash and a restart on the same port with the same session store: SIGKILL, then start.
+
+        SIGKILL, not SIGTERM: the store must survive a crash, and (as of this writing) a SIGTERM does not
+        stop the proxy while a client holds its GET stream open, so a graceful restart would just wait.
+        """
+        if self.process is not None:
+            await stop_process(self.process, signal.SIGKILL)
+            self.process = None
         await self.start()
 
     def log(self) -> str:
@@ -296,9 +304,9 @@ class ProxyProcess:
 
 
 class ProxyFactory(Protocol):
-    """Starts a proxy process in front of ``upstream_url`` (``state``: its session store file)."""
+    """Starts a proxy process in front of ``upstream_url``; ``memory_state`` keeps its sessions in memory."""
 
-    async def __call__(self, upstream_url: str, *, state: Path | None = None) -> ProxyProcess: ...
+    async def __call__(self, upstream_url: str, *, memory_state: bool = False) -> ProxyProcess: ...
 
 
 @pytest.fixture
@@ -306,10 +314,10 @@ async def proxy_process(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     """Start proxy processes; stops every one it started."""
     started: list[ProxyProcess] = []
 
-    async def start(upstream_url: str, *, state: Path | None = None) -> ProxyProcess:
+    async def start(upstream_url: str, *, memory_state: bool = False) -> ProxyProcess:
         log_dir = tmp_path / f"proxy-{len(started)}"
         log_dir.mkdir()
-        proxy = ProxyProcess(upstream_url, log_dir, state)
+        proxy = ProxyProcess(upstream_url, log_dir, memory_state=memory_state)
         started.append(proxy)
         await proxy.start()
         return proxy

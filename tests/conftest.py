@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -48,11 +49,16 @@ def free_port() -> int:
         return port
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll ``check`` until it is true, failing the test after ``timeout`` seconds."""
+async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``check`` (plain or async) until it is true, failing the test after ``timeout`` seconds."""
+
+    async def holds() -> bool:
+        result = check()
+        return await result if inspect.isawaitable(result) else result
+
     try:
         async with asyncio.timeout(timeout):
-            while not await check():
+            while not await holds():
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"{what}: not reached within {timeout} s") from None

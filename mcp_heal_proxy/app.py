@@ -83,6 +83,12 @@ def build_app(config: ProxyConfig) -> web.Application:
 
     app.cleanup_ctx.append(lifetime)
 
+    async def end_server_streams(app: web.Application) -> None:
+        for proxy in app[PROXIES_KEY].values():
+            proxy.end_server_streams()
+
+    app.on_shutdown.append(end_server_streams)
+
     def proxy_for(request: web.Request) -> Proxy:
         return request.app[PROXIES_KEY][request.path]
 

@@ -26,6 +26,7 @@ from mcp_heal_proxy.config import (
     ProxyConfig,
     build_config,
     describe,
+    mask_url,
 )
 from mcp_heal_proxy.observability import configure_logging
 
@@ -107,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config file (see config.example.toml)")
     serve.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=_port, help=f"port to listen on, 0 for any (default {DEFAULT_PORT})")
-    serve.add_argument("--state", metavar="PATH", help="session store file, or :memory: (default :memory:)")
+    serve.add_argument(
+        "--state",
+        metavar="PATH",
+        help="session store: a SQLite file, :memory:, or redis://HOST:PORT/DB (default: a file in the user's state directory)",
+    )
     serve.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default auto: console on a terminal)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     check = commands.add_parser(
@@ -143,7 +148,11 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
     log = structlog.get_logger("mcp_heal_proxy")
-    runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
+    # shutdown_timeout: after SIGTERM the listener closes at once (new requests are refused) and open
+    # streams get this long to finish before their handlers are cancelled.
+    runner = web.AppRunner(
+        build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     try:
@@ -159,12 +168,18 @@ async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> i
         loop.add_signal_handler(signum, stop.set)
     # With --port 0 the system picked a free port: report the real one.
     port = runner.addresses[0][1] if runner.addresses else config.port
-    print(f"mcp-heal-proxy {__version__} on {config.host}:{port}, sessions in {config.state}", flush=True)
+    print(f"mcp-heal-proxy {__version__} on {config.host}:{port}, sessions in {config.state_display}", flush=True)
     for upstream in config.upstreams:
         url = config.client_url(upstream, port)
         print(f"  {upstream.name}: {url} -> {upstream.url}", flush=True)
         print(f'  paste into your MCP client: url = "{url}"', flush=True)
-        log.info("proxy.started", upstream=upstream.name, url=url, upstream_url=upstream.url, state=config.state)
+        log.info(
+            "proxy.started",
+            upstream=upstream.name,
+            url=url,
+            upstream_url=mask_url(upstream.url),
+            state=config.state_display,
+        )
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         log.warning(
             "proxy.exposed_without_token",

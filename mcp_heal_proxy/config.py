@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -97,6 +98,8 @@ class ProxyConfig:
     keepalive_interval: float = 15.0
     # Clients must present "Authorization: Bearer <token>"; that header is then not sent upstream.
     token: str | None = None
+    # On SIGTERM: stop accepting, give open streams this long to finish, then end them.
+    shutdown_grace: float = 10.0
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
         """The URL a client puts in its config for one upstream."""
@@ -106,7 +109,13 @@ class ProxyConfig:
     def secrets(self) -> tuple[str, ...]:
         """Every configured value that must never be logged."""
         injected = tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
-        return (*injected, self.token) if self.token else injected
+        store_password = urlsplit(self.state).password if "://" in self.state else None
+        return tuple(s for s in (*injected, self.token, store_password) if s)
+
+    @property
+    def state_display(self) -> str:
+        """The store location as it may be shown: a Redis URL's password masked."""
+        return mask_url(self.state) if "://" in self.state else self.state
 
 
 def single_upstream(url: str, **options: Any) -> ProxyConfig:
@@ -131,6 +140,7 @@ _SERVER_KEYS: Final = {
     "session_idle_ttl": (int, float),
     "keepalive_interval": (int, float),
     "token": str,
+    "shutdown_grace": (int, float),
 }
 _UPSTREAM_KEYS: Final = {
     "url": str,
@@ -224,8 +234,6 @@ def _replay_policy(value: Any, where: str) -> ReplayPolicy:
 
 def check_url(value: str, where: str) -> str:
     """An http(s) URL with a host, or a ConfigError naming where it came from."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: not an http(s) URL: {value!r}")
@@ -317,18 +325,18 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     server = {f.name: getattr(config, f.name) for f in fields(ProxyConfig) if f.name != "upstreams"}
     if config.token:
         server["token"] = "***"
+    server["state"] = config.state_display
     upstreams = {}
     for upstream in config.upstreams:
         table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}
         table["headers"] = {name: "***" for name in upstream.headers}
-        table["url"] = _mask_url(upstream.url)
+        table["url"] = mask_url(upstream.url)
         upstreams[upstream.name] = table
     return {"server": server, "upstreams": upstreams}
 
 
-def _mask_url(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***."""
     parts = urlsplit(url)
     if parts.password is None:
         return url

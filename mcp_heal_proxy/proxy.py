@@ -105,6 +105,9 @@ class Proxy:
         activity: SessionActivity,
     ) -> None:
         self._activity = activity
+        # Open GET streams' upstream responses, so that shutdown can end them cleanly.
+        self._server_streams: set[aiohttp.ClientResponse] = set()
+        self._closing = False
         self._upstream = upstream
         self._config = upstream.config
         self._name = upstream.config.name
@@ -205,6 +208,16 @@ class Proxy:
         updated = record_state_change(record, body)
         if updated is not record:
             await self._store.put(updated)
+
+    def end_server_streams(self) -> None:
+        """Shutdown: end every GET stream cleanly now, so clients reconnect to the next proxy.
+
+        GET streams carry server-initiated messages and never finish by themselves; POST answers (tool
+        calls in flight) are left to finish within the shutdown grace period.
+        """
+        self._closing = True
+        for upstream in list(self._server_streams):
+            upstream.close()
 
     # --- GET and DELETE ---------------------------------------------------------------------------
 
@@ -401,6 +414,8 @@ class Proxy:
                 if observe is not None:
                     observe(prefetched)
             streams.inc()
+            if reattach is not None:
+                self._server_streams.add(upstream)
             try:
                 while True:
                     if is_sse:
@@ -409,15 +424,18 @@ class Proxy:
                         clean_end = await self._pump(upstream, response, observe)
                     if not clean_end and tracker is not None and is_sse:
                         await self._finish_broken_stream(response, tracker)
-                    if reattach is None or not clean_end:
+                    if reattach is None or not clean_end or self._closing:
                         break
+                    self._server_streams.discard(upstream)
                     upstream.release()
                     next_upstream = await reattach()
                     if next_upstream is None:
                         break
                     upstream = next_upstream
+                    self._server_streams.add(upstream)
             finally:
                 streams.dec()
+                self._server_streams.discard(upstream)
             await response.write_eof()
             return response
         finally:
@@ -479,7 +497,8 @@ class Proxy:
                 if observe is not None:
                     observe(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream.stream_broken", error=type(exc).__name__)
+            if not self._closing:
+                log.warning("upstream.stream_broken", upstream=self._name, error=type(exc).__name__)
             return at_boundary
 
 

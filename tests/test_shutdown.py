@@ -1,0 +1,87 @@
+"""SIGTERM with streams open: new requests refused, open streams given a grace period, store flushed, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from tests.conftest import REPO_ROOT, UpstreamProcess, raw_initialize, session_headers
+
+
+async def test_sigterm_refuses_new_requests_lets_calls_finish_and_flushes_the_store(
+    tmp_path: Path, sse_upstream: UpstreamProcess
+) -> None:
+    state = tmp_path / "sessions.db"
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\nshutdown_grace = 5\nstate = "{state}"\nport = 0\n[upstreams.up]\nurl = "{sse_upstream.url}"\npath = "/mcp"\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_heal_proxy", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    url = None
+    async with asyncio.timeout(20):
+        while url is None:
+            line = await process.stdout.readline()
+            assert line, "the proxy exited before printing its URL"
+            if match := re.search(rb'url = "([^"]+)"', line):
+                url = match.group(1).decode()
+    try:
+        async with aiohttp.ClientSession() as http:
+            session_id = await raw_initialize(http, url)
+            get_headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+            call = {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "method": "tools/call",
+                "params": {"name": "gated_steps", "arguments": {"steps": 1}, "_meta": {"progressToken": 1}},
+            }
+            async with (
+                http.get(url, headers=get_headers) as server_stream,
+                http.post(url, json=call, headers=session_headers(session_id)) as tool_call,
+            ):
+                assert server_stream.status == 200
+                async with asyncio.timeout(10):
+                    await tool_call.content.readuntil(b"notifications/progress")
+                os.kill(process.pid, signal.SIGTERM)
+                # New connections are refused while open streams are still being served.
+                parts = urlsplit(url)
+                async with asyncio.timeout(5):
+                    while True:
+                        try:
+                            _, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                        except (ConnectionRefusedError, ConnectionResetError):
+                            break
+                        writer.close()
+                        await asyncio.sleep(0.02)
+                # The GET stream (server-initiated messages, never finishes by itself) ends cleanly at once.
+                async with asyncio.timeout(5):
+                    await server_stream.content.read()
+                # The tool call in flight gets the grace period to finish, and its answer arrives.
+                await sse_upstream.release(1)
+                async with asyncio.timeout(10):
+                    assert b"done after 1 steps" in await tool_call.content.read()
+            async with asyncio.timeout(10):
+                assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    assert b"Traceback" not in await process.stderr.read()
+    store = SQLiteSessionStore(str(state))
+    await store.open()
+    try:
+        assert await store.get(session_id) is not None
+    finally:
+        await store.close()

@@ -302,6 +302,16 @@ class ProxyProcess:
         ]
         return [str(record.get("reason")) for record in heals]
 
+    def healed_on(self, expiry: str) -> bool:
+        """Did the proxy heal, and only for ``expiry`` (e.g. "http_400") or a lost upstream GET stream?
+
+        After an upstream restart two things race: the client's next POST meets the expiry answer, and
+        the proxy's reattach of the GET stream meets it too ("get_stream_lost", healed only when the same
+        expiry rule matches). Either may heal first.
+        """
+        reasons = set(self.heal_reasons())
+        return bool(reasons) and reasons <= {expiry, "get_stream_lost"}
+
 
 class ProxyFactory(Protocol):
     """Starts a proxy process in front of ``upstream_url``; ``memory_state`` keeps its sessions in memory."""

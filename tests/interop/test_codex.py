@@ -35,7 +35,7 @@ async def test_codex_second_tool_call_reaches_model_through_proxy(
     assert FINAL_MESSAGE in run.stdout, run.explain()
     assert run.returncode == 0, run.explain()
     assert run.tool_statuses() == ["completed", "completed"], run.explain()
-    assert proxy.heal_reasons()[:1] == ["http_404"], proxy.log()
+    assert proxy.healed_on("http_404"), proxy.log()
 
 
 async def test_codex_second_tool_call_fails_without_proxy(
@@ -63,7 +63,7 @@ async def test_codex_survives_server_everything_restart_through_proxy(
     assert second is not None, run.explain()
     assert f"Echo: {SECOND_TEXT}" in second, run.explain() + "\n--- proxy log:\n" + proxy.log()[-6000:]
     assert run.tool_statuses() == ["completed", "completed"], run.explain()
-    assert proxy.heal_reasons()[:1] == ["http_400"], proxy.log()
+    assert proxy.healed_on("http_400"), proxy.log()
 
 
 async def test_codex_fails_after_server_everything_restart_without_proxy(

@@ -44,7 +44,7 @@ async def test_python_client_survives_idle_ttl_through_proxy(
 ) -> None:
     proxy = await proxy_process(ttl_server.url)
     assert await python_echo_twice(proxy.url, ttl_server) == "after", proxy.log()
-    assert proxy.heal_reasons()[:1] == ["http_404"], proxy.log()
+    assert proxy.healed_on("http_404"), proxy.log()
 
 
 async def test_python_client_fails_after_idle_ttl_without_proxy(ttl_server: TtlServer) -> None:

@@ -48,7 +48,12 @@ def build_app(config: ProxyConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     metrics = Metrics()
     app[METRICS_KEY] = metrics
-    settings = ProxySettings(max_body_bytes=config.max_body_bytes, keepalive_interval=config.keepalive_interval)
+    settings = ProxySettings(
+        max_body_bytes=config.max_body_bytes,
+        keepalive_interval=config.keepalive_interval,
+        max_sessions=config.max_sessions,
+        max_streams_per_session=config.max_streams_per_session,
+    )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         store = await open_store(config.state)

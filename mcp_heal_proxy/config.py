@@ -100,6 +100,10 @@ class ProxyConfig:
     token: str | None = None
     # On SIGTERM: stop accepting, give open streams this long to finish, then end them.
     shutdown_grace: float = 10.0
+    # Bounded resources: the least recently used session is forgotten to make room for a new one,
+    # and one session may hold this many streaming answers (GET streams and SSE answers) at once.
+    max_sessions: int = 10_000
+    max_streams_per_session: int = 256
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
         """The URL a client puts in its config for one upstream."""
@@ -141,6 +145,8 @@ _SERVER_KEYS: Final = {
     "keepalive_interval": (int, float),
     "token": str,
     "shutdown_grace": (int, float),
+    "max_sessions": int,
+    "max_streams_per_session": int,
 }
 _UPSTREAM_KEYS: Final = {
     "url": str,

@@ -88,3 +88,10 @@ class StoreUnavailable(ProxyError):
 
     http_status = 503
     code = -32005
+
+
+class TooManyStreams(ProxyError):
+    """A session already holds the configured number of streaming answers."""
+
+    http_status = 429
+    code = -32006

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -25,6 +25,7 @@ from mcp_heal_proxy.errors import (
     BodyTooLarge,
     InvalidRequest,
     ProxyError,
+    TooManyStreams,
     UnknownSession,
     UnsupportedMediaType,
     UpstreamUnavailable,
@@ -66,6 +67,34 @@ class ProxySettings:
 
     max_body_bytes: int
     keepalive_interval: float
+    max_sessions: int = 10_000
+    max_streams_per_session: int = 256
+
+
+class StreamSlots:
+    """Counts the requests each session has in flight, to bound what one client can hold open."""
+
+    __slots__ = ("_in_use", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._in_use: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def slot(self, client_session_id: str) -> Iterator[None]:
+        """Hold one of the session's slots for the duration of a request."""
+        held = self._in_use.get(client_session_id, 0)
+        if held >= self._limit:
+            raise TooManyStreams(f"this session already has {held} requests in flight")
+        self._in_use[client_session_id] = held + 1
+        try:
+            yield
+        finally:
+            left = self._in_use[client_session_id] - 1
+            if left:
+                self._in_use[client_session_id] = left
+            else:
+                del self._in_use[client_session_id]
 
 
 def error_response(exc: ProxyError, body: PostBody | None) -> web.Response:
@@ -105,6 +134,7 @@ class Proxy:
         activity: SessionActivity,
     ) -> None:
         self._activity = activity
+        self._slots = StreamSlots(settings.max_streams_per_session)
         # Open GET streams' upstream responses, so that shutdown can end them cleanly.
         self._server_streams: set[aiohttp.ClientResponse] = set()
         self._closing = False
@@ -144,6 +174,13 @@ class Proxy:
             upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
             return await self._relay(request, upstream, None, tracker=self._tracker(upstream, body))
         record = await self._record(client_session_id)
+        with self._slots.slot(client_session_id):
+            return await self._post_on_session(request, body, record, outcome)
+
+    async def _post_on_session(
+        self, request: web.Request, body: PostBody, record: SessionRecord, outcome: _Outcome
+    ) -> web.StreamResponse:
+        client_session_id = record.client_session_id
         upstream = await self._send("POST", self._headers(request, record), body.raw)
         expired, prefetched = await self._check_expiry(upstream)
         if not expired:
@@ -169,6 +206,10 @@ class Proxy:
         """Forward an initialize without any session id; map the session the upstream opens."""
         init = body.initialize
         assert init is not None
+        excess = len(self._store) - self._settings.max_sessions + 1
+        if excess > 0:
+            evicted = await self._store.evict_oldest(excess)
+            log.info("session.evicted", upstream=self._name, count=evicted, max_sessions=self._settings.max_sessions)
         upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
         upstream_session_id = upstream.headers.get(MCP_SESSION_ID)
         if upstream.status != 200 or not upstream_session_id:
@@ -224,9 +265,18 @@ class Proxy:
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         """Open the server-to-client SSE stream of a session, and keep it open across heals."""
         started = time.perf_counter()
-        outcome = _Outcome()
         try:
             record = await self._record(self._required_session_id(request))
+            with self._slots.slot(record.client_session_id):
+                return await self._get_on_session(request, record, started)
+        except ProxyError as exc:
+            refused = error_response(exc, None)
+            self._finish("GET", refused.status, started, request, _Outcome())
+            return refused
+
+    async def _get_on_session(self, request: web.Request, record: SessionRecord, started: float) -> web.StreamResponse:
+        outcome = _Outcome()
+        try:
             upstream = await self._send("GET", self._headers(request, record), stream=True)
             expired, prefetched = await self._check_expiry(upstream)
             if expired:

@@ -7,10 +7,11 @@ point it at a new upstream session after a heal while the client keeps using the
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
@@ -87,6 +88,9 @@ class SessionStore(Protocol):
     async def forget_idle(self, unused_since: float) -> int:
         """Forget sessions not used since this time; return how many."""
 
+    async def evict_oldest(self, count: int) -> int:
+        """Forget the ``count`` least recently used sessions (the session limit); return how many."""
+
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """Held while healing this session generation; in-process stores need no lock."""
 
@@ -111,6 +115,11 @@ def record_from_json(text: str | bytes) -> SessionRecord:
     data = {key: value for key, value in data.items() if key in known}
     data["subscriptions"] = frozenset(data.get("subscriptions", ()))
     return SessionRecord(**data)
+
+
+def least_recently_used(records: Iterable[SessionRecord], count: int) -> list[str]:
+    """Client session ids of the ``count`` records used least recently."""
+    return [record.client_session_id for record in heapq.nsmallest(count, records, key=lambda r: r.last_used)]
 
 
 class MemorySessionStore:
@@ -144,6 +153,13 @@ class MemorySessionStore:
         for client_session_id in idle:
             del self._records[client_session_id]
         return len(idle)
+
+    async def evict_oldest(self, count: int) -> int:
+        """See SessionStore.evict_oldest."""
+        oldest = least_recently_used(self._records.values(), count)
+        for client_session_id in oldest:
+            del self._records[client_session_id]
+        return len(oldest)
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """One process: the Healer's own single-flight is enough."""

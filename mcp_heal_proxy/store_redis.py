@@ -242,6 +242,14 @@ class RedisSessionStore:
                 if int(removed) < _FORGET_BATCH:
                     return forgotten
 
+    async def evict_oldest(self, count: int) -> int:
+        """See SessionStore.evict_oldest: the oldest by the shared last-used set, whichever replica made them."""
+        with _redis_errors("evict_oldest"):
+            oldest = await self._redis.zrange(self._last_used_key, 0, count - 1)
+        for member in oldest:
+            await self.delete(member.decode() if isinstance(member, bytes) else str(member))
+        return len(oldest)
+
     def _remember(self, record: SessionRecord) -> None:
         if self._cache_ttl <= 0:
             return

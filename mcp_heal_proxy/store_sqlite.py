@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.sessions import SessionRecord, record_from_json, record_to_json
+from mcp_heal_proxy.sessions import SessionRecord, least_recently_used, record_from_json, record_to_json
 
 T = TypeVar("T")
 
@@ -125,7 +125,13 @@ class SQLiteSessionStore:
 
     async def forget_idle(self, unused_since: float) -> int:
         """See SessionStore.forget_idle."""
-        idle = [cid for cid, record in self._records.items() if record.last_used < unused_since]
+        return await self._forget([cid for cid, record in self._records.items() if record.last_used < unused_since])
+
+    async def evict_oldest(self, count: int) -> int:
+        """See SessionStore.evict_oldest."""
+        return await self._forget(least_recently_used(self._records.values(), count))
+
+    async def _forget(self, idle: list[str]) -> int:
         if not idle:
             return 0
 

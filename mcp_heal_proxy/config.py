@@ -63,6 +63,9 @@ class UpstreamConfig:
     # Injected into every upstream request (e.g. an Authorization bearer token); values are secrets.
     headers: Mapping[str, str] = field(default_factory=dict)
     connect_timeout: float = 10.0
+    # How long to keep retrying while the upstream refuses connections (a restart or deploy in
+    # progress). Safe: a refused connection carried no request.
+    connect_retry: float = 5.0
     # The longest silence allowed on a POST answer (a tool may think for minutes).
     read_timeout: float = 300.0
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
@@ -153,6 +156,7 @@ _UPSTREAM_KEYS: Final = {
     "path": str,
     "headers": dict,
     "connect_timeout": (int, float),
+    "connect_retry": (int, float),
     "read_timeout": (int, float),
     "stream_idle_timeout": (int, float),
     "pool_size": int,
@@ -211,6 +215,10 @@ def _upstream_from_table(
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {where}.headers.{header} must be a string")
     options["headers"] = {h: expand_env(v, f"{where}.headers.{h}", source, environ) for h, v in headers.items()}
+    if "connect_retry" in table:
+        if table["connect_retry"] < 0:
+            raise ConfigError(f"{source}: {where}.connect_retry must not be negative")
+        options["connect_retry"] = float(table["connect_retry"])
     for key in ("connect_timeout", "read_timeout", "stream_idle_timeout"):
         if key in table:
             if table[key] <= 0:

@@ -7,6 +7,8 @@ behind the same method without the handlers noticing.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
 from typing import Final
 
@@ -17,6 +19,9 @@ from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 # Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
 INSPECT_LIMIT: Final = 256 * 1024
+# Backoff between connection attempts while the upstream refuses connections (see connect_retry).
+_FIRST_RETRY_DELAY: Final = 0.05
+_MAX_RETRY_DELAY: Final = 1.0
 
 
 class Upstream:
@@ -50,19 +55,25 @@ class Upstream:
         """Send a request and return the response once its headers arrived; the caller releases it."""
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
-        try:
-            return await self._client.request(
-                method,
-                self.config.url,
-                headers=headers,
-                data=body,
-                timeout=self._stream_timeout if stream else self._post_timeout,
-                allow_redirects=False,
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+        timeout = self._stream_timeout if stream else self._post_timeout
+        give_up = time.monotonic() + self.config.connect_retry
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            try:
+                return await self._client.request(
+                    method, self.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                )
+            except aiohttp.ClientConnectorError as exc:
+                # Nothing reached the upstream, so trying again cannot run anything twice; a restart
+                # or deploy usually refuses connections for a moment only.
+                if time.monotonic() + delay > give_up:
+                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:

@@ -292,7 +292,7 @@ async def test_unreachable_upstream_gives_502_with_the_request_id(
 ) -> None:
     from tests.conftest import free_port
 
-    proxy = await start_proxy(f"http://127.0.0.1:{free_port()}/mcp")
+    proxy = await start_proxy(f"http://127.0.0.1:{free_port()}/mcp", connect_retry=0.3)
     body = {"jsonrpc": "2.0", "id": 77, "method": "initialize", "params": {}}
     async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
         assert response.status == 502

@@ -87,7 +87,7 @@ async def test_concurrent_calls_on_an_expired_session_share_one_reinitialize(
 async def test_upstream_down_during_heal_gives_an_error_not_a_hang(
     upstream: UpstreamProcess, start_proxy: ProxyFactory
 ) -> None:
-    proxy = await start_proxy(upstream.url)
+    proxy = await start_proxy(upstream.url, connect_retry=0.5)
     async with mcp_session(proxy.url) as session:
         assert text_of(await session.call_tool("echo", {"text": "warm"})) == "warm"
         await upstream.stop()
@@ -132,3 +132,17 @@ async def test_tool_call_survives_idle_ttl_expiry(start_proxy: ProxyFactory) -> 
         assert healed.upstream_session_id != record.upstream_session_id
     finally:
         await upstream.stop()
+
+
+async def test_a_restart_gap_is_bridged_without_an_error(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url, connect_retry=30)
+    async with mcp_session(proxy.url) as session, asyncio.TaskGroup() as tasks:
+        assert text_of(await session.call_tool("echo", {"text": "before"})) == "before"
+        await sse_upstream.stop()
+        # The call leaves while nothing listens: the proxy keeps knocking until the new process is up.
+        during = tasks.create_task(session.call_tool("echo", {"text": "during the restart"}))
+        await sse_upstream.start()
+        async with asyncio.timeout(30):
+            assert text_of(await during) == "during the restart"

@@ -87,4 +87,5 @@ async def test_codex_fails_after_idle_ttl_without_proxy(
     second = run.output_of(SECOND_CALL_ID)
     assert second is not None, run.explain()
     assert SECOND_TEXT not in second, run.explain()
+    assert "error decoding response body" in second, run.explain()
     assert run.tool_statuses() == ["completed", "failed"], run.explain()

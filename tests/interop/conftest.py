@@ -19,7 +19,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import aiohttp
 import pytest
@@ -35,7 +35,7 @@ STOP_TIMEOUT = 10.0
 _URL_LINE = re.compile(r'url = "(http://[^"]+)"')
 
 
-def missing_prerequisite(reason: str) -> None:
+def missing_prerequisite(reason: str) -> NoReturn:
     """Skip the test on a developer machine without the installs; fail it in CI."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: the interop suite must run; see .ci/run)")
@@ -60,7 +60,6 @@ def node_env() -> NodeEnv:
     node = shutil.which("node")
     if node is None:
         missing_prerequisite("node is not on PATH")
-    assert node is not None
     if not (NODE_MODULES / "@modelcontextprotocol" / "sdk").is_dir():
         missing_prerequisite(f"npm packages not installed in {NODE_MODULES}")
     return NodeEnv(node=node, modules=NODE_MODULES)

@@ -59,6 +59,16 @@ class AnswerTracker:
                     found[request_id] = message
         return found
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the upstream numbered its events, so that a client can resume the stream by GET with
+        Last-Event-ID (the spec's way to finish an answer after the stream closed early)."""
+        return self._parser is not None and self._parser.last_event_id is not None
+
+    def may_be_unanswered(self) -> bool:
+        """Cheap check first: with at least one possible response per request, assume all answered."""
+        return len(self._candidates) < len(self._request_ids) if self._parser is not None else True
+
     def unanswered(self) -> list[RequestId]:
         """Tracked request ids with no response seen yet."""
         answered = self.answers()

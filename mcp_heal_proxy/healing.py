@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
-from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession
+from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession, UpstreamTimeout, UpstreamUnavailable
 from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
@@ -85,9 +85,18 @@ def _answer_from_json(payload: object, request_id: str) -> Mapping[str, Any] | N
 async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapping[str, Any]:
     """Read the JSON-RPC answer to ``request_id`` from a JSON or SSE upstream response."""
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith("text/event-stream"):
-        parser = SSEParser()
-        seen = 0
+    if not content_type.startswith("text/event-stream"):
+        body = await read_capped(response)
+        try:
+            answer = _answer_from_json(json.loads(body), request_id)
+        except ValueError as exc:
+            raise HealFailed("upstream answered the re-initialize with invalid JSON") from exc
+        if answer is None:
+            raise HealFailed("upstream sent no answer to the re-initialize")
+        return answer
+    parser = SSEParser()
+    seen = 0
+    try:
         async for chunk in response.content.iter_any():
             seen += len(chunk)
             if seen > INSPECT_LIMIT:
@@ -101,15 +110,11 @@ async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapp
                     continue
                 if answer is not None:
                     return answer
-        raise HealFailed("upstream sent no answer to the re-initialize")
-    body = await read_capped(response)
-    try:
-        answer = _answer_from_json(json.loads(body), request_id)
-    except ValueError as exc:
-        raise HealFailed("upstream answered the re-initialize with invalid JSON") from exc
-    if answer is None:
-        raise HealFailed("upstream sent no answer to the re-initialize")
-    return answer
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("upstream MCP server stopped answering the re-initialize") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"upstream MCP server broke the re-initialize: {type(exc).__name__}") from exc
+    raise HealFailed("upstream sent no answer to the re-initialize")
 
 
 class Healer:
@@ -161,7 +166,7 @@ class Healer:
     async def _heal_locked(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
         started = time.perf_counter()
         try:
-            upstream_session_id, protocol_version = await self._reinitialize(record, client_headers)
+            upstream_session_id, protocol_version = await self._reinitialize_patiently(record, client_headers)
         except ProxyError as exc:
             duration = time.perf_counter() - started
             self._metrics.heals.labels(self._name, reason, "failed").inc()
@@ -202,6 +207,25 @@ class Healer:
         )
         return healed
 
+    async def _reinitialize_patiently(
+        self, record: SessionRecord, client_headers: dict[str, str]
+    ) -> tuple[str, str | None]:
+        """Re-initialize, trying again while the upstream breaks connections (it is restarting).
+
+        A re-initialize only opens a session (at worst an orphan the upstream will expire), so trying
+        again is safe; the attempts stop after the upstream's connect_retry window.
+        """
+        give_up = time.monotonic() + self._upstream.config.connect_retry
+        delay = 0.05
+        while True:
+            try:
+                return await self._reinitialize(record, client_headers)
+            except UpstreamUnavailable:
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def _reinitialize(self, record: SessionRecord, client_headers: dict[str, str]) -> tuple[str, str | None]:
         """Steps 2 and 3: initialize without a session id, then notifications/initialized."""
         base = upstream_request_headers(client_headers, None, drop=(MCP_PROTOCOL_VERSION, LAST_EVENT_ID))
@@ -213,7 +237,7 @@ class Healer:
             "method": INITIALIZE,
             "params": record.initialize_params,
         }
-        response = await self._upstream.send("POST", base, json.dumps(initialize).encode())
+        response = await self._upstream.send("POST", base, json.dumps(initialize).encode(), resendable=True)
         try:
             if response.status != 200:
                 raise HealFailed(f"upstream answered {response.status} to the re-initialize")
@@ -235,7 +259,7 @@ class Healer:
         if protocol_version is not None:
             headers[MCP_PROTOCOL_VERSION] = protocol_version
         notification = json.dumps({"jsonrpc": "2.0", "method": INITIALIZED}).encode()
-        response = await self._upstream.send("POST", headers, notification)
+        response = await self._upstream.send("POST", headers, notification, resendable=True)
         try:
             if not 200 <= response.status < 300:
                 raise HealFailed(f"upstream answered {response.status} to notifications/initialized")
@@ -249,7 +273,7 @@ class Healer:
         for method, params in state_requests(record):
             request_id = f"mcp-heal-proxy-{next(self._ids)}"
             message = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-            response = await self._upstream.send("POST", headers, message.encode())
+            response = await self._upstream.send("POST", headers, message.encode(), resendable=True)
             try:
                 answer = await read_answer(response, request_id) if response.status == 200 else None
             finally:

@@ -161,6 +161,10 @@ class Proxy:
             response = await self._post(request, body, outcome)
         except ProxyError as exc:
             response = error_response(exc, body)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # A failure no branch above foresaw: still answer with the request's id, and say so in the log.
+            log.exception("request.unexpected_error", upstream=self._name, error=type(exc).__name__)
+            response = error_response(UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), body)
         method = body.method_label if body is not None else "invalid"
         self._finish(method, response.status, started, request, outcome)
         return response
@@ -393,7 +397,8 @@ class Proxy:
         self, method: str, headers: dict[str, str], body: bytes | None = None, *, stream: bool = False
     ) -> aiohttp.ClientResponse:
         started = time.perf_counter()
-        response = await self._upstream.send(method, headers, body, stream=stream)
+        # GET and DELETE cannot run a tool: they may be resent over a connection that broke unanswered.
+        response = await self._upstream.send(method, headers, body, stream=stream, resendable=method != "POST")
         self._metrics.upstream_latency.labels(self._name).observe(time.perf_counter() - started)
         return response
 
@@ -472,7 +477,13 @@ class Proxy:
                         clean_end = await self._pump_sse(upstream, response, observe)
                     else:
                         clean_end = await self._pump(upstream, response, observe)
-                    if not clean_end and tracker is not None and is_sse:
+                    if (
+                        is_sse
+                        and tracker is not None
+                        and (not clean_end or not tracker.resumable)
+                        and tracker.may_be_unanswered()
+                    ):
+                        # Broken, or closed without the answer by a server the client cannot resume from.
                         await self._finish_broken_stream(response, tracker)
                     if reattach is None or not clean_end or self._closing:
                         break

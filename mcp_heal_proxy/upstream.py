@@ -50,9 +50,21 @@ class Upstream:
         self._injected_names = frozenset(name.lower() for name in config.headers) | stripped
 
     async def send(
-        self, method: str, headers: Mapping[str, str], body: bytes | None = None, *, stream: bool = False
+        self,
+        method: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        stream: bool = False,
+        resendable: bool = False,
     ) -> aiohttp.ClientResponse:
-        """Send a request and return the response once its headers arrived; the caller releases it."""
+        """Send a request and return the response once its headers arrived; the caller releases it.
+
+        Refused connections are retried for ``connect_retry`` seconds: nothing was sent. A connection
+        that breaks before any answer (a pooled keep-alive the restarting upstream just closed) is
+        retried only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run
+        a tool twice.
+        """
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
         timeout = self._stream_timeout if stream else self._post_timeout
@@ -63,10 +75,11 @@ class Upstream:
                 return await self._client.request(
                     method, self.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                 )
-            except aiohttp.ClientConnectorError as exc:
-                # Nothing reached the upstream, so trying again cannot run anything twice; a restart
-                # or deploy usually refuses connections for a moment only.
-                if time.monotonic() + delay > give_up:
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A refused connection carried nothing, so trying again cannot run anything twice; a
+                # restart or deploy usually refuses connections for a moment only.
+                retry = isinstance(exc, aiohttp.ClientConnectorError) or resendable
+                if not retry or time.monotonic() + delay > give_up:
                     raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_DELAY)

@@ -29,6 +29,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_heal_proxy.app import STORE_KEY, build_app
 from mcp_heal_proxy.config import single_upstream
 from mcp_heal_proxy.sessions import SessionRecord
+from tests.fake_upstream import FakeUpstream
 
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent
@@ -166,6 +167,21 @@ class RunningProxy:
 
 
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> tuple[FakeUpstream, str]:
+    """The fault-injecting fake upstream (tests/fake_upstream.py) and its MCP URL."""
+    upstream = FakeUpstream()
+    server = await aiohttp_server(upstream.app())
+    return upstream, str(server.make_url("/mcp"))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client for raw Streamable HTTP requests, every call bounded in time."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,12 +23,6 @@ async def proxy(aiohttp_server: AiohttpServer, start_proxy: ProxyFactory) -> tup
     server: TestServer = await aiohttp_server(upstream.app())
     running = await start_proxy(str(server.make_url("/mcp")), max_body_bytes=1024)
     return running, upstream
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
 
 
 async def still_serves(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mcp_heal_proxy.app import STORE_KEY
 from mcp_heal_proxy.errors import StoreUnavailable
@@ -20,19 +19,6 @@ from tests.conftest import MCP_HEADERS, ProxyFactory, raw_initialize, session_he
 from tests.fake_upstream import FakeUpstream
 
 AiohttpServer = Callable[..., Any]
-
-
-@pytest.fixture
-async def fake(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, str]:
-    upstream = FakeUpstream()
-    server: TestServer = await aiohttp_server(upstream.app())
-    return upstream, str(server.make_url("/mcp"))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, url: str, session_id: str, request_id: int = 1) -> tuple[int, Any]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 import structlog
-from aiohttp.test_utils import TestServer
 
 from mcp_heal_proxy.observability import Redactor, configure_logging
 from tests.conftest import ProxyFactory, raw_initialize, session_headers
@@ -29,19 +28,6 @@ def captured_logs() -> Iterator[io.StringIO]:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buffer))
     yield buffer
     structlog.reset_defaults()
-
-
-@pytest.fixture
-async def fake(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, str]:
-    upstream = FakeUpstream()
-    server: TestServer = await aiohttp_server(upstream.app())
-    return upstream, str(server.make_url("/mcp"))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
 
 
 def events(buffer: io.StringIO) -> list[dict[str, Any]]:

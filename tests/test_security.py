@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from mcp_heal_proxy.config import DEFAULT_HOST
 from mcp_heal_proxy.guards import origin_is_allowed
@@ -16,19 +15,6 @@ from tests.fake_upstream import FakeUpstream
 
 AiohttpServer = Callable[..., Any]
 TOKEN = "inbound-token-5c1d2e"
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, str]:
-    fake = FakeUpstream()
-    server: TestServer = await aiohttp_server(fake.app())
-    return fake, str(server.make_url("/mcp"))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
 
 
 def test_the_default_bind_is_loopback() -> None:
@@ -53,18 +39,18 @@ def test_origin_rules(origin: str, allowed: bool) -> None:
 
 
 async def test_a_foreign_origin_gets_403(
-    upstream: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
-    fake, url = upstream
+    upstream, url = fake
     proxy = await start_proxy(url)
     body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
     async with http.post(proxy.url, json=body, headers={**MCP_HEADERS, "Origin": "http://evil.example"}) as response:
         assert response.status == 403
         assert (await response.json())["error"]["message"] == "Origin not allowed"
-    assert fake.seen == []
+    assert upstream.seen == []
     async with http.post(proxy.url, json=body, headers={**MCP_HEADERS, "Origin": "http://localhost:5173"}) as response:
         assert response.status == 200
-    assert "Origin" not in fake.seen[-1].headers
+    assert "Origin" not in upstream.seen[-1].headers
 
 
 async def with_token(start_proxy: ProxyFactory, url: str) -> RunningProxy:
@@ -72,9 +58,9 @@ async def with_token(start_proxy: ProxyFactory, url: str) -> RunningProxy:
 
 
 async def test_the_inbound_token_is_required_and_not_forwarded(
-    upstream: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
-    fake, url = upstream
+    upstream, url = fake
     proxy = await with_token(start_proxy, url)
     body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
     for presented in (None, "Bearer wrong", f"Bearer {TOKEN}x", TOKEN):
@@ -83,7 +69,7 @@ async def test_the_inbound_token_is_required_and_not_forwarded(
             assert response.status == 401
             assert response.headers["WWW-Authenticate"] == "Bearer"
             assert TOKEN not in await response.text()
-    assert fake.seen == []
+    assert upstream.seen == []
     authorized = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
     async with authorized:
         session_id = await raw_initialize(authorized, proxy.url)
@@ -93,7 +79,7 @@ async def test_the_inbound_token_is_required_and_not_forwarded(
             assert response.status == 200
         async with authorized.get(proxy.url.replace("/mcp", "/metrics")) as response:
             assert response.status == 200
-    assert all("Authorization" not in seen.headers for seen in fake.seen)
+    assert all("Authorization" not in seen.headers for seen in upstream.seen)
     async with http.get(proxy.url.replace("/mcp", "/healthz")) as response:
         assert response.status == 200
     async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:

@@ -5,31 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream, not_found
 
 AiohttpServer = Callable[..., Any]
-
-
-@pytest.fixture
-async def fake(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, str]:
-    upstream = FakeUpstream()
-    server: TestServer = await aiohttp_server(upstream.app())
-    return upstream, str(server.make_url("/mcp"))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
 
 
 def request(request_id: int, method: str, **params: Any) -> dict[str, Any]:

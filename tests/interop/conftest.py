@@ -272,8 +272,8 @@ class ProxyProcess:
     async def restart(self) -> None:
         """A crash and a restart on the same port with the same session store: SIGKILL, then start.
 
-        SIGKILL, not SIGTERM: the store must survive a crash, and (as of this writing) a SIGTERM does not
-        stop the proxy while a client holds its GET stream open, so a graceful restart would just wait.
+        SIGKILL, not SIGTERM: a crash is the harder case; the session store must survive it without any
+        shutdown work.
         """
         if self.process is not None:
             await stop_process(self.process, signal.SIGKILL)

@@ -32,14 +32,16 @@ async def start_cli(*args: str) -> asyncio.subprocess.Process:
 async def serving() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     process = await start_cli("serve", "--upstream", "http://127.0.0.1:9/mcp", "--port", "0", "--log-format", "json")
     assert process.stdout is not None
-    async with asyncio.timeout(20):
-        banner = b"".join([await process.stdout.readline() for _ in range(3)])
-    match = re.search(rb'url = "(http://127\.0\.0\.1:\d+/mcp)"', banner)
-    assert match, banner
-    yield process, match.group(1).decode()
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
+    try:
+        async with asyncio.timeout(20):
+            banner = b"".join([await process.stdout.readline() for _ in range(3)])
+        match = re.search(rb'url = "(http://127\.0\.0\.1:\d+/mcp)"', banner)
+        assert match, banner
+        yield process, match.group(1).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_serve_prints_the_url_to_paste_and_answers_healthz(

@@ -103,13 +103,18 @@ async def start_proxy_process(upstream_url: str, state: Path) -> tuple[asyncio.s
     )
     assert process.stdout is not None
     match = None
-    async with asyncio.timeout(20):
-        while match is None:
-            line = await process.stdout.readline()
-            if not line:
-                break
-            match = re.search(rb'url = "([^"]+)"', line)
-    assert match is not None, "the proxy printed no URL"
+    try:
+        async with asyncio.timeout(20):
+            while match is None:
+                line = await process.stdout.readline()
+                if not line:
+                    break
+                match = re.search(rb'url = "([^"]+)"', line)
+        assert match is not None, "the proxy printed no URL"
+    except BaseException:
+        process.kill()  # never leave a proxy running behind a failed test
+        await process.wait()
+        raise
     return process, match.group(1).decode()
 
 

@@ -87,7 +87,11 @@ class UpstreamProcess:
         if self.idle_timeout is not None:
             command += ["--idle-timeout", str(self.idle_timeout)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await wait_until(self._answers, READY_TIMEOUT, "upstream ready")
+        try:
+            await wait_until(self._answers, READY_TIMEOUT, "upstream ready")
+        except BaseException:
+            await self.stop()
+            raise
 
     async def _answers(self) -> bool:
         assert self.process is not None

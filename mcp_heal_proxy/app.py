@@ -69,6 +69,8 @@ def build_app(config: ProxyConfig) -> web.Application:
             connector=aiohttp.TCPConnector(limit=sum(u.pool_size for u in config.upstreams)),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            # The proxy is not a browser: cookies pass through as headers, never stored or merged.
+            cookie_jar=aiohttp.DummyCookieJar(),
         ) as client:
             for upstream_config in config.upstreams:
                 upstream = Upstream(upstream_config, client, strip_client_authorization=config.token is not None)

@@ -28,6 +28,7 @@ from mcp_heal_proxy.errors import (
     TooManyStreams,
     UnknownSession,
     UnsupportedMediaType,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from mcp_heal_proxy.headers import (
@@ -57,6 +58,8 @@ _GET_REFUSED: Final = frozenset({405, 409})
 # so that a client whose upstream is gone for good sees its stream end and can decide for itself.
 _REATTACH_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 8.0, 8.0, 8.0)
 _KEEPALIVE: Final = encode_comment("keep-alive")
+# Non-SSE answers up to this size are relayed whole (one write); larger ones stream chunk by chunk.
+_WHOLE_ANSWER_LIMIT: Final = 1024 * 1024
 _EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
 
@@ -292,7 +295,10 @@ class Proxy:
             response: web.StreamResponse = error_response(exc, None)
         else:
             if upstream.status != 200:
-                response = await self._relay(request, upstream, record.client_session_id, prefetched)
+                try:
+                    response = await self._relay(request, upstream, record.client_session_id, prefetched)
+                except ProxyError as exc:
+                    response = error_response(exc, None)
             else:
                 response = await self._relay(
                     request,
@@ -453,6 +459,11 @@ class Proxy:
         """
         observe = tracker.feed if tracker is not None else None
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        length = upstream.content_length
+        if not is_sse and length is not None and length <= _WHOLE_ANSWER_LIMIT:
+            # A JSON answer of known length is one message, not a stream: send headers and body in one
+            # write. Streaming it cost a write per chunk plus chunked framing (a quarter of the time).
+            return await self._relay_whole(upstream, client_session_id, prefetched, observe)
         streams = self._metrics.open_streams.labels(self._name)
         try:
             response = web.StreamResponse(
@@ -501,6 +512,32 @@ class Proxy:
             return response
         finally:
             upstream.release()
+
+    async def _relay_whole(
+        self,
+        upstream: aiohttp.ClientResponse,
+        client_session_id: str | None,
+        prefetched: bytes,
+        observe: Callable[[bytes], None] | None,
+    ) -> web.Response:
+        """Relay a complete answer of known, bounded length as one response."""
+        try:
+            body = prefetched + await upstream.content.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("upstream MCP server stopped answering mid-body") from exc
+        except aiohttp.ClientError as exc:
+            # Nothing was sent to the client yet, so it still gets a proper error with its request's id.
+            raise UpstreamUnavailable(f"upstream MCP server broke its answer: {type(exc).__name__}") from exc
+        finally:
+            upstream.release()
+        if observe is not None:
+            observe(body)
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream.headers, client_session_id),
+            body=body,
+        )
 
     async def _finish_broken_stream(self, response: web.StreamResponse, tracker: AnswerTracker) -> None:
         """End a stream the upstream broke with an error event for every request still unanswered."""

@@ -179,6 +179,7 @@ class Proxy:
         if client_session_id is None:
             # No session: a 2026-07-28 stateless request, or a mistake the upstream will explain.
             upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
+            self._refuse_garbage(upstream, body)
             return await self._relay(request, upstream, None, tracker=self._tracker(upstream, body))
         record = await self._record(client_session_id)
         with self._slots.slot(client_session_id):
@@ -191,6 +192,7 @@ class Proxy:
         upstream = await self._send("POST", self._headers(request, record), body.raw)
         expired, prefetched = await self._check_expiry(upstream)
         if not expired:
+            self._refuse_garbage(upstream, body)
             if upstream.status < 300:
                 await self._remember_state(record, body)
             return await self._relay(
@@ -205,6 +207,7 @@ class Proxy:
         if refused:
             raise _NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
         upstream = await self._send("POST", self._headers(request, record), body.raw)
+        self._refuse_garbage(upstream, body)
         if upstream.status < 300:
             await self._remember_state(record, body)
         return await self._relay(request, upstream, client_session_id, tracker=self._tracker(upstream, body))
@@ -218,6 +221,7 @@ class Proxy:
             evicted = await self._store.evict_oldest(excess)
             log.info("session.evicted", upstream=self._name, count=evicted, max_sessions=self._settings.max_sessions)
         upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
+        self._refuse_garbage(upstream, body)
         upstream_session_id = upstream.headers.get(MCP_SESSION_ID)
         if upstream.status != 200 or not upstream_session_id:
             # A refused initialize, or a server without sessions: nothing to map.
@@ -243,6 +247,20 @@ class Proxy:
         if version is not None:
             await self._store.put(replace(record, protocol_version=version, upstream_protocol_version=version))
         return response
+
+    @staticmethod
+    def _refuse_garbage(upstream: aiohttp.ClientResponse, body: PostBody) -> None:
+        """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive
+        portal or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
+        if not body.request_ids or not 200 <= upstream.status < 300 or upstream.status == 202:
+            return
+        content_type = upstream.headers.get("Content-Type", "")
+        if content_type.startswith(("application/json", "text/event-stream")):
+            return
+        upstream.release()
+        raise UpstreamUnavailable(
+            f"upstream MCP server answered {upstream.status} with {content_type or 'no content type'}"
+        )
 
     @staticmethod
     def _tracker(upstream: aiohttp.ClientResponse, body: PostBody) -> AnswerTracker | None:

@@ -97,3 +97,18 @@ async def test_help_shows_examples() -> None:
     assert b"examples:" in stdout
     assert b"mcp-heal-proxy serve --upstream" in stdout
     assert b'url = "http://127.0.0.1:8787/mcp"' in stdout
+
+
+async def test_binding_beyond_localhost_without_a_token_logs_a_warning() -> None:
+    # 127.0.0.2 is still loopback (nothing leaves the machine) but not one of the local names.
+    process = await start_cli(
+        "serve", "--upstream", "http://127.0.0.1:9/mcp", "--host", "127.0.0.2", "--port", "0", "--log-format", "json"
+    )
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            while b"proxy.exposed_without_token" not in (line := await process.stderr.readline()):
+                assert line, "the proxy exited without the warning"
+    finally:
+        process.kill()
+        await process.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -350,3 +351,33 @@ async def test_an_sse_answer_that_completes_gets_no_extra_error(
         text = await response.text()
     assert text.count("data: ") == 1
     assert '"result"' in text
+
+
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 15\r\n\r\n<html>hi</html>", 502),
+        (b"this is not HTTP at all\r\n\r\n", 502),
+        (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"jsonrpc"', 502),
+    ],
+    ids=["html-page", "not-http", "truncated-json"],
+)
+async def test_garbage_from_the_upstream_becomes_a_jsonrpc_error(
+    start_proxy: ProxyFactory, http: aiohttp.ClientSession, reply: bytes, status: int
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        proxy = await start_proxy(f"http://127.0.0.1:{port}/mcp", connect_retry=0)
+        body = {"jsonrpc": "2.0", "id": 99, "method": "initialize", "params": {}}
+        async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
+            assert response.status == status
+            answer_body = await response.json()
+        assert answer_body["id"] == 99
+        assert answer_body["error"]["code"] == -32002

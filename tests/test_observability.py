@@ -24,7 +24,7 @@ CLIENT_TOKEN = "client-bearer-token-0815"
 def captured_logs() -> Iterator[io.StringIO]:
     """Route the proxy's JSON logs into a buffer (restoring the test default afterwards)."""
     buffer = io.StringIO()
-    configure_logging("json", "debug", secrets=[INJECTED_TOKEN])
+    configure_logging("json", "debug", secrets=[INJECTED_TOKEN], cache=False)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buffer))
     yield buffer
     structlog.reset_defaults()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -28,13 +27,11 @@ from mcp_heal_proxy.errors import (
     TooManyStreams,
     UnknownSession,
     UnsupportedMediaType,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from mcp_heal_proxy.headers import (
     LAST_EVENT_ID,
     MCP_SESSION_ID,
-    client_response_headers,
     is_valid_session_id,
     upstream_request_headers,
 )
@@ -42,8 +39,8 @@ from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.housekeeping import SessionActivity
 from mcp_heal_proxy.jsonrpc import PostBody
 from mcp_heal_proxy.observability import Metrics, method_label
+from mcp_heal_proxy.relay import Relay
 from mcp_heal_proxy.sessions import SessionRecord, SessionStore, new_client_session_id
-from mcp_heal_proxy.sse import Event, encode_comment, encode_event
 from mcp_heal_proxy.state import record_state_change
 from mcp_heal_proxy.upstream import Upstream, read_capped
 
@@ -57,11 +54,6 @@ _GET_REFUSED: Final = frozenset({405, 409})
 # Reattaching a client's GET stream after the upstream dropped it: back off, and give up after a while
 # so that a client whose upstream is gone for good sees its stream end and can decide for itself.
 _REATTACH_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 8.0, 8.0, 8.0)
-_KEEPALIVE: Final = encode_comment("keep-alive")
-# Non-SSE answers up to this size are relayed whole (one write); larger ones stream chunk by chunk.
-_WHOLE_ANSWER_LIMIT: Final = 1024 * 1024
-_EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
-_BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +130,7 @@ class Proxy:
     ) -> None:
         self._activity = activity
         self._slots = StreamSlots(settings.max_streams_per_session)
-        # Open GET streams' upstream responses, so that shutdown can end them cleanly.
-        self._server_streams: set[aiohttp.ClientResponse] = set()
-        self._closing = False
+        self._relay = Relay(upstream.config.name, settings.keepalive_interval, metrics.open_streams)
         self._upstream = upstream
         self._config = upstream.config
         self._name = upstream.config.name
@@ -180,7 +170,7 @@ class Proxy:
             # No session: a 2026-07-28 stateless request, or a mistake the upstream will explain.
             upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
             self._refuse_garbage(upstream, body)
-            return await self._relay(request, upstream, None, tracker=self._tracker(upstream, body))
+            return await self._relay.relay(request, upstream, None, tracker=self._tracker(upstream, body))
         record = await self._record(client_session_id)
         with self._slots.slot(client_session_id):
             return await self._post_on_session(request, body, record, outcome)
@@ -195,7 +185,7 @@ class Proxy:
             self._refuse_garbage(upstream, body)
             if upstream.status < 300:
                 await self._remember_state(record, body)
-            return await self._relay(
+            return await self._relay.relay(
                 request, upstream, client_session_id, prefetched, tracker=self._tracker(upstream, body)
             )
         if body.belongs_to_dead_session:
@@ -210,7 +200,7 @@ class Proxy:
         self._refuse_garbage(upstream, body)
         if upstream.status < 300:
             await self._remember_state(record, body)
-        return await self._relay(request, upstream, client_session_id, tracker=self._tracker(upstream, body))
+        return await self._relay.relay(request, upstream, client_session_id, tracker=self._tracker(upstream, body))
 
     async def _initialize(self, request: web.Request, body: PostBody) -> web.StreamResponse:
         """Forward an initialize without any session id; map the session the upstream opens."""
@@ -225,7 +215,7 @@ class Proxy:
         upstream_session_id = upstream.headers.get(MCP_SESSION_ID)
         if upstream.status != 200 or not upstream_session_id:
             # A refused initialize, or a server without sessions: nothing to map.
-            return await self._relay(request, upstream, None)
+            return await self._relay.relay(request, upstream, None)
         if not is_valid_session_id(upstream_session_id):
             upstream.release()
             raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
@@ -242,7 +232,7 @@ class Proxy:
             upstream.release()
             raise
         tracker = AnswerTracker((init.id,), upstream.headers.get("Content-Type", ""))
-        response = await self._relay(request, upstream, record.client_session_id, tracker=tracker)
+        response = await self._relay.relay(request, upstream, record.client_session_id, tracker=tracker)
         version = tracker.protocol_version(init.id)
         if version is not None:
             await self._store.put(replace(record, protocol_version=version, upstream_protocol_version=version))
@@ -276,14 +266,8 @@ class Proxy:
             await self._store.put(updated)
 
     def end_server_streams(self) -> None:
-        """Shutdown: end every GET stream cleanly now, so clients reconnect to the next proxy.
-
-        GET streams carry server-initiated messages and never finish by themselves; POST answers (tool
-        calls in flight) are left to finish within the shutdown grace period.
-        """
-        self._closing = True
-        for upstream in list(self._server_streams):
-            upstream.close()
+        """Shutdown: end GET streams cleanly now (see Relay.end_server_streams)."""
+        self._relay.end_server_streams()
 
     # --- GET and DELETE ---------------------------------------------------------------------------
 
@@ -314,11 +298,11 @@ class Proxy:
         else:
             if upstream.status != 200:
                 try:
-                    response = await self._relay(request, upstream, record.client_session_id, prefetched)
+                    response = await self._relay.relay(request, upstream, record.client_session_id, prefetched)
                 except ProxyError as exc:
                     response = error_response(exc, None)
             else:
-                response = await self._relay(
+                response = await self._relay.relay(
                     request,
                     upstream,
                     record.client_session_id,
@@ -458,164 +442,6 @@ class Proxy:
             upstream.release()
             return True, b""
         return False, body
-
-    async def _relay(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        client_session_id: str | None,
-        prefetched: bytes = b"",
-        *,
-        tracker: AnswerTracker | None = None,
-        reattach: Callable[[], Awaitable[aiohttp.ClientResponse | None]] | None = None,
-    ) -> web.StreamResponse:
-        """Stream an upstream answer to the client as it arrives, with the client's session id.
-
-        ``tracker`` watches the answer for responses: if the upstream breaks the stream first, each
-        unanswered request gets a JSON-RPC error event (it is not replayed: the tool may have run).
-        ``reattach`` opens a new upstream stream when a GET stream ends while the client still listens.
-        """
-        observe = tracker.feed if tracker is not None else None
-        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        length = upstream.content_length
-        if not is_sse and length is not None and length <= _WHOLE_ANSWER_LIMIT:
-            # A JSON answer of known length is one message, not a stream: send headers and body in one
-            # write. Streaming it cost a write per chunk plus chunked framing (a quarter of the time).
-            return await self._relay_whole(upstream, client_session_id, prefetched, observe)
-        streams = self._metrics.open_streams.labels(self._name)
-        try:
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(upstream.headers, client_session_id),
-            )
-            if is_sse:
-                # Tell any buffering proxy in front of us (nginx) to pass events through at once.
-                response.headers["X-Accel-Buffering"] = "no"
-            await response.prepare(request)
-            if prefetched:
-                await response.write(prefetched)
-                if observe is not None:
-                    observe(prefetched)
-            streams.inc()
-            if reattach is not None:
-                self._server_streams.add(upstream)
-            try:
-                while True:
-                    if is_sse:
-                        clean_end = await self._pump_sse(upstream, response, observe)
-                    else:
-                        clean_end = await self._pump(upstream, response, observe)
-                    if (
-                        is_sse
-                        and tracker is not None
-                        and (not clean_end or not tracker.resumable)
-                        and tracker.may_be_unanswered()
-                    ):
-                        # Broken, or closed without the answer by a server the client cannot resume from.
-                        await self._finish_broken_stream(response, tracker)
-                    if reattach is None or not clean_end or self._closing:
-                        break
-                    self._server_streams.discard(upstream)
-                    upstream.release()
-                    next_upstream = await reattach()
-                    if next_upstream is None:
-                        break
-                    upstream = next_upstream
-                    self._server_streams.add(upstream)
-            finally:
-                streams.dec()
-                self._server_streams.discard(upstream)
-            await response.write_eof()
-            return response
-        finally:
-            upstream.release()
-
-    async def _relay_whole(
-        self,
-        upstream: aiohttp.ClientResponse,
-        client_session_id: str | None,
-        prefetched: bytes,
-        observe: Callable[[bytes], None] | None,
-    ) -> web.Response:
-        """Relay a complete answer of known, bounded length as one response."""
-        try:
-            body = prefetched + await upstream.content.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream MCP server stopped answering mid-body") from exc
-        except aiohttp.ClientError as exc:
-            # Nothing was sent to the client yet, so it still gets a proper error with its request's id.
-            raise UpstreamUnavailable(f"upstream MCP server broke its answer: {type(exc).__name__}") from exc
-        finally:
-            upstream.release()
-        if observe is not None:
-            observe(body)
-        return web.Response(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=client_response_headers(upstream.headers, client_session_id),
-            body=body,
-        )
-
-    async def _finish_broken_stream(self, response: web.StreamResponse, tracker: AnswerTracker) -> None:
-        """End a stream the upstream broke with an error event for every request still unanswered."""
-        unanswered = tracker.unanswered()
-        if not unanswered:
-            return
-        log.warning("upstream.stream_broken_before_answer", upstream=self._name, unanswered=len(unanswered))
-        # A blank line first ends any half-written event, so the errors parse as events of their own.
-        errors = b"\n\n" + b"".join(
-            encode_event(Event(data=json.dumps(jsonrpc.error_object(request_id, UpstreamUnavailable.code, _BROKEN))))
-            for request_id in unanswered
-        )
-        with contextlib.suppress(ConnectionError):  # the client may have left too
-            await response.write(errors)
-
-    @staticmethod
-    async def _pump(
-        upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
-    ) -> bool:
-        """Copy a non-SSE body; True if it ended cleanly."""
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                if observe is not None:
-                    observe(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream.stream_broken", error=type(exc).__name__)
-            return False
-        return True
-
-    async def _pump_sse(
-        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
-    ) -> bool:
-        """Copy an SSE body, filling silences with keep-alive comments; True if it ended between events."""
-        content = upstream.content
-        interval = self._settings.keepalive_interval
-        at_boundary = True
-        try:
-            while True:
-                idle = asyncio.timeout(interval)
-                try:
-                    async with idle:
-                        chunk = await content.readany()
-                except TimeoutError:
-                    if not idle.expired():
-                        raise  # the upstream read timeout, not our keep-alive tick
-                    if at_boundary:
-                        # Only between events: a comment inside an event would corrupt it.
-                        await response.write(_KEEPALIVE)
-                    continue
-                if not chunk:
-                    return at_boundary
-                await response.write(chunk)
-                at_boundary = chunk.endswith(_EVENT_ENDS)
-                if observe is not None:
-                    observe(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if not self._closing:
-                log.warning("upstream.stream_broken", upstream=self._name, error=type(exc).__name__)
-            return at_boundary
 
 
 class _Outcome:

@@ -10,7 +10,6 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -25,6 +24,7 @@ from mcp_heal_proxy.config import (
     ConfigError,
     ProxyConfig,
     build_config,
+    check_url,
     describe,
     mask_url,
 )
@@ -71,10 +71,10 @@ class UsageError(Exception):
 
 
 def _upstream_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"not an http(s) URL: {value!r}")
-    return value
+    try:
+        return check_url(value, "--upstream")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(value: str) -> int:
@@ -145,7 +145,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return result
 
 
-async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> int:
+async def serve(config: ProxyConfig) -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
     log = structlog.get_logger("mcp_heal_proxy")
     # shutdown_timeout: after SIGTERM the listener closes at once (new requests are refused) and open
@@ -186,8 +186,6 @@ async def serve(config: ProxyConfig, *, ready: asyncio.Event | None = None) -> i
             host=config.host,
             hint="anyone who can reach this address can use the upstreams; set [server] token",
         )
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
     finally:

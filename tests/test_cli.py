@@ -48,6 +48,7 @@ async def test_serve_prints_the_url_to_paste_and_answers_healthz(
     serving: tuple[asyncio.subprocess.Process, str],
 ) -> None:
     _, url = serving
+    assert url.startswith("http://127.0.0.1:"), "no --host given: the default bind is loopback"
     async with aiohttp.ClientSession() as http, http.get(url.replace("/mcp", "/healthz")) as response:
         assert response.status == 200
         assert await response.json() == {"status": "ok"}

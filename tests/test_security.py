@@ -8,17 +8,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mcp_heal_proxy.config import DEFAULT_HOST
 from mcp_heal_proxy.guards import origin_is_allowed
 from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream
 
 AiohttpServer = Callable[..., Any]
 TOKEN = "inbound-token-5c1d2e"
-
-
-def test_the_default_bind_is_loopback() -> None:
-    assert DEFAULT_HOST == "127.0.0.1"
 
 
 @pytest.mark.parametrize(

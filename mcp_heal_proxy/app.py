@@ -63,6 +63,7 @@ def build_app(config: ProxyConfig) -> web.Application:
         tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
         metrics.open_sessions.set_function(lambda: len(store))
         healers: list[Healer] = []
+        upstreams: list[Upstream] = []
         proxies: dict[str, Proxy] = {}
         async with aiohttp.ClientSession(
             # Pool sizes are per upstream; the connector's overall limit is their sum.
@@ -74,6 +75,7 @@ def build_app(config: ProxyConfig) -> web.Application:
         ) as client:
             for upstream_config in config.upstreams:
                 upstream = Upstream(upstream_config, client, strip_client_authorization=config.token is not None)
+                upstreams.append(upstream)
                 healer = Healer(upstream, store, metrics)
                 healers.append(healer)
                 proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
@@ -84,6 +86,8 @@ def build_app(config: ProxyConfig) -> web.Application:
                 await tasks.close()
                 for healer in healers:
                     await healer.close()
+                for upstream in upstreams:
+                    await upstream.close()
                 # Last-use marks since the last flush are written before the store closes.
                 await flush(store, activity, config.session_idle_ttl)
                 await store.close()

@@ -33,6 +33,8 @@ LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: Final = ("auto", "json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ReplayPolicy = Literal["all", "none"] | tuple[str, ...]
+UpstreamClient = Literal["aiohttp", "lean"]
+UPSTREAM_CLIENTS: Final = ("aiohttp", "lean")
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -73,6 +75,8 @@ class UpstreamConfig:
     pool_size: int = 100
     heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
     replay: ReplayPolicy = "all"
+    # The HTTP client for this upstream: aiohttp's ClientSession, or the lean pool in upstream_lean.py.
+    client: UpstreamClient = "aiohttp"
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -162,6 +166,7 @@ _UPSTREAM_KEYS: Final = {
     "pool_size": int,
     "heal_on": list,
     "replay": (str, list),
+    "client": str,
 }
 
 
@@ -235,6 +240,12 @@ def _upstream_from_table(
         options["heal_on"] = tuple(heal_on)
     if "replay" in table:
         options["replay"] = _replay_policy(table["replay"], f"{source}: {where}.replay")
+    if "client" in table:
+        if table["client"] not in UPSTREAM_CLIENTS:
+            raise ConfigError(f'{source}: {where}.client must be "aiohttp" or "lean"')
+        if table["client"] == "lean" and "@" in urlsplit(options["url"]).netloc:
+            raise ConfigError(f"{source}: {where}.url: the lean client takes no credentials in the URL (use headers)")
+        options["client"] = table["client"]
     return UpstreamConfig(**options)
 
 

@@ -1,8 +1,9 @@
-"""The upstream MCP server as the proxy sees it: one pooled aiohttp client, errors in MCP terms.
+"""The upstream MCP server as the proxy sees it: one pooled HTTP client, errors in MCP terms.
 
 Everything that talks to the upstream goes through ``Upstream.send`` so that transport failures become
-``UpstreamUnavailable`` / ``UpstreamTimeout`` in one place, and a faster client can replace aiohttp's
-behind the same method without the handlers noticing.
+``UpstreamUnavailable`` / ``UpstreamTimeout`` in one place. The client is aiohttp's shared
+``ClientSession``, or with ``client = "lean"`` the upstream's own ``LeanPool`` (upstream_lean.py), whose
+responses have the same surface and raise the same aiohttp exception classes mid-body.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final, cast
 
 import aiohttp
 
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.upstream_lean import LeanPool
 
 # Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
 INSPECT_LIMIT: Final = 256 * 1024
@@ -27,7 +31,16 @@ _MAX_RETRY_DELAY: Final = 1.0
 class Upstream:
     """Sends requests to one upstream over the app's shared ClientSession."""
 
-    __slots__ = ("_client", "_injected", "_injected_names", "_post_timeout", "_stream_timeout", "config")
+    __slots__ = (
+        "_client",
+        "_connect_failed",
+        "_injected",
+        "_injected_names",
+        "_lean",
+        "_post_timeout",
+        "_stream_timeout",
+        "config",
+    )
 
     def __init__(
         self, config: UpstreamConfig, client: aiohttp.ClientSession, *, strip_client_authorization: bool = False
@@ -48,6 +61,20 @@ class Upstream:
         self._injected = dict(config.headers)
         stripped = {"authorization"} if strip_client_authorization else set()
         self._injected_names = frozenset(name.lower() for name in config.headers) | stripped
+        self._lean: LeanPool | None = None
+        # Failures to open a connection: nothing was sent, so they are always retried.
+        self._connect_failed: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
+        if config.client == "lean":
+            # Imported only when chosen: it needs httptools (the "lean" extra).
+            from mcp_heal_proxy.upstream_lean import ConnectFailed, LeanPool
+
+            self._lean = LeanPool(config.url, size=config.pool_size, connect_timeout=config.connect_timeout)
+            self._connect_failed = (aiohttp.ClientConnectorError, ConnectFailed)
+
+    async def close(self) -> None:
+        """Close this upstream's own connections (the lean client's; aiohttp's belong to the app)."""
+        if self._lean is not None:
+            await self._lean.close()
 
     async def send(
         self,
@@ -72,13 +99,18 @@ class Upstream:
         delay = _FIRST_RETRY_DELAY
         while True:
             try:
+                if self._lean is not None:
+                    # LeanResponse has the part of ClientResponse the callers use (status, reason,
+                    # headers, content_length, content.readany/read/iter_any, release, close).
+                    response = await self._lean.request(method, headers, body, read_timeout=timeout.sock_read)
+                    return cast("aiohttp.ClientResponse", response)
                 return await self._client.request(
                     method, self.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.
-                retry = isinstance(exc, aiohttp.ClientConnectorError) or resendable
+                retry = isinstance(exc, self._connect_failed) or resendable
                 if not retry or time.monotonic() + delay > give_up:
                     raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
                 await asyncio.sleep(delay)

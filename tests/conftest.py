@@ -34,6 +34,9 @@ from tests.fake_upstream import FakeUpstream
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent
 READY_TIMEOUT = 20.0
+# The upstream HTTP client of every proxy the tests start: MCP_HEAL_PROXY_TEST_CLIENT=lean runs the
+# whole suite on the lean client (upstream_lean.py) instead of aiohttp's.
+TEST_CLIENT = os.environ.get("MCP_HEAL_PROXY_TEST_CLIENT", "aiohttp")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -194,6 +197,7 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
     servers: list[TestServer] = []
 
     async def start(upstream_url: str, **upstream_options: Any) -> RunningProxy:
+        upstream_options.setdefault("client", TEST_CLIENT)
         config = single_upstream(upstream_url, **upstream_options)
         app = build_app(config)
         server = TestServer(app, host="127.0.0.1", port=0)

@@ -193,6 +193,20 @@ async def test_forget_idle_removes_more_than_one_batch(open_store: Any) -> None:
     assert len(store) == 1
 
 
+async def test_evict_oldest_forgets_the_least_recently_used_of_every_replica(open_store: Any) -> None:
+    one: RedisSessionStore = await open_store()
+    other: RedisSessionStore = await open_store()
+    await one.put(record("oldest", last_used=1000.0))
+    await other.put(record("middle", last_used=2000.0))
+    await one.put(record("newest", last_used=3000.0))
+    assert await one.evict_oldest(2) == 2
+    assert [await other.get(cid, fresh=True) is not None for cid in ("oldest", "middle", "newest")] == [
+        False,
+        False,
+        True,
+    ]
+
+
 async def test_replicas_see_each_others_writes_and_a_stale_put_cannot_undo_a_heal(open_store: Any) -> None:
     a: RedisSessionStore = await open_store()
     b: RedisSessionStore = await open_store()

@@ -251,3 +251,22 @@ async def test_a_get_stream_stays_open_across_an_upstream_restart(
     assert [g.headers["Mcp-Session-Id"] for g in gets] == ["upstream-1", "upstream-1", "upstream-2"]
     assert all("Last-Event-ID" not in g.headers for g in gets[1:])
     assert upstream.initializes == 2
+
+
+@pytest.mark.parametrize("status", [405, 409])
+async def test_a_get_stream_the_upstream_refuses_is_refused_to_the_client_too(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, status: int
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+
+    async def refuse(request: web.Request, body: Any) -> web.StreamResponse:
+        return web.Response(status=status, text="no GET stream here")
+
+    upstream.on_get = refuse
+    headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    async with http.get(proxy.url, headers=headers) as response:
+        assert response.status == status
+        assert response.headers["Mcp-Session-Id"] == session_id
+    assert upstream.initializes == 1, "a refused GET stream is not mistaken for an expired session"

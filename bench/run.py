@@ -41,6 +41,7 @@ class Settings:
         self.store_puts = {"memory": 1000 if quick else 100_000, "durable": 100 if quick else 2000}
         self.sdk = not args.skip_sdk
         self.state = args.state
+        self.client: str = args.client
 
     def state_for(self, workdir: Path) -> str:
         """The proxy's --state: a fresh SQLite file per proxy (the default kind of store), or :memory:."""
@@ -121,6 +122,7 @@ def memory(wrk_bin: str, upstream: BenchUpstream, work: Path, settings: Settings
         state=settings.state_for(proxy_dir),
         workdir=proxy_dir,
         max_sessions=2 * high,
+        client=settings.client,
     ) as proxy:
         time.sleep(0.3)
         start = proxy.rss_kib()
@@ -188,7 +190,11 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
             with (
                 Nginx().start(nginx_bin, upstream.port, tmp / "nginx") as nginx,
                 HealProxy().start(
-                    upstream.url, logs / "proxy.log", state=settings.state_for(tmp / "proxy"), workdir=tmp / "proxy"
+                    upstream.url,
+                    logs / "proxy.log",
+                    state=settings.state_for(tmp / "proxy"),
+                    workdir=tmp / "proxy",
+                    client=settings.client,
                 ) as proxy,
             ):
                 urls = {"direct": upstream.url, "nginx": nginx.url, "proxy": proxy.url}
@@ -228,6 +234,7 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
                     logs / "proxy-sdk.log",
                     state=settings.state_for(tmp / "proxy-sdk"),
                     workdir=tmp / "proxy-sdk",
+                    client=settings.client,
                 ) as proxy,
             ):
                 urls = {"direct": sdk.url, "nginx": nginx.url, "proxy": proxy.url}
@@ -262,7 +269,7 @@ def render(results: dict[str, Any], plot: Path | None, command: str) -> str:
 # --- profile -------------------------------------------------------------------------------------
 
 
-def profile(seconds: float, out: Path, top: int) -> str:
+def profile(seconds: float, out: Path, top: int, client_name: str = "aiohttp") -> str:
     """py-spy samples the proxy while wrk loads it at c=32 with the JSON tools/call; top functions."""
     wrk_bin = find_tool("wrk")
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -276,7 +283,11 @@ def profile(seconds: float, out: Path, top: int) -> str:
         tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp_name,
         BenchUpstream().start(logs / "upstream.log") as upstream,
         HealProxy().start(
-            upstream.url, logs / "proxy.log", state=str(Path(tmp_name) / "sessions.db"), workdir=Path(tmp_name)
+            upstream.url,
+            logs / "proxy.log",
+            state=str(Path(tmp_name) / "sessions.db"),
+            workdir=Path(tmp_name),
+            client=client_name,
         ) as proxy,
     ):
         session = client.new_session(proxy.url)
@@ -364,13 +375,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip-sdk", action="store_true", help="skip the official SDK server run")
     parser.add_argument(
+        "--client",
+        choices=("aiohttp", "lean"),
+        default="aiohttp",
+        help="the proxy's upstream HTTP client (the upstream's \"client\" key)",
+    )
+    parser.add_argument(
         "--profile", type=float, metavar="SECONDS", help="only profile the proxy under load with py-spy"
     )
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
     args = parser.parse_args(argv)
     out: Path = args.out
     if args.profile:
-        text = profile(args.profile, out, args.top)
+        text = profile(args.profile, out, args.top, args.client)
         (out / "profile.md").write_text(text)
         print(text)
         return

@@ -219,9 +219,17 @@ class HealProxy(Service):
     name = "mcp-heal-proxy"
 
     def start(
-        self, upstream_url: str, log: Path, *, state: str, workdir: Path, max_sessions: int = 10_000
+        self,
+        upstream_url: str,
+        log: Path,
+        *,
+        state: str,
+        workdir: Path,
+        max_sessions: int = 10_000,
+        client: str = "aiohttp",
     ) -> HealProxy:
-        """Start with a generated config: ``state`` is ":memory:", a SQLite path, or a redis:// URL."""
+        """Start with a generated config: ``state`` is ":memory:", a SQLite path, or a redis:// URL;
+        ``client`` is the upstream HTTP client ("aiohttp" or "lean")."""
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "proxy.toml"
         config.write_text(
@@ -233,6 +241,7 @@ class HealProxy(Service):
             "[upstreams.bench]\n"
             f"url = {json.dumps(upstream_url)}\n"
             'path = "/mcp"\n'
+            f"client = {json.dumps(client)}\n"
         )
         with log.open("ab") as err:
             self.process = subprocess.Popen(

@@ -29,7 +29,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -258,8 +258,7 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError, AttributeError):
@@ -506,7 +505,7 @@ class LeanPool:
     async def _connect(self) -> _Connection:
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await self.loop.create_connection(
+                transport, conn = await self.loop.create_connection(
                     lambda: _Connection(self),
                     self._host,
                     self._port,
@@ -517,6 +516,8 @@ class LeanPool:
             raise ConnectTimeout(f"connecting to {self._host}:{self._port} timed out") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+        # uvloop calls connection_made soon after, not before, create_connection returns.
+        conn.transport = transport
         return conn
 
     def _put_back(self, conn: _Connection) -> None:

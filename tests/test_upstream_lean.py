@@ -1,5 +1,8 @@
 """The lean upstream client (upstream_lean.py) against real local servers: aiohttp ones, and raw sockets
-for the answers aiohttp would not write (close-delimited bodies, bodies cut short, garbage)."""
+for the answers aiohttp would not write (close-delimited bodies, bodies cut short, garbage).
+
+Every test runs on asyncio's loop and on uvloop (the CLI's), whose transports differ in timing (see
+pytest_asyncio_loop_factories in conftest.py)."""
 
 from __future__ import annotations
 

@@ -39,15 +39,6 @@ READY_TIMEOUT = 20.0
 TEST_CLIENT = os.environ.get("MCP_HEAL_PROXY_TEST_CLIENT", "aiohttp")
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]] | None:
-    """The lean upstream client's own tests run on both loops; everything else on the default one."""
-    if item.path.name != "test_upstream_lean.py":
-        return None
-    import uvloop
-
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Proxies started by tests (and their subprocesses) keep their default store out of the real home."""

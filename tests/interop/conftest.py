@@ -24,7 +24,7 @@ from typing import NoReturn, Protocol
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import TEST_CLIENT, free_port, wait_until
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -232,13 +232,22 @@ class ProxyProcess:
 
     async def start(self) -> None:
         """Start the proxy and wait for the URL it prints."""
+        upstream = ["--upstream", self.upstream_url]
+        if TEST_CLIENT != "aiohttp":
+            # MCP_HEAL_PROXY_TEST_CLIENT=lean: the same upstream at /mcp from a config file (the
+            # client key exists only there).
+            config = self.stdout_path.with_name("proxy.toml")
+            config.write_text(
+                f"[upstreams.interop]\nurl = {json.dumps(self.upstream_url)}\n"
+                f'path = "/mcp"\nclient = {json.dumps(TEST_CLIENT)}\n'
+            )
+            upstream = ["--config", str(config)]
         command = [
             sys.executable,
             "-m",
             "mcp_heal_proxy",
             "serve",
-            "--upstream",
-            self.upstream_url,
+            *upstream,
             "--port",
             str(self.port),
             "--log-format",

@@ -2,7 +2,7 @@
 for the answers aiohttp would not write (close-delimited bodies, bodies cut short, garbage).
 
 Every test runs on asyncio's loop and on uvloop (the CLI's), whose transports differ in timing (see
-pytest_asyncio_loop_factories in conftest.py)."""
+tests/lean/conftest.py)."""
 
 from __future__ import annotations
 

@@ -168,25 +168,10 @@ class Healer:
         try:
             upstream_session_id, protocol_version = await self._reinitialize_patiently(record, client_headers)
         except ProxyError as exc:
-            duration = time.perf_counter() - started
-            self._metrics.heals.labels(self._name, reason, "failed").inc()
-            self._metrics.heal_duration.labels(self._name).observe(duration)
-            log.warning(
-                "session.heal_failed",
-                upstream=self._name,
-                client_session=record.client_session_id[:8],
-                reason=reason,
-                outcome="failed",
-                old_generation=record.generation,
-                error=exc.message,
-                duration_ms=round(duration * 1000, 2),
-            )
+            self._report(record, reason, started, outcome="failed", error=exc.message)
             raise
         healed = record.healed(upstream_session_id, protocol_version)
         await self._store.put(healed)
-        duration = time.perf_counter() - started
-        self._metrics.heals.labels(self._name, reason, "healed").inc()
-        self._metrics.heal_duration.labels(self._name).observe(duration)
         if protocol_version is not None and protocol_version != record.protocol_version:
             log.warning(
                 "session.protocol_version_changed",
@@ -195,17 +180,25 @@ class Healer:
                 client_version=record.protocol_version,
                 upstream_version=protocol_version,
             )
-        log.info(
-            "session.healed",
+        self._report(record, reason, started, outcome="healed", new_generation=healed.generation)
+        return healed
+
+    def _report(self, record: SessionRecord, reason: str, started: float, *, outcome: str, **details: object) -> None:
+        """Count a heal and log it: ``session.healed`` or ``session.heal_failed``."""
+        duration = time.perf_counter() - started
+        self._metrics.heals.labels(self._name, reason, outcome).inc()
+        self._metrics.heal_duration.labels(self._name).observe(duration)
+        emit = log.info if outcome == "healed" else log.warning
+        emit(
+            "session.healed" if outcome == "healed" else "session.heal_failed",
             upstream=self._name,
             client_session=record.client_session_id[:8],
             reason=reason,
-            outcome="healed",
+            outcome=outcome,
             old_generation=record.generation,
-            new_generation=healed.generation,
             duration_ms=round(duration * 1000, 2),
+            **details,
         )
-        return healed
 
     async def _reinitialize_patiently(
         self, record: SessionRecord, client_headers: dict[str, str]

@@ -28,6 +28,7 @@ from mcp_heal_proxy.config import (
     describe,
     mask_url,
 )
+from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
 
 EXIT_USAGE = 2
@@ -153,7 +154,11 @@ async def serve(config: ProxyConfig) -> int:
     runner = web.AppRunner(
         build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except ProxyError as exc:
+        # The store could not be opened (an unwritable path, Redis not answering): the user's to fix.
+        raise UsageError(f"cannot open the session store {config.state_display}: {exc.message}") from None
     site = web.TCPSite(runner, config.host, config.port)
     try:
         await site.start()

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -113,3 +114,14 @@ async def test_binding_beyond_localhost_without_a_token_logs_a_warning() -> None
     finally:
         process.kill()
         await process.wait()
+
+
+async def test_an_unusable_state_path_is_a_one_line_error_with_exit_status_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    process = await start_cli("serve", "--upstream", "http://127.0.0.1:9/mcp", "--state", str(blocker / "sessions.db"))
+    async with asyncio.timeout(20):
+        _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"cannot open the session store" in stderr
+    assert b"Traceback" not in stderr

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import cast
 
 import aiohttp
@@ -475,3 +478,44 @@ async def test_upstream_send_resends_a_get_over_a_stale_connection(pools: Callab
             second.release()
         finally:
             await upstream.close()
+
+
+async def test_https_upstream_with_certificate_verification(
+    tmp_path: Path, pools: Callable[..., LeanPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remote MCP servers are https: the lean client verifies the certificate and the host name."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"secure": request.secure, "body": (await request.read()).decode()})
+
+    app = web.Application()
+    app.router.add_post("/mcp", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        # Without trusting the test's own certificate authority, the handshake must fail.
+        untrusted = pools(f"https://127.0.0.1:{port}/mcp", connect_timeout=5)
+        with pytest.raises(aiohttp.ClientError):
+            await untrusted.request("POST", {}, b"x", read_timeout=5)
+        # Trusting it (as a system CA bundle would), the request goes through, encrypted.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusted = pools(f"https://127.0.0.1:{port}/mcp", connect_timeout=5)
+        for body in (b"one", b"two"):
+            response = await trusted.request("POST", {"Content-Type": "text/plain"}, body, read_timeout=5)
+            assert response.status == 200
+            assert await response.content.read() == b'{"secure": true, "body": "%s"}' % body
+            response.release()
+        assert trusted.open_connections == 1, "the TLS connection is kept alive and reused"
+    finally:
+        await runner.cleanup()

@@ -35,6 +35,9 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ReplayPolicy = Literal["all", "none"] | tuple[str, ...]
 UpstreamClient = Literal["aiohttp", "lean"]
 UPSTREAM_CLIENTS: Final = ("aiohttp", "lean")
+# The lean client carries 1.7x aiohttp's throughput through the proxy (docs/benchmarks.md, "Tuning");
+# "aiohttp" stays available per upstream as the fallback.
+DEFAULT_UPSTREAM_CLIENT: Final = "lean"
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -75,8 +78,8 @@ class UpstreamConfig:
     pool_size: int = 100
     heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
     replay: ReplayPolicy = "all"
-    # The HTTP client for this upstream: aiohttp's ClientSession, or the lean pool in upstream_lean.py.
-    client: UpstreamClient = "aiohttp"
+    # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
+    client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""

@@ -65,7 +65,6 @@ class Upstream:
         # Failures to open a connection: nothing was sent, so they are always retried.
         self._connect_failed: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
         if config.client == "lean":
-            # Imported only when chosen: it needs httptools (the "lean" extra).
             from mcp_heal_proxy.upstream_lean import ConnectFailed, LeanPool
 
             self._lean = LeanPool(config.url, size=config.pool_size, connect_timeout=config.connect_timeout)

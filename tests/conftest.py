@@ -27,16 +27,16 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_heal_proxy.app import STORE_KEY, build_app
-from mcp_heal_proxy.config import single_upstream
+from mcp_heal_proxy.config import DEFAULT_UPSTREAM_CLIENT, single_upstream
 from mcp_heal_proxy.sessions import SessionRecord
 from tests.fake_upstream import FakeUpstream
 
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent
 READY_TIMEOUT = 20.0
-# The upstream HTTP client of every proxy the tests start: MCP_HEAL_PROXY_TEST_CLIENT=lean runs the
-# whole suite on the lean client (upstream_lean.py) instead of aiohttp's.
-TEST_CLIENT = os.environ.get("MCP_HEAL_PROXY_TEST_CLIENT", "aiohttp")
+# The upstream HTTP client of every proxy the tests start: the default (lean), or with
+# MCP_HEAL_PROXY_TEST_CLIENT=aiohttp the whole suite on the aiohttp fallback.
+TEST_CLIENT = os.environ.get("MCP_HEAL_PROXY_TEST_CLIENT", DEFAULT_UPSTREAM_CLIENT)
 
 
 @pytest.fixture(scope="session", autouse=True)

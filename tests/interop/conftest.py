@@ -24,6 +24,7 @@ from typing import NoReturn, Protocol
 import aiohttp
 import pytest
 
+from mcp_heal_proxy.config import DEFAULT_UPSTREAM_CLIENT
 from tests.conftest import TEST_CLIENT, free_port, wait_until
 
 HERE = Path(__file__).parent
@@ -233,9 +234,9 @@ class ProxyProcess:
     async def start(self) -> None:
         """Start the proxy and wait for the URL it prints."""
         upstream = ["--upstream", self.upstream_url]
-        if TEST_CLIENT != "aiohttp":
-            # MCP_HEAL_PROXY_TEST_CLIENT=lean: the same upstream at /mcp from a config file (the
-            # client key exists only there).
+        if TEST_CLIENT != DEFAULT_UPSTREAM_CLIENT:
+            # MCP_HEAL_PROXY_TEST_CLIENT names the other client: the same upstream at /mcp from a
+            # config file (the client key exists only there).
             config = self.stdout_path.with_name("proxy.toml")
             config.write_text(
                 f"[upstreams.interop]\nurl = {json.dumps(self.upstream_url)}\n"

@@ -24,7 +24,8 @@ READY_TIMEOUT = 20.0
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def find_tool(name: str) -> str | None:
@@ -102,6 +103,10 @@ class Service:
                 self.process.wait(10)
         self.process = None
 
+    def _process(self) -> subprocess.Popen[bytes]:
+        assert self.process is not None, f"{self.name} was not started"
+        return self.process
+
     def _ready(self, wait: Callable[[], None]) -> None:
         """Wait for readiness; a child that never gets ready is stopped, not leaked."""
         try:
@@ -131,7 +136,7 @@ class BenchUpstream(Service):
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
-        self._ready(lambda: wait_port(self.port, self.process, self.name))
+        self._ready(lambda: wait_port(self.port, self._process(), self.name))
         return self
 
 
@@ -150,7 +155,7 @@ class SdkUpstream(Service):
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
-        self._ready(lambda: wait_http(f"{self.base}/stats", self.process, self.name))
+        self._ready(lambda: wait_http(f"{self.base}/stats", self._process(), self.name))
         return self
 
 
@@ -203,14 +208,14 @@ class Nginx(Service):
             command[1:1] = ["-e", str(tmp / "error.log")]
         with (tmp / "stderr.log").open("ab") as err:
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        self._ready(lambda: wait_port(self.port, self.process, self.name))
+        self._ready(lambda: wait_port(self.port, self._process(), self.name))
         return self
 
 
 def _nginx_supports_e(nginx: str) -> bool:
     out = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False).stderr
     match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
-    return bool(match) and tuple(int(part) for part in match.groups()) >= (1, 19, 5)
+    return match is not None and tuple(int(part) for part in match.groups()) >= (1, 19, 5)
 
 
 class HealProxy(Service):
@@ -267,7 +272,7 @@ class HealProxy(Service):
                 break
         else:
             raise RuntimeError(f"{self.name} printed no URL within {READY_TIMEOUT} s")
-        wait_port(self.port, self.process, self.name)
+        wait_port(self.port, self._process(), self.name)
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -288,7 +293,7 @@ class Redis(Service):
         command += ["--appendonly", "no", "--daemonize", "no"]
         with (tmp / "redis.log").open("ab") as err:
             self.process = subprocess.Popen(command, stdout=err, stderr=err)
-        self._ready(lambda: wait_port(self.port, self.process, self.name))
+        self._ready(lambda: wait_port(self.port, self._process(), self.name))
         return self
 
     @property

@@ -8,31 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.services import find_tool
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _tool(name: str) -> str | None:
-    """On PATH, or in an sbin directory a non-root PATH may lack (Debian installs nginx in /usr/sbin)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
 
 
 @pytest.mark.timeout(300)
 def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
-    missing = [name for name in ("wrk", "nginx") if _tool(name) is None]
+    missing = [name for name in ("wrk", "nginx") if find_tool(name) is None]
     if missing:
         message = f"the benchmark needs {' and '.join(missing)} (apt-get install -y nginx wrk)"
         if os.environ.get("CI") == "true":

@@ -76,6 +76,9 @@ class UpstreamConfig:
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
     stream_idle_timeout: float | None = None
     pool_size: int = 100
+    # Seconds a pooled connection may sit idle and still be reused (lean client): below the upstream's
+    # own keep-alive timeout, so that no request is sent on a connection the upstream is closing.
+    keepalive_idle: float = 4.0
     heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
     replay: ReplayPolicy = "all"
     # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
@@ -167,6 +170,7 @@ _UPSTREAM_KEYS: Final = {
     "read_timeout": (int, float),
     "stream_idle_timeout": (int, float),
     "pool_size": int,
+    "keepalive_idle": (int, float),
     "heal_on": list,
     "replay": (str, list),
     "client": str,
@@ -227,7 +231,7 @@ def _upstream_from_table(
         if table["connect_retry"] < 0:
             raise ConfigError(f"{source}: {where}.connect_retry must not be negative")
         options["connect_retry"] = float(table["connect_retry"])
-    for key in ("connect_timeout", "read_timeout", "stream_idle_timeout"):
+    for key in ("connect_timeout", "read_timeout", "stream_idle_timeout", "keepalive_idle"):
         if key in table:
             if table[key] <= 0:
                 raise ConfigError(f"{source}: {where}.{key} must be positive")

@@ -67,7 +67,12 @@ class Upstream:
         if config.client == "lean":
             from mcp_heal_proxy.upstream_lean import ConnectFailed, LeanPool
 
-            self._lean = LeanPool(config.url, size=config.pool_size, connect_timeout=config.connect_timeout)
+            self._lean = LeanPool(
+                config.url,
+                size=config.pool_size,
+                connect_timeout=config.connect_timeout,
+                idle_lifetime=config.keepalive_idle,
+            )
             self._connect_failed = (aiohttp.ClientConnectorError, ConnectFailed)
 
     async def close(self) -> None:

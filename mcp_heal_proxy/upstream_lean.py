@@ -41,6 +41,8 @@ HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 # Idle pooled connections older than this are closed instead of reused: servers close idle keep-alive
 # connections after a few seconds (uvicorn after 5), and a request sent on one they just closed is lost.
+# The default suits such servers; an upstream behind nginx (75 s) can set keepalive_idle higher and save
+# a TLS handshake per call spaced further apart.
 IDLE_LIFETIME: Final = 4.0
 # Statuses that never have a body (RFC 9110 section 6.4.1).
 _NO_BODY: Final = frozenset({204, 304})
@@ -411,7 +413,9 @@ class _Connection(asyncio.Protocol):
 class LeanPool:
     """Keep-alive connections to one upstream URL, at most ``size`` open at a time."""
 
-    def __init__(self, url: str, *, size: int, connect_timeout: float | None) -> None:
+    def __init__(
+        self, url: str, *, size: int, connect_timeout: float | None, idle_lifetime: float = IDLE_LIFETIME
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -427,6 +431,7 @@ class LeanPool:
         self._line_rest = f" {target} HTTP/1.1\r\nHost: {host}\r\n"
         self._size = size
         self._connect_timeout = connect_timeout
+        self._idle_lifetime = idle_lifetime
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self._https else None
         self._idle: list[_Connection] = []
         self._open = 0
@@ -479,7 +484,7 @@ class LeanPool:
                 conn = self._idle.pop()
                 if conn.closed:
                     continue
-                if now - conn.idle_since > IDLE_LIFETIME:
+                if now - conn.idle_since > self._idle_lifetime:
                     conn.close()
                     continue
                 return conn

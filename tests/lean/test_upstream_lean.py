@@ -519,3 +519,23 @@ async def test_https_upstream_with_certificate_verification(
         assert trusted.open_connections == 1, "the TLS connection is kept alive and reused"
     finally:
         await runner.cleanup()
+
+
+async def test_idle_connections_past_their_lifetime_are_not_reused(aiohttp_server: AiohttpServer) -> None:
+    peers: list[object] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text="ok")
+
+    pool = LeanPool(await serve(aiohttp_server, handler), size=4, connect_timeout=5, idle_lifetime=0.05)
+    try:
+        for _ in range(2):
+            response = await pool.request("GET", {}, None, read_timeout=5)
+            assert await response.content.read() == b"ok"
+            response.release()
+            await asyncio.sleep(0.1)  # idle for longer than the lifetime: that is what is tested
+        assert len(set(peers)) == 2, "the second request opened a new connection"
+    finally:
+        await pool.close()

@@ -21,7 +21,6 @@ from mcp_heal_proxy.upstream import Upstream
 
 PROXIES_KEY = web.AppKey("proxies", dict[str, Proxy])
 STORE_KEY = web.AppKey("store", SessionStore)
-METRICS_KEY = web.AppKey("metrics", Metrics)
 
 
 async def open_store(state: str) -> SessionStore:
@@ -47,7 +46,6 @@ def build_app(config: ProxyConfig) -> web.Application:
         middlewares.append(token_guard(config.token))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     metrics = Metrics()
-    app[METRICS_KEY] = metrics
     settings = ProxySettings(
         max_body_bytes=config.max_body_bytes,
         keepalive_interval=config.keepalive_interval,

@@ -293,22 +293,14 @@ class Proxy:
                 outcome.healed = True
                 upstream = await self._send("GET", self._headers(request, record, fresh_stream=True), stream=True)
                 prefetched = b""
+            # Only an open stream is kept open across heals; a refusal (405, 409, ...) is passed on as is.
+            live = record
+            reattach = (lambda: self._reattach(request, live)) if upstream.status == 200 else None
+            response: web.StreamResponse = await self._relay.relay(
+                request, upstream, record.client_session_id, prefetched, reattach=reattach
+            )
         except ProxyError as exc:
-            response: web.StreamResponse = error_response(exc, None)
-        else:
-            if upstream.status != 200:
-                try:
-                    response = await self._relay.relay(request, upstream, record.client_session_id, prefetched)
-                except ProxyError as exc:
-                    response = error_response(exc, None)
-            else:
-                response = await self._relay.relay(
-                    request,
-                    upstream,
-                    record.client_session_id,
-                    prefetched,
-                    reattach=lambda: self._reattach(request, record),
-                )
+            response = error_response(exc, None)
         self._finish("GET", response.status, started, request, outcome)
         return response
 

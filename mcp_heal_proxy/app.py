@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -54,41 +54,29 @@ def build_app(config: ProxyConfig) -> web.Application:
     )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        store = await open_store(config.state)
-        app[STORE_KEY] = store
-        activity = SessionActivity()
-        tasks = TaskOwner()
-        tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
-        metrics.open_sessions.set_function(lambda: len(store))
-        healers: list[Healer] = []
-        upstreams: list[Upstream] = []
-        proxies: dict[str, Proxy] = {}
-        async with aiohttp.ClientSession(
-            # Pool sizes are per upstream; the connector's overall limit is their sum.
-            connector=aiohttp.TCPConnector(limit=sum(u.pool_size for u in config.upstreams)),
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            # The proxy is not a browser: cookies pass through as headers, never stored or merged.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        ) as client:
+        # One exit per resource, entered in order and left in reverse: a teardown that fails does not
+        # skip the ones after it (the store is closed even when an upstream's close raised).
+        async with contextlib.AsyncExitStack() as resources:
+            store = await open_store(config.state)
+            resources.push_async_callback(store.close)
+            app[STORE_KEY] = store
+            activity = SessionActivity()
+            # Last-use marks since the last flush are written before the store closes (callbacks run
+            # in reverse: this one before store.close).
+            resources.push_async_callback(flush, store, activity, config.session_idle_ttl)
+            metrics.open_sessions.set_function(lambda: len(store))
+            proxies: dict[str, Proxy] = {}
             for upstream_config in config.upstreams:
-                upstream = Upstream(upstream_config, client, strip_client_authorization=config.token is not None)
-                upstreams.append(upstream)
+                upstream = Upstream(upstream_config, strip_client_authorization=config.token is not None)
+                resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)
-                healers.append(healer)
+                resources.push_async_callback(healer.close)
                 proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
             app[PROXIES_KEY] = proxies
-            try:
-                yield
-            finally:
-                await tasks.close()
-                for healer in healers:
-                    await healer.close()
-                for upstream in upstreams:
-                    await upstream.close()
-                # Last-use marks since the last flush are written before the store closes.
-                await flush(store, activity, config.session_idle_ttl)
-                await store.close()
+            tasks = TaskOwner()
+            resources.push_async_callback(tasks.close)
+            tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
+            yield
 
     app.cleanup_ctx.append(lifetime)
 

@@ -75,7 +75,11 @@ class UpstreamConfig:
     read_timeout: float = 300.0
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
     stream_idle_timeout: float | None = None
+    # Connections for requests (POST, DELETE): a request waits at most connect_timeout for a free one.
     pool_size: int = 100
+    # Connections for GET streams, apart from pool_size so that open streams (one per connected client,
+    # held for hours) never starve requests; a GET stream past this gets an error, not a hang.
+    max_streams: int = 1000
     # Seconds a pooled connection may sit idle and still be reused (lean client): below the upstream's
     # own keep-alive timeout, so that no request is sent on a connection the upstream is closing.
     keepalive_idle: float = 4.0
@@ -116,7 +120,8 @@ class ProxyConfig:
     # Bounded resources: the least recently used session is forgotten to make room for a new one,
     # and one session may hold this many streaming answers (GET streams and SSE answers) at once.
     max_sessions: int = 10_000
-    max_streams_per_session: int = 256
+    # Well below pool_size (100), so that one session cannot hold every connection to its upstream.
+    max_streams_per_session: int = 32
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
         """The URL a client puts in its config for one upstream."""
@@ -170,6 +175,7 @@ _UPSTREAM_KEYS: Final = {
     "read_timeout": (int, float),
     "stream_idle_timeout": (int, float),
     "pool_size": int,
+    "max_streams": int,
     "keepalive_idle": (int, float),
     "heal_on": list,
     "replay": (str, list),
@@ -236,10 +242,11 @@ def _upstream_from_table(
             if table[key] <= 0:
                 raise ConfigError(f"{source}: {where}.{key} must be positive")
             options[key] = float(table[key])
-    if "pool_size" in table:
-        if table["pool_size"] < 1:
-            raise ConfigError(f"{source}: {where}.pool_size must be at least 1")
-        options["pool_size"] = table["pool_size"]
+    for key in ("pool_size", "max_streams"):
+        if key in table:
+            if table[key] < 1:
+                raise ConfigError(f"{source}: {where}.{key} must be at least 1")
+            options[key] = table[key]
     if "heal_on" in table:
         heal_on = table["heal_on"]
         if not all(isinstance(s, int) and s in HEALABLE_STATUSES for s in heal_on) or 404 not in heal_on:

@@ -14,8 +14,12 @@
 # wins, and flags beat the environment, which beats the file. Move the port with MCP_HEAL_PROXY_PORT
 # (the HEALTHCHECK reads it too), not with --port or the file.
 
+# Both stages start from BASE_IMAGE: python:3.11-slim for everyone; a build that cannot reach an image
+# registry names a local stand-in (the tests do: scripts/container-base).
+ARG BASE_IMAGE=python:3.11-slim
+
 # --- build: the package and its dependencies in a virtualenv ----------------------------------------
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -27,7 +31,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/pip uninstall --yes setuptools pip
 
 # --- runtime: the same slim base plus the virtualenv, nothing else ----------------------------------
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="mcp-heal-proxy" \
       org.opencontainers.image.description="Keeps MCP Streamable HTTP sessions alive across upstream expiry and restarts." \

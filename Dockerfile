@@ -37,6 +37,16 @@ LABEL org.opencontainers.image.title="mcp-heal-proxy" \
       org.opencontainers.image.description="Keeps MCP Streamable HTTP sessions alive across upstream expiry and restarts." \
       org.opencontainers.image.licenses="MIT"
 
+# tini as PID 1: the kernel drops any signal that PID 1 has no handler for, so with the proxy itself as
+# PID 1 a `docker stop` during its start-up (before it installs its handlers) was lost and ended in
+# SIGKILL after the timeout. tini forwards SIGTERM to the proxy and exits with its status; `-e 143`
+# makes a proxy that SIGTERM ended before its handlers were in place exit 0 too, as asked. Its version
+# is whatever the base image's Debian release ships.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and a host directory can be chowned to it.
 RUN groupadd --system --gid 10001 mcp \
     && useradd --system --uid 10001 --gid mcp --home-dir /data --no-create-home --shell /usr/sbin/nologin mcp \
@@ -59,8 +69,8 @@ EXPOSE 8787
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MCP_HEAL_PROXY_PORT', '8787'), timeout=4)"]
 
-# Exec form, no shell: the proxy is PID 1 and receives `docker stop`'s SIGTERM itself, then stops gracefully.
+# Exec form, no shell: tini (PID 1) hands `docker stop`'s SIGTERM to the proxy, which stops gracefully.
 # --host 0.0.0.0 is right only inside a container; publish the port on 127.0.0.1 on the host.
 # These flags sit in the ENTRYPOINT, not the CMD, so that `docker run IMAGE --upstream URL` keeps them.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["mcp-heal-proxy", "serve", "--host", "0.0.0.0", "--state", "/data/sessions.db"]
+ENTRYPOINT ["tini", "-e", "143", "--", "mcp-heal-proxy", "serve", "--host", "0.0.0.0", "--state", "/data/sessions.db"]

@@ -48,10 +48,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and a host directory can be chowned to it.
+# /data belongs to group 0 as well, writable by it: a platform that runs the image under an arbitrary
+# uid in group 0 (OpenShift does) can still write the session store. A new named volume copies this.
 RUN groupadd --system --gid 10001 mcp \
     && useradd --system --uid 10001 --gid mcp --home-dir /data --no-create-home --shell /usr/sbin/nologin mcp \
     && mkdir /data \
-    && chown 10001:10001 /data
+    && chown 10001:0 /data \
+    && chmod 0775 /data
 
 COPY --from=build /opt/venv /opt/venv
 

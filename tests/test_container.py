@@ -302,3 +302,13 @@ async def test_container_under_an_arbitrary_uid_in_group_0_can_write_its_state(
         await raw_initialize(http, container.url)
     # The store was created by that uid (the proxy writes it before the client sees its session id).
     assert await apodman("exec", container.name, "stat", "--format", "%u", "/data/sessions.db") == "123456\n"
+
+
+def test_missing_podman_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda _: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="podman, runc, debootstrap not installed"):
+        require_podman()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the container tests"):
+        require_podman()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -295,13 +295,9 @@ def _state(value: Any) -> str:
     state = _string(value)
     if state in ("", MEMORY_STATE) or "://" not in state:
         return state  # "" means the default file
-    parts = urlsplit(state)
+    parts = _split_url(state, "must be a file path, :memory:, or a redis:// or rediss:// URL")
     if parts.scheme not in ("redis", "rediss"):
         raise _Invalid("must be a file path, :memory:, or a redis:// or rediss:// URL")
-    try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when asked
-    except ValueError:
-        raise _Invalid("has a port that is not a number") from None
     if not parts.hostname:
         raise _Invalid("must name a host (redis://HOST:PORT/DB)")
     database = parts.path.strip("/")
@@ -329,15 +325,24 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _split_url(url: str, rule: str) -> SplitResult:
+    """urlsplit, with its port checked (it is parsed only when asked) and every ValueError (an unclosed
+    IPv6 bracket, a port out of range) turned into the option's rule."""
+    if any(char.isspace() for char in url):
+        raise _Invalid(f"{rule} (no spaces)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise _Invalid(f"{rule} (a valid host and port)") from None
+    return parts
+
+
 def _upstream_url(value: Any) -> str:
     url = _string(value)
-    parts = urlsplit(url)
+    parts = _split_url(url, "must be an http(s) URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Invalid("must be an http(s) URL")
-    try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when asked
-    except ValueError:
-        raise _Invalid("has a port that is not a number") from None
     if "@" in parts.netloc:
         raise _Invalid(
             'must not carry credentials (user:password@): put them in headers, e.g. Authorization = "Bearer ${TOKEN}"',

@@ -252,3 +252,26 @@ async def test_every_help_shows_examples_and_the_top_level_does_not_limit_serve_
     _, top, _ = await run_cli("--help")
     assert b"serve" in top
     assert b"one or more upstream MCP servers" in top
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "[server]\nmax_sessions = -1\n",
+        "[server]\nkeepalive_interval = 0\n",
+        "[server]\nsession_idle_ttl = 0\n",
+        "[server]\nstate = 'postgres://db/sessions'\n",
+        "[upstreams.b]\nurl = 'http://[::1/mcp'\n",
+        "[upstreams.b]\nurl = 'http://127.0.0.1:9/mcp'\npath = '/metrics'\n",
+        "[upstreams.b]\nurl = 'http://127.0.0.1:9/mcp'\npool_size = 0\n",
+    ],
+)
+async def test_serve_refuses_what_check_config_refuses_with_the_same_line(tmp_path: Path, table: str) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"{table}[upstreams.a]\nurl = 'http://127.0.0.1:9/mcp'\n")
+    checked = await run_cli("check-config", str(config))
+    served = await run_cli("serve", "--config", str(config), "--port", "0", "--state", ":memory:")
+    assert checked[0] == served[0] == 2
+    assert checked[2] == served[2]
+    assert checked[2].count(b"\n") == 1
+    assert b"Traceback" not in served[2]

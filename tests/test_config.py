@@ -145,7 +145,7 @@ SERVER_REFUSALS = [
     ("log_level", '"verbose"', "must be one of debug, info, warning, error"),
     ("log_format", '"xml"', "must be one of auto, json, console"),
     ("state", '"postgres://db/sessions"', "must be a file path, :memory:, or a redis:// or rediss:// URL"),
-    ("state", '"redis://localhost:port/0"', "has a port that is not a number"),
+    ("state", '"redis://localhost:port/0"', "must be a file path, :memory:, or a redis:// or rediss:// URL (a valid"),
     ("state", '"redis://localhost:6379/sessions"', "must name the database by number"),
     ("host", '""', "must not be empty"),
 ]
@@ -287,7 +287,10 @@ def test_an_upstream_url_with_credentials_is_refused_from_every_source_without_e
         ("headers = { Host = 'x' }", "upstreams.a.headers must not set Host: the proxy writes it"),
         ("headers = { Mcp-Session-Id = 'x' }", "upstreams.a.headers must not set Mcp-Session-Id"),
         ("headers = { A = 1 }", "upstreams.a.headers must map A to a string"),
-        ("url = 'http://x:port/mcp'", "upstreams.a.url has a port that is not a number"),
+        ("url = 'http://x:port/mcp'", "upstreams.a.url must be an http(s) URL (a valid host and port)"),
+        ("url = 'http://x:70000/mcp'", "upstreams.a.url must be an http(s) URL (a valid host and port)"),
+        ("url = 'http://[::1/mcp'", "upstreams.a.url must be an http(s) URL (a valid host and port)"),
+        ("url = 'http://exa mple.com/mcp'", "upstreams.a.url must be an http(s) URL (no spaces)"),
     ],
 )
 def test_upstream_paths_and_headers_that_could_never_work_are_refused(tmp_path: Path, text: str, message: str) -> None:

@@ -212,7 +212,8 @@ def _text_as_int(text: str) -> Any:
     try:
         return int(text.strip())
     except ValueError:
-        return text  # the check then says "must be an integer, not 'x'"
+        # "1.5" is refused as the file's 1.5 is ("must be an integer, not 1.5"); "x" as 'x'.
+        return _text_as_number(text)
 
 
 def _text_as_number(text: str) -> Any:

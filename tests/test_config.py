@@ -6,11 +6,15 @@ import asyncio
 import json
 import re
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mcp_heal_proxy.config import SERVER_OPTIONS, ConfigError, build_config, default_state_path, describe
+from mcp_heal_proxy.config import SERVER_OPTIONS, ConfigError, ProxyConfig, build_config, default_state_path, describe
 from tests.conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "config.example.toml"
@@ -318,3 +322,56 @@ def test_allowed_origins_from_a_variable_are_comma_separated() -> None:
 def test_every_server_key_can_be_set_from_the_environment_and_set() -> None:
     # The README promises MCP_HEAL_PROXY_<KEY> for every [server] key: no key may be file-only.
     assert all(option.from_text is not None for option in SERVER_OPTIONS.values())
+
+
+# Every [server] key that holds a number.
+NUMERIC_SERVER_KEYS = [key for key in SERVER_OPTIONS if key in {edge[0] for edge in SERVER_EDGES}]
+
+
+def outcome(where: str, attempt: Callable[[], ProxyConfig], key: str) -> tuple[str, object]:
+    """What one source made of a value: the value the config holds, or the error without its place."""
+    try:
+        return "accepted", getattr(attempt(), key)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(where + " "), message
+        return "refused", message.removeprefix(where + " ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.sampled_from(NUMERIC_SERVER_KEYS),
+    value=st.one_of(
+        st.integers(min_value=-(10**6), max_value=10**6),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([0, 1, 65535, 65536, 0.1, 0.09, 1.0, 0.5]),
+    ),
+)
+def test_the_file_a_variable_and_set_agree_on_every_number(key: str, value: float) -> None:
+    text = repr(value)  # a TOML literal too: 1.5, 1e-05, nan, inf, -inf
+    upstream = "[upstreams.a]\nurl = 'http://x/mcp'\n"
+    with tempfile.TemporaryDirectory() as directory:
+        path = write(Path(directory), f"[server]\n{key} = {text}\n{upstream}")
+        outcomes = {
+            outcome(f"{path}: server.{key}", lambda: build_config(config_file=path, flags={}, environ={}), key),
+            outcome(
+                f"MCP_HEAL_PROXY_{key.upper()}",
+                lambda: build_config(
+                    config_file=None,
+                    flags={"upstream": "http://x/mcp"},
+                    environ={f"MCP_HEAL_PROXY_{key.upper()}": text},
+                ),
+                key,
+            ),
+            outcome(
+                f"--set {key}",
+                lambda: build_config(
+                    config_file=None, flags={"upstream": "http://x/mcp"}, environ={}, settings=[f"{key}={text}"]
+                ),
+                key,
+            ),
+        }
+    if value != value:
+        assert all(kind == "refused" for kind, _ in outcomes), outcomes
+    # One answer, whatever the source: the same value held, or the same reason given.
+    assert len({(kind, str(result)) for kind, result in outcomes}) == 1, outcomes

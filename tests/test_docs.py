@@ -43,10 +43,15 @@ def code_blocks(path: Path, language: str | None = None) -> list[str]:
     return [text for lang, text in blocks if language is None or lang == language]
 
 
-def installed_command() -> list[str]:
-    """The mcp-heal-proxy of the environment running the tests."""
-    executable = Path(sys.executable).parent / "mcp-heal-proxy"
-    return [str(executable)] if executable.exists() else [sys.executable, "-m", "mcp_heal_proxy"]
+@pytest.fixture
+def command(tmp_path: Path) -> Path:
+    """An ``mcp-heal-proxy`` executable that runs this checkout's code (whatever is installed where),
+    for the places that need a program path: PATH, ExecStart, ProgramArguments."""
+    shim = tmp_path / "bin" / "mcp-heal-proxy"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO_ROOT}" exec "{sys.executable}" -m mcp_heal_proxy "$@"\n')
+    shim.chmod(0o755)
+    return shim
 
 
 def clean_environment(**extra: str) -> dict[str, str]:
@@ -214,14 +219,14 @@ def test_the_user_guide_covers_each_client_services_docker_and_troubleshooting()
 # ---- config.example.toml --------------------------------------------------------------------------------
 
 
-async def test_the_example_config_passes_check_config_once_its_token_variable_is_set() -> None:
+async def test_the_example_config_passes_check_config_once_its_token_variable_is_set(command: Path) -> None:
     example = EXAMPLE.read_text()
     (token_line,) = [line for line in example.splitlines() if "${GITHUB_TOKEN}" in line]
     before = example[: example.index(token_line)]
     assert "GITHUB_TOKEN must be set" in before, "say next to the header that the variable must be set"
     for env, expected in ((clean_environment(GITHUB_TOKEN="ghp_example"), 0), (clean_environment(), 2)):
         process = await asyncio.create_subprocess_exec(
-            *installed_command(),
+            command,
             "check-config",
             str(EXAMPLE),
             env=env,
@@ -275,12 +280,12 @@ def systemd_unit() -> configparser.ConfigParser:
     return unit
 
 
-def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path, command: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed (Debian package systemd); the ExecStart test still runs")
     # verify checks that ExecStart's program exists: point it at this environment's command.
-    text = SYSTEMD_UNIT.read_text().replace("%h/.local/bin/mcp-heal-proxy", installed_command()[0])
+    text = SYSTEMD_UNIT.read_text().replace("%h/.local/bin/mcp-heal-proxy", str(command))
     (tmp_path / SYSTEMD_UNIT.name).write_text(text)
     result = subprocess.run(
         [analyze, "verify", SYSTEMD_UNIT.name], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
@@ -339,18 +344,18 @@ def environment_file_secrets(setting: str, home: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in environment_file.read_text().splitlines())
 
 
-async def test_the_systemd_units_exec_start_serves_and_stops_on_its_kill_signal(tmp_path: Path) -> None:
+async def test_the_systemd_units_exec_start_serves_and_stops_on_its_kill_signal(tmp_path: Path, command: Path) -> None:
     service = systemd_unit()["Service"]
     home, port = service_home(tmp_path)
     words = shlex.split(service["ExecStart"].replace("%h", str(home)))
     assert words[0] == f"{home}/.local/bin/mcp-heal-proxy", "the unit assumes `pipx install .`"
     env = clean_environment(HOME=str(home), **environment_file_secrets(service["EnvironmentFile"], home))
     stop = signal.Signals[service["KillSignal"]]
-    await run_like_a_service([*installed_command(), *words[1:]], env, port, stop)
+    await run_like_a_service([str(command), *words[1:]], env, port, stop)
     assert service["RestartPreventExitStatus"] == "2", "a configuration mistake (exit 2) is not retried"
 
 
-async def test_the_launchd_agents_program_arguments_serve_and_stop_on_sigterm(tmp_path: Path) -> None:
+async def test_the_launchd_agents_program_arguments_serve_and_stop_on_sigterm(tmp_path: Path, command: Path) -> None:
     with LAUNCHD_AGENT.open("rb") as handle:
         agent = plistlib.load(handle)
     home, port = service_home(tmp_path)
@@ -358,4 +363,34 @@ async def test_the_launchd_agents_program_arguments_serve_and_stop_on_sigterm(tm
     assert words[0] == f"{home}/.local/bin/mcp-heal-proxy", "the agent assumes `pipx install .`"
     assert all(not word.startswith("~") and "$" not in word for word in words), "launchd expands neither ~ nor $"
     env = clean_environment(HOME=str(home), **agent["EnvironmentVariables"])
-    await run_like_a_service([*installed_command(), *words[1:]], env, port, signal.SIGTERM)
+    await run_like_a_service([str(command), *words[1:]], env, port, signal.SIGTERM)
+
+
+def transcripts(path: Path) -> list[tuple[str, str]]:
+    """``$ command`` lines of plain code blocks, each with the output the document shows for it."""
+    found: list[tuple[str, str]] = []
+    for block in code_blocks(path, ""):
+        if not block.startswith("$ "):
+            continue
+        for chunk in re.split(r"^\$ ", block, flags=re.MULTILINE)[1:]:
+            command, _, output = chunk.partition("\n")
+            found.append((command, output))
+    return found
+
+
+async def test_the_user_guides_transcripts_are_what_the_commands_print(command: Path) -> None:
+    shown = transcripts(USER_GUIDE)
+    assert shown, "the user guide shows what a mistake looks like"
+    path = f"{command.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    for line, output in shown:
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            line,
+            env=clean_environment(PATH=path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(20):
+            printed, _ = await process.communicate()
+        assert printed.decode() == output, line

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
-from mcp_heal_proxy.guards import origin_guard, router_errors_as_jsonrpc, token_guard
+from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
@@ -110,7 +110,10 @@ def build_app(config: ProxyConfig) -> web.Application:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
+    cors = Cors(config.allowed_origins)
+    app.on_response_prepare.append(cors.on_response_prepare)
     for upstream_config in config.upstreams:
+        app.router.add_route("OPTIONS", upstream_config.path, cors.preflight)
         app.router.add_post(upstream_config.path, post)
         app.router.add_get(upstream_config.path, get, allow_head=False)
         app.router.add_delete(upstream_config.path, delete)

@@ -24,7 +24,6 @@ from mcp_heal_proxy.config import (
     ConfigError,
     ProxyConfig,
     build_config,
-    check_url,
     describe,
     mask_url,
 )
@@ -38,14 +37,26 @@ examples:
   mcp-heal-proxy serve --upstream https://mcp.example.com/mcp
   mcp-heal-proxy serve --upstream http://127.0.0.1:8000/mcp --port 9000 --state :memory:
   mcp-heal-proxy serve --config proxy.toml          # several upstreams, headers, timeouts
+  mcp-heal-proxy serve --config proxy.toml --set max_sessions=500 --set allowed_origins=https://app.example.com
   MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy serve
 
-settings come from the config file, then MCP_HEAL_PROXY_* variables (HOST, PORT, STATE, UPSTREAM,
-CONFIG, TOKEN, LOG_FORMAT, LOG_LEVEL, MAX_BODY_BYTES), then flags; later ones win.
+settings come from the config file, then MCP_HEAL_PROXY_* variables (UPSTREAM, CONFIG, and every
+[server] key in upper case: HOST, PORT, STATE, TOKEN, MAX_SESSIONS, ...), then flags; later ones win.
+--set KEY=VALUE sets any [server] key, or an upstream key (read_timeout, client, ...) of --upstream.
 
 then point the client at the proxy, e.g. in ~/.codex/config.toml:
   [mcp_servers.example]
   url = "http://127.0.0.1:8787/mcp"
+"""
+
+TOP_EXAMPLES = """\
+examples:
+  mcp-heal-proxy demo                                         # watch a heal, about 3 seconds
+  mcp-heal-proxy serve --upstream https://mcp.example.com/mcp # one upstream at /mcp
+  mcp-heal-proxy serve --config proxy.toml                    # several upstreams, each at /NAME/mcp
+  mcp-heal-proxy check-config proxy.toml                      # validate, print the effective config
+
+run "mcp-heal-proxy COMMAND --help" for each command's options and examples.
 """
 
 DEMO_EXAMPLES = """\
@@ -61,9 +72,12 @@ Exit status 0 when the proxy healed the expired session, 1 when it did not.
 CHECK_EXAMPLES = """\
 examples:
   mcp-heal-proxy check-config proxy.toml
-  GITHUB_TOKEN=... mcp-heal-proxy check-config proxy.toml
+  GITHUB_TOKEN=... mcp-heal-proxy check-config config.example.toml
+  mcp-heal-proxy check-config proxy.toml --port 9000 --set max_sessions=500   # as serve would see it
+  mcp-heal-proxy check-config --upstream https://mcp.example.com/mcp         # no file
 
-exit status 0 when the file is valid, 2 with a one-line reason when it is not.
+The same checks as serve, with MCP_HEAL_PROXY_* variables and the flags applied: what check-config
+accepts, serve can run. Exit status 0 when the config is valid, 2 with a one-line reason when it is not.
 """
 
 
@@ -71,21 +85,32 @@ class UsageError(Exception):
     """A user mistake: reported in one line, exit status 2, no traceback."""
 
 
-def _upstream_url(value: str) -> str:
-    try:
-        return check_url(value, "--upstream")
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {port}")
-    return port
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the config, shared by serve and check-config. Values are checked by
+    config.build_config, with the same rules as the file's (so --port 70000 and port = 70000 get one answer)."""
+    parser.add_argument("--upstream", metavar="URL", help="upstream MCP endpoint, served at /mcp")
+    parser.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", help=f"port to listen on, 0 for any free one (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--state",
+        metavar="PATH",
+        help="session store: a SQLite file, :memory:, or redis://HOST:PORT/DB (default: a file in the user's state directory)",
+    )
+    parser.add_argument(
+        "--log-format",
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+        help="log format (default auto: console on a terminal)",
+    )
+    parser.add_argument("--log-level", metavar="{" + ",".join(LOG_LEVELS) + "}", help="log level (default info)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any key of config.example.toml's [server] table (lists comma-separated), or an upstream key "
+        "for --upstream's upstream; repeatable",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,37 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-heal-proxy",
         description="Local proxy that keeps MCP Streamable HTTP sessions alive when the server forgets them.",
-        epilog=SERVE_EXAMPLES,
+        epilog=TOP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mcp-heal-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
-        help="run the proxy in front of one upstream MCP server",
-        description="Run the proxy. Clients connect to http://HOST:PORT/mcp.",
+        help="run the proxy in front of one or more upstream MCP servers",
+        description="Run the proxy: --upstream URL is served at http://HOST:PORT/mcp, each [upstreams.NAME] "
+        "of a config file at its path (default /NAME/mcp).",
         epilog=SERVE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--upstream", type=_upstream_url, metavar="URL", help="upstream MCP endpoint, served at /mcp")
     serve.add_argument("--config", metavar="FILE", help="TOML config file (see config.example.toml)")
-    serve.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
-    serve.add_argument("--port", type=_port, help=f"port to listen on, 0 for any (default {DEFAULT_PORT})")
-    serve.add_argument(
-        "--state",
-        metavar="PATH",
-        help="session store: a SQLite file, :memory:, or redis://HOST:PORT/DB (default: a file in the user's state directory)",
-    )
-    serve.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default auto: console on a terminal)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    _add_config_flags(serve)
     check = commands.add_parser(
         "check-config",
-        help="validate a config file and print the effective config, secrets masked",
-        description="Validate a config file (with MCP_HEAL_PROXY_* variables applied) and print the result.",
+        help="validate a config (file, environment, flags) and print it, secrets masked",
+        description="Validate a config file, with MCP_HEAL_PROXY_* variables and any serve flags applied, and "
+        "print the effective config with secrets masked.",
         epilog=CHECK_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("file", metavar="FILE", help="TOML config file")
+    check.add_argument("file", metavar="FILE", nargs="?", help="TOML config file (default: $MCP_HEAL_PROXY_CONFIG)")
+    _add_config_flags(check)
     demo = commands.add_parser(
         "demo",
         help="watch the proxy heal an expired session (built-in server and client)",
@@ -144,6 +163,21 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
     result: int = uvloop.run(coro)
     return result
+
+
+def banner(config: ProxyConfig, port: int) -> list[str]:
+    """What serve prints once it listens: where, and for each upstream the URL a client should paste."""
+    bound = f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
+    if config.listens_on_all_interfaces:
+        # The URLs below are the loopback ones (0.0.0.0 is no address to connect to); from another
+        # machine the client needs this machine's address instead.
+        bound += " (all interfaces)"
+    lines = [f"mcp-heal-proxy {__version__} on {bound}, sessions in {config.state_display}"]
+    for upstream in config.upstreams:
+        url = config.client_url(upstream, port)
+        lines.append(f"  {upstream.name}: {url} -> {mask_url(upstream.url)}")
+        lines.append(f'  paste into your MCP client: url = "{url}"')
+    return lines
 
 
 async def serve(config: ProxyConfig) -> int:
@@ -173,11 +207,10 @@ async def serve(config: ProxyConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
     # With --port 0 the system picked a free port: report the real one.
     port = runner.addresses[0][1] if runner.addresses else config.port
-    print(f"mcp-heal-proxy {__version__} on {config.host}:{port}, sessions in {config.state_display}", flush=True)
+    for line in banner(config, port):
+        print(line, flush=True)
     for upstream in config.upstreams:
         url = config.client_url(upstream, port)
-        print(f"  {upstream.name}: {url} -> {upstream.url}", flush=True)
-        print(f'  paste into your MCP client: url = "{url}"', flush=True)
         log.info(
             "proxy.started",
             upstream=upstream.name,
@@ -208,10 +241,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         configure_logging("auto", "info" if args.verbose else "warning")
         sys.exit(_run(run_demo(sys.stdout)))
     try:
-        if args.command == "check-config":
-            config = build_config(config_file=args.file, flags={})
-            print(json.dumps(describe(config), indent=2, default=list))
-            sys.exit(0)
         flags = {
             "upstream": args.upstream,
             "host": args.host,
@@ -220,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             "log_format": args.log_format,
             "log_level": args.log_level,
         }
-        config = build_config(config_file=args.config, flags=flags)
+        config_file = args.file if args.command == "check-config" else args.config
+        config = build_config(config_file=config_file, flags=flags, settings=args.settings)
+        if args.command == "check-config":
+            print(json.dumps(describe(config), indent=2, default=list))
+            sys.exit(0)
         configure_logging(config.log_format, config.log_level, config.secrets())
         sys.exit(_run(serve(config)))
     except (UsageError, ConfigError) as exc:

@@ -159,6 +159,7 @@ class Proxy:
             log.exception("request.unexpected_error", upstream=self._name, error=type(exc).__name__)
             response = error_response(UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), body)
         method = body.method_label if body is not None else "invalid"
+        outcome.tool = body.tool_name if body is not None else None
         self._finish(method, response.status, started, request, outcome)
         return response
 
@@ -371,6 +372,8 @@ class Proxy:
         label = method_label(method)
         self._metrics.requests.labels(self._name, label, str(status)).inc()
         session = request.headers.get(MCP_SESSION_ID)
+        duration = time.perf_counter() - started
+        self._metrics.events.request(self._name, method, outcome.tool, status, duration, outcome.healed, session)
         log.info(
             "request",
             upstream=self._name,
@@ -378,7 +381,7 @@ class Proxy:
             method=label,
             status=status,
             healed=outcome.healed,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round(duration * 1000, 3),
         )
 
     def _headers(self, request: web.Request, record: SessionRecord, *, fresh_stream: bool = False) -> dict[str, str]:
@@ -439,10 +442,11 @@ class Proxy:
 class _Outcome:
     """What happened to a request on its way, for the request log."""
 
-    __slots__ = ("healed",)
+    __slots__ = ("healed", "tool")
 
     def __init__(self) -> None:
         self.healed = False
+        self.tool: str | None = None
 
 
 class _NotReplayed(ProxyError):

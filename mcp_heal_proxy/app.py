@@ -15,6 +15,7 @@ from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
+from mcp_heal_proxy.status import UPSTREAMS_KEY, add_routes
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import Upstream
@@ -78,6 +79,7 @@ def build_app(config: ProxyConfig) -> web.Application:
                 healers.append(healer)
                 proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
             app[PROXIES_KEY] = proxies
+            app[UPSTREAMS_KEY] = {upstream.config.name: upstream for upstream in upstreams}
             try:
                 yield
             finally:
@@ -129,4 +131,5 @@ def build_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    add_routes(app, config, metrics.events, STORE_KEY)  # the status page and its JSON (status.py)
     return app

@@ -28,6 +28,10 @@ ENDPOINT_PATH: Final = "/mcp"
 DEFAULT_HEAL_ON: Final = (404, 400)
 HEALABLE_STATUSES: Final = frozenset({400, 401, 404})
 ENV_PREFIX: Final = "MCP_HEAL_PROXY_"
+# The proxy's own pages: the status page at "/", its assets and JSON endpoints under /_proxy/
+# (status.py). No upstream may be served there, nor at the health and metrics paths.
+STATUS_PREFIX: Final = "/_proxy/"
+RESERVED_PATHS: Final = frozenset({"/", "/_proxy", "/healthz", "/readyz", "/metrics"})
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: Final = ("auto", "json", "console")
@@ -222,6 +226,11 @@ def _upstream_from_table(
     options["path"] = table.get("path", f"/{name}/mcp")
     if not options["path"].startswith("/"):
         raise ConfigError(f"{source}: {where}.path must start with '/'")
+    if is_reserved_path(options["path"]):
+        raise ConfigError(
+            f"{source}: {where}.path {options['path']} belongs to the proxy itself "
+            f"(/, /healthz, /readyz, /metrics and {STATUS_PREFIX}... are reserved)"
+        )
     headers = table.get("headers", {})
     for header, value in headers.items():
         if not isinstance(value, str):
@@ -262,6 +271,16 @@ def _replay_policy(value: Any, where: str) -> ReplayPolicy:
     if isinstance(value, list) and all(isinstance(method, str) for method in value):
         return tuple(value)
     raise ConfigError(f'{where} must be "all", "none", or a list of method names')
+
+
+def is_status_path(path: str) -> bool:
+    """A path of the status page or its JSON endpoints."""
+    return path == "/" or path.startswith(STATUS_PREFIX)
+
+
+def is_reserved_path(path: str) -> bool:
+    """A path the proxy serves itself, which no upstream may take."""
+    return path in RESERVED_PATHS or path.startswith(STATUS_PREFIX)
 
 
 def check_url(value: str, where: str) -> str:

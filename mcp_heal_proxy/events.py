@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ MAX_SUBSCRIBERS: Final = 64
 # Client-chosen strings (method and tool names, reasons) are cut to this length.
 MAX_NAME: Final = 80
 SHORT_ID: Final = 8
+# A heal failure this recent explains a request's 5xx (the heal ran inside that request).
+_SAME_REQUEST: Final = 1.0
 
 # (seq, when, upstream, method, tool, status, duration_s, healed, session)
 RequestEntry = tuple[int, float, str, str, str | None, int, float, bool, str | None]
@@ -95,7 +98,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
 
 def percentile(ordered: list[float], fraction: float) -> float:
     """The nearest-rank percentile of an ordered, non-empty list."""
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
     return ordered[index]
 
 
@@ -229,8 +232,11 @@ class EventFeed:
         health = self._health.get(upstream) or self._upstream(upstream)
         health.requests += 1
         if status >= 500:
-            # The proxy's own 5xx answers (502, 503, 504) say the upstream could not be used.
-            health.failure = (now, status, method, None)
+            # The proxy's own 5xx answers (502, 503, 504) say the upstream could not be used. A heal
+            # that failed during this request said why, which beats a bare status.
+            previous = health.failure
+            why = previous[3] if previous is not None and now - previous[0] < _SAME_REQUEST else None
+            health.failure = (now, status, method, why)
         else:
             health.last_success = now
         if method != "GET":

@@ -195,10 +195,11 @@ def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store
         if token is not None and access.cookie_value is not None:
             if not access.token_matches(token):
                 return _refused(401, "wrong token")
-            response = web.HTTPSeeOther("/")
+            # Redirected at once, so that the token leaves the address bar and the history.
+            response = web.Response(
+                status=303, headers={"Location": "/", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+            )
             response.set_cookie(COOKIE, access.cookie_value, httponly=True, samesite="Strict", path="/")
-            response.headers["Cache-Control"] = "no-store"
-            response.headers["Referrer-Policy"] = "no-referrer"
             return response
         refused = access.refusal(request)
         if refused is not None:
@@ -259,8 +260,10 @@ def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store
             await response.prepare(request)
             hello = _compact({"version": __version__, "seq": feed.last_seq})
             await response.write(f"retry: 2000\nevent: hello\ndata: {hello}\n\n".encode())
-            while not subscription.closed:
+            while True:
                 batch = await subscription.next_batch(EVENTS_KEEPALIVE)
+                if subscription.closed:
+                    break  # shutdown: end the stream now rather than hold the shutdown grace period
                 chunks: list[str] = []
                 if subscription.dropped:
                     chunks.append(f"event: dropped\ndata: {_compact({'count': subscription.dropped})}\n\n")

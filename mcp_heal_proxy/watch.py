@@ -256,10 +256,9 @@ async def tail(
                         raise aiohttp.ClientResponseError(
                             response.request_info, (), status=response.status, message="not the event feed"
                         )
-                    unreachable_since, delay = None, RECONNECT_FIRST
-                    if announced:
-                        print(f"reconnected to {target}", file=sys.stderr, flush=True)
-                    announced = True
+                    verb = "reconnected to" if announced else "following"
+                    print(f"{verb} {target}", file=sys.stderr, flush=True)
+                    unreachable_since, delay, announced = None, RECONNECT_FIRST, True
                     parser = SSEParser()
                     async for chunk in response.content.iter_any():
                         for item in parser.feed(chunk):

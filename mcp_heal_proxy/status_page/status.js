@@ -7,7 +7,7 @@ const KEEP_REQUESTS = 100;
 const KEEP_HEALS = 50;
 const state = { status: null, requests: [], heals: [], seq: 0, clockSkew: 0 };
 let refreshTimer = null;
-let toastTimer = null;
+let bannerTimer = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -94,34 +94,28 @@ function renderUpstreams() {
     const head = el("div", null, "card-head");
     head.append(el("span", upstream.name, "name"), badge(label, badgeClass));
     card.append(head, el("div", `${upstream.path}  →  ${upstream.url}`, "route"));
-    const facts = el("dl", null, "facts");
-    const add = (term, value) => {
-      facts.append(el("dt", term));
-      const dd = el("dd");
-      if (value instanceof Node) dd.append(value);
-      else dd.textContent = value;
-      facts.append(dd);
-      return dd;
+    const facts = el("div", null, "facts");
+    const add = (label, value, className) => {
+      const fact = el("div", null, `fact ${className ?? ""}`);
+      const shown = el("div", null, "value");
+      if (value instanceof Node) shown.append(value);
+      else shown.textContent = value;
+      fact.append(el("div", label, "label"), shown);
+      facts.append(fact);
+      return fact;
     };
     add("last success", ago(upstream.last_success));
     if (upstream.last_failure) {
-      const dd = add("last failure", `${ago(upstream.last_failure.at)}: ${upstream.last_failure.why}`);
-      dd.className = "why";
+      const fact = add("last failure", `${ago(upstream.last_failure.at)}: ${upstream.last_failure.why}`, "why");
+      fact.title = new Date(upstream.last_failure.at * 1000).toLocaleString();
     } else {
       add("last failure", "none");
     }
-    const chips = el("div", null, "chips");
     const latency = upstream.latency;
-    if (latency.window) {
-      for (const p of ["p50", "p90", "p99"]) chips.append(el("span", `${p} ${ms(latency[`${p}_ms`])}`, "chip"));
-      const sample = el("span", `last ${latency.window}`, "window");
-      sample.title = "percentiles over this many recent requests (GET streams excluded)";
-      chips.append(sample);
-    } else {
-      chips.append(el("span", "no requests yet", "chip"));
-    }
-    add("latency", chips);
-    add("requests", upstream.requests);
+    for (const p of ["p50", "p90", "p99"]) add(`latency ${p}`, latency.window ? ms(latency[`${p}_ms`]) : "–", "num");
+    const over = add("latency over", latency.window ? `last ${latency.window}` : "no requests", "muted");
+    over.title = "percentiles over this many recent requests (GET streams excluded)";
+    add("requests", upstream.requests, "num");
     const heals = el("span");
     heals.append(badge(`${upstream.heals.healed} healed`, upstream.heals.healed ? "heal" : "idle"), " ");
     if (upstream.heals.failed) heals.append(badge(`${upstream.heals.failed} failed`, "bad"));
@@ -266,16 +260,17 @@ function setLive(mode, text) {
   $("live-text").textContent = text;
 }
 
-function toast(heal) {
-  const box = $("toast");
-  box.className = heal.outcome === "healed" ? "toast" : "toast failed";
-  box.textContent =
+function announce(heal) {
+  // A banner in the page's flow (it covers nothing), for a while after each heal.
+  const banner = $("banner");
+  banner.className = heal.outcome === "healed" ? "banner" : "banner failed";
+  banner.textContent =
     heal.outcome === "healed"
-      ? `Healed session ${heal.session} on ${heal.upstream} (${heal.reason}) in ${ms(heal.duration_ms)}`
+      ? `Healed session ${heal.session} on ${heal.upstream} (${heal.reason}) in ${ms(heal.duration_ms)}: the client kept its session.`
       : `Heal failed for session ${heal.session} on ${heal.upstream}: ${heal.error ?? heal.reason}`;
-  box.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (box.hidden = true), 6000);
+  banner.hidden = false;
+  clearTimeout(bannerTimer);
+  bannerTimer = setTimeout(() => (banner.hidden = true), 15000);
 }
 
 function onEvent(kind, item) {
@@ -289,7 +284,7 @@ function onEvent(kind, item) {
     if (state.heals.some((h) => h.seq === item.seq)) return;
     state.heals = [item, ...state.heals].slice(0, KEEP_HEALS);
     renderList("heals", "heals-empty", state.heals, healRow, freshFrom);
-    toast(item);
+    announce(item);
   }
   state.seq = Math.max(state.seq, item.seq);
   // Health, totals and the sessions table come from the proxy: fetch them again, at most a few times a second.

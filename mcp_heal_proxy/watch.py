@@ -215,12 +215,13 @@ def format_event(kind: str, item: Mapping[str, Any], *, color: bool) -> str | No
         return line + ("  " + paint("HEALED", _BOLD + _YELLOW) if item.get("healed") else "")
     if kind == "heal":
         healed = item["outcome"] == "healed"
-        label = paint("HEAL", _BOLD + (_YELLOW if healed else _RED))
-        outcome = paint(item["outcome"], _YELLOW if healed else _RED)
+        tone = _YELLOW if healed else _RED
+        what = f"HEAL {item['reason']}"
         detail = f"generation {item['generation']}" if healed else (item.get("error") or "")
         return (
-            f"{paint(_clock(item['at']), _DIM)}  {item['upstream']}  {item['session']:8}  {label} {outcome}  "
-            f"reason {item['reason']}  {item['duration_ms']:.1f} ms  {detail}".rstrip()
+            f"{paint(_clock(item['at']), _DIM)}  {item['upstream']}  {item['session']:8}  "
+            f"{paint(f'{what:32}', _BOLD + tone)}  {paint(item['outcome'], tone)}  "
+            f"{item['duration_ms']:9.1f} ms  {detail}".rstrip()
         )
     if kind == "dropped":
         return paint(f"... {item['count']} events dropped (this terminal reads too slowly)", _DIM)

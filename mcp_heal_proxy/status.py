@@ -47,9 +47,6 @@ PAGE_FILES: Final = Path(__file__).parent / "status_page"
 _ASSETS: Final = {"status.css": "text/css", "status.js": "text/javascript", "favicon.svg": "image/svg+xml"}
 COOKIE: Final = "mcp_heal_proxy_status"
 LOCAL_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
-# A comment on an idle event stream this often: proxies and browsers keep it open, and a client that
-# left is noticed.
-EVENTS_KEEPALIVE: Final = 15.0
 _PAGE_HEADERS: Final = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -261,12 +258,13 @@ def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store
             hello = _compact({"version": __version__, "seq": feed.last_seq})
             await response.write(f"retry: 2000\nevent: hello\ndata: {hello}\n\n".encode())
             while True:
-                batch = await subscription.next_batch(EVENTS_KEEPALIVE)
+                batch = await subscription.next_batch(config.keepalive_interval)
                 if subscription.closed:
                     break  # shutdown: end the stream now rather than hold the shutdown grace period
                 chunks: list[str] = []
                 if subscription.dropped:
-                    chunks.append(f"event: dropped\ndata: {_compact({'count': subscription.dropped})}\n\n")
+                    dropped = _compact({"type": "dropped", "count": subscription.dropped})
+                    chunks.append(f"event: dropped\ndata: {dropped}\n\n")
                     subscription.dropped = 0
                 for entry in batch:
                     item = entry_json(entry)

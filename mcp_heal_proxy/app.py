@@ -15,6 +15,7 @@ from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
+from mcp_heal_proxy.status import UPSTREAMS_KEY, add_routes
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import Upstream
@@ -66,13 +67,16 @@ def build_app(config: ProxyConfig) -> web.Application:
             resources.push_async_callback(flush, store, activity, config.session_idle_ttl)
             metrics.open_sessions.set_function(lambda: len(store))
             proxies: dict[str, Proxy] = {}
+            upstreams: dict[str, Upstream] = {}
             for upstream_config in config.upstreams:
                 upstream = Upstream(upstream_config, strip_client_authorization=config.token is not None)
+                upstreams[upstream_config.name] = upstream
                 resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)
                 resources.push_async_callback(healer.close)
                 proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
             app[PROXIES_KEY] = proxies
+            app[UPSTREAMS_KEY] = upstreams
             tasks = TaskOwner()
             resources.push_async_callback(tasks.close)
             tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
@@ -120,4 +124,5 @@ def build_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    add_routes(app, config, metrics.events, STORE_KEY)  # the status page and its JSON (status.py)
     return app

@@ -1,4 +1,4 @@
-"""Command line: ``mcp-heal-proxy serve ...``. The only module that exits the process."""
+"""Command line: ``mcp-heal-proxy serve|check-config|demo|sessions|tail``. The only module that exits the process."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -19,16 +20,20 @@ from mcp_heal_proxy.app import build_app
 from mcp_heal_proxy.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    ENV_PREFIX,
     LOG_FORMATS,
     LOG_LEVELS,
+    MEMORY_STATE,
     ConfigError,
     ProxyConfig,
     build_config,
+    default_state_path,
     describe,
     mask_url,
 )
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
+from mcp_heal_proxy.watch import DEFAULT_GIVE_UP, DEFAULT_PROXY_URL, WatchError, forget_session, list_sessions, tail
 
 EXIT_USAGE = 2
 
@@ -78,6 +83,27 @@ examples:
 
 The same checks as serve, with MCP_HEAL_PROXY_* variables and the flags applied: what check-config
 accepts, serve can run. Exit status 0 when the config is valid, 2 with a one-line reason when it is not.
+"""
+
+
+SESSIONS_EXAMPLES = """\
+examples:
+  mcp-heal-proxy sessions                          # the default store, while the proxy runs or not
+  mcp-heal-proxy sessions --config proxy.toml --json
+  mcp-heal-proxy sessions --state redis://127.0.0.1:6379/0
+  mcp-heal-proxy sessions forget 3f9c2a1b          # via the running proxy: upstream DELETE too
+
+forget asks the running proxy to end the session (DELETE upstream, then the record); when no proxy
+answers, it deletes the record only and says so. MCP_HEAL_PROXY_TOKEN is sent when the proxy has a token.
+"""
+
+TAIL_EXAMPLES = """\
+examples:
+  mcp-heal-proxy tail                              # the local proxy, http://127.0.0.1:8787
+  mcp-heal-proxy tail http://127.0.0.1:9000 --json | jq .
+
+MCP_HEAL_PROXY_TOKEN is sent as the bearer token when set. While the proxy restarts, tail reconnects
+with backoff, and exits with status 1 once it stayed unreachable for --give-up seconds.
 """
 
 
@@ -152,7 +178,62 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--verbose", action="store_true", help="print the proxy's log events to stderr")
+    sessions = commands.add_parser(
+        "sessions",
+        help="list the sessions in the store (works while a proxy runs), or end one",
+        description="List the client sessions in the session store, or end one with 'sessions forget ID'.",
+        epilog=SESSIONS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sessions.add_argument(
+        "action", nargs="?", choices=("list", "forget"), default="list", help="list (default) or forget"
+    )
+    sessions.add_argument("id", nargs="?", metavar="ID", help="forget: the session id, or its first characters")
+    where = sessions.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE", help="read the store and proxy address of this config file")
+    where.add_argument("--state", metavar="PATH", help="the store: a SQLite file or redis://HOST:PORT/DB")
+    sessions.add_argument("--json", action="store_true", help="print JSON (full ids)")
+    sessions.add_argument(
+        "--proxy", metavar="URL", help=f"forget: the running proxy (default from --config, else {DEFAULT_PROXY_URL})"
+    )
+    tail_parser = commands.add_parser(
+        "tail",
+        help="follow a running proxy's requests and heals, one line each",
+        description="Follow a running proxy's live events (requests and heals), one line each.",
+        epilog=TAIL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tail_parser.add_argument("url", nargs="?", metavar="URL", help=f"the proxy (default {DEFAULT_PROXY_URL})")
+    tail_parser.add_argument("--json", action="store_true", help="one JSON object per line, for piping")
+    tail_parser.add_argument(
+        "--give-up", type=float, default=DEFAULT_GIVE_UP, metavar="SECONDS", help="exit after this long unreachable"
+    )
     return parser
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    config: ProxyConfig | None = None
+    config_file = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
+    if args.state:
+        state = args.state
+    elif config_file:
+        config = build_config(config_file=config_file, flags={})
+        state = config.state
+    else:
+        state = os.environ.get(ENV_PREFIX + "STATE") or default_state_path()
+    if state != MEMORY_STATE and "://" not in state:
+        state = os.path.expanduser(state)
+    token = os.environ.get(ENV_PREFIX + "TOKEN") or (config.token if config else None)
+    try:
+        if args.action == "forget":
+            if not args.id:
+                raise UsageError("sessions forget needs a session ID")
+            return forget_session(state, args.id, config=config, proxy_url=args.proxy, token=token, out=sys.stdout)
+        if args.id:
+            raise UsageError(f"unexpected argument {args.id!r} (did you mean 'sessions forget {args.id}'?)")
+        return list_sessions(state, as_json=args.json, out=sys.stdout)
+    except ProxyError as exc:
+        raise UsageError(exc.message) from None
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -240,7 +321,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
         configure_logging("auto", "info" if args.verbose else "warning")
         sys.exit(_run(run_demo(sys.stdout)))
+    if args.command == "tail":
+        try:
+            token = os.environ.get(ENV_PREFIX + "TOKEN")
+            sys.exit(asyncio.run(tail(args.url, as_json=args.json, token=token, out=sys.stdout, give_up=args.give_up)))
+        except WatchError as exc:
+            print(f"mcp-heal-proxy: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
     try:
+        if args.command == "sessions":
+            sys.exit(_sessions(args))
         flags = {
             "upstream": args.upstream,
             "host": args.host,
@@ -259,5 +351,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except (UsageError, ConfigError) as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except WatchError as exc:
+        print(f"mcp-heal-proxy: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

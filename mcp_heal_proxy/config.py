@@ -32,6 +32,11 @@ ENV_PREFIX: Final = "MCP_HEAL_PROXY_"
 # Listen addresses that mean "every interface", and the loopback address a local client uses instead.
 WILDCARD_HOSTS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
+# The proxy's own pages: the status page at "/", its assets and JSON endpoints under /_proxy/
+# (status.py). No upstream may be served there, nor at the health and metrics paths.
+STATUS_PREFIX: Final = "/_proxy/"
+RESERVED_PATHS: Final = frozenset({"/", "/_proxy", "/healthz", "/readyz", "/metrics"})
+
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: Final = ("auto", "json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -358,16 +363,16 @@ def _upstream_url(value: Any) -> str:
 
 
 _PATH = re.compile(r"^/[A-Za-z0-9._~/-]*$")
-# Routes of the proxy's own (app.py): an upstream there would never be reached.
-RESERVED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def _path(value: Any) -> str:
     path = _string(value)
     if not _PATH.match(path):
         raise _Invalid("must start with '/' and use letters, digits, '.', '_', '~', '-', '/' only")
-    if path in RESERVED_PATHS:
-        raise _Invalid(f"must not be one of the proxy's own paths ({', '.join(sorted(RESERVED_PATHS))})")
+    if is_reserved_path(path):
+        raise _Invalid(
+            f"must not be one of the proxy's own paths ({', '.join(sorted(RESERVED_PATHS))}, {STATUS_PREFIX}...)"
+        )
     return path
 
 
@@ -508,6 +513,16 @@ def _upstream_from_table(
     if "url" not in table:
         raise ConfigError(f"{where}.url is required")
     return UpstreamConfig(**options)
+
+
+def is_status_path(path: str) -> bool:
+    """A path of the status page or its JSON endpoints."""
+    return path == "/" or path.startswith(STATUS_PREFIX)
+
+
+def is_reserved_path(path: str) -> bool:
+    """A path the proxy serves itself, which no upstream may take."""
+    return path in RESERVED_PATHS or path.startswith(STATUS_PREFIX)
 
 
 def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:

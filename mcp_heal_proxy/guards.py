@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from mcp_heal_proxy import jsonrpc
+from mcp_heal_proxy.config import is_status_path
 from mcp_heal_proxy.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 
 LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -81,13 +82,14 @@ def origin_guard(allowed_origins: Iterable[str]) -> Middleware:
 
 
 def token_guard(token: str) -> Middleware:
-    """Require ``Authorization: Bearer <token>`` on everything but health probes."""
+    """Require ``Authorization: Bearer <token>`` on everything but health probes and the status page."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # Browsers never send credentials on a CORS preflight, and answering one reaches no upstream.
-        if request.path not in OPEN_PATHS and request.method != "OPTIONS":
+        # Browsers never send credentials on a CORS preflight, and answering one reaches no upstream. The
+        # status page checks the token itself: a browser brings it as a cookie (status.py).
+        if request.path not in OPEN_PATHS and request.method != "OPTIONS" and not is_status_path(request.path):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
                 return json_error(

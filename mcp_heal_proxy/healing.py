@@ -228,6 +228,9 @@ class Healer:
         duration = time.perf_counter() - started
         self._metrics.heals.labels(self._name, reason, outcome).inc()
         self._metrics.heal_duration.labels(self._name).observe(duration)
+        self._metrics.events.heal(
+            self._name, record.client_session_id, record.generation, reason, duration, outcome, details
+        )
         emit = log.info if outcome == "healed" else log.warning
         emit(
             "session.healed" if outcome == "healed" else "session.heal_failed",

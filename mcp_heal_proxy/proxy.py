@@ -519,6 +519,9 @@ class Proxy:
         label = method_label(method)
         self._metrics.requests.labels(self._name, label, str(status)).inc()
         session = request.headers.get(MCP_SESSION_ID)
+        duration = time.perf_counter() - started
+        tool = outcome.body.tool_name if outcome.body is not None else None
+        self._metrics.events.request(self._name, method, tool, status, duration, outcome.healed, session)
         log.info(
             "request",
             upstream=self._name,
@@ -527,7 +530,7 @@ class Proxy:
             status=status,
             healed=outcome.healed,
             client_left=outcome.client_left,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round(duration * 1000, 3),
         )
 
     def _headers(self, request: web.Request, record: SessionRecord, *, fresh_stream: bool = False) -> dict[str, str]:

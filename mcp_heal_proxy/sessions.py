@@ -192,6 +192,10 @@ class MemorySessionStore:
         """One process: the Healer's own single-flight is enough."""
         return contextlib.nullcontext()
 
+    def records(self) -> list[SessionRecord]:
+        """Every record (the status page lists them)."""
+        return list(self._records.values())
+
     async def close(self) -> None:
         """Nothing to release."""
 

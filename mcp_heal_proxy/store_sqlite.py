@@ -178,6 +178,10 @@ class SQLiteSessionStore:
         """One process owns the file: the Healer's own single-flight is enough."""
         return contextlib.nullcontext()
 
+    def records(self) -> list[SessionRecord]:
+        """Every record (the status page lists them)."""
+        return list(self._records.values())
+
     async def close(self) -> None:
         """Close the file (every change is already committed)."""
         if self._connection is not None:

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.engine import SessionEngine
 from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
@@ -74,7 +75,8 @@ def build_app(config: ProxyConfig) -> web.Application:
                 resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)
                 resources.push_async_callback(healer.close)
-                proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
+                engine = SessionEngine(upstream, store, healer, metrics, activity, max_sessions=config.max_sessions)
+                proxies[upstream_config.path] = Proxy(engine, metrics, settings)
             app[PROXIES_KEY] = proxies
             app[UPSTREAMS_KEY] = upstreams
             tasks = TaskOwner()

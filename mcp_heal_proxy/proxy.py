@@ -1,8 +1,8 @@
-"""The MCP endpoint's request handlers: forward POST, GET and DELETE, rewrite session ids, heal.
+"""The HTTP front: aiohttp handlers for one upstream's MCP endpoint (POST, GET, DELETE).
 
-A request's life: read and classify the body once; map the client's session id to the upstream's;
-forward; if the upstream says the session is gone, heal (single-flight) and replay once; stream the
-answer back chunk by chunk as it arrives.
+A request's life here: read and classify the body once, find the client's session, hand the message
+to the session engine (engine.py: upstream side, expiry, heal, replay), and relay the answer back chunk
+by chunk as it arrives (relay.py). Every request is logged and counted once, from a ``finally``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,49 +19,23 @@ import structlog
 from aiohttp import web
 
 from mcp_heal_proxy import jsonrpc
-from mcp_heal_proxy.answers import AnswerTracker
-from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.content_coding import decoded
+from mcp_heal_proxy.engine import DELETE_GONE, SessionEngine, answer_tracker
 from mcp_heal_proxy.errors import (
     BodyTooLarge,
     InvalidRequest,
     ProxyError,
     TooManyStreams,
-    UnknownSession,
     UnsupportedMediaType,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcp_heal_proxy.headers import (
-    CONTENT_ENCODING,
-    LAST_EVENT_ID,
-    MCP_SESSION_ID,
-    is_valid_session_id,
-    upstream_request_headers,
-)
-from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
-from mcp_heal_proxy.housekeeping import SessionActivity
-from mcp_heal_proxy.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.headers import LAST_EVENT_ID, MCP_SESSION_ID
+from mcp_heal_proxy.jsonrpc import PostBody
 from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.relay import Outcome, PendingResume, Relay, answer_unresumable
-from mcp_heal_proxy.sessions import SessionRecord, SessionStore, new_client_session_id
-from mcp_heal_proxy.state import record_state_change
-from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
+from mcp_heal_proxy.sessions import SessionRecord
 
 log = structlog.get_logger("mcp_heal_proxy.proxy")
 
-# Upstream answers to DELETE that mean the session is already gone or cannot be ended: to the
-# client, whose session the proxy forgets either way, that is success.
-_DELETE_GONE: Final = frozenset({404, 405})
-# GET stream answers after which reattaching is pointless: no GET stream, or one already open.
-_GET_REFUSED: Final = frozenset({405, 409})
-# Reattaching a client's GET stream when opening a new one fails: back off, and give up after a while
-# so that a client whose upstream is gone for good sees its stream end and can decide for itself.
-_REATTACH_ATTEMPTS: Final = 10
-_REATTACH_RETRY_FIRST: Final = 0.1
-_REATTACH_RETRY_MAX: Final = 8.0
-# A state change (subscription, log level) racing heals: applied to the newest record, a few times at most.
-_STATE_WRITE_ATTEMPTS: Final = 3
 # What the request log says of a client that hung up before any answer started (as nginx does).
 CLIENT_LEFT_STATUS: Final = 499
 
@@ -127,25 +101,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 class Proxy:
-    """Handlers for one upstream's MCP endpoint."""
+    """The HTTP front of one upstream's MCP endpoint: aiohttp handlers over the session engine."""
 
-    def __init__(
-        self,
-        upstream: Upstream,
-        store: SessionStore,
-        healer: Healer,
-        metrics: Metrics,
-        settings: ProxySettings,
-        activity: SessionActivity,
-    ) -> None:
-        self._activity = activity
+    def __init__(self, engine: SessionEngine, metrics: Metrics, settings: ProxySettings) -> None:
+        self._engine = engine
         self._slots = StreamSlots(settings.max_streams_per_session)
-        self._relay = Relay(upstream.config.name, settings.keepalive_interval, metrics.open_streams)
-        self._upstream = upstream
-        self._config = upstream.config
-        self._name = upstream.config.name
-        self._store = store
-        self._healer = healer
+        self._relay = Relay(engine.name, settings.keepalive_interval, metrics.open_streams)
+        self._upstream = engine.upstream
+        self._name = engine.name
         self._metrics = metrics
         self._settings = settings
 
@@ -192,173 +155,32 @@ class Proxy:
             return error_response(UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), outcome.body)
 
     async def _post(self, request: web.Request, body: PostBody, outcome: Outcome) -> web.StreamResponse:
+        engine = self._engine
         if body.initialize is not None:
-            return await self._initialize(request, body, outcome)
+            opened = await engine.initialize(request.headers, body)
+            cid = opened.record.client_session_id if opened.record is not None else None
+            return await self._relay.relay(request, opened.response, cid, outcome, opened.prefetched)
         client_session_id = request.headers.get(MCP_SESSION_ID)
         if client_session_id is None:
-            # No session: a 2026-07-28 stateless request, or a mistake the upstream will explain.
-            upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
-            self._refuse_garbage(upstream, body)
-            return await self._relay.relay(request, upstream, None, outcome, tracker=self._tracker(upstream, body))
-        record = await self._record(client_session_id)
+            upstream = await engine.post_without_session(request.headers, body)
+            return await self._relay.relay(
+                request, upstream, None, outcome, tracker=answer_tracker(upstream, body.request_ids)
+            )
+        record = await engine.session(client_session_id)
         with self._slots.slot(client_session_id):
-            return await self._post_on_session(request, body, record, outcome)
-
-    async def _post_on_session(
-        self, request: web.Request, body: PostBody, record: SessionRecord, outcome: Outcome
-    ) -> web.StreamResponse:
-        client_session_id = record.client_session_id
-        upstream = await self._send("POST", self._headers(request, record), body.raw)
-        expired, prefetched = await self._check_expiry(upstream)
-        if not expired:
-            self._refuse_garbage(upstream, body)
-            if upstream.status < 300:
-                await self._remember_state(record, body)
+            sent = await engine.post(request.headers, body, record)
+            outcome.healed = sent.healed
+            if sent.response is None:
+                return web.Response(status=202)
             return await self._relay.relay(
                 request,
-                upstream,
+                sent.response,
                 client_session_id,
                 outcome,
-                prefetched,
-                tracker=self._tracker(upstream, body),
-                generation=record.generation,
+                sent.prefetched,
+                tracker=answer_tracker(sent.response, body.request_ids),
+                generation=sent.record.generation,
             )
-        if body.belongs_to_dead_session:
-            # Answers and cancellations for requests of the dead session: nobody is waiting for them.
-            return web.Response(status=202)
-        record = await self._healer.heal(record, request.headers, reason=f"http_{upstream.status}")
-        outcome.healed = True
-        refused = [m.method for m in body.messages if m.method is not None and not self._config.replays(m.method)]
-        if refused:
-            raise _NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
-        upstream = await self._send("POST", self._headers(request, record), body.raw)
-        self._refuse_garbage(upstream, body)
-        if upstream.status < 300:
-            await self._remember_state(record, body)
-        return await self._relay.relay(
-            request,
-            upstream,
-            client_session_id,
-            outcome,
-            tracker=self._tracker(upstream, body),
-            generation=record.generation,
-        )
-
-    async def _initialize(self, request: web.Request, body: PostBody, outcome: Outcome) -> web.StreamResponse:
-        """Forward an initialize without any session id; map the session the upstream opens.
-
-        The record, negotiated protocol version included, is stored before the client sees a byte of
-        the answer: a client that reads its session id and hangs up at once must not leave a record
-        without its version (every later heal would then misreport a version change).
-        """
-        init = body.initialize
-        assert init is not None
-        excess = len(self._store) - self._settings.max_sessions + 1
-        if excess > 0:
-            evicted = await self._store.evict_oldest(excess)
-            log.info("session.evicted", upstream=self._name, count=evicted, max_sessions=self._settings.max_sessions)
-        upstream = await self._send("POST", upstream_request_headers(request.headers, None), body.raw)
-        self._refuse_garbage(upstream, body)
-        upstream_session_id = upstream.headers.get(MCP_SESSION_ID)
-        if upstream.status != 200 or not upstream_session_id:
-            # A refused initialize, or a server without sessions: nothing to map.
-            return await self._relay.relay(request, upstream, None, outcome)
-        if not is_valid_session_id(upstream_session_id):
-            upstream.release()
-            raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
-        tracker = AnswerTracker(
-            (init.id,), upstream.headers.get("Content-Type", ""), upstream.headers.get(CONTENT_ENCODING)
-        )
-        try:
-            # The initialize answer is one small message: read up to it (bounded), then store, then relay.
-            prefetched = await self._read_until_answered(upstream, tracker, init.id)
-            version = tracker.protocol_version(init.id)
-            record = SessionRecord(
-                client_session_id=new_client_session_id(),
-                upstream_session_id=upstream_session_id,
-                initialize_params=dict(init.params or {}),
-                upstream=self._name,
-                protocol_version=version,
-                upstream_protocol_version=version,
-            )
-            # Stored before the client sees the id, so no request can arrive for an unknown id.
-            await self._store.create(record)
-        except BaseException:
-            upstream.release()
-            # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
-            await self._end_upstream_session(request.headers, upstream_session_id, reason="not_stored")
-            raise
-        return await self._relay.relay(request, upstream, record.client_session_id, outcome, prefetched)
-
-    @staticmethod
-    async def _read_until_answered(
-        upstream: aiohttp.ClientResponse, tracker: AnswerTracker, request_id: RequestId
-    ) -> bytes:
-        """Read an answer until the response to ``request_id`` went by (at most INSPECT_LIMIT bytes)."""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            while size < INSPECT_LIMIT:
-                chunk = await upstream.content.readany()
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                tracker.feed(chunk)
-                if tracker.protocol_version(request_id) is not None:
-                    break
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream MCP server stopped answering the initialize") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"upstream MCP server broke the initialize answer: {type(exc).__name__}") from exc
-        return b"".join(chunks)
-
-    async def _end_upstream_session(
-        self, client_headers: Mapping[str, str], upstream_session_id: str, reason: str
-    ) -> None:
-        """Best effort, bounded: DELETE an upstream session that no client session points to."""
-        headers = upstream_request_headers(client_headers, upstream_session_id)
-        try:
-            async with asyncio.timeout(self._config.connect_timeout):
-                response = await self._upstream.send("DELETE", headers, patient=False)
-                response.release()
-        except (ProxyError, TimeoutError):
-            log.info("session.orphan_left_upstream", upstream=self._name, reason=reason)
-
-    @staticmethod
-    def _refuse_garbage(upstream: aiohttp.ClientResponse, body: PostBody) -> None:
-        """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive
-        portal or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
-        if not body.request_ids or not 200 <= upstream.status < 300 or upstream.status == 202:
-            return
-        content_type = upstream.headers.get("Content-Type", "")
-        if content_type.startswith(("application/json", "text/event-stream")):
-            return
-        upstream.release()
-        raise UpstreamUnavailable(
-            f"upstream MCP server answered {upstream.status} with {content_type or 'no content type'}"
-        )
-
-    @staticmethod
-    def _tracker(upstream: aiohttp.ClientResponse, body: PostBody) -> AnswerTracker | None:
-        """Track responses on SSE answers to requests, to finish a broken stream with errors."""
-        content_type = upstream.headers.get("Content-Type", "")
-        if not body.request_ids or not content_type.startswith("text/event-stream"):
-            return None
-        return AnswerTracker(body.request_ids, content_type, upstream.headers.get(CONTENT_ENCODING))
-
-    async def _remember_state(self, record: SessionRecord, body: PostBody) -> None:
-        """Record state the client set (subscriptions, log level), on top of whatever the store holds now:
-        a heal may have moved the session to a newer generation while this request was answered."""
-        for _ in range(_STATE_WRITE_ATTEMPTS):
-            updated = record_state_change(record, body)
-            if updated is record:
-                return
-            current = await self._store.put(updated)
-            if current is None or current.generation == updated.generation:
-                return  # written, or the session is gone
-            record = current  # refused as stale: apply the change to the newer record instead
-        log.warning("session.state_not_recorded", upstream=self._name, client_session=record.client_session_id[:8])
 
     def end_server_streams(self) -> None:
         """Shutdown: end GET streams cleanly now (see Relay.end_server_streams)."""
@@ -382,25 +204,26 @@ class Proxy:
             self._finish("GET", _status(outcome, response), started, request, outcome)
 
     async def _get(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
-        record = await self._record(self._required_session_id(request))
+        engine = self._engine
+        record = await engine.session(self._required_session_id(request))
         with self._slots.slot(record.client_session_id):
             last_event_id = request.headers.get(LAST_EVENT_ID)
             if last_event_id is not None:
                 pending = self._relay.take_resume(record.client_session_id, last_event_id)
                 if pending is not None:
                     return await self._resume(request, record, pending, outcome)
-            upstream = await self._send("GET", self._headers(request, record), stream=True)
-            expired, prefetched = await self._check_expiry(upstream)
-            if expired:
-                record = await self._healer.heal(record, request.headers, reason=f"http_{upstream.status}")
-                outcome.healed = True
-                upstream = await self._send("GET", self._headers(request, record, fresh_stream=True), stream=True)
-                prefetched = b""
+            sent = await engine.open_stream(request.headers, record)
+            outcome.healed = sent.healed
+            assert sent.response is not None
             # Only an open stream is kept open across heals; a refusal (405, 409, ...) is passed on as is.
-            live = record
-            reattach = (lambda event_id: self._reattach(request, live, event_id)) if upstream.status == 200 else None
+            live = sent.record
+            reattach = (
+                (lambda event_id: engine.reattach(request.headers, live, event_id))
+                if sent.response.status == 200
+                else None
+            )
             return await self._relay.relay(
-                request, upstream, record.client_session_id, outcome, prefetched, reattach=reattach
+                request, sent.response, record.client_session_id, outcome, sent.prefetched, reattach=reattach
             )
 
     async def _resume(
@@ -411,59 +234,11 @@ class Proxy:
         the client gets an error for each request it waits for at once. Never a fresh stream: that would
         never carry the answer, and would take the session's one GET stream from the client."""
         cid = record.client_session_id
-        if record.generation == pending.generation:
-            try:
-                upstream = await self._send("GET", self._headers(request, record), stream=True)
-            except ProxyError as exc:
-                log.info("stream.resume_failed", upstream=self._name, client_session=cid[:8], error=exc.message)
-            else:
-                content_type = upstream.headers.get("Content-Type", "")
-                if upstream.status == 200 and content_type.startswith("text/event-stream"):
-                    tracker = AnswerTracker(pending.request_ids, content_type, upstream.headers.get(CONTENT_ENCODING))
-                    return await self._relay.relay(
-                        request, upstream, cid, outcome, tracker=tracker, generation=record.generation
-                    )
-                log.info("stream.resume_refused", upstream=self._name, client_session=cid[:8], status=upstream.status)
-                upstream.release()
-        return await answer_unresumable(request, cid, pending.request_ids, outcome)
-
-    async def _reattach(
-        self, request: web.Request, stale: SessionRecord, last_event_id: str | None
-    ) -> aiohttp.ClientResponse | None:
-        """The upstream ended a GET stream the client still holds: open a new one, healing if need be.
-
-        On the same upstream session the stream resumes after ``last_event_id`` (nothing the server sent
-        meanwhile is lost); after a heal it starts fresh (event ids of a dead session mean nothing).
-        """
-        backoff = Backoff(first=_REATTACH_RETRY_FIRST, maximum=_REATTACH_RETRY_MAX)
-        for _ in range(_REATTACH_ATTEMPTS):
-            record = await self._store.get(stale.client_session_id)
-            if record is None:
-                return None  # the client ended its session meanwhile
-            resume = last_event_id is not None and record.generation == stale.generation
-            headers = self._headers(request, record, fresh_stream=True)
-            if resume:
-                assert last_event_id is not None
-                headers[LAST_EVENT_ID] = last_event_id
-            try:
-                upstream = await self._send("GET", headers, stream=True)
-                expired, _ = await self._check_expiry(upstream)
-                if expired:
-                    record = await self._healer.heal(record, request.headers, reason="get_stream_lost")
-                    upstream = await self._send("GET", self._headers(request, record, fresh_stream=True), stream=True)
-            except ProxyError as exc:
-                delay = backoff.next_delay()
-                log.info("stream.reattach_retry", upstream=self._name, error=exc.message, delay_s=round(delay, 3))
-                await asyncio.sleep(delay)
-                continue
-            if upstream.status == 200:
-                log.info("stream.reattached", upstream=self._name, client_session=record.client_session_id[:8])
-                return upstream
-            upstream.release()
-            if upstream.status in _GET_REFUSED:
-                return None
-            await asyncio.sleep(backoff.next_delay())
-        return None
+        upstream = await self._engine.resume(request.headers, record, pending.generation)
+        if upstream is None:
+            return await answer_unresumable(request, cid, pending.request_ids, outcome)
+        tracker = answer_tracker(upstream, pending.request_ids)
+        return await self._relay.relay(request, upstream, cid, outcome, tracker=tracker, generation=record.generation)
 
     async def handle_delete(self, request: web.Request) -> web.StreamResponse:
         """End a session: tell the upstream (once, promptly: the client is on its way out), forget it."""
@@ -480,31 +255,9 @@ class Proxy:
             self._finish("DELETE", _status(outcome, response), started, request, outcome)
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
-        client_session_id = self._required_session_id(request)
-        record = await self._record(client_session_id)
-        failure: ProxyError | None = None
-        status = 200
-        try:
-            # No connect_retry and a short read bound: nothing a client does on its way out may hang.
-            upstream = await self._upstream.send(
-                "DELETE", self._headers(request, record), patient=False, read_timeout=self._config.connect_timeout
-            )
-            status = upstream.status
-            upstream.release()
-        except ProxyError as exc:
-            failure = exc
-        finally:
-            # The client is done with its session whatever the upstream says.
-            await self._store.delete(client_session_id)
-        if failure is not None:
-            log.warning(
-                "session.delete_upstream_failed",
-                upstream=self._name,
-                client_session=client_session_id[:8],
-                error=failure.message,
-            )
-            raise type(failure)(f"the proxy forgot the session but could not end it upstream: {failure.message}")
-        if status < 300 or status in _DELETE_GONE:
+        record = await self._engine.session(self._required_session_id(request))
+        status = await self._engine.end(request.headers, record)
+        if status < 300 or status in DELETE_GONE:
             return web.Response(status=200)
         # Refused (401, 403, ...): the client hears it, with the upstream's status and a JSON-RPC body.
         payload = jsonrpc.error_body(
@@ -533,60 +286,12 @@ class Proxy:
             duration_ms=round(duration * 1000, 3),
         )
 
-    def _headers(self, request: web.Request, record: SessionRecord, *, fresh_stream: bool = False) -> dict[str, str]:
-        """Headers for the upstream on this record's session (a new stream drops stale event ids)."""
-        headers = upstream_request_headers(
-            request.headers, record.upstream_session_id, drop=(LAST_EVENT_ID,) if fresh_stream else ()
-        )
-        version = record.version_to_send
-        if version is not None:
-            # A heal negotiated another version than the client's: speak the upstream's.
-            headers = {k: v for k, v in headers.items() if k.lower() != "mcp-protocol-version"}
-            headers["MCP-Protocol-Version"] = version
-        return headers
-
-    async def _send(
-        self, method: str, headers: dict[str, str], body: bytes | None = None, *, stream: bool = False
-    ) -> aiohttp.ClientResponse:
-        started = time.perf_counter()
-        # GET and DELETE cannot run a tool: they may be resent over a connection that broke unanswered.
-        response = await self._upstream.send(method, headers, body, stream=stream, resendable=method != "POST")
-        self._metrics.upstream_latency.labels(self._name).observe(time.perf_counter() - started)
-        return response
-
     @staticmethod
     def _required_session_id(request: web.Request) -> str:
         client_session_id = request.headers.get(MCP_SESSION_ID)
         if client_session_id is None:
             raise InvalidRequest(f"{request.method} needs an {MCP_SESSION_ID} header")
         return client_session_id
-
-    async def _record(self, client_session_id: str) -> SessionRecord:
-        if not is_valid_session_id(client_session_id):
-            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to 128 visible ASCII characters")
-        record = await self._store.get(client_session_id)
-        if record is None or record.upstream != self._name:
-            raise UnknownSession("Session not found")
-        self._activity.mark(client_session_id)
-        return record
-
-    async def _check_expiry(self, upstream: aiohttp.ClientResponse) -> tuple[bool, bytes]:
-        """Read the body of a possible expiry answer; say whether it is one.
-
-        Returns the bytes read, so that an answer that is not an expiry is still relayed whole.
-        """
-        if upstream.status not in EXPIRY_STATUSES:
-            return False, b""
-        try:
-            body = await read_capped(upstream)
-        except BaseException:
-            upstream.release()
-            raise
-        readable = decoded(body, upstream.headers.get(CONTENT_ENCODING))
-        if is_session_expired(upstream.status, readable, sent_session_id=True, heal_on=self._config.heal_on):
-            upstream.release()
-            return True, b""
-        return False, body
 
 
 def _status(outcome: Outcome, response: web.StreamResponse | None) -> int:
@@ -597,10 +302,3 @@ def _status(outcome: Outcome, response: web.StreamResponse | None) -> int:
     if response is not None:
         return response.status
     return CLIENT_LEFT_STATUS if outcome.client_left else 500
-
-
-class _NotReplayed(ProxyError):
-    """The replay policy forbids replaying this request on the new session."""
-
-    http_status = 200
-    code = -32004

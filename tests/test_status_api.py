@@ -264,7 +264,7 @@ async def test_open_event_streams_end_at_shutdown_without_holding_it(fake: tuple
 def test_an_upstream_may_not_take_the_proxys_own_paths(tmp_path: Path, path: str) -> None:
     config_file = tmp_path / "proxy.toml"
     config_file.write_text(f'[upstreams.a]\nurl = "http://a/mcp"\npath = "{path}"\n')
-    with pytest.raises(ConfigError, match="belongs to the proxy itself"):
+    with pytest.raises(ConfigError, match=r"must not be one of the proxy.s own paths"):
         build_config(config_file=str(config_file), flags={}, environ={})
 
 

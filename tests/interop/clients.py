@@ -50,9 +50,18 @@ class ClientRun:
 
 
 async def run_ts_client(
-    node_env: NodeEnv, url: str, between_calls: BetweenCalls, *, argument: str = "text"
+    node_env: NodeEnv,
+    url: str,
+    between_calls: BetweenCalls,
+    *,
+    argument: str = "text",
+    stdio_command: list[str] | None = None,
 ) -> ClientRun:
-    """Run tests/interop/ts_client.mjs against ``url``; ``argument`` names the echo tool's argument."""
+    """Run tests/interop/ts_client.mjs against ``url``; ``argument`` names the echo tool's argument.
+    With ``stdio_command`` the client launches that command and speaks stdio to it instead."""
+    env = node_env.env()
+    if stdio_command is not None:
+        env["INTEROP_STDIO_COMMAND"] = json.dumps(stdio_command)
     process = await asyncio.create_subprocess_exec(
         node_env.node,
         str(HERE / "ts_client.mjs"),
@@ -61,7 +70,7 @@ async def run_ts_client(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=node_env.env(),
+        env=env,
     )
     assert process.stdin is not None
     assert process.stdout is not None

@@ -133,8 +133,14 @@ class CodexRun:
         )
 
 
-def codex_config(model_url: str, mcp_url: str) -> str:
-    """A private config.toml: the fake model as provider, the MCP server under test, nothing else."""
+def codex_config(model_url: str, mcp_url: str, stdio_command: list[str] | None = None) -> str:
+    """A private config.toml: the fake model as provider, the MCP server under test, nothing else.
+    With ``stdio_command`` Codex launches that command as the MCP server instead of dialing ``mcp_url``."""
+    server = (
+        f"command = {json.dumps(stdio_command[0])}\nargs = {json.dumps(stdio_command[1:])}"
+        if stdio_command is not None
+        else f'url = "{mcp_url}"'
+    )
     return f"""\
 model = "fake-model"
 model_provider = "fake"
@@ -151,7 +157,7 @@ stream_max_retries = 0
 stream_idle_timeout_ms = 60000
 
 [mcp_servers.{CODEX_MCP_SERVER_NAME}]
-url = "{mcp_url}"
+{server}
 startup_timeout_sec = 20
 tool_timeout_sec = {CODEX_TOOL_TIMEOUT_SEC}
 """
@@ -177,14 +183,20 @@ def codex_environment(home: Path) -> dict[str, str]:
 
 
 async def run_codex(
-    binary: Path, home: Path, mcp_url: str, between_calls: BetweenCalls, *, argument: str = "text"
+    binary: Path,
+    home: Path,
+    mcp_url: str,
+    between_calls: BetweenCalls,
+    *,
+    argument: str = "text",
+    stdio_command: list[str] | None = None,
 ) -> CodexRun:
     """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT."""
     model = FakeModel(between_calls, argument=argument)
     await model.start()
     try:
         (home / ".codex").mkdir(parents=True)
-        (home / ".codex" / "config.toml").write_text(codex_config(model.base_url, mcp_url))
+        (home / ".codex" / "config.toml").write_text(codex_config(model.base_url, mcp_url, stdio_command))
         workdir = home / "work"
         workdir.mkdir()
         process = await asyncio.create_subprocess_exec(

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UpstreamProcess
-from tests.interop.clients import run_ts_client
+from tests.interop.clients import run_codex, run_ts_client
 from tests.interop.conftest import EverythingServer, NodeEnv
+from tests.interop.fake_model import SECOND_CALL_ID, SECOND_TEXT
 
 pytestmark = pytest.mark.interop
 
@@ -59,3 +60,30 @@ async def test_ts_stdio_client_fails_on_server_everything_400_through_mcp_remote
     assert run.text("first") == "Echo: before", run
     assert run.text("second") is None, run
     assert run.returncode == 1, run
+
+
+async def test_codex_launching_the_bridge_survives_an_upstream_restart(
+    codex_binary: Path, sse_upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    command = [BRIDGE, "stdio", "--upstream", sse_upstream.url]
+    run = await run_codex(
+        codex_binary, tmp_path / "home", sse_upstream.url, sse_upstream.restart, stdio_command=command
+    )
+    assert run.model.restarted, run.explain()
+    second = run.output_of(SECOND_CALL_ID)
+    assert second is not None, run.explain()
+    assert SECOND_TEXT in second, run.explain()
+    assert run.tool_statuses() == ["completed", "completed"], run.explain()
+
+
+async def test_codex_launching_the_bridge_survives_server_everything_400(
+    codex_binary: Path, everything: EverythingServer, tmp_path: Path
+) -> None:
+    command = [BRIDGE, "stdio", "--upstream", everything.url]
+    run = await run_codex(
+        codex_binary, tmp_path / "home", everything.url, everything.restart, argument="message", stdio_command=command
+    )
+    second = run.output_of(SECOND_CALL_ID)
+    assert second is not None, run.explain()
+    assert f"Echo: {SECOND_TEXT}" in second, run.explain()
+    assert run.tool_statuses() == ["completed", "completed"], run.explain()

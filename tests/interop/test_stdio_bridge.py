@@ -6,14 +6,17 @@ the same way, which does not heal server-everything's 400.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
 import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from tests.conftest import UpstreamProcess
 from tests.interop.clients import run_codex, run_ts_client
-from tests.interop.conftest import EverythingServer, NodeEnv
+from tests.interop.conftest import EverythingServer, NodeEnv, TtlServer
 from tests.interop.fake_model import SECOND_CALL_ID, SECOND_TEXT
 
 pytestmark = pytest.mark.interop
@@ -87,3 +90,19 @@ async def test_codex_launching_the_bridge_survives_server_everything_400(
     assert second is not None, run.explain()
     assert f"Echo: {SECOND_TEXT}" in second, run.explain()
     assert run.tool_statuses() == ["completed", "completed"], run.explain()
+
+
+async def test_python_stdio_client_survives_an_idle_ttl_through_the_bridge(ttl_server: TtlServer) -> None:
+    params = StdioServerParameters(command=BRIDGE, args=["stdio", "--upstream", ttl_server.url])
+    async with (
+        stdio_client(params) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream) as session,
+        asyncio.timeout(60),
+    ):
+        await session.initialize()
+        first = await session.call_tool("echo", {"text": "before"})
+        assert "before" in str(first.content)
+        await ttl_server.wait_for_expiry()
+        second = await session.call_tool("echo", {"text": "after"})
+        assert not second.is_error, second
+        assert "after" in str(second.content)

@@ -7,6 +7,7 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -35,6 +36,10 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ReplayPolicy = Literal["all", "none"] | tuple[str, ...]
 UpstreamClient = Literal["aiohttp", "lean"]
 UPSTREAM_CLIENTS: Final = ("aiohttp", "lean")
+# OAuth pass-through (auth/standin.py): the proxy stands in as the authorization server, or only
+# rewrites the protected-resource metadata (the upstream's own authorization server), or neither.
+OAuthPassThrough = Literal["stand-in", "metadata", "off"]
+OAUTH_PASS_THROUGH: Final = ("stand-in", "metadata", "off")
 # The lean client carries 1.7x aiohttp's throughput through the proxy (docs/benchmarks.md, "Tuning");
 # "aiohttp" stays available per upstream as the fallback.
 DEFAULT_UPSTREAM_CLIENT: Final = "lean"
@@ -83,6 +88,7 @@ class UpstreamConfig:
     replay: ReplayPolicy = "all"
     # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
     client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
+    oauth_pass_through: OAuthPassThrough = "stand-in"
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -117,6 +123,8 @@ class ProxyConfig:
     # and one session may hold this many streaming answers (GET streams and SSE answers) at once.
     max_sessions: int = 10_000
     max_streams_per_session: int = 256
+    # Peers whose X-Forwarded-Proto/-Host/-Port tell the URL a client dialed (OAuth metadata names it).
+    trusted_proxies: tuple[str, ...] = ()
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
         """The URL a client puts in its config for one upstream."""
@@ -160,6 +168,7 @@ _SERVER_KEYS: Final = {
     "shutdown_grace": (int, float),
     "max_sessions": int,
     "max_streams_per_session": int,
+    "trusted_proxies": list,
 }
 _UPSTREAM_KEYS: Final = {
     "url": str,
@@ -174,6 +183,7 @@ _UPSTREAM_KEYS: Final = {
     "heal_on": list,
     "replay": (str, list),
     "client": str,
+    "oauth_pass_through": str,
 }
 
 
@@ -253,6 +263,10 @@ def _upstream_from_table(
         if table["client"] == "lean" and "@" in urlsplit(options["url"]).netloc:
             raise ConfigError(f"{source}: {where}.url: the lean client takes no credentials in the URL (use headers)")
         options["client"] = table["client"]
+    if "oauth_pass_through" in table:
+        if table["oauth_pass_through"] not in OAUTH_PASS_THROUGH:
+            raise ConfigError(f'{source}: {where}.oauth_pass_through must be "stand-in", "metadata" or "off"')
+        options["oauth_pass_through"] = table["oauth_pass_through"]
     return UpstreamConfig(**options)
 
 
@@ -262,6 +276,14 @@ def _replay_policy(value: Any, where: str) -> ReplayPolicy:
     if isinstance(value, list) and all(isinstance(method, str) for method in value):
         return tuple(value)
     raise ConfigError(f'{where} must be "all", "none", or a list of method names')
+
+
+def check_networks(values: tuple[Any, ...]) -> None:
+    """Check trusted proxy entries: IP addresses or networks (``10.0.0.0/8``); ValueError if not."""
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        ipaddress.ip_network(value, strict=False)
 
 
 def check_url(value: str, where: str) -> str:
@@ -293,6 +315,12 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
         options["token"] = expand_env(options["token"], "server.token", path, environ) or None
     if "allowed_origins" in options:
         options["allowed_origins"] = tuple(options["allowed_origins"])
+    if "trusted_proxies" in options:
+        options["trusted_proxies"] = tuple(options["trusted_proxies"])
+        try:
+            check_networks(options["trusted_proxies"])
+        except ValueError:
+            raise ConfigError(f"{path}: server.trusted_proxies must list IP addresses or networks") from None
     upstream_tables = document.get("upstreams", {})
     if not isinstance(upstream_tables, dict) or not all(isinstance(t, dict) for t in upstream_tables.values()):
         raise ConfigError(f"{path}: upstreams must hold one table per upstream, e.g. [upstreams.github]")

@@ -430,7 +430,10 @@ class Proxy:
         except BaseException:
             upstream.release()
             raise
-        if is_session_expired(upstream.status, body, sent_session_id=True, heal_on=self._config.heal_on):
+        challenge = upstream.headers.get("WWW-Authenticate")
+        if is_session_expired(
+            upstream.status, body, sent_session_id=True, heal_on=self._config.heal_on, www_authenticate=challenge
+        ):
             upstream.release()
             return True, b""
         return False, body

@@ -194,7 +194,7 @@ def test_authorization_server_rewrite_moves_endpoints_and_keeps_the_rest() -> No
     assert "revocation_endpoint" not in rewritten
     assert rewritten["jwks_uri"] == "https://as.example/jwks"
     assert rewritten["code_challenge_methods_supported"] == ["S256"]
-    assert "authorization_response_iss_parameter_supported" not in rewritten
+    assert rewritten["authorization_response_iss_parameter_supported"] is True
 
 
 def test_resource_maps_from_the_proxy_url_to_the_upstream_only() -> None:

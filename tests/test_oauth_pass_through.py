@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ from aiohttp.test_utils import TestServer
 from mcp.shared.exceptions import MCPError
 
 from mcp_heal_proxy.app import STORE_KEY
-from mcp_heal_proxy.auth import discovery
+from mcp_heal_proxy.auth import discovery, standin
 from mcp_heal_proxy.auth.metadata import bearer_param
 from mcp_heal_proxy.observability import configure_logging
 from mcp_heal_proxy.sessions import MemorySessionStore
@@ -39,7 +40,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fake_upstream import FakeUpstream
-from tests.oauth_clients import HeadlessLogin, MemoryStorage, OAuthUpstream, oauth_mcp_session
+from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, OAuthUpstream, oauth_mcp_session
 from tests.oauth_server import fingerprint
 
 TOKEN_LIFETIME = 2.0
@@ -332,7 +333,7 @@ async def test_metadata_is_a_json_error_when_the_upstream_has_none(
     async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")) as response:
         assert response.status == 404
         assert response.content_type == "application/json"
-        assert (await response.json())["error"] == "not_found"
+        assert (await response.json())["error"]["code"] == -32601
     # And a GET without a session still gets the usual answer: nothing asks for a login.
     async with http.get(proxy.url, headers={"Accept": "text/event-stream"}) as response:
         assert response.status == 400
@@ -357,7 +358,7 @@ async def test_metadata_fetch_is_bounded_in_time(
     started = time.monotonic()
     async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")) as response:
         assert response.status == 502
-        assert (await response.json())["error"] == "server_error"
+        assert (await response.json())["error"]["code"] == -32002
     assert time.monotonic() - started < 5
 
 
@@ -409,3 +410,52 @@ async def test_insufficient_scope_points_at_the_proxy_and_the_client_steps_up(
     assert storage.tokens is not None
     assert storage.tokens.scope is not None
     assert "extra" in storage.tokens.scope.split()
+
+
+async def test_rfc_9207_upstream_the_stand_in_relays_the_redirect_and_names_itself(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await oauth_upstream("--send-iss", "--strict-audience", "--token-lifetime", str(TOKEN_LIFETIME))
+    proxy = await start_proxy(upstream.url)
+    storage, login, text = await login_call_restart_call(proxy.url, upstream)
+    assert text == "after restart"
+    assert login.callback_url is not None
+    assert parse_qs(urlsplit(login.callback_url).query)["iss"] == [proxy.url]
+    assert storage.client_info is not None
+    assert [str(uri) for uri in storage.client_info.redirect_uris or []] == [REDIRECT_URI]
+
+
+async def test_rfc_9207_upstream_fails_when_the_stand_in_passes_its_redirect_straight_on(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(standin, "relays_redirect", lambda server: False)
+    upstream = await oauth_upstream("--send-iss")
+    proxy = await start_proxy(upstream.url)
+    with pytest.raises(Exception) as failure:  # noqa: PT011
+        async with asyncio.timeout(SCENARIO_TIMEOUT), oauth_mcp_session(proxy.url, MemoryStorage(), HeadlessLogin()):
+            pass
+    assert any("iss mismatch" in str(exc) for exc in leaves(failure.value)), failure.value
+
+
+async def test_relayed_callback_refuses_unknown_state_and_a_foreign_issuer(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream = await oauth_upstream("--send-iss")
+    proxy = await start_proxy(upstream.url)
+    callback = proxy.url.replace("/mcp", "/oauth/mcp/callback")
+    async with http.get(callback, params={"code": "c", "state": "never-issued"}, allow_redirects=False) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_request"
+    # A real authorization, whose redirect is then replayed with another issuer.
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+    params = {"response_type": "code", "client_id": "x", "redirect_uri": REDIRECT_URI, "state": "s1"}
+    async with http.get(authorize, params=params, allow_redirects=False) as response:
+        assert response.status == 302
+        relayed_state = parse_qs(urlsplit(response.headers["Location"]).query)["state"][0]
+    forged = {"code": "c", "state": relayed_state, "iss": "https://attacker.example"}
+    async with http.get(callback, params=forged, allow_redirects=False) as response:
+        assert response.status == 302
+        answer = parse_qs(urlsplit(response.headers["Location"]).query)
+    assert answer["error"] == ["access_denied"]
+    assert answer["state"] == ["s1"]
+    assert "code" not in answer

@@ -20,7 +20,7 @@ AUTHORIZATION_SERVER_WELL_KNOWN: Final = "/.well-known/oauth-authorization-serve
 OPENID_WELL_KNOWN: Final = "/.well-known/openid-configuration"
 # The stand-in authorization server's endpoints live under this prefix plus the upstream's path.
 STAND_IN_PREFIX: Final = "/oauth"
-STAND_IN_ENDPOINTS: Final = ("authorize", "token", "register", "revoke")
+STAND_IN_ENDPOINTS: Final = ("authorize", "callback", "token", "register", "revoke")
 
 # Host[:port] as a client may send it: a name, an IPv4 address or a bracketed IPv6 address. Anything
 # else (quotes, spaces, slashes) would let a client inject text into metadata or a challenge header.
@@ -141,8 +141,8 @@ def rewrite_authorization_server(metadata: Mapping[str, Any], origin: str, path:
 
     ``issuer`` is the proxy's URL for this upstream (clients compare it with the URL they were sent
     to, character for character); the endpoints that take a ``resource`` or must see the client's
-    registration move to the proxy; the rest (scopes, PKCE methods, auth methods) stays. RFC 9207
-    ``iss`` support is not advertised: the upstream's redirect carries its own issuer, not the proxy's.
+    registration move to the proxy; the rest (scopes, PKCE methods, auth methods, RFC 9207 ``iss``
+    support: the proxy then relays the redirect and sends its own ``iss``) stays.
     """
     rewritten = dict(metadata)
     rewritten["issuer"] = origin + path
@@ -151,7 +151,6 @@ def rewrite_authorization_server(metadata: Mapping[str, Any], origin: str, path:
     for key, endpoint in (("registration_endpoint", "register"), ("revocation_endpoint", "revoke")):
         if metadata.get(key):
             rewritten[key] = stand_in_endpoint(origin, path, endpoint)
-    rewritten.pop("authorization_response_iss_parameter_supported", None)
     return rewritten
 
 

@@ -18,7 +18,11 @@ value, a request body or a token answer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,6 +30,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.auth.discovery import MetadataUnavailable, UpstreamMetadata
 from mcp_heal_proxy.auth.metadata import (
     AUTHORIZATION_SERVER_WELL_KNOWN,
@@ -43,6 +48,8 @@ from mcp_heal_proxy.auth.metadata import (
     rewrite_protected_resource,
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
+from mcp_heal_proxy.errors import UpstreamUnavailable
+from mcp_heal_proxy.guards import json_error
 from mcp_heal_proxy.headers import MCP_SESSION_ID
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
@@ -54,6 +61,56 @@ FORWARD_TIMEOUT: Final = aiohttp.ClientTimeout(total=30.0, sock_connect=5.0)
 _ANSWER_HEADERS: Final = ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate", "Location")
 _CHALLENGE_STATUSES: Final = frozenset({401, 403})
 HTTP_KEY: Final = web.AppKey("oauth_http", aiohttp.ClientSession)
+# Authorizations the stand-in relays through its own callback (RFC 9207 upstreams): a login takes
+# minutes at most; the bound keeps abandoned ones from piling up.
+PENDING_TTL: Final = 600.0
+PENDING_LIMIT: Final = 1000
+ISS_SUPPORTED: Final = "authorization_response_iss_parameter_supported"
+
+
+def relays_redirect(server: Mapping[str, Any]) -> bool:
+    """Whether the stand-in must receive the upstream's authorization redirect itself.
+
+    An authorization server that sends RFC 9207 ``iss`` names itself in the redirect; a client that
+    was told the proxy is its authorization server refuses that. The proxy then takes the redirect at
+    its own callback, checks ``iss`` there, and hands the client the code with its own ``iss``.
+    """
+    return server.get(ISS_SUPPORTED) is True
+
+
+class _Pending:
+    """Relayed authorizations: the proxy's state key -> the client's redirect URI and state; and the
+    code -> the callback URL the upstream saw (the token request must name the same redirect URI)."""
+
+    def __init__(self) -> None:
+        self.states: OrderedDict[str, tuple[str, str | None, str, float]] = OrderedDict()
+        self.codes: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    @staticmethod
+    def _trim(table: OrderedDict[str, Any]) -> None:
+        now = time.monotonic()
+        while table and (len(table) > PENDING_LIMIT or next(iter(table.values()))[-1] < now):
+            table.popitem(last=False)
+
+    def start(self, redirect_uri: str, state: str | None, callback: str) -> str:
+        key = secrets.token_urlsafe(24)
+        self.states[key] = (redirect_uri, state, callback, time.monotonic() + PENDING_TTL)
+        self._trim(self.states)
+        return key
+
+    def finish(self, key: str) -> tuple[str, str | None, str] | None:
+        self._trim(self.states)
+        entry = self.states.pop(key, None)
+        return None if entry is None else (entry[0], entry[1], entry[2])
+
+    def remember_code(self, code: str, callback: str) -> None:
+        self.codes[code] = (callback, time.monotonic() + PENDING_TTL)
+        self._trim(self.codes)
+
+    def callback_for(self, code: str) -> str | None:
+        self._trim(self.codes)
+        entry = self.codes.pop(code, None)
+        return None if entry is None else entry[0]
 
 
 def oauth_error(status: int, error: str, description: str) -> web.Response:
@@ -63,15 +120,23 @@ def oauth_error(status: int, error: str, description: str) -> web.Response:
     )
 
 
+def metadata_error(exc: MetadataUnavailable) -> web.Response:
+    """No metadata to serve: a JSON-RPC error body like the proxy's other unknown paths (404), or 502."""
+    if exc.missing:
+        return json_error(404, jsonrpc.METHOD_NOT_FOUND, exc.message)
+    return json_error(UpstreamUnavailable.http_status, UpstreamUnavailable.code, exc.message)
+
+
 class _Upstream:
     """What the pass-through knows of one upstream."""
 
-    __slots__ = ("config", "metadata", "stand_in")
+    __slots__ = ("config", "metadata", "pending", "stand_in")
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.stand_in = config.oauth_pass_through == "stand-in"
         self.metadata = UpstreamMetadata(config.url, config.name)
+        self.pending = _Pending()
 
 
 class OAuthPassThrough:
@@ -107,6 +172,7 @@ class OAuthPassThrough:
                 app.router.add_get(well_known, self._handler(self._authorization_server, upstream))
             prefix = f"{STAND_IN_PREFIX}{path}"
             app.router.add_get(f"{prefix}/authorize", self._handler(self._authorize, upstream))
+            app.router.add_get(f"{prefix}/callback", self._handler(self._callback, upstream))
             app.router.add_post(f"{prefix}/token", self._handler(self._forward_form, upstream, "token_endpoint"))
             app.router.add_post(f"{prefix}/revoke", self._handler(self._forward_form, upstream, "revocation_endpoint"))
             app.router.add_post(f"{prefix}/register", self._handler(self._register, upstream))
@@ -142,7 +208,7 @@ class OAuthPassThrough:
         try:
             document = await upstream.metadata.protected_resource(request.app[HTTP_KEY])
         except MetadataUnavailable as exc:
-            return oauth_error(404 if exc.missing else 502, "not_found" if exc.missing else "server_error", exc.message)
+            return metadata_error(exc)
         origin = self._origin(request)
         path = upstream.config.path
         server = origin + path if upstream.stand_in else None
@@ -197,7 +263,7 @@ class OAuthPassThrough:
         try:
             document = await self._upstream_server(request, upstream)
         except MetadataUnavailable as exc:
-            return oauth_error(404 if exc.missing else 502, "not_found" if exc.missing else "server_error", exc.message)
+            return metadata_error(exc)
         return web.json_response(rewrite_authorization_server(document, self._origin(request), upstream.config.path))
 
     async def _authorize(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
@@ -209,9 +275,47 @@ class OAuthPassThrough:
             return oauth_error(502, "temporarily_unavailable", exc.message)
         pairs = parse_qsl(request.query_string, keep_blank_values=True)
         mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
+        if relays_redirect(server):
+            asked = dict(pairs)
+            if "redirect_uri" not in asked:
+                return oauth_error(400, "invalid_request", "redirect_uri is required")
+            callback = self._callback_url(request, upstream)
+            key = upstream.pending.start(asked["redirect_uri"], asked.get("state"), callback)
+            relayed = {"redirect_uri": callback, "state": key}
+            mapped = [(k, relayed.get(k, v)) for k, v in mapped]
+            if "state" not in asked:
+                mapped.append(("state", key))
         target = urlsplit(server["authorization_endpoint"])
         query = "&".join(q for q in (target.query, urlencode(mapped)) if q)
         location = urlunsplit((target.scheme, target.netloc, target.path, query, ""))
+        raise web.HTTPFound(location, headers={"Cache-Control": "no-store"})
+
+    def _callback_url(self, request: web.Request, upstream: _Upstream) -> str:
+        return f"{self._origin(request)}{STAND_IN_PREFIX}{upstream.config.path}/callback"
+
+    async def _callback(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+        """The upstream's authorization redirect (RFC 9207 upstreams): check ``iss``, pass the code on."""
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        found = upstream.pending.finish(query.get("state", ""))
+        if found is None:
+            return oauth_error(400, "invalid_request", "unknown or expired authorization")
+        redirect_uri, state, callback = found
+        try:
+            server = await self._upstream_server(request, upstream)
+        except MetadataUnavailable as exc:
+            return oauth_error(502, "temporarily_unavailable", exc.message)
+        answer = {k: v for k, v in query.items() if k not in ("state", "iss")}
+        if query.get("iss") != server.get("issuer"):
+            # A mix-up (RFC 9207 section 2.4): the code did not come from the upstream's server.
+            answer = {"error": "access_denied", "error_description": "authorization response from another issuer"}
+        elif "code" in answer:
+            upstream.pending.remember_code(answer["code"], callback)
+        if state is not None:
+            answer["state"] = state
+        answer["iss"] = self._origin(request) + upstream.config.path
+        target = urlsplit(redirect_uri)
+        query_string = "&".join(q for q in (target.query, urlencode(answer)) if q)
+        location = urlunsplit((target.scheme, target.netloc, target.path, query_string, ""))
         raise web.HTTPFound(location, headers={"Cache-Control": "no-store"})
 
     async def _forward_form(self, request: web.Request, upstream: _Upstream, endpoint_key: str) -> web.StreamResponse:
@@ -229,6 +333,11 @@ class OAuthPassThrough:
             return oauth_error(413, "invalid_request", "request body too large")
         pairs = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
         mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
+        code = dict(pairs).get("code")
+        callback = upstream.pending.callback_for(code) if code is not None else None
+        if callback is not None:
+            # The upstream issued this code to the proxy's callback: the token request must say so.
+            mapped = [(k, callback if k == "redirect_uri" else v) for k, v in mapped]
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
         return await self._forward(request, endpoint, urlencode(mapped).encode(), headers)
 
@@ -248,7 +357,24 @@ class OAuthPassThrough:
             "Content-Type": request.headers.get("Content-Type", "application/json"),
             "Accept": "application/json",
         }
-        return await self._forward(request, endpoint, body, headers)
+        if not relays_redirect(server):
+            return await self._forward(request, endpoint, body, headers)
+        # The upstream will redirect to the proxy's callback: register it beside the client's own.
+        try:
+            registration = json.loads(body)
+            redirect_uris = list(registration["redirect_uris"])
+        except (ValueError, KeyError, TypeError):
+            return oauth_error(400, "invalid_client_metadata", "redirect_uris is required")
+        registration["redirect_uris"] = [*redirect_uris, self._callback_url(request, upstream)]
+        answer = await self._forward(request, endpoint, json.dumps(registration).encode(), headers)
+        try:
+            registered = json.loads(answer.body if isinstance(answer.body, bytes) else b"")
+        except ValueError:
+            return answer
+        if isinstance(registered, dict) and "redirect_uris" in registered:
+            registered["redirect_uris"] = redirect_uris  # the client sees what it asked for
+            answer.body = json.dumps(registered).encode()
+        return answer
 
     async def _forward(self, request: web.Request, url: str, body: bytes, headers: dict[str, str]) -> web.Response:
         # client_secret_basic, or a registration's initial access token.

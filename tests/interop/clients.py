@@ -124,7 +124,7 @@ class CodexRun:
         )
 
 
-def codex_config(model_url: str, mcp_url: str) -> str:
+def codex_config(model_url: str, mcp_url: str, server_config: str = "") -> str:
     """A private config.toml: the fake model as provider, the MCP server under test, nothing else."""
     return f"""\
 model = "fake-model"
@@ -145,7 +145,7 @@ stream_idle_timeout_ms = 60000
 url = "{mcp_url}"
 startup_timeout_sec = 20
 tool_timeout_sec = {CODEX_TOOL_TIMEOUT_SEC}
-"""
+{server_config}"""
 
 
 def codex_environment(home: Path) -> dict[str, str]:
@@ -168,14 +168,27 @@ def codex_environment(home: Path) -> dict[str, str]:
 
 
 async def run_codex(
-    binary: Path, home: Path, mcp_url: str, between_calls: BetweenCalls, *, argument: str = "text"
+    binary: Path,
+    home: Path,
+    mcp_url: str,
+    between_calls: BetweenCalls,
+    *,
+    argument: str = "text",
+    extra_config: str = "",
+    server_config: str = "",
 ) -> CodexRun:
-    """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT."""
+    """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT.
+
+    ``extra_config`` goes at the top of config.toml (e.g. where ``codex mcp login`` kept its tokens),
+    ``server_config`` into the MCP server's table.
+    """
     model = FakeModel(between_calls, argument=argument)
     await model.start()
     try:
-        (home / ".codex").mkdir(parents=True)
-        (home / ".codex" / "config.toml").write_text(codex_config(model.base_url, mcp_url))
+        (home / ".codex").mkdir(parents=True, exist_ok=True)
+        (home / ".codex" / "config.toml").write_text(
+            extra_config + codex_config(model.base_url, mcp_url, server_config)
+        )
         workdir = home / "work"
         workdir.mkdir()
         process = await asyncio.create_subprocess_exec(

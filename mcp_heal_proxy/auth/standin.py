@@ -127,6 +127,15 @@ def metadata_error(exc: MetadataUnavailable) -> web.Response:
     return json_error(UpstreamUnavailable.http_status, UpstreamUnavailable.code, exc.message)
 
 
+def _passes_through(upstream: UpstreamConfig) -> bool:
+    """Whether clients log in to this upstream themselves (through the proxy).
+
+    Not when the proxy logs in for them (a managed login, ``auth = "oauth"``): then no client may be
+    shown an OAuth challenge or metadata for it.
+    """
+    return upstream.oauth_pass_through != "off" and getattr(upstream, "auth", None) != "oauth"
+
+
 class _Upstream:
     """What the pass-through knows of one upstream."""
 
@@ -145,7 +154,7 @@ class OAuthPassThrough:
     def __init__(self, config: ProxyConfig) -> None:
         self._networks = parse_networks(config.trusted_proxies)
         self._fallback_host = f"{config.host}:{config.port}"
-        self._by_path = {u.path: _Upstream(u) for u in config.upstreams if u.oauth_pass_through != "off"}
+        self._by_path = {u.path: _Upstream(u) for u in config.upstreams if _passes_through(u)}
         # The upstream the origin's root well-known URLs describe: the one at /mcp, else the only one.
         root = self._by_path.get("/mcp")
         if root is None and len(self._by_path) == 1:

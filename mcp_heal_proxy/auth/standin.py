@@ -22,7 +22,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -198,10 +198,13 @@ class OAuthPassThrough:
             yield
 
     @staticmethod
-    def _handler(handler: Any, upstream: _Upstream, *args: str) -> Any:
+    def _handler(
+        handler: Callable[..., Awaitable[web.StreamResponse]], upstream: _Upstream, *args: str
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """An aiohttp handler that calls ``handler`` with this upstream (and ``args``)."""
+
         async def handle(request: web.Request) -> web.StreamResponse:
-            response: web.StreamResponse = await handler(request, upstream, *args)
-            return response
+            return await handler(request, upstream, *args)
 
         return handle
 

@@ -164,12 +164,15 @@ class HeadlessLogin:
         return AuthorizationCodeResult(code=query["code"][0], state=query.get("state", [None])[0], iss=iss)
 
 
-def oauth_provider(url: str, storage: MemoryStorage, login: HeadlessLogin) -> OAuthClientProvider:
+def oauth_provider(
+    url: str, storage: MemoryStorage, login: HeadlessLogin, token_endpoint_auth_method: str | None = None
+) -> OAuthClientProvider:
     metadata = OAuthClientMetadata(
         client_name="heal-proxy-test",
         redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
         grant_types=["authorization_code", "refresh_token"],
         response_types=["code"],
+        token_endpoint_auth_method=token_endpoint_auth_method,  # type: ignore[arg-type]
     )
     return OAuthClientProvider(
         server_url=url,
@@ -181,9 +184,11 @@ def oauth_provider(url: str, storage: MemoryStorage, login: HeadlessLogin) -> OA
 
 
 @contextlib.asynccontextmanager
-async def oauth_mcp_session(url: str, storage: MemoryStorage, login: HeadlessLogin) -> AsyncIterator[ClientSession]:
+async def oauth_mcp_session(
+    url: str, storage: MemoryStorage, login: HeadlessLogin, *, token_endpoint_auth_method: str | None = None
+) -> AsyncIterator[ClientSession]:
     """The SDK client, logged in by OAuth and initialized, on ``url``."""
-    auth = oauth_provider(url, storage, login)
+    auth = oauth_provider(url, storage, login, token_endpoint_auth_method)
     async with (
         httpx2.AsyncClient(auth=auth, timeout=httpx2.Timeout(15.0)) as http,
         streamable_http_client(url, http_client=http) as (read_stream, write_stream),
@@ -191,3 +196,10 @@ async def oauth_mcp_session(url: str, storage: MemoryStorage, login: HeadlessLog
     ):
         await session.initialize()
         yield session
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups: the SDK client wraps its failures in them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]

@@ -40,7 +40,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fake_upstream import FakeUpstream
-from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, OAuthUpstream, oauth_mcp_session
+from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, OAuthUpstream, leaves, oauth_mcp_session
 from tests.oauth_server import fingerprint
 
 TOKEN_LIFETIME = 2.0
@@ -152,13 +152,6 @@ async def test_login_fails_through_a_proxy_without_pass_through(
         async with asyncio.timeout(SCENARIO_TIMEOUT), oauth_mcp_session(proxy.url, MemoryStorage(), HeadlessLogin()):
             pass
     assert any("does not match expected" in str(exc) for exc in leaves(failure.value)), failure.value
-
-
-def leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
-    return [exc]
 
 
 async def test_session_dies_with_the_upstream_restart_without_the_proxy(oauth_upstream: OAuthFactory) -> None:

@@ -35,8 +35,9 @@ _SENSITIVE_KEYS: Final = frozenset(
     }
 )
 # A bearer credential in any text (an exception message quoting a header, say): clients' OAuth tokens
-# are not known in advance, so they are found by shape.
-_BEARER: Final = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
+# are not known in advance, so they are found by shape (8 characters or more: "bearer token" in prose
+# stays readable).
+_BEARER: Final = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}")
 
 # MCP methods worth a label of their own; anything else is "other", so clients cannot grow the series.
 KNOWN_METHODS: Final = frozenset(

@@ -25,6 +25,7 @@ from mcp_heal_proxy.auth.metadata import (
 )
 from mcp_heal_proxy.config import ConfigError, build_config
 from mcp_heal_proxy.healing import is_session_expired
+from mcp_heal_proxy.observability import Redactor
 
 OURS = "http://127.0.0.1:8787/.well-known/oauth-protected-resource/mcp"
 SESSION_GONE = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
@@ -233,3 +234,14 @@ def test_config_refuses_bad_oauth_settings(tmp_path: Path, text: str, message: s
         text += '[upstreams.gh]\nurl = "https://u.example/mcp"\n'
     with pytest.raises(ConfigError, match=message):
         build_config(config_file=write_config(tmp_path, text), flags={}, environ={})
+
+
+def test_bearer_tokens_are_redacted_from_log_events_by_shape() -> None:
+    redact = Redactor()
+    event = redact(None, "info", {"event": "x", "detail": "sent Authorization: Bearer eyJhbGciOi.abc-123_x~"})
+    assert event["detail"] == "sent Authorization: Bearer [redacted]"
+    assert redact(None, "info", {"detail": "missing bearer token"})["detail"] == "missing bearer token"
+    assert redact(None, "info", {"refresh_token": "r" * 40, "client_secret": "s" * 40}) == {
+        "refresh_token": "[redacted]",
+        "client_secret": "[redacted]",
+    }

@@ -452,3 +452,19 @@ async def test_relayed_callback_refuses_unknown_state_and_a_foreign_issuer(
     assert answer["error"] == ["access_denied"]
     assert answer["state"] == ["s1"]
     assert "code" not in answer
+
+
+async def test_with_an_inbound_token_nothing_is_passed_through(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream = await oauth_upstream()
+    proxy = await start_proxy(upstream.url, token="inbound-token-for-the-proxy")
+    headers = {"Authorization": "Bearer inbound-token-for-the-proxy"}
+    async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp"), headers=headers) as r:
+        assert r.status == 404, "the client's Authorization is the proxy's own: no OAuth through it"
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}
+    async with http.post(proxy.url, json=initialize, headers={**MCP_HEADERS, **headers}) as response:
+        assert response.status == 401
+        assert challenge_param(response.headers["WWW-Authenticate"], "resource_metadata") == (
+            f"{upstream.origin}/.well-known/oauth-protected-resource/mcp"
+        ), "the upstream's challenge is passed through untouched"

@@ -49,8 +49,10 @@ log = structlog.get_logger("mcp_heal_proxy.proxy")
 # Upstream answers to DELETE that mean the session is already gone or cannot be ended: to the
 # client, whose session the proxy forgets either way, that is success.
 _DELETE_GONE: Final = frozenset({404, 405})
-# GET stream answers after which reattaching is pointless: no GET stream, or one already open.
-_GET_REFUSED: Final = frozenset({405, 409})
+# GET stream answers after which reattaching is pointless: no GET stream, one already open, or
+# credentials that no longer work (the stream was opened with a token since refreshed or revoked: the
+# client reopens it with its current one once its stream ends).
+_GET_REFUSED: Final = frozenset({401, 403, 405, 409})
 # Reattaching a client's GET stream after the upstream dropped it: back off, and give up after a while
 # so that a client whose upstream is gone for good sees its stream end and can decide for itself.
 _REATTACH_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 8.0, 8.0, 8.0)

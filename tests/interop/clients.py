@@ -133,7 +133,7 @@ class CodexRun:
         )
 
 
-def codex_config(model_url: str, mcp_url: str, stdio_command: list[str] | None = None) -> str:
+def codex_config(model_url: str, mcp_url: str, server_config: str = "", stdio_command: list[str] | None = None) -> str:
     """A private config.toml: the fake model as provider, the MCP server under test, nothing else.
     With ``stdio_command`` Codex launches that command as the MCP server instead of dialing ``mcp_url``."""
     server = (
@@ -160,7 +160,7 @@ stream_idle_timeout_ms = 60000
 {server}
 startup_timeout_sec = 20
 tool_timeout_sec = {CODEX_TOOL_TIMEOUT_SEC}
-"""
+{server_config}"""
 
 
 def codex_environment(home: Path) -> dict[str, str]:
@@ -189,14 +189,22 @@ async def run_codex(
     between_calls: BetweenCalls,
     *,
     argument: str = "text",
+    extra_config: str = "",
+    server_config: str = "",
     stdio_command: list[str] | None = None,
 ) -> CodexRun:
-    """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT."""
+    """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT.
+
+    ``extra_config`` goes at the top of config.toml (e.g. where ``codex mcp login`` kept its tokens),
+    ``server_config`` into the MCP server's table.
+    """
     model = FakeModel(between_calls, argument=argument)
     await model.start()
     try:
-        (home / ".codex").mkdir(parents=True)
-        (home / ".codex" / "config.toml").write_text(codex_config(model.base_url, mcp_url, stdio_command))
+        (home / ".codex").mkdir(parents=True, exist_ok=True)
+        (home / ".codex" / "config.toml").write_text(
+            extra_config + codex_config(model.base_url, mcp_url, server_config, stdio_command)
+        )
         workdir = home / "work"
         workdir.mkdir()
         process = await asyncio.create_subprocess_exec(

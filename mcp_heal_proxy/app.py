@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.guards import origin_guard, router_errors_as_jsonrpc, token_guard
 from mcp_heal_proxy.healing import Healer
@@ -72,7 +73,12 @@ def build_app(config: ProxyConfig) -> web.Application:
             cookie_jar=aiohttp.DummyCookieJar(),
         ) as client:
             for upstream_config in config.upstreams:
-                upstream = Upstream(upstream_config, client, strip_client_authorization=config.token is not None)
+                upstream = Upstream(
+                    upstream_config,
+                    client,
+                    strip_client_authorization=config.token is not None,
+                    auth=managed_auth(upstream_config, config.state),
+                )
                 upstreams.append(upstream)
                 healer = Healer(upstream, store, metrics)
                 healers.append(healer)

@@ -83,6 +83,14 @@ class UpstreamConfig:
     replay: ReplayPolicy = "all"
     # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
     client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
+    # auth = "oauth": the proxy logs in itself (``mcp-heal-proxy login NAME``) and sends the token;
+    # client_id/client_secret name a pre-registered client (else dynamic registration), scopes
+    # replace the discovered ones, callback_port fixes the loopback redirect URI's port.
+    auth: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    scopes: tuple[str, ...] | None = None
+    callback_port: int | None = None
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -126,6 +134,7 @@ class ProxyConfig:
     def secrets(self) -> tuple[str, ...]:
         """Every configured value that must never be logged."""
         injected = tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
+        injected += tuple(u.client_secret for u in self.upstreams if u.client_secret)
         store_password = urlsplit(self.state).password if "://" in self.state else None
         return tuple(s for s in (*injected, self.token, store_password) if s)
 
@@ -174,6 +183,11 @@ _UPSTREAM_KEYS: Final = {
     "heal_on": list,
     "replay": (str, list),
     "client": str,
+    "auth": str,
+    "client_id": str,
+    "client_secret": str,
+    "scopes": list,
+    "callback_port": int,
 }
 
 
@@ -253,7 +267,38 @@ def _upstream_from_table(
         if table["client"] == "lean" and "@" in urlsplit(options["url"]).netloc:
             raise ConfigError(f"{source}: {where}.url: the lean client takes no credentials in the URL (use headers)")
         options["client"] = table["client"]
+    options.update(_oauth_options(table, where, source, environ))
     return UpstreamConfig(**options)
+
+
+def _oauth_options(table: Mapping[str, Any], where: str, source: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The proxy-managed login keys of one upstream table (auth, client_id, client_secret, scopes, callback_port)."""
+    options: dict[str, Any] = {}
+    if "auth" not in table:
+        for key in ("client_id", "client_secret", "scopes", "callback_port"):
+            if key in table:
+                raise ConfigError(f'{source}: {where}.{key} needs {where}.auth = "oauth"')
+        return options
+    if table["auth"] != "oauth":
+        raise ConfigError(f'{source}: {where}.auth must be "oauth"')
+    if any(header.lower() == "authorization" for header in table.get("headers", {})):
+        raise ConfigError(f'{source}: {where} has both auth = "oauth" and an Authorization header; keep one')
+    options["auth"] = "oauth"
+    if "client_id" in table:
+        options["client_id"] = expand_env(table["client_id"], f"{where}.client_id", source, environ)
+    if "client_secret" in table:
+        if "client_id" not in table:
+            raise ConfigError(f"{source}: {where}.client_secret needs {where}.client_id")
+        options["client_secret"] = expand_env(table["client_secret"], f"{where}.client_secret", source, environ)
+    if "scopes" in table:
+        if not all(isinstance(scope, str) and scope and " " not in scope for scope in table["scopes"]):
+            raise ConfigError(f"{source}: {where}.scopes must be a list of scope names without spaces")
+        options["scopes"] = tuple(table["scopes"])
+    if "callback_port" in table:
+        if not 1 <= table["callback_port"] <= 65535:
+            raise ConfigError(f"{source}: {where}.callback_port must be a port number")
+        options["callback_port"] = table["callback_port"]
+    return options
 
 
 def _replay_policy(value: Any, where: str) -> ReplayPolicy:
@@ -362,6 +407,8 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     for upstream in config.upstreams:
         table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}
         table["headers"] = {name: "***" for name in upstream.headers}
+        if upstream.client_secret:
+            table["client_secret"] = "***"
         table["url"] = mask_url(upstream.url)
         upstreams[upstream.name] = table
     return {"server": server, "upstreams": upstreams}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import aiohttp
 
@@ -19,6 +19,7 @@ from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
+    from mcp_heal_proxy.auth.managed import Transmit
     from mcp_heal_proxy.upstream_lean import LeanPool
 
 # Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
@@ -28,10 +29,26 @@ _FIRST_RETRY_DELAY: Final = 0.05
 _MAX_RETRY_DELAY: Final = 1.0
 
 
+class AuthHook(Protocol):
+    """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request."""
+
+    async def send(
+        self,
+        transmit: Transmit,
+        method: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        stream: bool,
+        resendable: bool,
+    ) -> aiohttp.ClientResponse: ...
+
+
 class Upstream:
     """Sends requests to one upstream over the app's shared ClientSession."""
 
     __slots__ = (
+        "_auth",
         "_client",
         "_connect_failed",
         "_injected",
@@ -43,9 +60,15 @@ class Upstream:
     )
 
     def __init__(
-        self, config: UpstreamConfig, client: aiohttp.ClientSession, *, strip_client_authorization: bool = False
+        self,
+        config: UpstreamConfig,
+        client: aiohttp.ClientSession,
+        *,
+        strip_client_authorization: bool = False,
+        auth: AuthHook | None = None,
     ) -> None:
         self.config = config
+        self._auth = auth
         self._client = client
         self._post_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -59,7 +82,8 @@ class Upstream:
         # Configured headers (e.g. a bearer token from the environment) replace the client's own; the
         # client's Authorization is the proxy's own inbound token when one is set, never the upstream's.
         self._injected = dict(config.headers)
-        stripped = {"authorization"} if strip_client_authorization else set()
+        # A managed login's hook puts its own Authorization in place of the client's (auth/managed.py).
+        stripped = {"authorization"} if strip_client_authorization and auth is None else set()
         self._injected_names = frozenset(name.lower() for name in config.headers) | stripped
         self._lean: LeanPool | None = None
         # Failures to open a connection: nothing was sent, so they are always retried.
@@ -94,8 +118,15 @@ class Upstream:
         Refused connections are retried for ``connect_retry`` seconds: nothing was sent. A connection
         that breaks before any answer (a pooled keep-alive the restarting upstream just closed) is
         retried only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run
-        a tool twice.
+        a tool twice. With an auth hook, the hook adds the credentials and may send once more.
         """
+        if self._auth is not None:
+            return await self._auth.send(self._transmit, method, headers, body, stream=stream, resendable=resendable)
+        return await self._transmit(method, headers, body, stream=stream, resendable=resendable)
+
+    async def _transmit(
+        self, method: str, headers: Mapping[str, str], body: bytes | None, *, stream: bool, resendable: bool
+    ) -> aiohttp.ClientResponse:
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
         timeout = self._stream_timeout if stream else self._post_timeout

@@ -316,6 +316,13 @@ async def _probe(http: aiohttp.ClientSession, upstream_url: str) -> Challenge | 
     return None
 
 
+async def legacy_metadata(http: aiohttp.ClientSession, upstream_url: str) -> dict[str, Any]:
+    """A 2025-03-26 server (no protected-resource metadata): the authorization server is the MCP
+    server's origin, with RFC 8414 metadata at its root, else the default endpoints there."""
+    metadata = await _get_json(http, f"{_origin(upstream_url)}/.well-known/oauth-authorization-server")
+    return metadata if metadata is not None else legacy_endpoints(upstream_url)
+
+
 async def discover(
     http: aiohttp.ClientSession, upstream_url: str, out: Callable[[str], None] = lambda _: None
 ) -> Discovery:
@@ -330,15 +337,8 @@ async def discover(
         if resource_metadata is not None:
             break
     if resource_metadata is None:
-        # A 2025-03-26 server: the authorization server is the MCP server's origin.
-        origin = _origin(upstream_url)
-        metadata = await _get_json(http, f"{origin}/.well-known/oauth-authorization-server")
-        return Discovery(
-            metadata=metadata if metadata is not None else legacy_endpoints(upstream_url),
-            resource=None,
-            issuer=None,
-            challenge_scope=challenge.scope,
-        )
+        legacy = await legacy_metadata(http, upstream_url)
+        return Discovery(metadata=legacy, resource=None, issuer=None, challenge_scope=challenge.scope)
     resource = resource_metadata.get("resource")
     if not isinstance(resource, str) or not check_resource(resource, upstream_url):
         raise LoginError(
@@ -636,15 +636,39 @@ async def login(
             scope=" ".join(scopes) or None,
         )
         try:
-            answer_tokens = await _token_request(http, token_endpoint, form, client.client_id, client.secret, method)
+            try:
+                answer_tokens = await _token_request(
+                    http, token_endpoint, dict(form), client.client_id, client.secret, method
+                )
+            except TokenRefused as exc:
+                if not _try_post_instead(exc, client, method, supported):
+                    raise
+                # A pre-registered client whose method nobody told us: client_secret_basic was refused
+                # as a client authentication (the code is not spent then), so try client_secret_post.
+                method = "client_secret_post"
+                answer_tokens = await _token_request(
+                    http, token_endpoint, dict(form), client.client_id, client.secret, method
+                )
         except TokenRefused as exc:
             raise LoginError(f"the token endpoint refused the authorization code: {exc.error}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise LoginError(f"cannot reach the token endpoint {token_endpoint}: {type(exc).__name__}") from None
-    grant = _grant_from(answer_tokens, base)
+    grant = _grant_from(answer_tokens, replace(base, auth_method=method))
     async with token_file.lock():
         token_file.save(grant)
     return grant
+
+
+def _try_post_instead(refused: TokenRefused, client: _Client, method: str, supported: object) -> bool:
+    """Whether a refused client_secret_basic deserves a client_secret_post attempt (issue: "else
+    client_secret_basic, then client_secret_post"): only for a client whose registration said nothing."""
+    return (
+        refused.error == "invalid_client"
+        and method == "client_secret_basic"
+        and client.registered_method is None
+        and client.secret is not None
+        and (not isinstance(supported, list) or "client_secret_post" in supported)
+    )
 
 
 def _upstream_named(config: ProxyConfig, name: str) -> UpstreamConfig:

@@ -4,16 +4,21 @@ that puts the token on upstream requests (against a stand-in transmit, to count 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mcp_heal_proxy.auth import managed
@@ -30,6 +35,7 @@ from mcp_heal_proxy.auth.managed import (
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, UpstreamConfig, build_config, describe
 from tests.conftest import wait_until
+from tests.managed_login import follow_authorization
 
 UPSTREAM = "https://mcp.example.com/tenant/mcp"
 
@@ -416,3 +422,114 @@ async def test_no_login_is_a_login_error(tmp_path: Path) -> None:
     auth, _ = hook(tmp_path)
     with pytest.raises(LoginRequired, match=r"not logged in.*mcp-heal-proxy login up"):
         await send(auth, FakeTransmit())
+
+
+# --- RFC 9207: the authorization answer's issuer ----------------------------------------------------
+
+
+class Lines(io.StringIO):
+    """The login's output, with an event when the authorization URL is printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url: str | None = None
+        self.printed = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if "code_challenge=" in line:
+                self.url = line.strip()
+                self.printed.set()
+        return super().write(text)
+
+
+def mix_up_server(iss: str | None, promise_iss: bool) -> tuple[web.Application, list[str]]:
+    """An MCP server that is its own authorization server and redirects with ``iss`` (or none)."""
+    token_requests: list[str] = []
+    app = web.Application()
+
+    def base(request: web.Request) -> str:
+        return f"http://{request.host}"
+
+    async def mcp(request: web.Request) -> web.Response:
+        prm = f"{base(request)}/.well-known/oauth-protected-resource/mcp"
+        return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer resource_metadata="{prm}"'})
+
+    async def prm(request: web.Request) -> web.Response:
+        return web.json_response({"resource": f"{base(request)}/mcp", "authorization_servers": [base(request)]})
+
+    async def metadata(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "issuer": base(request),
+                "authorization_endpoint": f"{base(request)}/authorize",
+                "token_endpoint": f"{base(request)}/token",
+                "registration_endpoint": f"{base(request)}/register",
+                "code_challenge_methods_supported": ["S256"],
+                "authorization_response_iss_parameter_supported": promise_iss,
+            }
+        )
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"client_id": "mixed-up", "token_endpoint_auth_method": "none"}, status=201)
+
+    async def authorize(request: web.Request) -> web.Response:
+        query = {"code": "the-code", "state": request.query["state"]}
+        if iss is not None:
+            query["iss"] = iss.replace("SELF", base(request))
+        raise web.HTTPFound(f"{request.query['redirect_uri']}?{urlencode(query)}")
+
+    async def token(request: web.Request) -> web.Response:
+        token_requests.append((await request.post())["code"])  # type: ignore[arg-type]
+        return web.json_response({"access_token": "mixed-up-access", "token_type": "Bearer"})
+
+    app.router.add_post("/mcp", mcp)
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", prm)
+    app.router.add_get("/.well-known/oauth-authorization-server", metadata)
+    app.router.add_post("/register", register)
+    app.router.add_get("/authorize", authorize)
+    app.router.add_post("/token", token)
+    return app, token_requests
+
+
+@pytest.mark.parametrize(
+    ("iss", "promise_iss", "refusal"),
+    [
+        ("SELF", True, None),
+        (None, False, None),
+        ("https://other-issuer.example", False, "came from issuer"),
+        (None, True, "promised an iss parameter"),
+    ],
+)
+async def test_the_authorization_answer_must_come_from_the_issuer(
+    tmp_path: Path,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    iss: str | None,
+    promise_iss: bool,
+    refusal: str | None,
+) -> None:
+    app, token_requests = mix_up_server(iss, promise_iss)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
+    token_file = TokenFile(tmp_path / "oauth", "up")
+    out = Lines()
+    logging_in = asyncio.get_running_loop().create_task(
+        managed.login(upstream, token_file, out=out, open_browser=False, wait=20)
+    )
+    try:
+        async with asyncio.timeout(20):
+            await out.printed.wait()
+        assert out.url is not None
+        await follow_authorization(out.url)
+        if refusal is None:
+            assert (await logging_in).access_token == "mixed-up-access"
+            assert token_requests == ["the-code"]
+        else:
+            with pytest.raises(managed.LoginError, match=refusal):
+                await logging_in
+            assert token_requests == [], "a code from a mixed-up answer is never redeemed"
+            assert token_file.load(upstream.url) is None
+    finally:
+        logging_in.cancel()
+        with contextlib.suppress(BaseException):
+            await logging_in

@@ -418,6 +418,22 @@ async def test_insufficient_scope_asks_for_a_new_login_and_remembers_the_scope(
     assert refreshes == [], "a refresh cannot widen the scope"
 
 
+async def test_an_unreachable_authorization_server_spends_the_tokens_last_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unreachable(_: Grant) -> Grant:
+        raise aiohttp.ClientConnectionError("refused")
+
+    monkeypatch.setattr(managed, "refresh_grant", unreachable)
+    auth, _ = hook(tmp_path, grant(obtained_at=time.time() - 100, expires_at=time.time() + 5))
+    transmit = FakeTransmit(FakeResponse(200))
+    assert (await send(auth, transmit)).status == 200
+    assert transmit.sent == ["Bearer access-token-one"]
+    expired, _ = hook(tmp_path / "expired", grant(obtained_at=time.time() - 100, expires_at=time.time() - 1))
+    with pytest.raises(managed.AuthServerUnavailable, match="cannot reach the authorization server"):
+        await send(expired, FakeTransmit())
+
+
 async def test_no_login_is_a_login_error(tmp_path: Path) -> None:
     auth, _ = hook(tmp_path)
     with pytest.raises(LoginRequired, match=r"not logged in.*mcp-heal-proxy login up"):

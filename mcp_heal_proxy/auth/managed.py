@@ -758,7 +758,12 @@ class ManagedAuth:
         if grant is None:
             raise LoginRequired(self._hint("not logged in to the upstream"))
         if grant.expires_soon():
-            grant = await self._refreshed(grant.access_token, "expiry")
+            try:
+                grant = await self._refreshed(grant.access_token, "expiry")
+            except AuthServerUnavailable:
+                # The authorization server is down, but the token has a few seconds left: use them.
+                if grant.expires_at is None or grant.expires_at <= time.time():
+                    raise
         return grant
 
     async def _refreshed(self, stale: str, reason: str) -> Grant:
@@ -785,7 +790,8 @@ class ManagedAuth:
                     self._adopt(grant)
                     return grant
                 if not grant.refresh_token:
-                    raise LoginRequired(self._hint("the access token expired and there is no refresh token"))
+                    why = "the access token expired" if reason == "expiry" else "the upstream refused the access token"
+                    raise LoginRequired(self._hint(f"{why} and the login gave no refresh token"))
                 try:
                     fresh = await refresh_grant(grant)
                 except TokenRefused as exc:

@@ -55,6 +55,8 @@ SCENARIOS: dict[str, str | None] = {
 #   extensions for machine clients (no user, no browser), not a user's login.
 RUN_TIMEOUT = 150.0
 
+pytestmark = pytest.mark.conformance
+
 
 def suite() -> tuple[str, Path]:
     node = shutil.which("node")

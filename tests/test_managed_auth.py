@@ -549,3 +549,34 @@ async def test_the_authorization_answer_must_come_from_the_issuer(
         logging_in.cancel()
         with contextlib.suppress(BaseException):
             await logging_in
+
+
+async def test_a_login_that_waited_for_another_uses_its_tokens(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    app, token_requests = mix_up_server("SELF", True)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
+    token_file = TokenFile(tmp_path / "oauth", "up")
+    out = Lines()
+    loads: list[str] = []
+    load = token_file.load
+
+    def counted_load(url: str) -> Grant | None:
+        loads.append(url)
+        return load(url)
+
+    token_file.load = counted_load  # type: ignore[method-assign,assignment]
+    async with token_file.lock(purpose="login"):  # another login is in the browser
+        waiting = asyncio.get_running_loop().create_task(
+            managed.login(upstream, token_file, out=out, open_browser=False, wait=20)
+        )
+        await wait_until(lambda: len(loads) == 1, 5, "the second login noted the tokens before it waited")
+        assert not waiting.done()
+        token_file.save(grant(upstream_url=upstream.url, access_token="from-the-other-login", logged_in_at=time.time()))
+    async with asyncio.timeout(10):
+        obtained = await waiting
+    assert obtained.access_token == "from-the-other-login"
+    assert out.url is None, "the user is not sent through the browser a second time"
+    assert "finished meanwhile" in out.getvalue()
+    assert token_requests == []

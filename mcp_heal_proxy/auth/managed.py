@@ -44,6 +44,8 @@ log = structlog.get_logger("mcp_heal_proxy.auth")
 HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
 # How long ``login`` waits for the browser to come back to the loopback callback.
 LOGIN_TIMEOUT: Final = 300.0
+# A login waiting for another one gives it its whole browser wait, plus this for its token request.
+LOGIN_LOCK_SLACK: Final = 60.0
 CLIENT_NAME: Final = "mcp-heal-proxy"
 CALLBACK_PATH: Final = "/callback"
 OFFLINE_ACCESS: Final = "offline_access"
@@ -545,8 +547,30 @@ async def login(
     open_browser: bool,
     wait: float = LOGIN_TIMEOUT,
 ) -> Grant:
-    """Log in to the upstream's authorization server and store the grant."""
-    previous = token_file.load(upstream.url)
+    """Log in to the upstream's authorization server and store the grant.
+
+    Two logins of one upstream at once (two terminals, or two proxies' users sharing a state
+    directory) take turns; one that waited uses the tokens the other one obtained instead of sending
+    the user through the browser a second time.
+    """
+    before = token_file.load(upstream.url)
+    async with token_file.lock(patience=wait + LOGIN_LOCK_SLACK, purpose="login"):
+        current = token_file.load(upstream.url)
+        if current is not None and current.logged_in_at > (before.logged_in_at if before else 0.0):
+            _print(out, f"Another login of {upstream.name} finished meanwhile; using its tokens.")
+            return current
+        return await _login(upstream, token_file, current, out=out, open_browser=open_browser, wait=wait)
+
+
+async def _login(
+    upstream: UpstreamConfig,
+    token_file: TokenFile,
+    previous: Grant | None,
+    *,
+    out: TextIO,
+    open_browser: bool,
+    wait: float,
+) -> Grant:
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         found = await discover(http, upstream.url, lambda line: _print(out, line))
         metadata = found.metadata
@@ -634,6 +658,7 @@ async def login(
             resource=resource,
             issuer=found.issuer,
             scope=" ".join(scopes) or None,
+            logged_in_at=time.time(),
         )
         try:
             try:

@@ -56,6 +56,9 @@ class Grant:
     # A scope an upstream asked for (403 insufficient_scope) that this grant lacks: the next login
     # asks for it too.
     wanted_scope: str | None = None
+    # When the login that started this grant finished (refreshes keep it): tells a login that waited
+    # for another one that the other one succeeded.
+    logged_in_at: float = 0.0
 
     def __repr__(self) -> str:
         # Never print tokens, even in a traceback or a debugger.
@@ -104,7 +107,7 @@ class TokenFile:
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
         self.path = directory / f"{name}.json"
-        self._lock_path = directory / f"{name}.lock"
+        self._name = name
 
     def load(self, upstream_url: str) -> Grant | None:
         """The stored grant for this upstream URL; None when there is none (or it was for another URL)."""
@@ -165,16 +168,21 @@ class TokenFile:
             raise TokenFileError(f"cannot create {self.directory}: {exc.strerror or exc}") from None
 
     @contextlib.asynccontextmanager
-    async def lock(self, patience: float = LOCK_TIMEOUT) -> AsyncIterator[None]:
-        """Hold this upstream's lock (across processes); waits at most ``patience`` seconds."""
+    async def lock(self, patience: float = LOCK_TIMEOUT, purpose: str = "tokens") -> AsyncIterator[None]:
+        """Hold one of this upstream's locks (across processes); waits at most ``patience`` seconds.
+
+        "tokens" guards reading, refreshing and writing the file; "login" lets one login run at a time
+        without holding up refreshes while a user takes their time in the browser.
+        """
         if fcntl is None:
             yield
             return
         self._ensure_directory()
+        lock_path = self.directory / (f"{self._name}.lock" if purpose == "tokens" else f"{self._name}.{purpose}.lock")
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise TokenFileError(f"cannot open {self._lock_path}: {exc.strerror or exc}") from None
+            raise TokenFileError(f"cannot open {lock_path}: {exc.strerror or exc}") from None
         try:
             give_up = time.monotonic() + patience
             while True:
@@ -184,7 +192,7 @@ class TokenFile:
                 except BlockingIOError:
                     if time.monotonic() >= give_up:
                         raise TokenFileError(
-                            f"another mcp-heal-proxy process holds {self._lock_path} (a login or a refresh)"
+                            f"another mcp-heal-proxy process holds {lock_path} (a {purpose} in progress)"
                         ) from None
                     # Polling instead of a blocking flock in a thread: a cancelled waiter leaves nothing behind.
                     await asyncio.sleep(_LOCK_POLL)

@@ -14,8 +14,12 @@
 # wins, and flags beat the environment, which beats the file. Move the port with MCP_HEAL_PROXY_PORT
 # (the HEALTHCHECK reads it too), not with --port or the file.
 
+# Both stages start from BASE_IMAGE: python:3.11-slim for everyone; a build that cannot reach an image
+# registry names a local stand-in (the tests do: scripts/container-base).
+ARG BASE_IMAGE=python:3.11-slim
+
 # --- build: the package and its dependencies in a virtualenv ----------------------------------------
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -27,17 +31,30 @@ RUN /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/pip uninstall --yes setuptools pip
 
 # --- runtime: the same slim base plus the virtualenv, nothing else ----------------------------------
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="mcp-heal-proxy" \
       org.opencontainers.image.description="Keeps MCP Streamable HTTP sessions alive across upstream expiry and restarts." \
       org.opencontainers.image.licenses="MIT"
 
+# tini as PID 1: the kernel drops any signal that PID 1 has no handler for, so with the proxy itself as
+# PID 1 a `docker stop` during its start-up (before it installs its handlers) was lost and ended in
+# SIGKILL after the timeout. tini forwards SIGTERM to the proxy and exits with its status; `-e 143`
+# makes a proxy that SIGTERM ended before its handlers were in place exit 0 too, as asked. Its version
+# is whatever the base image's Debian release ships.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and a host directory can be chowned to it.
+# /data belongs to group 0 as well, writable by it: a platform that runs the image under an arbitrary
+# uid in group 0 (OpenShift does) can still write the session store. A new named volume copies this.
 RUN groupadd --system --gid 10001 mcp \
     && useradd --system --uid 10001 --gid mcp --home-dir /data --no-create-home --shell /usr/sbin/nologin mcp \
     && mkdir /data \
-    && chown 10001:10001 /data
+    && chown 10001:0 /data \
+    && chmod 0775 /data
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -55,8 +72,8 @@ EXPOSE 8787
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MCP_HEAL_PROXY_PORT', '8787'), timeout=4)"]
 
-# Exec form, no shell: the proxy is PID 1 and receives `docker stop`'s SIGTERM itself, then stops gracefully.
+# Exec form, no shell: tini (PID 1) hands `docker stop`'s SIGTERM to the proxy, which stops gracefully.
 # --host 0.0.0.0 is right only inside a container; publish the port on 127.0.0.1 on the host.
 # These flags sit in the ENTRYPOINT, not the CMD, so that `docker run IMAGE --upstream URL` keeps them.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["mcp-heal-proxy", "serve", "--host", "0.0.0.0", "--state", "/data/sessions.db"]
+ENTRYPOINT ["tini", "-e", "143", "--", "mcp-heal-proxy", "serve", "--host", "0.0.0.0", "--state", "/data/sessions.db"]

@@ -158,7 +158,7 @@ def heal(url: str, expire_url: str, rounds: int, *, proxy: bool) -> HealResult:
 
 
 def store_put_us(state: str, count: int) -> float:
-    """Mean cost of one SessionStore.put (what each session create or heal writes), in microseconds.
+    """Mean cost of one SessionStore.create (what each new session writes), in microseconds.
 
     ``state`` is what ``--state`` takes: ":memory:", a SQLite file path, or a redis:// URL. The store is
     opened the way the proxy opens it (mcp_heal_proxy.app.open_store); puts run one after another.
@@ -172,10 +172,10 @@ def store_put_us(state: str, count: int) -> float:
             params = dict(INITIALIZE["params"])  # type: ignore[call-overload]
             records = [SessionRecord(new_client_session_id(), new_client_session_id(), params) for _ in range(count)]
             for record in records[:10]:  # warm-up
-                await store.put(record)
+                await store.create(record)
             started = time.perf_counter()
             for record in records[10:]:
-                await store.put(record)
+                await store.create(record)
             return (time.perf_counter() - started) / (count - 10) * 1e6
         finally:
             await store.close()

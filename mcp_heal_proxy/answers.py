@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from mcp_heal_proxy.content_coding import decoder_for
 from mcp_heal_proxy.jsonrpc import RequestId
 from mcp_heal_proxy.sse import Event, SSEParser
 
@@ -22,16 +23,22 @@ _JSON_WATCH_LIMIT: Final = 256 * 1024
 class AnswerTracker:
     """Fed the bytes of an answer (SSE or JSON) as they are forwarded."""
 
-    __slots__ = ("_candidates", "_json", "_parser", "_request_ids")
+    __slots__ = ("_candidates", "_decode", "_json", "_parser", "_request_ids")
 
-    def __init__(self, request_ids: Iterable[RequestId], content_type: str) -> None:
+    def __init__(
+        self, request_ids: Iterable[RequestId], content_type: str, content_encoding: str | None = None
+    ) -> None:
         self._request_ids = frozenset(request_ids)
+        # An answer compressed against the proxy's wish is forwarded as it is, and read decoded here.
+        self._decode = decoder_for(content_encoding)
         self._parser = SSEParser() if content_type.startswith("text/event-stream") else None
         self._json: bytearray | None = None if self._parser is not None else bytearray()
         self._candidates: list[str] = []
 
     def feed(self, chunk: bytes) -> None:
         """Look at the next chunk of the answer."""
+        if self._decode is not None:
+            chunk = self._decode(chunk)
         if self._parser is None:
             assert self._json is not None
             if len(self._json) < _JSON_WATCH_LIMIT:
@@ -64,6 +71,15 @@ class AnswerTracker:
         """Whether the upstream numbered its events, so that a client can resume the stream by GET with
         Last-Event-ID (the spec's way to finish an answer after the stream closed early)."""
         return self._parser is not None and self._parser.last_event_id is not None
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The id of the last numbered event of an SSE answer (where a client's resume starts)."""
+        return self._parser.last_event_id if self._parser is not None else None
+
+    def answered(self, request_id: RequestId) -> bool:
+        """Whether the answer to ``request_id`` went by."""
+        return request_id in self.answers()
 
     def may_be_unanswered(self) -> bool:
         """Cheap check first: with at least one possible response per request, assume all answered."""

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
-from mcp_heal_proxy.guards import origin_guard, router_errors_as_jsonrpc, token_guard
+from mcp_heal_proxy.engine import SessionEngine
+from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
+from mcp_heal_proxy.status import UPSTREAMS_KEY, add_routes
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import Upstream
@@ -55,46 +57,37 @@ def build_app(config: ProxyConfig) -> web.Application:
     )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        store = await open_store(config.state)
-        app[STORE_KEY] = store
-        activity = SessionActivity()
-        tasks = TaskOwner()
-        tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
-        metrics.open_sessions.set_function(lambda: len(store))
-        healers: list[Healer] = []
-        upstreams: list[Upstream] = []
-        proxies: dict[str, Proxy] = {}
-        async with aiohttp.ClientSession(
-            # Pool sizes are per upstream; the connector's overall limit is their sum.
-            connector=aiohttp.TCPConnector(limit=sum(u.pool_size for u in config.upstreams)),
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            # The proxy is not a browser: cookies pass through as headers, never stored or merged.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        ) as client:
+        # One exit per resource, entered in order and left in reverse: a teardown that fails does not
+        # skip the ones after it (the store is closed even when an upstream's close raised).
+        async with contextlib.AsyncExitStack() as resources:
+            store = await open_store(config.state)
+            resources.push_async_callback(store.close)
+            app[STORE_KEY] = store
+            activity = SessionActivity()
+            # Last-use marks since the last flush are written before the store closes (callbacks run
+            # in reverse: this one before store.close).
+            resources.push_async_callback(flush, store, activity, config.session_idle_ttl)
+            metrics.open_sessions.set_function(lambda: len(store))
+            proxies: dict[str, Proxy] = {}
+            upstreams: dict[str, Upstream] = {}
             for upstream_config in config.upstreams:
                 upstream = Upstream(
                     upstream_config,
-                    client,
                     strip_client_authorization=config.token is not None,
                     auth=managed_auth(upstream_config, config.state),
                 )
-                upstreams.append(upstream)
+                upstreams[upstream_config.name] = upstream
+                resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)
-                healers.append(healer)
-                proxies[upstream_config.path] = Proxy(upstream, store, healer, metrics, settings, activity)
+                resources.push_async_callback(healer.close)
+                engine = SessionEngine(upstream, store, healer, metrics, activity, max_sessions=config.max_sessions)
+                proxies[upstream_config.path] = Proxy(engine, metrics, settings)
             app[PROXIES_KEY] = proxies
-            try:
-                yield
-            finally:
-                await tasks.close()
-                for healer in healers:
-                    await healer.close()
-                for upstream in upstreams:
-                    await upstream.close()
-                # Last-use marks since the last flush are written before the store closes.
-                await flush(store, activity, config.session_idle_ttl)
-                await store.close()
+            app[UPSTREAMS_KEY] = upstreams
+            tasks = TaskOwner()
+            resources.push_async_callback(tasks.close)
+            tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
+            yield
 
     app.cleanup_ctx.append(lifetime)
 
@@ -128,11 +121,15 @@ def build_app(config: ProxyConfig) -> web.Application:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
+    cors = Cors(config.allowed_origins)
+    app.on_response_prepare.append(cors.on_response_prepare)
     for upstream_config in config.upstreams:
+        app.router.add_route("OPTIONS", upstream_config.path, cors.preflight)
         app.router.add_post(upstream_config.path, post)
         app.router.add_get(upstream_config.path, get, allow_head=False)
         app.router.add_delete(upstream_config.path, delete)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    add_routes(app, config, metrics.events, STORE_KEY)  # the status page and its JSON (status.py)
     return app

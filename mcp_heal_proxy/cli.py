@@ -1,4 +1,4 @@
-"""Command line: ``mcp-heal-proxy serve ...``. The only module that exits the process."""
+"""Command line: ``mcp-heal-proxy serve|check-config|demo|sessions|tail``. The only module that exits the process."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -19,17 +20,20 @@ from mcp_heal_proxy.app import build_app
 from mcp_heal_proxy.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    ENV_PREFIX,
     LOG_FORMATS,
     LOG_LEVELS,
+    MEMORY_STATE,
     ConfigError,
     ProxyConfig,
     build_config,
-    check_url,
+    default_state_path,
     describe,
     mask_url,
 )
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
+from mcp_heal_proxy.watch import DEFAULT_GIVE_UP, DEFAULT_PROXY_URL, WatchError, forget_session, list_sessions, tail
 
 EXIT_USAGE = 2
 
@@ -38,14 +42,26 @@ examples:
   mcp-heal-proxy serve --upstream https://mcp.example.com/mcp
   mcp-heal-proxy serve --upstream http://127.0.0.1:8000/mcp --port 9000 --state :memory:
   mcp-heal-proxy serve --config proxy.toml          # several upstreams, headers, timeouts
+  mcp-heal-proxy serve --config proxy.toml --set max_sessions=500 --set allowed_origins=https://app.example.com
   MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy serve
 
-settings come from the config file, then MCP_HEAL_PROXY_* variables (HOST, PORT, STATE, UPSTREAM,
-CONFIG, TOKEN, LOG_FORMAT, LOG_LEVEL, MAX_BODY_BYTES), then flags; later ones win.
+settings come from the config file, then MCP_HEAL_PROXY_* variables (UPSTREAM, CONFIG, and every
+[server] key in upper case: HOST, PORT, STATE, TOKEN, MAX_SESSIONS, ...), then flags; later ones win.
+--set KEY=VALUE sets any [server] key, or an upstream key (read_timeout, client, ...) of --upstream.
 
 then point the client at the proxy, e.g. in ~/.codex/config.toml:
   [mcp_servers.example]
   url = "http://127.0.0.1:8787/mcp"
+"""
+
+TOP_EXAMPLES = """\
+examples:
+  mcp-heal-proxy demo                                         # watch a heal, about 3 seconds
+  mcp-heal-proxy serve --upstream https://mcp.example.com/mcp # one upstream at /mcp
+  mcp-heal-proxy serve --config proxy.toml                    # several upstreams, each at /NAME/mcp
+  mcp-heal-proxy check-config proxy.toml                      # validate, print the effective config
+
+run "mcp-heal-proxy COMMAND --help" for each command's options and examples.
 """
 
 DEMO_EXAMPLES = """\
@@ -61,9 +77,33 @@ Exit status 0 when the proxy healed the expired session, 1 when it did not.
 CHECK_EXAMPLES = """\
 examples:
   mcp-heal-proxy check-config proxy.toml
-  GITHUB_TOKEN=... mcp-heal-proxy check-config proxy.toml
+  GITHUB_TOKEN=... mcp-heal-proxy check-config config.example.toml
+  mcp-heal-proxy check-config proxy.toml --port 9000 --set max_sessions=500   # as serve would see it
+  mcp-heal-proxy check-config --upstream https://mcp.example.com/mcp         # no file
 
-exit status 0 when the file is valid, 2 with a one-line reason when it is not.
+The same checks as serve, with MCP_HEAL_PROXY_* variables and the flags applied: what check-config
+accepts, serve can run. Exit status 0 when the config is valid, 2 with a one-line reason when it is not.
+"""
+
+
+SESSIONS_EXAMPLES = """\
+examples:
+  mcp-heal-proxy sessions                          # the default store, while the proxy runs or not
+  mcp-heal-proxy sessions --config proxy.toml --json
+  mcp-heal-proxy sessions --state redis://127.0.0.1:6379/0
+  mcp-heal-proxy sessions forget 3f9c2a1b          # via the running proxy: upstream DELETE too
+
+forget asks the running proxy to end the session (DELETE upstream, then the record); when no proxy
+answers, it deletes the record only and says so. MCP_HEAL_PROXY_TOKEN is sent when the proxy has a token.
+"""
+
+TAIL_EXAMPLES = """\
+examples:
+  mcp-heal-proxy tail                              # the local proxy, http://127.0.0.1:8787
+  mcp-heal-proxy tail http://127.0.0.1:9000 --json | jq .
+
+MCP_HEAL_PROXY_TOKEN is sent as the bearer token when set. While the proxy restarts, tail reconnects
+with backoff, and exits with status 1 once it stayed unreachable for --give-up seconds.
 """
 
 
@@ -85,21 +125,32 @@ class UsageError(Exception):
     """A user mistake: reported in one line, exit status 2, no traceback."""
 
 
-def _upstream_url(value: str) -> str:
-    try:
-        return check_url(value, "--upstream")
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {port}")
-    return port
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the config, shared by serve and check-config. Values are checked by
+    config.build_config, with the same rules as the file's (so --port 70000 and port = 70000 get one answer)."""
+    parser.add_argument("--upstream", metavar="URL", help="upstream MCP endpoint, served at /mcp")
+    parser.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", help=f"port to listen on, 0 for any free one (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--state",
+        metavar="PATH",
+        help="session store: a SQLite file, :memory:, or redis://HOST:PORT/DB (default: a file in the user's state directory)",
+    )
+    parser.add_argument(
+        "--log-format",
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+        help="log format (default auto: console on a terminal)",
+    )
+    parser.add_argument("--log-level", metavar="{" + ",".join(LOG_LEVELS) + "}", help="log level (default info)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any key of config.example.toml's [server] table (lists comma-separated), or an upstream key "
+        "for --upstream's upstream; repeatable",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,37 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-heal-proxy",
         description="Local proxy that keeps MCP Streamable HTTP sessions alive when the server forgets them.",
-        epilog=SERVE_EXAMPLES,
+        epilog=TOP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mcp-heal-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
-        help="run the proxy in front of one upstream MCP server",
-        description="Run the proxy. Clients connect to http://HOST:PORT/mcp.",
+        help="run the proxy in front of one or more upstream MCP servers",
+        description="Run the proxy: --upstream URL is served at http://HOST:PORT/mcp, each [upstreams.NAME] "
+        "of a config file at its path (default /NAME/mcp).",
         epilog=SERVE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--upstream", type=_upstream_url, metavar="URL", help="upstream MCP endpoint, served at /mcp")
     serve.add_argument("--config", metavar="FILE", help="TOML config file (see config.example.toml)")
-    serve.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
-    serve.add_argument("--port", type=_port, help=f"port to listen on, 0 for any (default {DEFAULT_PORT})")
-    serve.add_argument(
-        "--state",
-        metavar="PATH",
-        help="session store: a SQLite file, :memory:, or redis://HOST:PORT/DB (default: a file in the user's state directory)",
-    )
-    serve.add_argument("--log-format", choices=LOG_FORMATS, help="log format (default auto: console on a terminal)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    _add_config_flags(serve)
     check = commands.add_parser(
         "check-config",
-        help="validate a config file and print the effective config, secrets masked",
-        description="Validate a config file (with MCP_HEAL_PROXY_* variables applied) and print the result.",
+        help="validate a config (file, environment, flags) and print it, secrets masked",
+        description="Validate a config file, with MCP_HEAL_PROXY_* variables and any serve flags applied, and "
+        "print the effective config with secrets masked.",
         epilog=CHECK_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("file", metavar="FILE", help="TOML config file")
+    check.add_argument("file", metavar="FILE", nargs="?", help="TOML config file (default: $MCP_HEAL_PROXY_CONFIG)")
+    _add_config_flags(check)
     demo = commands.add_parser(
         "demo",
         help="watch the proxy heal an expired session (built-in server and client)",
@@ -147,6 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--verbose", action="store_true", help="print the proxy's log events to stderr")
+    sessions = commands.add_parser(
+        "sessions",
+        help="list the sessions in the store (works while a proxy runs), or end one",
+        description="List the client sessions in the session store, or end one with 'sessions forget ID'.",
+        epilog=SESSIONS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sessions.add_argument(
+        "action", nargs="?", choices=("list", "forget"), default="list", help="list (default) or forget"
+    )
+    sessions.add_argument("id", nargs="?", metavar="ID", help="forget: the session id, or its first characters")
+    where = sessions.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE", help="read the store and proxy address of this config file")
+    where.add_argument("--state", metavar="PATH", help="the store: a SQLite file or redis://HOST:PORT/DB")
+    sessions.add_argument("--json", action="store_true", help="print JSON (full ids)")
+    sessions.add_argument(
+        "--proxy", metavar="URL", help=f"forget: the running proxy (default from --config, else {DEFAULT_PROXY_URL})"
+    )
+    tail_parser = commands.add_parser(
+        "tail",
+        help="follow a running proxy's requests and heals, one line each",
+        description="Follow a running proxy's live events (requests and heals), one line each.",
+        epilog=TAIL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tail_parser.add_argument("url", nargs="?", metavar="URL", help=f"the proxy (default {DEFAULT_PROXY_URL})")
+    tail_parser.add_argument("--json", action="store_true", help="one JSON object per line, for piping")
+    tail_parser.add_argument(
+        "--give-up", type=float, default=DEFAULT_GIVE_UP, metavar="SECONDS", help="exit after this long unreachable"
+    )
     login = commands.add_parser(
         "login",
         help='log in to an upstream with auth = "oauth"; serve then sends its tokens',
@@ -164,6 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sessions(args: argparse.Namespace) -> int:
+    config: ProxyConfig | None = None
+    config_file = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
+    if args.state:
+        state = args.state
+    elif config_file:
+        config = build_config(config_file=config_file, flags={})
+        state = config.state
+    else:
+        state = os.environ.get(ENV_PREFIX + "STATE") or default_state_path()
+    if state != MEMORY_STATE and "://" not in state:
+        state = os.path.expanduser(state)
+    token = os.environ.get(ENV_PREFIX + "TOKEN") or (config.token if config else None)
+    try:
+        if args.action == "forget":
+            if not args.id:
+                raise UsageError("sessions forget needs a session ID")
+            return forget_session(state, args.id, config=config, proxy_url=args.proxy, token=token, out=sys.stdout)
+        if args.id:
+            raise UsageError(f"unexpected argument {args.id!r} (did you mean 'sessions forget {args.id}'?)")
+        return list_sessions(state, as_json=args.json, out=sys.stdout)
+    except ProxyError as exc:
+        raise UsageError(exc.message) from None
+
+
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop where it exists (not on Windows)."""
     try:
@@ -172,6 +272,21 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
     result: int = uvloop.run(coro)
     return result
+
+
+def banner(config: ProxyConfig, port: int) -> list[str]:
+    """What serve prints once it listens: where, and for each upstream the URL a client should paste."""
+    bound = f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
+    if config.listens_on_all_interfaces:
+        # The URLs below are the loopback ones (0.0.0.0 is no address to connect to); from another
+        # machine the client needs this machine's address instead.
+        bound += " (all interfaces)"
+    lines = [f"mcp-heal-proxy {__version__} on {bound}, sessions in {config.state_display}"]
+    for upstream in config.upstreams:
+        url = config.client_url(upstream, port)
+        lines.append(f"  {upstream.name}: {url} -> {mask_url(upstream.url)}")
+        lines.append(f'  paste into your MCP client: url = "{url}"')
+    return lines
 
 
 async def serve(config: ProxyConfig) -> int:
@@ -201,11 +316,10 @@ async def serve(config: ProxyConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
     # With --port 0 the system picked a free port: report the real one.
     port = runner.addresses[0][1] if runner.addresses else config.port
-    print(f"mcp-heal-proxy {__version__} on {config.host}:{port}, sessions in {config.state_display}", flush=True)
+    for line in banner(config, port):
+        print(line, flush=True)
     for upstream in config.upstreams:
         url = config.client_url(upstream, port)
-        print(f"  {upstream.name}: {url} -> {upstream.url}", flush=True)
-        print(f'  paste into your MCP client: url = "{url}"', flush=True)
         log.info(
             "proxy.started",
             upstream=upstream.name,
@@ -249,13 +363,20 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
         configure_logging("auto", "info" if args.verbose else "warning")
         sys.exit(_run(run_demo(sys.stdout)))
+    if args.command == "tail":
+        try:
+            token = os.environ.get(ENV_PREFIX + "TOKEN")
+            sys.exit(asyncio.run(tail(args.url, as_json=args.json, token=token, out=sys.stdout, give_up=args.give_up)))
+        except WatchError as exc:
+            print(f"mcp-heal-proxy: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
     try:
+        if args.command == "sessions":
+            sys.exit(_sessions(args))
         if args.command in ("login", "logout"):
             sys.exit(_login_or_logout(args))
-        if args.command == "check-config":
-            config = build_config(config_file=args.file, flags={})
-            print(json.dumps(describe(config), indent=2, default=list))
-            sys.exit(0)
         flags = {
             "upstream": args.upstream,
             "host": args.host,
@@ -264,11 +385,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             "log_format": args.log_format,
             "log_level": args.log_level,
         }
-        config = build_config(config_file=args.config, flags=flags)
+        config_file = args.file if args.command == "check-config" else args.config
+        config = build_config(config_file=config_file, flags=flags, settings=args.settings)
+        if args.command == "check-config":
+            print(json.dumps(describe(config), indent=2, default=list))
+            sys.exit(0)
         configure_logging(config.log_format, config.log_level, config.secrets())
         sys.exit(_run(serve(config)))
     except (UsageError, ConfigError) as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except WatchError as exc:
+        print(f"mcp-heal-proxy: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

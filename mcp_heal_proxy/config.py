@@ -7,15 +7,16 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -28,6 +29,13 @@ ENDPOINT_PATH: Final = "/mcp"
 DEFAULT_HEAL_ON: Final = (404, 400)
 HEALABLE_STATUSES: Final = frozenset({400, 401, 404})
 ENV_PREFIX: Final = "MCP_HEAL_PROXY_"
+# Listen addresses that mean "every interface", and the loopback address a local client uses instead.
+WILDCARD_HOSTS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+# The proxy's own pages: the status page at "/", its assets and JSON endpoints under /_proxy/
+# (status.py). No upstream may be served there, nor at the health and metrics paths.
+STATUS_PREFIX: Final = "/_proxy/"
+RESERVED_PATHS: Final = frozenset({"/", "/_proxy", "/healthz", "/readyz", "/metrics"})
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: Final = ("auto", "json", "console")
@@ -75,7 +83,11 @@ class UpstreamConfig:
     read_timeout: float = 300.0
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
     stream_idle_timeout: float | None = None
+    # Connections for requests (POST, DELETE): a request waits at most connect_timeout for a free one.
     pool_size: int = 100
+    # Connections for GET streams, apart from pool_size so that open streams (one per connected client,
+    # held for hours) never starve requests; a GET stream past this gets an error, not a hang.
+    max_streams: int = 1000
     # Seconds a pooled connection may sit idle and still be reused (lean client): below the upstream's
     # own keep-alive timeout, so that no request is sent on a connection the upstream is closing.
     keepalive_idle: float = 4.0
@@ -124,11 +136,23 @@ class ProxyConfig:
     # Bounded resources: the least recently used session is forgotten to make room for a new one,
     # and one session may hold this many streaming answers (GET streams and SSE answers) at once.
     max_sessions: int = 10_000
-    max_streams_per_session: int = 256
+    # Well below pool_size (100), so that one session cannot hold every connection to its upstream.
+    max_streams_per_session: int = 32
+
+    @property
+    def listens_on_all_interfaces(self) -> bool:
+        """Bound to a wildcard address (0.0.0.0, ::), as in a container."""
+        return self.host in WILDCARD_HOSTS
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
-        """The URL a client puts in its config for one upstream."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """The URL a client puts in its config for one upstream.
+
+        A wildcard address says where to listen, not where to connect: a client on this machine (or on
+        the host of a container that publishes the port) reaches the proxy on loopback. "::" gets ::1,
+        because asyncio binds IPv6 sockets IPv6-only.
+        """
+        host = WILDCARD_HOSTS.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port if port is None else port}{upstream.path}"
 
     def secrets(self) -> tuple[str, ...]:
@@ -153,58 +177,330 @@ def single_upstream(url: str, **options: Any) -> ProxyConfig:
 
 _UPSTREAM_FIELDS: Final = frozenset(f.name for f in fields(UpstreamConfig))
 
+# ---- options: one check per key, wherever it is set --------------------------------------------------
+#
+# As in mitmproxy's optmanager, an option is checked where it is set, by one function (check_option),
+# whether it comes from the file, an MCP_HEAL_PROXY_* variable or a flag. So a value the file may not
+# hold, no flag may hold either, and `check-config` refuses exactly what `serve` could not run. Only the
+# place named in the message differs: "proxy.toml: server.port", "MCP_HEAL_PROXY_PORT", "--port".
+
+
+class _Invalid(Exception):
+    """A value that breaks its option's rule; the message completes "<where> ..."."""
+
+    def __init__(self, reason: str, *, echo: bool = True) -> None:
+        super().__init__(reason)
+        # False when the reason already names the culprit (or a hint follows it).
+        self.echo = echo
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # 70000 reads the same whether it came from the file or from text ("70000", "7e4").
+        return f"{value:g}"
+    return repr(value)
+
+
+def _hidden(_: Any) -> str | None:
+    return None
+
+
+def _without_userinfo(value: Any) -> str:
+    """A URL as it may appear in an error: whatever sits before '@' (user, password, token) hidden."""
+    if isinstance(value, str) and "@" in value and "://" in value:
+        scheme, _, rest = value.partition("://")
+        userinfo, at, host = rest.partition("@")
+        if at and "/" not in userinfo:
+            return repr(f"{scheme}://***@{host}")
+    return repr(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One settable key: the rule its value must follow, and how to read it from one line of text."""
+
+    # The value as the config holds it (normalized: seconds as float, lists as tuples), or _Invalid.
+    check: Callable[[Any], Any]
+    # From an environment variable or --set KEY=VALUE; None: only a config file can set it.
+    from_text: Callable[[str], Any] | None
+    # How the refused value is echoed in the error; None: never (a secret).
+    show: Callable[[Any], str | None] = _shown
+
+
+def _text_as_int(text: str) -> Any:
+    try:
+        return int(text.strip())
+    except ValueError:
+        # "1.5" is refused as the file's 1.5 is ("must be an integer, not 1.5"); "x" as 'x'.
+        return _text_as_number(text)
+
+
+def _text_as_number(text: str) -> Any:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text
+
+
+def _text_as_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _text_as_str(text: str) -> str:
+    return text
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid("must be an integer")
+        if value < low or (high is not None and value > high):
+            raise _Invalid(f"must be between {low} and {high}" if high is not None else f"must be at least {low}")
+        return value
+
+    return check
+
+
+def _seconds(*, zero_allowed: bool = False, minimum: float = 0.0) -> Callable[[Any], float]:
+    # Zero is refused where it would make every request time out at once, or turn a wait into a busy
+    # loop (keep-alive comments, housekeeping: those take a floor, see the table below). NaN and
+    # infinity compare oddly, so they are refused too.
+    if minimum:
+        rule = f"must be a number of seconds, at least {minimum:g}"
+    elif zero_allowed:
+        rule = "must be a number of seconds, 0 or more"
+    else:
+        rule = "must be a number of seconds above 0"
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise _Invalid(rule)
+        if value < minimum or value < 0 or (value == 0 and not zero_allowed):
+            raise _Invalid(rule)
+        return float(value)
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return check
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("must be a string")
+    if any(char in value for char in "\r\n\0"):
+        # A value that ends up in a header must stay one header line.
+        raise _Invalid("must be one line (no line break or NUL)")
+    return value
+
+
+def _host(value: Any) -> str:
+    if not _string(value).strip():
+        raise _Invalid("must not be empty")
+    return str(value)
+
+
+def _token(value: Any) -> str | None:
+    # Empty means "no token" (e.g. token = "${VAR}" with VAR set to nothing).
+    return _string(value) or None
+
+
+def _state(value: Any) -> str:
+    state = _string(value)
+    if state in ("", MEMORY_STATE) or "://" not in state:
+        return state  # "" means the default file
+    parts = _split_url(state, "must be a file path, :memory:, or a redis:// or rediss:// URL")
+    if parts.scheme not in ("redis", "rediss"):
+        raise _Invalid("must be a file path, :memory:, or a redis:// or rediss:// URL")
+    if not parts.hostname:
+        raise _Invalid("must name a host (redis://HOST:PORT/DB)")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise _Invalid("must name the database by number (redis://HOST:PORT/0)")
+    return state
+
+
+def _shown_state(value: Any) -> str:
+    return _without_userinfo(value)
+
+
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]+$")
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(origin, str) for origin in value):
+        raise _Invalid("must be a list of origins")
+    for origin in value:
+        # Browsers send scheme://host[:port] in lower case, never a path: anything else would never match.
+        if not _ORIGIN.match(origin) or origin != origin.lower():
+            raise _Invalid(
+                f"must list origins such as https://app.example.com (no path, lower case), not {origin!r}", echo=False
+            )
+    return tuple(value)
+
+
+def _split_url(url: str, rule: str) -> SplitResult:
+    """urlsplit, with its port checked (it is parsed only when asked) and every ValueError (an unclosed
+    IPv6 bracket, a port out of range) turned into the option's rule."""
+    if any(char.isspace() for char in url):
+        raise _Invalid(f"{rule} (no spaces)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise _Invalid(f"{rule} (a valid host and port)") from None
+    return parts
+
+
+def _upstream_url(value: Any) -> str:
+    url = _string(value)
+    parts = _split_url(url, "must be an http(s) URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("must be an http(s) URL")
+    if "@" in parts.netloc:
+        raise _Invalid(
+            'must not carry credentials (user:password@): put them in headers, e.g. Authorization = "Bearer ${TOKEN}"',
+            echo=False,
+        )
+    return url
+
+
+_PATH = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+
+
+def _path(value: Any) -> str:
+    path = _string(value)
+    if not _PATH.match(path):
+        raise _Invalid("must start with '/' and use letters, digits, '.', '_', '~', '-', '/' only")
+    if is_reserved_path(path):
+        raise _Invalid(
+            f"must not be one of the proxy's own paths ({', '.join(sorted(RESERVED_PATHS))}, {STATUS_PREFIX}...)"
+        )
+    return path
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers the proxy writes itself: an injected value would break framing or the session mapping.
+_MANAGED_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "mcp-session-id"})
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _Invalid("must be a table of header names and values")
+    for name, header_value in value.items():
+        if not _HEADER_NAME.match(name):
+            raise _Invalid(f"has {name!r}, which is not a header name", echo=False)
+        if name.lower() in _MANAGED_HEADERS:
+            raise _Invalid(f"must not set {name}: the proxy writes it", echo=False)
+        if not isinstance(header_value, str):
+            raise _Invalid(f"must map {name} to a string", echo=False)
+        if any(char in header_value for char in "\r\n\0"):
+            raise _Invalid(f"{name}: a value must be one line (no line break or NUL)", echo=False)
+    return dict(value)
+
+
+def _scopes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(scope, str) and scope and " " not in scope for scope in value):
+        raise _Invalid("must be a list of scope names without spaces")
+    return tuple(value)
+
+
+def _heal_on(value: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list | tuple)
+        or not all(isinstance(s, int) and s in HEALABLE_STATUSES for s in value)
+        or 404 not in value
+    ):
+        raise _Invalid("must list statuses among 400, 401, 404, and include 404")
+    return tuple(value)
+
+
+def _text_as_statuses(text: str) -> Any:
+    try:
+        return [int(part) for part in _text_as_list(text)]
+    except ValueError:
+        return text
+
+
+def _replay(value: Any) -> ReplayPolicy:
+    if value in ("all", "none"):
+        return "all" if value == "all" else "none"
+    if isinstance(value, list | tuple) and all(isinstance(method, str) for method in value):
+        return tuple(value)
+    raise _Invalid('must be "all", "none", or a list of method names')
+
+
+def _text_as_replay(text: str) -> Any:
+    return text if text in ("all", "none") else _text_as_list(text)
+
+
+SERVER_OPTIONS: Final[Mapping[str, Option]] = {
+    "host": Option(_host, _text_as_str),
+    "port": Option(_integer(0, 65535), _text_as_int),  # 0: the system picks a free port
+    "state": Option(_state, _text_as_str, _shown_state),
+    "log_format": Option(_one_of(LOG_FORMATS), _text_as_str),
+    "log_level": Option(_one_of(LOG_LEVELS), _text_as_str),
+    "max_body_bytes": Option(_integer(1), _text_as_int),
+    "allowed_origins": Option(_origins, _text_as_list),
+    # Housekeeping runs every idle_ttl / 10 and a keep-alive comment every interval: floors keep both
+    # from spinning (0 used to make them busy loops).
+    "session_idle_ttl": Option(_seconds(minimum=1.0), _text_as_number),
+    "keepalive_interval": Option(_seconds(minimum=0.1), _text_as_number),
+    "token": Option(_token, _text_as_str, _hidden),
+    "shutdown_grace": Option(_seconds(zero_allowed=True), _text_as_number),
+    "max_sessions": Option(_integer(1), _text_as_int),
+    "max_streams_per_session": Option(_integer(1), _text_as_int),
+}
+UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
+    "url": Option(_upstream_url, _text_as_str, _without_userinfo),
+    "path": Option(_path, _text_as_str),
+    "headers": Option(_headers, None, _hidden),
+    "connect_timeout": Option(_seconds(), _text_as_number),
+    "connect_retry": Option(_seconds(zero_allowed=True), _text_as_number),
+    "read_timeout": Option(_seconds(), _text_as_number),
+    "stream_idle_timeout": Option(_seconds(), _text_as_number),
+    "pool_size": Option(_integer(1), _text_as_int),
+    "max_streams": Option(_integer(1), _text_as_int),
+    "keepalive_idle": Option(_seconds(), _text_as_number),
+    "heal_on": Option(_heal_on, _text_as_statuses),
+    "replay": Option(_replay, _text_as_replay),
+    "client": Option(_one_of(UPSTREAM_CLIENTS), _text_as_str),
+    # Proxy-managed OAuth login (auth/managed.py); a config file's keys only: login reads the file.
+    "auth": Option(_one_of(("oauth",)), None),
+    "client_id": Option(_string, None),
+    "client_secret": Option(_string, None, _hidden),
+    "scopes": Option(_scopes, None),
+    "callback_port": Option(_integer(1, 65535), None),
+}
+# Keys that only mean something with auth = "oauth".
+_OAUTH_KEYS: Final = ("client_id", "client_secret", "scopes", "callback_port")
+
+
+def check_option(options: Mapping[str, Option], key: str, value: Any, where: str) -> Any:
+    """The value of one option as the config holds it, or a ConfigError naming where it was set."""
+    option = options[key]
+    try:
+        return option.check(value)
+    except _Invalid as exc:
+        shown = option.show(value) if exc.echo else None
+        raise ConfigError(f"{where} {exc}" + (f", not {shown}" if shown is not None else "")) from None
+
+
+def option_from_text(options: Mapping[str, Option], key: str, text: str, where: str) -> Any:
+    """check_option for a value given as text (an environment variable, --set KEY=VALUE)."""
+    read = options[key].from_text
+    if read is None:
+        raise ConfigError(f"{where}: {key} can be set in a config file only")
+    return check_option(options, key, read(text), where)
+
+
 # ---- loading ------------------------------------------------------------------------------------------
-
-_SERVER_KEYS: Final = {
-    "host": str,
-    "port": int,
-    "state": str,
-    "log_format": str,
-    "log_level": str,
-    "max_body_bytes": int,
-    "allowed_origins": list,
-    "session_idle_ttl": (int, float),
-    "keepalive_interval": (int, float),
-    "token": str,
-    "shutdown_grace": (int, float),
-    "max_sessions": int,
-    "max_streams_per_session": int,
-}
-_UPSTREAM_KEYS: Final = {
-    "url": str,
-    "path": str,
-    "headers": dict,
-    "connect_timeout": (int, float),
-    "connect_retry": (int, float),
-    "read_timeout": (int, float),
-    "stream_idle_timeout": (int, float),
-    "pool_size": int,
-    "keepalive_idle": (int, float),
-    "heal_on": list,
-    "replay": (str, list),
-    "client": str,
-    "auth": str,
-    "client_id": str,
-    "client_secret": str,
-    "scopes": list,
-    "callback_port": int,
-}
-
-
-def _type_name(expected: Any) -> str:
-    names = {str: "a string", int: "an integer", list: "a list", dict: "a table", float: "a number"}
-    if isinstance(expected, tuple):
-        return " or ".join(names[t] for t in expected if t in names)
-    return names.get(expected, str(expected))
-
-
-def _check_table(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, source: str) -> None:
-    for key, value in table.items():
-        if key not in allowed:
-            raise ConfigError(f"{source}: unknown key {where}.{key}")
-        expected = allowed[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"{source}: {where}.{key} must be {_type_name(expected)}, not {value!r}")
 
 
 def expand_env(value: str, where: str, source: str, environ: Mapping[str, str]) -> str:
@@ -216,105 +512,56 @@ def expand_env(value: str, where: str, source: str, environ: Mapping[str, str]) 
             raise ConfigError(f"{source}: {where} refers to ${{{name}}}, which is not set")
         return environ[name]
 
-    expanded = _ENV_REFERENCE.sub(lookup, value)
-    if any(char in expanded for char in "\r\n\0"):
-        # Header injection: a value must stay one header line.
-        raise ConfigError(f"{source}: {where} contains a line break or NUL")
-    return expanded
+    return _ENV_REFERENCE.sub(lookup, value)
 
 
 def _upstream_from_table(
     name: str, table: Mapping[str, Any], source: str, environ: Mapping[str, str]
 ) -> UpstreamConfig:
-    where = f"upstreams.{name}"
+    where = f"{source}: upstreams.{name}"
     if not _UPSTREAM_NAME.match(name):
         raise ConfigError(f"{source}: upstream name {name!r} may use letters, digits, '_', '.', '-' only")
-    _check_table(table, _UPSTREAM_KEYS, where, source)
+    options: dict[str, Any] = {"name": name, "path": f"/{name}/mcp"}
+    for key, value in table.items():
+        if key not in UPSTREAM_OPTIONS:
+            raise ConfigError(f"{source}: unknown key upstreams.{name}.{key}")
+        if key in ("client_id", "client_secret") and isinstance(value, str):
+            value = expand_env(value, f"upstreams.{name}.{key}", source, environ)
+        if key == "headers" and isinstance(value, dict):
+            value = {
+                header: expand_env(text, f"upstreams.{name}.headers.{header}", source, environ)
+                if isinstance(text, str)
+                else text
+                for header, text in value.items()
+            }
+        options[key] = check_option(UPSTREAM_OPTIONS, key, value, f"{where}.{key}")
     if "url" not in table:
-        raise ConfigError(f"{source}: {where}.url is required")
-    options: dict[str, Any] = {"name": name, "url": check_url(table["url"], f"{source}: {where}.url")}
-    options["path"] = table.get("path", f"/{name}/mcp")
-    if not options["path"].startswith("/"):
-        raise ConfigError(f"{source}: {where}.path must start with '/'")
-    headers = table.get("headers", {})
-    for header, value in headers.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {where}.headers.{header} must be a string")
-    options["headers"] = {h: expand_env(v, f"{where}.headers.{h}", source, environ) for h, v in headers.items()}
-    if "connect_retry" in table:
-        if table["connect_retry"] < 0:
-            raise ConfigError(f"{source}: {where}.connect_retry must not be negative")
-        options["connect_retry"] = float(table["connect_retry"])
-    for key in ("connect_timeout", "read_timeout", "stream_idle_timeout", "keepalive_idle"):
-        if key in table:
-            if table[key] <= 0:
-                raise ConfigError(f"{source}: {where}.{key} must be positive")
-            options[key] = float(table[key])
-    if "pool_size" in table:
-        if table["pool_size"] < 1:
-            raise ConfigError(f"{source}: {where}.pool_size must be at least 1")
-        options["pool_size"] = table["pool_size"]
-    if "heal_on" in table:
-        heal_on = table["heal_on"]
-        if not all(isinstance(s, int) and s in HEALABLE_STATUSES for s in heal_on) or 404 not in heal_on:
-            raise ConfigError(f"{source}: {where}.heal_on must list statuses among 400, 401, 404, and include 404")
-        options["heal_on"] = tuple(heal_on)
-    if "replay" in table:
-        options["replay"] = _replay_policy(table["replay"], f"{source}: {where}.replay")
-    if "client" in table:
-        if table["client"] not in UPSTREAM_CLIENTS:
-            raise ConfigError(f'{source}: {where}.client must be "aiohttp" or "lean"')
-        if table["client"] == "lean" and "@" in urlsplit(options["url"]).netloc:
-            raise ConfigError(f"{source}: {where}.url: the lean client takes no credentials in the URL (use headers)")
-        options["client"] = table["client"]
-    options.update(_oauth_options(table, where, source, environ))
+        raise ConfigError(f"{where}.url is required")
+    _check_oauth_keys(options, where)
     return UpstreamConfig(**options)
 
 
-def _oauth_options(table: Mapping[str, Any], where: str, source: str, environ: Mapping[str, str]) -> dict[str, Any]:
-    """The proxy-managed login keys of one upstream table (auth, client_id, client_secret, scopes, callback_port)."""
-    options: dict[str, Any] = {}
-    if "auth" not in table:
-        for key in ("client_id", "client_secret", "scopes", "callback_port"):
-            if key in table:
-                raise ConfigError(f'{source}: {where}.{key} needs {where}.auth = "oauth"')
-        return options
-    if table["auth"] != "oauth":
-        raise ConfigError(f'{source}: {where}.auth must be "oauth"')
-    if any(header.lower() == "authorization" for header in table.get("headers", {})):
-        raise ConfigError(f'{source}: {where} has both auth = "oauth" and an Authorization header; keep one')
-    options["auth"] = "oauth"
-    if "client_id" in table:
-        options["client_id"] = expand_env(table["client_id"], f"{where}.client_id", source, environ)
-    if "client_secret" in table:
-        if "client_id" not in table:
-            raise ConfigError(f"{source}: {where}.client_secret needs {where}.client_id")
-        options["client_secret"] = expand_env(table["client_secret"], f"{where}.client_secret", source, environ)
-    if "scopes" in table:
-        if not all(isinstance(scope, str) and scope and " " not in scope for scope in table["scopes"]):
-            raise ConfigError(f"{source}: {where}.scopes must be a list of scope names without spaces")
-        options["scopes"] = tuple(table["scopes"])
-    if "callback_port" in table:
-        if not 1 <= table["callback_port"] <= 65535:
-            raise ConfigError(f"{source}: {where}.callback_port must be a port number")
-        options["callback_port"] = table["callback_port"]
-    return options
+def _check_oauth_keys(options: Mapping[str, Any], where: str) -> None:
+    """The keys of a proxy-managed login go together (auth = "oauth" and the ones that need it)."""
+    if options.get("auth") != "oauth":
+        for key in _OAUTH_KEYS:
+            if key in options:
+                raise ConfigError(f'{where}.{key} needs auth = "oauth"')
+        return
+    if "client_secret" in options and "client_id" not in options:
+        raise ConfigError(f"{where}.client_secret needs client_id")
+    if any(header.lower() == "authorization" for header in options.get("headers", {})):
+        raise ConfigError(f'{where} has both auth = "oauth" and an Authorization header; keep one')
 
 
-def _replay_policy(value: Any, where: str) -> ReplayPolicy:
-    if value in ("all", "none"):
-        return "all" if value == "all" else "none"
-    if isinstance(value, list) and all(isinstance(method, str) for method in value):
-        return tuple(value)
-    raise ConfigError(f'{where} must be "all", "none", or a list of method names')
+def is_status_path(path: str) -> bool:
+    """A path of the status page or its JSON endpoints."""
+    return path == "/" or path.startswith(STATUS_PREFIX)
 
 
-def check_url(value: str, where: str) -> str:
-    """An http(s) URL with a host, or a ConfigError naming where it came from."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: not an http(s) URL: {value!r}")
-    return value
+def is_reserved_path(path: str) -> bool:
+    """A path the proxy serves itself, which no upstream may take."""
+    return path in RESERVED_PATHS or path.startswith(STATUS_PREFIX)
 
 
 def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -332,12 +579,13 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
     server = document.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError(f"{path}: server must be a table")
-    _check_table(server, _SERVER_KEYS, "server", path)
-    options: dict[str, Any] = dict(server)
-    if "token" in options:
-        options["token"] = expand_env(options["token"], "server.token", path, environ) or None
-    if "allowed_origins" in options:
-        options["allowed_origins"] = tuple(options["allowed_origins"])
+    options: dict[str, Any] = {}
+    for key, value in server.items():
+        if key not in SERVER_OPTIONS:
+            raise ConfigError(f"{path}: unknown key server.{key}")
+        if key == "token" and isinstance(value, str):
+            value = expand_env(value, "server.token", path, environ)
+        options[key] = check_option(SERVER_OPTIONS, key, value, f"{path}: server.{key}")
     upstream_tables = document.get("upstreams", {})
     if not isinstance(upstream_tables, dict) or not all(isinstance(t, dict) for t in upstream_tables.values()):
         raise ConfigError(f"{path}: upstreams must hold one table per upstream, e.g. [upstreams.github]")
@@ -348,47 +596,79 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Every [server] key as MCP_HEAL_PROXY_<KEY> (empty means unset), and MCP_HEAL_PROXY_UPSTREAM."""
     options: dict[str, Any] = {}
-    for key in ("host", "state", "log_format", "log_level", "token"):
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value:
-            options[key] = value
-    for key in ("port", "max_body_bytes"):
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value:
-            try:
-                options[key] = int(value)
-            except ValueError:
-                raise ConfigError(f"{ENV_PREFIX}{key.upper()} must be an integer, not {value!r}") from None
+    for key in SERVER_OPTIONS:
+        name = ENV_PREFIX + key.upper()
+        text = environ.get(name)
+        if text:
+            options[key] = option_from_text(SERVER_OPTIONS, key, text, name)
     upstream = environ.get(ENV_PREFIX + "UPSTREAM")
     if upstream:
-        options["upstream"] = check_url(upstream, f"{ENV_PREFIX}UPSTREAM")
+        options["upstream"] = check_option(UPSTREAM_OPTIONS, "url", upstream, ENV_PREFIX + "UPSTREAM")
     return options
 
 
+def parse_setting(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from ``--set``: a [server] key, or an upstream key for the ``--upstream`` upstream."""
+    key, equals, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not equals or not key:
+        raise ConfigError(f"--set takes KEY=VALUE, not {text!r}")
+    if key not in SERVER_OPTIONS and key not in UPSTREAM_OPTIONS:
+        raise ConfigError(f"--set: unknown key {key} (see config.example.toml)")
+    if key in ("url", "path"):
+        raise ConfigError(f"--set: {key} is set by --upstream (served at {ENDPOINT_PATH})")
+    return key, value
+
+
 def build_config(
-    *, config_file: str | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    *,
+    config_file: str | None,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    settings: Sequence[str] = (),
 ) -> ProxyConfig:
-    """The effective config: file, then environment, then flags (None flags are not given)."""
+    """The effective config: file, then environment, then flags (None flags are not given).
+
+    ``flags`` are named like the [server] keys (``upstream`` for --upstream); ``settings`` are the
+    ``--set KEY=VALUE`` texts, applied before the named flags.
+    """
     environ = os.environ if environ is None else environ
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
     options: dict[str, Any] = load_file(config_file, environ) if config_file else {"upstreams": ()}
     options.update(_env_options(environ))
-    options.update({key: value for key, value in flags.items() if value is not None})
+    upstream_settings: dict[str, Any] = {}
+    for text in settings:
+        key, value = parse_setting(text)
+        if key in SERVER_OPTIONS:
+            options[key] = option_from_text(SERVER_OPTIONS, key, value, f"--set {key}")
+        else:
+            upstream_settings[key] = option_from_text(UPSTREAM_OPTIONS, key, value, f"--set {key}")
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "upstream":
+            options["upstream"] = check_option(UPSTREAM_OPTIONS, "url", value, "--upstream")
+            continue
+        where = "--" + key.replace("_", "-")
+        read = option_from_text if isinstance(value, str) else check_option
+        options[key] = read(SERVER_OPTIONS, key, value, where)
     single = options.pop("upstream", None)
     if single is not None:
         # --upstream serves one upstream at /mcp, replacing any of the same name from the file.
         others = tuple(u for u in options["upstreams"] if u.path != ENDPOINT_PATH and u.name != "default")
-        options["upstreams"] = (UpstreamConfig(url=single), *others)
+        options["upstreams"] = (UpstreamConfig(url=single, **upstream_settings), *others)
+    elif upstream_settings:
+        raise ConfigError(
+            f"--set {next(iter(upstream_settings))}: upstream keys apply to the --upstream upstream; "
+            "give --upstream URL, or set the key in the file's [upstreams.NAME] table"
+        )
     if not options["upstreams"]:
         raise ConfigError("no upstream: give --upstream URL, or [upstreams.NAME] in a config file")
     paths = [u.path for u in options["upstreams"]]
     if len(set(paths)) != len(paths):
         raise ConfigError(f"two upstreams share the path {next(p for p in paths if paths.count(p) > 1)}")
-    if options.get("log_format", "auto") not in LOG_FORMATS:
-        raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
-    if options.get("log_level", "info") not in LOG_LEVELS:
-        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
     if not options.get("state"):
         # Durable by default, so a restarted proxy keeps every client's session.
         options["state"] = default_state_path()

@@ -76,6 +76,13 @@ class UpstreamTimeout(ProxyError):
     code = -32002
 
 
+class UpstreamBusy(ProxyError):
+    """No connection to the upstream could be had in time (every pooled connection in use)."""
+
+    http_status = 503
+    code = -32002
+
+
 class HealFailed(ProxyError):
     """The upstream session expired and re-initializing it did not succeed."""
 

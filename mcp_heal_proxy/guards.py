@@ -5,12 +5,16 @@
   gets 403, as the MCP spec asks of local servers.
 - An optional inbound bearer token, compared in constant time; 401 without it. Health probes stay open
   so that container and load-balancer checks need no secret.
+- CORS for browser-based clients on allowed Origins: preflights answered on the MCP paths, and every
+  answer to an allowed Origin says so and exposes Mcp-Session-Id (a browser hides it otherwise).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -18,6 +22,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from mcp_heal_proxy import jsonrpc
+from mcp_heal_proxy.config import is_status_path
+from mcp_heal_proxy.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 
 LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
@@ -49,14 +55,26 @@ def origin_is_allowed(origin: str, allowed: frozenset[str]) -> bool:
     return parts.scheme in ("http", "https") and parts.hostname in LOCAL_HOSTS
 
 
+def origin_policy(allowed_origins: Iterable[str]) -> Callable[[str], bool]:
+    """origin_is_allowed for one configuration, remembered per Origin: a browser client sends the same
+    one on every request (bounded, since any page can send any Origin)."""
+    allowed = frozenset(allowed_origins)
+
+    @functools.lru_cache(maxsize=256)
+    def allows(origin: str) -> bool:
+        return origin_is_allowed(origin, allowed)
+
+    return allows
+
+
 def origin_guard(allowed_origins: Iterable[str]) -> Middleware:
     """Refuse requests whose Origin is foreign (a web page trying DNS rebinding)."""
-    allowed = frozenset(allowed_origins)
+    allows = origin_policy(allowed_origins)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        if origin is not None and not origin_is_allowed(origin, allowed):
+        if origin is not None and not allows(origin):
             return json_error(403, jsonrpc.INVALID_REQUEST, "Origin not allowed")
         return await handler(request)
 
@@ -64,12 +82,14 @@ def origin_guard(allowed_origins: Iterable[str]) -> Middleware:
 
 
 def token_guard(token: str) -> Middleware:
-    """Require ``Authorization: Bearer <token>`` on everything but health probes."""
+    """Require ``Authorization: Bearer <token>`` on everything but health probes and the status page."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        # Browsers never send credentials on a CORS preflight, and answering one reaches no upstream. The
+        # status page checks the token itself: a browser brings it as a cookie (status.py).
+        if request.path not in OPEN_PATHS and request.method != "OPTIONS" and not is_status_path(request.path):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
                 return json_error(
@@ -78,3 +98,107 @@ def token_guard(token: str) -> Middleware:
         return await handler(request)
 
     return guard
+
+
+# ---- CORS ---------------------------------------------------------------------------------------------
+
+CORS_ALLOW_METHODS: Final = "GET, POST, DELETE, OPTIONS"
+# What a Streamable HTTP client sends; a preflight may ask for more (see Cors.preflight).
+CORS_ALLOW_HEADERS: Final = (
+    "Content-Type",
+    "Accept",
+    "Authorization",
+    MCP_SESSION_ID,
+    MCP_PROTOCOL_VERSION,
+    LAST_EVENT_ID,
+)
+# Response headers a browser client must be able to read: its session id, the negotiated version, and
+# the challenge of a 401.
+CORS_EXPOSE_HEADERS: Final = f"{MCP_SESSION_ID}, {MCP_PROTOCOL_VERSION}, WWW-Authenticate"
+# Chrome caps a cached preflight at 2 hours; one preflight per origin and header set until then.
+CORS_MAX_AGE: Final = "7200"
+# Requested headers never allowed through: the proxy or the browser owns them, or they are hop-by-hop.
+_NOT_REQUESTABLE: Final = frozenset(
+    {
+        "host",
+        "origin",
+        "cookie",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_MAX_REQUESTED_HEADERS: Final = 32
+_ALWAYS_ALLOWED: Final = frozenset(name.lower() for name in CORS_ALLOW_HEADERS)
+
+
+class Cors:
+    """CORS for allowed Origins (localhost ones and ``allowed_origins``); foreign ones never get here
+    (origin_guard answers 403 first)."""
+
+    def __init__(self, allowed_origins: Iterable[str]) -> None:
+        self._allows = origin_policy(allowed_origins)
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """OPTIONS on an MCP path: 204 with what a browser needs to send the real request."""
+        headers = {"Allow": CORS_ALLOW_METHODS}
+        origin = request.headers.get("Origin")
+        if origin is not None and "Access-Control-Request-Method" in request.headers:
+            headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
+            headers["Access-Control-Allow-Headers"] = ", ".join(
+                (*CORS_ALLOW_HEADERS, *_extra_headers(request.headers.get("Access-Control-Request-Headers", "")))
+            )
+            headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+            headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+            if request.headers.get("Access-Control-Request-Private-Network") == "true":
+                # Chrome's Private Network Access: a page on a public origin the user allowed may reach
+                # this proxy on loopback.
+                headers["Access-Control-Allow-Private-Network"] = "true"
+        return web.Response(status=204, headers=headers)
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Mark every answer to an allowed Origin as readable by it (before its headers are sent).
+
+        Hot path: a client without an Origin header (every non-browser client) costs one lookup.
+        """
+        origin = request.headers.get("Origin")
+        if origin is None or not self._allows(origin):
+            return
+        headers = response.headers
+        if request.method != "OPTIONS":
+            # The proxy's policy, not the upstream's: an upstream's own Access-Control-* headers (e.g.
+            # "Allow-Origin: *" beside ours) would make the browser refuse the answer.
+            for name in [name for name in headers if name.lower().startswith("access-control-")]:
+                headers.popall(name)
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        # The answer depends on the Origin: no cache may give it to another one.
+        vary = headers.get("Vary")
+        if vary is None:
+            headers["Vary"] = "Origin"
+        elif "origin" not in vary.lower():
+            headers["Vary"] = f"{vary}, Origin"
+
+
+def _extra_headers(requested: str) -> list[str]:
+    """Requested header names beyond the MCP ones that may be allowed: valid names, not owned by the
+    proxy or the browser, and a bounded number of them (a preflight is unauthenticated)."""
+    extra: list[str] = []
+    for raw in requested.split(",")[:_MAX_REQUESTED_HEADERS]:
+        name = raw.strip()
+        lowered = name.lower()
+        if (
+            _HEADER_NAME.fullmatch(name)
+            and lowered not in _ALWAYS_ALLOWED
+            and lowered not in _NOT_REQUESTABLE
+            and not lowered.startswith(("sec-", "proxy-", "access-control-"))
+            and name not in extra
+        ):
+            extra.append(name)
+    return extra

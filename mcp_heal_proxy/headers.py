@@ -9,6 +9,7 @@ from typing import Final
 MCP_SESSION_ID: Final = "Mcp-Session-Id"
 MCP_PROTOCOL_VERSION: Final = "MCP-Protocol-Version"
 LAST_EVENT_ID: Final = "Last-Event-ID"
+CONTENT_ENCODING: Final = "Content-Encoding"
 
 # RFC 9110 section 7.6.1 plus the proxy-specific ones every proxy drops.
 HOP_BY_HOP: Final = frozenset(
@@ -27,9 +28,8 @@ HOP_BY_HOP: Final = frozenset(
 
 # Never copied upstream: Host is the upstream's own (aiohttp sets it from the URL; the Python SDK
 # answers 421 to a foreign Host); the body length is recomputed; the session id is rewritten.
-# Accept-Encoding is dropped so that the upstream answers uncompressed: the proxy inspects error and
-# initialize bodies, and streams SSE, which compression would hold back. Origin names the page that
-# talked to the proxy, which means nothing to the upstream and trips its DNS-rebinding guard.
+# The client's Accept-Encoding is replaced by "identity" (see upstream_request_headers). Origin names
+# the page that talked to the proxy, which means nothing to the upstream and trips its DNS-rebinding guard.
 _NOT_UPSTREAM: Final = HOP_BY_HOP | {
     "host",
     "content-length",
@@ -39,12 +39,12 @@ _NOT_UPSTREAM: Final = HOP_BY_HOP | {
 }
 
 # Never copied back to the client: the upstream's session id must not leak (the TypeScript SDK client
-# adopts any session id header it sees, even on an error answer); the length and encoding are set by
-# the proxy's own response writer.
+# adopts any session id header it sees, even on an error answer); the length is set by the proxy's own
+# response writer. Content-Encoding is kept: an upstream that compresses although asked for identity
+# has its bytes forwarded as they are, and they must arrive with their coding.
 _NOT_DOWNSTREAM: Final = HOP_BY_HOP | {
     "content-length",
     "mcp-session-id",
-    "content-encoding",
     "server",
     "date",
 }
@@ -76,6 +76,9 @@ def upstream_request_headers(
     """Headers to send upstream for a client's request, carrying the upstream session id."""
     skip = _NOT_UPSTREAM | _connection_tokens(client_headers) | {name.lower() for name in drop}
     out = {name: value for name, value in client_headers.items() if name.lower() not in skip}
+    # Ask for an uncompressed answer: the proxy reads error and initialize bodies, and compression
+    # would hold SSE events back. (Without the header, a server may pick any coding it likes.)
+    out["Accept-Encoding"] = "identity"
     if upstream_session_id is not None:
         out[MCP_SESSION_ID] = upstream_session_id
     return out

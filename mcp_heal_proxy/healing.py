@@ -17,9 +17,12 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
+from mcp_heal_proxy.content_coding import decoded, decoder_for
 from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession, UpstreamTimeout, UpstreamUnavailable
 from mcp_heal_proxy.headers import (
+    CONTENT_ENCODING,
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
@@ -85,8 +88,9 @@ def _answer_from_json(payload: object, request_id: str) -> Mapping[str, Any] | N
 async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapping[str, Any]:
     """Read the JSON-RPC answer to ``request_id`` from a JSON or SSE upstream response."""
     content_type = response.headers.get("Content-Type", "")
+    content_encoding = response.headers.get(CONTENT_ENCODING)
     if not content_type.startswith("text/event-stream"):
-        body = await read_capped(response)
+        body = decoded(await read_capped(response), content_encoding)
         try:
             answer = _answer_from_json(json.loads(body), request_id)
         except ValueError as exc:
@@ -95,13 +99,14 @@ async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapp
             raise HealFailed("upstream sent no answer to the re-initialize")
         return answer
     parser = SSEParser()
+    decode = decoder_for(content_encoding)
     seen = 0
     try:
         async for chunk in response.content.iter_any():
             seen += len(chunk)
             if seen > INSPECT_LIMIT:
                 break
-            for item in parser.feed(chunk):
+            for item in parser.feed(decode(chunk) if decode is not None else chunk):
                 if not isinstance(item, Event) or not item.data:
                     continue
                 try:
@@ -165,14 +170,35 @@ class Healer:
 
     async def _heal_locked(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
         started = time.perf_counter()
+        log.debug(
+            "heal.start",
+            upstream=self._name,
+            client_session=record.client_session_id[:8],
+            reason=reason,
+            generation=record.generation,
+        )
         try:
             upstream_session_id, protocol_version = await self._reinitialize_patiently(record, client_headers)
         except ProxyError as exc:
             self._report(record, reason, started, outcome="failed", error=exc.message)
             raise
-        healed = record.healed(upstream_session_id, protocol_version)
-        await self._store.put(healed)
-        if protocol_version is not None and protocol_version != record.protocol_version:
+        # Built on the newest record (a state change may have landed during the heal), and written only
+        # if the session still exists at this generation: a DELETE during the heal stays a DELETE.
+        latest = await self._store.get(record.client_session_id, fresh=True)
+        healed = (latest or record).healed(upstream_session_id, protocol_version)
+        stored = await self._store.put(healed) if latest is not None else None
+        if stored is None or stored.generation != healed.generation:
+            # The session ended (or moved on) while healing: the new upstream session belongs to nobody.
+            await self._end_orphan(client_headers, upstream_session_id, protocol_version)
+            self._report(record, reason, started, outcome="abandoned")
+            if stored is None:
+                raise UnknownSession("Session not found")
+            return stored
+        if (
+            protocol_version is not None
+            and record.protocol_version is not None
+            and protocol_version != record.protocol_version
+        ):
             log.warning(
                 "session.protocol_version_changed",
                 upstream=self._name,
@@ -183,11 +209,28 @@ class Healer:
         self._report(record, reason, started, outcome="healed", new_generation=healed.generation)
         return healed
 
+    async def _end_orphan(
+        self, client_headers: dict[str, str], upstream_session_id: str, protocol_version: str | None
+    ) -> None:
+        """DELETE an upstream session no client session points to (bounded, best effort)."""
+        headers = upstream_request_headers(client_headers, upstream_session_id, drop=(LAST_EVENT_ID,))
+        if protocol_version is not None:
+            headers[MCP_PROTOCOL_VERSION] = protocol_version
+        try:
+            async with asyncio.timeout(self._upstream.config.connect_timeout):
+                response = await self._upstream.send("DELETE", headers, patient=False)
+                response.release()
+        except (ProxyError, TimeoutError) as exc:
+            log.info("session.orphan_left_upstream", upstream=self._name, error=str(exc))
+
     def _report(self, record: SessionRecord, reason: str, started: float, *, outcome: str, **details: object) -> None:
         """Count a heal and log it: ``session.healed`` or ``session.heal_failed``."""
         duration = time.perf_counter() - started
         self._metrics.heals.labels(self._name, reason, outcome).inc()
         self._metrics.heal_duration.labels(self._name).observe(duration)
+        self._metrics.events.heal(
+            self._name, record.client_session_id, record.generation, reason, duration, outcome, details
+        )
         emit = log.info if outcome == "healed" else log.warning
         emit(
             "session.healed" if outcome == "healed" else "session.heal_failed",
@@ -209,15 +252,16 @@ class Healer:
         again is safe; the attempts stop after the upstream's connect_retry window.
         """
         give_up = time.monotonic() + self._upstream.config.connect_retry
-        delay = 0.05
+        backoff = Backoff(first=0.05, maximum=1.0)
         while True:
             try:
                 return await self._reinitialize(record, client_headers)
-            except UpstreamUnavailable:
+            except UpstreamUnavailable as exc:
+                delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up:
                     raise
+                log.debug("heal.retry", upstream=self._name, error=exc.message, delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
 
     async def _reinitialize(self, record: SessionRecord, client_headers: dict[str, str]) -> tuple[str, str | None]:
         """Steps 2 and 3: initialize without a session id, then notifications/initialized."""
@@ -230,7 +274,16 @@ class Healer:
             "method": INITIALIZE,
             "params": record.initialize_params,
         }
+        sent = time.perf_counter()
         response = await self._upstream.send("POST", base, json.dumps(initialize).encode(), resendable=True)
+        log.debug(
+            "heal.initialize",
+            upstream=self._name,
+            client_session=record.client_session_id[:8],
+            status=response.status,
+            content_type=response.headers.get("Content-Type", ""),
+            duration_ms=round((time.perf_counter() - sent) * 1000, 2),
+        )
         try:
             if response.status != 200:
                 raise HealFailed(f"upstream answered {response.status} to the re-initialize")
@@ -252,7 +305,16 @@ class Healer:
         if protocol_version is not None:
             headers[MCP_PROTOCOL_VERSION] = protocol_version
         notification = json.dumps({"jsonrpc": "2.0", "method": INITIALIZED}).encode()
+        sent = time.perf_counter()
         response = await self._upstream.send("POST", headers, notification, resendable=True)
+        log.debug(
+            "heal.initialized",
+            upstream=self._name,
+            client_session=record.client_session_id[:8],
+            status=response.status,
+            negotiated_version=protocol_version,
+            duration_ms=round((time.perf_counter() - sent) * 1000, 2),
+        )
         try:
             if not 200 <= response.status < 300:
                 raise HealFailed(f"upstream answered {response.status} to notifications/initialized")
@@ -271,6 +333,14 @@ class Healer:
                 answer = await read_answer(response, request_id) if response.status == 200 else None
             finally:
                 response.release()
+            log.debug(
+                "heal.state_reapplied",
+                upstream=self._name,
+                client_session=record.client_session_id[:8],
+                method=method,
+                status=response.status,
+                ok=answer is not None and "error" not in answer,
+            )
             if answer is None or "error" in answer:
                 # The replay can still succeed; the client just lost this piece of state, as it would
                 # have without the proxy. Say so, and go on.

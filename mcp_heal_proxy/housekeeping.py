@@ -17,8 +17,10 @@ from mcp_heal_proxy.sessions import SessionStore
 
 log = structlog.get_logger("mcp_heal_proxy.housekeeping")
 
-# Flush at least this often; a short idle TTL flushes more often (a tenth of it).
+# Flush at least this often; a short idle TTL flushes more often (a tenth of it), but never more often
+# than MIN_FLUSH_INTERVAL: an idle TTL of zero must not turn this loop into a busy one.
 MAX_FLUSH_INTERVAL: Final = 60.0
+MIN_FLUSH_INTERVAL: Final = 0.5
 
 
 class SessionActivity:
@@ -41,7 +43,7 @@ class SessionActivity:
 
 async def run_housekeeping(store: SessionStore, activity: SessionActivity, idle_ttl: float) -> None:
     """Forever: flush last-use marks, then forget sessions idle for longer than ``idle_ttl``."""
-    interval = min(MAX_FLUSH_INTERVAL, idle_ttl / 10)
+    interval = max(MIN_FLUSH_INTERVAL, min(MAX_FLUSH_INTERVAL, idle_ttl / 10))
     while True:
         await asyncio.sleep(interval)
         await flush(store, activity, idle_ttl)

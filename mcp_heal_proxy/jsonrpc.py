@@ -80,6 +80,15 @@ class PostBody:
         message = self.messages[0]
         return message.method if message.method is not None else "response"
 
+    @property
+    def tool_name(self) -> str | None:
+        """The tool a single ``tools/call`` names (``params.name``), for the status page."""
+        message = self.messages[0]
+        if self.is_batch or message.method != "tools/call" or message.params is None:
+            return None
+        name = message.params.get("name")
+        return name if isinstance(name, str) else None
+
 
 def _classify(item: object) -> Message:
     if not isinstance(item, dict) or item.get("jsonrpc") != "2.0":

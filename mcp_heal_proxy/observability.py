@@ -17,6 +17,8 @@ from typing import Any, Final
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mcp_heal_proxy.events import EventFeed
+
 REDACTED: Final = "[redacted]"
 _SENSITIVE_KEYS: Final = frozenset(
     {"authorization", "proxy-authorization", "token", "access_token", "password", "secret", "cookie", "api_key"}
@@ -110,6 +112,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Recent requests, heals and upstream health for the status page (events.py).
+        self.events = EventFeed()
         self.requests = Counter(
             "mcp_heal_proxy_requests",
             "Client requests answered, by upstream, MCP method and HTTP status.",

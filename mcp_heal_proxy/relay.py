@@ -1,16 +1,23 @@
 """Writing upstream answers to the client: whole JSON answers in one write, SSE streams as they arrive.
 
 A ``Relay`` belongs to one upstream's handlers. It fills silent SSE streams with keep-alive comments,
-ends a stream the upstream broke with a JSON-RPC error for every request still unanswered, keeps a GET
-stream open across a heal by reattaching upstream, and ends GET streams cleanly at shutdown.
+ends a stream the upstream broke with a JSON-RPC error for every request still unanswered, remembers
+the requests a client may resume by GET with ``Last-Event-ID``, keeps a GET stream open across a heal
+by reattaching upstream (with backoff, never sooner than the server's ``retry:``), and ends GET streams
+cleanly at shutdown.
+
+Two failures are kept apart: the upstream breaking its answer (logged, errors sent to the client,
+a GET stream reattached) and the client leaving (``ClientLeft``: nothing more is sent, nothing is
+reattached, and the request is recorded as the client left it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import json
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import aiohttp
@@ -20,9 +27,11 @@ from prometheus_client import Gauge
 
 from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.answers import AnswerTracker
-from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from mcp_heal_proxy.headers import client_response_headers
-from mcp_heal_proxy.sse import Event, encode_comment, encode_event
+from mcp_heal_proxy.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.sse import Event, SSEParser, encode_comment, encode_event
 
 log = structlog.get_logger("mcp_heal_proxy.relay")
 
@@ -31,8 +40,66 @@ _KEEPALIVE: Final = encode_comment("keep-alive")
 WHOLE_ANSWER_LIMIT: Final = 1024 * 1024
 _EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
+_NOT_RESUMABLE: Final = (
+    "upstream MCP server lost the stream this answer was on (its session ended); "
+    "the request was not replayed (it may have run)"
+)
+# Reattaching a GET stream the upstream ended cleanly: servers may end SSE streams on purpose and expect
+# the client to come back after the ``retry:`` they sent. Never sooner than that, and with a growing delay
+# when streams keep ending at once; a stream that lived this long resets the delay.
+_REATTACH_FIRST: Final = 0.25
+_REATTACH_MAX: Final = 30.0
+_STREAM_LIVED: Final = 30.0
+# Answers a client may still resume by GET with Last-Event-ID, remembered per stream; the oldest go first.
+_RESUMES_KEPT: Final = 1024
 
-Reattach = Callable[[], Awaitable[aiohttp.ClientResponse | None]]
+# Opens a new upstream GET stream (resuming from the event id, if given); None when there is none to open.
+Reattach = Callable[[str | None], Awaitable[aiohttp.ClientResponse | None]]
+
+
+class ClientLeft(Exception):
+    """The client closed its connection while its answer was being written."""
+
+
+class Outcome:
+    """What happened to one request on its way, for the request log: filled in as it happens, so that a
+    handler cancelled by the client's hang-up still logs what the client got."""
+
+    __slots__ = ("body", "client_left", "healed", "status")
+
+    def __init__(self) -> None:
+        # The POST body once parsed (its method names the request in the log; its ids go into errors).
+        self.body: PostBody | None = None
+        self.healed = False
+        self.client_left = False
+        # The status the client was sent, once a response started (None before).
+        self.status: int | None = None
+
+
+class PendingResume:
+    """Requests still unanswered when an upstream ended a resumable SSE answer between events."""
+
+    __slots__ = ("generation", "request_ids")
+
+    def __init__(self, generation: int, request_ids: tuple[RequestId, ...]) -> None:
+        self.generation = generation
+        self.request_ids = request_ids
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    """Write to the client; its hang-up is ClientLeft, never taken for an upstream failure."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:
+        raise ClientLeft from exc
+
+
+def error_events(request_ids: Iterable[RequestId], message: str) -> bytes:
+    """SSE events carrying a JSON-RPC error for each request id (a leading blank line ends any half event)."""
+    return b"\n\n" + b"".join(
+        encode_event(Event(data=json.dumps(jsonrpc.error_object(request_id, UpstreamUnavailable.code, message))))
+        for request_id in request_ids
+    )
 
 
 class Relay:
@@ -40,11 +107,13 @@ class Relay:
 
     def __init__(self, upstream_name: str, keepalive_interval: float, open_streams: Gauge) -> None:
         self._name = upstream_name
-        self._keepalive_interval = keepalive_interval
+        # A zero or negative interval would turn the keep-alive tick into a busy loop.
+        self._keepalive_interval = max(keepalive_interval, 1.0)
         self._open_streams = open_streams
         # Open GET streams' upstream responses, so that shutdown can end them cleanly.
         self._server_streams: set[aiohttp.ClientResponse] = set()
-        self._closing = False
+        self._closing = asyncio.Event()
+        self._resumes: collections.OrderedDict[tuple[str, str], PendingResume] = collections.OrderedDict()
 
     def end_server_streams(self) -> None:
         """Shutdown: end every GET stream cleanly now, so clients reconnect to the next proxy.
@@ -52,25 +121,38 @@ class Relay:
         GET streams carry server-initiated messages and never finish by themselves; POST answers (tool
         calls in flight) are left to finish within the shutdown grace period.
         """
-        self._closing = True
+        self._closing.set()
         for upstream in list(self._server_streams):
             upstream.close()
+
+    def take_resume(self, client_session_id: str, last_event_id: str) -> PendingResume | None:
+        """The requests a GET with this Last-Event-ID resumes, if it resumes an answer this relay saw break."""
+        return self._resumes.pop((client_session_id, last_event_id), None)
+
+    def _remember_resume(self, client_session_id: str, event_id: str, pending: PendingResume) -> None:
+        self._resumes[(client_session_id, event_id)] = pending
+        while len(self._resumes) > _RESUMES_KEPT:
+            self._resumes.popitem(last=False)
 
     async def relay(
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         client_session_id: str | None,
+        outcome: Outcome,
         prefetched: bytes = b"",
         *,
         tracker: AnswerTracker | None = None,
+        generation: int = 0,
         reattach: Reattach | None = None,
     ) -> web.StreamResponse:
         """Send an upstream answer to the client as it arrives, with the client's session id.
 
         ``tracker`` watches the answer for responses: if the upstream breaks the stream first, each
-        unanswered request gets a JSON-RPC error event (it is not replayed: the tool may have run).
-        ``reattach`` opens a new upstream stream when a GET stream ends while the client still listens.
+        unanswered request gets a JSON-RPC error event (it is not replayed: the tool may have run), or,
+        when the client can resume the stream (event ids, ended between events), the requests are
+        remembered for that resume (``take_resume``). ``reattach`` opens a new upstream stream when a
+        GET stream ends while the client still listens.
         """
         observe = tracker.feed if tracker is not None else None
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
@@ -90,44 +172,109 @@ class Relay:
                 # Tell any buffering proxy in front of us (nginx) to pass events through at once.
                 response.headers["X-Accel-Buffering"] = "no"
             await response.prepare(request)
-            if prefetched:
-                await response.write(prefetched)
-                if observe is not None:
-                    observe(prefetched)
+            outcome.status = upstream.status
             streams.inc()
-            if reattach is not None:
-                self._server_streams.add(upstream)
             try:
-                while True:
-                    if is_sse:
-                        between_events = await self._pump_sse(upstream, response, observe)
-                    else:
-                        between_events = await self._pump(upstream, response, observe)
-                    if (
-                        is_sse
-                        and tracker is not None
-                        and (not between_events or not tracker.resumable)
-                        and tracker.may_be_unanswered()
-                    ):
-                        # Broken mid-event, or closed without the answer by a server the client cannot
-                        # resume from (no event ids): the client would wait forever.
-                        await self._finish_broken_stream(response, tracker)
-                    if reattach is None or not between_events or self._closing:
-                        break
-                    self._server_streams.discard(upstream)
-                    upstream.release()
-                    next_upstream = await reattach()
-                    if next_upstream is None:
-                        break
-                    upstream = next_upstream
-                    self._server_streams.add(upstream)
+                if prefetched:
+                    await _send(response, prefetched)
+                    if observe is not None:
+                        observe(prefetched)
+                if reattach is not None:
+                    await self._relay_server_stream(response, upstream, reattach)
+                else:
+                    await self._relay_answer(response, upstream, is_sse, tracker, client_session_id, generation)
+            except ClientLeft:
+                outcome.client_left = True
+                return response
             finally:
                 streams.dec()
-                self._server_streams.discard(upstream)
-            await response.write_eof()
+            try:
+                await response.write_eof()
+            except ConnectionError:
+                outcome.client_left = True
             return response
         finally:
             upstream.release()
+
+    async def _relay_answer(
+        self,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        is_sse: bool,
+        tracker: AnswerTracker | None,
+        client_session_id: str | None,
+        generation: int,
+    ) -> None:
+        """The answer to a POST (or a resumed one): forwarded until it ends, then errors for what it lost."""
+        observe = tracker.feed if tracker is not None else None
+        if not is_sse:
+            await self._pump(upstream, response, observe)
+            return
+        between_events = await self._pump_sse(upstream, response, observe)
+        if tracker is None or not tracker.may_be_unanswered():
+            return
+        last_event_id = tracker.last_event_id
+        if between_events and last_event_id is not None and client_session_id is not None:
+            # The client can resume this stream by GET with Last-Event-ID (the spec's way to finish an
+            # answer after the stream closed early): remember what it waits for, in case the upstream
+            # cannot honour the resume.
+            unanswered = tracker.unanswered()
+            if unanswered:
+                self._remember_resume(client_session_id, last_event_id, PendingResume(generation, tuple(unanswered)))
+            return
+        # Broken mid-event, or closed without the answer by a server the client cannot resume from (no
+        # event ids): the client would wait forever.
+        await self.finish_unanswered(response, tracker.unanswered(), _BROKEN)
+
+    async def _relay_server_stream(
+        self, response: web.StreamResponse, upstream: aiohttp.ClientResponse, reattach: Reattach
+    ) -> None:
+        """A GET stream: forwarded, and reattached upstream whenever the upstream ends it while the client
+        still listens (after a heal, or a server that closes streams on purpose), with backoff."""
+        backoff = Backoff(first=_REATTACH_FIRST, maximum=_REATTACH_MAX)
+        self._server_streams.add(upstream)
+        try:
+            while True:
+                opened = time.monotonic()
+                watch = SSEParser()
+                between_events = await self._pump_sse(upstream, response, watch.feed)
+                if not between_events or self._closing.is_set():
+                    return
+                self._server_streams.discard(upstream)
+                upstream.release()
+                if time.monotonic() - opened >= _STREAM_LIVED:
+                    backoff.reset()
+                retry = watch.reconnection_time
+                delay = backoff.next_delay(at_least=retry / 1000 if retry is not None else 0.0)
+                log.info("stream.reattach_wait", upstream=self._name, delay_s=round(delay, 3), retry_ms=retry)
+                if not await self._wait_keeping_alive(response, delay):
+                    return  # shutting down
+                try:
+                    next_upstream = await reattach(watch.last_event_id)
+                except ProxyError as exc:
+                    # The stream already started: end it (the client reconnects), never answer twice.
+                    log.warning("stream.reattach_failed", upstream=self._name, error=exc.message)
+                    return
+                if next_upstream is None:
+                    return
+                upstream = next_upstream
+                self._server_streams.add(upstream)
+        finally:
+            self._server_streams.discard(upstream)
+            upstream.release()
+
+    async def _wait_keeping_alive(self, response: web.StreamResponse, delay: float) -> bool:
+        """Wait ``delay`` seconds, keeping the client's stream alive; False if shutdown began meanwhile."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(min(left, self._keepalive_interval)):
+                    await self._closing.wait()
+                return False
+            except TimeoutError:
+                if deadline - time.monotonic() > 0:
+                    await _send(response, _KEEPALIVE)
+        return not self._closing.is_set()
 
     async def _relay_whole(
         self,
@@ -155,61 +302,82 @@ class Relay:
             body=body,
         )
 
-    async def _finish_broken_stream(self, response: web.StreamResponse, tracker: AnswerTracker) -> None:
-        """End a stream the upstream broke with an error event for every request still unanswered."""
-        unanswered = tracker.unanswered()
+    async def finish_unanswered(self, response: web.StreamResponse, unanswered: list[RequestId], why: str) -> None:
+        """End a stream with an error event for every request still unanswered."""
         if not unanswered:
             return
         log.warning("upstream.stream_broken_before_answer", upstream=self._name, unanswered=len(unanswered))
-        # A blank line first ends any half-written event, so the errors parse as events of their own.
-        errors = b"\n\n" + b"".join(
-            encode_event(Event(data=json.dumps(jsonrpc.error_object(request_id, UpstreamUnavailable.code, _BROKEN))))
-            for request_id in unanswered
-        )
-        with contextlib.suppress(ConnectionError):  # the client may have left too
-            await response.write(errors)
+        await _send(response, error_events(unanswered, why))
 
     async def _pump(
         self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
     ) -> bool:
         """Copy a non-SSE body; True if it ended cleanly."""
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                if observe is not None:
-                    observe(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream.stream_broken", upstream=self._name, error=type(exc).__name__)
-            return False
-        return True
+        content = upstream.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("upstream.stream_broken", upstream=self._name, error=type(exc).__name__)
+                return False
+            if not chunk:
+                return True
+            await _send(response, chunk)
+            if observe is not None:
+                observe(chunk)
 
     async def _pump_sse(
-        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], object] | None
     ) -> bool:
-        """Copy an SSE body, filling silences with keep-alive comments; True if it ended between events."""
+        """Copy an SSE body, filling silences with keep-alive comments; True if it ended between events.
+
+        Only the upstream read is guarded here: a failed write to the client raises ClientLeft.
+        """
         content = upstream.content
         interval = self._keepalive_interval
         at_boundary = True
-        try:
-            while True:
-                idle = asyncio.timeout(interval)
-                try:
-                    async with idle:
-                        chunk = await content.readany()
-                except TimeoutError:
-                    if not idle.expired():
-                        raise  # the upstream read timeout, not our keep-alive tick
-                    if at_boundary:
-                        # Only between events: a comment inside an event would corrupt it.
-                        await response.write(_KEEPALIVE)
-                    continue
-                if not chunk:
+        while True:
+            idle = asyncio.timeout(interval)
+            try:
+                async with idle:
+                    chunk = await content.readany()
+            except TimeoutError:
+                if not idle.expired():
+                    self._log_broken("ReadTimeout")  # the upstream read timeout, not our keep-alive tick
                     return at_boundary
-                await response.write(chunk)
-                at_boundary = chunk.endswith(_EVENT_ENDS)
-                if observe is not None:
-                    observe(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if not self._closing:
-                log.warning("upstream.stream_broken", upstream=self._name, error=type(exc).__name__)
-            return at_boundary
+                if at_boundary:
+                    # Only between events: a comment inside an event would corrupt it.
+                    await _send(response, _KEEPALIVE)
+                continue
+            except aiohttp.ClientError as exc:
+                self._log_broken(type(exc).__name__)
+                return at_boundary
+            if not chunk:
+                return at_boundary
+            await _send(response, chunk)
+            at_boundary = chunk.endswith(_EVENT_ENDS)
+            if observe is not None:
+                observe(chunk)
+
+    def _log_broken(self, error: str) -> None:
+        if not self._closing.is_set():
+            log.warning("upstream.stream_broken", upstream=self._name, error=error)
+
+
+async def answer_unresumable(
+    request: web.Request, client_session_id: str, request_ids: tuple[RequestId, ...], outcome: Outcome
+) -> web.StreamResponse:
+    """Answer a resume the upstream cannot honour: an SSE stream with an error for each request it was
+    waiting for, then its end, so that the client stops waiting at once."""
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Mcp-Session-Id": client_session_id},
+    )
+    await response.prepare(request)
+    outcome.status = 200
+    try:
+        await _send(response, error_events(request_ids, _NOT_RESUMABLE))
+        await response.write_eof()
+    except (ClientLeft, ConnectionError):
+        outcome.client_left = True
+    return response

@@ -64,20 +64,39 @@ class SessionRecord:
         return None
 
 
+def refuses_write(stored_generation: int | None, record: SessionRecord) -> bool:
+    """The one rule every store applies before replacing a record (the Redis store's ``_PUT`` script is
+    the same rule in Lua; tests/test_store_contract.py holds all stores to it).
+
+    A write is stale, and refused, when the session is gone (ended by DELETE, idle expiry or eviction:
+    a heal or state change finishing late must not bring it back) or when the stored record is of a
+    newer generation (a write prepared before a heal must not undo the heal).
+    """
+    return stored_generation is None or stored_generation > record.generation
+
+
 class SessionStore(Protocol):
     """Where records live.
 
-    Guarantees every store keeps: a ``put`` is durable (for a durable store) before it returns, and the
-    proxy puts a record before the client sees its id; ``get(fresh=True)`` reads past any cache (the
-    heal path uses it to see another replica's heal); ``heal_lock`` serializes heals of one session
-    generation across every proxy that shares the store.
+    Guarantees every store keeps: a write is durable (for a durable store) before it returns, and the
+    proxy creates a record before the client sees its id; ``put`` never writes a stale record (see
+    ``refuses_write``); ``get(fresh=True)`` reads past any cache (the heal path uses it to see another
+    replica's heal); ``heal_lock`` serializes heals of one session generation across every proxy that
+    shares the store.
     """
 
     async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
         """The record for a client session id, or None if this proxy never issued it."""
 
-    async def put(self, record: SessionRecord) -> None:
-        """Insert or replace a record."""
+    async def create(self, record: SessionRecord) -> None:
+        """Store the record of a new session (its id is fresh and random)."""
+
+    async def put(self, record: SessionRecord) -> SessionRecord | None:
+        """Replace a session's record unless the write is stale (``refuses_write``).
+
+        Returns what the store holds now: ``record`` when written (same generation), the newer record
+        when refused, None when the session is gone.
+        """
 
     async def delete(self, client_session_id: str) -> None:
         """Forget a client session (idempotent)."""
@@ -132,9 +151,17 @@ class MemorySessionStore:
         """See SessionStore.get."""
         return self._records.get(client_session_id)
 
-    async def put(self, record: SessionRecord) -> None:
-        """See SessionStore.put."""
+    async def create(self, record: SessionRecord) -> None:
+        """See SessionStore.create."""
         self._records[record.client_session_id] = record
+
+    async def put(self, record: SessionRecord) -> SessionRecord | None:
+        """See SessionStore.put."""
+        stored = self._records.get(record.client_session_id)
+        if refuses_write(stored.generation if stored is not None else None, record):
+            return stored
+        self._records[record.client_session_id] = record
+        return record
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""
@@ -164,6 +191,10 @@ class MemorySessionStore:
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """One process: the Healer's own single-flight is enough."""
         return contextlib.nullcontext()
+
+    def records(self) -> list[SessionRecord]:
+        """Every record (the status page lists them)."""
+        return list(self._records.values())
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -82,11 +82,12 @@ _LOCK_POLL_MAX: Final = 0.1
 _FORGET_BATCH: Final = 500
 _CACHE_MAX: Final = 10_000
 
-# KEYS: record, last-used set. ARGV: record JSON, generation, last_used, client id.
-# Returns {1, created} when written, {0, stored JSON} when refused (the stored generation is newer).
+# KEYS: record, last-used set. ARGV: record JSON, generation, last_used, client id, mode ("create" or
+# "update"). An update is sessions.refuses_write in Lua: refused when the session is gone or its stored
+# generation is newer. Returns {1, created} when written, {0, stored JSON or false} when refused.
 _PUT: Final = """
 local stored = redis.call('HGET', KEYS[1], 'generation')
-if stored and tonumber(stored) > tonumber(ARGV[2]) then
+if ARGV[5] == 'update' and (not stored or tonumber(stored) > tonumber(ARGV[2])) then
     return {0, redis.call('HGET', KEYS[1], 'record')}
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'generation', ARGV[2])
@@ -190,14 +191,33 @@ class RedisSessionStore:
         self._remember(record)
         return record
 
-    async def put(self, record: SessionRecord) -> None:
-        """See SessionStore.put: in Redis before it returns; refuses to go back a generation."""
+    async def create(self, record: SessionRecord) -> None:
+        """See SessionStore.create: in Redis before it returns."""
+        await self._write(record, "create")
+
+    async def put(self, record: SessionRecord) -> SessionRecord | None:
+        """See SessionStore.put: in Redis before it returns; the rule is checked by Redis itself, so a
+        replica holding a stale record (from its cache, or from a request that started before another
+        replica healed) cannot overwrite a heal or bring back an ended session."""
+        return await self._write(record, "update")
+
+    async def _write(self, record: SessionRecord, mode: str) -> SessionRecord | None:
         with _redis_errors("put"):
             written, detail = await self._put_script(
                 keys=[self._key(record.client_session_id), self._last_used_key],
-                args=[record_to_json(record), record.generation, repr(record.last_used), record.client_session_id],
+                args=[
+                    record_to_json(record),
+                    record.generation,
+                    repr(record.last_used),
+                    record.client_session_id,
+                    mode,
+                ],
             )
         if not written:
+            if not detail:
+                log.info("store.put_refused_session_gone", client_session=record.client_session_id[:8])
+                self._cache.pop(record.client_session_id, None)
+                return None
             stored = record_from_json(detail)
             log.warning(
                 "store.stale_put_refused",
@@ -206,9 +226,10 @@ class RedisSessionStore:
                 stored_generation=stored.generation,
             )
             self._remember(stored)
-            return
+            return stored
         self._count += int(detail)
         self._remember(record)
+        return record
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""

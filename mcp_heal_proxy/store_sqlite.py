@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.sessions import SessionRecord, least_recently_used, record_from_json, record_to_json
+from mcp_heal_proxy.sessions import (
+    SessionRecord,
+    least_recently_used,
+    record_from_json,
+    record_to_json,
+    refuses_write,
+)
 
 T = TypeVar("T")
 
@@ -84,19 +90,41 @@ class SQLiteSessionStore:
         """See SessionStore.get (this process is the only writer, so the cache is always fresh)."""
         return self._records.get(client_session_id)
 
-    async def put(self, record: SessionRecord) -> None:
-        """See SessionStore.put: committed to the file before it returns."""
+    async def create(self, record: SessionRecord) -> None:
+        """See SessionStore.create: committed to the file before it returns."""
         text = record_to_json(record)
-
-        def write() -> None:
-            self._db().execute(
-                "INSERT INTO sessions (client_session_id, record, last_used) VALUES (?, ?, ?) "
-                "ON CONFLICT(client_session_id) DO UPDATE SET record = excluded.record, last_used = excluded.last_used",
+        await self._run(
+            lambda: self._db().execute(
+                "INSERT INTO sessions (client_session_id, record, last_used) VALUES (?, ?, ?)",
                 (record.client_session_id, text, record.last_used),
             )
-
-        await self._run(write)
+        )
         self._records[record.client_session_id] = record
+
+    async def put(self, record: SessionRecord) -> SessionRecord | None:
+        """See SessionStore.put: committed to the file before it returns.
+
+        The cache is the truth (this process is the only writer) and the file's writes run in order on
+        one thread. The rule is checked before the write and again after it: a delete or a newer write
+        that came in while this one was on its way has already been queued behind it, so this write must
+        not then reappear in the cache.
+        """
+        cid = record.client_session_id
+        stored = self._records.get(cid)
+        if refuses_write(stored.generation if stored is not None else None, record):
+            return stored
+        text = record_to_json(record)
+        await self._run(
+            lambda: self._db().execute(
+                "UPDATE sessions SET record = ?, last_used = max(last_used, ?) WHERE client_session_id = ?",
+                (text, record.last_used, cid),
+            )
+        )
+        stored = self._records.get(cid)
+        if refuses_write(stored.generation if stored is not None else None, record):
+            return stored
+        self._records[cid] = record
+        return record
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""
@@ -149,6 +177,10 @@ class SQLiteSessionStore:
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """One process owns the file: the Healer's own single-flight is enough."""
         return contextlib.nullcontext()
+
+    def records(self) -> list[SessionRecord]:
+        """Every record (the status page lists them)."""
+        return list(self._records.values())
 
     async def close(self) -> None:
         """Close the file (every change is already committed)."""

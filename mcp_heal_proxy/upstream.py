@@ -1,9 +1,14 @@
-"""The upstream MCP server as the proxy sees it: one pooled HTTP client, errors in MCP terms.
+"""The upstream MCP server as the proxy sees it: pooled HTTP clients, errors in MCP terms.
 
 Everything that talks to the upstream goes through ``Upstream.send`` so that transport failures become
-``UpstreamUnavailable`` / ``UpstreamTimeout`` in one place. The client is aiohttp's shared
-``ClientSession``, or with ``client = "lean"`` the upstream's own ``LeanPool`` (upstream_lean.py), whose
-responses have the same surface and raise the same aiohttp exception classes mid-body.
+``UpstreamUnavailable`` / ``UpstreamTimeout`` / ``UpstreamBusy`` in one place. The client is the
+upstream's own ``LeanPool`` (upstream_lean.py), or with ``client = "aiohttp"`` aiohttp's
+``ClientSession``, whose responses have the same surface and raise the same exception classes mid-body.
+
+Two pools per upstream, so that long-lived streams never starve requests: GET streams (one per
+connected client, open for hours) take connections from a pool of their own (``max_streams``), and
+requests (POST, DELETE) from ``pool_size``. Waiting for a free connection is bounded by
+``connect_timeout``; a request that gets none in time fails with a JSON-RPC error, never a hang.
 """
 
 from __future__ import annotations
@@ -11,73 +16,77 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import structlog
 
+from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
-from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from mcp_heal_proxy.auth.managed import Transmit
     from mcp_heal_proxy.upstream_lean import LeanPool
+
+log = structlog.get_logger("mcp_heal_proxy.upstream")
 
 # Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
 INSPECT_LIMIT: Final = 256 * 1024
 # Backoff between connection attempts while the upstream refuses connections (see connect_retry).
 _FIRST_RETRY_DELAY: Final = 0.05
 _MAX_RETRY_DELAY: Final = 1.0
+# Redirects of the upstream URL followed in a row before giving up (a loop, or a long chain).
+_MAX_REDIRECTS: Final = 5
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 
 class AuthHook(Protocol):
     """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request."""
 
     async def send(
-        self,
-        transmit: Transmit,
-        method: str,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        *,
-        stream: bool,
-        resendable: bool,
+        self, transmit: Transmit, method: str, headers: Mapping[str, str], body: bytes | None, **options: Any
     ) -> aiohttp.ClientResponse: ...
 
 
 class Upstream:
-    """Sends requests to one upstream over the app's shared ClientSession."""
+    """Sends requests to one upstream over its own pooled connections."""
 
     __slots__ = (
+        "_aiohttp_requests",
+        "_aiohttp_streams",
         "_auth",
-        "_client",
         "_connect_failed",
         "_injected",
         "_injected_names",
-        "_lean",
+        "_lean_requests",
+        "_lean_streams",
         "_post_timeout",
         "_stream_timeout",
+        "_url",
         "config",
     )
 
     def __init__(
-        self,
-        config: UpstreamConfig,
-        client: aiohttp.ClientSession,
-        *,
-        strip_client_authorization: bool = False,
-        auth: AuthHook | None = None,
+        self, config: UpstreamConfig, *, strip_client_authorization: bool = False, auth: AuthHook | None = None
     ) -> None:
         self.config = config
         self._auth = auth
-        self._client = client
+        # The URL requests go to: the configured one, or where the upstream redirected it (same origin).
+        self._url = config.url
+        # ``connect`` bounds the wait for a pooled connection plus the connect itself.
         self._post_timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=None,
+            connect=config.connect_timeout,
             sock_connect=config.connect_timeout,
             sock_read=config.read_timeout,
         )
         self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=config.connect_timeout, sock_read=config.stream_idle_timeout
+            total=None,
+            connect=config.connect_timeout,
+            sock_connect=config.connect_timeout,
+            sock_read=config.stream_idle_timeout,
         )
         # Configured headers (e.g. a bearer token from the environment) replace the client's own; the
         # client's Authorization is the proxy's own inbound token when one is set, never the upstream's.
@@ -85,24 +94,63 @@ class Upstream:
         # A managed login's hook puts its own Authorization in place of the client's (auth/managed.py).
         stripped = {"authorization"} if strip_client_authorization and auth is None else set()
         self._injected_names = frozenset(name.lower() for name in config.headers) | stripped
-        self._lean: LeanPool | None = None
+        self._lean_requests: LeanPool | None = None
+        self._lean_streams: LeanPool | None = None
+        self._aiohttp_requests: aiohttp.ClientSession | None = None
+        self._aiohttp_streams: aiohttp.ClientSession | None = None
         # Failures to open a connection: nothing was sent, so they are always retried.
         self._connect_failed: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
         if config.client == "lean":
             from mcp_heal_proxy.upstream_lean import ConnectFailed, LeanPool
 
-            self._lean = LeanPool(
-                config.url,
-                size=config.pool_size,
-                connect_timeout=config.connect_timeout,
-                idle_lifetime=config.keepalive_idle,
+            self._lean_requests, self._lean_streams = (
+                LeanPool(
+                    config.url,
+                    size=size,
+                    connect_timeout=config.connect_timeout,
+                    idle_lifetime=config.keepalive_idle,
+                    acquire_timeout=config.connect_timeout,
+                )
+                for size in (config.pool_size, config.max_streams)
             )
             self._connect_failed = (aiohttp.ClientConnectorError, ConnectFailed)
 
+    def _aiohttp(self, stream: bool) -> aiohttp.ClientSession:
+        """aiohttp's client for requests or for streams, made on first use (it needs the running loop)."""
+        session = self._aiohttp_streams if stream else self._aiohttp_requests
+        if session is None:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.config.max_streams if stream else self.config.pool_size),
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+                # The proxy is not a browser: cookies pass through as headers, never stored or merged.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+            if stream:
+                self._aiohttp_streams = session
+            else:
+                self._aiohttp_requests = session
+        return session
+
+    def connections_in_use(self) -> int:
+        """Connections busy with a request or a stream right now (idle pooled ones not counted)."""
+        busy = 0
+        for pool in (self._lean_requests, self._lean_streams):
+            if pool is not None:
+                busy += pool.open_connections - pool.idle_connections
+        for session in (self._aiohttp_requests, self._aiohttp_streams):
+            if session is not None and session.connector is not None:
+                busy += len(session.connector._acquired)
+        return busy
+
     async def close(self) -> None:
-        """Close this upstream's own connections (the lean client's; aiohttp's belong to the app)."""
-        if self._lean is not None:
-            await self._lean.close()
+        """Close this upstream's connections."""
+        for pool in (self._lean_requests, self._lean_streams):
+            if pool is not None:
+                await pool.close()
+        for session in (self._aiohttp_requests, self._aiohttp_streams):
+            if session is not None:
+                await session.close()
 
     async def send(
         self,
@@ -112,48 +160,133 @@ class Upstream:
         *,
         stream: bool = False,
         resendable: bool = False,
+        patient: bool = True,
+        read_timeout: float | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request and return the response once its headers arrived; the caller releases it.
 
-        Refused connections are retried for ``connect_retry`` seconds: nothing was sent. A connection
-        that breaks before any answer (a pooled keep-alive the restarting upstream just closed) is
-        retried only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run
-        a tool twice. With an auth hook, the hook adds the credentials and may send once more.
+        ``stream`` takes the connection from the streams' pool (a GET stream). Refused connections are
+        retried for ``connect_retry`` seconds when ``patient`` (nothing was sent); a connection that
+        breaks before any answer (a pooled keep-alive the restarting upstream just closed) is retried
+        only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run a tool
+        twice. ``read_timeout`` overrides the upstream's for this request. Same-origin redirects of the
+        upstream URL are followed, and remembered (the client never sees the upstream's ``Location``).
+        With an auth hook, the hook adds the credentials and may send once more.
         """
         if self._auth is not None:
-            return await self._auth.send(self._transmit, method, headers, body, stream=stream, resendable=resendable)
-        return await self._transmit(method, headers, body, stream=stream, resendable=resendable)
+            return await self._auth.send(
+                self._transmit,
+                method,
+                headers,
+                body,
+                stream=stream,
+                resendable=resendable,
+                patient=patient,
+                read_timeout=read_timeout,
+            )
+        return await self._transmit(
+            method, headers, body, stream=stream, resendable=resendable, patient=patient, read_timeout=read_timeout
+        )
 
     async def _transmit(
-        self, method: str, headers: Mapping[str, str], body: bytes | None, *, stream: bool, resendable: bool
+        self,
+        method: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        stream: bool,
+        resendable: bool,
+        patient: bool,
+        read_timeout: float | None,
     ) -> aiohttp.ClientResponse:
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = await self._send_patiently(method, headers, body, stream, resendable, patient, read_timeout)
+            if response.status not in _REDIRECTS:
+                return response
+            self._follow(response)
+        raise UpstreamUnavailable(f"upstream MCP server redirected more than {_MAX_REDIRECTS} times in a row")
+
+    def _follow(self, response: aiohttp.ClientResponse) -> None:
+        """Point this upstream at a same-origin redirect target, or refuse with an error."""
+        location = response.headers.get("Location")
+        response.release()
+        target = urljoin(self._url, location) if location else None
+        here, there = urlsplit(self._url), urlsplit(target or "")
+        if target is None or (here.scheme, here.netloc) != (there.scheme, there.netloc):
+            # Another origin: the user should configure it (a token for one host must not travel to another).
+            log.warning("upstream.redirect_refused", upstream=self.config.name, status=response.status, to=target)
+            raise UpstreamUnavailable(
+                f"upstream MCP server answered {response.status} with a redirect to another origin; "
+                "set the upstream URL to the address it names (see the proxy's log)"
+            )
+        log.warning(
+            "upstream.redirected",
+            upstream=self.config.name,
+            status=response.status,
+            to=target,
+            hint="requests now go there; set it as the upstream URL to save the redirect",
+        )
+        self._url = target
+        for pool in (self._lean_requests, self._lean_streams):
+            if pool is not None:
+                pool.retarget(target)
+
+    async def _send_patiently(
+        self,
+        method: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        stream: bool,
+        resendable: bool,
+        patient: bool,
+        read_timeout: float | None,
+    ) -> aiohttp.ClientResponse:
         timeout = self._stream_timeout if stream else self._post_timeout
-        give_up = time.monotonic() + self.config.connect_retry
-        delay = _FIRST_RETRY_DELAY
+        if read_timeout is not None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=timeout.connect, sock_connect=timeout.sock_connect, sock_read=read_timeout
+            )
+        give_up = time.monotonic() + (self.config.connect_retry if patient else 0.0)
+        backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
+        lean = self._lean_streams if stream else self._lean_requests
         while True:
             try:
-                if self._lean is not None:
+                if lean is not None:
                     # LeanResponse has the part of ClientResponse the callers use (status, reason,
                     # headers, content_length, content.readany/read/iter_any, release, close).
-                    response = await self._lean.request(method, headers, body, read_timeout=timeout.sock_read)
+                    response = await lean.request(method, headers, body, read_timeout=timeout.sock_read)
                     return cast("aiohttp.ClientResponse", response)
-                return await self._client.request(
-                    method, self.config.url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                return await self._aiohttp(stream).request(
+                    method, self._url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.
                 retry = isinstance(exc, self._connect_failed) or resendable
+                delay = backoff.next_delay()
                 if not retry or time.monotonic() + delay > give_up:
                     raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_RETRY_DELAY)
+            except aiohttp.ConnectionTimeoutError as exc:
+                # The lean pool's PoolTimeout, or aiohttp's ``connect`` timeout, which covers the wait for
+                # a pooled connection and the connect itself.
+                raise UpstreamBusy(self._busy_message(stream)) from exc
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
             except aiohttp.ClientError as exc:
                 raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+            except ValueError as exc:
+                # A header the client sent that cannot travel (a line break): the request's own fault.
+                raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
+
+    def _busy_message(self, stream: bool) -> str:
+        pool, size = ("max_streams", self.config.max_streams) if stream else ("pool_size", self.config.pool_size)
+        return (
+            f"no connection to the upstream MCP server within {self.config.connect_timeout:g} s "
+            f"(all {pool} = {size} in use, or the upstream is not accepting connections); try again"
+        )
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:

@@ -56,6 +56,10 @@ class ConnectTimeout(aiohttp.ServerTimeoutError):
     """Opening a connection took longer than the connect timeout."""
 
 
+class PoolTimeout(aiohttp.ConnectionTimeoutError):
+    """Every connection stayed busy for longer than the acquire timeout (nothing was sent)."""
+
+
 class Disconnected(aiohttp.ServerDisconnectedError):
     """The connection closed or broke before the response head was complete."""
 
@@ -414,7 +418,13 @@ class LeanPool:
     """Keep-alive connections to one upstream URL, at most ``size`` open at a time."""
 
     def __init__(
-        self, url: str, *, size: int, connect_timeout: float | None, idle_lifetime: float = IDLE_LIFETIME
+        self,
+        url: str,
+        *,
+        size: int,
+        connect_timeout: float | None,
+        idle_lifetime: float = IDLE_LIFETIME,
+        acquire_timeout: float | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -427,10 +437,13 @@ class LeanPool:
         host = f"[{self._host}]" if ":" in self._host else self._host
         if parts.port is not None and parts.port != (443 if self._https else 80):
             host = f"{host}:{parts.port}"
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._line_rest = f" {target} HTTP/1.1\r\nHost: {host}\r\n"
+        self._host_header = host
+        self._line_rest = ""
+        self.retarget(url)
         self._size = size
         self._connect_timeout = connect_timeout
+        # How long a request may wait for a free connection when all ``size`` are busy; None waits on.
+        self._acquire_timeout = acquire_timeout
         self._idle_lifetime = idle_lifetime
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self._https else None
         self._idle: list[_Connection] = []
@@ -438,6 +451,12 @@ class LeanPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def retarget(self, url: str) -> None:
+        """Send later requests to another path and query of the same origin (a followed redirect)."""
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._line_rest = f" {target} HTTP/1.1\r\nHost: {self._host_header}\r\n"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -462,7 +481,9 @@ class LeanPool:
             raise ValueError("a request header contains a line break")
         if body is not None or method in ("POST", "PUT", "PATCH"):
             lines += f"Content-Length: {len(body) if body is not None else 0}\r\n"
-        head = f"{method}{self._line_rest}{lines}\r\n".encode()
+        # surrogateescape: the server side decoded header bytes that are not UTF-8 (latin-1 from Node's
+        # fetch) to surrogates; this gives the upstream the very bytes the client sent.
+        head = f"{method}{self._line_rest}{lines}\r\n".encode("utf-8", "surrogateescape")
         return head + body if body else head
 
     async def request(
@@ -476,6 +497,8 @@ class LeanPool:
     async def _acquire(self) -> _Connection:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        # Only the wait for a busy pool counts against the acquire timeout (a connect has its own).
+        deadline = None if self._acquire_timeout is None else self._loop.time() + self._acquire_timeout
         while True:
             if self._closed:
                 raise aiohttp.ClientConnectionError("the upstream client is closed")
@@ -499,7 +522,14 @@ class LeanPool:
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake_one()
+                raise PoolTimeout(f"no free connection among {self._size} within {self._acquire_timeout:g} s") from None
             except BaseException:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)

@@ -71,10 +71,11 @@ async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float
 class UpstreamProcess:
     """The official Python SDK MCP server (tests/upstream_server.py) in its own process."""
 
-    def __init__(self, *, json_response: bool, idle_timeout: float | None = None) -> None:
+    def __init__(self, *, json_response: bool, idle_timeout: float | None = None, resumable: bool = False) -> None:
         self.port = free_port()
         self.json_response = json_response
         self.idle_timeout = idle_timeout
+        self.resumable = resumable
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,6 +90,8 @@ class UpstreamProcess:
             command.append("--json")
         if self.idle_timeout is not None:
             command += ["--idle-timeout", str(self.idle_timeout)]
+        if self.resumable:
+            command.append("--resumable")
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             await wait_until(self._answers, READY_TIMEOUT, "upstream ready")

@@ -1,10 +1,11 @@
 """The sidecar image definition: it lints clean, and its command line works outside a container.
 
-No container engine runs on the test machines, so the image's ENTRYPOINT (plus CMD, if any) is read
-from the Dockerfile and run here as it would run as PID 1 in the container: /healthz must answer, the
-HEALTHCHECK command must pass, MCP traffic must flow, and SIGTERM (what `docker stop` sends) must end
-it with status 0. Only what cannot work outside a container is substituted: the loopback address for
-0.0.0.0, a temporary directory for /data, a free port for 8787, and a local upstream.
+These run without a container engine (tests/test_container.py builds and runs the image with podman):
+the proxy's command line is read from the Dockerfile's ENTRYPOINT (after its init, plus CMD, if any) and
+run here as it runs in the container: /healthz must answer, the HEALTHCHECK command must pass, MCP
+traffic must flow, and SIGTERM (what `docker stop` sends) must end it with status 0. Only what cannot
+work outside a container is substituted: the loopback address for 0.0.0.0, a temporary directory for
+/data, a free port for 8787, and a local upstream.
 """
 
 from __future__ import annotations
@@ -93,6 +94,29 @@ def image_command() -> list[str]:
     return command
 
 
+def proxy_command() -> list[str]:
+    """The proxy's own command line: the image's command after its init (tini ... --)."""
+    command = image_command()
+    assert command[0] == "tini", f"PID 1 must be an init that hands SIGTERM on to the proxy: {command}"
+    return command[command.index("--") + 1 :]
+
+
+def base_images(instructions: list[Instruction]) -> list[str]:
+    """Each stage's base image, with ARG defaults (declared before the first FROM) filled in."""
+    defaults: dict[str, str] = {}
+    bases: list[str] = []
+    for instruction in instructions:
+        if instruction.keyword == "ARG" and not bases:
+            name, _, default = instruction.arguments.partition("=")
+            defaults[name] = default
+        elif instruction.keyword == "FROM":
+            base = instruction.arguments.split()[0]
+            for name, default in defaults.items():
+                base = base.replace(f"${{{name}}}", default).replace(f"${name}", default)
+            bases.append(base)
+    return bases
+
+
 def healthcheck_command() -> list[str]:
     """The HEALTHCHECK's command, without its options."""
     healthcheck = last(final_stage(parse_dockerfile(DOCKERFILE)), "HEALTHCHECK")
@@ -121,8 +145,9 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_image_is_small_non_root_and_keeps_state_on_a_volume() -> None:
     instructions = parse_dockerfile(DOCKERFILE)
-    bases = [instruction.arguments.split()[0] for instruction in instructions if instruction.keyword == "FROM"]
+    bases = base_images(instructions)
     assert len(bases) >= 2, "multi-stage: build tools stay out of the shipped image"
+    # A user's build, without --build-arg, starts from the official image (tests name a local stand-in).
     assert all(base == "python:3.11-slim" for base in bases), bases
     stage = final_stage(instructions)
     user = last(stage, "USER")
@@ -132,14 +157,14 @@ def test_image_is_small_non_root_and_keeps_state_on_a_volume() -> None:
     volume = last(stage, "VOLUME")
     assert volume is not None, "state needs a volume"
     assert exec_form(volume.arguments, "VOLUME") == ["/data"]
-    assert flag_value(image_command(), "--state") == "/data/sessions.db"
+    assert flag_value(proxy_command(), "--state") == "/data/sessions.db"
     expose = last(stage, "EXPOSE")
     assert expose is not None
     assert expose.arguments == IMAGE_PORT
 
 
 def test_image_listens_on_all_interfaces_only_by_an_explicit_flag() -> None:
-    command = image_command()
+    command = proxy_command()
     assert command[:2] == ["mcp-heal-proxy", "serve"], command
     assert flag_value(command, "--host") == "0.0.0.0", "inside a container the proxy must say --host 0.0.0.0"
     # The image's port is the proxy's default, so EXPOSE, the HEALTHCHECK and the process agree.
@@ -174,7 +199,7 @@ async def test_image_command_line_serves_healthz_and_stops_on_sigterm(
     named_by: str, local_upstream: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    command = localized(image_command(), port=port, state_dir=tmp_path)
+    command = localized(proxy_command(), port=port, state_dir=tmp_path)
     # The port as a user would move it in a container: the variable the HEALTHCHECK also reads.
     env = {name: value for name, value in os.environ.items() if not name.startswith("MCP_HEAL_PROXY_")}
     env["MCP_HEAL_PROXY_PORT"] = str(port)

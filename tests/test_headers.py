@@ -21,7 +21,13 @@ def test_upstream_headers_carry_the_upstream_session_and_drop_hop_by_hop() -> No
         }
     )
     out = upstream_request_headers(client, "upstream-id")
-    assert out == {"Authorization": "Bearer t", "MCP-Protocol-Version": "2025-11-25", "Mcp-Session-Id": "upstream-id"}
+    assert out == {
+        "Authorization": "Bearer t",
+        "MCP-Protocol-Version": "2025-11-25",
+        "Mcp-Session-Id": "upstream-id",
+        # The client's gzip is replaced: the proxy asks for an answer it can read and stream as it comes.
+        "Accept-Encoding": "identity",
+    }
 
 
 def test_client_headers_never_leak_the_upstream_session_id() -> None:
@@ -42,3 +48,8 @@ def test_client_headers_never_leak_the_upstream_session_id() -> None:
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),
     ]
+
+
+def test_an_upstream_content_encoding_reaches_the_client_with_its_body() -> None:
+    upstream = CIMultiDict([("Content-Type", "application/json"), ("Content-Encoding", "gzip")])
+    assert ("Content-Encoding", "gzip") in client_response_headers(upstream, "client-id")

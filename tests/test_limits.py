@@ -106,15 +106,15 @@ async def test_a_failing_store_gives_503_with_a_jsonrpc_error_and_recovers(
     upstream, url = fake
     proxy = await start_proxy(url)
     store = proxy.app[STORE_KEY]
-    working_put = store.put
+    working_create = store.create
     broken = True
 
-    async def put(record: SessionRecord) -> None:
+    async def create(record: SessionRecord) -> None:
         if broken:
             raise StoreUnavailable("session store failed: disk full")
-        await working_put(record)
+        await working_create(record)
 
-    monkeypatch.setattr(store, "put", put)
+    monkeypatch.setattr(store, "create", create)
     body = {"jsonrpc": "2.0", "id": 11, "method": "initialize", "params": {}}
     async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
         assert response.status == 503
@@ -122,14 +122,16 @@ async def test_a_failing_store_gives_503_with_a_jsonrpc_error_and_recovers(
         assert answer["id"] == 11
         assert answer["error"]["code"] == -32005
         assert "Mcp-Session-Id" not in response.headers
-    assert len(upstream.sessions) == 1  # the upstream session exists but was never handed out
+    # The upstream session opened for a client that never got it is ended, not left to its idle timeout.
+    assert len(upstream.sessions) == 0
+    assert [seen.method for seen in upstream.seen] == ["POST", "DELETE"]
     broken = False
     assert await raw_initialize(http, proxy.url)
 
 
 async def test_housekeeping_keeps_marks_when_the_store_fails() -> None:
     store = MemorySessionStore()
-    await store.put(SessionRecord("c1", "u1", {}, last_used=0.0))
+    await store.create(SessionRecord("c1", "u1", {}, last_used=0.0))
     activity = SessionActivity()
     activity.mark("c1")
 

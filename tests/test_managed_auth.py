@@ -183,12 +183,13 @@ def test_auth_oauth_config_with_a_pre_registered_client(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('auth = "basic"', 'auth must be "oauth"'),
-        ('client_id = "x"', 'needs upstreams.gh.auth = "oauth"'),
-        ('auth = "oauth"\nclient_secret = "x"', "client_secret needs upstreams.gh.client_id"),
+        ('auth = "basic"', "upstreams.gh.auth must be one of oauth"),
+        ('client_id = "x"', 'upstreams.gh.client_id needs auth = "oauth"'),
+        ('auth = "oauth"\nclient_secret = "x"', "upstreams.gh.client_secret needs client_id"),
         ('auth = "oauth"\nscopes = ["a b"]', "scopes must be a list"),
-        ('auth = "oauth"\ncallback_port = 70000', "callback_port must be a port"),
+        ('auth = "oauth"\ncallback_port = 70000', "callback_port must be between 1 and 65535"),
         ('auth = "oauth"\nheaders = { Authorization = "Bearer x" }', "keep one"),
+        ('auth = "oauth"\nclient_id = "x"\nclient_secret = 5', "client_secret must be a string$"),
     ],
 )
 def test_auth_config_mistakes(tmp_path: Path, table: str, message: str) -> None:
@@ -283,7 +284,7 @@ class FakeTransmit:
         self.gate: asyncio.Event | None = None
 
     async def __call__(
-        self, method: str, headers: Mapping[str, str], body: bytes | None, *, stream: bool, resendable: bool
+        self, method: str, headers: Mapping[str, str], body: bytes | None, **options: Any
     ) -> aiohttp.ClientResponse:
         self.sent.append(headers.get("Authorization"))
         assert not any(k.lower() == "authorization" and v == "Bearer client-own" for k, v in headers.items())

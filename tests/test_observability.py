@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -12,8 +13,8 @@ import pytest
 import structlog
 
 from mcp_heal_proxy.observability import Redactor, configure_logging
-from tests.conftest import ProxyFactory, raw_initialize, session_headers
-from tests.fake_upstream import FakeUpstream
+from tests.conftest import ProxyFactory, UpstreamProcess, mcp_session, raw_initialize, session_headers, wait_until
+from tests.fake_upstream import FakeUpstream, hang_forever
 
 AiohttpServer = Callable[..., Any]
 INJECTED_TOKEN = "upstream-secret-token-4711"
@@ -116,3 +117,54 @@ def test_the_redactor_cleans_nested_values_and_sensitive_keys() -> None:
         "headers": {"Authorization": "[redacted]", "X": "has [redacted] inside"},
         "token": "[redacted]",
     }
+
+
+def counted(metrics: str, method: str, status: str) -> float:
+    """The request counter for one method and status in a /metrics page (0 when absent)."""
+    prefix = f'mcp_heal_proxy_requests_total{{method="{method}",status="{status}",upstream="default"}} '
+    return sum(float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+async def test_sdk_clients_that_hang_up_at_once_are_each_logged_and_counted_once(
+    upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession, captured_logs: io.StringIO
+) -> None:
+    proxy = await start_proxy(upstream.url)
+    for index in range(10):
+        async with mcp_session(proxy.url) as client:
+            await client.call_tool("echo", {"text": f"n{index}"})
+    metrics_url = proxy.url.replace("/mcp", "/metrics")
+
+    async def all_counted() -> bool:
+        async with http.get(metrics_url) as response:
+            text = await response.text()
+        return counted(text, "DELETE", "200") == 10
+
+    await wait_until(all_counted, 10, "every session's DELETE counted")
+    async with http.get(metrics_url) as response:
+        text = await response.text()
+    assert counted(text, "initialize", "200") == 10
+    assert counted(text, "tools/call", "200") == 10
+    requests = [e for e in events(captured_logs) if e["event"] == "request"]
+    assert sum(1 for e in requests if e["method"] == "initialize") == 10
+    assert all(e["status"] == 200 for e in requests if e["method"] in ("initialize", "tools/call"))
+    # The negotiated version is stored with the record, before the client could hang up.
+    assert not [e for e in events(captured_logs) if e["event"] == "session.protocol_version_changed"]
+
+
+async def test_a_client_that_leaves_before_its_answer_is_logged_as_499(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, captured_logs: io.StringIO
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.on_request = hang_forever
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "echo"}}
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await http.post(proxy.url, json=body, headers=session_headers(session_id))
+
+    def left() -> bool:
+        calls = [e for e in events(captured_logs) if e["event"] == "request" and e["method"] == "tools/call"]
+        return [(e["status"], e["client_left"]) for e in calls] == [(499, True)]
+
+    await wait_until(left, 5, "the hang-up logged as 499")

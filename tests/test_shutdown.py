@@ -11,9 +11,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
+from aiohttp import web
 
+from mcp_heal_proxy.app import STORE_KEY, build_app
+from mcp_heal_proxy.config import single_upstream
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from mcp_heal_proxy.upstream import Upstream
 from tests.conftest import REPO_ROOT, UpstreamProcess, raw_initialize, session_headers
+from tests.fake_upstream import FakeUpstream
 
 
 async def test_sigterm_refuses_new_requests_lets_calls_finish_and_flushes_the_store(
@@ -85,3 +91,22 @@ async def test_sigterm_refuses_new_requests_lets_calls_finish_and_flushes_the_st
         assert await store.get(session_id) is not None
     finally:
         await store.close()
+
+
+async def test_a_failing_teardown_does_not_skip_closing_the_store(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = fake
+
+    async def broken_close(self: Upstream) -> None:
+        raise RuntimeError("closing the upstream failed")
+
+    monkeypatch.setattr(Upstream, "close", broken_close)
+    app = build_app(single_upstream(url, state=str(tmp_path / "sessions.db")))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    store = app[STORE_KEY]
+    assert isinstance(store, SQLiteSessionStore)
+    with pytest.raises(RuntimeError, match="closing the upstream failed"):
+        await runner.cleanup()
+    assert store._connection is None, "the store was left open"

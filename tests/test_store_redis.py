@@ -154,7 +154,7 @@ async def test_put_get_delete_and_len(open_store: Any) -> None:
         log_level="debug",
         generation=3,
     )
-    await store.put(full)
+    await store.create(full)
     assert await store.get("c1") == full
     assert await store.get("c1", fresh=True) == full
     assert len(store) == 1
@@ -169,8 +169,8 @@ async def test_put_get_delete_and_len(open_store: Any) -> None:
 
 async def test_touch_moves_last_used_forward_only_and_forget_idle_uses_it(open_store: Any) -> None:
     store: RedisSessionStore = await open_store()
-    await store.put(record("old", last_used=1000.0))
-    await store.put(record("used", last_used=1000.0))
+    await store.create(record("old", last_used=1000.0))
+    await store.create(record("used", last_used=1000.0))
     await store.touch({"used": 2000.0, "never-issued": 2000.0})
     await store.touch({"used": 1500.0})  # an older mark from a slower replica does not go back
     used = await store.get("used", fresh=True)
@@ -187,8 +187,8 @@ async def test_touch_moves_last_used_forward_only_and_forget_idle_uses_it(open_s
 async def test_forget_idle_removes_more_than_one_batch(open_store: Any) -> None:
     store: RedisSessionStore = await open_store()
     for index in range(1203):
-        await store.put(record(f"c{index}", last_used=1000.0))
-    await store.put(record("recent", last_used=5000.0))
+        await store.create(record(f"c{index}", last_used=1000.0))
+    await store.create(record("recent", last_used=5000.0))
     assert await store.forget_idle(2000.0) == 1203
     assert len(store) == 1
 
@@ -196,9 +196,9 @@ async def test_forget_idle_removes_more_than_one_batch(open_store: Any) -> None:
 async def test_evict_oldest_forgets_the_least_recently_used_of_every_replica(open_store: Any) -> None:
     one: RedisSessionStore = await open_store()
     other: RedisSessionStore = await open_store()
-    await one.put(record("oldest", last_used=1000.0))
-    await other.put(record("middle", last_used=2000.0))
-    await one.put(record("newest", last_used=3000.0))
+    await one.create(record("oldest", last_used=1000.0))
+    await other.create(record("middle", last_used=2000.0))
+    await one.create(record("newest", last_used=3000.0))
     assert await one.evict_oldest(2) == 2
     assert [await other.get(cid, fresh=True) is not None for cid in ("oldest", "middle", "newest")] == [
         False,
@@ -211,14 +211,14 @@ async def test_replicas_see_each_others_writes_and_a_stale_put_cannot_undo_a_hea
     a: RedisSessionStore = await open_store()
     b: RedisSessionStore = await open_store()
     original = record()
-    await a.put(original)
+    await a.create(original)
     assert await b.get("c1") == original, "a miss is never cached: another replica's new session is found"
     assert await a.get("c1") == original  # now cached in a
     healed = original.healed("u2", "2025-11-25")
     await b.put(healed)
     assert await a.get("c1", fresh=True) == healed, "fresh reads go past the cache"
     # a request that started before the heal writes state on the old generation: refused.
-    await a.put(replace(original, log_level="debug"))
+    assert await a.put(replace(original, log_level="debug")) == healed
     current = await b.get("c1", fresh=True)
     assert current == healed
     assert await a.get("c1") == healed, "the refused put left the newer record in the cache"
@@ -228,7 +228,7 @@ async def test_len_counts_other_replicas_sessions_after_housekeeping(open_store:
     a: RedisSessionStore = await open_store()
     b: RedisSessionStore = await open_store()
     for index in range(3):
-        await b.put(record(f"c{index}"))
+        await b.create(record(f"c{index}"))
     assert len(a) == 0, "documented staleness: len() is refreshed by housekeeping"
     await a.forget_idle(0.0)
     assert len(a) == 3
@@ -315,11 +315,12 @@ async def test_redis_failures_become_store_unavailable_and_the_store_recovers(
     open_store: Any, redis_server: RedisServer
 ) -> None:
     store: RedisSessionStore = await open_store(cache_ttl=0)
-    await store.put(record())
+    await store.create(record())
     await redis_server.stop()
     for operation in (
         store.get("c1"),
-        store.put(record("c2")),
+        store.create(record("c2")),
+        store.put(record("c1")),
         store.delete("c1"),
         store.touch({"c1": 2000.0}),
         store.forget_idle(0.0),
@@ -333,7 +334,7 @@ async def test_redis_failures_become_store_unavailable_and_the_store_recovers(
                 pass
     await redis_server.start()  # same port, data lost (no persistence here)
     assert await store.get("c1") is None
-    await store.put(record("c3"))
+    await store.create(record("c3"))
     assert await store.get("c3", fresh=True) is not None
 
 

@@ -37,7 +37,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteSessionStore]:
 
 async def test_records_round_trip_through_the_file(tmp_path: Path, store: SQLiteSessionStore) -> None:
     written = record(subscriptions=frozenset({"file:///a"}), log_level="debug", protocol_version="2025-11-25")
-    await store.put(written)
+    await store.create(written)
     await store.close()
     reopened = SQLiteSessionStore(store.path)
     await reopened.open()
@@ -49,7 +49,7 @@ async def test_records_round_trip_through_the_file(tmp_path: Path, store: SQLite
 
 
 async def test_the_file_is_private_and_in_wal_mode(store: SQLiteSessionStore) -> None:
-    await store.put(record())
+    await store.create(record())
     assert os.stat(store.path).st_mode & 0o077 == 0
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -57,8 +57,8 @@ async def test_the_file_is_private_and_in_wal_mode(store: SQLiteSessionStore) ->
 
 async def test_delete_touch_and_idle_expiry(store: SQLiteSessionStore) -> None:
     now = time.time()
-    await store.put(record("old", last_used=now - 100))
-    await store.put(record("new", last_used=now - 100))
+    await store.create(record("old", last_used=now - 100))
+    await store.create(record("new", last_used=now - 100))
     await store.touch({"new": now, "unknown": now})
     assert await store.forget_idle(now - 50) == 1
     assert await store.get("old") is None
@@ -75,11 +75,11 @@ async def test_a_locked_database_gives_store_unavailable_then_recovers(tmp_path:
         other = sqlite3.connect(store.path, isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")  # another writer holds the file, as a stuck process would
         with pytest.raises(StoreUnavailable, match="locked"):
-            await store.put(record("c2"))
+            await store.create(record("c2"))
         assert await store.get("c2") is None, "a failed write must not show up in the cache"
         other.execute("ROLLBACK")
         other.close()
-        await store.put(record("c2"))
+        await store.create(record("c2"))
         assert await store.get("c2") is not None
     finally:
         await store.close()

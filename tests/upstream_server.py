@@ -17,6 +17,8 @@ from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+from mcp.types import JSONRPCMessage
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -77,6 +79,29 @@ async def stats(_: Request) -> JSONResponse:
     return JSONResponse({**STATS, "live_sessions": live})
 
 
+class MemoryEventStore(EventStore):
+    """Numbered events kept in memory, so that clients can resume a stream (Last-Event-ID); they die
+    with the process, as a restart of a server without a durable store loses them."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[StreamId, EventId, JSONRPCMessage | None]] = []
+
+    async def store_event(self, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
+        event_id = str(len(self._events) + 1)
+        self._events.append((stream_id, event_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+        found = next((index for index, event in enumerate(self._events) if event[1] == last_event_id), None)
+        if found is None:
+            return None
+        stream_id = self._events[found][0]
+        for event_stream, event_id, message in self._events[found + 1 :]:
+            if event_stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
 def counting(app: ASGIApp) -> ASGIApp:
     """Count initialize and tools/call POSTs before the SDK sees them."""
 
@@ -119,10 +144,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--json", action="store_true", help="answer with application/json, not SSE")
     parser.add_argument("--idle-timeout", type=float, default=None, help="session idle TTL in seconds")
+    parser.add_argument("--resumable", action="store_true", help="number events so clients can resume streams")
     args = parser.parse_args()
     app = server.streamable_http_app(
         json_response=args.json,
         session_idle_timeout=args.idle_timeout,
+        event_store=MemoryEventStore() if args.resumable else None,
         host="127.0.0.1",
     )
     config = uvicorn.Config(counting(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")

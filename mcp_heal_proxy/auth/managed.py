@@ -27,7 +27,7 @@ import time
 import webbrowser
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, Final, TextIO
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -733,12 +733,9 @@ def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
 # --- the hook in Upstream.send --------------------------------------------------------------------
 
 
-class Transmit(Protocol):
-    """``Upstream._transmit``: one request to the upstream, with the proxy's transport rules."""
-
-    def __call__(
-        self, method: str, headers: Mapping[str, str], body: bytes | None, *, stream: bool, resendable: bool
-    ) -> Awaitable[aiohttp.ClientResponse]: ...
+# ``Upstream._transmit``: one request to the upstream, with the proxy's transport rules:
+# (method, headers, body, **transport options) -> the response.
+Transmit = Callable[..., Awaitable[aiohttp.ClientResponse]]
 
 
 def _is_token_challenge(response: aiohttp.ClientResponse) -> bool:
@@ -853,18 +850,19 @@ class ManagedAuth:
         method: str,
         headers: Mapping[str, str],
         body: bytes | None,
-        *,
-        stream: bool,
-        resendable: bool,
+        **options: Any,
     ) -> aiohttp.ClientResponse:
-        """Send with the access token; refresh and send once more on a 401 about the token."""
+        """Send with the access token; refresh and send once more on a 401 about the token.
+
+        ``options`` are the transport's (stream, resendable, ...), passed through unchanged.
+        """
         grant = await self._usable()
-        response = await transmit(method, _authorized(headers, grant), body, stream=stream, resendable=resendable)
+        response = await transmit(method, _authorized(headers, grant), body, **options)
         if _is_token_challenge(response):
             # Refused before it was processed: sending it again cannot run anything twice.
             response.release()
             grant = await self._refreshed(grant.access_token, "http_401")
-            response = await transmit(method, _authorized(headers, grant), body, stream=stream, resendable=resendable)
+            response = await transmit(method, _authorized(headers, grant), body, **options)
             if _is_token_challenge(response):
                 response.release()
                 raise LoginRequired(self._hint("the upstream refuses the token even after a refresh"))

@@ -423,9 +423,9 @@ def test_header_injection_is_refused() -> None:
 
 
 def lean_upstream(config: UpstreamConfig) -> Upstream:
-    """An Upstream on the lean client (which never touches the aiohttp session it is given)."""
+    """An Upstream on the lean client."""
     assert config.client == "lean"
-    return Upstream(config, cast(aiohttp.ClientSession, None))
+    return Upstream(config)
 
 
 async def test_upstream_send_retries_refused_then_gives_up() -> None:

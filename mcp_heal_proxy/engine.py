@@ -1,0 +1,404 @@
+"""The session engine: everything that happens on the upstream side of one client session.
+
+Map a client session to its upstream session, send, detect expiry, heal (single-flight, through the
+``Healer``), replay by policy, remember the state the client set, reattach server streams, end
+sessions. It knows nothing of how the client reached the proxy: the HTTP front (proxy.py) and the
+stdio bridge (stdio.py) are two faces of this one engine. Client headers come in as a plain mapping;
+answers go out as the upstream's responses, for the front to relay its own way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import structlog
+
+from mcp_heal_proxy.answers import AnswerTracker
+from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.content_coding import decoded
+from mcp_heal_proxy.errors import (
+    InvalidRequest,
+    ProxyError,
+    UnknownSession,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from mcp_heal_proxy.headers import (
+    CONTENT_ENCODING,
+    LAST_EVENT_ID,
+    MCP_SESSION_ID,
+    is_valid_session_id,
+    upstream_request_headers,
+)
+from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
+from mcp_heal_proxy.housekeeping import SessionActivity
+from mcp_heal_proxy.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.observability import Metrics
+from mcp_heal_proxy.sessions import SessionRecord, SessionStore, new_client_session_id
+from mcp_heal_proxy.state import record_state_change
+from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
+
+log = structlog.get_logger("mcp_heal_proxy.engine")
+
+# GET stream answers after which reattaching is pointless: no GET stream, or one already open.
+GET_REFUSED: Final = frozenset({405, 409})
+# Upstream answers to DELETE that mean the session is already gone or cannot be ended: to the
+# client, whose session the proxy forgets either way, that is success.
+DELETE_GONE: Final = frozenset({404, 405})
+# Reattaching a GET stream when opening a new one fails: back off, and give up after a while so that a
+# client whose upstream is gone for good sees its stream end and can decide for itself.
+_REATTACH_ATTEMPTS: Final = 10
+_REATTACH_RETRY_FIRST: Final = 0.1
+_REATTACH_RETRY_MAX: Final = 8.0
+# A state change (subscription, log level) racing heals: applied to the newest record, a few times at most.
+_STATE_WRITE_ATTEMPTS: Final = 3
+
+
+class NotReplayed(ProxyError):
+    """The replay policy forbids replaying this request on the new session."""
+
+    http_status = 200
+    code = -32004
+
+
+@dataclass(slots=True)
+class Sent:
+    """An upstream answer to a message sent on a session, ready to be relayed.
+
+    ``response`` is None when the message needed no sending after all (answers and cancellations for
+    a dead session's requests: dropped, as nobody waits for them). ``prefetched`` holds body bytes
+    already read to inspect the answer; they come first.
+    """
+
+    response: aiohttp.ClientResponse | None
+    record: SessionRecord
+    prefetched: bytes = b""
+    healed: bool = False
+
+
+@dataclass(slots=True)
+class Opened:
+    """The upstream's answer to an initialize, and the new session's record (None: nothing to map)."""
+
+    response: aiohttp.ClientResponse
+    record: SessionRecord | None
+    prefetched: bytes = b""
+
+
+class SessionEngine:
+    """One upstream's sessions, as every front uses them."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        store: SessionStore,
+        healer: Healer,
+        metrics: Metrics,
+        activity: SessionActivity,
+        *,
+        max_sessions: int,
+    ) -> None:
+        self.upstream = upstream
+        self.config = upstream.config
+        self.name = upstream.config.name
+        self.store = store
+        self._healer = healer
+        self._metrics = metrics
+        self._activity = activity
+        self._max_sessions = max_sessions
+
+    # --- sessions -----------------------------------------------------------------------------------
+
+    async def session(self, client_session_id: str) -> SessionRecord:
+        """The record of a client session this upstream's proxy issued (and mark it used)."""
+        if not is_valid_session_id(client_session_id):
+            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to 128 visible ASCII characters")
+        record = await self.store.get(client_session_id)
+        if record is None or record.upstream != self.name:
+            raise UnknownSession("Session not found")
+        self._activity.mark(client_session_id)
+        return record
+
+    async def initialize(self, client_headers: Mapping[str, str], body: PostBody) -> Opened:
+        """Forward an initialize without any session id; map the session the upstream opens.
+
+        The record, negotiated protocol version included, is stored before the front sends a byte of
+        the answer: a client that reads its session id and hangs up at once must not leave a record
+        without its version (every later heal would then misreport a version change).
+        """
+        init = body.initialize
+        assert init is not None
+        excess = len(self.store) - self._max_sessions + 1
+        if excess > 0:
+            evicted = await self.store.evict_oldest(excess)
+            log.info("session.evicted", upstream=self.name, count=evicted, max_sessions=self._max_sessions)
+        response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
+        refuse_garbage(response, body)
+        upstream_session_id = response.headers.get(MCP_SESSION_ID)
+        if response.status != 200 or not upstream_session_id:
+            # A refused initialize, or a server without sessions: nothing to map.
+            return Opened(response, None)
+        if not is_valid_session_id(upstream_session_id):
+            response.release()
+            raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
+        tracker = AnswerTracker(
+            (init.id,), response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING)
+        )
+        try:
+            # The initialize answer is one small message: read up to it (bounded), then store, then relay.
+            prefetched = await _read_until_answered(response, tracker, init.id)
+            version = tracker.protocol_version(init.id)
+            record = SessionRecord(
+                client_session_id=new_client_session_id(),
+                upstream_session_id=upstream_session_id,
+                initialize_params=dict(init.params or {}),
+                upstream=self.name,
+                protocol_version=version,
+                upstream_protocol_version=version,
+            )
+            # Stored before the client sees the id, so no request can arrive for an unknown id.
+            await self.store.create(record)
+        except BaseException:
+            response.release()
+            # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
+            await self.end_upstream_session(client_headers, upstream_session_id, reason="not_stored")
+            raise
+        return Opened(response, record, prefetched)
+
+    async def post(self, client_headers: Mapping[str, str], body: PostBody, record: SessionRecord) -> Sent:
+        """Send messages on a client session; heal and replay (by policy) if its upstream session is gone."""
+        response = await self.send("POST", self.headers(client_headers, record), body.raw)
+        expired, prefetched = await self.check_expiry(response)
+        if not expired:
+            refuse_garbage(response, body)
+            if response.status < 300:
+                await self.remember_state(record, body)
+            return Sent(response, record, prefetched)
+        if body.belongs_to_dead_session:
+            # Answers and cancellations for requests of the dead session: nobody is waiting for them.
+            return Sent(None, record)
+        record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
+        refused = [m.method for m in body.messages if m.method is not None and not self.config.replays(m.method)]
+        if refused:
+            raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
+        response = await self.send("POST", self.headers(client_headers, record), body.raw)
+        refuse_garbage(response, body)
+        if response.status < 300:
+            await self.remember_state(record, body)
+        return Sent(response, record, healed=True)
+
+    async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> aiohttp.ClientResponse:
+        """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
+        response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
+        refuse_garbage(response, body)
+        return response
+
+    async def remember_state(self, record: SessionRecord, body: PostBody) -> None:
+        """Record state the client set (subscriptions, log level), on top of whatever the store holds now:
+        a heal may have moved the session to a newer generation while this request was answered."""
+        for _ in range(_STATE_WRITE_ATTEMPTS):
+            updated = record_state_change(record, body)
+            if updated is record:
+                return
+            current = await self.store.put(updated)
+            if current is None or current.generation == updated.generation:
+                return  # written, or the session is gone
+            record = current  # refused as stale: apply the change to the newer record instead
+        log.warning("session.state_not_recorded", upstream=self.name, client_session=record.client_session_id[:8])
+
+    async def end(self, client_headers: Mapping[str, str], record: SessionRecord) -> int:
+        """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and
+        forget the record whatever the upstream says. Returns the upstream's status; raises when the
+        upstream could not be told."""
+        try:
+            # No connect_retry and a short read bound.
+            response = await self.upstream.send(
+                "DELETE", self.headers(client_headers, record), patient=False, read_timeout=self.config.connect_timeout
+            )
+            response.release()
+            return response.status
+        except ProxyError as exc:
+            log.warning(
+                "session.delete_upstream_failed",
+                upstream=self.name,
+                client_session=record.client_session_id[:8],
+                error=exc.message,
+            )
+            raise type(exc)(f"the proxy forgot the session but could not end it upstream: {exc.message}") from exc
+        finally:
+            await self.store.delete(record.client_session_id)
+
+    async def end_upstream_session(
+        self, client_headers: Mapping[str, str], upstream_session_id: str, reason: str
+    ) -> None:
+        """Best effort, bounded: DELETE an upstream session that no client session points to."""
+        headers = upstream_request_headers(client_headers, upstream_session_id)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                response = await self.upstream.send("DELETE", headers, patient=False)
+                response.release()
+        except (ProxyError, TimeoutError):
+            log.info("session.orphan_left_upstream", upstream=self.name, reason=reason)
+
+    # --- server streams -------------------------------------------------------------------------------
+
+    async def open_stream(self, client_headers: Mapping[str, str], record: SessionRecord) -> Sent:
+        """Open the session's server-to-client stream (GET), healing first if the session is gone."""
+        response = await self.send("GET", self.headers(client_headers, record), stream=True)
+        expired, prefetched = await self.check_expiry(response)
+        if not expired:
+            return Sent(response, record, prefetched)
+        record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
+        response = await self.send("GET", self.headers(client_headers, record, fresh_stream=True), stream=True)
+        return Sent(response, record, healed=True)
+
+    async def resume(
+        self, client_headers: Mapping[str, str], record: SessionRecord, generation: int
+    ) -> aiohttp.ClientResponse | None:
+        """Ask the upstream to resume an answer stream (the client's Last-Event-ID is in its headers) on the
+        session it was on; None when it cannot (the session was healed since, it is down, or refuses)."""
+        cid = record.client_session_id
+        if record.generation != generation:
+            return None
+        try:
+            response = await self.send("GET", self.headers(client_headers, record), stream=True)
+        except ProxyError as exc:
+            log.info("stream.resume_failed", upstream=self.name, client_session=cid[:8], error=exc.message)
+            return None
+        if response.status == 200 and response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            return response
+        log.info("stream.resume_refused", upstream=self.name, client_session=cid[:8], status=response.status)
+        response.release()
+        return None
+
+    async def reattach(
+        self, client_headers: Mapping[str, str], stale: SessionRecord, last_event_id: str | None
+    ) -> aiohttp.ClientResponse | None:
+        """The upstream ended a server stream the client still holds: open a new one, healing if need be.
+
+        On the same upstream session the stream resumes after ``last_event_id`` (nothing the server sent
+        meanwhile is lost); after a heal it starts fresh (event ids of a dead session mean nothing).
+        """
+        backoff = Backoff(first=_REATTACH_RETRY_FIRST, maximum=_REATTACH_RETRY_MAX)
+        for _ in range(_REATTACH_ATTEMPTS):
+            record = await self.store.get(stale.client_session_id)
+            if record is None:
+                return None  # the client ended its session meanwhile
+            headers = self.headers(client_headers, record, fresh_stream=True)
+            if last_event_id is not None and record.generation == stale.generation:
+                headers[LAST_EVENT_ID] = last_event_id
+            try:
+                response = await self.send("GET", headers, stream=True)
+                expired, _ = await self.check_expiry(response)
+                if expired:
+                    record = await self._healer.heal(record, client_headers, reason="get_stream_lost")
+                    response = await self.send(
+                        "GET", self.headers(client_headers, record, fresh_stream=True), stream=True
+                    )
+            except ProxyError as exc:
+                delay = backoff.next_delay()
+                log.info("stream.reattach_retry", upstream=self.name, error=exc.message, delay_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            if response.status == 200:
+                log.info("stream.reattached", upstream=self.name, client_session=record.client_session_id[:8])
+                return response
+            response.release()
+            if response.status in GET_REFUSED:
+                return None
+            await asyncio.sleep(backoff.next_delay())
+        return None
+
+    # --- the wire -------------------------------------------------------------------------------------
+
+    def headers(
+        self, client_headers: Mapping[str, str], record: SessionRecord, *, fresh_stream: bool = False
+    ) -> dict[str, str]:
+        """Headers for the upstream on this record's session (a new stream drops stale event ids)."""
+        headers = upstream_request_headers(
+            client_headers, record.upstream_session_id, drop=(LAST_EVENT_ID,) if fresh_stream else ()
+        )
+        version = record.version_to_send
+        if version is not None:
+            # A heal negotiated another version than the client's: speak the upstream's.
+            headers = {k: v for k, v in headers.items() if k.lower() != "mcp-protocol-version"}
+            headers["MCP-Protocol-Version"] = version
+        return headers
+
+    async def send(
+        self, method: str, headers: dict[str, str], body: bytes | None = None, *, stream: bool = False
+    ) -> aiohttp.ClientResponse:
+        """Send one request upstream, timing it."""
+        started = time.perf_counter()
+        # GET and DELETE cannot run a tool: they may be resent over a connection that broke unanswered.
+        response = await self.upstream.send(method, headers, body, stream=stream, resendable=method != "POST")
+        self._metrics.upstream_latency.labels(self.name).observe(time.perf_counter() - started)
+        return response
+
+    async def check_expiry(self, response: aiohttp.ClientResponse) -> tuple[bool, bytes]:
+        """Read the body of a possible expiry answer; say whether it is one.
+
+        Returns the bytes read, so that an answer that is not an expiry is still relayed whole.
+        """
+        if response.status not in EXPIRY_STATUSES:
+            return False, b""
+        try:
+            body = await read_capped(response)
+        except BaseException:
+            response.release()
+            raise
+        readable = decoded(body, response.headers.get(CONTENT_ENCODING))
+        if is_session_expired(response.status, readable, sent_session_id=True, heal_on=self.config.heal_on):
+            response.release()
+            return True, b""
+        return False, body
+
+
+def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody) -> None:
+    """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive portal
+    or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
+    if not body.request_ids or not 200 <= response.status < 300 or response.status == 202:
+        return
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.startswith(("application/json", "text/event-stream")):
+        return
+    response.release()
+    raise UpstreamUnavailable(
+        f"upstream MCP server answered {response.status} with {content_type or 'no content type'}"
+    )
+
+
+def answer_tracker(response: aiohttp.ClientResponse, request_ids: tuple[RequestId, ...]) -> AnswerTracker | None:
+    """Track responses on SSE answers to requests, to finish a broken stream with errors."""
+    content_type = response.headers.get("Content-Type", "")
+    if not request_ids or not content_type.startswith("text/event-stream"):
+        return None
+    return AnswerTracker(request_ids, content_type, response.headers.get(CONTENT_ENCODING))
+
+
+async def _read_until_answered(
+    response: aiohttp.ClientResponse, tracker: AnswerTracker, request_id: RequestId
+) -> bytes:
+    """Read an answer until the response to ``request_id`` went by (at most INSPECT_LIMIT bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < INSPECT_LIMIT:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            tracker.feed(chunk)
+            if tracker.protocol_version(request_id) is not None:
+                break
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("upstream MCP server stopped answering the initialize") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"upstream MCP server broke the initialize answer: {type(exc).__name__}") from exc
+    return b"".join(chunks)

@@ -1,0 +1,396 @@
+"""What the docs claim, checked: the README's commands as written, the example config, compose.yaml,
+the service units in contrib/, and the snippets users copy into their clients."""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import json
+import os
+import plistlib
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from mcp_heal_proxy.cli import banner
+from mcp_heal_proxy.config import SERVER_OPTIONS, ProxyConfig, UpstreamConfig, build_config
+from tests.conftest import REPO_ROOT, free_port, wait_until
+
+README = REPO_ROOT / "README.md"
+USER_GUIDE = REPO_ROOT / "docs" / "user-guide.md"
+EXAMPLE = REPO_ROOT / "config.example.toml"
+COMPOSE = REPO_ROOT / "compose.yaml"
+SYSTEMD_UNIT = REPO_ROOT / "contrib" / "systemd" / "mcp-heal-proxy.service"
+LAUNCHD_AGENT = REPO_ROOT / "contrib" / "launchd" / "mcp-heal-proxy.plist"
+# pip install of the package and its dependencies into a new virtualenv, then the demo.
+FRESH_INSTALL_TIMEOUT = 600.0
+SERVICE_TIMEOUT = 20.0
+
+
+def code_blocks(path: Path, language: str | None = None) -> list[str]:
+    """The fenced code blocks of a Markdown file, optionally only those of one language."""
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return [text for lang, text in blocks if language is None or lang == language]
+
+
+@pytest.fixture
+def command(tmp_path: Path) -> Path:
+    """An ``mcp-heal-proxy`` executable that runs this checkout's code (whatever is installed where),
+    for the places that need a program path: PATH, ExecStart, ProgramArguments."""
+    shim = tmp_path / "bin" / "mcp-heal-proxy"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO_ROOT}" exec "{sys.executable}" -m mcp_heal_proxy "$@"\n')
+    shim.chmod(0o755)
+    return shim
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """The environment minus anything that would let the tests' own checkout stand in for an install."""
+    skip = ("MCP_HEAL_PROXY_", "PYTHONPATH", "VIRTUAL_ENV")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(skip)}, **extra}
+
+
+# ---- the README ----------------------------------------------------------------------------------------
+
+
+def readme_first_commands() -> list[str]:
+    """The commands the README starts with, before any prose."""
+    text = README.read_text()
+    head = text.split("\n\n", 2)
+    assert head[0] == "# mcp-heal-proxy", "the README starts with its title"
+    commands = re.findall(r"```sh\n(.*?)\n```", head[1], flags=re.DOTALL)
+    assert head[1] == "\n".join(f"```sh\n{command}\n```" for command in commands), head[1]
+    return commands
+
+
+def test_the_readme_starts_with_exactly_two_commands_install_and_demo_then_install_and_tests() -> None:
+    demo, tests = readme_first_commands()
+    assert "\n" not in demo
+    assert "\n" not in tests
+    assert re.fullmatch(r"python3 -m venv \.venv && \.venv/bin/pip install \. && \.venv/bin/mcp-heal-proxy demo", demo)
+    assert "pip install -e '.[test]'" in tests
+    assert tests.endswith("scripts/check")
+
+
+def test_ci_runs_the_readmes_test_command_and_check_shows_skip_reasons() -> None:
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet -e '.[test]'" in ci
+    assert ci.rstrip().endswith("scripts/check")
+    check = (REPO_ROOT / "scripts" / "check").read_text()
+    assert re.search(r"^pytest -rs ", check, flags=re.MULTILINE), "scripts/check must list skip reasons"
+
+
+def readme_invocation_blocks() -> list[str]:
+    """The README's command blocks that run the proxy from the first command's virtualenv (not the demo)."""
+    first = readme_first_commands()
+    return [
+        block
+        for block in code_blocks(README, "sh")
+        if ".venv/bin/mcp-heal-proxy" in block and block.strip() not in first
+    ]
+
+
+def test_the_readme_runs_the_command_its_own_set_up_installed() -> None:
+    # After the first command only .venv/bin/mcp-heal-proxy exists: a bare `mcp-heal-proxy` command
+    # would not be found (pipx and activation are explained beside them).
+    for block in code_blocks(README, "sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in re.split(r"&&|\|\||\||;", line):
+                words = shlex.split(command, comments=True)
+                while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                    words.pop(0)  # VAR=value before the command
+                if words and words[0] == "export":
+                    continue
+                assert not words or words[0] != "mcp-heal-proxy", f"not on PATH after the README's set-up: {line}"
+    assert readme_invocation_blocks(), "Run it shows the command"
+
+
+def as_check(line: str) -> str:
+    """A README `serve` line as the `check-config` that validates the same config without serving."""
+    line = re.sub(r"\bserve --config (\S+)", r"check-config \1", line)
+    return line.replace(" serve", " check-config")
+
+
+@pytest.mark.timeout(FRESH_INSTALL_TIMEOUT + 120)
+async def test_the_readmes_first_command_works_in_a_fresh_checkout_and_its_run_commands_are_valid(
+    tmp_path: Path,
+) -> None:
+    checkout = tmp_path / "checkout"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout.split(b"\0")
+    for name in filter(None, (entry.decode() for entry in listed)):
+        source = REPO_ROOT / name
+        if name.startswith(".cache") or not source.is_file():
+            continue
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, checkout / name)
+    demo, _ = readme_first_commands()
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        demo,
+        cwd=checkout,
+        env=clean_environment(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(FRESH_INSTALL_TIMEOUT):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, f"{demo}\n{stdout.decode()[-2000:]}\n{stderr.decode()[-2000:]}"
+    assert b"healed" in stdout
+    # Then every "Run it" block, its serve commands as check-config with the same arguments, from the
+    # new virtualenv.
+    for block in readme_invocation_blocks():
+        script = "\n".join(as_check(line) for line in block.splitlines())
+        result = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-ec", script],
+            cwd=checkout,
+            env=clean_environment(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"{block}\n(as {script})\n{result.stderr.decode()}"
+
+
+def test_the_readmes_banner_is_the_one_serve_prints() -> None:
+    (shown,) = [block for block in code_blocks(README, "") if "paste into your MCP client" in block]
+    config = build_config(config_file=None, flags={"upstream": "https://mcp.example.com/mcp"}, environ={})
+    printed = banner(config, 8787)
+    expected_first, shown_first = (
+        printed[0].split(", sessions in ")[0],
+        shown.splitlines()[0].split(", sessions in ")[0],
+    )
+    assert shown_first == expected_first
+    assert shown.splitlines()[1:] == printed[1:]
+
+
+def test_relative_links_in_the_readme_and_the_user_guide_lead_somewhere() -> None:
+    assert "(docs/user-guide.md)" in README.read_text(), "the README links the user guide"
+    for document in (README, USER_GUIDE):
+        for target in re.findall(r"\]\(([^)#\s]+)\)", document.read_text()):
+            if "://" in target:
+                continue
+            assert (document.parent / target).exists(), f"{document.name} links to missing {target}"
+
+
+def test_client_snippets_parse_and_point_at_the_proxy() -> None:
+    for document in (README, USER_GUIDE):
+        for block in code_blocks(document, "toml"):
+            servers = tomllib.loads(block)["mcp_servers"]
+            assert all(server["url"].startswith("http://127.0.0.1:8787/") for server in servers.values())
+        for block in code_blocks(document, "json"):
+            servers = json.loads(block)["mcpServers"]
+            assert all(server["url"].startswith("http://127.0.0.1:8787/") for server in servers.values())
+
+
+def test_the_user_guide_covers_each_client_services_docker_and_troubleshooting() -> None:
+    guide = USER_GUIDE.read_text()
+    for topic in ("Codex", "Claude Code", "Cursor", "systemd", "launchd", "Docker", "compose.yaml"):
+        assert topic in guide, topic
+    for event in ("session.healed", "session.heal_failed", "request"):
+        # Example lines, as the proxy writes them (JSON), for each event a user looks for.
+        assert re.search(rf'^\{{.*"event": "{re.escape(event)}".*\}}$', guide, flags=re.MULTILINE), event
+    for line in re.findall(r'^\{.*"event": .*\}$', guide, flags=re.MULTILINE):
+        assert isinstance(json.loads(line), dict)
+
+
+# ---- config.example.toml --------------------------------------------------------------------------------
+
+
+async def test_the_example_config_passes_check_config_once_its_token_variable_is_set(command: Path) -> None:
+    example = EXAMPLE.read_text()
+    (token_line,) = [line for line in example.splitlines() if "${GITHUB_TOKEN}" in line]
+    before = example[: example.index(token_line)]
+    assert "GITHUB_TOKEN must be set" in before, "say next to the header that the variable must be set"
+    for env, expected in ((clean_environment(GITHUB_TOKEN="ghp_example"), 0), (clean_environment(), 2)):
+        process = await asyncio.create_subprocess_exec(
+            command,
+            "check-config",
+            str(EXAMPLE),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+        assert process.returncode == expected, stderr
+    assert b"${GITHUB_TOKEN}, which is not set" in stderr
+
+
+def test_every_config_key_is_documented_in_the_example() -> None:
+    example = EXAMPLE.read_text()
+    keys = [f.name for f in fields(ProxyConfig) if f.name != "upstreams"]
+    keys += [f.name for f in fields(UpstreamConfig) if f.name != "name"]
+    for key in keys:
+        assert re.search(rf"^#? ?{key} = ", example, flags=re.MULTILINE), f"config.example.toml does not document {key}"
+
+
+# ---- compose.yaml ---------------------------------------------------------------------------------------
+
+
+def test_compose_builds_the_proxy_from_this_checkout_and_pulls_no_placeholder() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    proxy = services["mcp-heal-proxy"]
+    context = proxy["build"] if isinstance(proxy["build"], str) else proxy["build"]["context"]
+    dockerfile = "Dockerfile" if isinstance(proxy["build"], str) else proxy["build"].get("dockerfile", "Dockerfile")
+    assert (REPO_ROOT / context / dockerfile).is_file()
+    for name, service in services.items():
+        assert "build" in service, f"service {name} pulls an image nobody builds: {service.get('image')}"
+    assert all(port.startswith("127.0.0.1:") for port in proxy["ports"]), "published on loopback only"
+    assert any(volume.endswith(":/data") for volume in proxy["volumes"]), "the image keeps sessions on /data"
+    environment = proxy["environment"]
+    readable = {"MCP_HEAL_PROXY_UPSTREAM", "MCP_HEAL_PROXY_CONFIG"} | {
+        f"MCP_HEAL_PROXY_{key.upper()}" for key in SERVER_OPTIONS
+    }
+    assert {name for name in environment if name.startswith("MCP_HEAL_PROXY_")} <= readable
+    assert "MCP_HEAL_PROXY_TOKEN" in environment, "compose shows where the inbound token goes"
+    assert "no authentication" not in COMPOSE.read_text()
+
+
+# ---- service units --------------------------------------------------------------------------------------
+
+
+def systemd_unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(SYSTEMD_UNIT.read_text())
+    return unit
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path, command: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd); the ExecStart test still runs")
+    # verify checks that ExecStart's program exists: point it at this environment's command.
+    text = SYSTEMD_UNIT.read_text().replace("%h/.local/bin/mcp-heal-proxy", str(command))
+    (tmp_path / SYSTEMD_UNIT.name).write_text(text)
+    result = subprocess.run(
+        [analyze, "verify", SYSTEMD_UNIT.name], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", f"systemd-analyze warnings:\n{result.stderr}"
+
+
+def service_home(tmp_path: Path) -> tuple[Path, int]:
+    """A home with the config the units expect, made from the example (its port free, its store here)."""
+    home = tmp_path / "home"
+    config = home / ".config" / "mcp-heal-proxy" / "config.toml"
+    config.parent.mkdir(parents=True)
+    port = free_port()
+    text = EXAMPLE.read_text().replace("port = 8787", f"port = {port}")
+    text = text.replace('state = "~/.local/state/', f'state = "{home}/.local/state/')
+    config.write_text(text)
+    return home, port
+
+
+async def run_like_a_service(command: list[str], env: dict[str, str], port: int, stop: signal.Signals) -> None:
+    """Start the command as the service manager would, see /healthz answer, stop it with its signal."""
+    process = await asyncio.create_subprocess_exec(
+        *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+            async def healthy() -> bool:
+                if process.returncode is not None:
+                    assert process.stderr is not None
+                    raise AssertionError(f"{command} exited {process.returncode}: {await process.stderr.read()!r}")
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until(healthy, SERVICE_TIMEOUT, "the service answers /healthz")
+        process.send_signal(stop)
+        async with asyncio.timeout(SERVICE_TIMEOUT):
+            _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr
+        assert b"Traceback" not in stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def environment_file_secrets(setting: str, home: Path) -> dict[str, str]:
+    """Write the unit's EnvironmentFile as a user would (the secrets the config refers to, here the
+    example's GITHUB_TOKEN) and read it back as systemd does."""
+    environment_file = Path(setting.lstrip("-").replace("%h", str(home)))
+    environment_file.write_text("GITHUB_TOKEN=ghp_example\n")
+    return dict(line.split("=", 1) for line in environment_file.read_text().splitlines())
+
+
+async def test_the_systemd_units_exec_start_serves_and_stops_on_its_kill_signal(tmp_path: Path, command: Path) -> None:
+    service = systemd_unit()["Service"]
+    home, port = service_home(tmp_path)
+    words = shlex.split(service["ExecStart"].replace("%h", str(home)))
+    assert words[0] == f"{home}/.local/bin/mcp-heal-proxy", "the unit assumes `pipx install .`"
+    env = clean_environment(HOME=str(home), **environment_file_secrets(service["EnvironmentFile"], home))
+    stop = signal.Signals[service["KillSignal"]]
+    await run_like_a_service([str(command), *words[1:]], env, port, stop)
+    assert service["RestartPreventExitStatus"] == "2", "a configuration mistake (exit 2) is not retried"
+
+
+async def test_the_launchd_agents_program_arguments_serve_and_stop_on_sigterm(tmp_path: Path, command: Path) -> None:
+    with LAUNCHD_AGENT.open("rb") as handle:
+        agent = plistlib.load(handle)
+    home, port = service_home(tmp_path)
+    words = [word.replace("/Users/YOU", str(home)) for word in agent["ProgramArguments"]]
+    assert words[0] == f"{home}/.local/bin/mcp-heal-proxy", "the agent assumes `pipx install .`"
+    assert all(not word.startswith("~") and "$" not in word for word in words), "launchd expands neither ~ nor $"
+    env = clean_environment(HOME=str(home), **agent["EnvironmentVariables"])
+    await run_like_a_service([str(command), *words[1:]], env, port, signal.SIGTERM)
+
+
+def transcripts(path: Path) -> list[tuple[str, str]]:
+    """``$ command`` lines of plain code blocks, each with the output the document shows for it."""
+    found: list[tuple[str, str]] = []
+    for block in code_blocks(path, ""):
+        if not block.startswith("$ "):
+            continue
+        for chunk in re.split(r"^\$ ", block, flags=re.MULTILINE)[1:]:
+            command, _, output = chunk.partition("\n")
+            found.append((command, output))
+    return found
+
+
+async def test_the_user_guides_transcripts_are_what_the_commands_print(command: Path) -> None:
+    shown = transcripts(USER_GUIDE)
+    assert shown, "the user guide shows what a mistake looks like"
+    path = f"{command.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    for line, output in shown:
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            line,
+            env=clean_environment(PATH=path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(20):
+            printed, _ = await process.communicate()
+        assert printed.decode() == output, line

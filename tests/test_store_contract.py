@@ -1,0 +1,71 @@
+"""One rule for every store: a write never brings back an ended session nor undoes a heal
+(sessions.refuses_write; the Redis store runs the same rule in Lua)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore, refuses_write
+from mcp_heal_proxy.store_redis import RedisSessionStore
+from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from tests.test_store_redis import RedisServer, record
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
+    opened: SessionStore
+    redis: RedisServer | None = None
+    if request.param == "memory":
+        opened = MemorySessionStore()
+    elif request.param == "sqlite":
+        sqlite = SQLiteSessionStore(str(tmp_path / "sessions.db"))
+        await sqlite.open()
+        opened = sqlite
+    else:
+        redis = RedisServer(tmp_path)
+        await redis.start()
+        redis_store = RedisSessionStore(redis.url, cache_ttl=0)
+        await redis_store.open()
+        opened = redis_store
+    yield opened
+    await opened.close()
+    if redis is not None:
+        await redis.stop()
+
+
+async def test_a_write_after_a_delete_does_not_bring_the_session_back(store: SessionStore) -> None:
+    original = record()
+    await store.create(original)
+    await store.delete("c1")
+    assert await store.put(original.healed("u2", None)) is None
+    assert await store.get("c1", fresh=True) is None
+
+
+async def test_a_write_of_an_older_generation_is_refused_and_the_newer_record_returned(store: SessionStore) -> None:
+    original = record()
+    await store.create(original)
+    healed = original.healed("u2", "2025-11-25")
+    assert await store.put(healed) == healed
+    stale = replace(original, log_level="debug")
+    assert await store.put(stale) == healed
+    assert await store.get("c1", fresh=True) == healed
+
+
+async def test_a_write_of_the_same_generation_is_taken(store: SessionStore) -> None:
+    original = record()
+    await store.create(original)
+    changed = replace(original, log_level="debug", subscriptions=frozenset({"file:///a"}))
+    assert await store.put(changed) == changed
+    assert await store.get("c1", fresh=True) == changed
+
+
+@given(stored=st.none() | st.integers(min_value=0, max_value=5), incoming=st.integers(min_value=0, max_value=5))
+def test_the_rule(stored: int | None, incoming: int) -> None:
+    refused = refuses_write(stored, replace(record(), generation=incoming))
+    assert refused == (stored is None or stored > incoming)

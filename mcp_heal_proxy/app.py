@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.auth.standin import OAuthPassThrough
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.engine import SessionEngine
@@ -71,7 +72,11 @@ def build_app(config: ProxyConfig) -> web.Application:
             proxies: dict[str, Proxy] = {}
             upstreams: dict[str, Upstream] = {}
             for upstream_config in config.upstreams:
-                upstream = Upstream(upstream_config, strip_client_authorization=config.token is not None)
+                upstream = Upstream(
+                    upstream_config,
+                    strip_client_authorization=config.token is not None,
+                    auth=managed_auth(upstream_config, config.state),
+                )
                 upstreams[upstream_config.name] = upstream
                 resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)

@@ -121,6 +121,20 @@ with backoff, and exits with status 1 once it stayed unreachable for --give-up s
 """
 
 
+LOGIN_EXAMPLES = """\
+examples:
+  mcp-heal-proxy login github --config proxy.toml                 # opens a browser
+  mcp-heal-proxy login github --config proxy.toml --no-browser    # prints the URL to open
+
+for an upstream with auth = "oauth" in the config file:
+  [upstreams.github]
+  url = "https://api.githubcopilot.com/mcp/"
+  auth = "oauth"
+
+exit status 0 once the tokens are stored, 1 when the login failed, 2 for a config mistake.
+"""
+
+
 class UsageError(Exception):
     """A user mistake: reported in one line, exit status 2, no traceback."""
 
@@ -243,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     tail_parser.add_argument(
         "--give-up", type=float, default=DEFAULT_GIVE_UP, metavar="SECONDS", help="exit after this long unreachable"
     )
+    login = commands.add_parser(
+        "login",
+        help='log in to an upstream with auth = "oauth"; serve then sends its tokens',
+        description="Log in to the upstream's authorization server (OAuth code flow with PKCE) and store "
+        "the tokens beside the session store; serve refreshes them and sends them upstream.",
+        epilog=LOGIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    logout = commands.add_parser("logout", help="forget the tokens of an upstream's login")
+    for command in (login, logout):
+        command.add_argument("name", metavar="NAME", help="the upstream's name ([upstreams.NAME])")
+        command.add_argument("--config", metavar="FILE", help="TOML config file")
+        command.add_argument("--state", metavar="PATH", help="the session store, as given to serve")
+    login.add_argument("--no-browser", action="store_true", help="print the URL to open instead of opening it")
     return parser
 
 
@@ -251,7 +279,7 @@ def _stdio(args: argparse.Namespace) -> int:
     from mcp_heal_proxy.stdio import serve_stdio, stdio_upstream
 
     try:
-        upstream, max_line = stdio_upstream(
+        upstream, max_line, state = stdio_upstream(
             url=args.upstream, config_file=args.config, name=args.name, header_flags=args.header, environ=os.environ
         )
     except ConfigError as exc:
@@ -259,7 +287,7 @@ def _stdio(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(args.log_format, args.log_level, tuple(v for v in upstream.headers.values() if v))
     try:
-        return _run(serve_stdio(upstream, max_line_bytes=max_line))
+        return _run(serve_stdio(upstream, max_line_bytes=max_line, state=state))
     except KeyboardInterrupt:
         return 0
 
@@ -372,6 +400,20 @@ async def serve(config: ProxyConfig) -> int:
     return 0
 
 
+def _login_or_logout(args: argparse.Namespace) -> int:
+    from mcp_heal_proxy.auth.managed import LoginError, run_login, run_logout
+
+    config = build_config(config_file=args.config, flags={"state": args.state})
+    configure_logging(config.log_format, "warning", config.secrets())
+    try:
+        if args.command == "logout":
+            return run_logout(config, args.name, out=sys.stdout)
+        return _run(run_login(config, args.name, out=sys.stdout, open_browser=not args.no_browser))
+    except LoginError as exc:
+        print(f"mcp-heal-proxy: login failed: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``mcp-heal-proxy`` console script."""
     args = build_parser().parse_args(argv)
@@ -396,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         if args.command == "sessions":
             sys.exit(_sessions(args))
+        if args.command in ("login", "logout"):
+            sys.exit(_login_or_logout(args))
         flags = {
             "upstream": args.upstream,
             "host": args.host,

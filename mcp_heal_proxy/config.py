@@ -101,6 +101,14 @@ class UpstreamConfig:
     # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
     client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
     oauth_pass_through: OAuthPassThrough = "stand-in"
+    # auth = "oauth": the proxy logs in itself (``mcp-heal-proxy login NAME``) and sends the token;
+    # client_id/client_secret name a pre-registered client (else dynamic registration), scopes
+    # replace the discovered ones, callback_port fixes the loopback redirect URI's port.
+    auth: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    scopes: tuple[str, ...] | None = None
+    callback_port: int | None = None
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -159,6 +167,7 @@ class ProxyConfig:
     def secrets(self) -> tuple[str, ...]:
         """Every configured value that must never be logged."""
         injected = tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
+        injected += tuple(u.client_secret for u in self.upstreams if u.client_secret)
         store_password = urlsplit(self.state).password if "://" in self.state else None
         return tuple(s for s in (*injected, self.token, store_password) if s)
 
@@ -415,6 +424,12 @@ def _headers(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _scopes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(scope, str) and scope and " " not in scope for scope in value):
+        raise _Invalid("must be a list of scope names without spaces")
+    return tuple(value)
+
+
 def _heal_on(value: Any) -> tuple[int, ...]:
     if (
         not isinstance(value, list | tuple)
@@ -477,7 +492,15 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "replay": Option(_replay, _text_as_replay),
     "client": Option(_one_of(UPSTREAM_CLIENTS), _text_as_str),
     "oauth_pass_through": Option(_one_of(OAUTH_PASS_THROUGH), _text_as_str),
+    # Proxy-managed OAuth login (auth/managed.py); a config file's keys only: login reads the file.
+    "auth": Option(_one_of(("oauth",)), None),
+    "client_id": Option(_string, None),
+    "client_secret": Option(_string, None, _hidden),
+    "scopes": Option(_scopes, None),
+    "callback_port": Option(_integer(1, 65535), None),
 }
+# Keys that only mean something with auth = "oauth".
+_OAUTH_KEYS: Final = ("client_id", "client_secret", "scopes", "callback_port")
 
 
 def check_option(options: Mapping[str, Option], key: str, value: Any, where: str) -> Any:
@@ -523,6 +546,8 @@ def _upstream_from_table(
     for key, value in table.items():
         if key not in UPSTREAM_OPTIONS:
             raise ConfigError(f"{source}: unknown key upstreams.{name}.{key}")
+        if key in ("client_id", "client_secret") and isinstance(value, str):
+            value = expand_env(value, f"upstreams.{name}.{key}", source, environ)
         if key == "headers" and isinstance(value, dict):
             value = {
                 header: expand_env(text, f"upstreams.{name}.headers.{header}", source, environ)
@@ -533,7 +558,21 @@ def _upstream_from_table(
         options[key] = check_option(UPSTREAM_OPTIONS, key, value, f"{where}.{key}")
     if "url" not in table:
         raise ConfigError(f"{where}.url is required")
+    _check_oauth_keys(options, where)
     return UpstreamConfig(**options)
+
+
+def _check_oauth_keys(options: Mapping[str, Any], where: str) -> None:
+    """The keys of a proxy-managed login go together (auth = "oauth" and the ones that need it)."""
+    if options.get("auth") != "oauth":
+        for key in _OAUTH_KEYS:
+            if key in options:
+                raise ConfigError(f'{where}.{key} needs auth = "oauth"')
+        return
+    if "client_secret" in options and "client_id" not in options:
+        raise ConfigError(f"{where}.client_secret needs client_id")
+    if any(header.lower() == "authorization" for header in options.get("headers", {})):
+        raise ConfigError(f'{where} has both auth = "oauth" and an Authorization header; keep one')
 
 
 def is_status_path(path: str) -> bool:
@@ -677,6 +716,8 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     for upstream in config.upstreams:
         table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}
         table["headers"] = {name: "***" for name in upstream.headers}
+        if upstream.client_secret:
+            table["client_secret"] = "***"
         table["url"] = mask_url(upstream.url)
         upstreams[upstream.name] = table
     return {"server": server, "upstreams": upstreams}

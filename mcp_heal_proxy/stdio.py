@@ -417,12 +417,20 @@ async def _stdio_streams() -> tuple[Reader, _Stdout]:
     return read, _Stdout(writer, out_fd)
 
 
-async def open_engine(upstream_config: UpstreamConfig) -> tuple[SessionEngine, contextlib.AsyncExitStack]:
-    """The engine for one client's session: the upstream's pools, a healer, records in memory."""
+async def open_engine(
+    upstream_config: UpstreamConfig, state: str = ":memory:"
+) -> tuple[SessionEngine, contextlib.AsyncExitStack]:
+    """The engine for one client's session: the upstream's pools, a healer, records in memory, and the
+    upstream's managed login (tokens beside ``state``'s store, or in the default state directory)."""
     resources = contextlib.AsyncExitStack()
     store = MemorySessionStore()
     metrics = Metrics()
-    upstream = Upstream(upstream_config)
+    auth = None
+    if upstream_config.auth == "oauth":
+        from mcp_heal_proxy.auth.managed import managed_auth
+
+        auth = managed_auth(upstream_config, state)
+    upstream = Upstream(upstream_config, auth=auth)
     resources.push_async_callback(upstream.close)
     healer = Healer(upstream, store, metrics)
     resources.push_async_callback(healer.close)
@@ -430,9 +438,9 @@ async def open_engine(upstream_config: UpstreamConfig) -> tuple[SessionEngine, c
     return engine, resources
 
 
-async def serve_stdio(upstream_config: UpstreamConfig, *, max_line_bytes: int) -> int:
+async def serve_stdio(upstream_config: UpstreamConfig, *, max_line_bytes: int, state: str = ":memory:") -> int:
     """Run the bridge on this process's stdin/stdout until stdin closes or a signal asks to stop."""
-    engine, resources = await open_engine(upstream_config)
+    engine, resources = await open_engine(upstream_config, state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -454,13 +462,15 @@ def stdio_upstream(
     name: str | None,
     header_flags: list[str],
     environ: Mapping[str, str],
-) -> tuple[UpstreamConfig, int]:
-    """The upstream the bridge talks to, and the longest line it reads: from ``--upstream`` (with
-    ``--header`` flags), or ``--name`` of a config file (its headers, timeouts, heal_on, replay)."""
+) -> tuple[UpstreamConfig, int, str]:
+    """The upstream the bridge talks to, the longest line it reads, and the store path its managed login's
+    tokens sit beside: from ``--upstream`` (with ``--header`` flags), or ``--name`` of a config file (its
+    headers, timeouts, heal_on, replay, auth)."""
     from dataclasses import replace
 
     from mcp_heal_proxy.config import (
         DEFAULT_MAX_BODY_BYTES,
+        MEMORY_STATE,
         UPSTREAM_OPTIONS,
         ConfigError,
         build_config,
@@ -477,11 +487,11 @@ def stdio_upstream(
             names = ", ".join(u.name for u in config.upstreams)
             raise ConfigError(f"{config_file}: name one upstream with --name (it has: {names})")
         upstream = chosen[0]
-        return replace(upstream, headers={**upstream.headers, **headers}), config.max_body_bytes
+        return replace(upstream, headers={**upstream.headers, **headers}), config.max_body_bytes, config.state
     if url is None:
         raise ConfigError("stdio needs --upstream URL (or --config FILE --name NAME)")
     checked = check_option(UPSTREAM_OPTIONS, "url", url, "--upstream")
-    return UpstreamConfig(url=checked, headers=headers), DEFAULT_MAX_BODY_BYTES
+    return UpstreamConfig(url=checked, headers=headers), DEFAULT_MAX_BODY_BYTES, MEMORY_STATE
 
 
 def header_pairs(values: list[str], environ: Mapping[str, str]) -> dict[str, str]:

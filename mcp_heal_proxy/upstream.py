@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -27,6 +27,7 @@ from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
+    from mcp_heal_proxy.auth.managed import Transmit
     from mcp_heal_proxy.upstream_lean import LeanPool
 
 log = structlog.get_logger("mcp_heal_proxy.upstream")
@@ -41,12 +42,21 @@ _MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 
+class AuthHook(Protocol):
+    """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request."""
+
+    async def send(
+        self, transmit: Transmit, method: str, headers: Mapping[str, str], body: bytes | None, **options: Any
+    ) -> aiohttp.ClientResponse: ...
+
+
 class Upstream:
     """Sends requests to one upstream over its own pooled connections."""
 
     __slots__ = (
         "_aiohttp_requests",
         "_aiohttp_streams",
+        "_auth",
         "_connect_failed",
         "_injected",
         "_injected_names",
@@ -58,8 +68,11 @@ class Upstream:
         "config",
     )
 
-    def __init__(self, config: UpstreamConfig, *, strip_client_authorization: bool = False) -> None:
+    def __init__(
+        self, config: UpstreamConfig, *, strip_client_authorization: bool = False, auth: AuthHook | None = None
+    ) -> None:
         self.config = config
+        self._auth = auth
         # The URL requests go to: the configured one, or where the upstream redirected it (same origin).
         self._url = config.url
         # ``connect`` bounds the wait for a pooled connection plus the connect itself.
@@ -78,7 +91,8 @@ class Upstream:
         # Configured headers (e.g. a bearer token from the environment) replace the client's own; the
         # client's Authorization is the proxy's own inbound token when one is set, never the upstream's.
         self._injected = dict(config.headers)
-        stripped = {"authorization"} if strip_client_authorization else set()
+        # A managed login's hook puts its own Authorization in place of the client's (auth/managed.py).
+        stripped = {"authorization"} if strip_client_authorization and auth is None else set()
         self._injected_names = frozenset(name.lower() for name in config.headers) | stripped
         self._lean_requests: LeanPool | None = None
         self._lean_streams: LeanPool | None = None
@@ -157,7 +171,34 @@ class Upstream:
         only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run a tool
         twice. ``read_timeout`` overrides the upstream's for this request. Same-origin redirects of the
         upstream URL are followed, and remembered (the client never sees the upstream's ``Location``).
+        With an auth hook, the hook adds the credentials and may send once more.
         """
+        if self._auth is not None:
+            return await self._auth.send(
+                self._transmit,
+                method,
+                headers,
+                body,
+                stream=stream,
+                resendable=resendable,
+                patient=patient,
+                read_timeout=read_timeout,
+            )
+        return await self._transmit(
+            method, headers, body, stream=stream, resendable=resendable, patient=patient, read_timeout=read_timeout
+        )
+
+    async def _transmit(
+        self,
+        method: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        stream: bool,
+        resendable: bool,
+        patient: bool,
+        read_timeout: float | None,
+    ) -> aiohttp.ClientResponse:
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
         for _ in range(_MAX_REDIRECTS + 1):

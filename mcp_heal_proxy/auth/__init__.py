@@ -6,4 +6,6 @@
 - ``standin``: the pass-through's HTTP side: metadata routes, the stand-in authorization server
   (``/authorize``, ``/token``, ``/register``, ``/revoke`` forwarded with ``resource`` mapped) and the
   hook that points upstream challenges at the proxy's metadata.
+- ``managed``: the proxy's own login (``auth = "oauth"``): discovery, authorization code + PKCE, refresh,
+  and the hook that puts the token on every upstream request; ``tokens``: where tokens are kept.
 """

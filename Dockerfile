@@ -5,6 +5,8 @@
 #   docker run --rm -p 127.0.0.1:8787:8787 -v mcp-heal-proxy-data:/data \
 #       -e MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy
 #
+# A host directory in place of the named volume must be writable by uid 10001: chown 10001 DIR.
+#
 # Name the upstream(s) in one of three ways:
 #   - an argument:      docker run ... mcp-heal-proxy --upstream https://mcp.example.com/mcp
 #   - the environment:  -e MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp

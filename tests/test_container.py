@@ -304,6 +304,27 @@ async def test_container_under_an_arbitrary_uid_in_group_0_can_write_its_state(
     assert await apodman("exec", container.name, "stat", "--format", "%u", "/data/sessions.db") == "123456\n"
 
 
+async def test_host_directory_on_data_needs_to_be_writable_by_the_image_user(
+    containers: Containers, sse_upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    """The README's advice for a bind mount in place of the volume: chown 10001 DIR."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # root's, as a directory made on the host is
+    refused = await containers.start(sse_upstream.url, str(data))
+    status = int(await apodman("wait", refused.name))
+    logs = await refused.logs()
+    assert status == 2, logs  # a user's mistake: one line and status 2, not a traceback
+    assert "cannot open the session store /data/sessions.db" in logs
+    assert "Traceback" not in logs
+
+    os.chown(data, int(IMAGE_UID), int(IMAGE_UID))
+    container = await containers.start(sse_upstream.url, str(data))
+    await container.wait_healthy()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        await raw_initialize(http, container.url)
+    assert (data / "sessions.db").stat().st_uid == int(IMAGE_UID)
+
+
 def test_missing_podman_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda _: None)
     monkeypatch.delenv("CI", raising=False)

@@ -230,7 +230,6 @@ async def test_container_heals_a_session_when_the_upstream_restarts(
         assert text_of(await session.call_tool("echo", {"text": "after the restart"})) == "after the restart"
     # The new upstream process saw the proxy re-initialize: the call was healed, not lucky.
     assert (await sse_upstream.stats())["initialize"] == 1
-    assert '"healed": true' in await container.logs()
 
 
 async def test_container_stops_promptly_on_sigterm_with_a_client_connected(
@@ -245,6 +244,7 @@ async def test_container_stops_promptly_on_sigterm_with_a_client_connected(
     assert status == 0, f"exit status {status} (137: SIGKILL after {STOP_TIMEOUT} s)\n{await container.logs()}"
     assert elapsed < PROMPT_STOP, f"podman stop took {elapsed:.1f} s"
     logs = await container.logs()
+    # Its own handler ran (tini's -e 143 would turn death by SIGTERM into status 0 as well).
     assert "proxy.stopping" in logs
     assert "Traceback" not in logs
 

@@ -15,8 +15,10 @@ them and their absence is a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from mcp.shared.exceptions import MCPError
 
 from tests.conftest import (
     UpstreamProcess,
@@ -146,10 +149,10 @@ class Container:
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{await self.logs()}") from None
 
-    async def stop(self) -> tuple[int, float]:
-        """`podman stop` (SIGTERM, then SIGKILL after STOP_TIMEOUT): the exit status and how long it took."""
+    async def stop(self, timeout: int = STOP_TIMEOUT) -> tuple[int, float]:
+        """`podman stop` (SIGTERM, then SIGKILL after ``timeout``): the exit status and how long it took."""
         started = time.monotonic()
-        await apodman("stop", "--time", str(STOP_TIMEOUT), self.name)
+        await apodman("stop", "--time", str(timeout), self.name, timeout=PODMAN_TIMEOUT + timeout)
         elapsed = time.monotonic() - started
         status = await apodman("container", "inspect", "--format", "{{.State.ExitCode}}", self.name)
         return int(status), elapsed
@@ -247,6 +250,44 @@ async def test_container_stops_promptly_on_sigterm_with_a_client_connected(
     # Its own handler ran (tini's -e 143 would turn death by SIGTERM into status 0 as well).
     assert "proxy.stopping" in logs
     assert "Traceback" not in logs
+
+
+def compose_stop_grace_period() -> int:
+    """compose.yaml's stop_grace_period for the proxy, in seconds."""
+    match = re.search(r"^\s*stop_grace_period:\s*(\d+)s\s*$", (ROOT / "compose.yaml").read_text(), re.MULTILINE)
+    assert match is not None, "compose.yaml sets the proxy's stop_grace_period in seconds"
+    return int(match.group(1))
+
+
+async def test_container_stops_cleanly_with_a_call_in_flight_given_compose_grace_period(
+    containers: Containers, sse_upstream: UpstreamProcess
+) -> None:
+    """A tool call still running at SIGTERM: the proxy waits out its shutdown grace (10 s), then exits.
+
+    With `docker stop`'s default 10 s (compose.yaml had the same) the SIGKILL came first: status 137.
+    """
+    grace_period = compose_stop_grace_period()
+    container = await containers.start(sse_upstream.url, containers.volume())
+    await container.wait_healthy()
+    async with mcp_session(container.url) as session, asyncio.TaskGroup() as tasks:
+
+        async def call_in_flight() -> None:
+            # Blocks upstream until released, which this test never does: the call is in flight until
+            # the proxy, its grace over, ends the answer's stream.
+            with contextlib.suppress(MCPError):
+                await session.call_tool("gated_steps", {"steps": 1})
+
+        call = tasks.create_task(call_in_flight())
+
+        async def reached_upstream() -> bool:
+            return bool((await sse_upstream.stats())["tools_call"])
+
+        await wait_until(reached_upstream, 10.0, "the tool call reached the upstream")
+        status, elapsed = await container.stop(grace_period)
+        call.cancel()
+    assert status == 0, f"exit status {status} after {elapsed:.1f} s (137: SIGKILL)\n{await container.logs()}"
+    assert elapsed < grace_period
+    assert "proxy.stopping" in await container.logs()
 
 
 async def test_container_stopped_while_starting_exits_promptly_and_cleanly(

@@ -51,9 +51,10 @@ PODMAN_TIMEOUT = 60.0
 STOP_TIMEOUT = 10
 PROMPT_STOP = 5.0
 IMAGE_UID = "10001"
-# How this machine lets containers run: runc (crun is not installed), the host's network namespace, and
-# ulimits within the host's own (it refuses to raise them, and runc otherwise asks for more).
-RUN_FLAGS = ("--runtime", "runc", "--network=host", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
+# How this machine lets containers run: runc (crun is not installed) and ulimits within the host's own
+# (it refuses to raise them, and runc otherwise asks for more). The network is chosen per container: the
+# host's, to reach the SDK server on 127.0.0.1, or none at all.
+RUN_FLAGS = ("--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 # compose.yaml's hardening: the image must work under it.
 COMPOSE_FLAGS = ("--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
 
@@ -183,7 +184,7 @@ class Containers:
         container = Container(self.unique("proxy"), free_port())
         self.names.append(container.name)
         await apodman(
-            "run", "--detach", "--name", container.name, *RUN_FLAGS, *COMPOSE_FLAGS,
+            "run", "--detach", "--name", container.name, *RUN_FLAGS, "--network=host", *COMPOSE_FLAGS,
             # No systemd runs the healthcheck's timer here; the tests run the check by hand instead.
             "--health-interval", "disable",
             "--volume", f"{volume}:/data",
@@ -364,6 +365,32 @@ async def test_host_directory_on_data_needs_to_be_writable_by_the_image_user(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
         await raw_initialize(http, container.url)
     assert (data / "sessions.db").stat().st_uid == int(IMAGE_UID)
+
+
+async def test_image_as_documented_prints_the_url_to_paste_and_passes_its_healthcheck(containers: Containers) -> None:
+    """The README's `docker run` as written (the ENTRYPOINT's --host 0.0.0.0, port 8787, the upstream
+    from the environment), in a network namespace of its own with no way out, so 0.0.0.0 is the
+    container's alone: the banner gives the URL a client on the host pastes, and the HEALTHCHECK passes."""
+    name = containers.unique("documented")
+    containers.names.append(name)
+    await apodman(
+        "run", "--detach", "--name", name, *RUN_FLAGS, "--network=none", *COMPOSE_FLAGS,
+        "--health-interval", "disable",
+        "--volume", f"{containers.volume()}:/data",
+        "--env", "MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp",
+        containers.image,
+    )  # fmt: skip
+    container = Container(name, 8787)
+
+    async def banner_printed() -> bool:
+        return "paste into your MCP client" in await container.logs()
+
+    await wait_until(banner_printed, STARTUP_TIMEOUT, "the banner")
+    assert 'url = "http://127.0.0.1:8787/mcp"' in await container.logs()
+    healthcheck = await asyncio.to_thread(
+        subprocess.run, ["podman", "healthcheck", "run", name], capture_output=True, text=True, timeout=PODMAN_TIMEOUT
+    )
+    assert healthcheck.returncode == 0, f"{healthcheck.stdout}{healthcheck.stderr}\n{await container.logs()}"
 
 
 def test_missing_podman_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:

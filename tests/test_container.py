@@ -42,8 +42,8 @@ from tests.test_proxy_sdk import text_of
 
 ROOT = Path(__file__).parent.parent
 IMAGE = "localhost/mcp-heal-proxy:test"
-# A cold build runs debootstrap (1.5 to 5 minutes on a busy 2-core machine) and pip; a warm one takes
-# seconds, every layer cached.
+# A cold build runs debootstrap (1.5 to 5 minutes on a busy 2-core machine) and pip; a warm one reuses
+# podman's cached layers (under a minute after a code change, seconds without one).
 BUILD_TIMEOUT = 900.0
 STARTUP_TIMEOUT = 60.0
 PODMAN_TIMEOUT = 60.0

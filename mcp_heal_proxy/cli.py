@@ -352,9 +352,11 @@ async def serve(config: ProxyConfig) -> int:
 
     log = structlog.get_logger("mcp_heal_proxy")
     # shutdown_timeout: after SIGTERM the listener closes at once (new requests are refused) and open
-    # streams get this long to finish before their handlers are cancelled.
+    # streams get shutdown_grace to finish before their handlers are cancelled. aiohttp waits for a
+    # running handler twice, each time up to shutdown_timeout (before and after it cancels the request's
+    # body, which a proxy handler no longer reads): half each keeps the whole stop within the grace.
     runner = web.AppRunner(
-        build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace
+        build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace / 2
     )
     try:
         await runner.setup()

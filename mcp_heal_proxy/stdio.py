@@ -251,25 +251,29 @@ class Bridge:
         parser = SSEParser()
         decode = decoder_for(response.headers.get(CONTENT_ENCODING))
         current = response
-        while True:
-            between_events = await self._pump_events(current, parser, decode, tracker, prefetched)
-            prefetched = b""
-            if not tracker.may_be_unanswered() or not (unanswered := tracker.unanswered()):
-                return
-            last_event_id = parser.last_event_id
-            resumed: aiohttp.ClientResponse | None = None
-            if between_events and last_event_id is not None and record is not None:
-                # Over stdio the client cannot resume by itself: the bridge does, on the same session.
-                headers = {**self._headers, LAST_EVENT_ID: last_event_id}
-                resumed = await self._engine.resume(headers, record, record.generation)
-            if resumed is None:
-                for request_id in unanswered:
-                    await self._write_error(request_id, UpstreamUnavailable(_BROKEN))
-                return
+        try:
+            while True:
+                between_events = await self._pump_events(current, parser, decode, tracker, prefetched)
+                prefetched = b""
+                if not tracker.may_be_unanswered() or not (unanswered := tracker.unanswered()):
+                    return
+                last_event_id = parser.last_event_id
+                resumed: aiohttp.ClientResponse | None = None
+                if between_events and last_event_id is not None and record is not None:
+                    # Over stdio the client cannot resume by itself: the bridge does, on the same session.
+                    headers = {**self._headers, LAST_EVENT_ID: last_event_id}
+                    resumed = await self._engine.resume(headers, record, record.generation)
+                if resumed is None:
+                    for request_id in unanswered:
+                        await self._write_error(request_id, UpstreamUnavailable(_BROKEN))
+                    return
+                if current is not response:
+                    current.release()
+                current = resumed
+                decode = decoder_for(current.headers.get(CONTENT_ENCODING))
+        finally:
             if current is not response:
-                current.release()
-            current = resumed
-            decode = decoder_for(current.headers.get(CONTENT_ENCODING))
+                current.release()  # a resumed stream (the first is released by the caller)
 
     async def _pump_events(
         self,

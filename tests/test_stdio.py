@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import UpstreamProcess, mcp_session, wait_until
+from tests.fake_upstream import FakeUpstream
 
 BRIDGE = str(Path(sys.executable).parent / "mcp-heal-proxy")
 CALL_TIMEOUT = 20.0
@@ -287,3 +289,35 @@ async def test_a_bad_option_is_one_line_on_stderr_and_nothing_on_stdout() -> Non
     assert process.returncode == 2
     assert out == b""
     assert err.decode().count("\n") == 1
+
+
+async def test_an_answer_cut_between_events_is_resumed_by_the_bridge(fake: tuple[FakeUpstream, str]) -> None:
+    upstream, url = fake
+
+    async def numbered_then_cut(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
+        await response.write(f"id: e1\ndata: {json.dumps(progress)}\n\n".encode())
+        return response  # ends between events, without the answer: the client side must resume
+
+    async def resume(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if request.headers.get("Last-Event-ID") != "e1":
+            return None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        answer = {"jsonrpc": "2.0", "id": 2, "result": {"resumed": True}}
+        await response.write(f"id: e2\ndata: {json.dumps(answer)}\n\n".encode())
+        return response
+
+    upstream.on_request = numbered_then_cut
+    upstream.on_get = resume
+    async with raw_bridge(url) as bridge:
+        await bridge.send(INITIALIZE)
+        assert (await bridge.receive())["id"] == 1
+        await bridge.send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo"}})
+        assert (await bridge.receive())["method"] == "notifications/progress"
+        assert await bridge.receive() == {"jsonrpc": "2.0", "id": 2, "result": {"resumed": True}}
+    assert any(seen.method == "GET" and seen.headers.get("Last-Event-ID") == "e1" for seen in upstream.seen)

@@ -17,6 +17,7 @@ import sys
 import tomllib
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -195,14 +196,21 @@ def test_relative_links_in_the_readme_and_the_user_guide_lead_somewhere() -> Non
             assert (document.parent / target).exists(), f"{document.name} links to missing {target}"
 
 
+def points_at_the_proxy(server: dict[str, Any]) -> bool:
+    """A client's MCP server entry: the proxy's URL, or the proxy launched as a stdio command."""
+    if "url" in server:
+        return str(server["url"]).startswith("http://127.0.0.1:8787/")
+    return str(server.get("command", "")).endswith("mcp-heal-proxy") and server.get("args", [None])[0] == "stdio"
+
+
 def test_client_snippets_parse_and_point_at_the_proxy() -> None:
     for document in (README, USER_GUIDE):
         for block in code_blocks(document, "toml"):
             servers = tomllib.loads(block)["mcp_servers"]
-            assert all(server["url"].startswith("http://127.0.0.1:8787/") for server in servers.values())
+            assert all(points_at_the_proxy(server) for server in servers.values()), block
         for block in code_blocks(document, "json"):
             servers = json.loads(block)["mcpServers"]
-            assert all(server["url"].startswith("http://127.0.0.1:8787/") for server in servers.values())
+            assert all(points_at_the_proxy(server) for server in servers.values()), block
 
 
 def test_the_user_guide_covers_each_client_services_docker_and_troubleshooting() -> None:

@@ -168,3 +168,23 @@ async def test_a_client_that_leaves_before_its_answer_is_logged_as_499(
         return [(e["status"], e["client_left"]) for e in calls] == [(499, True)]
 
     await wait_until(left, 5, "the hang-up logged as 499")
+
+
+async def test_debug_logs_show_the_heals_upstream_exchange_without_secrets(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, captured_logs: io.StringIO
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, headers={"Authorization": f"Bearer {INJECTED_TOKEN}"})
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}}
+    async with http.post(proxy.url, json=body, headers=session_headers(session_id)) as response:
+        assert response.status == 200
+    steps = {e["event"]: e for e in events(captured_logs) if e["event"].startswith("heal.")}
+    assert steps["heal.start"]["generation"] == 0
+    assert steps["heal.start"]["reason"] == "http_404"
+    assert steps["heal.initialize"]["status"] == 200
+    assert steps["heal.initialized"]["status"] == 202
+    assert steps["heal.initialized"]["negotiated_version"] == "2025-11-25"
+    assert all("duration_ms" in steps[name] for name in ("heal.initialize", "heal.initialized"))
+    assert INJECTED_TOKEN not in captured_logs.getvalue()

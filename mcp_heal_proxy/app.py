@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,13 +16,15 @@ from mcp_heal_proxy.engine import SessionEngine
 from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
-from mcp_heal_proxy.observability import Metrics
+from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
 from mcp_heal_proxy.status import UPSTREAMS_KEY, add_routes
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import Upstream
+
+log = structlog.get_logger("mcp_heal_proxy.app")
 
 PROXIES_KEY = web.AppKey("proxies", dict[str, Proxy])
 STORE_KEY = web.AppKey("store", SessionStore)
@@ -45,11 +48,20 @@ async def open_store(state: str) -> SessionStore:
 
 def build_app(config: ProxyConfig) -> web.Application:
     """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics."""
-    middlewares = [router_errors_as_jsonrpc, origin_guard(config.allowed_origins)]
-    if config.token:
-        middlewares.append(token_guard(config.token))
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     metrics = Metrics()
+    upstream_names = {upstream.path: upstream.name for upstream in config.upstreams}
+
+    def refused(request: web.Request, status: int) -> None:
+        """A request a guard refused: logged and counted like every other (no header values logged)."""
+        upstream = upstream_names.get(request.path, "-")
+        label = method_label(request.method)
+        metrics.requests.labels(upstream, label, str(status)).inc()
+        log.info("request", upstream=upstream, method=label, path=request.path, status=status, refused=True)
+
+    middlewares = [router_errors_as_jsonrpc, origin_guard(config.allowed_origins, refused)]
+    if config.token:
+        middlewares.append(token_guard(config.token, refused))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     settings = ProxySettings(
         max_body_bytes=config.max_body_bytes,
         keepalive_interval=config.keepalive_interval,

@@ -67,7 +67,16 @@ def origin_policy(allowed_origins: Iterable[str]) -> Callable[[str], bool]:
     return allows
 
 
-def origin_guard(allowed_origins: Iterable[str]) -> Middleware:
+# Told of every request a guard refuses (its status), so that refusals are logged and counted like the
+# requests the handlers answer.
+Refused = Callable[[web.Request, int], None]
+
+
+def _not_recorded(request: web.Request, status: int) -> None:
+    """The default for guards built without a recorder (tests of the guards alone)."""
+
+
+def origin_guard(allowed_origins: Iterable[str], refused: Refused = _not_recorded) -> Middleware:
     """Refuse requests whose Origin is foreign (a web page trying DNS rebinding)."""
     allows = origin_policy(allowed_origins)
 
@@ -75,13 +84,14 @@ def origin_guard(allowed_origins: Iterable[str]) -> Middleware:
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is not None and not allows(origin):
+            refused(request, 403)
             return json_error(403, jsonrpc.INVALID_REQUEST, "Origin not allowed")
         return await handler(request)
 
     return guard
 
 
-def token_guard(token: str) -> Middleware:
+def token_guard(token: str, refused: Refused = _not_recorded) -> Middleware:
     """Require ``Authorization: Bearer <token>`` on everything but health probes and the status page."""
     expected = f"Bearer {token}".encode()
 
@@ -92,6 +102,7 @@ def token_guard(token: str) -> Middleware:
         if request.path not in OPEN_PATHS and request.method != "OPTIONS" and not is_status_path(request.path):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
+                refused(request, 401)
                 return json_error(
                     401, jsonrpc.INVALID_REQUEST, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
                 )

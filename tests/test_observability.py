@@ -13,7 +13,15 @@ import pytest
 import structlog
 
 from mcp_heal_proxy.observability import Redactor, configure_logging
-from tests.conftest import ProxyFactory, UpstreamProcess, mcp_session, raw_initialize, session_headers, wait_until
+from tests.conftest import (
+    MCP_HEADERS,
+    ProxyFactory,
+    UpstreamProcess,
+    mcp_session,
+    raw_initialize,
+    session_headers,
+    wait_until,
+)
 from tests.fake_upstream import FakeUpstream, hang_forever
 
 AiohttpServer = Callable[..., Any]
@@ -188,3 +196,24 @@ async def test_debug_logs_show_the_heals_upstream_exchange_without_secrets(
     assert steps["heal.initialized"]["negotiated_version"] == "2025-11-25"
     assert all("duration_ms" in steps[name] for name in ("heal.initialize", "heal.initialized"))
     assert INJECTED_TOKEN not in captured_logs.getvalue()
+
+
+async def test_requests_the_guards_refuse_are_logged_and_counted(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, captured_logs: io.StringIO
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url, token=CLIENT_TOKEN)
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
+        assert response.status == 401
+    foreign = {**MCP_HEADERS, "Origin": "https://evil.example", "Authorization": f"Bearer {CLIENT_TOKEN}"}
+    async with http.post(proxy.url, json=body, headers=foreign) as response:
+        assert response.status == 403
+    good = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    async with http.get(proxy.url.replace("/mcp", "/metrics"), headers=good) as response:
+        text = await response.text()
+    assert counted(text, "other", "401") == 1
+    assert counted(text, "other", "403") == 1
+    refusals = [e for e in events(captured_logs) if e["event"] == "request" and e.get("refused")]
+    assert sorted(e["status"] for e in refusals) == [401, 403]
+    assert CLIENT_TOKEN not in captured_logs.getvalue()

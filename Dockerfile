@@ -5,6 +5,8 @@
 #   docker run --rm -p 127.0.0.1:8787:8787 -v mcp-heal-proxy-data:/data \
 #       -e MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp mcp-heal-proxy
 #
+# A host directory in place of the named volume must be writable by uid 10001: chown 10001 DIR.
+#
 # Name the upstream(s) in one of three ways:
 #   - an argument:      docker run ... mcp-heal-proxy --upstream https://mcp.example.com/mcp
 #   - the environment:  -e MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp
@@ -24,10 +26,15 @@ FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, read from pyproject.toml alone: this layer stays cached when only the code
+# changes, so a rebuild installs just the package itself.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" >requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --requirement requirements.txt
+COPY README.md ./
 COPY mcp_heal_proxy ./mcp_heal_proxy
 # The runtime needs neither pip nor setuptools: drop them from the venv that gets copied.
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
     && /opt/venv/bin/pip uninstall --yes setuptools pip
 
 # --- runtime: the same slim base plus the virtualenv, nothing else ----------------------------------

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.auth.managed import managed_auth
+from mcp_heal_proxy.auth.standin import OAuthPassThrough
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.engine import SessionEngine
 from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
@@ -103,7 +104,18 @@ def build_app(config: ProxyConfig) -> web.Application:
     async def post(request: web.Request) -> web.StreamResponse:
         return await proxy_for(request).handle_post(request)
 
+    # With an inbound token the client's Authorization is the proxy's own: nothing to pass through.
+    oauth = OAuthPassThrough(config) if config.token is None else None
+    if oauth is not None and oauth.enabled:
+        oauth.install(app)
+    else:
+        oauth = None
+
     async def get(request: web.Request) -> web.StreamResponse:
+        if oauth is not None:
+            challenge = await oauth.challenge_for_probe(request)
+            if challenge is not None:
+                return challenge
         return await proxy_for(request).handle_get(request)
 
     async def delete(request: web.Request) -> web.StreamResponse:

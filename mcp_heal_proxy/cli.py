@@ -1,4 +1,6 @@
-"""Command line: ``mcp-heal-proxy serve|check-config|demo|sessions|tail``. The only module that exits the process."""
+"""Command line: ``mcp-heal-proxy serve|stdio|check-config|demo|sessions|tail``. The only module that exits
+the process. Each command imports what it needs when it runs: ``stdio`` is launched per client session,
+so its start-up must not pay for the HTTP server, the status page or the store backends."""
 
 from __future__ import annotations
 
@@ -13,10 +15,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 import structlog
-from aiohttp import web
 
 from mcp_heal_proxy import __version__
-from mcp_heal_proxy.app import build_app
 from mcp_heal_proxy.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -33,7 +33,10 @@ from mcp_heal_proxy.config import (
 )
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
-from mcp_heal_proxy.watch import DEFAULT_GIVE_UP, DEFAULT_PROXY_URL, WatchError, forget_session, list_sessions, tail
+
+# Defaults shown in --help, kept here so that the help does not import the watch module.
+DEFAULT_PROXY_URL = "http://127.0.0.1:8787"
+DEFAULT_GIVE_UP = 60.0
 
 EXIT_USAGE = 2
 
@@ -52,6 +55,17 @@ settings come from the config file, then MCP_HEAL_PROXY_* variables (UPSTREAM, C
 then point the client at the proxy, e.g. in ~/.codex/config.toml:
   [mcp_servers.example]
   url = "http://127.0.0.1:8787/mcp"
+"""
+
+STDIO_EXAMPLES = """\
+examples:
+  mcp-heal-proxy stdio --upstream https://mcp.example.com/mcp
+  mcp-heal-proxy stdio --upstream https://mcp.example.com/mcp --header "Authorization: Bearer ${MY_TOKEN}"
+  mcp-heal-proxy stdio --config proxy.toml --name github
+
+as a command in a client's config, e.g. Claude Desktop's claude_desktop_config.json:
+  "mcpServers": {"example": {"command": "mcp-heal-proxy",
+                             "args": ["stdio", "--upstream", "https://mcp.example.com/mcp"]}}
 """
 
 TOP_EXAMPLES = """\
@@ -210,6 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument(
         "--proxy", metavar="URL", help=f"forget: the running proxy (default from --config, else {DEFAULT_PROXY_URL})"
     )
+    stdio = commands.add_parser(
+        "stdio",
+        help="bridge a client that launches MCP servers as commands (stdin/stdout) to an upstream, healing",
+        description="Speak MCP's stdio transport to the client that launched this command, and Streamable HTTP "
+        "to the upstream, healing its sessions as serve does. No port, state file or config needed; stdout "
+        "carries JSON-RPC only, logs go to stderr. Ends the upstream session and exits 0 when stdin closes.",
+        epilog=STDIO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stdio.add_argument("--upstream", metavar="URL", help="the remote MCP endpoint")
+    stdio.add_argument("--config", metavar="FILE", help="take the upstream from this config file (with --name)")
+    stdio.add_argument("--name", metavar="NAME", help="the [upstreams.NAME] of --config to use")
+    stdio.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar='"NAME: VALUE"',
+        help="a header for every upstream request (repeatable; ${VAR} is read from the environment)",
+    )
+    stdio.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="stderr log level (warning)")
+    stdio.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="stderr log format (json)")
     tail_parser = commands.add_parser(
         "tail",
         help="follow a running proxy's requests and heals, one line each",
@@ -239,7 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdio(args: argparse.Namespace) -> int:
+    """The stdio bridge: errors in its options are one line on stderr (stdout is the client's)."""
+    from mcp_heal_proxy.stdio import serve_stdio, stdio_upstream
+
+    try:
+        upstream, max_line, state = stdio_upstream(
+            url=args.upstream, config_file=args.config, name=args.name, header_flags=args.header, environ=os.environ
+        )
+    except ConfigError as exc:
+        print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.log_format, args.log_level, tuple(v for v in upstream.headers.values() if v))
+    try:
+        return _run(serve_stdio(upstream, max_line_bytes=max_line, state=state))
+    except KeyboardInterrupt:
+        return 0
+
+
 def _sessions(args: argparse.Namespace) -> int:
+    from mcp_heal_proxy.watch import forget_session, list_sessions
+
     config: ProxyConfig | None = None
     config_file = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
     if args.state:
@@ -291,11 +346,17 @@ def banner(config: ProxyConfig, port: int) -> list[str]:
 
 async def serve(config: ProxyConfig) -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
+    from aiohttp import web
+
+    from mcp_heal_proxy.app import build_app
+
     log = structlog.get_logger("mcp_heal_proxy")
     # shutdown_timeout: after SIGTERM the listener closes at once (new requests are refused) and open
-    # streams get this long to finish before their handlers are cancelled.
+    # streams get shutdown_grace to finish before their handlers are cancelled. aiohttp waits for a
+    # running handler twice, each time up to shutdown_timeout (before and after it cancels the request's
+    # body, which a proxy handler no longer reads): half each keeps the whole stop within the grace.
     runner = web.AppRunner(
-        build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace
+        build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace / 2
     )
     try:
         await runner.setup()
@@ -363,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
         configure_logging("auto", "info" if args.verbose else "warning")
         sys.exit(_run(run_demo(sys.stdout)))
+    if args.command == "stdio":
+        sys.exit(_stdio(args))
+    from mcp_heal_proxy.watch import WatchError, tail
+
     if args.command == "tail":
         try:
             token = os.environ.get(ENV_PREFIX + "TOKEN")

@@ -7,6 +7,7 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -43,6 +44,10 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ReplayPolicy = Literal["all", "none"] | tuple[str, ...]
 UpstreamClient = Literal["aiohttp", "lean"]
 UPSTREAM_CLIENTS: Final = ("aiohttp", "lean")
+# OAuth pass-through (auth/standin.py): the proxy stands in as the authorization server, or only
+# rewrites the protected-resource metadata (the upstream's own authorization server), or neither.
+OAuthPassThrough = Literal["stand-in", "metadata", "off"]
+OAUTH_PASS_THROUGH: Final = ("stand-in", "metadata", "off")
 # The lean client carries 1.7x aiohttp's throughput through the proxy (docs/benchmarks.md, "Tuning");
 # "aiohttp" stays available per upstream as the fallback.
 DEFAULT_UPSTREAM_CLIENT: Final = "lean"
@@ -95,6 +100,7 @@ class UpstreamConfig:
     replay: ReplayPolicy = "all"
     # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
     client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
+    oauth_pass_through: OAuthPassThrough = "stand-in"
     # auth = "oauth": the proxy logs in itself (``mcp-heal-proxy login NAME``) and sends the token;
     # client_id/client_secret name a pre-registered client (else dynamic registration), scopes
     # replace the discovered ones, callback_port fixes the loopback redirect URI's port.
@@ -143,6 +149,9 @@ class ProxyConfig:
     def listens_on_all_interfaces(self) -> bool:
         """Bound to a wildcard address (0.0.0.0, ::), as in a container."""
         return self.host in WILDCARD_HOSTS
+
+    # Peers whose X-Forwarded-Proto/-Host/-Port tell the URL a client dialed (OAuth metadata names it).
+    trusted_proxies: tuple[str, ...] = ()
 
     def client_url(self, upstream: UpstreamConfig, port: int | None = None) -> str:
         """The URL a client puts in its config for one upstream.
@@ -345,6 +354,16 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _networks(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise _Invalid("must list IP addresses or networks")
+    try:
+        check_networks(tuple(value))
+    except ValueError:
+        raise _Invalid("must list IP addresses or networks (such as 10.0.0.0/8)") from None
+    return tuple(value)
+
+
 def _split_url(url: str, rule: str) -> SplitResult:
     """urlsplit, with its port checked (it is parsed only when asked) and every ValueError (an unclosed
     IPv6 bracket, a port out of range) turned into the option's rule."""
@@ -448,6 +467,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "log_level": Option(_one_of(LOG_LEVELS), _text_as_str),
     "max_body_bytes": Option(_integer(1), _text_as_int),
     "allowed_origins": Option(_origins, _text_as_list),
+    "trusted_proxies": Option(_networks, _text_as_list),
     # Housekeeping runs every idle_ttl / 10 and a keep-alive comment every interval: floors keep both
     # from spinning (0 used to make them busy loops).
     "session_idle_ttl": Option(_seconds(minimum=1.0), _text_as_number),
@@ -471,6 +491,7 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "heal_on": Option(_heal_on, _text_as_statuses),
     "replay": Option(_replay, _text_as_replay),
     "client": Option(_one_of(UPSTREAM_CLIENTS), _text_as_str),
+    "oauth_pass_through": Option(_one_of(OAUTH_PASS_THROUGH), _text_as_str),
     # Proxy-managed OAuth login (auth/managed.py); a config file's keys only: login reads the file.
     "auth": Option(_one_of(("oauth",)), None),
     "client_id": Option(_string, None),
@@ -562,6 +583,14 @@ def is_status_path(path: str) -> bool:
 def is_reserved_path(path: str) -> bool:
     """A path the proxy serves itself, which no upstream may take."""
     return path in RESERVED_PATHS or path.startswith(STATUS_PREFIX)
+
+
+def check_networks(values: tuple[Any, ...]) -> None:
+    """Check trusted proxy entries: IP addresses or networks (``10.0.0.0/8``); ValueError if not."""
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        ipaddress.ip_network(value, strict=False)
 
 
 def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:

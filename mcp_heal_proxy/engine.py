@@ -45,8 +45,10 @@ from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
 
 log = structlog.get_logger("mcp_heal_proxy.engine")
 
-# GET stream answers after which reattaching is pointless: no GET stream, or one already open.
-GET_REFUSED: Final = frozenset({405, 409})
+# GET stream answers after which reattaching is pointless: no GET stream, one already open, or
+# credentials that no longer work (the stream was opened with a token since refreshed or revoked: the
+# client reopens it with its current one once its stream ends).
+GET_REFUSED: Final = frozenset({401, 403, 405, 409})
 # Upstream answers to DELETE that mean the session is already gone or cannot be ended: to the
 # client, whose session the proxy forgets either way, that is success.
 DELETE_GONE: Final = frozenset({404, 405})
@@ -353,7 +355,10 @@ class SessionEngine:
             response.release()
             raise
         readable = decoded(body, response.headers.get(CONTENT_ENCODING))
-        if is_session_expired(response.status, readable, sent_session_id=True, heal_on=self.config.heal_on):
+        challenge = response.headers.get("WWW-Authenticate")
+        if is_session_expired(
+            response.status, readable, sent_session_id=True, heal_on=self.config.heal_on, www_authenticate=challenge
+        ):
             response.release()
             return True, b""
         return False, body

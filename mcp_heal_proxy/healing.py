@@ -17,6 +17,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from mcp_heal_proxy.auth.metadata import is_token_challenge
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
 from mcp_heal_proxy.content_coding import decoded, decoder_for
@@ -58,7 +59,12 @@ def _jsonrpc_error_code(body: bytes) -> int | None:
 
 
 def is_session_expired(
-    status: int, body: bytes, *, sent_session_id: bool, heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
+    status: int,
+    body: bytes,
+    *,
+    sent_session_id: bool,
+    heal_on: tuple[int, ...] = DEFAULT_HEAL_ON,
+    www_authenticate: str | None = None,
 ) -> bool:
     """Does this upstream answer mean "the session you named is gone"?
 
@@ -66,9 +72,13 @@ def is_session_expired(
     spec's signal, except when it carries JSON-RPC -32601 (a 2026-07-28 server's "method not found").
     400 and 401 (when listed in ``heal_on``) count only when the body speaks of the session, as
     server-everything's 400 "No valid session ID provided" and some hosted servers' 401 "Session not
-    found" do; any other 400 or 401 is the request's own fault and passes through.
+    found" do; any other 400 or 401 is the request's own fault and passes through. A 401 whose Bearer
+    challenge carries an error (``invalid_token``) is about the token, whatever its body says: the
+    client must see it to refresh its token, and a heal would only fail with the same token.
     """
     if not sent_session_id or (status != 404 and status not in heal_on):
+        return False
+    if status == 401 and is_token_challenge(www_authenticate):
         return False
     if _jsonrpc_error_code(body) == METHOD_NOT_FOUND:
         return False

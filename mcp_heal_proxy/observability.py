@@ -10,6 +10,7 @@ Metrics live in a registry of the app's own, so that several apps (tests, the de
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Final
@@ -21,8 +22,24 @@ from mcp_heal_proxy.events import EventFeed
 
 REDACTED: Final = "[redacted]"
 _SENSITIVE_KEYS: Final = frozenset(
-    {"authorization", "proxy-authorization", "token", "access_token", "password", "secret", "cookie", "api_key"}
+    {
+        "authorization",
+        "proxy-authorization",
+        "token",
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "code_verifier",
+        "password",
+        "secret",
+        "cookie",
+        "api_key",
+    }
 )
+# A bearer credential in any text (an exception message quoting a header, say): clients' OAuth tokens
+# are not known in advance, so they are found by shape (8 characters or more: "bearer token" in prose
+# stays readable).
+_BEARER: Final = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}")
 
 # MCP methods worth a label of their own; anything else is "other", so clients cannot grow the series.
 KNOWN_METHODS: Final = frozenset(
@@ -68,6 +85,8 @@ class Redactor:
         if key.lower() in _SENSITIVE_KEYS:
             return REDACTED
         if isinstance(value, str):
+            if "earer" in value or "EARER" in value:  # cheap test first: most strings hold none
+                value = _BEARER.sub("Bearer " + REDACTED, value)
             for secret in self.secrets:
                 if secret in value:
                     value = value.replace(secret, REDACTED)

@@ -19,7 +19,8 @@ Options:
 - ``--no-refresh-tokens``: token answers carry no refresh token.
 - ``--no-registration``: no dynamic client registration; ``--static-client ID[:SECRET]`` with
   ``--static-redirect-uri URI`` (repeatable) pre-registers a client.
-- ``--send-iss``: authorization redirects carry the RFC 9207 ``iss`` parameter.
+- ``--send-iss``: authorization redirects carry the RFC 9207 ``iss`` parameter, and the metadata
+  says so (``authorization_response_iss_parameter_supported``).
 
 Test-only endpoints (no auth): ``GET /stats`` (counters, live MCP sessions, fingerprints of the tokens
 that initialize requests carried), ``POST /test/revoke-refresh-tokens`` (every refresh token stops
@@ -388,6 +389,38 @@ def instrument_as(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+def advertising_iss(app: ASGIApp) -> ASGIApp:
+    """Add RFC 9207 ``authorization_response_iss_parameter_supported`` to the SDK's AS metadata."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/.well-known/oauth-authorization-server":
+            await app(scope, receive, send)
+            return
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def patching_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start.get("status") == 200:
+                document = json.loads(body)
+                document["authorization_response_iss_parameter_supported"] = True
+                body = json.dumps(document).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await app(scope, receive, patching_send)
+
+    return wrapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -412,6 +445,8 @@ def main() -> None:
     )
     origin = f"http://127.0.0.1:{args.port}"
     wrapped = instrument_as(instrumented(app, provider, step_up, origin))
+    if args.send_iss:
+        wrapped = advertising_iss(wrapped)
     config = uvicorn.Config(wrapped, host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
     uvicorn.Server(config).run()
 

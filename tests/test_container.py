@@ -15,8 +15,10 @@ them and their absence is a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from mcp.shared.exceptions import MCPError
 
 from tests.conftest import (
     UpstreamProcess,
@@ -39,8 +42,8 @@ from tests.test_proxy_sdk import text_of
 
 ROOT = Path(__file__).parent.parent
 IMAGE = "localhost/mcp-heal-proxy:test"
-# A cold build runs debootstrap (1.5 to 5 minutes on a busy 2-core machine) and pip; a warm one takes
-# seconds, every layer cached.
+# A cold build runs debootstrap (1.5 to 5 minutes on a busy 2-core machine) and pip; a warm one reuses
+# podman's cached layers (under a minute after a code change, seconds without one).
 BUILD_TIMEOUT = 900.0
 STARTUP_TIMEOUT = 60.0
 PODMAN_TIMEOUT = 60.0
@@ -48,9 +51,10 @@ PODMAN_TIMEOUT = 60.0
 STOP_TIMEOUT = 10
 PROMPT_STOP = 5.0
 IMAGE_UID = "10001"
-# How this machine lets containers run: runc (crun is not installed), the host's network namespace, and
-# ulimits within the host's own (it refuses to raise them, and runc otherwise asks for more).
-RUN_FLAGS = ("--runtime", "runc", "--network=host", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
+# How this machine lets containers run: runc (crun is not installed) and ulimits within the host's own
+# (it refuses to raise them, and runc otherwise asks for more). The network is chosen per container: the
+# host's, to reach the SDK server on 127.0.0.1, or none at all.
+RUN_FLAGS = ("--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 # compose.yaml's hardening: the image must work under it.
 COMPOSE_FLAGS = ("--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
 
@@ -146,10 +150,10 @@ class Container:
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{await self.logs()}") from None
 
-    async def stop(self) -> tuple[int, float]:
-        """`podman stop` (SIGTERM, then SIGKILL after STOP_TIMEOUT): the exit status and how long it took."""
+    async def stop(self, timeout: int = STOP_TIMEOUT) -> tuple[int, float]:
+        """`podman stop` (SIGTERM, then SIGKILL after ``timeout``): the exit status and how long it took."""
         started = time.monotonic()
-        await apodman("stop", "--time", str(STOP_TIMEOUT), self.name)
+        await apodman("stop", "--time", str(timeout), self.name, timeout=PODMAN_TIMEOUT + timeout)
         elapsed = time.monotonic() - started
         status = await apodman("container", "inspect", "--format", "{{.State.ExitCode}}", self.name)
         return int(status), elapsed
@@ -180,7 +184,7 @@ class Containers:
         container = Container(self.unique("proxy"), free_port())
         self.names.append(container.name)
         await apodman(
-            "run", "--detach", "--name", container.name, *RUN_FLAGS, *COMPOSE_FLAGS,
+            "run", "--detach", "--name", container.name, *RUN_FLAGS, "--network=host", *COMPOSE_FLAGS,
             # No systemd runs the healthcheck's timer here; the tests run the check by hand instead.
             "--health-interval", "disable",
             "--volume", f"{volume}:/data",
@@ -230,7 +234,6 @@ async def test_container_heals_a_session_when_the_upstream_restarts(
         assert text_of(await session.call_tool("echo", {"text": "after the restart"})) == "after the restart"
     # The new upstream process saw the proxy re-initialize: the call was healed, not lucky.
     assert (await sse_upstream.stats())["initialize"] == 1
-    assert '"healed": true' in await container.logs()
 
 
 async def test_container_stops_promptly_on_sigterm_with_a_client_connected(
@@ -245,8 +248,47 @@ async def test_container_stops_promptly_on_sigterm_with_a_client_connected(
     assert status == 0, f"exit status {status} (137: SIGKILL after {STOP_TIMEOUT} s)\n{await container.logs()}"
     assert elapsed < PROMPT_STOP, f"podman stop took {elapsed:.1f} s"
     logs = await container.logs()
+    # Its own handler ran (tini's -e 143 would turn death by SIGTERM into status 0 as well).
     assert "proxy.stopping" in logs
     assert "Traceback" not in logs
+
+
+def compose_stop_grace_period() -> int:
+    """compose.yaml's stop_grace_period for the proxy, in seconds."""
+    match = re.search(r"^\s*stop_grace_period:\s*(\d+)s\s*$", (ROOT / "compose.yaml").read_text(), re.MULTILINE)
+    assert match is not None, "compose.yaml sets the proxy's stop_grace_period in seconds"
+    return int(match.group(1))
+
+
+async def test_container_stops_cleanly_with_a_call_in_flight_given_compose_grace_period(
+    containers: Containers, sse_upstream: UpstreamProcess
+) -> None:
+    """A tool call still running at SIGTERM: the proxy waits out its shutdown grace (10 s), then exits.
+
+    With `docker stop`'s default 10 s (compose.yaml had the same) the SIGKILL came first: status 137.
+    """
+    grace_period = compose_stop_grace_period()
+    container = await containers.start(sse_upstream.url, containers.volume())
+    await container.wait_healthy()
+    async with mcp_session(container.url) as session, asyncio.TaskGroup() as tasks:
+
+        async def call_in_flight() -> None:
+            # Blocks upstream until released, which this test never does: the call is in flight until
+            # the proxy, its grace over, ends the answer's stream.
+            with contextlib.suppress(MCPError):
+                await session.call_tool("gated_steps", {"steps": 1})
+
+        call = tasks.create_task(call_in_flight())
+
+        async def reached_upstream() -> bool:
+            return bool((await sse_upstream.stats())["tools_call"])
+
+        await wait_until(reached_upstream, 10.0, "the tool call reached the upstream")
+        status, elapsed = await container.stop(grace_period)
+        call.cancel()
+    assert status == 0, f"exit status {status} after {elapsed:.1f} s (137: SIGKILL)\n{await container.logs()}"
+    assert elapsed < grace_period
+    assert "proxy.stopping" in await container.logs()
 
 
 async def test_container_stopped_while_starting_exits_promptly_and_cleanly(
@@ -302,6 +344,53 @@ async def test_container_under_an_arbitrary_uid_in_group_0_can_write_its_state(
         await raw_initialize(http, container.url)
     # The store was created by that uid (the proxy writes it before the client sees its session id).
     assert await apodman("exec", container.name, "stat", "--format", "%u", "/data/sessions.db") == "123456\n"
+
+
+async def test_host_directory_on_data_needs_to_be_writable_by_the_image_user(
+    containers: Containers, sse_upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    """The README's advice for a bind mount in place of the volume: chown 10001 DIR."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # root's, as a directory made on the host is
+    refused = await containers.start(sse_upstream.url, str(data))
+    status = int(await apodman("wait", refused.name))
+    logs = await refused.logs()
+    assert status == 2, logs  # a user's mistake: one line and status 2, not a traceback
+    assert "cannot open the session store /data/sessions.db" in logs
+    assert "Traceback" not in logs
+
+    os.chown(data, int(IMAGE_UID), int(IMAGE_UID))
+    container = await containers.start(sse_upstream.url, str(data))
+    await container.wait_healthy()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        await raw_initialize(http, container.url)
+    assert (data / "sessions.db").stat().st_uid == int(IMAGE_UID)
+
+
+async def test_image_as_documented_prints_the_url_to_paste_and_passes_its_healthcheck(containers: Containers) -> None:
+    """The README's `docker run` as written (the ENTRYPOINT's --host 0.0.0.0, port 8787, the upstream
+    from the environment), in a network namespace of its own with no way out, so 0.0.0.0 is the
+    container's alone: the banner gives the URL a client on the host pastes, and the HEALTHCHECK passes."""
+    name = containers.unique("documented")
+    containers.names.append(name)
+    await apodman(
+        "run", "--detach", "--name", name, *RUN_FLAGS, "--network=none", *COMPOSE_FLAGS,
+        "--health-interval", "disable",
+        "--volume", f"{containers.volume()}:/data",
+        "--env", "MCP_HEAL_PROXY_UPSTREAM=https://mcp.example.com/mcp",
+        containers.image,
+    )  # fmt: skip
+    container = Container(name, 8787)
+
+    async def banner_printed() -> bool:
+        return "paste into your MCP client" in await container.logs()
+
+    await wait_until(banner_printed, STARTUP_TIMEOUT, "the banner")
+    assert 'url = "http://127.0.0.1:8787/mcp"' in await container.logs()
+    healthcheck = await asyncio.to_thread(
+        subprocess.run, ["podman", "healthcheck", "run", name], capture_output=True, text=True, timeout=PODMAN_TIMEOUT
+    )
+    assert healthcheck.returncode == 0, f"{healthcheck.stdout}{healthcheck.stderr}\n{await container.logs()}"
 
 
 def test_missing_podman_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:

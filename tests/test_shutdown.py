@@ -110,3 +110,53 @@ async def test_a_failing_teardown_does_not_skip_closing_the_store(
     with pytest.raises(RuntimeError, match="closing the upstream failed"):
         await runner.cleanup()
     assert store._connection is None, "the store was left open"
+
+
+async def test_sigterm_with_a_call_that_never_finishes_exits_after_one_grace_period(
+    tmp_path: Path, sse_upstream: UpstreamProcess
+) -> None:
+    """shutdown_grace bounds the whole stop: `docker stop` (10 s) must not SIGKILL a proxy whose grace is 10 s.
+
+    aiohttp waits for a running handler twice, each time for shutdown_timeout: before and after it
+    cancels the request's body. Given shutdown_grace whole, a call that never finished took twice that.
+    """
+    grace = 4.0
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\nshutdown_grace = {grace}\nstate = ":memory:"\nport = 0\n[upstreams.up]\nurl = "{sse_upstream.url}"\npath = "/mcp"\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_heal_proxy", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    url = None
+    async with asyncio.timeout(20):
+        while url is None:
+            line = await process.stdout.readline()
+            assert line, "the proxy exited before printing its URL"
+            if match := re.search(rb'url = "([^"]+)"', line):
+                url = match.group(1).decode()
+    try:
+        async with aiohttp.ClientSession() as http:
+            session_id = await raw_initialize(http, url)
+            call = {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "method": "tools/call",
+                "params": {"name": "gated_steps", "arguments": {"steps": 1}, "_meta": {"progressToken": 1}},
+            }
+            # The upstream holds the call until released, which this test never does.
+            async with http.post(url, json=call, headers=session_headers(session_id)) as tool_call:
+                async with asyncio.timeout(10):
+                    await tool_call.content.readuntil(b"notifications/progress")
+                stopping = asyncio.get_running_loop().time()
+                os.kill(process.pid, signal.SIGTERM)
+                async with asyncio.timeout(4 * grace):
+                    assert await process.wait() == 0
+                elapsed = asyncio.get_running_loop().time() - stopping
+        assert grace - 0.5 < elapsed < 1.5 * grace, f"stopped {elapsed:.1f} s after SIGTERM, grace {grace} s"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

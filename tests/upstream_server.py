@@ -19,6 +19,7 @@ import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 from mcp.types import JSONRPCMessage
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -38,6 +39,21 @@ server = MCPServer("heal-test-upstream")
 async def echo(text: str) -> str:
     """Return the text unchanged."""
     return text
+
+
+class Name(BaseModel):
+    """What ask_name asks the client for."""
+
+    name: str
+
+
+@server.tool()
+async def ask_name(ctx: Context) -> str:
+    """Ask the client for a name (a server-to-client elicitation request) and greet it."""
+    answer = await ctx.elicit("What is your name?", Name)
+    if answer.action != "accept" or answer.data is None:
+        return f"no name ({answer.action})"
+    return f"hello {answer.data.name}"
 
 
 # Steps of gated_steps that the test has released (POST /release?step=N); the tool blocks on them.

@@ -50,9 +50,18 @@ class ClientRun:
 
 
 async def run_ts_client(
-    node_env: NodeEnv, url: str, between_calls: BetweenCalls, *, argument: str = "text"
+    node_env: NodeEnv,
+    url: str,
+    between_calls: BetweenCalls,
+    *,
+    argument: str = "text",
+    stdio_command: list[str] | None = None,
 ) -> ClientRun:
-    """Run tests/interop/ts_client.mjs against ``url``; ``argument`` names the echo tool's argument."""
+    """Run tests/interop/ts_client.mjs against ``url``; ``argument`` names the echo tool's argument.
+    With ``stdio_command`` the client launches that command and speaks stdio to it instead."""
+    env = node_env.env()
+    if stdio_command is not None:
+        env["INTEROP_STDIO_COMMAND"] = json.dumps(stdio_command)
     process = await asyncio.create_subprocess_exec(
         node_env.node,
         str(HERE / "ts_client.mjs"),
@@ -61,7 +70,7 @@ async def run_ts_client(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=node_env.env(),
+        env=env,
     )
     assert process.stdin is not None
     assert process.stdout is not None
@@ -124,8 +133,14 @@ class CodexRun:
         )
 
 
-def codex_config(model_url: str, mcp_url: str) -> str:
-    """A private config.toml: the fake model as provider, the MCP server under test, nothing else."""
+def codex_config(model_url: str, mcp_url: str, server_config: str = "", stdio_command: list[str] | None = None) -> str:
+    """A private config.toml: the fake model as provider, the MCP server under test, nothing else.
+    With ``stdio_command`` Codex launches that command as the MCP server instead of dialing ``mcp_url``."""
+    server = (
+        f"command = {json.dumps(stdio_command[0])}\nargs = {json.dumps(stdio_command[1:])}"
+        if stdio_command is not None
+        else f'url = "{mcp_url}"'
+    )
     return f"""\
 model = "fake-model"
 model_provider = "fake"
@@ -142,10 +157,10 @@ stream_max_retries = 0
 stream_idle_timeout_ms = 60000
 
 [mcp_servers.{CODEX_MCP_SERVER_NAME}]
-url = "{mcp_url}"
+{server}
 startup_timeout_sec = 20
 tool_timeout_sec = {CODEX_TOOL_TIMEOUT_SEC}
-"""
+{server_config}"""
 
 
 def codex_environment(home: Path) -> dict[str, str]:
@@ -168,14 +183,28 @@ def codex_environment(home: Path) -> dict[str, str]:
 
 
 async def run_codex(
-    binary: Path, home: Path, mcp_url: str, between_calls: BetweenCalls, *, argument: str = "text"
+    binary: Path,
+    home: Path,
+    mcp_url: str,
+    between_calls: BetweenCalls,
+    *,
+    argument: str = "text",
+    extra_config: str = "",
+    server_config: str = "",
+    stdio_command: list[str] | None = None,
 ) -> CodexRun:
-    """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT."""
+    """``codex exec --json`` with a private CODEX_HOME and the scripted model; bounded by CODEX_TIMEOUT.
+
+    ``extra_config`` goes at the top of config.toml (e.g. where ``codex mcp login`` kept its tokens),
+    ``server_config`` into the MCP server's table.
+    """
     model = FakeModel(between_calls, argument=argument)
     await model.start()
     try:
-        (home / ".codex").mkdir(parents=True)
-        (home / ".codex" / "config.toml").write_text(codex_config(model.base_url, mcp_url))
+        (home / ".codex").mkdir(parents=True, exist_ok=True)
+        (home / ".codex" / "config.toml").write_text(
+            extra_config + codex_config(model.base_url, mcp_url, server_config, stdio_command)
+        )
         workdir = home / "work"
         workdir.mkdir()
         process = await asyncio.create_subprocess_exec(

@@ -48,8 +48,11 @@ def _completed(response_id: str) -> dict[str, Any]:
     return {"type": "response.completed", "response": {"id": response_id, "usage": usage}}
 
 
-def _function_call(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+def _function_call(call_id: str, tool: tuple[str, str | None], arguments: dict[str, Any]) -> dict[str, Any]:
+    name, namespace = tool
     item = {"type": "function_call", "call_id": call_id, "name": name, "arguments": json.dumps(arguments)}
+    if namespace is not None:
+        item["namespace"] = namespace
     return {"type": "response.output_item.done", "item": item}
 
 
@@ -74,16 +77,20 @@ def tool_outputs(body: dict[str, Any]) -> dict[str, str]:
     return outputs
 
 
-def _tool_name(body: dict[str, Any]) -> str:
+def _tool_name(body: dict[str, Any]) -> tuple[str, str | None]:
+    """The MCP echo tool's name, and its namespace: Codex 0.105 offers ``mcp__SERVER__echo``, Codex
+    0.169 a ``namespace`` tool ``mcp__SERVER`` holding ``echo``."""
     tools = body.get("tools")
-    names = [
-        str(tool["name"])
-        for tool in (tools if isinstance(tools, list) else [])
-        if isinstance(tool, dict) and isinstance(tool.get("name"), str)
-    ]
+    offered = [tool for tool in (tools if isinstance(tools, list) else []) if isinstance(tool, dict)]
+    names = [str(tool["name"]) for tool in offered if isinstance(tool.get("name"), str)]
     for name in names:
         if name.endswith(TOOL_SUFFIX) and "mcp" in name:
-            return name
+            return name, None
+    for tool in offered:
+        if tool.get("type") == "namespace" and str(tool.get("name", "")).startswith("mcp"):
+            for inner in tool.get("tools") or []:
+                if isinstance(inner, dict) and inner.get("name") == TOOL_SUFFIX:
+                    return TOOL_SUFFIX, str(tool["name"])
     raise LookupError(f"no MCP echo tool offered to the model; tools: {names}")
 
 

@@ -4,6 +4,8 @@
 //        ARGUMENT names the echo tool's text argument: "text" (default, tests/upstream_server.py) or
 //        "message" (server-everything).
 // Env:   INTEROP_NODE_MODULES = the node_modules directory holding @modelcontextprotocol/sdk.
+//        INTEROP_STDIO_COMMAND = a JSON array [command, ...args]: when set, the client launches that
+//        command and speaks the stdio transport to it (StdioClientTransport) instead of HTTP to URL.
 //
 // One client session, two `echo` tool calls. Between them the script prints a "ready" line and waits
 // for one line on stdin: the harness restarts the upstream meanwhile. Every outcome is one JSON line on
@@ -23,6 +25,7 @@ if (!modules) {
 const sdk = (path) => import(pathToFileURL(join(modules, "@modelcontextprotocol/sdk/dist/esm", path)).href);
 const { Client } = await sdk("client/index.js");
 const { StreamableHTTPClientTransport } = await sdk("client/streamableHttp.js");
+const { StdioClientTransport } = await sdk("client/stdio.js");
 
 const url = process.argv[2];
 const argument = process.argv[3] ?? "text";
@@ -40,7 +43,10 @@ async function echo(client, text) {
 }
 
 const client = new Client({ name: "interop-ts-client", version: "1.0.0" });
-const transport = new StreamableHTTPClientTransport(new URL(url));
+const stdioCommand = process.env.INTEROP_STDIO_COMMAND ? JSON.parse(process.env.INTEROP_STDIO_COMMAND) : null;
+const transport = stdioCommand
+  ? new StdioClientTransport({ command: stdioCommand[0], args: stdioCommand.slice(1), stderr: "inherit" })
+  : new StreamableHTTPClientTransport(new URL(url));
 let status = 0;
 try {
   await client.connect(transport);

@@ -1,0 +1,414 @@
+"""OAuth pass-through: the client logs in itself, against the proxy's URL.
+
+For each upstream with ``oauth_pass_through`` on, the proxy
+- serves the upstream's protected-resource metadata at its own path-aware and root well-known URLs,
+  with ``resource`` = the URL the client dialed;
+- points the ``WWW-Authenticate`` of the upstream's 401 and 403 answers at that metadata;
+- in ``stand-in`` mode (the default) names itself as the authorization server: its metadata is the
+  upstream authorization server's with the endpoints moved to the proxy, ``/authorize`` redirects to
+  the upstream's with ``resource`` mapped from the proxy's URL to the upstream's, and ``/token``,
+  ``/register``, ``/revoke`` are forwarded with the same mapping. Tokens are then minted for the
+  upstream's own URL, which upstreams that check the audience insist on.
+- answers a GET without session or credentials (Codex's probe) with the challenge the upstream would
+  give, so that discovery goes on.
+
+The client's ``Authorization`` goes upstream untouched (upstream.py), and nothing here logs a header
+value, a request body or a token answer.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from mcp_heal_proxy import jsonrpc
+from mcp_heal_proxy.auth.discovery import MetadataUnavailable, UpstreamMetadata
+from mcp_heal_proxy.auth.metadata import (
+    AUTHORIZATION_SERVER_WELL_KNOWN,
+    OPENID_WELL_KNOWN,
+    PROTECTED_RESOURCE_WELL_KNOWN,
+    STAND_IN_PREFIX,
+    bearer_param,
+    dialed_origin,
+    is_trusted,
+    map_resource,
+    parse_networks,
+    protected_resource_metadata_url,
+    rewrite_authorization_server,
+    rewrite_challenge,
+    rewrite_protected_resource,
+)
+from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
+from mcp_heal_proxy.errors import UpstreamUnavailable
+from mcp_heal_proxy.guards import json_error
+from mcp_heal_proxy.headers import MCP_SESSION_ID
+
+log = structlog.get_logger("mcp_heal_proxy.auth")
+
+# Token, registration and revocation requests are small forms or JSON documents.
+FORM_LIMIT: Final = 64 * 1024
+FORWARD_TIMEOUT: Final = aiohttp.ClientTimeout(total=30.0, sock_connect=5.0)
+# Headers of the authorization server's answers that the client needs; the rest stays behind.
+_ANSWER_HEADERS: Final = ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate", "Location")
+_CHALLENGE_STATUSES: Final = frozenset({401, 403})
+HTTP_KEY: Final = web.AppKey("oauth_http", aiohttp.ClientSession)
+# Authorizations the stand-in relays through its own callback (RFC 9207 upstreams): a login takes
+# minutes at most; the bound keeps abandoned ones from piling up.
+PENDING_TTL: Final = 600.0
+PENDING_LIMIT: Final = 1000
+ISS_SUPPORTED: Final = "authorization_response_iss_parameter_supported"
+
+
+def relays_redirect(server: Mapping[str, Any]) -> bool:
+    """Whether the stand-in must receive the upstream's authorization redirect itself.
+
+    An authorization server that sends RFC 9207 ``iss`` names itself in the redirect; a client that
+    was told the proxy is its authorization server refuses that. The proxy then takes the redirect at
+    its own callback, checks ``iss`` there, and hands the client the code with its own ``iss``.
+    """
+    return server.get(ISS_SUPPORTED) is True
+
+
+class _Pending:
+    """Relayed authorizations: the proxy's state key -> the client's redirect URI and state; and the
+    code -> the callback URL the upstream saw (the token request must name the same redirect URI)."""
+
+    def __init__(self) -> None:
+        self.states: OrderedDict[str, tuple[str, str | None, str, float]] = OrderedDict()
+        self.codes: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    @staticmethod
+    def _trim(table: OrderedDict[str, Any]) -> None:
+        now = time.monotonic()
+        while table and (len(table) > PENDING_LIMIT or next(iter(table.values()))[-1] < now):
+            table.popitem(last=False)
+
+    def start(self, redirect_uri: str, state: str | None, callback: str) -> str:
+        key = secrets.token_urlsafe(24)
+        self.states[key] = (redirect_uri, state, callback, time.monotonic() + PENDING_TTL)
+        self._trim(self.states)
+        return key
+
+    def finish(self, key: str) -> tuple[str, str | None, str] | None:
+        self._trim(self.states)
+        entry = self.states.pop(key, None)
+        return None if entry is None else (entry[0], entry[1], entry[2])
+
+    def remember_code(self, code: str, callback: str) -> None:
+        self.codes[code] = (callback, time.monotonic() + PENDING_TTL)
+        self._trim(self.codes)
+
+    def callback_for(self, code: str) -> str | None:
+        self._trim(self.codes)
+        entry = self.codes.pop(code, None)
+        return None if entry is None else entry[0]
+
+
+def oauth_error(status: int, error: str, description: str) -> web.Response:
+    """An OAuth-style JSON error (RFC 6749 section 5.2), what OAuth clients parse."""
+    return web.json_response(
+        {"error": error, "error_description": description}, status=status, headers={"Cache-Control": "no-store"}
+    )
+
+
+def metadata_error(exc: MetadataUnavailable) -> web.Response:
+    """No metadata to serve: a JSON-RPC error body like the proxy's other unknown paths (404), or 502."""
+    if exc.missing:
+        return json_error(404, jsonrpc.METHOD_NOT_FOUND, exc.message)
+    return json_error(UpstreamUnavailable.http_status, UpstreamUnavailable.code, exc.message)
+
+
+def _passes_through(upstream: UpstreamConfig) -> bool:
+    """Whether clients log in to this upstream themselves (through the proxy).
+
+    Not when the proxy logs in for them (a managed login, ``auth = "oauth"``): then no client may be
+    shown an OAuth challenge or metadata for it.
+    """
+    return upstream.oauth_pass_through != "off" and getattr(upstream, "auth", None) != "oauth"
+
+
+class _Upstream:
+    """What the pass-through knows of one upstream."""
+
+    __slots__ = ("config", "metadata", "pending", "stand_in")
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.stand_in = config.oauth_pass_through == "stand-in"
+        self.metadata = UpstreamMetadata(config.url, config.name)
+        self.pending = _Pending()
+
+
+class OAuthPassThrough:
+    """The pass-through's routes and hooks for every upstream that has it on."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self._networks = parse_networks(config.trusted_proxies)
+        self._fallback_host = f"{config.host}:{config.port}"
+        self._by_path = {u.path: _Upstream(u) for u in config.upstreams if _passes_through(u)}
+        # The upstream the origin's root well-known URLs describe: the one at /mcp, else the only one.
+        root = self._by_path.get("/mcp")
+        if root is None and len(self._by_path) == 1:
+            root = next(iter(self._by_path.values()))
+        self._root = root
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._by_path)
+
+    def install(self, app: web.Application) -> None:
+        """Add the routes, the HTTP client for metadata and forwarding, and the challenge hook."""
+        app.cleanup_ctx.append(self._http_client)
+        app.on_response_prepare.append(self._rewrite_challenge)
+        for path, upstream in self._by_path.items():
+            app.router.add_get(PROTECTED_RESOURCE_WELL_KNOWN + path, self._handler(self._protected_resource, upstream))
+            if not upstream.stand_in:
+                continue
+            for well_known in (
+                AUTHORIZATION_SERVER_WELL_KNOWN + path,
+                OPENID_WELL_KNOWN + path,
+                path.rstrip("/") + OPENID_WELL_KNOWN,
+            ):
+                app.router.add_get(well_known, self._handler(self._authorization_server, upstream))
+            prefix = f"{STAND_IN_PREFIX}{path}"
+            app.router.add_get(f"{prefix}/authorize", self._handler(self._authorize, upstream))
+            app.router.add_get(f"{prefix}/callback", self._handler(self._callback, upstream))
+            app.router.add_post(f"{prefix}/token", self._handler(self._forward_form, upstream, "token_endpoint"))
+            app.router.add_post(f"{prefix}/revoke", self._handler(self._forward_form, upstream, "revocation_endpoint"))
+            app.router.add_post(f"{prefix}/register", self._handler(self._register, upstream))
+        if self._root is not None and "/" not in self._by_path:
+            root = self._root
+            app.router.add_get(PROTECTED_RESOURCE_WELL_KNOWN, self._handler(self._protected_resource, root))
+            if root.stand_in:
+                # Codex asks the MCP URL's origin for authorization-server metadata as well.
+                app.router.add_get(AUTHORIZATION_SERVER_WELL_KNOWN, self._handler(self._authorization_server, root))
+
+    async def _http_client(self, app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            app[HTTP_KEY] = http
+            yield
+
+    @staticmethod
+    def _handler(
+        handler: Callable[..., Awaitable[web.StreamResponse]], upstream: _Upstream, *args: str
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """An aiohttp handler that calls ``handler`` with this upstream (and ``args``)."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await handler(request, upstream, *args)
+
+        return handle
+
+    def _origin(self, request: web.Request) -> str:
+        trusted = is_trusted(request.remote, self._networks)
+        return dialed_origin(
+            request.scheme, request.host, request.headers, trusted=trusted, fallback_host=self._fallback_host
+        )
+
+    # --- the resource server's side ---------------------------------------------------------------
+
+    async def _protected_resource(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+        try:
+            document = await upstream.metadata.protected_resource(request.app[HTTP_KEY])
+        except MetadataUnavailable as exc:
+            return metadata_error(exc)
+        origin = self._origin(request)
+        path = upstream.config.path
+        server = origin + path if upstream.stand_in else None
+        return web.json_response(rewrite_protected_resource(document, origin + path, server))
+
+    async def _rewrite_challenge(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Point an upstream challenge at the proxy's metadata (on_response_prepare: every response)."""
+        if response.status not in _CHALLENGE_STATUSES:
+            return
+        upstream = self._by_path.get(request.path)
+        if upstream is None:
+            return
+        challenge = response.headers.get("WWW-Authenticate")
+        if not challenge:
+            return
+        metadata_url = protected_resource_metadata_url(self._origin(request), upstream.config.path)
+        hint = bearer_param(challenge, "resource_metadata")
+        if hint == metadata_url:
+            return  # the proxy's own challenge (challenge_for_probe), already pointing here
+        upstream.metadata.remember_hint(hint)
+        response.headers["WWW-Authenticate"] = rewrite_challenge(challenge, metadata_url)
+
+    async def challenge_for_probe(self, request: web.Request) -> web.StreamResponse | None:
+        """A 401 for a GET with neither session nor credentials, when the upstream needs a login.
+
+        Codex probes the MCP URL this way before it logs in; the proxy would otherwise answer 400
+        (a GET needs a session), which tells it nothing about authorization.
+        """
+        upstream = self._by_path.get(request.path)
+        if upstream is None or MCP_SESSION_ID in request.headers or "Authorization" in request.headers:
+            return None
+        try:
+            await upstream.metadata.protected_resource(request.app[HTTP_KEY])
+        except MetadataUnavailable:
+            return None
+        metadata_url = protected_resource_metadata_url(self._origin(request), upstream.config.path)
+        refusal = oauth_error(401, "invalid_token", "Authentication required")
+        refusal.headers["WWW-Authenticate"] = rewrite_challenge("Bearer", metadata_url)
+        return refusal
+
+    # --- the stand-in authorization server ---------------------------------------------------------
+
+    async def _upstream_server(self, request: web.Request, upstream: _Upstream) -> dict[str, Any]:
+        return await upstream.metadata.authorization_server(request.app[HTTP_KEY])
+
+    async def _upstream_resource(self, request: web.Request, upstream: _Upstream) -> str:
+        document = await upstream.metadata.protected_resource(request.app[HTTP_KEY])
+        resource: str = document["resource"]
+        return resource
+
+    async def _authorization_server(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+        try:
+            document = await self._upstream_server(request, upstream)
+        except MetadataUnavailable as exc:
+            return metadata_error(exc)
+        return web.json_response(rewrite_authorization_server(document, self._origin(request), upstream.config.path))
+
+    async def _authorize(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+        """Redirect to the upstream's authorization endpoint, ``resource`` mapped, all else untouched."""
+        try:
+            server = await self._upstream_server(request, upstream)
+            resource = await self._upstream_resource(request, upstream)
+        except MetadataUnavailable as exc:
+            return oauth_error(502, "temporarily_unavailable", exc.message)
+        pairs = parse_qsl(request.query_string, keep_blank_values=True)
+        mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
+        if relays_redirect(server):
+            asked = dict(pairs)
+            if "redirect_uri" not in asked:
+                return oauth_error(400, "invalid_request", "redirect_uri is required")
+            callback = self._callback_url(request, upstream)
+            key = upstream.pending.start(asked["redirect_uri"], asked.get("state"), callback)
+            relayed = {"redirect_uri": callback, "state": key}
+            mapped = [(k, relayed.get(k, v)) for k, v in mapped]
+            if "state" not in asked:
+                mapped.append(("state", key))
+        target = urlsplit(server["authorization_endpoint"])
+        query = "&".join(q for q in (target.query, urlencode(mapped)) if q)
+        location = urlunsplit((target.scheme, target.netloc, target.path, query, ""))
+        raise web.HTTPFound(location, headers={"Cache-Control": "no-store"})
+
+    def _callback_url(self, request: web.Request, upstream: _Upstream) -> str:
+        return f"{self._origin(request)}{STAND_IN_PREFIX}{upstream.config.path}/callback"
+
+    async def _callback(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+        """The upstream's authorization redirect (RFC 9207 upstreams): check ``iss``, pass the code on."""
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        found = upstream.pending.finish(query.get("state", ""))
+        if found is None:
+            return oauth_error(400, "invalid_request", "unknown or expired authorization")
+        redirect_uri, state, callback = found
+        try:
+            server = await self._upstream_server(request, upstream)
+        except MetadataUnavailable as exc:
+            return oauth_error(502, "temporarily_unavailable", exc.message)
+        answer = {k: v for k, v in query.items() if k not in ("state", "iss")}
+        if query.get("iss") != server.get("issuer"):
+            # A mix-up (RFC 9207 section 2.4): the code did not come from the upstream's server.
+            answer = {"error": "access_denied", "error_description": "authorization response from another issuer"}
+        elif "code" in answer:
+            upstream.pending.remember_code(answer["code"], callback)
+        if state is not None:
+            answer["state"] = state
+        answer["iss"] = self._origin(request) + upstream.config.path
+        target = urlsplit(redirect_uri)
+        query_string = "&".join(q for q in (target.query, urlencode(answer)) if q)
+        location = urlunsplit((target.scheme, target.netloc, target.path, query_string, ""))
+        raise web.HTTPFound(location, headers={"Cache-Control": "no-store"})
+
+    async def _forward_form(self, request: web.Request, upstream: _Upstream, endpoint_key: str) -> web.StreamResponse:
+        """Forward a token or revocation request (a form) with ``resource`` mapped."""
+        try:
+            server = await self._upstream_server(request, upstream)
+            resource = await self._upstream_resource(request, upstream)
+        except MetadataUnavailable as exc:
+            return oauth_error(502, "temporarily_unavailable", exc.message)
+        endpoint = server.get(endpoint_key)
+        if not isinstance(endpoint, str):
+            return oauth_error(404, "unsupported", f"the upstream's authorization server has no {endpoint_key}")
+        body = await _read_small(request)
+        if body is None:
+            return oauth_error(413, "invalid_request", "request body too large")
+        pairs = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+        mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
+        code = dict(pairs).get("code")
+        callback = upstream.pending.callback_for(code) if code is not None else None
+        if callback is not None:
+            # The upstream issued this code to the proxy's callback: the token request must say so.
+            mapped = [(k, callback if k == "redirect_uri" else v) for k, v in mapped]
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+        return await self._forward(request, endpoint, urlencode(mapped).encode(), headers)
+
+    async def _register(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+        """Forward a dynamic client registration as it is."""
+        try:
+            server = await self._upstream_server(request, upstream)
+        except MetadataUnavailable as exc:
+            return oauth_error(502, "temporarily_unavailable", exc.message)
+        endpoint = server.get("registration_endpoint")
+        if not isinstance(endpoint, str):
+            return oauth_error(404, "unsupported", "the upstream's authorization server offers no registration")
+        body = await _read_small(request)
+        if body is None:
+            return oauth_error(413, "invalid_client_metadata", "request body too large")
+        headers = {
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            "Accept": "application/json",
+        }
+        if not relays_redirect(server):
+            return await self._forward(request, endpoint, body, headers)
+        # The upstream will redirect to the proxy's callback: register it beside the client's own.
+        try:
+            registration = json.loads(body)
+            redirect_uris = list(registration["redirect_uris"])
+        except (ValueError, KeyError, TypeError):
+            return oauth_error(400, "invalid_client_metadata", "redirect_uris is required")
+        registration["redirect_uris"] = [*redirect_uris, self._callback_url(request, upstream)]
+        answer = await self._forward(request, endpoint, json.dumps(registration).encode(), headers)
+        try:
+            registered = json.loads(answer.body if isinstance(answer.body, bytes) else b"")
+        except ValueError:
+            return answer
+        if isinstance(registered, dict) and "redirect_uris" in registered:
+            registered["redirect_uris"] = redirect_uris  # the client sees what it asked for
+            answer.body = json.dumps(registered).encode()
+        return answer
+
+    async def _forward(self, request: web.Request, url: str, body: bytes, headers: dict[str, str]) -> web.Response:
+        # client_secret_basic, or a registration's initial access token.
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        try:
+            async with request.app[HTTP_KEY].post(
+                url, data=body, headers=headers, timeout=FORWARD_TIMEOUT, allow_redirects=False
+            ) as answer:
+                content = await answer.content.read(FORM_LIMIT + 1)
+                if len(content) > FORM_LIMIT:
+                    return oauth_error(502, "server_error", "the authorization server's answer is too large")
+                passed = {name: answer.headers[name] for name in _ANSWER_HEADERS if name in answer.headers}
+                return web.Response(status=answer.status, body=content, headers=passed)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("oauth.forward_failed", path=request.path, error=type(exc).__name__)
+            return oauth_error(502, "temporarily_unavailable", "the upstream's authorization server did not answer")
+
+
+async def _read_small(request: web.Request) -> bytes | None:
+    """The request body, or None when it is larger than a form or registration can be."""
+    if request.content_length is not None and request.content_length > FORM_LIMIT:
+        return None
+    body = await request.content.read(FORM_LIMIT + 1)
+    return None if len(body) > FORM_LIMIT else body

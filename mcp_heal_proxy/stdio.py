@@ -1,0 +1,508 @@
+"""The stdio front: a bridge a client launches as a command, speaking newline-delimited JSON-RPC on
+stdin/stdout (the MCP stdio transport) and Streamable HTTP upstream, with the proxy's healing.
+
+It is the second face of the session engine (engine.py), beside the HTTP front: one client, one
+session, kept in memory (no port, no state file). Every message from stdin is POSTed upstream; requests
+run concurrently, notifications and responses in the order they came. Answers (JSON or SSE) are
+written to stdout message by message as they arrive; the session's GET stream carries the server's own
+requests and notifications. stdout carries protocol messages only, one per line; logs go to stderr.
+When stdin closes (or on SIGTERM/SIGINT) the upstream session is ended and the bridge exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import aiohttp
+import structlog
+
+from mcp_heal_proxy import jsonrpc
+from mcp_heal_proxy.answers import AnswerTracker
+from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.config import UpstreamConfig
+from mcp_heal_proxy.content_coding import decoder_for
+from mcp_heal_proxy.engine import GET_REFUSED, SessionEngine
+from mcp_heal_proxy.errors import InvalidRequest, ProxyError, UpstreamUnavailable
+from mcp_heal_proxy.headers import CONTENT_ENCODING, LAST_EVENT_ID, MCP_PROTOCOL_VERSION
+from mcp_heal_proxy.healing import Healer
+from mcp_heal_proxy.housekeeping import SessionActivity
+from mcp_heal_proxy.jsonrpc import Kind, PostBody, RequestId
+from mcp_heal_proxy.observability import Metrics
+from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord
+from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.tasks import TaskOwner
+from mcp_heal_proxy.upstream import Upstream
+
+log = structlog.get_logger("mcp_heal_proxy.stdio")
+
+_READ_CHUNK: Final = 64 * 1024
+# One client per bridge; a client that initializes again gets a fresh session, the old one is ended.
+_MAX_SESSIONS: Final = 16
+# The server stream (GET) is reopened with backoff when the upstream ends it, never sooner than its retry:.
+_STREAM_FIRST: Final = 0.25
+_STREAM_MAX: Final = 30.0
+_STREAM_LIVED: Final = 30.0
+_BROKEN: Final = "upstream MCP server broke the answer before it came; the request was not replayed (it may have run)"
+# Reads up to n bytes of stdin (b"" at its end); writes bytes to stdout.
+Reader = Callable[[int], Awaitable[bytes]]
+Writer = Callable[[bytes], Awaitable[None]]
+_BASE_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+def _line(message: Any) -> bytes:
+    """One JSON-RPC message as one line (JSON never needs a raw line break)."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+class Bridge:
+    """One client on stdin/stdout, one upstream session through the engine."""
+
+    def __init__(self, engine: SessionEngine, write: Writer, *, max_line_bytes: int) -> None:
+        self._engine = engine
+        self._out = write
+        self._max_line = max_line_bytes
+        self._record: SessionRecord | None = None
+        self._headers: dict[str, str] = dict(_BASE_HEADERS)
+        self._tasks = TaskOwner()
+        self._stream: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+
+    # --- stdin ----------------------------------------------------------------------------------------
+
+    async def run(self, stdin: Reader, stop: asyncio.Event) -> None:
+        """Read messages until stdin closes or ``stop`` is set, then end the session."""
+        reading = asyncio.get_running_loop().create_task(self._read(stdin), name="stdin")
+        stopping = asyncio.get_running_loop().create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reading, stopping):
+                task.cancel()
+            await asyncio.gather(reading, stopping, return_exceptions=True)
+            await self.close()
+
+    async def _read(self, stdin: Reader) -> None:
+        pending: list[bytes] = []
+        size = 0
+        overlong = False
+        while True:
+            chunk = await stdin(_READ_CHUNK)
+            if not chunk:
+                break
+            start = 0
+            while (end := chunk.find(b"\n", start)) != -1:
+                piece = chunk[start:end]
+                start = end + 1
+                if overlong:
+                    overlong = False
+                    pending, size = [], 0
+                    log.warning("stdio.line_too_long", limit_bytes=self._max_line)
+                    continue
+                pending.append(piece)
+                line = b"".join(pending)
+                pending, size = [], 0
+                await self._receive(line)
+            rest = chunk[start:]
+            if rest and not overlong:
+                pending.append(rest)
+                size += len(rest)
+                if size > self._max_line:
+                    # Dropped as it comes: a line over the limit is never held whole.
+                    overlong, pending, size = True, [], 0
+        if overlong:
+            log.warning("stdio.line_too_long", limit_bytes=self._max_line)
+        elif pending:
+            # stdin closed mid-line: the transport ends each message with a newline, so this is not one.
+            log.warning("stdio.incomplete_line_at_eof", bytes=sum(len(p) for p in pending))
+
+    async def _receive(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            body = jsonrpc.parse_post_body(line)
+        except ProxyError as exc:
+            if exc.request_id is not None:
+                await self._write_error(exc.request_id, exc)
+            else:
+                log.warning("stdio.bad_message", error=exc.message)
+            return
+        if body.is_batch:
+            # MCP's stdio transport carries one message per line; batches left the protocol in 2025-06-18.
+            refusal = InvalidRequest("batches are not supported over stdio: send one message per line")
+            if body.request_ids:
+                for request_id in body.request_ids:
+                    await self._write_error(request_id, refusal)
+            else:
+                log.warning("stdio.bad_message", error=refusal.message)
+            return
+        message = body.messages[0]
+        if body.initialize is not None:
+            # The client waits for this answer before anything else: handled before the next line is read.
+            await self._guarded(self._initialize(body), body)
+        elif message.kind is Kind.REQUEST:
+            # Requests run concurrently: a long tool call never holds up a ping or a second call.
+            self._tasks.spawn(self._guarded(self._post(body), body), name="request")
+        else:
+            # Notifications and responses keep their order (notifications/initialized first of all).
+            await self._guarded(self._post(body), body)
+            if message.method == jsonrpc.INITIALIZED and self._record is not None and self._stream is None:
+                self._stream = self._tasks.spawn(self._follow_server_stream(), name="server-stream")
+
+    async def _guarded(self, handling: Any, body: PostBody) -> None:
+        """Run the handling of one message; a failure becomes a JSON-RPC error for its request."""
+        try:
+            await handling
+        except ProxyError as exc:
+            await self._fail(body, exc)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            log.exception("stdio.unexpected_error", error=type(exc).__name__)
+            await self._fail(body, UpstreamUnavailable(f"proxy error: {type(exc).__name__}"))
+
+    async def _fail(self, body: PostBody, exc: ProxyError) -> None:
+        if body.request_ids:
+            for request_id in body.request_ids:
+                await self._write_error(request_id, exc)
+        else:
+            log.warning("stdio.message_not_delivered", method=body.method_label, error=exc.message)
+
+    # --- upstream -------------------------------------------------------------------------------------
+
+    async def _initialize(self, body: PostBody) -> None:
+        opened = await self._engine.initialize(self._headers, body)
+        if opened.record is not None:
+            self._record = opened.record
+            if opened.record.protocol_version is not None:
+                self._headers[MCP_PROTOCOL_VERSION] = opened.record.protocol_version
+        await self._relay(opened.response, body, opened.prefetched)
+
+    async def _post(self, body: PostBody) -> None:
+        engine = self._engine
+        if self._record is None:
+            await self._relay(await engine.post_without_session(self._headers, body), body)
+            return
+        record = await engine.session(self._record.client_session_id)
+        sent = await engine.post(self._headers, body, record)
+        if sent.response is not None:
+            await self._relay(sent.response, body, sent.prefetched, record=sent.record)
+
+    async def _relay(
+        self,
+        response: aiohttp.ClientResponse,
+        body: PostBody,
+        prefetched: bytes = b"",
+        *,
+        record: SessionRecord | None = None,
+    ) -> None:
+        """Write the messages of an upstream answer to stdout as they arrive."""
+        try:
+            content_type = response.headers.get("Content-Type", "")
+            request_ids = body.request_ids
+            if content_type.startswith("text/event-stream"):
+                tracker = AnswerTracker(request_ids, content_type, response.headers.get(CONTENT_ENCODING))
+                await self._relay_events(response, prefetched, tracker, body, record)
+                return
+            raw = prefetched + await response.content.read()
+            decode = decoder_for(response.headers.get(CONTENT_ENCODING))
+            await self._write_answer(response.status, decode(raw) if decode is not None else raw, request_ids)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(f"upstream MCP server broke its answer: {type(exc).__name__}") from exc
+        finally:
+            response.release()
+
+    async def _write_answer(self, status: int, raw: bytes, request_ids: tuple[RequestId, ...]) -> None:
+        """A JSON answer: its messages, or (a bare HTTP error) an error for each request."""
+        if not raw.strip():
+            if request_ids and status >= 300:
+                for request_id in request_ids:
+                    await self._write_error(request_id, UpstreamUnavailable(f"upstream MCP server answered {status}"))
+            return
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            for request_id in request_ids:
+                await self._write_error(request_id, UpstreamUnavailable(f"upstream MCP server answered {status}"))
+            return
+        messages = payload if isinstance(payload, list) else [payload]
+        for message in messages:
+            if isinstance(message, dict) and "error" in message and message.get("id") is None and len(request_ids) == 1:
+                # An HTTP-level refusal (id null) of the one request on the line: the client waits for its id.
+                message = {**message, "id": request_ids[0]}
+            await self._write(_line(message))
+
+    async def _relay_events(
+        self,
+        response: aiohttp.ClientResponse,
+        prefetched: bytes,
+        tracker: AnswerTracker,
+        body: PostBody,
+        record: SessionRecord | None,
+    ) -> None:
+        """An SSE answer, event by event; resumed (Last-Event-ID) if it ends early, else errors for what it owed."""
+        parser = SSEParser()
+        decode = decoder_for(response.headers.get(CONTENT_ENCODING))
+        current = response
+        while True:
+            between_events = await self._pump_events(current, parser, decode, tracker, prefetched)
+            prefetched = b""
+            if not tracker.may_be_unanswered() or not (unanswered := tracker.unanswered()):
+                return
+            last_event_id = parser.last_event_id
+            resumed: aiohttp.ClientResponse | None = None
+            if between_events and last_event_id is not None and record is not None:
+                # Over stdio the client cannot resume by itself: the bridge does, on the same session.
+                headers = {**self._headers, LAST_EVENT_ID: last_event_id}
+                resumed = await self._engine.resume(headers, record, record.generation)
+            if resumed is None:
+                for request_id in unanswered:
+                    await self._write_error(request_id, UpstreamUnavailable(_BROKEN))
+                return
+            if current is not response:
+                current.release()
+            current = resumed
+            decode = decoder_for(current.headers.get(CONTENT_ENCODING))
+
+    async def _pump_events(
+        self,
+        response: aiohttp.ClientResponse,
+        parser: SSEParser,
+        decode: Any,
+        tracker: AnswerTracker | None,
+        prefetched: bytes = b"",
+    ) -> bool:
+        """Forward each complete event's message; True if the stream ended between events."""
+        at_boundary = True
+        try:
+            chunk = prefetched
+            while True:
+                if chunk:
+                    if decode is not None:
+                        chunk = decode(chunk)
+                    if tracker is not None:
+                        tracker.feed(chunk)
+                    for item in parser.feed(chunk):
+                        if isinstance(item, Event) and item.data.strip():
+                            await self._write_event(item)
+                    at_boundary = chunk.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+                chunk = await response.content.readany()
+                if not chunk:
+                    return at_boundary
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("upstream.stream_broken", upstream=self._engine.name, error=type(exc).__name__)
+            return at_boundary
+
+    async def _write_event(self, event: Event) -> None:
+        try:
+            message = json.loads(event.data)
+        except ValueError:
+            log.warning("upstream.event_not_json", upstream=self._engine.name, bytes=len(event.data))
+            return
+        await self._write(_line(message))
+
+    async def _follow_server_stream(self) -> None:
+        """The session's GET stream: the server's own requests and notifications, kept open across heals."""
+        assert self._record is not None
+        engine = self._engine
+        backoff = Backoff(first=_STREAM_FIRST, maximum=_STREAM_MAX)
+        try:
+            record = await engine.session(self._record.client_session_id)
+            sent = await engine.open_stream(self._headers, record)
+        except ProxyError as exc:
+            log.info("stream.not_opened", upstream=engine.name, error=exc.message)
+            return
+        response: aiohttp.ClientResponse | None = sent.response
+        record = sent.record
+        while response is not None:
+            if response.status != 200 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                if response.status not in GET_REFUSED:
+                    log.info("stream.refused", upstream=engine.name, status=response.status)
+                response.release()
+                return
+            opened = time.monotonic()
+            parser = SSEParser()
+            try:
+                between = await self._pump_events(
+                    response, parser, decoder_for(response.headers.get(CONTENT_ENCODING)), None, sent.prefetched
+                )
+            finally:
+                response.release()
+            sent.prefetched = b""
+            if not between:
+                return
+            if time.monotonic() - opened >= _STREAM_LIVED:
+                backoff.reset()
+            retry = parser.reconnection_time
+            await asyncio.sleep(backoff.next_delay(at_least=retry / 1000 if retry is not None else 0.0))
+            try:
+                response = await engine.reattach(self._headers, record, parser.last_event_id)
+                current = await engine.store.get(record.client_session_id)
+            except ProxyError as exc:
+                log.warning("stream.reattach_failed", upstream=engine.name, error=exc.message)
+                return
+            if current is not None:
+                record = current
+
+    # --- stdout ---------------------------------------------------------------------------------------
+
+    async def _write_error(self, request_id: RequestId, exc: ProxyError) -> None:
+        await self._write(_line(jsonrpc.error_object(request_id, exc.code, exc.message)))
+
+    async def _write(self, line: bytes) -> None:
+        async with self._write_lock:
+            await self._out(line)
+
+    # --- the end --------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop everything in flight, then end the upstream session (bounded: the client is leaving)."""
+        await self._tasks.close()
+        record, self._record = self._record, None
+        if record is None:
+            return
+        with contextlib.suppress(ProxyError):
+            await self._engine.end(self._headers, record)
+
+
+class _Stdout:
+    """Where protocol lines go: a non-blocking pipe writer (a client that reads slowly never blocks the
+    loop), or plain writes when stdout is a regular file (pipe transports refuse files)."""
+
+    def __init__(self, writer: asyncio.StreamWriter | None, fd: int) -> None:
+        self._writer = writer
+        self._fd = fd
+
+    async def write(self, data: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(data)
+            await self._writer.drain()
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+
+def _is_pipe_like(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+
+
+async def _stdio_streams() -> tuple[Reader, _Stdout]:
+    """stdin and stdout for the running loop: pipe transports where they can be had, else plain reads and
+    writes (a file redirected to the bridge) off the loop's thread."""
+    loop = asyncio.get_running_loop()
+    in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    read: Reader
+    if _is_pipe_like(in_fd):
+        reader = asyncio.StreamReader(limit=_READ_CHUNK)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+        read = reader.read
+    else:
+
+        async def read(size: int) -> bytes:
+            return await asyncio.to_thread(os.read, in_fd, size)
+
+    writer: asyncio.StreamWriter | None = None
+    if _is_pipe_like(out_fd):
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return read, _Stdout(writer, out_fd)
+
+
+async def open_engine(
+    upstream_config: UpstreamConfig, state: str = ":memory:"
+) -> tuple[SessionEngine, contextlib.AsyncExitStack]:
+    """The engine for one client's session: the upstream's pools, a healer, records in memory, and the
+    upstream's managed login (tokens beside ``state``'s store, or in the default state directory)."""
+    resources = contextlib.AsyncExitStack()
+    store = MemorySessionStore()
+    metrics = Metrics()
+    auth = None
+    if upstream_config.auth == "oauth":
+        from mcp_heal_proxy.auth.managed import managed_auth
+
+        auth = managed_auth(upstream_config, state)
+    upstream = Upstream(upstream_config, auth=auth)
+    resources.push_async_callback(upstream.close)
+    healer = Healer(upstream, store, metrics)
+    resources.push_async_callback(healer.close)
+    engine = SessionEngine(upstream, store, healer, metrics, SessionActivity(), max_sessions=_MAX_SESSIONS)
+    return engine, resources
+
+
+async def serve_stdio(upstream_config: UpstreamConfig, *, max_line_bytes: int, state: str = ":memory:") -> int:
+    """Run the bridge on this process's stdin/stdout until stdin closes or a signal asks to stop."""
+    engine, resources = await open_engine(upstream_config, state)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    try:
+        read, stdout = await _stdio_streams()
+        bridge = Bridge(engine, stdout.write, max_line_bytes=max_line_bytes)
+        await bridge.run(read, stop)
+    finally:
+        await resources.aclose()
+    return 0
+
+
+def stdio_upstream(
+    *,
+    url: str | None,
+    config_file: str | None,
+    name: str | None,
+    header_flags: list[str],
+    environ: Mapping[str, str],
+) -> tuple[UpstreamConfig, int, str]:
+    """The upstream the bridge talks to, the longest line it reads, and the store path its managed login's
+    tokens sit beside: from ``--upstream`` (with ``--header`` flags), or ``--name`` of a config file (its
+    headers, timeouts, heal_on, replay, auth)."""
+    from dataclasses import replace
+
+    from mcp_heal_proxy.config import (
+        DEFAULT_MAX_BODY_BYTES,
+        MEMORY_STATE,
+        UPSTREAM_OPTIONS,
+        ConfigError,
+        build_config,
+        check_option,
+    )
+
+    headers = header_pairs(header_flags, environ)
+    if config_file is not None:
+        if url is not None:
+            raise ConfigError("give --upstream URL or --config FILE --name NAME, not both")
+        config = build_config(config_file=config_file, flags={}, environ=environ)
+        chosen = [u for u in config.upstreams if u.name == name] if name else list(config.upstreams)
+        if len(chosen) != 1:
+            names = ", ".join(u.name for u in config.upstreams)
+            raise ConfigError(f"{config_file}: name one upstream with --name (it has: {names})")
+        upstream = chosen[0]
+        return replace(upstream, headers={**upstream.headers, **headers}), config.max_body_bytes, config.state
+    if url is None:
+        raise ConfigError("stdio needs --upstream URL (or --config FILE --name NAME)")
+    checked = check_option(UPSTREAM_OPTIONS, "url", url, "--upstream")
+    return UpstreamConfig(url=checked, headers=headers), DEFAULT_MAX_BODY_BYTES, MEMORY_STATE
+
+
+def header_pairs(values: list[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``--header "Name: value"`` flags as a mapping, with ``${NAME}`` read from the environment."""
+    from mcp_heal_proxy.config import UPSTREAM_OPTIONS, ConfigError, check_option, expand_env
+
+    headers: dict[str, str] = {}
+    for value in values:
+        name, sep, text = value.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f'--header must look like "Name: value", not {value!r}')
+        headers[name.strip()] = expand_env(text.strip(), f"--header {name.strip()}", "command line", environ)
+    checked: dict[str, str] = check_option(UPSTREAM_OPTIONS, "headers", headers, "--header")
+    return checked

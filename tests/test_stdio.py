@@ -1,0 +1,289 @@
+"""The stdio bridge, launched as a command by the official SDK client (and by hand, for bad input).
+
+The bridge runs as ``<venv>/bin/mcp-heal-proxy stdio --upstream URL`` with only the environment a
+client passes to the commands it launches (the SDK's default: HOME, PATH, USER and the like).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.exceptions import MCPError
+
+from tests.conftest import UpstreamProcess, mcp_session, wait_until
+
+BRIDGE = str(Path(sys.executable).parent / "mcp-heal-proxy")
+CALL_TIMEOUT = 20.0
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+@contextlib.asynccontextmanager
+async def bridged_session(url: str, **callbacks: Any) -> AsyncIterator[ClientSession]:
+    """The SDK client launching the bridge as its MCP server command."""
+    params = StdioServerParameters(command=BRIDGE, args=["stdio", "--upstream", url])
+    async with (
+        stdio_client(params) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream, **callbacks) as session,
+    ):
+        async with asyncio.timeout(CALL_TIMEOUT):
+            await session.initialize()
+        yield session
+
+
+async def echo(session: ClientSession, text: str) -> str:
+    async with asyncio.timeout(CALL_TIMEOUT):
+        result = await session.call_tool("echo", {"text": text})
+    assert not result.is_error, result
+    content = result.content[0]
+    assert isinstance(content, types.TextContent)
+    return content.text
+
+
+async def test_the_sdk_client_keeps_its_session_across_an_upstream_restart(upstream: UpstreamProcess) -> None:
+    async with bridged_session(upstream.url) as session:
+        assert await echo(session, "before") == "before"
+        await upstream.restart()
+        assert await echo(session, "after") == "after"
+    assert (await upstream.stats())["initialize"] == 1, "one heal: one re-initialize on the new upstream"
+
+
+async def test_without_the_bridge_the_same_client_fails_after_the_restart(upstream: UpstreamProcess) -> None:
+    async with mcp_session(upstream.url) as session:
+        assert await echo(session, "before") == "before"
+        await upstream.restart()
+        with pytest.raises(MCPError, match="Session not found"):
+            await echo(session, "after")
+
+
+async def test_progress_arrives_while_the_tool_still_runs(sse_upstream: UpstreamProcess) -> None:
+    seen: list[float] = []
+    first = asyncio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+        first.set()
+
+    async with bridged_session(sse_upstream.url) as session:
+        async with asyncio.TaskGroup() as group:
+            call = group.create_task(
+                session.call_tool("gated_steps", {"steps": 2}, progress_callback=on_progress, read_timeout_seconds=30)
+            )
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await first.wait()  # step 1's progress came while the tool is blocked on step 1
+            assert not call.done()
+            await sse_upstream.release(1)
+            await wait_until(lambda: len(seen) == 2, CALL_TIMEOUT, "step 2's progress")
+            await sse_upstream.release(2)
+        result = call.result()
+    assert seen == [1, 2]
+    assert "done after 2 steps" in str(result.content)
+
+
+async def test_an_elicitation_from_the_server_is_answered_by_the_client(sse_upstream: UpstreamProcess) -> None:
+    asked: list[str] = []
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+    async with bridged_session(sse_upstream.url, elicitation_callback=elicit) as session:
+        async with asyncio.timeout(CALL_TIMEOUT):
+            result = await session.call_tool("ask_name", {})
+    assert asked == ["What is your name?"]
+    assert "hello Ada" in str(result.content)
+
+
+# --- by hand: the wire, bad input, the end --------------------------------------------------------------
+
+
+class RawBridge:
+    """The bridge as a process this test writes lines to and reads lines from."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def send(self, message: object) -> None:
+        await self.send_raw(json.dumps(message).encode() + b"\n")
+
+    async def send_raw(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        await self.process.stdin.drain()
+
+    async def receive(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(CALL_TIMEOUT):
+            line = await self.process.stdout.readline()
+        assert line.endswith(b"\n"), line
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def stderr(self) -> str:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(CALL_TIMEOUT):
+            return (await self.process.stderr.read()).decode()
+
+    async def wait(self) -> int:
+        async with asyncio.timeout(CALL_TIMEOUT):
+            return await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def raw_bridge(url: str, *extra: str) -> AsyncIterator[RawBridge]:
+    env = {key: os.environ[key] for key in ("HOME", "PATH", "USER", "LANG") if key in os.environ}
+    process = await asyncio.create_subprocess_exec(
+        BRIDGE,
+        "stdio",
+        "--upstream",
+        url,
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        limit=16 * 1024 * 1024,
+    )
+    try:
+        yield RawBridge(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def initialized(bridge: RawBridge) -> None:
+    await bridge.send(INITIALIZE)
+    answer = await bridge.receive()
+    assert answer["id"] == 1
+    assert answer["result"]["protocolVersion"] == "2025-11-25"
+    await bridge.send(INITIALIZED)
+
+
+def ping(request_id: int) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "ping"}
+
+
+async def test_bad_input_gets_an_error_or_a_log_line_and_the_bridge_goes_on(sse_upstream: UpstreamProcess) -> None:
+    async with raw_bridge(sse_upstream.url) as bridge:
+        await initialized(bridge)
+        await bridge.send_raw(b"this is not json\n")
+        await bridge.send([ping(5), ping(6)])  # a batch: not part of the stdio transport
+        assert [(await bridge.receive())["id"] for _ in range(2)] == [5, 6]
+        await bridge.send({"jsonrpc": "2.0", "id": 7, "method": 42})
+        refused = await bridge.receive()
+        assert refused["id"] == 7
+        assert refused["error"]["code"] == -32600
+        await bridge.send_raw(
+            b'{"jsonrpc":"2.0","id":8,"method":"ping","params":{"pad":"' + b"x" * (5 << 20) + b'"}}\n'
+        )
+        await bridge.send(ping(9))
+        assert await bridge.receive() == {"jsonrpc": "2.0", "id": 9, "result": {}}, "the bridge went on"
+        await bridge.send_raw(b'{"jsonrpc":"2.0","id":10,"meth')  # EOF mid-line
+        assert bridge.process.stdin is not None
+        bridge.process.stdin.close()
+        assert await bridge.wait() == 0
+        log = await bridge.stderr()
+    assert "stdio.bad_message" in log
+    assert "stdio.line_too_long" in log
+    assert "stdio.incomplete_line_at_eof" in log
+
+
+async def test_stdout_carries_protocol_messages_only_from_the_first_byte(sse_upstream: UpstreamProcess) -> None:
+    async with raw_bridge(sse_upstream.url, "--log-level", "debug") as bridge:
+        await initialized(bridge)
+        await bridge.send(ping(2))
+        assert (await bridge.receive())["id"] == 2
+        assert bridge.process.stdin is not None
+        bridge.process.stdin.close()
+        assert await bridge.wait() == 0
+        assert bridge.process.stdout is not None
+        assert await bridge.process.stdout.read() == b""
+
+
+@pytest.mark.parametrize("ending", ["stdin closed", "SIGTERM"])
+async def test_a_client_that_leaves_mid_call_ends_the_upstream_session(
+    sse_upstream: UpstreamProcess, ending: str
+) -> None:
+    async with raw_bridge(sse_upstream.url) as bridge:
+        await initialized(bridge)
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "gated_steps", "arguments": {"steps": 1}, "_meta": {"progressToken": "p1"}},
+        }
+        await bridge.send(call)
+        progress = await bridge.receive()  # the tool runs, blocked on step 1
+        assert progress["method"] == "notifications/progress"
+        assert len(await sse_upstream.live_sessions()) == 1
+        if ending == "SIGTERM":
+            bridge.process.send_signal(signal.SIGTERM)
+        else:
+            assert bridge.process.stdin is not None
+            bridge.process.stdin.close()
+        assert await bridge.wait() == 0
+    assert await sse_upstream.live_sessions() == [], "the bridge ended its upstream session"
+
+
+async def test_an_upstream_that_is_down_gets_errors_then_heals_when_it_returns(
+    sse_upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[upstreams.test]\nurl = "{sse_upstream.url}"\nconnect_retry = 0.5\n')
+    env = {key: os.environ[key] for key in ("HOME", "PATH") if key in os.environ}
+    process = await asyncio.create_subprocess_exec(
+        BRIDGE,
+        "stdio",
+        "--config",
+        str(config),
+        "--name",
+        "test",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    bridge = RawBridge(process)
+    try:
+        await initialized(bridge)
+        await sse_upstream.stop()
+        await bridge.send(ping(2))
+        failed = await bridge.receive()
+        assert failed["id"] == 2
+        assert "unreachable" in failed["error"]["message"]
+        await sse_upstream.start()
+        await bridge.send(ping(3))
+        assert await bridge.receive() == {"jsonrpc": "2.0", "id": 3, "result": {}}, "healed on the new upstream"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_bad_option_is_one_line_on_stderr_and_nothing_on_stdout() -> None:
+    process = await asyncio.create_subprocess_exec(
+        BRIDGE, "stdio", "--upstream", "ftp://nowhere", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(CALL_TIMEOUT):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert err.decode().count("\n") == 1

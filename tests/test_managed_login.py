@@ -210,7 +210,7 @@ async def test_refresh_after_expiry_heal_and_restart_need_no_new_login(
             await wait_until(lambda: _expired(state_home), 10, "access token expired")
             assert await text_of(session, "echo", {"text": "two"}) == "two"
         log = await proxy.stop()
-        assert "auth.token_refreshed" in log
+        assert "auth.token_refreshed" in log, log[-4000:]
         assert stored(state_home)["access_token"] != first_token
         # A restarted proxy finds the refreshed tokens on disk.
         proxy = await serve(config, env)
@@ -220,16 +220,16 @@ async def test_refresh_after_expiry_heal_and_restart_need_no_new_login(
         await proxy.stop()
     assert (before_restart["authorizations"], before_restart["code_exchanges"]) == (1, 1)
     stats = await upstream.stats()  # counted since the restart
-    assert stats["authorizations"] == 0, "one login is one authorization: no browser again"
-    assert stats["code_exchanges"] == 0
-    assert stats["refreshes"] >= 1
-    # probe, first session, the heal's re-initialize, the restarted proxy's session: all but the probe
-    # with a token, and the heal's with a fresher one than the first session's.
-    # (Counted since the restart: the heal's re-initialize and the restarted proxy's session.)
+    assert stats["authorizations"] == 0, f"one login is one authorization: no browser again: {stats}"
+    assert stats["code_exchanges"] == 0, stats
+    assert stats["refreshes"] >= 1, stats
+    # Counted since the restart: the heal's re-initialize and the restarted proxy's session (a heal
+    # tried while the restarted upstream was still starting may add one), each with a token fresher
+    # than the first session's.
     tokens = stats["initialize_tokens"]
-    assert len(tokens) == 2
-    assert None not in tokens
-    assert first_token_fingerprint not in tokens
+    assert len(tokens) >= 2, stats
+    assert None not in tokens, stats
+    assert first_token_fingerprint not in tokens, stats
 
 
 async def test_a_revoked_access_token_is_refreshed_once_across_requests_and_proxies(

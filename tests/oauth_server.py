@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import secrets
 import time
@@ -181,7 +182,9 @@ class AutoApprovingProvider:
             token=access,
             client_id=client_id,
             scopes=scopes,
-            expires_at=int(time.time() + lifetime),
+            # Rounded up: the server must not think a token expired while the client, which counts
+            # expires_in from when it got the answer, still holds it valid (it would log in again).
+            expires_at=math.ceil(time.time() + lifetime),
             resource=resource,
         )
         refresh: str | None = None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import secrets
 import time
@@ -76,6 +77,8 @@ STATS: dict[str, Any] = {
     "token_resources": [],
 }
 REFRESH_LIFETIME = 24 * 3600
+# Seconds an access token stays accepted after the expires_in its client was given.
+EXPIRY_LEEWAY = 1.0
 
 
 def fingerprint(token: str) -> str:
@@ -181,7 +184,10 @@ class AutoApprovingProvider:
             token=access,
             client_id=client_id,
             scopes=scopes,
-            expires_at=int(time.time() + lifetime),
+            # Valid a little longer here than the client is told (as servers allow for clock skew):
+            # the server must not refuse a token the client, counting expires_in from when it got the
+            # answer, still holds valid; the Python SDK client would answer that 401 with a new login.
+            expires_at=math.ceil(time.time() + lifetime + EXPIRY_LEEWAY),
             resource=resource,
         )
         refresh: str | None = None

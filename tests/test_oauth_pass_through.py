@@ -41,7 +41,7 @@ from tests.conftest import (
 )
 from tests.fake_upstream import FakeUpstream
 from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, OAuthUpstream, leaves, oauth_mcp_session
-from tests.oauth_server import fingerprint
+from tests.oauth_server import EXPIRY_LEEWAY, fingerprint
 
 TOKEN_LIFETIME = 2.0
 SCENARIO_TIMEOUT = 60.0
@@ -79,8 +79,8 @@ async def wait_for_token_expiry(storage: MemoryStorage, issued_at: float) -> Non
     """Bounded wait until the access token the client holds has expired (so its next call refreshes)."""
     assert storage.tokens is not None
     assert storage.tokens.expires_in is not None
-    expires = issued_at + storage.tokens.expires_in + 0.5
-    await wait_until(lambda: time.time() > expires, storage.tokens.expires_in + 5, "access token expired")
+    expires = issued_at + storage.tokens.expires_in + EXPIRY_LEEWAY + 1.5  # the server rounds expiry up to a second
+    await wait_until(lambda: time.time() > expires, storage.tokens.expires_in + 8, "access token expired")
 
 
 async def login_call_restart_call(url: str, upstream: OAuthUpstream) -> tuple[MemoryStorage, HeadlessLogin, str]:

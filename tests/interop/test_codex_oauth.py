@@ -27,6 +27,7 @@ from tests.interop.clients import CODEX_MCP_SERVER_NAME, codex_environment, run_
 from tests.interop.conftest import NODE_MODULES, NodeEnv, ProxyFactory, missing_prerequisite
 from tests.interop.fake_model import FIRST_CALL_ID, FIRST_TEXT, SECOND_CALL_ID, SECOND_TEXT
 from tests.oauth_clients import OAuthUpstream, follow_to_redirect_uri
+from tests.oauth_server import EXPIRY_LEEWAY
 
 pytestmark = pytest.mark.interop
 
@@ -124,9 +125,9 @@ async def test_codex_logs_in_through_proxy_and_its_second_call_survives_restart_
     assert "Successfully logged in" in output, output
 
     async def restart_and_expire() -> None:
-        expires = time.time() + TOKEN_LIFETIME + 0.5
+        expires = time.time() + TOKEN_LIFETIME + EXPIRY_LEEWAY + 1.5  # the server rounds expiry up to a second
         await upstream.restart()
-        await wait_until(lambda: time.time() > expires, TOKEN_LIFETIME + 5, "access token expired")
+        await wait_until(lambda: time.time() > expires, TOKEN_LIFETIME + 8, "access token expired")
 
     run = await run_codex(
         codex_oauth_binary,

@@ -24,6 +24,7 @@ from tests.conftest import ProxyFactory as InProcessProxyFactory
 from tests.conftest import wait_until
 from tests.interop.conftest import HERE, NodeEnv, ProxyFactory
 from tests.oauth_clients import OAuthUpstream
+from tests.oauth_server import EXPIRY_LEEWAY
 
 pytestmark = pytest.mark.interop
 
@@ -91,9 +92,9 @@ def restart_and_expire(upstream: OAuthUpstream) -> Callable[[], Awaitable[None]]
     """Between the calls: the upstream restarts, then the access token runs out."""
 
     async def between() -> None:
-        expires = time.time() + TOKEN_LIFETIME + 0.5
+        expires = time.time() + TOKEN_LIFETIME + EXPIRY_LEEWAY + 1.5  # the server rounds expiry up to a second
         await upstream.restart()
-        await wait_until(lambda: time.time() > expires, TOKEN_LIFETIME + 5, "access token expired")
+        await wait_until(lambda: time.time() > expires, TOKEN_LIFETIME + 8, "access token expired")
 
     return between
 

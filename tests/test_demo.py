@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mcp_heal_proxy import proxy
+from mcp_heal_proxy import engine
 from mcp_heal_proxy.demo import run_demo
 
 # The demo idles 2.5 s; interpreter start-up and the rest take well under a second here.
@@ -58,7 +58,7 @@ async def test_demo_exits_1_with_a_clear_message_when_the_proxy_does_not_heal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A proxy that never recognizes expiry passes the upstream's 404 through to the client.
-    monkeypatch.setattr(proxy, "is_session_expired", lambda *_, **__: False)
+    monkeypatch.setattr(engine, "is_session_expired", lambda *_, **__: False)
     out = io.StringIO()
     async with asyncio.timeout(DEMO_DEADLINE):
         status = await run_demo(out, ttl=0.2)

@@ -17,6 +17,7 @@ from typing import Final
 import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client import Counter
 
 from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.answers import AnswerTracker
@@ -148,6 +149,10 @@ class Proxy:
         self._healer = healer
         self._metrics = metrics
         self._settings = settings
+        # Metric children bound once (labels() takes a lock and builds a key on every call): the
+        # latency histogram per upstream, the request counter per (method label, status) as they occur.
+        self._upstream_latency = metrics.upstream_latency.labels(self._name)
+        self._request_counts: dict[tuple[str, int], Counter] = {}
 
     # --- POST -------------------------------------------------------------------------------------
 
@@ -517,7 +522,13 @@ class Proxy:
     def _finish(self, method: str, status: int, started: float, request: web.Request, outcome: Outcome) -> None:
         """Count and log one request (called once per request, from a finally)."""
         label = method_label(method)
-        self._metrics.requests.labels(self._name, label, str(status)).inc()
+        # Bounded: method labels are a fixed set, statuses HTTP's three digits.
+        counter = self._request_counts.get((label, status))
+        if counter is None:
+            counter = self._request_counts[(label, status)] = self._metrics.requests.labels(
+                self._name, label, str(status)
+            )
+        counter.inc()
         session = request.headers.get(MCP_SESSION_ID)
         duration = time.perf_counter() - started
         tool = outcome.body.tool_name if outcome.body is not None else None
@@ -551,7 +562,7 @@ class Proxy:
         started = time.perf_counter()
         # GET and DELETE cannot run a tool: they may be resent over a connection that broke unanswered.
         response = await self._upstream.send(method, headers, body, stream=stream, resendable=method != "POST")
-        self._metrics.upstream_latency.labels(self._name).observe(time.perf_counter() - started)
+        self._upstream_latency.observe(time.perf_counter() - started)
         return response
 
     @staticmethod

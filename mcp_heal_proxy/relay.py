@@ -109,7 +109,8 @@ class Relay:
         self._name = upstream_name
         # A zero or negative interval would turn the keep-alive tick into a busy loop.
         self._keepalive_interval = max(keepalive_interval, 1.0)
-        self._open_streams = open_streams
+        # The gauge's child for this upstream, bound once (labels() takes a lock on every call).
+        self._open_streams = open_streams.labels(upstream_name)
         # Open GET streams' upstream responses, so that shutdown can end them cleanly.
         self._server_streams: set[aiohttp.ClientResponse] = set()
         self._closing = asyncio.Event()
@@ -161,7 +162,7 @@ class Relay:
             # A JSON answer of known length is one message, not a stream: send headers and body in one
             # write. Streaming it cost a write per chunk plus chunked framing (a quarter of the time).
             return await self._relay_whole(upstream, client_session_id, prefetched, observe)
-        streams = self._open_streams.labels(self._name)
+        streams = self._open_streams
         try:
             response = web.StreamResponse(
                 status=upstream.status,

@@ -315,8 +315,18 @@ def render(results: dict[str, Any], plot: Path | None, command: str) -> str:
 # --- profile -------------------------------------------------------------------------------------
 
 
-def profile(seconds: float, out: Path, top: int, *, answer: str, native: bool, proxy_options: dict[str, Any]) -> str:
-    """py-spy samples the proxy while wrk loads it at c=32 with the JSON (or SSE) tools/call; top functions."""
+def profile(
+    seconds: float,
+    out: Path,
+    top: int,
+    *,
+    answer: str,
+    native: bool,
+    proxy_options: dict[str, Any],
+    target: str = "proxy",
+) -> str:
+    """py-spy samples the proxy (or the upstream behind it) while wrk loads the proxy at c=32 with the
+    JSON (or SSE) tools/call; top functions."""
     wrk_bin = find_tool("wrk")
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not wrk_bin or not Path(spy).exists():
@@ -324,7 +334,7 @@ def profile(seconds: float, out: Path, top: int, *, answer: str, native: bool, p
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    raw = out / f"profile-{answer}.txt"
+    raw = out / f"profile-{answer}{'' if target == 'proxy' else '-' + target}.txt"
     tool = ANSWER_TOOLS[answer]
     with (
         tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp_name,
@@ -340,7 +350,8 @@ def profile(seconds: float, out: Path, top: int, *, answer: str, native: bool, p
         session = client.new_session(proxy.url)
         script = wrk.tools_call_script(session, tool, client.PROTOCOL)
         wrk.run(wrk_bin, proxy.url, script, Path(tmp_name), connections=32, duration_s=2)
-        command = [spy, "record", "-p", str(proxy.pid), "-r", "250", "-d", str(round(seconds))]
+        sampled = proxy.pid if target == "proxy" else upstream.pid
+        command = [spy, "record", "-p", str(sampled), "-r", "250", "-d", str(round(seconds))]
         command += ["-f", "raw", "-o", str(raw), "--nonblocking"] + (["--native"] if native else [])
         spy_proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
@@ -352,12 +363,12 @@ def profile(seconds: float, out: Path, top: int, *, answer: str, native: bool, p
         if spy_proc.returncode != 0:
             raise SystemExit(f"py-spy failed: {err.decode().strip()}")
     per_request = cpu.per_request_us(spent, result.requests)
-    what = f"wrk c=32 {answer.upper()} tools/call ({result.rps:.0f} req/s while sampled"
+    what = f"wrk c=32 {answer.upper()} tools/call through the proxy ({result.rps:.0f} req/s while sampled"
     what += ", " + ", ".join(f"{name} {value:.0f} µs CPU/req" for name, value in per_request.items()) + ")"
-    return summarize_profile(raw, top, what)
+    return summarize_profile(raw, top, what, "proxy" if target == "proxy" else "upstream (bench/upstream.py)")
 
 
-def summarize_profile(raw: Path, top: int, what: str) -> str:
+def summarize_profile(raw: Path, top: int, what: str, process: str = "proxy") -> str:
     """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -376,7 +387,7 @@ def summarize_profile(raw: Path, top: int, what: str) -> str:
         for name in set(frames):
             inclusive[name] += count
     lines = [
-        f"py-spy, {total} samples of the proxy under {what}",
+        f"py-spy, {total} samples of the {process} under {what}",
         "",
         "| self % | function |",
         "|---:|---|",
@@ -435,15 +446,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--answer", choices=tuple(ANSWER_TOOLS), default="json", help="what --profile loads")
     parser.add_argument("--native", action="store_true", help="--profile: py-spy --native (C frames too)")
+    parser.add_argument(
+        "--profile-target",
+        choices=("proxy", "upstream"),
+        default="proxy",
+        help="--profile: the process sampled (the upstream behind the proxy, to compare)",
+    )
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
     args = parser.parse_args(argv)
     out: Path = args.out
     if args.profile:
         settings = Settings(args)
         text = profile(
-            args.profile, out, args.top, answer=args.answer, native=args.native, proxy_options=settings.proxy_options()
+            args.profile,
+            out,
+            args.top,
+            answer=args.answer,
+            native=args.native,
+            proxy_options=settings.proxy_options(),
+            target=args.profile_target,
         )
-        (out / f"profile-{args.answer}.md").write_text(text)
+        suffix = "" if args.profile_target == "proxy" else f"-{args.profile_target}"
+        (out / f"profile-{args.answer}{suffix}.md").write_text(text)
         print(text)
         return
     command = "python -m bench" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

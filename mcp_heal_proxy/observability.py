@@ -179,7 +179,9 @@ class LineWriter:
     def __init__(self, file: TextIO) -> None:
         self._file = file
         self._pending: list[str] = []
-        self._scheduled = False
+        # The loop a flush is scheduled on (None when none is): a loop that ended before running it
+        # must not hold later lines back, so a flush pending on another loop does not count.
+        self._scheduled: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         atexit.register(self.flush)
 
@@ -191,10 +193,10 @@ class LineWriter:
             loop = None
         with self._lock:
             self._pending.append(message)
-            if loop is not None and self._scheduled:
-                return
             if loop is not None:
-                self._scheduled = True
+                if self._scheduled is loop:
+                    return
+                self._scheduled = loop
         if loop is None:
             self.flush()
         else:
@@ -206,7 +208,7 @@ class LineWriter:
     def flush(self) -> None:
         """Write every queued line now."""
         with self._lock:
-            self._scheduled = False
+            self._scheduled = None
             if not self._pending:
                 return
             lines = self._pending

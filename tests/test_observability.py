@@ -214,6 +214,27 @@ async def test_log_lines_of_one_loop_turn_are_written_together_in_order() -> Non
     assert file.writes == 2
 
 
+def test_a_loop_that_ends_before_writing_its_lines_holds_no_later_line_back() -> None:
+    file = CountingFile()
+    writer = LineWriter(file)
+
+    async def log_and_end() -> None:
+        # Logged by a callback of the loop's last turn: the flush it schedules never runs on this loop.
+        asyncio.get_running_loop().call_soon(writer.info, "logged as the loop ends")
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(log_and_end())
+    loop.close()
+    assert file.getvalue() == ""
+
+    async def log_on_the_next_loop() -> None:
+        writer.info("next")
+        await asyncio.sleep(0)
+
+    asyncio.run(log_on_the_next_loop())
+    assert file.getvalue() == "logged as the loop ends\nnext\n"
+
+
 def test_log_lines_off_the_event_loop_are_written_at_once() -> None:
     file = CountingFile()
     writer = LineWriter(file)

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
-from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
+from mcp_heal_proxy.guards import Cors, front_door
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics
@@ -42,10 +42,9 @@ async def open_store(state: str) -> SessionStore:
 
 def build_app(config: ProxyConfig) -> web.Application:
     """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics."""
-    middlewares = [router_errors_as_jsonrpc, origin_guard(config.allowed_origins)]
-    if config.token:
-        middlewares.append(token_guard(config.token))
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[front_door(config.allowed_origins, config.token)]
+    )
     metrics = Metrics()
     settings = ProxySettings(
         max_body_bytes=config.max_body_bytes,

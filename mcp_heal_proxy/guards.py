@@ -138,7 +138,7 @@ _ALWAYS_ALLOWED: Final = frozenset(name.lower() for name in CORS_ALLOW_HEADERS)
 
 class Cors:
     """CORS for allowed Origins (localhost ones and ``allowed_origins``); foreign ones never get here
-    (origin_guard answers 403 first)."""
+    (front_door answers 403 first)."""
 
     def __init__(self, allowed_origins: Iterable[str]) -> None:
         self._allows = origin_policy(allowed_origins)

@@ -135,16 +135,21 @@ def table(results: dict[str, Any]) -> str:
             target=_verdict(after["proxy"] <= limit, f"{after['proxy']:.2f} ≤ {limit:.2f} ms"),
         )
     )
-    mem = results["memory"]
-    counts = sorted(int(k) for k in mem["rss_kib"])
-    created = mem["created"]
-    for count in counts:
-        mib = mem["rss_kib"][str(count)] / 1024
-        lines.append(f"| proxy RSS after {created[str(count)]:,} sessions (MiB) | - | - | {mib:.1f} | - | - | - | - |")
-    per = mem["per_session_kib"]
-    lines.append(
-        f"| proxy RSS per idle session (KiB)² | - | - | {per:.2f} | - | - | - | {_verdict(per <= 5, f'{per:.2f} ≤ 5 KiB')} |"
-    )
+    mem = results.get("memory")
+    if mem is not None:
+        counts = sorted(int(k) for k in mem["rss_kib"])
+        created = mem["created"]
+        for count in counts:
+            mib = mem["rss_kib"][str(count)] / 1024
+            lines.append(
+                f"| proxy RSS after {created[str(count)]:,} sessions (MiB) | - | - | {mib:.1f} | - | - | - | - |"
+            )
+        per = mem["per_session_kib"]
+        lines.append(
+            f"| proxy RSS per idle session (KiB)² | - | - | {per:.2f} | - | - | - | {_verdict(per <= 5, f'{per:.2f} ≤ 5 KiB')} |"
+        )
+    else:
+        lines.append("| proxy RSS per idle session (KiB)² | - | - | not measured (--skip-memory) | - | - | - | - |")
     for kind, label in (("memory", "memory"), ("sqlite", "SQLite file"), ("redis", "Redis")):
         value = results["store"].get(kind)
         shown = "n/a (no redis-server)" if value is None else f"{value:,.1f}"
@@ -158,9 +163,13 @@ def table(results: dict[str, Any]) -> str:
         "¹ direct and nginx cannot heal: their figure is the client re-initializing by hand "
         "(initialize + notifications/initialized + the call), the two extra round trips that are the heal's "
         "limit. Proxy target: normal call through the proxy + 2 x direct round trip + 2 ms.",
-        f"² (RSS after {created[str(counts[-1])]:,} - RSS after {created[str(counts[0])]:,} sessions) ÷ "
-        f"{created[str(counts[-1])] - created[str(counts[0])]:,}; "
-        f"RSS at start {mem['start_kib'] / 1024:.1f} MiB; proxy store: {results['state']}.",
+        (
+            f"² (RSS after {created[str(counts[-1])]:,} - RSS after {created[str(counts[0])]:,} sessions) ÷ "
+            f"{created[str(counts[-1])] - created[str(counts[0])]:,}; "
+            f"RSS at start {mem['start_kib'] / 1024:.1f} MiB; proxy store: {results['state']}."
+        )
+        if mem is not None
+        else f"² proxy store: {results['state']}.",
         "³ one SessionStore.put (a session create or a heal writes one), sequential, opened as the proxy opens "
         "it; SQLite commits to a file in WAL mode on its own thread; Redis is a local redis-server without "
         "persistence.",

@@ -42,6 +42,7 @@ class Settings:
         self.sessions = (200, 1000) if quick else (10_000, 100_000)
         self.store_puts = {"memory": 1000 if quick else 100_000, "durable": 100 if quick else 2000}
         self.sdk = not args.skip_sdk
+        self.memory = not args.skip_memory
         self.state = args.state
         self.client: str = args.client
         self.log_level: str = args.log_level
@@ -257,7 +258,8 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
                         f"  heal    {path:6} normal {healed.normal_ms:.3f} ms, first after expiry {healed.after_expiry_ms:.3f} ms"
                     )
                 results["proxy_rss_after_load_kib"] = proxy.rss_kib()
-            results["memory"] = memory(wrk_bin, upstream, tmp / "wrk", settings, logs)
+            if settings.memory:
+                results["memory"] = memory(wrk_bin, upstream, tmp / "wrk", settings, logs)
         results["store"] = store_figures(settings, tmp)
         if settings.sdk:
             with (
@@ -422,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the proxy's session store: a fresh SQLite file (the default kind) or :memory:",
     )
     parser.add_argument("--skip-sdk", action="store_true", help="skip the official SDK server run")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the RSS per idle session figure")
     parser.add_argument(
         "--client",
         choices=("aiohttp", "lean"),

@@ -49,6 +49,24 @@ def _verdict(ok: bool, detail: str) -> str:
     return f"{'met' if ok else 'MISSED'}: {detail}"
 
 
+# Targets (issue 13): throughput and added p50 against direct, CPU per request against the upstream's own.
+THROUGHPUT_TARGET = 0.6
+ADDED_P50_TARGET_MS = 0.25
+CPU_TARGET = 1.3
+
+
+def own_cpu(results: dict[str, Any], answer: str, phase: str = "loaded") -> dict[str, float | None]:
+    """CPU µs per request of each path's own process: the upstream direct, nginx, the proxy."""
+    cpu = results.get("cpu_us", {}).get(answer)
+    if cpu is None:
+        return dict.fromkeys(PATHS)
+    return {
+        "direct": cpu["direct"][phase]["upstream"],
+        "nginx": cpu["nginx"][phase]["nginx"],
+        "proxy": cpu["proxy"][phase]["proxy"],
+    }
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [_HEAD]
     thr = results["throughput"]
@@ -61,7 +79,23 @@ def table(results: dict[str, Any]) -> str:
                 f"throughput c={results['connections']}, {answer.upper()} answer (req/s)",
                 rps,
                 kind="rate",
-                target=_verdict(ratio >= 0.8, f"{ratio:.2f}x ≥ 0.8x direct"),
+                target=_verdict(ratio >= THROUGHPUT_TARGET, f"{ratio:.2f}x ≥ {THROUGHPUT_TARGET}x direct"),
+                digits=0,
+            )
+        )
+    for answer in ("json", "sse"):
+        if "cpu_us" not in results:
+            break
+        values = own_cpu(results, answer)
+        # The target compares the proxy with the upstream at the same moment (the proxy's load phase).
+        upstream = results["cpu_us"][answer]["proxy"]["loaded"]["upstream"]
+        ratio = values["proxy"] / upstream if values["proxy"] is not None and upstream else 0.0
+        lines.append(
+            _row(
+                f"CPU per request c={results['connections']}, {answer.upper()} answer (µs)⁰",
+                values,
+                kind="rate",
+                target=_verdict(ratio <= CPU_TARGET, f"{ratio:.2f}x ≤ {CPU_TARGET}x upstream ({upstream:.0f} µs)"),
                 digits=0,
             )
         )
@@ -71,7 +105,7 @@ def table(results: dict[str, Any]) -> str:
             target = "-"
             if p == 50:
                 added = values["proxy"] - values["direct"]
-                target = _verdict(added <= 0.3, f"{added:+.2f} ms ≤ +0.3 ms")
+                target = _verdict(added <= ADDED_P50_TARGET_MS, f"{added:+.2f} ms ≤ +{ADDED_P50_TARGET_MS} ms")
             lines.append(_row(f"p{p} latency c=1, {answer.upper()} answer (ms)", values, kind="latency", target=target))
     sse = results["sse_delay"]
     for p in (50, 99):
@@ -101,33 +135,74 @@ def table(results: dict[str, Any]) -> str:
             target=_verdict(after["proxy"] <= limit, f"{after['proxy']:.2f} ≤ {limit:.2f} ms"),
         )
     )
-    mem = results["memory"]
-    counts = sorted(int(k) for k in mem["rss_kib"])
-    created = mem["created"]
-    for count in counts:
-        mib = mem["rss_kib"][str(count)] / 1024
-        lines.append(f"| proxy RSS after {created[str(count)]:,} sessions (MiB) | - | - | {mib:.1f} | - | - | - | - |")
-    per = mem["per_session_kib"]
-    lines.append(
-        f"| proxy RSS per idle session (KiB)² | - | - | {per:.2f} | - | - | - | {_verdict(per <= 5, f'{per:.2f} ≤ 5 KiB')} |"
-    )
+    mem = results.get("memory")
+    if mem is not None:
+        counts = sorted(int(k) for k in mem["rss_kib"])
+        created = mem["created"]
+        for count in counts:
+            mib = mem["rss_kib"][str(count)] / 1024
+            lines.append(
+                f"| proxy RSS after {created[str(count)]:,} sessions (MiB) | - | - | {mib:.1f} | - | - | - | - |"
+            )
+        per = mem["per_session_kib"]
+        lines.append(
+            f"| proxy RSS per idle session (KiB)² | - | - | {per:.2f} | - | - | - | {_verdict(per <= 5, f'{per:.2f} ≤ 5 KiB')} |"
+        )
+    else:
+        lines.append("| proxy RSS per idle session (KiB)² | - | - | not measured (--skip-memory) | - | - | - | - |")
     for kind, label in (("memory", "memory"), ("sqlite", "SQLite file"), ("redis", "Redis")):
         value = results["store"].get(kind)
         shown = "n/a (no redis-server)" if value is None else f"{value:,.1f}"
         lines.append(f"| store write, {label} (µs/put)³ | - | - | {shown} | - | - | - | - |")
     notes = [
         "",
+        "⁰ user + system CPU of the path's own process (/proc/PID/stat, nginx with its worker) during the "
+        "c=32 figure ÷ requests wrk completed: the upstream itself (direct), nginx, mcp-heal-proxy. The "
+        "target compares the proxy with the upstream's own CPU per request in the same phase; the CPU table "
+        "below has every process in every phase.",
         "¹ direct and nginx cannot heal: their figure is the client re-initializing by hand "
         "(initialize + notifications/initialized + the call), the two extra round trips that are the heal's "
         "limit. Proxy target: normal call through the proxy + 2 x direct round trip + 2 ms.",
-        f"² (RSS after {created[str(counts[-1])]:,} - RSS after {created[str(counts[0])]:,} sessions) ÷ "
-        f"{created[str(counts[-1])] - created[str(counts[0])]:,}; "
-        f"RSS at start {mem['start_kib'] / 1024:.1f} MiB; proxy store: {results['state']}.",
+        (
+            f"² (RSS after {created[str(counts[-1])]:,} - RSS after {created[str(counts[0])]:,} sessions) ÷ "
+            f"{created[str(counts[-1])] - created[str(counts[0])]:,}; "
+            f"RSS at start {mem['start_kib'] / 1024:.1f} MiB; proxy store: {results['state']}."
+        )
+        if mem is not None
+        else f"² proxy store: {results['state']}.",
         "³ one SessionStore.put (a session create or a heal writes one), sequential, opened as the proxy opens "
         "it; SQLite commits to a file in WAL mode on its own thread; Redis is a local redis-server without "
         "persistence.",
     ]
     return "\n".join(lines + notes)
+
+
+CPU_PROCESSES = ("upstream", "nginx", "proxy", "wrk")
+
+
+def cpu_table(cpu_us: dict[str, Any], rps: dict[str, Any], connections: int) -> str:
+    """CPU µs per request of every process, for each answer kind, path and load."""
+    lines = [
+        "| answer | load | path | req/s | upstream | nginx | mcp-heal-proxy | wrk | path total¹ | proxy ÷ upstream |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for answer, paths in cpu_us.items():
+        for phase, load in (("loaded", f"c={connections}"), ("single", "c=1")):
+            for path in PATHS:
+                spent = paths[path][phase]
+                total = spent["upstream"] + spent["nginx"] + spent["proxy"]
+                shown_rps = f"{rps[answer][path]:,.0f}" if phase == "loaded" else "-"
+                ratio = _ratio(spent["proxy"], spent["upstream"]) if path == "proxy" else "-"
+                cells = [answer.upper(), load, LABELS[path], shown_rps]
+                cells += [f"{spent[name]:.0f}" for name in CPU_PROCESSES] + [f"{total:.0f}", ratio]
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "µs of user + system CPU per completed request (/proc/PID/stat before and after each figure; wrk from "
+        "the bench's rusage of its children). A process idle in a phase shows ~0. ¹ upstream + nginx + proxy: "
+        "what the server side spends on one request on that path.",
+    ]
+    return "\n".join(lines)
 
 
 def sdk_table(results: dict[str, Any]) -> str:
@@ -149,7 +224,8 @@ def plot(results: dict[str, Any], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_cpu = "cpu_us" in results
+    fig, axes = plt.subplots(1, 3 if with_cpu else 2, figsize=(16.5 if with_cpu else 11, 4.2))
     colors = {"direct": "#2b8a3e", "nginx": "#1c7ed6", "proxy": "#e8590c"}
     left = axes[0]
     for path in PATHS:
@@ -173,8 +249,30 @@ def plot(results: dict[str, Any], out: Path) -> Path | None:
     right.legend(loc="lower right")
     medians = ", ".join(f"{LABELS[p]} {statistics.median(results['sse_delay'][p]):.2f}" for p in PATHS)
     right.text(0.02, 0.97, f"medians (ms): {medians}", transform=right.transAxes, fontsize=7, va="top")
+    if with_cpu:
+        _plot_cpu(axes[2], results)
     fig.tight_layout()
     target = out / "latency.png"
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
+
+
+def _plot_cpu(axis: Any, results: dict[str, Any]) -> None:
+    """Stacked CPU µs per request at c=32: what each path's processes spend, JSON and SSE answers."""
+    colors = {"upstream": "#2b8a3e", "nginx": "#1c7ed6", "proxy": "#e8590c"}
+    names: list[str] = []
+    bottoms: list[float] = []
+    for answer in ("json", "sse"):
+        for path in PATHS:
+            names.append(f"{answer.upper()}\n{path}")
+            bottoms.append(0.0)
+    for process in ("upstream", "nginx", "proxy"):
+        heights = [results["cpu_us"][answer][path]["loaded"][process] for answer in ("json", "sse") for path in PATHS]
+        label = LABELS.get(process, process)
+        axis.bar(names, heights, bottom=bottoms, color=colors[process], label=label)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    axis.set_ylabel("CPU µs per request (user + system)")
+    axis.set_title(f"CPU per request at c={results['connections']}, by process")
+    axis.grid(True, axis="y", alpha=0.3)
+    axis.legend(loc="upper left")

@@ -231,10 +231,13 @@ class HealProxy(Service):
         state: str,
         workdir: Path,
         max_sessions: int = 10_000,
-        client: str = "aiohttp",
+        client: str = "lean",
+        log_level: str = "info",
+        src: Path = REPO,
     ) -> HealProxy:
         """Start with a generated config: ``state`` is ":memory:", a SQLite path, or a redis:// URL;
-        ``client`` is the upstream HTTP client ("aiohttp" or "lean")."""
+        ``client`` is the upstream HTTP client ("aiohttp" or "lean"); ``src`` is the source tree whose
+        mcp_heal_proxy runs (another checkout, to compare two versions with one harness)."""
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "proxy.toml"
         config.write_text(
@@ -250,8 +253,9 @@ class HealProxy(Service):
         )
         with log.open("ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mcp_heal_proxy", "serve", "--config", str(config)],
-                cwd=REPO,
+                [sys.executable, "-m", "mcp_heal_proxy", "serve", "--config", str(config), "--log-level", log_level],
+                # python -m puts the working directory first on the import path: src's package runs.
+                cwd=src,
                 stdout=subprocess.PIPE,
                 stderr=err,
             )

@@ -13,7 +13,7 @@ from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.auth.standin import OAuthPassThrough
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.engine import SessionEngine
-from mcp_heal_proxy.guards import Cors, origin_guard, router_errors_as_jsonrpc, token_guard
+from mcp_heal_proxy.guards import Cors, front_door
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics, method_label
@@ -58,10 +58,10 @@ def build_app(config: ProxyConfig) -> web.Application:
         metrics.requests.labels(upstream, label, str(status)).inc()
         log.info("request", upstream=upstream, method=label, path=request.path, status=status, refused=True)
 
-    middlewares = [router_errors_as_jsonrpc, origin_guard(config.allowed_origins, refused)]
-    if config.token:
-        middlewares.append(token_guard(config.token, refused))
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[front_door(config.allowed_origins, config.token, refused)],
+    )
     settings = ProxySettings(
         max_body_bytes=config.max_body_bytes,
         keepalive_interval=config.keepalive_interval,

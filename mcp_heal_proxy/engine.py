@@ -113,6 +113,8 @@ class SessionEngine:
         self._metrics = metrics
         self._activity = activity
         self._max_sessions = max_sessions
+        # Bound once: labels() takes a lock and builds a key on every call.
+        self._upstream_latency = metrics.upstream_latency.labels(self.name)
 
     # --- sessions -----------------------------------------------------------------------------------
 
@@ -339,7 +341,7 @@ class SessionEngine:
         started = time.perf_counter()
         # GET and DELETE cannot run a tool: they may be resent over a connection that broke unanswered.
         response = await self.upstream.send(method, headers, body, stream=stream, resendable=method != "POST")
-        self._metrics.upstream_latency.labels(self.name).observe(time.perf_counter() - started)
+        self._upstream_latency.observe(time.perf_counter() - started)
         return response
 
     async def check_expiry(self, response: aiohttp.ClientResponse) -> tuple[bool, bytes]:

@@ -1,4 +1,5 @@
-"""Middlewares that stand in front of every handler: errors as JSON-RPC, Origin, inbound token.
+"""The middleware in front of every handler (one, for the cost of one per request): errors as JSON-RPC,
+Origin, inbound token; and CORS.
 
 - Router errors (unknown path, unsupported method) become JSON-RPC error bodies with the same status.
 - Origin validation (DNS rebinding): a present Origin that is neither a localhost origin nor configured
@@ -35,18 +36,6 @@ def json_error(status: int, code: int, message: str, headers: dict[str, str] | N
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
-@web.middleware
-async def router_errors_as_jsonrpc(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown paths and methods get JSON-RPC bodies a client can parse, never an HTML page."""
-    try:
-        return await handler(request)
-    except web.HTTPMethodNotAllowed as exc:
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return json_error(405, jsonrpc.INVALID_REQUEST, f"method {request.method} not allowed", {"Allow": allowed})
-    except web.HTTPNotFound:
-        return json_error(404, jsonrpc.METHOD_NOT_FOUND, f"no MCP endpoint at {request.path}")
-
-
 def origin_is_allowed(origin: str, allowed: frozenset[str]) -> bool:
     """Localhost origins, and the configured ones, may talk to the proxy."""
     if origin in allowed:
@@ -67,18 +56,27 @@ def origin_policy(allowed_origins: Iterable[str]) -> Callable[[str], bool]:
     return allows
 
 
-# Told of every request a guard refuses (its status), so that refusals are logged and counted like the
-# requests the handlers answer.
+# Told of every request the front door refuses (its status), so that refusals are logged and counted like
+# the requests the handlers answer.
 Refused = Callable[[web.Request, int], None]
 
 
 def _not_recorded(request: web.Request, status: int) -> None:
-    """The default for guards built without a recorder (tests of the guards alone)."""
+    """The default for a front door built without a recorder (tests of the guards alone)."""
 
 
-def origin_guard(allowed_origins: Iterable[str], refused: Refused = _not_recorded) -> Middleware:
-    """Refuse requests whose Origin is foreign (a web page trying DNS rebinding)."""
+def front_door(allowed_origins: Iterable[str], token: str | None, refused: Refused = _not_recorded) -> Middleware:
+    """The one middleware in front of every handler (one per request, not one per concern):
+
+    - a foreign Origin (a web page trying DNS rebinding) gets 403;
+    - with a ``token``, ``Authorization: Bearer <token>`` is required on everything but health probes,
+      CORS preflights and the status page, compared in constant time; 401 without it;
+    - unknown paths and methods get JSON-RPC bodies a client can parse, never an HTML page.
+
+    In that order: a refused request learns nothing about which paths exist.
+    """
     allows = origin_policy(allowed_origins)
+    expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -86,27 +84,27 @@ def origin_guard(allowed_origins: Iterable[str], refused: Refused = _not_recorde
         if origin is not None and not allows(origin):
             refused(request, 403)
             return json_error(403, jsonrpc.INVALID_REQUEST, "Origin not allowed")
-        return await handler(request)
-
-    return guard
-
-
-def token_guard(token: str, refused: Refused = _not_recorded) -> Middleware:
-    """Require ``Authorization: Bearer <token>`` on everything but health probes and the status page."""
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Browsers never send credentials on a CORS preflight, and answering one reaches no upstream. The
         # status page checks the token itself: a browser brings it as a cookie (status.py).
-        if request.path not in OPEN_PATHS and request.method != "OPTIONS" and not is_status_path(request.path):
+        if (
+            expected is not None
+            and request.path not in OPEN_PATHS
+            and request.method != "OPTIONS"
+            and not is_status_path(request.path)
+        ):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
                 refused(request, 401)
                 return json_error(
                     401, jsonrpc.INVALID_REQUEST, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
                 )
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return json_error(405, jsonrpc.INVALID_REQUEST, f"method {request.method} not allowed", {"Allow": allowed})
+        except web.HTTPNotFound:
+            return json_error(404, jsonrpc.METHOD_NOT_FOUND, f"no MCP endpoint at {request.path}")
 
     return guard
 
@@ -151,7 +149,7 @@ _ALWAYS_ALLOWED: Final = frozenset(name.lower() for name in CORS_ALLOW_HEADERS)
 
 class Cors:
     """CORS for allowed Origins (localhost ones and ``allowed_origins``); foreign ones never get here
-    (origin_guard answers 403 first)."""
+    (front_door answers 403 first)."""
 
     def __init__(self, allowed_origins: Iterable[str]) -> None:
         self._allows = origin_policy(allowed_origins)

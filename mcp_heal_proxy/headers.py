@@ -59,12 +59,32 @@ def is_valid_session_id(value: str) -> bool:
     return _VALID_SESSION_ID.fullmatch(value) is not None
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
-    """Header names that ``Connection`` marks as hop-by-hop for this one message."""
-    value = headers.get("Connection")
+def _tokens(value: str | None) -> frozenset[str]:
+    """Header names that a ``Connection`` value marks as hop-by-hop for this one message."""
     if not value:
         return frozenset()
     return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+# The names to skip for one Connection header value and one set of dropped names, remembered: on the hot
+# path they are the same few every time (no Connection header, or "keep-alive"). Bounded, since the
+# Connection value is the peer's to choose.
+_SkipKey = tuple[str | None, tuple[str, ...]]
+_SKIPS_REMEMBERED: Final = 256
+_upstream_skips: dict[_SkipKey, frozenset[str]] = {}
+_downstream_skips: dict[_SkipKey, frozenset[str]] = {}
+
+
+def _skipped(
+    base: frozenset[str], connection: str | None, drop: tuple[str, ...], known: dict[_SkipKey, frozenset[str]]
+) -> frozenset[str]:
+    key = (connection, drop)
+    skip = known.get(key)
+    if skip is None:
+        skip = base | _tokens(connection) | {name.lower() for name in drop}
+        if len(known) < _SKIPS_REMEMBERED:
+            known[key] = skip
+    return skip
 
 
 def upstream_request_headers(
@@ -74,7 +94,7 @@ def upstream_request_headers(
     drop: Iterable[str] = (),
 ) -> dict[str, str]:
     """Headers to send upstream for a client's request, carrying the upstream session id."""
-    skip = _NOT_UPSTREAM | _connection_tokens(client_headers) | {name.lower() for name in drop}
+    skip = _skipped(_NOT_UPSTREAM, client_headers.get("Connection"), tuple(drop), _upstream_skips)
     out = {name: value for name, value in client_headers.items() if name.lower() not in skip}
     # Ask for an uncompressed answer: the proxy reads error and initialize bodies, and compression
     # would hold SSE events back. (Without the header, a server may pick any coding it likes.)
@@ -88,7 +108,7 @@ def client_response_headers(
     upstream_headers: Mapping[str, str], client_session_id: str | None
 ) -> list[tuple[str, str]]:
     """Headers to send the client for an upstream answer, carrying the client's own session id."""
-    skip = _NOT_DOWNSTREAM | _connection_tokens(upstream_headers)
+    skip = _skipped(_NOT_DOWNSTREAM, upstream_headers.get("Connection"), (), _downstream_skips)
     out = [(name, value) for name, value in upstream_headers.items() if name.lower() not in skip]
     if client_session_id is not None:
         out.append((MCP_SESSION_ID, client_session_id))

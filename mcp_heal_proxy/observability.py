@@ -9,11 +9,17 @@ Metrics live in a registry of the app's own, so that several apps (tests, the de
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import datetime
+import json
 import logging
 import re
 import sys
+import threading
+import time
 from collections.abc import Iterable, MutableMapping
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -75,14 +81,42 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Short values would redact innocent text; real tokens are long.
         self.secrets = tuple(sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True))
+        # Key names seen so far and whether each is sensitive: event keys are a small fixed set (keys
+        # of dict values come from data, hence the bound).
+        self._sensitive: dict[str, bool] = {}
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        # Hot path (every request logs an event): plain strings, numbers, booleans and None are handled
+        # here without a call; containers and subclasses go through _clean.
+        secrets = self.secrets
+        known = self._sensitive
         for key, value in event.items():
-            event[key] = self._clean(key, value)
+            sensitive = known.get(key)
+            if sensitive is None:
+                sensitive = self._is_sensitive(key)
+            if sensitive:
+                event[key] = REDACTED
+                continue
+            kind = value.__class__
+            if kind is str:
+                for secret in secrets:
+                    if secret in value:
+                        value = value.replace(secret, REDACTED)
+                        event[key] = value
+            elif kind not in _PLAIN:
+                event[key] = self._clean(key, value)
         return event
 
+    def _is_sensitive(self, key: str) -> bool:
+        known = self._sensitive.get(key)
+        if known is None:
+            known = key.lower() in _SENSITIVE_KEYS
+            if len(self._sensitive) < _KEYS_REMEMBERED:
+                self._sensitive[key] = known
+        return known
+
     def _clean(self, key: str, value: Any) -> Any:
-        if key.lower() in _SENSITIVE_KEYS:
+        if self._is_sensitive(key):
             return REDACTED
         if isinstance(value, str):
             if "earer" in value or "EARER" in value:  # cheap test first: most strings hold none
@@ -98,25 +132,146 @@ class Redactor:
         return value
 
 
+# Values that can hold no secret (subclasses, e.g. an IntEnum, go through Redactor._clean as before).
+_PLAIN: Final = frozenset({int, float, bool, type(None)})
+_KEYS_REMEMBERED: Final = 4096
+
+
+class IsoTimeStamper:
+    """``structlog.processors.TimeStamper(fmt="iso", utc=True)`` with the same output, cheaper: the
+    date and time of day are formatted once per second, only the microseconds on every event."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        """The current UTC time as ``datetime.isoformat`` writes it, ``Z`` for ``+00:00``."""
+        nanos = time.time_ns()
+        # datetime.now() has microsecond resolution (truncated here, as the clock's own value is).
+        second, micros = divmod(nanos // 1000, 1_000_000)
+        if second != self._second:
+            moment = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+            self._prefix = moment.isoformat().removesuffix("+00:00")
+            self._second = second
+        # isoformat leaves the fraction out when it is zero.
+        return f"{self._prefix}.{micros:06d}Z" if micros else f"{self._prefix}Z"
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["timestamp"] = self.now()
+        return event
+
+
+def _json_fallback(value: Any) -> Any:
+    # What structlog's JSONRenderer does with values JSON has no type for.
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+class JSONLineRenderer:
+    """``structlog.processors.JSONRenderer()`` with the same output, with one encoder made once
+    instead of one per event (json.dumps with a ``default`` builds a new encoder on every call)."""
+
+    __slots__ = ("_encode",)
+
+    def __init__(self) -> None:
+        self._encode = json.JSONEncoder(default=_json_fallback).encode
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> str:
+        return self._encode(event)
+
+
+class LineWriter:
+    """A structlog logger that writes each rendered event as a line, at most one write per loop turn.
+
+    On the event loop, lines are queued and written (and flushed) together by a callback that runs in
+    the loop's next turn: under load the many request events of one turn cost one ``write`` instead of
+    one each, and no line waits longer than the turn in which it was logged. Off the loop (CLI commands,
+    other threads), each line is written at once. Lines still queued when the process exits are written
+    by an ``atexit`` hook.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._pending: list[str] = []
+        # The loop a flush is scheduled on (None when none is): a loop that ended before running it
+        # must not hold later lines back, so a flush pending on another loop does not count.
+        self._scheduled: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.flush)
+
+    def msg(self, message: str) -> None:
+        """Queue (or, off the event loop, write) one line."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            self._pending.append(message)
+            if loop is not None:
+                if self._scheduled is loop:
+                    return
+                self._scheduled = loop
+        if loop is None:
+            self.flush()
+        else:
+            loop.call_soon(self.flush)
+
+    # structlog calls the method named like the level; every level goes the same way.
+    debug = info = warning = warn = error = critical = exception = fatal = failure = err = log = msg
+
+    def flush(self) -> None:
+        """Write every queued line now."""
+        with self._lock:
+            self._scheduled = None
+            if not self._pending:
+                return
+            lines = self._pending
+            self._pending = []
+            try:
+                self._file.write("\n".join(lines) + "\n")
+                self._file.flush()
+            except (OSError, ValueError):
+                pass  # stderr closed or gone: a log line is never worth a crash
+
+
+class LineWriterFactory:
+    """structlog logger factory: one LineWriter per file, shared by every logger."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._writer = LineWriter(file)
+
+    def __call__(self, *_: Any) -> LineWriter:
+        return self._writer
+
+
 def configure_logging(
     log_format: str = "auto", level: str = "info", secrets: Iterable[str] = (), *, cache: bool = True
 ) -> None:
     """Set up structlog for the process (called once by the CLI).
 
     ``cache`` binds each logger on first use, which saves a quarter of a log call on the hot path;
-    tests that reconfigure logging more than once turn it off.
+    tests that reconfigure logging more than once turn it off. Every request logs an event, so the
+    pipeline is built for cost: a timestamp formatted once per second, one JSON encoder, and lines
+    written at most once per event-loop turn (LineWriter); the output is what structlog's own
+    TimeStamper and JSONRenderer write.
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else JSONLineRenderer()
     structlog.configure(
+        # The redactor runs before the level and the timestamp are added: neither can hold a secret.
         processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
             Redactor(secrets),
+            structlog.processors.add_log_level,
+            IsoTimeStamper(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=LineWriterFactory(sys.stderr),
         cache_logger_on_first_use=cache,
     )
 

@@ -17,6 +17,7 @@ from typing import Final
 import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client import Counter
 
 from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.engine import DELETE_GONE, SessionEngine, answer_tracker
@@ -92,12 +93,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge(f"request body over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
+    content = request.content
+    # readany, not iter_any: the same reads without an iterator and its frames (a body usually arrives
+    # in one piece, with the headers).
+    while chunk := await content.readany():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body over the {limit}-byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Proxy:
@@ -111,6 +115,9 @@ class Proxy:
         self._name = engine.name
         self._metrics = metrics
         self._settings = settings
+        # The request counter's children bound once per (method label, status), as they occur: labels()
+        # takes a lock and builds a key on every call.
+        self._request_counts: dict[tuple[str, int], Counter] = {}
 
     # --- POST -------------------------------------------------------------------------------------
 
@@ -270,7 +277,13 @@ class Proxy:
     def _finish(self, method: str, status: int, started: float, request: web.Request, outcome: Outcome) -> None:
         """Count and log one request (called once per request, from a finally)."""
         label = method_label(method)
-        self._metrics.requests.labels(self._name, label, str(status)).inc()
+        # Bounded: method labels are a fixed set, statuses HTTP's three digits.
+        counter = self._request_counts.get((label, status))
+        if counter is None:
+            counter = self._request_counts[(label, status)] = self._metrics.requests.labels(
+                self._name, label, str(status)
+            )
+        counter.inc()
         session = request.headers.get(MCP_SESSION_ID)
         duration = time.perf_counter() - started
         tool = outcome.body.tool_name if outcome.body is not None else None

@@ -86,6 +86,22 @@ class PendingResume:
         self.request_ids = request_ids
 
 
+class _WithFirstBytes(web.StreamResponse):
+    """A streamed answer whose first bytes are written right after prepare: its headers go out with
+    them in one write (aiohttp's StreamResponse writes headers on their own at prepare; its Response
+    does not, by this same class attribute)."""
+
+    _send_headers_immediately = False
+
+
+def _arrived(upstream: aiohttp.ClientResponse) -> bytes:
+    """What of the body already arrived, without waiting; a broken body is left for the next read."""
+    try:
+        return upstream.content.read_nowait()
+    except (aiohttp.ClientError, TimeoutError):
+        return b""
+
+
 async def _send(response: web.StreamResponse, data: bytes) -> None:
     """Write to the client; its hang-up is ClientLeft, never taken for an upstream failure."""
     try:
@@ -109,7 +125,8 @@ class Relay:
         self._name = upstream_name
         # A zero or negative interval would turn the keep-alive tick into a busy loop.
         self._keepalive_interval = max(keepalive_interval, 1.0)
-        self._open_streams = open_streams
+        # The gauge's child for this upstream, bound once (labels() takes a lock on every call).
+        self._open_streams = open_streams.labels(upstream_name)
         # Open GET streams' upstream responses, so that shutdown can end them cleanly.
         self._server_streams: set[aiohttp.ClientResponse] = set()
         self._closing = asyncio.Event()
@@ -161,9 +178,16 @@ class Relay:
             # A JSON answer of known length is one message, not a stream: send headers and body in one
             # write. Streaming it cost a write per chunk plus chunked framing (a quarter of the time).
             return await self._relay_whole(upstream, client_session_id, prefetched, observe)
-        streams = self._open_streams.labels(self._name)
+        streams = self._open_streams
+        # An SSE answer's events that already arrived go out with the headers (and, when the answer is
+        # complete, with its end): one write instead of three.
+        first = _arrived(upstream) if is_sse and reattach is None and not prefetched else b""
+        tail = b""
         try:
-            response = web.StreamResponse(
+            # Headers wait for the first write only when it follows at once: a client waiting for a slow
+            # first event gets the headers as soon as the upstream sent them.
+            response_class = _WithFirstBytes if first or prefetched else web.StreamResponse
+            response = response_class(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers, client_session_id),
@@ -182,14 +206,16 @@ class Relay:
                 if reattach is not None:
                     await self._relay_server_stream(response, upstream, reattach)
                 else:
-                    await self._relay_answer(response, upstream, is_sse, tracker, client_session_id, generation)
+                    tail = await self._relay_answer(
+                        response, upstream, is_sse, tracker, client_session_id, generation, first
+                    )
             except ClientLeft:
                 outcome.client_left = True
                 return response
             finally:
                 streams.dec()
             try:
-                await response.write_eof()
+                await response.write_eof(tail)
             except ConnectionError:
                 outcome.client_left = True
             return response
@@ -204,15 +230,23 @@ class Relay:
         tracker: AnswerTracker | None,
         client_session_id: str | None,
         generation: int,
-    ) -> None:
-        """The answer to a POST (or a resumed one): forwarded until it ends, then errors for what it lost."""
+        first: bytes = b"",
+    ) -> bytes:
+        """The answer to a POST (or a resumed one): forwarded until it ends, then errors for what it lost.
+
+        Returns the bytes the answer ended with when they are still to be written: the caller writes
+        them with the end of the response."""
         observe = tracker.feed if tracker is not None else None
         if not is_sse:
             await self._pump(upstream, response, observe)
-            return
-        between_events = await self._pump_sse(upstream, response, observe)
+            return b""
+        held: list[bytes] = []
+        between_events = await self._pump_sse(upstream, response, observe, first, held)
+        tail = b"".join(held)
         if tracker is None or not tracker.may_be_unanswered():
-            return
+            return tail
+        if tail:
+            await _send(response, tail)
         last_event_id = tracker.last_event_id
         if between_events and last_event_id is not None and client_session_id is not None:
             # The client can resume this stream by GET with Last-Event-ID (the spec's way to finish an
@@ -221,10 +255,11 @@ class Relay:
             unanswered = tracker.unanswered()
             if unanswered:
                 self._remember_resume(client_session_id, last_event_id, PendingResume(generation, tuple(unanswered)))
-            return
+            return b""
         # Broken mid-event, or closed without the answer by a server the client cannot resume from (no
         # event ids): the client would wait forever.
         await self.finish_unanswered(response, tracker.unanswered(), _BROKEN)
+        return b""
 
     async def _relay_server_stream(
         self, response: web.StreamResponse, upstream: aiohttp.ClientResponse, reattach: Reattach
@@ -327,37 +362,52 @@ class Relay:
                 observe(chunk)
 
     async def _pump_sse(
-        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], object] | None
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        observe: Callable[[bytes], object] | None,
+        first: bytes = b"",
+        held: list[bytes] | None = None,
     ) -> bool:
         """Copy an SSE body, filling silences with keep-alive comments; True if it ended between events.
 
+        ``first`` is what was already taken from the body. With ``held``, the chunk after which the body
+        has ended is put there instead of written (the caller writes it with the response's end).
         Only the upstream read is guarded here: a failed write to the client raises ClientLeft.
         """
         content = upstream.content
         interval = self._keepalive_interval
         at_boundary = True
+        chunk = first
         while True:
-            idle = asyncio.timeout(interval)
-            try:
-                async with idle:
-                    chunk = await content.readany()
-            except TimeoutError:
-                if not idle.expired():
-                    self._log_broken("ReadTimeout")  # the upstream read timeout, not our keep-alive tick
-                    return at_boundary
-                if at_boundary:
-                    # Only between events: a comment inside an event would corrupt it.
-                    await _send(response, _KEEPALIVE)
-                continue
-            except aiohttp.ClientError as exc:
-                self._log_broken(type(exc).__name__)
-                return at_boundary
             if not chunk:
+                idle = asyncio.timeout(interval)
+                try:
+                    async with idle:
+                        chunk = await content.readany()
+                except TimeoutError:
+                    if not idle.expired():
+                        self._log_broken("ReadTimeout")  # the upstream read timeout, not our keep-alive tick
+                        return at_boundary
+                    if at_boundary:
+                        # Only between events: a comment inside an event would corrupt it.
+                        await _send(response, _KEEPALIVE)
+                    continue
+                except aiohttp.ClientError as exc:
+                    self._log_broken(type(exc).__name__)
+                    return at_boundary
+                if not chunk:
+                    return at_boundary
+            at_boundary = chunk.endswith(_EVENT_ENDS)
+            if held is not None and content.at_eof():
+                held.append(chunk)
+                if observe is not None:
+                    observe(chunk)
                 return at_boundary
             await _send(response, chunk)
-            at_boundary = chunk.endswith(_EVENT_ENDS)
             if observe is not None:
                 observe(chunk)
+            chunk = b""
 
     def _log_broken(self, error: str) -> None:
         if not self._closing.is_set():

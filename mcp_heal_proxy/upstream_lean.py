@@ -69,7 +69,8 @@ class BadResponse(aiohttp.ClientPayloadError):
 
 
 class LeanBody:
-    """A response body as it arrives: ``readany``, ``read`` and ``iter_any`` like aiohttp's StreamReader."""
+    """A response body as it arrives: ``readany``, ``read``, ``read_nowait``, ``at_eof`` and ``iter_any``
+    like aiohttp's StreamReader."""
 
     __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_last_data", "_loop", "_read_timeout", "_size", "_waiter")
 
@@ -189,6 +190,17 @@ class LeanBody:
         if self._exc is not None:
             raise self._exc
         return self._take(-1)
+
+    def read_nowait(self) -> bytes:
+        """Whatever arrived and was not read yet, without waiting (``b""`` if nothing; unlike aiohttp's,
+        a broken body is not raised here but by the next read)."""
+        if not self._chunks:
+            return b""
+        return self._take(-1)
+
+    def at_eof(self) -> bool:
+        """Whether the body ended and everything in it was read (as aiohttp's ``StreamReader.at_eof``)."""
+        return self._eof and not self._chunks
 
     def iter_any(self) -> _ChunkIterator:
         """``async for chunk in body.iter_any()``: chunks as they arrive, until the end."""

@@ -7,6 +7,7 @@ without them it skips locally, and fails in CI (CI=true), where .ci/run installs
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -38,8 +39,23 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
     assert done.returncode == 0, f"bench --quick failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     out = done.stdout
     assert "| figure | direct | nginx | mcp-heal-proxy |" in out
-    for figure in ("throughput c=32", "p50 latency c=1", "SSE per-event delay", "first call after expiry", "RSS"):
+    for figure in (
+        "throughput c=32",
+        "CPU per request c=32, JSON",
+        "CPU per request c=32, SSE",
+        "p50 latency c=1",
+        "SSE per-event delay",
+        "first call after expiry",
+        "RSS",
+    ):
         assert figure in out, f"no {figure!r} row in:\n{out}"
+    # CPU per request of every process, measured: the proxy spends some on its own phase's requests.
+    results = json.loads((tmp_path / "results.json").read_text())
+    for answer in ("json", "sse"):
+        assert results["cpu_us"][answer]["proxy"]["loaded"]["proxy"] > 0
+        assert results["cpu_us"][answer]["nginx"]["loaded"]["nginx"] > 0
+        assert results["cpu_us"][answer]["direct"]["loaded"]["upstream"] > 0
+    assert "| answer | load | path | req/s | upstream | nginx | mcp-heal-proxy |" in out
     assert "Official MCP Python SDK upstream" in out
     assert (tmp_path / "results.md").read_text().strip() == out.strip()
     if importlib.util.find_spec("matplotlib") is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mcp_heal_proxy.cli import banner
+from mcp_heal_proxy.cli import GC_THRESHOLD, banner, tune_garbage_collection
 from mcp_heal_proxy.config import build_config
 from tests.conftest import REPO_ROOT
 
@@ -275,3 +276,15 @@ async def test_serve_refuses_what_check_config_refuses_with_the_same_line(tmp_pa
     assert checked[2] == served[2]
     assert checked[2].count(b"\n") == 1
     assert b"Traceback" not in served[2]
+
+
+def test_garbage_collection_is_tuned_once_the_proxy_is_up() -> None:
+    """serve() freezes what lives for the whole process and collects young objects less often."""
+    threshold = gc.get_threshold()
+    try:
+        tune_garbage_collection()
+        assert gc.get_threshold() == (GC_THRESHOLD, *threshold[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +14,7 @@ import aiohttp
 import pytest
 import structlog
 
-from mcp_heal_proxy.observability import Redactor, configure_logging
+from mcp_heal_proxy.observability import IsoTimeStamper, JSONLineRenderer, LineWriter, Redactor, configure_logging
 from tests.conftest import (
     MCP_HEADERS,
     ProxyFactory,
@@ -30,11 +32,12 @@ CLIENT_TOKEN = "client-bearer-token-0815"
 
 
 @pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Route the proxy's JSON logs into a buffer (restoring the test default afterwards)."""
+def captured_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """Route the proxy's JSON logs into a buffer (restoring the test default afterwards): the pipeline
+    the CLI sets up, its line writer included, with the buffer as stderr."""
     buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
     configure_logging("json", "debug", secrets=[INJECTED_TOKEN], cache=False)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buffer))
     yield buffer
     structlog.reset_defaults()
 
@@ -111,6 +114,7 @@ async def test_secrets_never_reach_logs_metrics_or_error_bodies(
     async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
         metrics = await response.text()
     structlog.get_logger("test").warning("leak.attempt", detail=f"token is {INJECTED_TOKEN}", authorization="x")
+    await asyncio.sleep(0)  # lines logged on the loop are written in its next turn
     output = captured_logs.getvalue() + metrics + "".join(bodies)
     assert INJECTED_TOKEN not in output
     assert CLIENT_TOKEN not in output
@@ -125,6 +129,142 @@ def test_the_redactor_cleans_nested_values_and_sensitive_keys() -> None:
         "headers": {"Authorization": "[redacted]", "X": "has [redacted] inside"},
         "token": "[redacted]",
     }
+
+
+def test_the_redactor_redacts_sensitive_keys_of_any_value_and_secrets_in_any_string() -> None:
+    redact = Redactor(["sekrit-value"])
+    event = {
+        "token": 4711,
+        "Password": None,
+        "api_key": True,
+        "Authorization": 2.5,
+        "status": 200,
+        "healed": False,
+        "client_session": None,
+        "upstream": "sekrit-value",
+        "detail": "a sekrit-value, twice: sekrit-value",
+        "ids": (1, "sekrit-value"),
+    }
+    assert redact(None, "info", event) == {
+        "token": "[redacted]",
+        "Password": "[redacted]",
+        "api_key": "[redacted]",
+        "Authorization": "[redacted]",
+        "status": 200,
+        "healed": False,
+        "client_session": None,
+        "upstream": "[redacted]",
+        "detail": "a [redacted], twice: [redacted]",
+        "ids": [1, "[redacted]"],
+    }
+
+
+@pytest.mark.parametrize(
+    "nanos",
+    [
+        1_764_475_200_000_000_000,  # a whole second: isoformat writes no fraction
+        1_764_475_200_000_001_999,  # one microsecond (the nanoseconds are cut, as datetime.now() does)
+        1_764_475_259_999_999_000,  # the last microsecond of a minute
+        1_764_475_260_123_456_789,  # the next second: the cached date and time are renewed
+    ],
+)
+def test_the_timestamp_is_what_structlogs_iso_utc_stamper_writes(monkeypatch: pytest.MonkeyPatch, nanos: int) -> None:
+    stamper = IsoTimeStamper()
+    stamper.now()  # a second cached from the real clock first
+    monkeypatch.setattr("mcp_heal_proxy.observability.time.time_ns", lambda: nanos)
+    moment = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(microseconds=nanos // 1000)
+    assert stamper.now() == moment.isoformat().replace("+00:00", "Z")
+
+
+def test_the_json_line_is_what_structlogs_json_renderer_writes() -> None:
+    class Custom:
+        def __repr__(self) -> str:
+            return "<custom>"
+
+    event = {
+        "upstream": "default",
+        "client_session": None,
+        "method": "tools/call",
+        "status": 200,
+        "healed": False,
+        "duration_ms": 0.123,
+        "nested": {"a": [1, 2.5, "ü"]},
+        "odd": Custom(),
+        "event": "request",
+        "level": "info",
+    }
+    expected = structlog.processors.JSONRenderer()(None, "info", dict(event))
+    assert JSONLineRenderer()(None, "info", dict(event)) == expected
+
+
+class CountingFile(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_log_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+    file = CountingFile()
+    writer = LineWriter(file)
+    for index in range(5):
+        writer.info(f"line {index}")
+    assert file.getvalue() == ""  # queued until the loop's next turn
+    await asyncio.sleep(0)
+    assert file.getvalue() == "".join(f"line {index}\n" for index in range(5))
+    assert file.writes == 1
+    writer.info("later")
+    await asyncio.sleep(0)
+    assert file.getvalue().endswith("line 4\nlater\n")
+    assert file.writes == 2
+
+
+def test_a_loop_that_ends_before_writing_its_lines_holds_no_later_line_back() -> None:
+    file = CountingFile()
+    writer = LineWriter(file)
+
+    async def log_and_end() -> None:
+        # Logged by a callback of the loop's last turn: the flush it schedules never runs on this loop.
+        asyncio.get_running_loop().call_soon(writer.info, "logged as the loop ends")
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(log_and_end())
+    loop.close()
+    assert file.getvalue() == ""
+
+    async def log_on_the_next_loop() -> None:
+        writer.info("next")
+        await asyncio.sleep(0)
+
+    asyncio.run(log_on_the_next_loop())
+    assert file.getvalue() == "logged as the loop ends\nnext\n"
+
+
+def test_log_lines_off_the_event_loop_are_written_at_once() -> None:
+    file = CountingFile()
+    writer = LineWriter(file)
+    writer.warning("one")
+    writer.error("two")
+    assert file.getvalue() == "one\ntwo\n"
+    writer.flush()  # nothing left to write
+    assert file.writes == 2
+
+
+async def test_configured_logging_writes_json_lines_with_level_and_timestamp(
+    captured_logs: io.StringIO,
+) -> None:
+    log = structlog.get_logger("test")
+    log.info("request", upstream="default", status=200, token="abc")
+    log.debug("other", detail=f"sent {INJECTED_TOKEN}")
+    await asyncio.sleep(0)
+    first, second = events(captured_logs)
+    assert list(first) == ["upstream", "status", "token", "event", "level", "timestamp"]
+    assert (first["event"], first["level"], first["status"], first["token"]) == ("request", "info", 200, "[redacted]")
+    assert datetime.datetime.fromisoformat(first["timestamp"]).tzinfo == datetime.UTC
+    assert (second["event"], second["level"], second["detail"]) == ("other", "debug", "sent [redacted]")
 
 
 def counted(metrics: str, method: str, status: str) -> float:

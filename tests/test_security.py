@@ -79,3 +79,31 @@ async def test_the_inbound_token_is_required_and_not_forwarded(
         assert response.status == 200
     async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
         assert response.status == 401
+
+
+async def test_the_checks_run_in_order_origin_then_token_then_route(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A refused request learns nothing about which paths and methods exist; an authorized one gets
+    JSON-RPC errors for unknown paths and methods."""
+    _, url = fake
+    proxy = await with_token(start_proxy, url)
+    base = proxy.url.removesuffix("/mcp")
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    foreign = {"Origin": "http://evil.example"}
+    cases: list[tuple[str, str, dict[str, str], int]] = [
+        ("PUT", "/nowhere", foreign, 403),
+        ("PUT", "/nowhere", {**foreign, **token}, 403),
+        ("PUT", "/nowhere", {}, 401),
+        ("PUT", "/mcp", {}, 401),
+        ("PUT", "/nowhere", token, 404),
+        ("PUT", "/mcp", token, 405),
+    ]
+    for method, path, headers, status in cases:
+        async with http.request(method, base + path, headers=headers) as response:
+            assert response.status == status, (method, path, headers)
+            body = await response.json()
+        assert "error" in body, body
+        assert body["id"] is None
+        if status == 405:
+            assert response.headers["Allow"] == "DELETE, GET, OPTIONS, POST"

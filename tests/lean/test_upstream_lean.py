@@ -23,7 +23,7 @@ from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from mcp_heal_proxy.upstream import Upstream, read_capped
 from mcp_heal_proxy.upstream_lean import HIGH_WATER, BadResponse, ConnectFailed, Disconnected, LeanPool
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -115,6 +115,41 @@ async def test_chunked_body(aiohttp_server: AiohttpServer, pools: Callable[..., 
     again = await pool.request("GET", {}, None, read_timeout=5)
     assert len(await again.content.read()) > 0
     assert pool.open_connections == 1
+
+
+async def test_read_nowait_and_at_eof_say_what_already_arrived(pools: Callable[..., LeanPool]) -> None:
+    """As aiohttp's StreamReader: read_nowait takes what is buffered without waiting, at_eof says the body
+    ended and was read whole."""
+    second_part = asyncio.Event()
+
+    async def handler(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await writer.drain()
+        await second_part.wait()
+        writer.write(b"world")
+        await writer.drain()
+
+    async with raw_server(handler) as url:
+        pool = pools(url)
+        response = await pool.request("GET", {}, None, read_timeout=5)
+        body = response.content
+        taken: list[bytes] = []
+
+        def take() -> bool:
+            taken.append(body.read_nowait())
+            return bool(b"".join(taken))
+
+        await wait_until(take, 5, "hello arrived")
+        assert b"".join(taken) == b"hello"
+        assert body.read_nowait() == b""  # taken, and nothing more yet
+        assert not body.at_eof()
+        second_part.set()
+        taken.clear()
+        await wait_until(take, 5, "world arrived")
+        assert b"".join(taken) == b"world"
+        assert body.at_eof()  # the body ended with it (Content-Length), and all of it was read
+        assert await body.readany() == b""
+        response.release()
 
 
 async def test_body_delimited_by_close(pools: Callable[..., LeanPool]) -> None:

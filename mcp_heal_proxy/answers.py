@@ -77,10 +77,6 @@ class AnswerTracker:
         """The id of the last numbered event of an SSE answer (where a client's resume starts)."""
         return self._parser.last_event_id if self._parser is not None else None
 
-    def answered(self, request_id: RequestId) -> bool:
-        """Whether the answer to ``request_id`` went by."""
-        return request_id in self.answers()
-
     def may_be_unanswered(self) -> bool:
         """Cheap check first: with at least one possible response per request, assume all answered."""
         return len(self._candidates) < len(self._request_ids) if self._parser is not None else True

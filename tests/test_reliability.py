@@ -147,13 +147,18 @@ async def test_a_call_whose_upstream_dies_mid_answer_fails_promptly_and_the_sess
     resumable_upstream: UpstreamProcess, start_proxy: ProxyFactory
 ) -> None:
     proxy = await start_proxy(resumable_upstream.url)
+    first_progress = asyncio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        first_progress.set()
+
     async with mcp_session(proxy.url) as client:
         pending = asyncio.ensure_future(  # noqa: TID251 (awaited below)
-            client.call_tool("gated_steps", {"steps": 2}, read_timeout_seconds=30)
+            client.call_tool("gated_steps", {"steps": 2}, read_timeout_seconds=30, progress_callback=on_progress)
         )
-        await wait_until(lambda: resumable_upstream.process is not None, 5, "upstream running")
-        await asyncio.sleep(0.5)  # the first progress event is on its way; then the upstream dies
-        await resumable_upstream.restart()
+        async with asyncio.timeout(10):
+            await first_progress.wait()  # a numbered event went by: the answer stream is resumable
+        await resumable_upstream.restart()  # then the upstream dies, its event store with it
         started = time.monotonic()
         async with asyncio.timeout(15):
             result_or_error: object

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -123,19 +123,27 @@ class Proxy:
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         """Forward a client's JSON-RPC message(s)."""
+        return await self._handle(request, None, lambda outcome: self._read_and_post(request, outcome))
+
+    async def _handle(
+        self, request: web.Request, method: str | None, work: Callable[[Outcome], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """One request, start to end: its failures answered as JSON-RPC errors, and the request logged and
+        counted once, in a ``finally``: a client that hangs up cancels the handler, and its request is still
+        recorded with the status it got (499 when it left before any answer). ``method`` names it in the log,
+        or (None) the method of its POST body once parsed."""
         started = time.perf_counter()
         outcome = Outcome()
         response: web.StreamResponse | None = None
         try:
-            response = await self._answer_errors(self._read_and_post(request, outcome), outcome)
+            response = await self._answer_errors(work(outcome), outcome)
             return response
         except asyncio.CancelledError:
             outcome.client_left = True  # the client hung up (or shutdown ended the request)
             raise
         finally:
-            # In a finally: a client that hangs up cancels this handler, and its request is still
-            # logged and counted, once, with the status it got (499 when it left before any answer).
-            method = outcome.body.method_label if outcome.body is not None else "invalid"
+            if method is None:
+                method = outcome.body.method_label if outcome.body is not None else "invalid"
             self._finish(method, _status(outcome, response), started, request, outcome)
 
     async def _read_and_post(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
@@ -198,17 +206,7 @@ class Proxy:
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         """Open the server-to-client SSE stream of a session and keep it open across heals, or resume
         an answer stream (``Last-Event-ID``)."""
-        started = time.perf_counter()
-        outcome = Outcome()
-        response: web.StreamResponse | None = None
-        try:
-            response = await self._answer_errors(self._get(request, outcome), outcome)
-            return response
-        except asyncio.CancelledError:
-            outcome.client_left = True  # the client hung up (or shutdown ended the request)
-            raise
-        finally:
-            self._finish("GET", _status(outcome, response), started, request, outcome)
+        return await self._handle(request, "GET", lambda outcome: self._get(request, outcome))
 
     async def _get(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
         engine = self._engine
@@ -249,17 +247,7 @@ class Proxy:
 
     async def handle_delete(self, request: web.Request) -> web.StreamResponse:
         """End a session: tell the upstream (once, promptly: the client is on its way out), forget it."""
-        started = time.perf_counter()
-        outcome = Outcome()
-        response: web.StreamResponse | None = None
-        try:
-            response = await self._answer_errors(self._delete(request), outcome)
-            return response
-        except asyncio.CancelledError:
-            outcome.client_left = True  # the client hung up (or shutdown ended the request)
-            raise
-        finally:
-            self._finish("DELETE", _status(outcome, response), started, request, outcome)
+        return await self._handle(request, "DELETE", lambda _: self._delete(request))
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         record = await self._engine.session(self._required_session_id(request))

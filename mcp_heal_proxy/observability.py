@@ -99,6 +99,9 @@ class Redactor:
                 continue
             kind = value.__class__
             if kind is str:
+                if "earer" in value or "EARER" in value:  # a bearer credential, found by its shape
+                    value = _BEARER.sub("Bearer " + REDACTED, value)
+                    event[key] = value
                 for secret in secrets:
                     if secret in value:
                         value = value.replace(secret, REDACTED)

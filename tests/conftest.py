@@ -68,33 +68,34 @@ async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float
         raise AssertionError(f"{what}: not reached within {timeout} s") from None
 
 
-class UpstreamProcess:
-    """The official Python SDK MCP server (tests/upstream_server.py) in its own process."""
+class ServerProcess:
+    """A test server (a script of tests/) in its own process on a free 127.0.0.1 port, ready once its
+    ``/stats`` answers, stopped by its PID. Subclasses say how to start it (``command``)."""
 
-    def __init__(self, *, json_response: bool, idle_timeout: float | None = None, resumable: bool = False) -> None:
+    name = "server"
+
+    def __init__(self) -> None:
         self.port = free_port()
-        self.json_response = json_response
-        self.idle_timeout = idle_timeout
-        self.resumable = resumable
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
         """The MCP endpoint."""
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"{self.origin}/mcp"
+
+    def command(self) -> list[str]:
+        """The command line that starts the server on ``self.port``."""
+        raise NotImplementedError
 
     async def start(self) -> None:
         """Start the server and wait until it answers."""
-        command = [sys.executable, str(HERE / "upstream_server.py"), "--port", str(self.port)]
-        if self.json_response:
-            command.append("--json")
-        if self.idle_timeout is not None:
-            command += ["--idle-timeout", str(self.idle_timeout)]
-        if self.resumable:
-            command.append("--resumable")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            await wait_until(self._answers, READY_TIMEOUT, "upstream ready")
+            await wait_until(self._answers, READY_TIMEOUT, f"{self.name} ready")
         except BaseException:
             await self.stop()
             raise
@@ -102,7 +103,7 @@ class UpstreamProcess:
     async def _answers(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"upstream server exited with {self.process.returncode}")
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
         try:
             await self.stats()
         except (aiohttp.ClientError, OSError):
@@ -123,6 +124,37 @@ class UpstreamProcess:
         await self.stop()
         await self.start()
 
+    async def stats(self) -> dict[str, Any]:
+        """What the server counted since it started (each server's ``/stats``)."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.origin}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
+        ):
+            data: dict[str, Any] = await response.json()
+            return data
+
+
+class UpstreamProcess(ServerProcess):
+    """The official Python SDK MCP server (tests/upstream_server.py) in its own process."""
+
+    name = "upstream server"
+
+    def __init__(self, *, json_response: bool, idle_timeout: float | None = None, resumable: bool = False) -> None:
+        super().__init__()
+        self.json_response = json_response
+        self.idle_timeout = idle_timeout
+        self.resumable = resumable
+
+    def command(self) -> list[str]:
+        command = [sys.executable, str(HERE / "upstream_server.py"), "--port", str(self.port)]
+        if self.json_response:
+            command.append("--json")
+        if self.idle_timeout is not None:
+            command += ["--idle-timeout", str(self.idle_timeout)]
+        if self.resumable:
+            command.append("--resumable")
+        return command
+
     async def release(self, step: int) -> None:
         """Let the upstream's gated_steps tool go past ``step``."""
         async with (
@@ -135,15 +167,6 @@ class UpstreamProcess:
         """Session ids the upstream still holds."""
         sessions: list[str] = (await self.stats())["live_sessions"]
         return sessions
-
-    async def stats(self) -> dict[str, Any]:
-        """Requests counted by the upstream since it started, and its live sessions."""
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
-        ):
-            data: dict[str, Any] = await response.json()
-            return data
 
 
 @pytest.fixture(params=["sse", "json"])

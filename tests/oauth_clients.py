@@ -8,15 +8,10 @@ reaches the client's own redirect URI, then feeds code and state to the callback
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import aiohttp
@@ -26,33 +21,26 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
-from tests.conftest import READY_TIMEOUT, free_port, wait_until
+from tests.conftest import ServerProcess
 
 HERE = Path(__file__).parent
 REDIRECT_URI = "http://127.0.0.1:9/callback"  # never dialed: the test reads the code off the redirect
 MAX_HOPS = 5
 
 
-class OAuthUpstream:
-    """tests/oauth_server.py in its own process on a free port."""
+class OAuthUpstream(ServerProcess):
+    """tests/oauth_server.py in its own process on a free port; issued tokens survive a restart (its
+    state file)."""
+
+    name = "OAuth upstream"
 
     def __init__(self, state_dir: Path, *options: str) -> None:
-        self.port = free_port()
+        super().__init__()
         self.options = options
         self.state_file = state_dir / f"oauth-{self.port}.json"
-        self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The MCP endpoint."""
-        return f"{self.origin}/mcp"
-
-    async def start(self) -> None:
-        command = [
+    def command(self) -> list[str]:
+        return [
             sys.executable,
             str(HERE / "oauth_server.py"),
             "--port",
@@ -61,43 +49,6 @@ class OAuthUpstream:
             str(self.state_file),
             *self.options,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(self._answers, READY_TIMEOUT, "OAuth upstream ready")
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"OAuth upstream exited with {self.process.returncode}")
-        try:
-            await self.stats()
-        except (aiohttp.ClientError, OSError):
-            return False
-        return True
-
-    async def stop(self) -> None:
-        """SIGKILL by PID: every MCP session dies (issued tokens stay in the state file)."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGKILL)
-        await asyncio.to_thread(self.process.wait, 10)
-        self.process = None
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def stats(self) -> dict[str, Any]:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"{self.origin}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
-        ):
-            data: dict[str, Any] = await response.json()
-            return data
 
     async def post(self, path: str) -> None:
         async with (

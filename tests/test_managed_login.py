@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
-import os
-import signal
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,63 +22,23 @@ import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from tests.conftest import HERE, MCP_HEADERS, READY_TIMEOUT, free_port, mcp_session, session_headers, wait_until
+from tests.conftest import HERE, MCP_HEADERS, ServerProcess, free_port, mcp_session, session_headers, wait_until
 from tests.managed_login import CLI, REPO_ROOT, child_env, login, serve
 
 NAME = "up"
 
 
-class OAuthUpstream:
+class OAuthUpstream(ServerProcess):
     """tests/oauth_server.py in its own process."""
 
+    name = "OAuth upstream"
+
     def __init__(self, *options: str) -> None:
-        self.port = free_port()
+        super().__init__()
         self.options = options
-        self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    async def start(self) -> None:
-        command = [sys.executable, str(HERE / "oauth_server.py"), "--port", str(self.port), *self.options]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(self._answers, READY_TIMEOUT, "OAuth upstream ready")
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"OAuth upstream exited with {self.process.returncode}")
-        try:
-            await self.stats()
-        except (aiohttp.ClientError, OSError):
-            return False
-        return True
-
-    async def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGKILL)
-        await asyncio.to_thread(self.process.wait, 10)
-        self.process = None
-
-    async def restart(self) -> None:
-        """A restart or deploy: every MCP session dies; issued tokens live on (--state-file)."""
-        await self.stop()
-        await self.start()
-
-    async def stats(self) -> dict[str, Any]:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
-        ):
-            data: dict[str, Any] = await response.json()
-            return data
+    def command(self) -> list[str]:
+        return [sys.executable, str(HERE / "oauth_server.py"), "--port", str(self.port), *self.options]
 
     async def post(self, path: str, **form: str) -> None:
         async with (

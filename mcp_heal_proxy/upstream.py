@@ -249,7 +249,8 @@ class Upstream:
                 total=None, connect=timeout.connect, sock_connect=timeout.sock_connect, sock_read=read_timeout
             )
         give_up = time.monotonic() + (self.config.connect_retry if patient else 0.0)
-        backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
+        # Made on the first retry only: nearly every request succeeds at once (hot path).
+        backoff: Backoff | None = None
         lean = self._lean_streams if stream else self._lean_requests
         while True:
             try:
@@ -265,6 +266,8 @@ class Upstream:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.
                 retry = isinstance(exc, self._connect_failed) or resendable
+                if backoff is None:
+                    backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
                 delay = backoff.next_delay()
                 if not retry or time.monotonic() + delay > give_up:
                     raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc

@@ -140,7 +140,7 @@ class SessionEngine:
         excess = len(self.store) - self._max_sessions + 1
         if excess > 0:
             evicted = await self.store.evict_oldest(excess)
-            log.info("session.evicted", upstream=self.name, count=evicted, max_sessions=self._max_sessions)
+            log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
         refuse_garbage(response, body)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)

@@ -63,5 +63,5 @@ async def flush(store: SessionStore, activity: SessionActivity, idle_ttl: float)
         log.warning("store.housekeeping_failed", error=exc.message)
         return 0
     if forgotten:
-        log.info("session.forgotten_idle", count=forgotten, idle_ttl_s=idle_ttl)
-    return forgotten
+        log.info("session.forgotten_idle", count=len(forgotten), idle_ttl_s=idle_ttl)
+    return len(forgotten)

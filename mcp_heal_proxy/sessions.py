@@ -104,11 +104,15 @@ class SessionStore(Protocol):
     async def touch(self, last_used: Mapping[str, float]) -> None:
         """Record when sessions were last used (batched by the caller; missing ids are ignored)."""
 
-    async def forget_idle(self, unused_since: float) -> int:
-        """Forget sessions not used since this time; return how many."""
+    async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
+        """Forget sessions not used since this time; return their records as they were removed.
 
-    async def evict_oldest(self, count: int) -> int:
-        """Forget the ``count`` least recently used sessions (the session limit); return how many."""
+        The records name the upstream sessions to end (their upstream, id and negotiated version). A
+        session used again before the removal (another replica's touch) is neither removed nor returned.
+        """
+
+    async def evict_oldest(self, count: int) -> list[SessionRecord]:
+        """Forget the ``count`` least recently used sessions (the session limit); return their records."""
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """Held while healing this session generation; in-process stores need no lock."""
@@ -174,19 +178,15 @@ class MemorySessionStore:
             if record is not None and when > record.last_used:
                 self._records[client_session_id] = replace(record, last_used=when)
 
-    async def forget_idle(self, unused_since: float) -> int:
+    async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
         """See SessionStore.forget_idle."""
         idle = [cid for cid, record in self._records.items() if record.last_used < unused_since]
-        for client_session_id in idle:
-            del self._records[client_session_id]
-        return len(idle)
+        return [self._records.pop(client_session_id) for client_session_id in idle]
 
-    async def evict_oldest(self, count: int) -> int:
+    async def evict_oldest(self, count: int) -> list[SessionRecord]:
         """See SessionStore.evict_oldest."""
         oldest = least_recently_used(self._records.values(), count)
-        for client_session_id in oldest:
-            del self._records[client_session_id]
-        return len(oldest)
+        return [self._records.pop(client_session_id) for client_session_id in oldest]
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """One process: the Healer's own single-flight is enough."""

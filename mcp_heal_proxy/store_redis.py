@@ -11,14 +11,14 @@ Layout (``P`` is the key prefix, ``mcp-heal-proxy:`` by default):
 * ``P last-used``: a sorted set, member the client id, score its last use (Unix time). It is the one
   place ``last_used`` lives (the copy inside the JSON is the value at the last ``put``), the index that
   makes ``forget_idle`` a range query over the idle sessions only, and the count behind ``len()``.
-  A member exists exactly when its record does: ``put``, ``delete`` and ``forget_idle`` change both
-  atomically.
+  A member exists exactly when its record does: ``put``, ``delete``, ``forget_idle`` and
+  ``evict_oldest`` change both atomically.
 * ``P heal-lock:<client id>:<generation>``: the heal lock (``SET NX PX`` with a random token).
 
 Why a sorted set rather than a key TTL equal to the idle TTL: with a TTL, Redis would drop idle
 records for free, but the store would need the idle TTL at construction (it is an argument of
-``forget_idle``), ``forget_idle`` could not say how many sessions it forgot, and ``len()`` would need a
-key scan. The sorted set costs one ``ZADD`` per ``put`` and one per batch of ``touch`` (``ZADD XX GT``:
+``forget_idle``), ``forget_idle`` could not say which sessions it forgot (so their upstream sessions
+could not be ended), and ``len()`` would need a key scan. The sorted set costs one ``ZADD`` per ``put`` and one per batch of ``touch`` (``ZADD XX GT``:
 existing members only, never backwards), and ``forget_idle`` touches only the sessions it removes.
 
 What the store guarantees beyond the protocol:
@@ -97,14 +97,34 @@ return {1, 1}
 """
 
 # KEYS: last-used set. ARGV: idle cutoff, batch size, record key prefix.
-# Returns {removed, remaining}.
+# Returns {removed, remaining, record JSON...}: the records go back so that their upstream sessions can be
+# ended. Chosen and removed in one script, so a session another replica touched meanwhile stays.
 _FORGET_IDLE: Final = """
 local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local answer = {#idle, 0}
 for _, id in ipairs(idle) do
+    local record = redis.call('HGET', ARGV[3] .. id, 'record')
+    if record then table.insert(answer, record) end
     redis.call('DEL', ARGV[3] .. id)
     redis.call('ZREM', KEYS[1], id)
 end
-return {#idle, redis.call('ZCARD', KEYS[1])}
+answer[2] = redis.call('ZCARD', KEYS[1])
+return answer
+"""
+
+# KEYS: last-used set. ARGV: how many, record key prefix. Returns {remaining, record JSON...}: the least
+# recently used sessions of every replica, chosen and removed in one script (as _FORGET_IDLE).
+_EVICT_OLDEST: Final = """
+local oldest = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local answer = {0}
+for _, id in ipairs(oldest) do
+    local record = redis.call('HGET', ARGV[2] .. id, 'record')
+    if record then table.insert(answer, record) end
+    redis.call('DEL', ARGV[2] .. id)
+    redis.call('ZREM', KEYS[1], id)
+end
+answer[1] = redis.call('ZCARD', KEYS[1])
+return answer
 """
 
 # Compare-and-delete: only the holder (who knows the token) releases the lock.
@@ -155,6 +175,7 @@ class RedisSessionStore:
         self._count = 0
         self._put_script = self._redis.register_script(_PUT)
         self._forget_script = self._redis.register_script(_FORGET_IDLE)
+        self._evict_script = self._redis.register_script(_EVICT_OLDEST)
         self._release_script = self._redis.register_script(_RELEASE)
 
     def _key(self, client_session_id: str) -> str:
@@ -248,28 +269,34 @@ class RedisSessionStore:
         with _redis_errors("touch"):
             await self._redis.zadd(self._last_used_key, dict(last_used), xx=True, gt=True)
 
-    async def forget_idle(self, unused_since: float) -> int:
+    async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
         """See SessionStore.forget_idle; also refreshes the count behind ``len()`` and prunes the cache."""
         now = time.monotonic()
         self._cache = {cid: entry for cid, entry in self._cache.items() if entry[0] > now}
-        forgotten = 0
+        forgotten: list[SessionRecord] = []
         with _redis_errors("forget_idle"):
             while True:
-                removed, remaining = await self._forget_script(
+                removed, remaining, *texts = await self._forget_script(
                     keys=[self._last_used_key], args=[repr(unused_since), _FORGET_BATCH, self._session_prefix]
                 )
-                forgotten += int(removed)
+                forgotten += self._forgotten(texts)
                 self._count = int(remaining)
                 if int(removed) < _FORGET_BATCH:
                     return forgotten
 
-    async def evict_oldest(self, count: int) -> int:
+    async def evict_oldest(self, count: int) -> list[SessionRecord]:
         """See SessionStore.evict_oldest: the oldest by the shared last-used set, whichever replica made them."""
         with _redis_errors("evict_oldest"):
-            oldest = await self._redis.zrange(self._last_used_key, 0, count - 1)
-        for member in oldest:
-            await self.delete(member.decode() if isinstance(member, bytes) else str(member))
-        return len(oldest)
+            remaining, *texts = await self._evict_script(keys=[self._last_used_key], args=[count, self._session_prefix])
+        self._count = int(remaining)
+        return self._forgotten(texts)
+
+    def _forgotten(self, texts: list[bytes]) -> list[SessionRecord]:
+        """Records a script removed, out of the cache too."""
+        records = [record_from_json(text) for text in texts]
+        for record in records:
+            self._cache.pop(record.client_session_id, None)
+        return records
 
     def _remember(self, record: SessionRecord) -> None:
         if self._cache_ttl <= 0:

@@ -151,17 +151,17 @@ class SQLiteSessionStore:
             if record is not None and when > record.last_used:
                 self._records[cid] = replace(record, last_used=when)
 
-    async def forget_idle(self, unused_since: float) -> int:
+    async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
         """See SessionStore.forget_idle."""
         return await self._forget([cid for cid, record in self._records.items() if record.last_used < unused_since])
 
-    async def evict_oldest(self, count: int) -> int:
+    async def evict_oldest(self, count: int) -> list[SessionRecord]:
         """See SessionStore.evict_oldest."""
         return await self._forget(least_recently_used(self._records.values(), count))
 
-    async def _forget(self, idle: list[str]) -> int:
+    async def _forget(self, idle: list[str]) -> list[SessionRecord]:
         if not idle:
-            return 0
+            return []
 
         def write() -> None:
             db = self._db()
@@ -170,9 +170,10 @@ class SQLiteSessionStore:
             db.execute("COMMIT")
 
         await self._run(write)
-        for cid in idle:
-            self._records.pop(cid, None)
-        return len(idle)
+        # Taken from the cache after the write: a heal that landed meanwhile left the newer upstream
+        # session in it, and that is the one to end.
+        forgotten = (self._records.pop(cid, None) for cid in idle)
+        return [record for record in forgotten if record is not None]
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """One process owns the file: the Healer's own single-flight is enough."""

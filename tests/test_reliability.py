@@ -21,7 +21,7 @@ from mcp_heal_proxy import sse as sse_module
 from mcp_heal_proxy.app import build_app
 from mcp_heal_proxy.config import single_upstream
 from mcp_heal_proxy.housekeeping import SessionActivity, run_housekeeping
-from mcp_heal_proxy.sessions import MemorySessionStore
+from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord
 from mcp_heal_proxy.sse import Event, SSEParser
 from tests.conftest import (
     MCP_HEADERS,
@@ -508,7 +508,7 @@ async def test_an_idle_ttl_of_zero_does_not_spin_the_housekeeping_loop(monkeypat
     rounds = 0
     original = store.forget_idle
 
-    async def counted(unused_since: float) -> int:
+    async def counted(unused_since: float) -> list[SessionRecord]:
         nonlocal rounds
         rounds += 1
         return await original(unused_since)

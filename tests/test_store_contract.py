@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore, refuses_write
+from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord, SessionStore, refuses_write
 from mcp_heal_proxy.store_redis import RedisSessionStore
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
 from tests.test_store_redis import RedisServer, record
@@ -63,6 +63,42 @@ async def test_a_write_of_the_same_generation_is_taken(store: SessionStore) -> N
     changed = replace(original, log_level="debug", subscriptions=frozenset({"file:///a"}))
     assert await store.put(changed) == changed
     assert await store.get("c1", fresh=True) == changed
+
+
+def ending(forgotten: list[SessionRecord]) -> list[tuple[str, str, str, str | None]]:
+    """What ending a forgotten session upstream needs: which upstream, its session id and version."""
+    return sorted(
+        (r.client_session_id, r.upstream, r.upstream_session_id, r.upstream_protocol_version) for r in forgotten
+    )
+
+
+async def test_forget_idle_gives_back_the_records_it_forgot_and_keeps_sessions_used_since(store: SessionStore) -> None:
+    await store.create(
+        record("old", upstream="github", upstream_session_id="u-old", upstream_protocol_version="2025-06-18")
+    )
+    await store.create(record("used", upstream_session_id="u-used"))
+    await store.create(record("healed", upstream_session_id="u-dead"))
+    await store.put(record("healed").healed("u-new", "2025-11-25"))
+    await store.touch({"used": 2000.0})  # used again (on this proxy or another) before the round
+    forgotten = await store.forget_idle(1500.0)
+    assert ending(forgotten) == [
+        ("healed", "default", "u-new", "2025-11-25"),
+        ("old", "github", "u-old", "2025-06-18"),
+    ]
+    assert [await store.get(cid, fresh=True) is None for cid in ("old", "healed", "used")] == [True, True, False]
+    assert len(store) == 1
+    assert await store.forget_idle(1500.0) == [], "what was forgotten is given back once"
+
+
+async def test_evict_oldest_gives_back_the_records_it_evicted(store: SessionStore) -> None:
+    await store.create(record("oldest", upstream_session_id="u-1", upstream_protocol_version="2025-11-25"))
+    await store.create(record("middle", upstream="github", upstream_session_id="u-2", last_used=1100.0))
+    await store.create(record("newest", upstream_session_id="u-3", last_used=1200.0))
+    await store.touch({"oldest": 3000.0})  # used again: now the newest
+    evicted = await store.evict_oldest(2)
+    assert ending(evicted) == [("middle", "github", "u-2", None), ("newest", "default", "u-3", None)]
+    assert await store.get("oldest", fresh=True) is not None
+    assert len(store) == 1
 
 
 @given(stored=st.none() | st.integers(min_value=0, max_value=5), incoming=st.integers(min_value=0, max_value=5))

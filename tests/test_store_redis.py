@@ -177,8 +177,8 @@ async def test_touch_moves_last_used_forward_only_and_forget_idle_uses_it(open_s
     assert used is not None
     assert used.last_used == 2000.0
     assert await store.get("never-issued", fresh=True) is None, "touch never creates a record"
-    assert await store.forget_idle(999.0) == 0
-    assert await store.forget_idle(1500.0) == 1
+    assert await store.forget_idle(999.0) == []
+    assert [r.client_session_id for r in await store.forget_idle(1500.0)] == ["old"]
     assert await store.get("old", fresh=True) is None
     assert await store.get("used", fresh=True) is not None
     assert len(store) == 1
@@ -189,7 +189,7 @@ async def test_forget_idle_removes_more_than_one_batch(open_store: Any) -> None:
     for index in range(1203):
         await store.create(record(f"c{index}", last_used=1000.0))
     await store.create(record("recent", last_used=5000.0))
-    assert await store.forget_idle(2000.0) == 1203
+    assert len(await store.forget_idle(2000.0)) == 1203
     assert len(store) == 1
 
 
@@ -199,7 +199,7 @@ async def test_evict_oldest_forgets_the_least_recently_used_of_every_replica(ope
     await one.create(record("oldest", last_used=1000.0))
     await other.create(record("middle", last_used=2000.0))
     await one.create(record("newest", last_used=3000.0))
-    assert await one.evict_oldest(2) == 2
+    assert sorted(r.client_session_id for r in await one.evict_oldest(2)) == ["middle", "oldest"]
     assert [await other.get(cid, fresh=True) is not None for cid in ("oldest", "middle", "newest")] == [
         False,
         False,
@@ -324,6 +324,7 @@ async def test_redis_failures_become_store_unavailable_and_the_store_recovers(
         store.delete("c1"),
         store.touch({"c1": 2000.0}),
         store.forget_idle(0.0),
+        store.evict_oldest(1),
     ):
         async with asyncio.timeout(10):
             with pytest.raises(StoreUnavailable):

@@ -60,7 +60,7 @@ async def test_delete_touch_and_idle_expiry(store: SQLiteSessionStore) -> None:
     await store.create(record("old", last_used=now - 100))
     await store.create(record("new", last_used=now - 100))
     await store.touch({"new": now, "unknown": now})
-    assert await store.forget_idle(now - 50) == 1
+    assert [r.client_session_id for r in await store.forget_idle(now - 50)] == ["old"]
     assert await store.get("old") is None
     assert (await store.get("new")) is not None
     await store.delete("new")

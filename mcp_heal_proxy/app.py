@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.auth.standin import OAuthPassThrough
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.endings import SessionEndings
 from mcp_heal_proxy.engine import SessionEngine
 from mcp_heal_proxy.guards import Cors, front_door
 from mcp_heal_proxy.healing import Healer
@@ -19,7 +20,7 @@ from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
 from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
-from mcp_heal_proxy.status import UPSTREAMS_KEY, add_routes
+from mcp_heal_proxy.status import ENDINGS_KEY, add_routes
 from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream import Upstream
@@ -82,24 +83,27 @@ def build_app(config: ProxyConfig) -> web.Application:
             resources.push_async_callback(flush, store, activity, config.session_idle_ttl)
             metrics.open_sessions.set_function(lambda: len(store))
             proxies: dict[str, Proxy] = {}
-            upstreams: dict[str, Upstream] = {}
+            endings = SessionEndings(metrics)
             for upstream_config in config.upstreams:
                 upstream = Upstream(
                     upstream_config,
                     strip_client_authorization=config.token is not None,
                     auth=managed_auth(upstream_config, config.state),
                 )
-                upstreams[upstream_config.name] = upstream
                 resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)
                 resources.push_async_callback(healer.close)
-                engine = SessionEngine(upstream, store, healer, metrics, activity, max_sessions=config.max_sessions)
+                engine = SessionEngine(
+                    upstream, store, healer, metrics, activity, max_sessions=config.max_sessions, endings=endings
+                )
                 proxies[upstream_config.path] = Proxy(engine, metrics, settings)
             app[PROXIES_KEY] = proxies
-            app[UPSTREAMS_KEY] = upstreams
+            app[ENDINGS_KEY] = endings
+            # Before the upstream clients close (callbacks run in reverse): their DELETEs stop first.
+            resources.push_async_callback(endings.close)
             tasks = TaskOwner()
             resources.push_async_callback(tasks.close)
-            tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl), name="housekeeping")
+            tasks.spawn(run_housekeeping(store, activity, config.session_idle_ttl, endings), name="housekeeping")
             yield
 
     app.cleanup_ctx.append(lifetime)

@@ -21,6 +21,7 @@ import structlog
 from mcp_heal_proxy.answers import AnswerTracker
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.content_coding import decoded
+from mcp_heal_proxy.endings import SessionEndings, UpstreamEnding
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -31,6 +32,7 @@ from mcp_heal_proxy.errors import (
 from mcp_heal_proxy.headers import (
     CONTENT_ENCODING,
     LAST_EVENT_ID,
+    MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
     is_valid_session_id,
     upstream_request_headers,
@@ -104,6 +106,7 @@ class SessionEngine:
         activity: SessionActivity,
         *,
         max_sessions: int,
+        endings: SessionEndings | None = None,
     ) -> None:
         self.upstream = upstream
         self.config = upstream.config
@@ -115,6 +118,10 @@ class SessionEngine:
         self._max_sessions = max_sessions
         # Bound once: labels() takes a lock and builds a key on every call.
         self._upstream_latency = metrics.upstream_latency.labels(self.name)
+        # Where evicted sessions go to have their upstream sessions ended (None: left to the upstream).
+        self._endings = endings
+        if endings is not None:
+            endings.serve(self.name, self.end_forgotten)
 
     # --- sessions -----------------------------------------------------------------------------------
 
@@ -141,6 +148,9 @@ class SessionEngine:
         if excess > 0:
             evicted = await self.store.evict_oldest(excess)
             log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
+            if self._endings is not None:
+                # In the background: this client's initialize does not wait on another session's DELETE.
+                self._endings.end_later(evicted, "evicted")
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
         refuse_garbage(response, body)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
@@ -248,6 +258,36 @@ class SessionEngine:
                 response.release()
         except (ProxyError, TimeoutError):
             log.info("session.orphan_left_upstream", upstream=self.name, reason=reason)
+
+    async def end_forgotten(self, record: SessionRecord, reason: str) -> UpstreamEnding:
+        """Best effort, bounded: DELETE the upstream session of a client session the proxy forgot (idle
+        expiry, eviction, the status page's forget). No client headers exist at that moment, so an
+        upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
+        headers = upstream_request_headers({}, record.upstream_session_id)
+        version = record.upstream_protocol_version or record.protocol_version
+        if version is not None:
+            headers[MCP_PROTOCOL_VERSION] = version
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                response = await self.upstream.send(
+                    "DELETE", headers, resendable=True, patient=False, read_timeout=self.config.connect_timeout
+                )
+                response.release()
+            ending = UpstreamEnding(status=response.status)
+        except ProxyError as exc:
+            ending = UpstreamEnding(error=exc.message)
+        except TimeoutError:
+            ending = UpstreamEnding(error=f"no answer within connect_timeout ({self.config.connect_timeout:g} s)")
+        if not ending.done:
+            log.info(
+                "session.orphan_left_upstream",
+                upstream=self.name,
+                client_session=record.client_session_id[:8],
+                reason=reason,
+                status=ending.status,
+                error=ending.error,
+            )
+        return ending
 
     # --- server streams -------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Final
 
 import structlog
 
+from mcp_heal_proxy.endings import SessionEndings
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.sessions import SessionStore
 
@@ -41,16 +42,24 @@ class SessionActivity:
         return pending
 
 
-async def run_housekeeping(store: SessionStore, activity: SessionActivity, idle_ttl: float) -> None:
+async def run_housekeeping(
+    store: SessionStore, activity: SessionActivity, idle_ttl: float, endings: SessionEndings | None = None
+) -> None:
     """Forever: flush last-use marks, then forget sessions idle for longer than ``idle_ttl``."""
     interval = max(MIN_FLUSH_INTERVAL, min(MAX_FLUSH_INTERVAL, idle_ttl / 10))
     while True:
         await asyncio.sleep(interval)
-        await flush(store, activity, idle_ttl)
+        await flush(store, activity, idle_ttl, endings)
 
 
-async def flush(store: SessionStore, activity: SessionActivity, idle_ttl: float) -> int:
-    """One round of upkeep; returns how many sessions were forgotten."""
+async def flush(
+    store: SessionStore, activity: SessionActivity, idle_ttl: float, endings: SessionEndings | None = None
+) -> int:
+    """One round of upkeep; returns how many sessions were forgotten.
+
+    With ``endings``, the upstream sessions of the forgotten ones are ended in the background (the round
+    does not wait for them); without (the last round at shutdown), they are left to the upstream.
+    """
     marks = activity.drain()
     try:
         if marks:
@@ -64,4 +73,6 @@ async def flush(store: SessionStore, activity: SessionActivity, idle_ttl: float)
         return 0
     if forgotten:
         log.info("session.forgotten_idle", count=len(forgotten), idle_ttl_s=idle_ttl)
+        if endings is not None:
+            endings.end_later(forgotten, "idle")
     return len(forgotten)

@@ -303,6 +303,13 @@ class Metrics:
             ("upstream", "reason", "outcome"),
             registry=self.registry,
         )
+        self.sessions_ended = Counter(
+            "mcp_heal_proxy_upstream_sessions_ended",
+            "Upstream sessions of client sessions the proxy forgot, by reason (idle, evicted, forgotten) and "
+            "outcome of their DELETE (ended, gone, refused, failed, dropped).",
+            ("upstream", "reason", "outcome"),
+            registry=self.registry,
+        )
         self.heal_duration = Histogram(
             "mcp_heal_proxy_heal_duration_seconds",
             "Time to re-initialize an expired upstream session.",

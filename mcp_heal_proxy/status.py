@@ -6,8 +6,8 @@ Endpoints (documented in docs/operations.md):
 * ``GET /_proxy/api/status``: everything the page shows, in one answer;
 * ``GET /_proxy/api/upstreams``, ``/_proxy/api/sessions``, ``/_proxy/api/requests``, ``/_proxy/api/heals``;
 * ``GET /_proxy/api/events``: the live feed (Server-Sent Events), read by the page and ``tail``;
-* ``DELETE /_proxy/api/sessions/{id}``: end a session (upstream DELETE, then the record), for
-  ``mcp-heal-proxy sessions forget``.
+* ``DELETE /_proxy/api/sessions/{id}``: end a session (upstream DELETE, bounded by the upstream's
+  ``connect_timeout``, then the record), for ``mcp-heal-proxy sessions forget``.
 
 Who may look: without ``[server] token``, loopback clients only, and only under a local host name
 (a page elsewhere that rebinds its DNS name to 127.0.0.1 is refused). With a token, the bearer header
@@ -34,12 +34,11 @@ from aiohttp import web
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.config import MEMORY_STATE, STATUS_PREFIX, ProxyConfig
-from mcp_heal_proxy.errors import ProxyError, StoreUnavailable
+from mcp_heal_proxy.endings import SessionEndings
+from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.events import EventFeed, entry_json
-from mcp_heal_proxy.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from mcp_heal_proxy.inventory import PAGE_SESSIONS, CachedStore, RedisReader, is_redis, most_recent, summary
 from mcp_heal_proxy.sessions import SessionRecord, SessionStore
-from mcp_heal_proxy.upstream import Upstream
 
 API: Final = f"{STATUS_PREFIX}api"
 EVENTS_PATH: Final = f"{API}/events"
@@ -55,7 +54,7 @@ _PAGE_HEADERS: Final = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",
 }
 
-UPSTREAMS_KEY = web.AppKey("status_upstreams", dict[str, Upstream])
+ENDINGS_KEY = web.AppKey("session_endings", SessionEndings)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -285,22 +284,8 @@ def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store
             return _refused(503, exc.message)
         if record is None:
             return _refused(404, "no such session")
-        upstream = request.app[UPSTREAMS_KEY].get(record.upstream)
-        status: int | None = None
-        error: str | None = None
         try:
-            if upstream is None:
-                error = f"upstream {record.upstream} is not served by this proxy"
-            else:
-                headers = {MCP_SESSION_ID: record.upstream_session_id}
-                version = record.upstream_protocol_version or record.protocol_version
-                if version:
-                    headers[MCP_PROTOCOL_VERSION] = version
-                answer = await upstream.send("DELETE", headers, resendable=True)
-                status = answer.status
-                answer.release()
-        except ProxyError as exc:
-            error = exc.message
+            ending = await request.app[ENDINGS_KEY].end_now(record, "forgotten")
         finally:
             await store.delete(record.client_session_id)
         return _json(
@@ -309,9 +294,9 @@ def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store
                 "upstream": record.upstream,
                 "record_deleted": True,
                 # 404 and 405 mean the upstream session is gone already or cannot be ended: done either way.
-                "upstream_ended": status is not None and (200 <= status < 300 or status in (404, 405)),
-                "upstream_status": status,
-                "upstream_error": error,
+                "upstream_ended": ending.done,
+                "upstream_status": ending.status,
+                "upstream_error": ending.error,
             }
         )
 

@@ -41,6 +41,8 @@ class FakeUpstream:
     on_request: Behaviour | None = None
     # Called for every GET on a live session; return a response to override the one-event stream.
     on_get: Behaviour | None = None
+    # Called for every DELETE; return a response to override the normal answer (200, or 404 if unknown).
+    on_delete: Behaviour | None = None
     # The protocol version re-initializes negotiate (the first initialize always gets 2025-11-25).
     reinitialize_version: str = "2025-11-25"
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -62,6 +64,10 @@ class FakeUpstream:
         self.seen.append(Seen(request.method, dict(request.headers), body))
         session_id = request.headers.get("Mcp-Session-Id")
         if request.method == "DELETE":
+            if self.on_delete is not None:
+                override = await self.on_delete(request, body)
+                if override is not None:
+                    return override
             if session_id in self.sessions:
                 self.sessions.discard(session_id)
                 return web.Response(status=200)

@@ -86,6 +86,10 @@ class UpstreamConfig:
     connect_retry: float = 5.0
     # The longest silence allowed on a POST answer (a tool may think for minutes).
     read_timeout: float = 300.0
+    # The longest a heal's handshake may take (initialize and its answer, notifications/initialized, the
+    # state re-applied, retries while the upstream restarts): the client waiting on the heal is owed an
+    # error well before read_timeout when an upstream accepts the re-initialize and never answers it.
+    heal_timeout: float = 30.0
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
     stream_idle_timeout: float | None = None
     # Connections for requests (POST, DELETE): a request waits at most connect_timeout for a free one.
@@ -484,6 +488,7 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "connect_timeout": Option(_seconds(), _text_as_number),
     "connect_retry": Option(_seconds(zero_allowed=True), _text_as_number),
     "read_timeout": Option(_seconds(), _text_as_number),
+    "heal_timeout": Option(_seconds(), _text_as_number),
     "stream_idle_timeout": Option(_seconds(), _text_as_number),
     "pool_size": Option(_integer(1), _text_as_int),
     "max_streams": Option(_integer(1), _text_as_int),

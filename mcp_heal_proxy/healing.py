@@ -187,11 +187,31 @@ class Healer:
             reason=reason,
             generation=record.generation,
         )
+        # Upstream sessions this heal's attempts opened, newest last: all but a successful last one are
+        # orphans (a retry after a broken handshake, a handshake cut short by heal_timeout).
+        opened: list[tuple[str, str | None]] = []
+        heal_timeout = self._upstream.config.heal_timeout
+        deadline = asyncio.timeout(heal_timeout)
         try:
-            upstream_session_id, protocol_version = await self._reinitialize_patiently(record, client_headers)
+            async with deadline:
+                upstream_session_id, protocol_version = await self._reinitialize_patiently(
+                    record, client_headers, opened
+                )
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self._end_orphans(client_headers, opened)
+            timed_out = UpstreamTimeout(
+                f"the heal timed out: the upstream MCP server did not complete the re-initialize within "
+                f"heal_timeout ({heal_timeout:g} s)"
+            )
+            self._report(record, reason, started, outcome="failed", error=timed_out.message)
+            raise timed_out from None
         except ProxyError as exc:
+            self._end_orphans(client_headers, opened)
             self._report(record, reason, started, outcome="failed", error=exc.message)
             raise
+        self._end_orphans(client_headers, opened[:-1])
         # Built on the newest record (a state change may have landed during the heal), and written only
         # if the session still exists at this generation: a DELETE during the heal stays a DELETE.
         latest = await self._store.get(record.client_session_id, fresh=True)
@@ -218,6 +238,12 @@ class Healer:
             )
         self._report(record, reason, started, outcome="healed", new_generation=healed.generation)
         return healed
+
+    def _end_orphans(self, client_headers: dict[str, str], opened: list[tuple[str, str | None]]) -> None:
+        """End, in the background, upstream sessions a failed or retried handshake left behind: the
+        client waiting on the heal gets its answer without waiting for these DELETEs."""
+        for upstream_session_id, protocol_version in opened:
+            self._tasks.spawn(self._end_orphan(client_headers, upstream_session_id, protocol_version), name="orphan")
 
     async def _end_orphan(
         self, client_headers: dict[str, str], upstream_session_id: str, protocol_version: str | None
@@ -254,18 +280,19 @@ class Healer:
         )
 
     async def _reinitialize_patiently(
-        self, record: SessionRecord, client_headers: dict[str, str]
+        self, record: SessionRecord, client_headers: dict[str, str], opened: list[tuple[str, str | None]]
     ) -> tuple[str, str | None]:
         """Re-initialize, trying again while the upstream breaks connections (it is restarting).
 
-        A re-initialize only opens a session (at worst an orphan the upstream will expire), so trying
-        again is safe; the attempts stop after the upstream's connect_retry window.
+        A re-initialize only opens a session (an orphan, noted in ``opened`` and ended by the caller), so
+        trying again is safe; the attempts stop after the upstream's connect_retry window, or when the
+        caller's heal_timeout runs out.
         """
         give_up = time.monotonic() + self._upstream.config.connect_retry
         backoff = Backoff(first=0.05, maximum=1.0)
         while True:
             try:
-                return await self._reinitialize(record, client_headers)
+                return await self._reinitialize(record, client_headers, opened)
             except UpstreamUnavailable as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up:
@@ -273,8 +300,14 @@ class Healer:
                 log.debug("heal.retry", upstream=self._name, error=exc.message, delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
 
-    async def _reinitialize(self, record: SessionRecord, client_headers: dict[str, str]) -> tuple[str, str | None]:
-        """Steps 2 and 3: initialize without a session id, then notifications/initialized."""
+    async def _reinitialize(
+        self, record: SessionRecord, client_headers: dict[str, str], opened: list[tuple[str, str | None]]
+    ) -> tuple[str, str | None]:
+        """Steps 2 and 3: initialize without a session id, then notifications/initialized.
+
+        The session the upstream opens is added to ``opened`` as soon as its id is known, before its
+        answer is read: from then on it exists upstream, whatever happens to this handshake.
+        """
         base = upstream_request_headers(client_headers, None, drop=(MCP_PROTOCOL_VERSION, LAST_EVENT_ID))
         base.update(_JSON_HEADERS)
         request_id = f"mcp-heal-proxy-{next(self._ids)}"
@@ -300,6 +333,7 @@ class Healer:
             upstream_session_id = response.headers.get(MCP_SESSION_ID)
             if not upstream_session_id or not is_valid_session_id(upstream_session_id):
                 raise HealFailed("upstream gave no valid session id to the re-initialize")
+            opened.append((upstream_session_id, None))
             answer = await read_answer(response, request_id)
         finally:
             response.release()
@@ -308,6 +342,7 @@ class Healer:
             raise HealFailed("upstream refused the re-initialize")
         version = result.get("protocolVersion")
         protocol_version = version if isinstance(version, str) else None
+        opened[-1] = (upstream_session_id, protocol_version)
 
         # Servers may refuse requests on a session whose handshake is not complete: wait for the 202.
         headers = dict(base)

@@ -221,6 +221,9 @@ UPSTREAM_REFUSALS = [
     ("connect_timeout", "0", "must be a number of seconds above 0"),
     ("read_timeout", "0", "must be a number of seconds above 0"),
     ("read_timeout", "-5", "must be a number of seconds above 0"),
+    ("heal_timeout", "0", "must be a number of seconds above 0"),
+    ("heal_timeout", "-1", "must be a number of seconds above 0"),
+    ("heal_timeout", "inf", "must be a number of seconds above 0"),
     ("stream_idle_timeout", "0", "must be a number of seconds above 0"),
     ("keepalive_idle", "0", "must be a number of seconds above 0"),
     ("connect_retry", "-1", "must be a number of seconds, 0 or more"),
@@ -247,9 +250,16 @@ def test_set_gives_upstream_keys_to_the_upstream_flag_and_refuses_them_without_i
         config_file=None,
         flags={"upstream": "http://x/mcp"},
         environ={},
-        settings=["read_timeout=600", "replay=tools/list,resources/read", "heal_on=404,401", "client=aiohttp"],
+        settings=[
+            "read_timeout=600",
+            "replay=tools/list,resources/read",
+            "heal_on=404,401",
+            "client=aiohttp",
+            "heal_timeout=2.5",
+        ],
     )
     (upstream,) = config.upstreams
+    assert upstream.heal_timeout == 2.5
     assert (upstream.read_timeout, upstream.replay, upstream.heal_on, upstream.client) == (
         600.0,
         ("tools/list", "resources/read"),

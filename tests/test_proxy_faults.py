@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
-from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers
+from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers, wait_until
 from tests.fake_upstream import FakeUpstream, answer_404, drop_connection, hang_forever
 
 AiohttpServer = Callable[..., Any]
@@ -102,6 +104,66 @@ async def test_upstream_hanging_during_heal_gives_a_timeout_error(
     status, _, answer = await post(http, proxy, session_id, call(10))
     assert status == 504
     assert answer["id"] == 10
+
+
+async def test_a_heal_the_upstream_never_answers_fails_after_heal_timeout_not_read_timeout(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, heal_timeout=1.0)  # read_timeout stays at its 300 s
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    upstream.on_reinitialize = hang_forever
+    started = time.monotonic()
+    with capture_logs() as logs:
+        status, _, answer = await post(http, proxy, session_id, call(12))
+    assert 0.9 <= time.monotonic() - started < 5.0
+    assert status == 504
+    assert (answer["id"], answer["error"]["code"]) == (12, -32002)
+    assert answer["error"]["message"].startswith("the heal timed out")
+    (failed,) = [entry for entry in logs if entry["event"] == "session.heal_failed"]
+    assert failed["error"].startswith("the heal timed out")
+    async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
+        metrics = await response.text()
+    assert 'mcp_heal_proxy_heals_total{outcome="failed",reason="http_404",upstream="default"} 1.0' in metrics
+
+
+async def test_a_heal_retrying_a_restarting_upstream_stops_at_heal_timeout(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, heal_timeout=1.0, connect_retry=60.0)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    upstream.on_reinitialize = drop_connection  # retried while connect_retry lasts: heal_timeout ends it
+    started = time.monotonic()
+    status, _, answer = await post(http, proxy, session_id, call(13))
+    assert time.monotonic() - started < 5.0
+    assert (status, answer["id"]) == (504, 13)
+    assert answer["error"]["message"].startswith("the heal timed out")
+    assert upstream.initializes > 2, "the heal did retry before giving up"
+
+
+async def test_a_heal_cut_short_after_the_initialize_ends_the_upstream_session_it_opened(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, heal_timeout=1.0)
+    session_id = await raw_initialize(http, proxy.url)
+
+    async def never_complete_the_handshake(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") == "notifications/initialized" and request.headers.get("Mcp-Session-Id") == "upstream-2":
+            return await hang_forever(request, body)
+        return None
+
+    upstream.on_request = never_complete_the_handshake
+    upstream.forget_all()
+    status, _, answer = await post(http, proxy, session_id, call(14))
+    assert (status, answer["id"]) == (504, 14)
+    await wait_until(lambda: "upstream-2" not in upstream.sessions, 5, "the half-opened upstream session was ended")
+    (delete,) = [seen for seen in upstream.seen if seen.method == "DELETE"]
+    assert delete.headers["Mcp-Session-Id"] == "upstream-2"
+    assert delete.headers["MCP-Protocol-Version"] == "2025-11-25"
 
 
 async def test_replay_that_fails_again_is_passed_through_without_a_second_heal(

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import UpstreamProcess, mcp_session, wait_until
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, hang_forever
 
 BRIDGE = str(Path(sys.executable).parent / "mcp-heal-proxy")
 CALL_TIMEOUT = 20.0
@@ -150,13 +151,20 @@ class RawBridge:
 
 @contextlib.asynccontextmanager
 async def raw_bridge(url: str, *extra: str) -> AsyncIterator[RawBridge]:
-    env = {key: os.environ[key] for key in ("HOME", "PATH", "USER", "LANG") if key in os.environ}
+    async with bridge_process("--upstream", url, *extra) as bridge:
+        yield bridge
+
+
+@contextlib.asynccontextmanager
+async def bridge_process(*args: str) -> AsyncIterator[RawBridge]:
+    """``mcp-heal-proxy stdio ARGS`` with the environment a client gives the commands it launches."""
+    # PYTHONPATH too when set: the tests of a checkout run that checkout's code, not the installed one.
+    names = ("HOME", "PATH", "USER", "LANG", "PYTHONPATH")
+    env = {key: os.environ[key] for key in names if key in os.environ}
     process = await asyncio.create_subprocess_exec(
         BRIDGE,
         "stdio",
-        "--upstream",
-        url,
-        *extra,
+        *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -321,3 +329,21 @@ async def test_an_answer_cut_between_events_is_resumed_by_the_bridge(fake: tuple
         assert (await bridge.receive())["method"] == "notifications/progress"
         assert await bridge.receive() == {"jsonrpc": "2.0", "id": 2, "result": {"resumed": True}}
     assert any(seen.method == "GET" and seen.headers.get("Last-Event-ID") == "e1" for seen in upstream.seen)
+
+
+async def test_a_heal_the_upstream_never_answers_ends_in_an_error_after_heal_timeout(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    upstream, url = fake
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[upstreams.slow]\nurl = "{url}"\nheal_timeout = 1\n')
+    async with bridge_process("--config", str(config), "--name", "slow") as bridge:
+        await initialized(bridge)
+        upstream.forget_all()
+        upstream.on_reinitialize = hang_forever
+        started = time.monotonic()
+        await bridge.send(ping(2))
+        answer = await bridge.receive()
+        assert time.monotonic() - started < 5.0, "the bridge waited past heal_timeout"
+        assert answer["id"] == 2
+        assert answer["error"]["message"].startswith("the heal timed out")

@@ -109,7 +109,7 @@ examples:
   mcp-heal-proxy sessions forget 3f9c2a1b          # via the running proxy: upstream DELETE too
 
 forget asks the running proxy to end the session (DELETE upstream, then the record); when no proxy
-answers, it deletes the record only and says so. MCP_HEAL_PROXY_TOKEN is sent when the proxy has a token.
+answers, it deletes the record only and says so: the upstream session is then left to expire on its own. MCP_HEAL_PROXY_TOKEN is sent when the proxy has a token.
 """
 
 TAIL_EXAMPLES = """\

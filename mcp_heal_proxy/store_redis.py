@@ -69,9 +69,10 @@ log = structlog.get_logger("mcp_heal_proxy.store_redis")
 DEFAULT_PREFIX: Final = "mcp-heal-proxy:"
 # A cached record may be this old when served to a request (``get(fresh=True)`` always reads Redis).
 DEFAULT_CACHE_TTL: Final = 1.0
-# A heal is an initialize, a notifications/initialized and the state re-apply, each bounded by the
-# upstream's connect timeout (10 s by default) plus its answer time. 30 s outlives a normal heal by far,
-# and a replica that crashed while holding the lock blocks that session's heal for at most this long.
+# A heal is an initialize, a notifications/initialized and the state re-apply, the whole bounded by the
+# upstream's heal_timeout (30 s by default; a heal_timeout longer than this lock lets another replica
+# start a second heal of the same generation while the first still runs). 30 s outlives a normal heal by
+# far, and a replica that crashed while holding the lock blocks that session's heal for at most this long.
 DEFAULT_LOCK_TTL: Final = 30.0
 # Redis answers in well under a millisecond; a command that takes seconds means Redis is gone.
 DEFAULT_SOCKET_TIMEOUT: Final = 2.0

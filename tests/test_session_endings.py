@@ -9,13 +9,16 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from mcp_heal_proxy.app import build_app
+from mcp_heal_proxy.config import single_upstream
 from mcp_heal_proxy.endings import MAX_CONCURRENT, SessionEndings, UpstreamEnding
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.sessions import SessionRecord
 from mcp_heal_proxy.status import ENDINGS_KEY
-from tests.conftest import ProxyFactory, RunningProxy, UpstreamProcess, raw_initialize, wait_until
+from tests.conftest import TEST_CLIENT, ProxyFactory, RunningProxy, UpstreamProcess, raw_initialize, wait_until
 from tests.fake_upstream import FakeUpstream, hang_forever
 
 ENDED = "mcp_heal_proxy_upstream_sessions_ended_total"
@@ -177,6 +180,36 @@ async def test_the_status_pages_forget_is_bounded_when_the_upstream_never_answer
     assert "connect_timeout" in answer["upstream_error"]
     assert await proxy.record(session_id) is None
     assert await ended_count(http, proxy, "forgotten", "failed") == 1
+
+
+async def test_shutdown_does_not_wait_for_a_delete_the_upstream_never_answers(
+    fake: tuple[FakeUpstream, str], http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    let_go = asyncio.Event()
+
+    async def hang_until_let_go(request: web.Request, body: Any) -> web.StreamResponse | None:
+        try:
+            return await hang_forever(request, body)
+        finally:
+            let_go.set()  # the proxy closed the connection (aiohttp cancels the handler)
+
+    upstream.on_delete = hang_until_let_go
+    config = single_upstream(url, client=TEST_CLIENT, max_sessions=1, connect_timeout=30.0, shutdown_grace=0.0)
+    server = TestServer(build_app(config), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        proxy_url = str(server.make_url("/mcp"))
+        await raw_initialize(http, proxy_url)
+        await raw_initialize(http, proxy_url)  # evicts the first: its DELETE hangs
+        await wait_until(lambda: any(seen.method == "DELETE" for seen in upstream.seen), 5, "the DELETE under way")
+    finally:
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            await server.close()
+    assert time.monotonic() - started < 5.0, "shutdown waited for the DELETE"
+    # ... and did not leave it running past shutdown either.
+    await wait_until(let_go.is_set, 5, "the DELETE's connection closed at shutdown")
 
 
 # --- the queue, without a network ----------------------------------------------------------------------

@@ -479,3 +479,28 @@ async def test_redis_down_gives_503_with_the_request_id_and_the_proxy_recovers(
         assert echoed(await echo(http, a.url, session_id, 43, "back")) == "back"
         new_session = await raw_initialize(http, a.url)
         assert echoed(await echo(http, b.url, new_session, 44, "new")) == "new"
+
+
+async def test_idle_sessions_of_a_shared_store_are_ended_upstream_only_by_a_proxy_that_serves_them(
+    redis_server: RedisServer, sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    # Both proxies front the same server, but b calls its upstream "other": a does not know how to reach it
+    # (in real life another URL, headers or login), so it forgets b's idle session without a DELETE.
+    a = await start_proxy(sse_upstream.url, state=redis_server.url, session_idle_ttl=1.0)
+    b = await start_proxy(sse_upstream.url, state=redis_server.url, name="other")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        mine = await raw_initialize(http, a.url)
+        theirs = await raw_initialize(http, b.url)
+    theirs_upstream = (await fresh_record(b, theirs)).upstream_session_id
+    assert len(await sse_upstream.live_sessions()) == 2
+
+    async def both_forgotten() -> bool:
+        store = a.app[STORE_KEY]
+        return await store.get(mine, fresh=True) is None and await store.get(theirs, fresh=True) is None
+
+    await wait_until(both_forgotten, 15, "a's housekeeping forgot both idle sessions")
+
+    async def only_theirs_live() -> bool:
+        return await sse_upstream.live_sessions() == [theirs_upstream]
+
+    await wait_until(only_theirs_live, 10, "a ended its own session upstream")

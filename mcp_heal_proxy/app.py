@@ -114,7 +114,7 @@ def build_app(config: ProxyConfig) -> web.Application:
         return request.app[PROXIES_KEY][request.path]
 
     async def post(request: web.Request) -> web.StreamResponse:
-        return await proxy_for(request).handle_post(request)
+        return await proxy_for(request).post(request)
 
     # With an inbound token the client's Authorization is the proxy's own: nothing to pass through.
     oauth = OAuthPassThrough(config) if config.token is None else None
@@ -128,10 +128,10 @@ def build_app(config: ProxyConfig) -> web.Application:
             challenge = await oauth.challenge_for_probe(request)
             if challenge is not None:
                 return challenge
-        return await proxy_for(request).handle_get(request)
+        return await proxy_for(request).get(request)
 
     async def delete(request: web.Request) -> web.StreamResponse:
-        return await proxy_for(request).handle_delete(request)
+        return await proxy_for(request).delete(request)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -17,6 +17,7 @@ from mcp_heal_proxy.engine import SessionEngine
 from mcp_heal_proxy.guards import Cors, front_door
 from mcp_heal_proxy.healing import Healer
 from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
+from mcp_heal_proxy.http1 import FastPath
 from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.proxy import Proxy, ProxySettings
 from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
@@ -28,6 +29,8 @@ from mcp_heal_proxy.upstream import Upstream
 log = structlog.get_logger("mcp_heal_proxy.app")
 
 PROXIES_KEY = web.AppKey("proxies", dict[str, Proxy])
+# What the proxy's own HTTP/1.1 server needs of the app (http1.py), once the app has started.
+FAST_PATH_KEY: web.AppKey[Callable[[], FastPath]] = web.AppKey("fast_path")
 STORE_KEY = web.AppKey("store", SessionStore)
 
 
@@ -118,7 +121,7 @@ def build_app(config: ProxyConfig) -> web.Application:
         return request.app[PROXIES_KEY][request.path]
 
     async def post(request: web.Request) -> web.StreamResponse:
-        return await proxy_for(request).handle_post(request)
+        return await proxy_for(request).post(request)
 
     # With an inbound token the client's Authorization is the proxy's own: nothing to pass through.
     oauth = OAuthPassThrough(config) if config.token is None else None
@@ -127,15 +130,21 @@ def build_app(config: ProxyConfig) -> web.Application:
     else:
         oauth = None
 
+    def fast_path() -> FastPath:
+        proxies = app[PROXIES_KEY]
+        return FastPath(proxies, token=config.token, max_body_bytes=config.max_body_bytes, oauth=oauth)
+
+    app[FAST_PATH_KEY] = fast_path
+
     async def get(request: web.Request) -> web.StreamResponse:
         if oauth is not None:
             challenge = await oauth.challenge_for_probe(request)
             if challenge is not None:
                 return challenge
-        return await proxy_for(request).handle_get(request)
+        return await proxy_for(request).get(request)
 
     async def delete(request: web.Request) -> web.StreamResponse:
-        return await proxy_for(request).handle_delete(request)
+        return await proxy_for(request).delete(request)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

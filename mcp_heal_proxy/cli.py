@@ -365,22 +365,24 @@ async def serve(config: ProxyConfig) -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
     from aiohttp import web
 
-    from mcp_heal_proxy.app import build_app
+    from mcp_heal_proxy.app import FAST_PATH_KEY, build_app
+    from mcp_heal_proxy.http1 import FastSite
 
     log = structlog.get_logger("mcp_heal_proxy")
     # shutdown_timeout: after SIGTERM the listener closes at once (new requests are refused) and open
     # streams get shutdown_grace to finish before their handlers are cancelled. aiohttp waits for a
     # running handler twice, each time up to shutdown_timeout (before and after it cancels the request's
     # body, which a proxy handler no longer reads): half each keeps the whole stop within the grace.
-    runner = web.AppRunner(
-        build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace / 2
-    )
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace / 2)
     try:
         await runner.setup()
     except ProxyError as exc:
         # The store could not be opened (an unwritable path, Redis not answering): the user's to fix.
         raise UsageError(f"cannot open the session store {config.state_display}: {exc.message}") from None
-    site = web.TCPSite(runner, config.host, config.port)
+    # The proxy's own HTTP/1.1 server takes the connections: it answers POSTs to the MCP endpoints and
+    # hands everything else to aiohttp (http1.py).
+    site = FastSite(runner, config.host, config.port, app[FAST_PATH_KEY])
     try:
         await site.start()
     except OSError as exc:

@@ -22,13 +22,13 @@ from prometheus_client import Counter
 from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.engine import DELETE_GONE, SessionEngine, answer_tracker
 from mcp_heal_proxy.errors import (
-    BodyTooLarge,
     InvalidRequest,
     ProxyError,
     TooManyStreams,
     UnsupportedMediaType,
     UpstreamUnavailable,
 )
+from mcp_heal_proxy.exchange import AiohttpExchange, Exchange
 from mcp_heal_proxy.headers import LAST_EVENT_ID, MCP_SESSION_ID
 from mcp_heal_proxy.jsonrpc import PostBody
 from mcp_heal_proxy.observability import Metrics, method_label
@@ -77,31 +77,17 @@ class StreamSlots:
                 del self._in_use[client_session_id]
 
 
-def error_response(exc: ProxyError, body: PostBody | None) -> web.Response:
+_JSON: Final = (("Content-Type", "application/json"),)
+
+
+async def answer_error(exchange: Exchange, exc: ProxyError, body: PostBody | None) -> None:
     """The one place that turns a ProxyError into an HTTP answer with a JSON-RPC error body."""
     if body is not None:
         request_ids = body.request_ids or (None,)
         payload = jsonrpc.error_body(request_ids, exc.code, exc.message, is_batch=body.is_batch)
     else:
         payload = jsonrpc.error_body((exc.request_id,), exc.code, exc.message, is_batch=False)
-    return web.Response(status=exc.http_status, body=payload, content_type="application/json")
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read the request body, refusing more than ``limit`` bytes without reading them all."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body over the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    content = request.content
-    # readany, not iter_any: the same reads without an iterator and its frames (a body usually arrives
-    # in one piece, with the headers).
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body over the {limit}-byte limit")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    await exchange.answer(exc.http_status, payload, _JSON)
 
 
 class Proxy:
@@ -119,76 +105,96 @@ class Proxy:
         # takes a lock and builds a key on every call.
         self._request_counts: dict[tuple[str, int], Counter] = {}
 
+    # --- aiohttp's handlers -----------------------------------------------------------------------
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        """POST as an aiohttp handler (the proxy's own server calls ``handle_post`` directly)."""
+        exchange = AiohttpExchange(request)
+        await self.handle_post(exchange)
+        return _answered(exchange)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        """GET as an aiohttp handler."""
+        exchange = AiohttpExchange(request)
+        await self.handle_get(exchange)
+        return _answered(exchange)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        """DELETE as an aiohttp handler."""
+        exchange = AiohttpExchange(request)
+        await self.handle_delete(exchange)
+        return _answered(exchange)
+
     # --- POST -------------------------------------------------------------------------------------
 
-    async def handle_post(self, request: web.Request) -> web.StreamResponse:
+    async def handle_post(self, exchange: Exchange) -> None:
         """Forward a client's JSON-RPC message(s)."""
-        return await self._handle(request, None, lambda outcome: self._read_and_post(request, outcome))
+        await self._handle(exchange, None, lambda outcome: self._read_and_post(exchange, outcome))
 
-    async def _handle(
-        self, request: web.Request, method: str | None, work: Callable[[Outcome], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def _handle(self, exchange: Exchange, method: str | None, work: Callable[[Outcome], Awaitable[None]]) -> None:
         """One request, start to end: its failures answered as JSON-RPC errors, and the request logged and
         counted once, in a ``finally``: a client that hangs up cancels the handler, and its request is still
         recorded with the status it got (499 when it left before any answer). ``method`` names it in the log,
         or (None) the method of its POST body once parsed."""
         started = time.perf_counter()
         outcome = Outcome()
-        response: web.StreamResponse | None = None
         try:
-            response = await self._answer_errors(work(outcome), outcome)
-            return response
+            await self._answer_errors(exchange, work(outcome), outcome)
         except asyncio.CancelledError:
             outcome.client_left = True  # the client hung up (or shutdown ended the request)
             raise
         finally:
             if method is None:
                 method = outcome.body.method_label if outcome.body is not None else "invalid"
-            self._finish(method, _status(outcome, response), started, request, outcome)
+            self._finish(method, _status(outcome, exchange), started, exchange, outcome)
 
-    async def _read_and_post(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
-        content_type = request.headers.get("Content-Type", "")
+    async def _read_and_post(self, exchange: Exchange, outcome: Outcome) -> None:
+        content_type = exchange.headers.get("Content-Type", "")
         if not content_type.lower().startswith("application/json"):
             raise UnsupportedMediaType("POST body must be application/json")
-        outcome.body = jsonrpc.parse_post_body(await read_body(request, self._settings.max_body_bytes))
-        return await self._post(request, outcome.body, outcome)
+        outcome.body = jsonrpc.parse_post_body(await exchange.read_body(self._settings.max_body_bytes))
+        await self._post(exchange, outcome.body, outcome)
 
-    async def _answer_errors(self, handling: Awaitable[web.StreamResponse], outcome: Outcome) -> web.StreamResponse:
+    async def _answer_errors(self, exchange: Exchange, handling: Awaitable[None], outcome: Outcome) -> None:
         """Run a handler; turn its failures into a JSON-RPC error with the request's id (unless an answer
         already started: a second response is never sent)."""
         try:
-            return await handling
+            await handling
         except ProxyError as exc:
             if outcome.status is not None:
                 raise
-            return error_response(exc, outcome.body)
+            await answer_error(exchange, exc, outcome.body)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if outcome.status is not None:
                 raise
             # A failure no branch foresaw: still answer with the request's id, and say so in the log.
             log.exception("request.unexpected_error", upstream=self._name, error=type(exc).__name__)
-            return error_response(UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), outcome.body)
+            await answer_error(exchange, UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), outcome.body)
 
-    async def _post(self, request: web.Request, body: PostBody, outcome: Outcome) -> web.StreamResponse:
+    async def _post(self, exchange: Exchange, body: PostBody, outcome: Outcome) -> None:
         engine = self._engine
+        headers = exchange.headers
         if body.initialize is not None:
-            opened = await engine.initialize(request.headers, body)
+            opened = await engine.initialize(headers, body)
             cid = opened.record.client_session_id if opened.record is not None else None
-            return await self._relay.relay(request, opened.response, cid, outcome, opened.prefetched)
-        client_session_id = request.headers.get(MCP_SESSION_ID)
+            await self._relay.relay(exchange, opened.response, cid, outcome, opened.prefetched)
+            return
+        client_session_id = headers.get(MCP_SESSION_ID)
         if client_session_id is None:
-            upstream = await engine.post_without_session(request.headers, body)
-            return await self._relay.relay(
-                request, upstream, None, outcome, tracker=answer_tracker(upstream, body.request_ids)
+            upstream = await engine.post_without_session(headers, body)
+            await self._relay.relay(
+                exchange, upstream, None, outcome, tracker=answer_tracker(upstream, body.request_ids)
             )
+            return
         record = await engine.session(client_session_id)
         with self._slots.slot(client_session_id):
-            sent = await engine.post(request.headers, body, record)
+            sent = await engine.post(headers, body, record)
             outcome.healed = sent.healed
             if sent.response is None:
-                return web.Response(status=202)
-            return await self._relay.relay(
-                request,
+                await exchange.answer(202, b"")
+                return
+            await self._relay.relay(
+                exchange,
                 sent.response,
                 client_session_id,
                 outcome,
@@ -203,66 +209,68 @@ class Proxy:
 
     # --- GET and DELETE ---------------------------------------------------------------------------
 
-    async def handle_get(self, request: web.Request) -> web.StreamResponse:
+    async def handle_get(self, exchange: Exchange) -> None:
         """Open the server-to-client SSE stream of a session and keep it open across heals, or resume
         an answer stream (``Last-Event-ID``)."""
-        return await self._handle(request, "GET", lambda outcome: self._get(request, outcome))
+        await self._handle(exchange, "GET", lambda outcome: self._get(exchange, outcome))
 
-    async def _get(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+    async def _get(self, exchange: Exchange, outcome: Outcome) -> None:
         engine = self._engine
-        record = await engine.session(self._required_session_id(request))
+        headers = exchange.headers
+        record = await engine.session(self._required_session_id(exchange))
         with self._slots.slot(record.client_session_id):
-            last_event_id = request.headers.get(LAST_EVENT_ID)
+            last_event_id = headers.get(LAST_EVENT_ID)
             if last_event_id is not None:
                 pending = self._relay.take_resume(record.client_session_id, last_event_id)
                 if pending is not None:
-                    return await self._resume(request, record, pending, outcome)
-            sent = await engine.open_stream(request.headers, record)
+                    await self._resume(exchange, record, pending, outcome)
+                    return
+            sent = await engine.open_stream(headers, record)
             outcome.healed = sent.healed
             assert sent.response is not None
             # Only an open stream is kept open across heals; a refusal (405, 409, ...) is passed on as is.
             live = sent.record
             reattach = (
-                (lambda event_id: engine.reattach(request.headers, live, event_id))
-                if sent.response.status == 200
-                else None
+                (lambda event_id: engine.reattach(headers, live, event_id)) if sent.response.status == 200 else None
             )
-            return await self._relay.relay(
-                request, sent.response, record.client_session_id, outcome, sent.prefetched, reattach=reattach
+            await self._relay.relay(
+                exchange, sent.response, record.client_session_id, outcome, sent.prefetched, reattach=reattach
             )
 
     async def _resume(
-        self, request: web.Request, record: SessionRecord, pending: PendingResume, outcome: Outcome
-    ) -> web.StreamResponse:
+        self, exchange: Exchange, record: SessionRecord, pending: PendingResume, outcome: Outcome
+    ) -> None:
         """A client resumes an answer stream that ended before its answer. Asked of the same upstream
         session, with the event id; when the upstream cannot honour it (its session ended, it is down),
         the client gets an error for each request it waits for at once. Never a fresh stream: that would
         never carry the answer, and would take the session's one GET stream from the client."""
         cid = record.client_session_id
-        upstream = await self._engine.resume(request.headers, record, pending.generation)
+        upstream = await self._engine.resume(exchange.headers, record, pending.generation)
         if upstream is None:
-            return await answer_unresumable(request, cid, pending.request_ids, outcome)
+            await answer_unresumable(exchange, cid, pending.request_ids, outcome)
+            return
         tracker = answer_tracker(upstream, pending.request_ids)
-        return await self._relay.relay(request, upstream, cid, outcome, tracker=tracker, generation=record.generation)
+        await self._relay.relay(exchange, upstream, cid, outcome, tracker=tracker, generation=record.generation)
 
-    async def handle_delete(self, request: web.Request) -> web.StreamResponse:
+    async def handle_delete(self, exchange: Exchange) -> None:
         """End a session: tell the upstream (once, promptly: the client is on its way out), forget it."""
-        return await self._handle(request, "DELETE", lambda _: self._delete(request))
+        await self._handle(exchange, "DELETE", lambda _: self._delete(exchange))
 
-    async def _delete(self, request: web.Request) -> web.StreamResponse:
-        record = await self._engine.session(self._required_session_id(request))
-        status = await self._engine.end(request.headers, record)
+    async def _delete(self, exchange: Exchange) -> None:
+        record = await self._engine.session(self._required_session_id(exchange))
+        status = await self._engine.end(exchange.headers, record)
         if status < 300 or status in DELETE_GONE:
-            return web.Response(status=200)
+            await exchange.answer(200, b"")
+            return
         # Refused (401, 403, ...): the client hears it, with the upstream's status and a JSON-RPC body.
         payload = jsonrpc.error_body(
             (None,), UpstreamUnavailable.code, f"upstream MCP server answered {status} to DELETE", is_batch=False
         )
-        return web.Response(status=status, body=payload, content_type="application/json")
+        await exchange.answer(status, payload, _JSON)
 
     # --- shared pieces ----------------------------------------------------------------------------
 
-    def _finish(self, method: str, status: int, started: float, request: web.Request, outcome: Outcome) -> None:
+    def _finish(self, method: str, status: int, started: float, exchange: Exchange, outcome: Outcome) -> None:
         """Count and log one request (called once per request, from a finally)."""
         label = method_label(method)
         # Bounded: method labels are a fixed set, statuses HTTP's three digits.
@@ -272,7 +280,7 @@ class Proxy:
                 self._name, label, str(status)
             )
         counter.inc()
-        session = request.headers.get(MCP_SESSION_ID)
+        session = exchange.headers.get(MCP_SESSION_ID)
         duration = time.perf_counter() - started
         tool = outcome.body.tool_name if outcome.body is not None else None
         self._metrics.events.request(self._name, method, tool, status, duration, outcome.healed, session)
@@ -288,18 +296,24 @@ class Proxy:
         )
 
     @staticmethod
-    def _required_session_id(request: web.Request) -> str:
-        client_session_id = request.headers.get(MCP_SESSION_ID)
+    def _required_session_id(exchange: Exchange) -> str:
+        client_session_id = exchange.headers.get(MCP_SESSION_ID)
         if client_session_id is None:
-            raise InvalidRequest(f"{request.method} needs an {MCP_SESSION_ID} header")
+            raise InvalidRequest(f"{exchange.method} needs an {MCP_SESSION_ID} header")
         return client_session_id
 
 
-def _status(outcome: Outcome, response: web.StreamResponse | None) -> int:
+def _answered(exchange: AiohttpExchange) -> web.StreamResponse:
+    """The response an aiohttp handler returns: every handled request has an answer by then."""
+    assert exchange.response is not None, "a handled request without an answer"
+    return exchange.response
+
+
+def _status(outcome: Outcome, exchange: Exchange) -> int:
     """The status the client got: the one sent, the one about to be sent, 499 when it left before any
     answer started (as nginx logs it), else 500 (what aiohttp answers a handler that failed)."""
     if outcome.status is not None:
         return outcome.status
-    if response is not None:
-        return response.status
+    if exchange.status is not None:
+        return exchange.status
     return CLIENT_LEFT_STATUS if outcome.client_left else 500

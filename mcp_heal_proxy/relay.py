@@ -22,13 +22,13 @@ from typing import Final
 
 import aiohttp
 import structlog
-from aiohttp import web
 from prometheus_client import Gauge
 
 from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.answers import AnswerTracker
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.exchange import Exchange
 from mcp_heal_proxy.headers import client_response_headers
 from mcp_heal_proxy.jsonrpc import PostBody, RequestId
 from mcp_heal_proxy.sse import Event, SSEParser, encode_comment, encode_event
@@ -86,14 +86,6 @@ class PendingResume:
         self.request_ids = request_ids
 
 
-class _WithFirstBytes(web.StreamResponse):
-    """A streamed answer whose first bytes are written right after prepare: its headers go out with
-    them in one write (aiohttp's StreamResponse writes headers on their own at prepare; its Response
-    does not, by this same class attribute)."""
-
-    _send_headers_immediately = False
-
-
 def _arrived(upstream: aiohttp.ClientResponse) -> bytes:
     """What of the body already arrived, without waiting; a broken body is left for the next read."""
     try:
@@ -102,10 +94,10 @@ def _arrived(upstream: aiohttp.ClientResponse) -> bytes:
         return b""
 
 
-async def _send(response: web.StreamResponse, data: bytes) -> None:
+async def _send(exchange: Exchange, data: bytes) -> None:
     """Write to the client; its hang-up is ClientLeft, never taken for an upstream failure."""
     try:
-        await response.write(data)
+        await exchange.write(data)
     except ConnectionError as exc:
         raise ClientLeft from exc
 
@@ -153,7 +145,7 @@ class Relay:
 
     async def relay(
         self,
-        request: web.Request,
+        exchange: Exchange,
         upstream: aiohttp.ClientResponse,
         client_session_id: str | None,
         outcome: Outcome,
@@ -162,7 +154,7 @@ class Relay:
         tracker: AnswerTracker | None = None,
         generation: int = 0,
         reattach: Reattach | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Send an upstream answer to the client as it arrives, with the client's session id.
 
         ``tracker`` watches the answer for responses: if the upstream breaks the stream first, each
@@ -177,54 +169,49 @@ class Relay:
         if not is_sse and length is not None and length <= WHOLE_ANSWER_LIMIT:
             # A JSON answer of known length is one message, not a stream: send headers and body in one
             # write. Streaming it cost a write per chunk plus chunked framing (a quarter of the time).
-            return await self._relay_whole(upstream, client_session_id, prefetched, observe)
+            await self._relay_whole(exchange, upstream, client_session_id, prefetched, observe)
+            return
         streams = self._open_streams
         # An SSE answer's events that already arrived go out with the headers (and, when the answer is
         # complete, with its end): one write instead of three.
         first = _arrived(upstream) if is_sse and reattach is None and not prefetched else b""
         tail = b""
         try:
-            # Headers wait for the first write only when it follows at once: a client waiting for a slow
-            # first event gets the headers as soon as the upstream sent them.
-            response_class = _WithFirstBytes if first or prefetched else web.StreamResponse
-            response = response_class(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(upstream.headers, client_session_id),
-            )
+            headers = client_response_headers(upstream.headers, client_session_id)
             if is_sse:
                 # Tell any buffering proxy in front of us (nginx) to pass events through at once.
-                response.headers["X-Accel-Buffering"] = "no"
-            await response.prepare(request)
+                headers.append(("X-Accel-Buffering", "no"))
+            # Headers wait for the first write only when it follows at once: a client waiting for a slow
+            # first event gets the headers as soon as the upstream sent them.
+            await exchange.start(upstream.status, upstream.reason, headers, hold=bool(first or prefetched))
             outcome.status = upstream.status
             streams.inc()
             try:
                 if prefetched:
-                    await _send(response, prefetched)
+                    await _send(exchange, prefetched)
                     if observe is not None:
                         observe(prefetched)
                 if reattach is not None:
-                    await self._relay_server_stream(response, upstream, reattach)
+                    await self._relay_server_stream(exchange, upstream, reattach)
                 else:
                     tail = await self._relay_answer(
-                        response, upstream, is_sse, tracker, client_session_id, generation, first
+                        exchange, upstream, is_sse, tracker, client_session_id, generation, first
                     )
             except ClientLeft:
                 outcome.client_left = True
-                return response
+                return
             finally:
                 streams.dec()
             try:
-                await response.write_eof(tail)
+                await exchange.end(tail)
             except ConnectionError:
                 outcome.client_left = True
-            return response
         finally:
             upstream.release()
 
     async def _relay_answer(
         self,
-        response: web.StreamResponse,
+        exchange: Exchange,
         upstream: aiohttp.ClientResponse,
         is_sse: bool,
         tracker: AnswerTracker | None,
@@ -238,15 +225,15 @@ class Relay:
         them with the end of the response."""
         observe = tracker.feed if tracker is not None else None
         if not is_sse:
-            await self._pump(upstream, response, observe)
+            await self._pump(upstream, exchange, observe)
             return b""
         held: list[bytes] = []
-        between_events = await self._pump_sse(upstream, response, observe, first, held)
+        between_events = await self._pump_sse(upstream, exchange, observe, first, held)
         tail = b"".join(held)
         if tracker is None or not tracker.may_be_unanswered():
             return tail
         if tail:
-            await _send(response, tail)
+            await _send(exchange, tail)
         last_event_id = tracker.last_event_id
         if between_events and last_event_id is not None and client_session_id is not None:
             # The client can resume this stream by GET with Last-Event-ID (the spec's way to finish an
@@ -258,11 +245,11 @@ class Relay:
             return b""
         # Broken mid-event, or closed without the answer by a server the client cannot resume from (no
         # event ids): the client would wait forever.
-        await self.finish_unanswered(response, tracker.unanswered(), _BROKEN)
+        await self.finish_unanswered(exchange, tracker.unanswered(), _BROKEN)
         return b""
 
     async def _relay_server_stream(
-        self, response: web.StreamResponse, upstream: aiohttp.ClientResponse, reattach: Reattach
+        self, exchange: Exchange, upstream: aiohttp.ClientResponse, reattach: Reattach
     ) -> None:
         """A GET stream: forwarded, and reattached upstream whenever the upstream ends it while the client
         still listens (after a heal, or a server that closes streams on purpose), with backoff."""
@@ -272,7 +259,7 @@ class Relay:
             while True:
                 opened = time.monotonic()
                 watch = SSEParser()
-                between_events = await self._pump_sse(upstream, response, watch.feed)
+                between_events = await self._pump_sse(upstream, exchange, watch.feed)
                 if not between_events or self._closing.is_set():
                     return
                 self._server_streams.discard(upstream)
@@ -282,7 +269,7 @@ class Relay:
                 retry = watch.reconnection_time
                 delay = backoff.next_delay(at_least=retry / 1000 if retry is not None else 0.0)
                 log.info("stream.reattach_wait", upstream=self._name, delay_s=round(delay, 3), retry_ms=retry)
-                if not await self._wait_keeping_alive(response, delay):
+                if not await self._wait_keeping_alive(exchange, delay):
                     return  # shutting down
                 try:
                     next_upstream = await reattach(watch.last_event_id)
@@ -298,7 +285,7 @@ class Relay:
             self._server_streams.discard(upstream)
             upstream.release()
 
-    async def _wait_keeping_alive(self, response: web.StreamResponse, delay: float) -> bool:
+    async def _wait_keeping_alive(self, exchange: Exchange, delay: float) -> bool:
         """Wait ``delay`` seconds, keeping the client's stream alive; False if shutdown began meanwhile."""
         deadline = time.monotonic() + delay
         while (left := deadline - time.monotonic()) > 0:
@@ -308,16 +295,17 @@ class Relay:
                 return False
             except TimeoutError:
                 if deadline - time.monotonic() > 0:
-                    await _send(response, _KEEPALIVE)
+                    await _send(exchange, _KEEPALIVE)
         return not self._closing.is_set()
 
     async def _relay_whole(
         self,
+        exchange: Exchange,
         upstream: aiohttp.ClientResponse,
         client_session_id: str | None,
         prefetched: bytes,
         observe: Callable[[bytes], None] | None,
-    ) -> web.Response:
+    ) -> None:
         """Relay a complete answer of known, bounded length as one response."""
         try:
             body = prefetched + await upstream.content.read()
@@ -330,22 +318,19 @@ class Relay:
             upstream.release()
         if observe is not None:
             observe(body)
-        return web.Response(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=client_response_headers(upstream.headers, client_session_id),
-            body=body,
+        await exchange.answer(
+            upstream.status, body, client_response_headers(upstream.headers, client_session_id), upstream.reason
         )
 
-    async def finish_unanswered(self, response: web.StreamResponse, unanswered: list[RequestId], why: str) -> None:
+    async def finish_unanswered(self, exchange: Exchange, unanswered: list[RequestId], why: str) -> None:
         """End a stream with an error event for every request still unanswered."""
         if not unanswered:
             return
         log.warning("upstream.stream_broken_before_answer", upstream=self._name, unanswered=len(unanswered))
-        await _send(response, error_events(unanswered, why))
+        await _send(exchange, error_events(unanswered, why))
 
     async def _pump(
-        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, observe: Callable[[bytes], None] | None
+        self, upstream: aiohttp.ClientResponse, exchange: Exchange, observe: Callable[[bytes], None] | None
     ) -> bool:
         """Copy a non-SSE body; True if it ended cleanly."""
         content = upstream.content
@@ -357,14 +342,14 @@ class Relay:
                 return False
             if not chunk:
                 return True
-            await _send(response, chunk)
+            await _send(exchange, chunk)
             if observe is not None:
                 observe(chunk)
 
     async def _pump_sse(
         self,
         upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse,
+        exchange: Exchange,
         observe: Callable[[bytes], object] | None,
         first: bytes = b"",
         held: list[bytes] | None = None,
@@ -391,7 +376,7 @@ class Relay:
                         return at_boundary
                     if at_boundary:
                         # Only between events: a comment inside an event would corrupt it.
-                        await _send(response, _KEEPALIVE)
+                        await _send(exchange, _KEEPALIVE)
                     continue
                 except aiohttp.ClientError as exc:
                     self._log_broken(type(exc).__name__)
@@ -404,7 +389,7 @@ class Relay:
                 if observe is not None:
                     observe(chunk)
                 return at_boundary
-            await _send(response, chunk)
+            await _send(exchange, chunk)
             if observe is not None:
                 observe(chunk)
             chunk = b""
@@ -415,19 +400,18 @@ class Relay:
 
 
 async def answer_unresumable(
-    request: web.Request, client_session_id: str, request_ids: tuple[RequestId, ...], outcome: Outcome
-) -> web.StreamResponse:
+    exchange: Exchange, client_session_id: str, request_ids: tuple[RequestId, ...], outcome: Outcome
+) -> None:
     """Answer a resume the upstream cannot honour: an SSE stream with an error for each request it was
     waiting for, then its end, so that the client stops waiting at once."""
-    response = web.StreamResponse(
-        status=200,
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Mcp-Session-Id": client_session_id},
-    )
-    await response.prepare(request)
-    outcome.status = 200
+    headers = [
+        ("Content-Type", "text/event-stream"),
+        ("Cache-Control", "no-cache"),
+        ("Mcp-Session-Id", client_session_id),
+    ]
     try:
-        await _send(response, error_events(request_ids, _NOT_RESUMABLE))
-        await response.write_eof()
-    except (ClientLeft, ConnectionError):
+        await exchange.start(200, None, headers, hold=True)
+        outcome.status = 200
+        await exchange.end(error_events(request_ids, _NOT_RESUMABLE))
+    except ConnectionError:
         outcome.client_left = True
-    return response

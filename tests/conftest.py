@@ -26,8 +26,9 @@ from aiohttp.test_utils import TestServer
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_heal_proxy.app import STORE_KEY, build_app
+from mcp_heal_proxy.app import FAST_PATH_KEY, STORE_KEY, build_app
 from mcp_heal_proxy.config import DEFAULT_UPSTREAM_CLIENT, single_upstream
+from mcp_heal_proxy.http1 import FastSite
 from mcp_heal_proxy.sessions import SessionRecord
 from tests.fake_upstream import FakeUpstream
 
@@ -220,20 +221,25 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[ProxyFactory]:
     """Start the proxy in this process in front of an upstream URL."""
-    servers: list[TestServer] = []
+    runners: list[web.AppRunner] = []
 
     async def start(upstream_url: str, **upstream_options: Any) -> RunningProxy:
         upstream_options.setdefault("client", TEST_CLIENT)
         config = single_upstream(upstream_url, **upstream_options)
         app = build_app(config)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()  # TestServer cancels handlers on disconnect, as serve() does
-        servers.append(server)
-        return RunningProxy(str(server.make_url("/mcp")), app)
+        # As serve() runs it: handlers cancelled when the client leaves, the proxy's own HTTP/1.1 server
+        # in front of aiohttp's.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = FastSite(runner, "127.0.0.1", 0, app[FAST_PATH_KEY])
+        await site.start()
+        port = runner.addresses[0][1]
+        return RunningProxy(f"http://127.0.0.1:{port}/mcp", app)
 
     yield start
-    for server in servers:
-        await server.close()
+    for runner in runners:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

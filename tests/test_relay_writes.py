@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import http_writer, web
 
+from mcp_heal_proxy import http1
 from tests.conftest import ProxyFactory, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream
 
@@ -26,7 +27,8 @@ def sse(*messages: dict[str, Any]) -> bytes:
 
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bytes]]:
-    """Every write aiohttp's HTTP writer hands to a transport in this process: (transport, bytes).
+    """Every write aiohttp's HTTP writer, or the proxy's own server, hands to a transport in this process:
+    (transport, bytes).
 
     The proxy and the fake upstream both run here; a test tells them apart by the transport."""
     seen: list[tuple[object, bytes]] = []
@@ -43,6 +45,19 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bytes]]:
 
     monkeypatch.setattr(http_writer.StreamWriter, "_write", counting_write)
     monkeypatch.setattr(http_writer.StreamWriter, "_writelines", counting_writelines)
+    # And every write of the proxy's own HTTP/1.1 server (http1.py), which answers the proxy's POSTs.
+    fast_write, fast_send = http1.FastConnection.write, http1.FastConnection.send
+
+    def counting_fast_write(self: http1.FastConnection, data: bytes) -> None:
+        seen.append((self._transport, data))
+        fast_write(self, data)
+
+    async def counting_fast_send(self: http1.FastConnection, data: bytes) -> None:
+        seen.append((self._transport, data))
+        await fast_send(self, data)
+
+    monkeypatch.setattr(http1.FastConnection, "write", counting_fast_write)
+    monkeypatch.setattr(http1.FastConnection, "send", counting_fast_send)
     return seen
 
 

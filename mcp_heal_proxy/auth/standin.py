@@ -209,10 +209,12 @@ class OAuthPassThrough:
         return handle
 
     def _origin(self, request: web.Request) -> str:
-        trusted = is_trusted(request.remote, self._networks)
-        return dialed_origin(
-            request.scheme, request.host, request.headers, trusted=trusted, fallback_host=self._fallback_host
-        )
+        return self.origin_of(request.remote, request.scheme, request.host, request.headers)
+
+    def origin_of(self, remote: str | None, scheme: str, host: str | None, headers: Mapping[str, str]) -> str:
+        """The origin the client dialed (behind a trusted reverse proxy: the one it says was dialed)."""
+        trusted = is_trusted(remote, self._networks)
+        return dialed_origin(scheme, host, headers, trusted=trusted, fallback_host=self._fallback_host)
 
     # --- the resource server's side ---------------------------------------------------------------
 
@@ -228,20 +230,27 @@ class OAuthPassThrough:
 
     async def _rewrite_challenge(self, request: web.Request, response: web.StreamResponse) -> None:
         """Point an upstream challenge at the proxy's metadata (on_response_prepare: every response)."""
-        if response.status not in _CHALLENGE_STATUSES:
-            return
-        upstream = self._by_path.get(request.path)
+        rewritten = self.challenge_to_send(
+            request.path, lambda: self._origin(request), response.status, response.headers.get("WWW-Authenticate")
+        )
+        if rewritten is not None:
+            response.headers["WWW-Authenticate"] = rewritten
+
+    def challenge_to_send(self, path: str, origin: Callable[[], str], status: int, challenge: str | None) -> str | None:
+        """The challenge to send instead of an upstream's on ``path``, pointing at the proxy's metadata
+        (``origin`` gives the origin the client dialed); None to send it as it is. Both HTTP servers
+        (aiohttp's, the proxy's own) ask this one rule."""
+        if status not in _CHALLENGE_STATUSES or not challenge:
+            return None
+        upstream = self._by_path.get(path)
         if upstream is None:
-            return
-        challenge = response.headers.get("WWW-Authenticate")
-        if not challenge:
-            return
-        metadata_url = protected_resource_metadata_url(self._origin(request), upstream.config.path)
+            return None
+        metadata_url = protected_resource_metadata_url(origin(), upstream.config.path)
         hint = bearer_param(challenge, "resource_metadata")
         if hint == metadata_url:
-            return  # the proxy's own challenge (challenge_for_probe), already pointing here
+            return None  # the proxy's own challenge (challenge_for_probe), already pointing here
         upstream.metadata.remember_hint(hint)
-        response.headers["WWW-Authenticate"] = rewrite_challenge(challenge, metadata_url)
+        return rewrite_challenge(challenge, metadata_url)
 
     async def challenge_for_probe(self, request: web.Request) -> web.StreamResponse | None:
         """A 401 for a GET with neither session nor credentials, when the upstream needs a login.

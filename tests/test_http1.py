@@ -1,0 +1,303 @@
+"""The proxy's own HTTP/1.1 server (http1.py): what it answers itself, what it hands to aiohttp, and that a
+connection stays correct across both (raw sockets, so that the bytes on the wire are what is tested).
+
+Which server answered is visible on the wire: aiohttp's answers carry its ``Server`` header, the proxy's
+own server sends none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+import pytest
+
+from mcp_heal_proxy import http1
+from tests.conftest import INITIALIZE_PARAMS, ProxyFactory, UpstreamProcess, wait_until
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def by_aiohttp(self) -> bool:
+        return "server" in self.headers
+
+    def json(self) -> Any:
+        text = self.body.decode()
+        if self.headers.get("content-type", "").startswith("text/event-stream"):
+            data = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+            return json.loads(data[-1])
+        return json.loads(text)
+
+
+@dataclass
+class _Parsing:
+    answers: list[Answer] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: list[bytes] = field(default_factory=list)
+    parser: Any = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.answers.append(Answer(self.parser.get_status_code(), self.headers, b"".join(self.body)))
+        self.headers, self.body = {}, []
+
+
+class RawClient:
+    """One client connection, written and read as bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._parsing = _Parsing()
+        self._parsing.parser = httptools.HttpResponseParser(self._parsing)
+
+    @classmethod
+    async def connect(cls, url: str) -> RawClient:
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+        return cls(reader, writer)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def answers(self, count: int) -> list[Answer]:
+        """Read until ``count`` answers (in all) arrived."""
+        async with asyncio.timeout(TIMEOUT):
+            while len(self._parsing.answers) < count:
+                data = await self.reader.read(65536)
+                assert data, f"connection closed after {len(self._parsing.answers)} answers"
+                self._parsing.parser.feed_data(data)
+        return self._parsing.answers[:count]
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection (without sending anything more)."""
+        async with asyncio.timeout(TIMEOUT):
+            return await self.reader.read(65536) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post(body: object, session_id: str | None = None, extra: str = "", path: str = "/mcp") -> bytes:
+    payload = json.dumps(body).encode()
+    session = f"Mcp-Session-Id: {session_id}\r\nMCP-Protocol-Version: 2025-11-25\r\n" if session_id else ""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Accept: application/json, text/event-stream\r\n{session}{extra}Content-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+def initialize(request_id: int = 1) -> bytes:
+    return post({"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": INITIALIZE_PARAMS})
+
+
+def call_echo(session_id: str, request_id: int, text: str) -> bytes:
+    params = {"name": "echo", "arguments": {"text": text}}
+    return post({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}, session_id)
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def open_session(client: RawClient, done: int = 0) -> str:
+    """initialize + notifications/initialized on this connection; ``done``: answers read on it before."""
+    client.send(initialize())
+    (answer,) = (await client.answers(done + 1))[done:]
+    assert answer.status == 200, answer.body
+    session_id = answer.headers["mcp-session-id"]
+    client.send(post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session_id))
+    (initialized,) = (await client.answers(done + 2))[done + 1 :]
+    assert initialized.status == 202
+    return session_id
+
+
+async def test_posts_are_answered_by_the_proxys_own_server(
+    upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(upstream.url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    client.send(call_echo(session_id, 2, "fast"))
+    answers = await client.answers(3)
+    assert not any(answer.by_aiohttp for answer in answers)
+    assert answers[2].json()["result"]["content"][0]["text"] == "fast"
+    client.close()
+
+
+async def test_a_connection_goes_to_aiohttp_at_its_first_other_request_and_stays_correct(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    client.send(HEALTHZ)
+    client.send(call_echo(session_id, 2, "after the handover"))
+    answers = await client.answers(4)
+    assert answers[2].status == 200
+    assert answers[2].by_aiohttp
+    assert json.loads(answers[2].body) == {"status": "ok"}
+    assert answers[3].by_aiohttp
+    assert answers[3].json()["result"]["content"][0]["text"] == "after the handover"
+    client.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_across_the_handover(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    # Three calls, a request for aiohttp and a fourth call, in one write.
+    client.send(
+        call_echo(session_id, 10, "a")
+        + call_echo(session_id, 11, "b")
+        + call_echo(session_id, 12, "c")
+        + HEALTHZ
+        + call_echo(session_id, 13, "d")
+    )
+    answers = (await client.answers(7))[2:]
+    assert [answer.by_aiohttp for answer in answers] == [False, False, False, True, True]
+    texts = [answers[i].json()["result"]["content"][0]["text"] for i in (0, 1, 2, 4)]
+    assert texts == ["a", "b", "c", "d"]
+    assert [answers[i].json()["id"] for i in (0, 1, 2, 4)] == [10, 11, 12, 13]
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ("Origin: http://localhost:3000\r\n", "a browser's request gets CORS"),
+        ("Expect: 100-continue\r\n", "an expectation is answered first"),
+    ],
+)
+async def test_requests_only_aiohttp_answers_alike_go_there(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, extra: str, why: str
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    client.send(_with_header(initialize(), extra))
+    answers = await client.answers(2 if "Expect" in extra else 1)
+    if "Expect" in extra:
+        assert answers[0].status == 100  # aiohttp's interim answer, before the body is read
+    answer = answers[-1]
+    assert answer.status == 200, why
+    assert answer.by_aiohttp, why
+    assert "mcp-session-id" in answer.headers
+    if "Origin" in extra:
+        assert answer.headers["access-control-allow-origin"] == "http://localhost:3000"
+    client.close()
+
+
+def _with_header(request: bytes, header: str) -> bytes:
+    head, _, body = request.partition(b"\r\n\r\n")
+    return head + b"\r\n" + header.encode()[:-2] + b"\r\n\r\n" + body
+
+
+async def test_a_chunked_body_goes_to_aiohttp_and_is_answered(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    payload = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}).encode()
+    half = len(payload) // 2
+    chunks = b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (half, payload[:half], len(payload) - half, payload[half:])
+    client.send(
+        b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    (answer,) = await client.answers(1)
+    assert answer.status == 200
+    assert answer.by_aiohttp
+    assert answer.json()["result"]["protocolVersion"]
+    client.close()
+
+
+async def test_a_malformed_request_gets_aiohttps_400_and_the_proxy_keeps_serving(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    client.send(b"POST /mcp HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+    (bad,) = (await client.answers(3))[2:]
+    assert bad.status == 400
+    assert bad.by_aiohttp
+    client.close()
+    fresh = await RawClient.connect(proxy.url)
+    fresh.send(call_echo(session_id, 3, "still serving"))
+    (answer,) = await fresh.answers(1)
+    assert answer.json()["result"]["content"][0]["text"] == "still serving"
+    fresh.close()
+
+
+async def test_connection_close_is_honoured_and_what_follows_is_not_answered(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    client.send(_with_header(initialize(), "Connection: close\r\n") + initialize(2))
+    (answer,) = await client.answers(1)
+    assert answer.status == 200
+    assert answer.headers["connection"] == "close"
+    assert not answer.by_aiohttp
+    assert await client.closed()
+    client.close()
+
+
+async def test_a_body_over_the_limit_is_refused_with_the_json_rpc_error(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url, max_body_bytes=1024)
+    client = await RawClient.connect(proxy.url)
+    client.send(call_echo("0" * 32, 7, "x" * 2000))
+    (answer,) = await client.answers(1)
+    assert answer.status == 413
+    assert json.loads(answer.body)["error"]["message"] == "request body over the 1024-byte limit"
+    client.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http1, "KEEPALIVE_TIMEOUT", 0.3)
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    await open_session(client)
+    assert await client.closed()
+    client.close()
+
+
+async def test_a_client_that_leaves_mid_answer_cancels_its_request(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    # The upstream's gated tool blocks until released: the answer is still running when the client leaves.
+    params = {"name": "gated_steps", "arguments": {"steps": 1}}
+    client.send(post({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params}, session_id))
+
+    def handlers() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() if "FastConnection._run" in repr(task.get_coro())]
+
+    await wait_until(lambda: bool(handlers()), TIMEOUT, "the call being answered")
+    running = handlers()
+    client.writer.transport.abort()
+    await wait_until(lambda: all(task.done() for task in running), TIMEOUT, "the handler cancelled")
+    assert all(task.cancelled() for task in running)

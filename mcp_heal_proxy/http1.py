@@ -51,6 +51,8 @@ KEEPALIVE_TIMEOUT: Final = 75.0
 MAX_WAITING: Final = 8
 _HEAD_END: Final = b"\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+# Answers that never have a body, nor a Content-Length or chunked framing (RFC 9110 8.6, 9112 6.1).
+_NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
 # of the next request could not be found again for a handover), an expectation to answer first.
 _AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect")
@@ -110,7 +112,18 @@ def _reason(status: int, reason: str | None) -> str:
 class FastExchange:
     """One POST on this server, and its answer written straight to the connection."""
 
-    __slots__ = ("_connection", "_held", "body", "ended", "headers", "keep_alive", "path", "proxy", "status")
+    __slots__ = (
+        "_bodiless",
+        "_connection",
+        "_held",
+        "body",
+        "ended",
+        "headers",
+        "keep_alive",
+        "path",
+        "proxy",
+        "status",
+    )
 
     method: Final = "POST"
 
@@ -124,6 +137,7 @@ class FastExchange:
         self.status: int | None = None
         self.ended = False
         self._held = b""
+        self._bodiless = False
 
     async def read_body(self, limit: int) -> bytes:
         # Read whole before the handler started; its length was checked against the limit already.
@@ -132,18 +146,22 @@ class FastExchange:
     async def answer(self, status: int, body: bytes, headers: HeaderPairs = (), reason: str | None = None) -> None:
         self.status = status
         self.ended = True
+        if status in _NO_BODY:
+            self._connection.write(self._head(status, reason, headers, ""))
+            return
         self._connection.write(self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n") + body)
 
     async def start(self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False) -> None:
         self.status = status
-        head = self._head(status, reason, headers, "Transfer-Encoding: chunked\r\n")
+        self._bodiless = status in _NO_BODY
+        head = self._head(status, reason, headers, "" if self._bodiless else "Transfer-Encoding: chunked\r\n")
         if hold:
             self._held = head
         else:
             await self._connection.send(head)
 
     async def write(self, data: bytes) -> None:
-        if not data:
+        if not data or self._bodiless:
             return
         framed = b"%x\r\n%b\r\n" % (len(data), data)
         if self._held:
@@ -151,7 +169,12 @@ class FastExchange:
         await self._connection.send(framed)
 
     async def end(self, tail: bytes = b"") -> None:
-        last = b"%x\r\n%b\r\n%b" % (len(tail), tail, _LAST_CHUNK) if tail else _LAST_CHUNK
+        if self._bodiless:
+            last = b""
+        elif tail:
+            last = b"%x\r\n%b\r\n%b" % (len(tail), tail, _LAST_CHUNK)
+        else:
+            last = _LAST_CHUNK
         if self._held:
             last, self._held = self._held + last, b""
         self.ended = True

@@ -14,9 +14,11 @@ from typing import Any
 
 import httptools
 import pytest
+from aiohttp import web
 
 from mcp_heal_proxy import http1
 from tests.conftest import INITIALIZE_PARAMS, ProxyFactory, UpstreamProcess, wait_until
+from tests.fake_upstream import FakeUpstream
 
 TIMEOUT = 10.0
 
@@ -301,3 +303,26 @@ async def test_a_client_that_leaves_mid_answer_cancels_its_request(
     client.writer.transport.abort()
     await wait_until(lambda: all(task.done() for task in running), TIMEOUT, "the handler cancelled")
     assert all(task.cancelled() for task in running)
+
+
+async def test_an_upstream_204_reaches_the_client_without_a_body_and_the_connection_stays_usable(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+
+    async def no_content(request: web.Request, body: Any) -> web.StreamResponse | None:
+        return web.Response(status=204) if body.get("method") == "notifications/cancelled" else None
+
+    upstream.on_request = no_content
+    cancelled = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 99}}
+    client.send(post(cancelled, session_id) + HEALTHZ)
+    answers = (await client.answers(4))[2:]
+    assert answers[0].status == 204
+    assert "transfer-encoding" not in answers[0].headers
+    assert "content-length" not in answers[0].headers
+    assert answers[0].body == b""
+    assert answers[1].status == 200  # the next answer on the same connection is read intact
+    client.close()

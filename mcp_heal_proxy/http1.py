@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Final, NoReturn, cast
 
 import httptools
 import structlog
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from mcp_heal_proxy.exchange import HeaderPairs
 
@@ -56,6 +56,24 @@ _NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
 # of the next request could not be found again for a handover), an expectation to answer first.
 _AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect")
+
+
+# Header names as aiohttp's parser gives them: the ones it knows in their canonical spelling ("content-type"
+# from a client that lowercases becomes "Content-Type"), others as sent. The proxy's code sets headers by
+# their canonical names (e.g. the heal's Content-Type) and relies on that spelling to replace a client's.
+_KNOWN_NAMES: Final = {str(name).lower().encode(): name for name in vars(hdrs).values() if isinstance(name, istr)}
+# Raw names seen, decoded: clients send the same few on every request (bounded: the client chooses them).
+_NAMES_REMEMBERED: Final = 1024
+_names: dict[bytes, str] = {}
+
+
+def _header_name(raw: bytes) -> str:
+    name = _names.get(raw)
+    if name is None:
+        name = _KNOWN_NAMES.get(raw.lower()) or raw.decode("utf-8", "surrogateescape")
+        if len(_names) < _NAMES_REMEMBERED:
+            _names[raw] = name
+    return name
 
 
 class FastPath:
@@ -344,10 +362,7 @@ class FastConnection(asyncio.Protocol):
             self._to_aiohttp()  # refused, logged and counted there
         headers = CIMultiDictProxy(
             CIMultiDict(
-                [
-                    (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                    for name, value in self._header_pairs
-                ]
+                [(_header_name(name), value.decode("utf-8", "surrogateescape")) for name, value in self._header_pairs]
             )
         )
         self._parsing = FastExchange(self, proxy, path.decode("utf-8", "surrogateescape"), headers)

@@ -326,3 +326,30 @@ async def test_an_upstream_204_reaches_the_client_without_a_body_and_the_connect
     assert answers[0].body == b""
     assert answers[1].status == 200  # the next answer on the same connection is read intact
     client.close()
+
+
+async def test_a_client_that_lowercases_header_names_still_heals(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    """Codex (hyper) sends "content-type"; the heal's re-initialize sets "Content-Type". Header names keep
+    aiohttp's canonical spelling on this server too, so the upstream gets one Content-Type, not two (the
+    TypeScript SDK server answers two with 415)."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    content_types: list[list[str]] = []
+
+    async def count_content_types(request: web.Request, _: Any) -> web.StreamResponse | None:
+        content_types.append(request.headers.getall("Content-Type"))
+        return None
+
+    upstream.on_reinitialize = count_content_types
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    upstream.forget_all()
+    call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "echo"}}
+    client.send(post(call, session_id).replace(b"Content-Type:", b"content-type:").replace(b"Accept:", b"accept:"))
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.status == 200, answer.body
+    assert answer.json()["id"] == 3
+    assert content_types == [["application/json"]]
+    client.close()

@@ -381,8 +381,12 @@ async def serve(config: ProxyConfig) -> int:
         # The store could not be opened (an unwritable path, Redis not answering): the user's to fix.
         raise UsageError(f"cannot open the session store {config.state_display}: {exc.message}") from None
     # The proxy's own HTTP/1.1 server takes the connections: it answers POSTs to the MCP endpoints and
-    # hands everything else to aiohttp (http1.py).
-    site = FastSite(runner, config.host, config.port, app[FAST_PATH_KEY])
+    # hands everything else to aiohttp (http1.py). With http_server = "aiohttp", aiohttp takes them all.
+    site: web.BaseSite = (
+        FastSite(runner, config.host, config.port, app[FAST_PATH_KEY])
+        if config.http_server == "fast"
+        else web.TCPSite(runner, config.host, config.port)
+    )
     try:
         await site.start()
     except OSError as exc:

@@ -40,6 +40,10 @@ RESERVED_PATHS: Final = frozenset({"/", "/_proxy", "/healthz", "/readyz", "/metr
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: Final = ("auto", "json", "console")
+# Which HTTP server takes client connections: the proxy's own for POSTs to MCP paths (aiohttp's for the
+# rest), or aiohttp's for everything (the way back, should the proxy's own misbehave with some client).
+HTTP_SERVERS: Final = ("fast", "aiohttp")
+HttpServer = Literal["fast", "aiohttp"]
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 ReplayPolicy = Literal["all", "none"] | tuple[str, ...]
 UpstreamClient = Literal["aiohttp", "lean"]
@@ -148,6 +152,7 @@ class ProxyConfig:
     max_sessions: int = 10_000
     # Well below pool_size (100), so that one session cannot hold every connection to its upstream.
     max_streams_per_session: int = 32
+    http_server: HttpServer = "fast"
 
     @property
     def listens_on_all_interfaces(self) -> bool:
@@ -480,6 +485,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "shutdown_grace": Option(_seconds(zero_allowed=True), _text_as_number),
     "max_sessions": Option(_integer(1), _text_as_int),
     "max_streams_per_session": Option(_integer(1), _text_as_int),
+    "http_server": Option(_one_of(HTTP_SERVERS), _text_as_str),
 }
 UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "url": Option(_upstream_url, _text_as_str, _without_userinfo),

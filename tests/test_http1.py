@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from mcp_heal_proxy import http1
-from tests.conftest import INITIALIZE_PARAMS, ProxyFactory, UpstreamProcess, wait_until
+from tests.conftest import INITIALIZE_PARAMS, REPO_ROOT, ProxyFactory, UpstreamProcess, wait_until
 from tests.fake_upstream import FakeUpstream
 
 TIMEOUT = 10.0
@@ -353,3 +355,34 @@ async def test_a_client_that_lowercases_header_names_still_heals(
     assert answer.json()["id"] == 3
     assert content_types == [["application/json"]]
     client.close()
+
+
+@pytest.mark.parametrize(("http_server", "by_aiohttp"), [("fast", False), ("aiohttp", True)])
+async def test_serve_takes_connections_with_the_configured_http_server(
+    sse_upstream: UpstreamProcess, http_server: str, by_aiohttp: bool
+) -> None:
+    """`serve` starts the proxy's own server by default; http_server = "aiohttp" is the way back."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_heal_proxy", "serve", "--upstream", sse_upstream.url, "--port", "0",
+        "--state", ":memory:", "--set", f"http_server={http_server}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        url = None
+        async with asyncio.timeout(20):
+            while url is None:
+                line = await process.stdout.readline()
+                assert line, "the proxy exited before printing its URL"
+                if match := re.search(rb'url = "([^"]+)"', line):
+                    url = match.group(1).decode()
+        client = await RawClient.connect(url)
+        client.send(initialize())
+        (answer,) = await client.answers(1)
+        assert answer.status == 200
+        assert answer.by_aiohttp is by_aiohttp
+        client.close()
+    finally:
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()

@@ -30,9 +30,10 @@ import aiohttp
 from aiohttp import web
 
 from mcp_heal_proxy import __version__
-from mcp_heal_proxy.app import build_app
+from mcp_heal_proxy.app import FAST_PATH_KEY, build_app
 from mcp_heal_proxy.config import ENDPOINT_PATH, MEMORY_STATE, single_upstream
 from mcp_heal_proxy.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
+from mcp_heal_proxy.http1 import FastSite
 from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
 from mcp_heal_proxy.sse import Event, SSEParser
 
@@ -345,7 +346,13 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        # The proxy's app is served as `serve` serves it (its own HTTP server in front); the demo upstream's
+        # by aiohttp alone.
+        site: web.BaseSite = (
+            FastSite(runner, "127.0.0.1", 0, app[FAST_PATH_KEY])
+            if FAST_PATH_KEY in app
+            else web.TCPSite(runner, "127.0.0.1", 0)
+        )
         await site.start()
         port = runner.addresses[0][1]
         yield f"http://127.0.0.1:{port}{ENDPOINT_PATH}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import signal
 import socket
@@ -277,3 +278,22 @@ async def raw_initialize(http: aiohttp.ClientSession, url: str) -> str:
 def session_headers(session_id: str) -> dict[str, str]:
     """Headers of a request on an initialized session."""
     return {**MCP_HEADERS, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-11-25"}
+
+
+def echo_call(request_id: int | str, text: str = "hi") -> dict[str, Any]:
+    """A tools/call of the echo tool (every test upstream has one)."""
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": text}},
+    }
+
+
+async def post_on_session(
+    http: aiohttp.ClientSession, url: str, session_id: str, body: object
+) -> tuple[int, dict[str, str], Any]:
+    """POST a message on a session: the status, the headers and the JSON answer (None without a body)."""
+    async with http.post(url, data=json.dumps(body), headers=session_headers(session_id)) as response:
+        raw = await response.read()
+        return response.status, dict(response.headers), json.loads(raw) if raw else None

@@ -13,27 +13,18 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers, wait_until
+from tests.conftest import (
+    MCP_HEADERS,
+    ProxyFactory,
+    echo_call,
+    post_on_session,
+    raw_initialize,
+    session_headers,
+    wait_until,
+)
 from tests.fake_upstream import FakeUpstream, answer_404, drop_connection, hang_forever
 
 AiohttpServer = Callable[..., Any]
-
-
-def call(request_id: int | str, text: str = "hi") -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "tools/call",
-        "params": {"name": "echo", "arguments": {"text": text}},
-    }
-
-
-async def post(
-    http: aiohttp.ClientSession, proxy: RunningProxy, session_id: str, body: object
-) -> tuple[int, dict[str, str], Any]:
-    async with http.post(proxy.url, data=json.dumps(body), headers=session_headers(session_id)) as response:
-        raw = await response.read()
-        return response.status, dict(response.headers), json.loads(raw) if raw else None
 
 
 async def test_expired_session_is_reinitialized_with_handshake_then_replayed(
@@ -43,7 +34,7 @@ async def test_expired_session_is_reinitialized_with_handshake_then_replayed(
     proxy = await start_proxy(url)
     session_id = await raw_initialize(http, proxy.url)
     upstream.forget_all()
-    status, headers, answer = await post(http, proxy, session_id, call(41))
+    status, headers, answer = await post_on_session(http, proxy.url, session_id, echo_call(41))
     assert status == 200
     assert answer["id"] == 41
     assert headers["Mcp-Session-Id"] == session_id
@@ -71,7 +62,7 @@ async def test_heal_is_attempted_once_when_the_upstream_refuses_everything(
     session_id = await raw_initialize(http, proxy.url)
     upstream.forget_all()
     upstream.on_reinitialize = answer_404
-    status, headers, answer = await post(http, proxy, session_id, call("abc"))
+    status, headers, answer = await post_on_session(http, proxy.url, session_id, echo_call("abc"))
     assert status == 502
     assert answer["id"] == "abc"
     assert "re-initialize" in answer["error"]["message"]
@@ -87,7 +78,7 @@ async def test_upstream_dying_during_heal_gives_a_jsonrpc_error_with_the_request
     session_id = await raw_initialize(http, proxy.url)
     upstream.forget_all()
     upstream.on_reinitialize = drop_connection
-    status, _, answer = await post(http, proxy, session_id, call(9))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(9))
     assert status == 502
     assert answer == {"jsonrpc": "2.0", "id": 9, "error": {"code": -32002, "message": answer["error"]["message"]}}
     assert "unreachable" in answer["error"]["message"]
@@ -101,7 +92,7 @@ async def test_upstream_hanging_during_heal_gives_a_timeout_error(
     session_id = await raw_initialize(http, proxy.url)
     upstream.forget_all()
     upstream.on_reinitialize = hang_forever
-    status, _, answer = await post(http, proxy, session_id, call(10))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(10))
     assert status == 504
     assert answer["id"] == 10
 
@@ -116,7 +107,7 @@ async def test_a_heal_the_upstream_never_answers_fails_after_heal_timeout_not_re
     upstream.on_reinitialize = hang_forever
     started = time.monotonic()
     with capture_logs() as logs:
-        status, _, answer = await post(http, proxy, session_id, call(12))
+        status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(12))
     assert 0.9 <= time.monotonic() - started < 5.0
     assert status == 504
     assert (answer["id"], answer["error"]["code"]) == (12, -32002)
@@ -137,7 +128,7 @@ async def test_a_heal_retrying_a_restarting_upstream_stops_at_heal_timeout(
     upstream.forget_all()
     upstream.on_reinitialize = drop_connection  # retried while connect_retry lasts: heal_timeout ends it
     started = time.monotonic()
-    status, _, answer = await post(http, proxy, session_id, call(13))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(13))
     assert time.monotonic() - started < 5.0
     assert (status, answer["id"]) == (504, 13)
     assert answer["error"]["message"].startswith("the heal timed out")
@@ -158,7 +149,7 @@ async def test_a_heal_cut_short_after_the_initialize_ends_the_upstream_session_i
 
     upstream.on_request = never_complete_the_handshake
     upstream.forget_all()
-    status, _, answer = await post(http, proxy, session_id, call(14))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(14))
     assert (status, answer["id"]) == (504, 14)
     await wait_until(lambda: "upstream-2" not in upstream.sessions, 5, "the half-opened upstream session was ended")
     (delete,) = [seen for seen in upstream.seen if seen.method == "DELETE"]
@@ -178,7 +169,7 @@ async def test_replay_that_fails_again_is_passed_through_without_a_second_heal(
         return await answer_404(request, body) if body.get("method") == "tools/call" else None
 
     upstream.on_request = calls_always_expire
-    status, headers, answer = await post(http, proxy, session_id, call(11))
+    status, headers, answer = await post_on_session(http, proxy.url, session_id, echo_call(11))
     assert status == 404
     assert answer["error"]["message"] == "Session not found"
     assert upstream.initializes == 2
@@ -195,7 +186,7 @@ async def test_answers_and_cancellations_for_a_dead_session_are_dropped_not_repl
     sampling_answer = {"jsonrpc": "2.0", "id": 3, "result": {"role": "assistant"}}
     cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 5}}
     for body in (sampling_answer, cancel):
-        status, _, answer = await post(http, proxy, session_id, body)
+        status, _, answer = await post_on_session(http, proxy.url, session_id, body)
         assert status == 202
         assert answer is None
     assert upstream.initializes == 1
@@ -213,7 +204,7 @@ async def test_method_not_found_404_is_not_mistaken_for_expiry(
         return web.json_response(error, status=404)
 
     upstream.on_request = method_not_found
-    status, _, answer = await post(http, proxy, session_id, call(12))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(12))
     assert status == 404
     assert answer["error"]["code"] == -32601
     assert upstream.initializes == 1
@@ -224,7 +215,7 @@ async def test_unknown_client_session_id_gets_404_with_the_request_id(
 ) -> None:
     upstream, url = fake
     proxy = await start_proxy(url)
-    status, _, answer = await post(http, proxy, "never-issued", call(13))
+    status, _, answer = await post_on_session(http, proxy.url, "never-issued", echo_call(13))
     assert status == 404
     assert answer["id"] == 13
     assert answer["error"]["message"] == "Session not found"
@@ -245,7 +236,7 @@ async def test_client_sees_its_own_session_id_never_the_upstreams(
         return web.json_response({"error": "bad"}, status=400, headers={"Mcp-Session-Id": "upstream-leak"})
 
     upstream.on_request = leaky_error
-    async with http.post(proxy.url, json=call(1), headers=MCP_HEADERS) as response:
+    async with http.post(proxy.url, json=echo_call(1), headers=MCP_HEADERS) as response:
         assert response.status == 400
         assert "Mcp-Session-Id" not in response.headers
 
@@ -264,7 +255,7 @@ async def test_headers_pass_through_except_hop_by_hop_and_host(
         "X-Hop": "must not pass",
         "Proxy-Authorization": "Basic must-not-pass",
     }
-    async with http.post(proxy.url, json=call(1), headers=headers) as response:
+    async with http.post(proxy.url, json=echo_call(1), headers=headers) as response:
         assert response.status == 200
     seen = upstream.seen[-1].headers
     assert seen["Authorization"] == "Bearer upstream-token"
@@ -288,7 +279,7 @@ async def test_delete_ends_the_upstream_session_and_forgets_the_mapping(
     assert upstream.seen[-1].headers["Mcp-Session-Id"] == "upstream-1"
     assert upstream.sessions == set()
     assert await proxy.record(session_id) is None
-    status, _, answer = await post(http, proxy, session_id, call(2))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(2))
     assert status == 404
     assert answer["error"]["message"] == "Session not found"
 
@@ -357,7 +348,7 @@ async def test_slow_upstream_gives_504_with_the_request_id(
     proxy = await start_proxy(url, read_timeout=0.3)
     session_id = await raw_initialize(http, proxy.url)
     upstream.on_request = hang_forever
-    status, _, answer = await post(http, proxy, session_id, call(78))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(78))
     assert status == 504
     assert answer["id"] == 78
 
@@ -381,7 +372,7 @@ async def test_upstream_dying_mid_sse_answer_ends_the_stream_with_an_error_and_n
         return response
 
     upstream.on_request = progress_then_crash
-    async with http.post(proxy.url, json=call(31), headers=session_headers(session_id)) as response:
+    async with http.post(proxy.url, json=echo_call(31), headers=session_headers(session_id)) as response:
         assert response.status == 200
         text = await response.text()
     events = [block for block in text.split("\n\n") if block.startswith("data: ")]
@@ -409,7 +400,7 @@ async def test_an_sse_answer_that_completes_gets_no_extra_error(
         return response
 
     upstream.on_request = answer_then_crash
-    async with http.post(proxy.url, json=call(32), headers=session_headers(session_id)) as response:
+    async with http.post(proxy.url, json=echo_call(32), headers=session_headers(session_id)) as response:
         text = await response.text()
     assert text.count("data: ") == 1
     assert '"result"' in text

@@ -27,8 +27,10 @@ from tests.conftest import (
     MCP_HEADERS,
     ProxyFactory,
     UpstreamProcess,
+    echo_call,
     free_port,
     mcp_session,
+    post_on_session,
     raw_initialize,
     session_headers,
     wait_until,
@@ -36,21 +38,6 @@ from tests.conftest import (
 from tests.fake_upstream import FakeUpstream, hang_forever
 
 AiohttpServer = Callable[..., Any]
-
-
-def call(request_id: int | str, text: str = "hi") -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "tools/call",
-        "params": {"name": "echo", "arguments": {"text": text}},
-    }
-
-
-async def post(http: aiohttp.ClientSession, url: str, session_id: str, body: object) -> tuple[int, Any]:
-    async with http.post(url, data=json.dumps(body), headers=session_headers(session_id)) as response:
-        raw = await response.read()
-        return response.status, json.loads(raw) if raw else None
 
 
 # --- 1. long-lived streams never starve requests ---------------------------------------------------------
@@ -85,11 +72,11 @@ async def test_a_request_that_gets_no_connection_gets_an_error_with_its_id_in_bo
     proxy = await start_proxy(url, pool_size=1, connect_timeout=0.5)
     session_id = await raw_initialize(http, proxy.url)
     upstream.on_request = hang_forever  # the one pooled connection stays busy
-    stuck = asyncio.ensure_future(post(http, proxy.url, session_id, call(1)))  # noqa: TID251 (cancelled below)
+    stuck = asyncio.ensure_future(post_on_session(http, proxy.url, session_id, echo_call(1)))  # noqa: TID251 (cancelled below)
     try:
         await wait_until(lambda: upstream.count("tools/call") == 1, 5, "first call reached the upstream")
         started = time.monotonic()
-        status, answer = await post(http, proxy.url, session_id, call("second"))
+        status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call("second"))
         assert time.monotonic() - started < 3
         assert status == 503
         assert answer["id"] == "second"
@@ -191,7 +178,7 @@ async def test_a_resume_the_upstream_cannot_honour_is_answered_with_errors_not_a
         return response
 
     upstream.on_request = numbered_then_cut
-    async with http.post(proxy.url, data=json.dumps(call(7)), headers=session_headers(session_id)) as answer:
+    async with http.post(proxy.url, data=json.dumps(echo_call(7)), headers=session_headers(session_id)) as answer:
         assert b"id: e1" in await answer.read()
     upstream.on_request = None
     headers = {**session_headers(session_id), "Accept": "text/event-stream", "Last-Event-ID": "e1"}
@@ -222,7 +209,9 @@ async def test_a_gzipped_answer_reaches_the_client_with_its_coding_and_the_proxy
         )
 
     upstream.on_request = gzip_anyway
-    status, answer = await post(http, proxy.url, session_id, call(3))  # aiohttp decodes what is declared
+    status, _, answer = await post_on_session(
+        http, proxy.url, session_id, echo_call(3)
+    )  # aiohttp decodes what is declared
     assert status == 200
     assert answer == {"jsonrpc": "2.0", "id": 3, "result": {"zipped": True}}
     assert upstream.seen[-1].headers["Accept-Encoding"] == "identity"
@@ -246,7 +235,7 @@ async def test_a_gzipped_expiry_answer_is_read_and_healed(
         )
 
     upstream.on_request = gzipped_400_once
-    status, answer = await post(http, proxy.url, session_id, call(4))
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(4))
     assert status == 200
     assert answer["id"] == 4
     assert upstream.initializes == 2
@@ -280,7 +269,7 @@ async def test_a_latin1_header_byte_travels_on_post_get_and_delete(
     proxy = await start_proxy(url)
     session_id = await raw_initialize(http, proxy.url)
     headers = {k: v.encode() for k, v in session_headers(session_id).items()} | {"X-Client-Title": b"caf\xe9"}
-    status, body = await raw_request(proxy.url, "POST", headers, json.dumps(call(5)).encode())
+    status, body = await raw_request(proxy.url, "POST", headers, json.dumps(echo_call(5)).encode())
     assert status == 200, body
     upstream.on_get = None
     status, _ = await raw_request(proxy.url, "GET", headers | {"Accept": b"text/event-stream"})
@@ -361,7 +350,7 @@ async def test_a_same_origin_redirect_of_the_upstream_url_is_followed(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         session_id = await raw_initialize(http, proxy.url)
         async with http.post(
-            proxy.url, data=json.dumps(call(8)), headers=session_headers(session_id), allow_redirects=False
+            proxy.url, data=json.dumps(echo_call(8)), headers=session_headers(session_id), allow_redirects=False
         ) as response:
             assert response.status == 200
             assert "Location" not in response.headers
@@ -409,16 +398,16 @@ async def test_a_delete_during_a_heal_stays_deleted_and_the_new_upstream_session
 
     upstream.on_reinitialize = slow_reinitialize
     upstream.forget_all()
-    healing = asyncio.ensure_future(post(http, proxy.url, session_id, call(10)))  # noqa: TID251 (awaited)
+    healing = asyncio.ensure_future(post_on_session(http, proxy.url, session_id, echo_call(10)))  # noqa: TID251 (awaited)
     await wait_until(lambda: upstream.initializes == 2, 5, "the heal's initialize reached the upstream")
     async with http.delete(proxy.url, headers=session_headers(session_id)) as response:
         assert response.status == 200
     gate.set()
-    status, answer = await healing
+    status, _, answer = await healing
     assert status == 404
     assert answer["id"] == 10
     assert await proxy.record(session_id) is None
-    status, _ = await post(http, proxy.url, session_id, call(11))
+    status, _, _ = await post_on_session(http, proxy.url, session_id, echo_call(11))
     assert status == 404, "the deleted session answered again"
     await wait_until(lambda: not upstream.sessions, 5, "the heal's upstream session ended")
 
@@ -446,9 +435,9 @@ async def test_a_state_change_answered_on_the_old_session_does_not_undo_a_heal(
 
     upstream.on_request = old_session
     set_level = {"jsonrpc": "2.0", "id": 20, "method": "logging/setLevel", "params": {"level": "debug"}}
-    late = asyncio.ensure_future(post(http, proxy.url, session_id, set_level))  # noqa: TID251 (awaited)
+    late = asyncio.ensure_future(post_on_session(http, proxy.url, session_id, set_level))  # noqa: TID251 (awaited)
     await wait_until(lambda: upstream.count("logging/setLevel") == 1, 5, "setLevel reached the upstream")
-    assert (await post(http, proxy.url, session_id, call(21)))[0] == 200  # heals to upstream-2
+    assert (await post_on_session(http, proxy.url, session_id, echo_call(21)))[0] == 200  # heals to upstream-2
     gate.set()
     assert (await late)[0] == 200
     record = await proxy.record(session_id)
@@ -456,7 +445,7 @@ async def test_a_state_change_answered_on_the_old_session_does_not_undo_a_heal(
     assert record.generation == 1
     assert record.upstream_session_id == "upstream-2"
     assert record.log_level == "debug", "the state change was kept, on the newer record"
-    assert (await post(http, proxy.url, session_id, call(22)))[0] == 200
+    assert (await post_on_session(http, proxy.url, session_id, echo_call(22)))[0] == 200
     assert upstream.initializes == 2, "a stale write sent the session back to its dead upstream session"
 
 

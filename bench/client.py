@@ -161,10 +161,10 @@ def store_put_us(state: str, count: int) -> float:
     """Mean cost of one SessionStore.create (what each new session writes), in microseconds.
 
     ``state`` is what ``--state`` takes: ":memory:", a SQLite file path, or a redis:// URL. The store is
-    opened the way the proxy opens it (mcp_heal_proxy.app.open_store); puts run one after another.
+    opened the way the proxy opens it (mcp_heal_proxy.front.app.open_store); puts run one after another.
     """
-    from mcp_heal_proxy.app import open_store
-    from mcp_heal_proxy.sessions import SessionRecord, new_client_session_id
+    from mcp_heal_proxy.front.app import open_store
+    from mcp_heal_proxy.store.records import SessionRecord, new_client_session_id
 
     async def go() -> float:
         store = await open_store(state)

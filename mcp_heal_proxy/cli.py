@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stdio(args: argparse.Namespace) -> int:
     """The stdio bridge: errors in its options are one line on stderr (stdout is the client's)."""
-    from mcp_heal_proxy.stdio import serve_stdio, stdio_upstream
+    from mcp_heal_proxy.front.stdio import serve_stdio, stdio_upstream
 
     try:
         upstream, max_line, state = stdio_upstream(
@@ -365,8 +365,8 @@ async def serve(config: ProxyConfig) -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
     from aiohttp import web
 
-    from mcp_heal_proxy.app import FAST_PATH_KEY, build_app
-    from mcp_heal_proxy.http1 import FastSite
+    from mcp_heal_proxy.front.app import FAST_PATH_KEY, build_app
+    from mcp_heal_proxy.front.http1 import FastSite
 
     log = structlog.get_logger("mcp_heal_proxy")
     # shutdown_timeout: after SIGTERM the listener closes at once (new requests are refused) and open
@@ -381,7 +381,7 @@ async def serve(config: ProxyConfig) -> int:
         # The store could not be opened (an unwritable path, Redis not answering): the user's to fix.
         raise UsageError(f"cannot open the session store {config.state_display}: {exc.message}") from None
     # The proxy's own HTTP/1.1 server takes the connections: it answers POSTs to the MCP endpoints and
-    # hands everything else to aiohttp (http1.py). With http_server = "aiohttp", aiohttp takes them all.
+    # hands everything else to aiohttp (front/http1.py). With http_server = "aiohttp", aiohttp takes them all.
     site: web.BaseSite = (
         FastSite(runner, config.host, config.port, app[FAST_PATH_KEY])
         if config.http_server == "fast"

@@ -106,7 +106,7 @@ class UpstreamConfig:
     keepalive_idle: float = 4.0
     heal_on: tuple[int, ...] = DEFAULT_HEAL_ON
     replay: ReplayPolicy = "all"
-    # The HTTP client for this upstream: the lean pool in upstream_lean.py, or aiohttp's ClientSession.
+    # The HTTP client for this upstream: the lean pool in upstream/lean.py, or aiohttp's ClientSession.
     client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
     oauth_pass_through: OAuthPassThrough = "stand-in"
     # auth = "oauth": the proxy logs in itself (``mcp-heal-proxy login NAME``) and sends the token;

@@ -30,12 +30,12 @@ import aiohttp
 from aiohttp import web
 
 from mcp_heal_proxy import __version__
-from mcp_heal_proxy.app import FAST_PATH_KEY, build_app
 from mcp_heal_proxy.config import ENDPOINT_PATH, MEMORY_STATE, single_upstream
-from mcp_heal_proxy.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
-from mcp_heal_proxy.http1 import FastSite
-from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
-from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.front.app import FAST_PATH_KEY, build_app
+from mcp_heal_proxy.front.http1 import FastSite
+from mcp_heal_proxy.wire.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
+from mcp_heal_proxy.wire.jsonrpc import INITIALIZE, INITIALIZED, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from mcp_heal_proxy.wire.sse import Event, SSEParser
 
 DEFAULT_TTL: Final = 2.0
 # How much longer than the TTL the client stays idle: enough for the upstream's timer to have fired.

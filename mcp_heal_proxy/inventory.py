@@ -3,7 +3,7 @@ the proxy's status page, and shown without secrets.
 
 A running proxy keeps writing its store, so readers never take it over: a SQLite file is opened
 read-only (``mode=ro``; WAL mode lets readers see every committed write while the proxy writes), and
-Redis is read with plain reads of the layout described in store_redis.py.
+Redis is read with plain reads of the layout described in store/redis.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import quote
 from mcp_heal_proxy.config import MEMORY_STATE
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.events import MAX_NAME, short_id
-from mcp_heal_proxy.sessions import SessionRecord, record_from_json
+from mcp_heal_proxy.store.records import SessionRecord, record_from_json
 
 # The page shows this many sessions, most recently used first; the count covers them all.
 PAGE_SESSIONS: Final = 200
@@ -112,13 +112,13 @@ def forget_sqlite(path: str, client_session_id: str) -> bool:
 
 
 class RedisReader:
-    """Reads a Redis store's records (store_redis.py's layout) over a connection of its own."""
+    """Reads a Redis store's records (store/redis.py's layout) over a connection of its own."""
 
     def __init__(self, url: str, prefix: str | None = None) -> None:
         # Imported here: the redis package is needed only by those who chose a Redis store.
         from redis.asyncio import Redis
 
-        from mcp_heal_proxy.store_redis import DEFAULT_PREFIX
+        from mcp_heal_proxy.store.redis import DEFAULT_PREFIX
 
         prefix = DEFAULT_PREFIX if prefix is None else prefix
         self._redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)

@@ -34,11 +34,11 @@ from aiohttp import web
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.config import MEMORY_STATE, STATUS_PREFIX, ProxyConfig
-from mcp_heal_proxy.endings import SessionEndings
+from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.events import EventFeed, entry_json
 from mcp_heal_proxy.inventory import PAGE_SESSIONS, CachedStore, RedisReader, is_redis, most_recent, summary
-from mcp_heal_proxy.sessions import SessionRecord, SessionStore
+from mcp_heal_proxy.store.records import SessionRecord, SessionStore
 
 API: Final = f"{STATUS_PREFIX}api"
 EVENTS_PATH: Final = f"{API}/events"

@@ -29,8 +29,8 @@ from mcp_heal_proxy.inventory import (
     resolve,
     summary,
 )
-from mcp_heal_proxy.sse import Event, SSEParser
 from mcp_heal_proxy.status import API, EVENTS_PATH
+from mcp_heal_proxy.wire.sse import Event, SSEParser
 
 DEFAULT_PROXY_URL: Final = f"http://127.0.0.1:{DEFAULT_PORT}"
 # tail: wait this long between reconnection attempts (doubling), and give up after this long without

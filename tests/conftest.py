@@ -27,10 +27,10 @@ from aiohttp.test_utils import TestServer
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_heal_proxy.app import FAST_PATH_KEY, STORE_KEY, build_app
 from mcp_heal_proxy.config import DEFAULT_UPSTREAM_CLIENT, single_upstream
-from mcp_heal_proxy.http1 import FastSite
-from mcp_heal_proxy.sessions import SessionRecord
+from mcp_heal_proxy.front.app import FAST_PATH_KEY, STORE_KEY, build_app
+from mcp_heal_proxy.front.http1 import FastSite
+from mcp_heal_proxy.store.records import SessionRecord
 from tests.fake_upstream import FakeUpstream
 
 HERE = Path(__file__).parent

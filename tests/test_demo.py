@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from mcp_heal_proxy import engine
 from mcp_heal_proxy.demo import run_demo
+from mcp_heal_proxy.engine import session
 
 # The demo idles 2.5 s; interpreter start-up and the rest take well under a second here.
 DEMO_DEADLINE = 30.0
@@ -58,7 +58,7 @@ async def test_demo_exits_1_with_a_clear_message_when_the_proxy_does_not_heal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A proxy that never recognizes expiry passes the upstream's 404 through to the client.
-    monkeypatch.setattr(engine, "is_session_expired", lambda *_, **__: False)
+    monkeypatch.setattr(session, "is_session_expired", lambda *_, **__: False)
     out = io.StringIO()
     async with asyncio.timeout(DEMO_DEADLINE):
         status = await run_demo(out, ttl=0.2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.events import EventFeed, entry_json, percentile
+from mcp_heal_proxy.wire import jsonrpc
 
 
 def test_the_request_ring_keeps_the_newest_and_shows_them_newest_first() -> None:

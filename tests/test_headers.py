@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from mcp_heal_proxy.headers import client_response_headers, upstream_request_headers
+from mcp_heal_proxy.wire.headers import client_response_headers, upstream_request_headers
 
 
 def test_upstream_headers_carry_the_upstream_session_and_drop_hop_by_hop() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcp_heal_proxy.healing import is_session_expired
+from mcp_heal_proxy.engine.healing import is_session_expired
 
 PYTHON_SDK_404 = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
 TS_SDK_404 = b'{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":null}'

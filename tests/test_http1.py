@@ -1,4 +1,4 @@
-"""The proxy's own HTTP/1.1 server (http1.py): what it answers itself, what it hands to aiohttp, and that a
+"""The proxy's own HTTP/1.1 server (front/http1.py): what it answers itself, what it hands to aiohttp, and that a
 connection stays correct across both (raw sockets, so that the bytes on the wire are what is tested).
 
 Which server answered is visible on the wire: aiohttp's answers carry its ``Server`` header, the proxy's
@@ -18,7 +18,7 @@ import httptools
 import pytest
 from aiohttp import web
 
-from mcp_heal_proxy import http1
+from mcp_heal_proxy.front import http1
 from tests.conftest import INITIALIZE_PARAMS, REPO_ROOT, ProxyFactory, UpstreamProcess, wait_until
 from tests.fake_upstream import FakeUpstream
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_heal_proxy.errors import InvalidRequest, ParseError, ProxyError
-from mcp_heal_proxy.jsonrpc import Kind, error_body, parse_post_body
+from mcp_heal_proxy.wire.jsonrpc import Kind, error_body, parse_post_body
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),

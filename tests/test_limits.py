@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mcp_heal_proxy.app import STORE_KEY
+from mcp_heal_proxy.engine.housekeeping import SessionActivity, flush
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.housekeeping import SessionActivity, flush
-from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord
+from mcp_heal_proxy.front.app import STORE_KEY
+from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord
 from tests.conftest import MCP_HEADERS, ProxyFactory, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream
 

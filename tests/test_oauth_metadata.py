@@ -24,7 +24,7 @@ from mcp_heal_proxy.auth.metadata import (
     rewrite_protected_resource,
 )
 from mcp_heal_proxy.config import ConfigError, build_config
-from mcp_heal_proxy.healing import is_session_expired
+from mcp_heal_proxy.engine.healing import is_session_expired
 from mcp_heal_proxy.observability import Redactor
 
 OURS = "http://127.0.0.1:8787/.well-known/oauth-protected-resource/mcp"

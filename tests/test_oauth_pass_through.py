@@ -24,11 +24,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp.shared.exceptions import MCPError
 
-from mcp_heal_proxy.app import STORE_KEY
 from mcp_heal_proxy.auth import discovery, standin
 from mcp_heal_proxy.auth.metadata import bearer_param
+from mcp_heal_proxy.front.app import STORE_KEY
 from mcp_heal_proxy.observability import configure_logging
-from mcp_heal_proxy.sessions import MemorySessionStore
+from mcp_heal_proxy.store.records import MemorySessionStore
 from tests.conftest import (
     INITIALIZE_PARAMS,
     MCP_HEADERS,

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import http_writer, web
 
-from mcp_heal_proxy import http1
+from mcp_heal_proxy.front import http1
 from tests.conftest import ProxyFactory, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream
 
@@ -45,7 +45,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bytes]]:
 
     monkeypatch.setattr(http_writer.StreamWriter, "_write", counting_write)
     monkeypatch.setattr(http_writer.StreamWriter, "_writelines", counting_writelines)
-    # And every write of the proxy's own HTTP/1.1 server (http1.py), which answers the proxy's POSTs.
+    # And every write of the proxy's own HTTP/1.1 server (front/http1.py), which answers the proxy's POSTs.
     fast_write, fast_send = http1.FastConnection.write, http1.FastConnection.send
 
     def counting_fast_write(self: http1.FastConnection, data: bytes) -> None:

@@ -17,12 +17,12 @@ from aiohttp.test_utils import TestServer
 from mcp.shared.exceptions import MCPError
 from yarl import URL
 
-from mcp_heal_proxy import sse as sse_module
-from mcp_heal_proxy.app import build_app
 from mcp_heal_proxy.config import single_upstream
-from mcp_heal_proxy.housekeeping import SessionActivity, run_housekeeping
-from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord
-from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.engine.housekeeping import SessionActivity, run_housekeeping
+from mcp_heal_proxy.front.app import build_app
+from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord
+from mcp_heal_proxy.wire import sse as sse_module
+from mcp_heal_proxy.wire.sse import Event, SSEParser
 from tests.conftest import (
     MCP_HEADERS,
     ProxyFactory,

@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mcp_heal_proxy.app import PROXIES_KEY
+from mcp_heal_proxy.front.app import PROXIES_KEY
 from tests.conftest import ProxyFactory, UpstreamProcess, raw_initialize, session_headers, wait_until
 from tests.fake_upstream import FakeUpstream
 

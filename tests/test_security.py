@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mcp_heal_proxy.guards import origin_is_allowed
+from mcp_heal_proxy.front.guards import origin_is_allowed
 from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream
 

@@ -12,12 +12,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from mcp_heal_proxy.app import build_app
 from mcp_heal_proxy.config import single_upstream
-from mcp_heal_proxy.endings import MAX_CONCURRENT, SessionEndings, UpstreamEnding
+from mcp_heal_proxy.engine.endings import MAX_CONCURRENT, SessionEndings, UpstreamEnding
+from mcp_heal_proxy.front.app import build_app
 from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.sessions import SessionRecord
 from mcp_heal_proxy.status import ENDINGS_KEY
+from mcp_heal_proxy.store.records import SessionRecord
 from tests.conftest import TEST_CLIENT, ProxyFactory, RunningProxy, UpstreamProcess, raw_initialize, wait_until
 from tests.fake_upstream import FakeUpstream, hang_forever
 

@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mcp_heal_proxy.app import STORE_KEY, build_app
 from mcp_heal_proxy.config import single_upstream
-from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
-from mcp_heal_proxy.upstream import Upstream
+from mcp_heal_proxy.front.app import STORE_KEY, build_app
+from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
+from mcp_heal_proxy.upstream.client import Upstream
 from tests.conftest import REPO_ROOT, UpstreamProcess, raw_initialize, session_headers
 from tests.fake_upstream import FakeUpstream
 

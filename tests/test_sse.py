@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcp_heal_proxy.sse import Comment, Event, SSEParser, encode_comment, encode_event
+from mcp_heal_proxy.wire.sse import Comment, Event, SSEParser, encode_comment, encode_event
 
 # Field values cannot contain line breaks (they end the field); data may, and is split into lines.
 line_text = st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\r\n\0"), max_size=20)

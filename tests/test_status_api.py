@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
 
-from mcp_heal_proxy.app import STORE_KEY, build_app
 from mcp_heal_proxy.config import ConfigError, build_config, single_upstream
+from mcp_heal_proxy.front.app import STORE_KEY, build_app
 from mcp_heal_proxy.status import COOKIE, Access, upstream_display
 from tests.conftest import (
     TEST_CLIENT,

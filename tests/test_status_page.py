@@ -19,7 +19,7 @@ from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_heal_proxy.app import STORE_KEY
+from mcp_heal_proxy.front.app import STORE_KEY
 from mcp_heal_proxy.inventory import CachedStore
 from tests.conftest import REPO_ROOT, ProxyFactory, UpstreamProcess
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord, SessionStore, refuses_write
-from mcp_heal_proxy.store_redis import RedisSessionStore
-from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord, SessionStore, refuses_write
+from mcp_heal_proxy.store.redis import RedisSessionStore
+from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
 from tests.test_store_redis import RedisServer, record
 
 

@@ -27,10 +27,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from mcp_heal_proxy.app import STORE_KEY
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.sessions import SessionRecord
-from mcp_heal_proxy.store_redis import RedisSessionStore
+from mcp_heal_proxy.front.app import STORE_KEY
+from mcp_heal_proxy.store.records import SessionRecord
+from mcp_heal_proxy.store.redis import RedisSessionStore
 from tests.conftest import (
     INITIALIZE_PARAMS,
     MCP_HEADERS,
@@ -352,7 +352,8 @@ async def test_open_fails_fast_when_nobody_listens() -> None:
 def test_memory_and_sqlite_users_never_import_redis(tmp_path: Path) -> None:
     script = (
         "import asyncio, sys\n"
-        "from mcp_heal_proxy import app, cli\n"
+        "from mcp_heal_proxy import cli\n"
+        "from mcp_heal_proxy.front import app\n"
         "async def main():\n"
         "    for state in (':memory:', sys.argv[1]):\n"
         "        await (await app.open_store(state)).close()\n"

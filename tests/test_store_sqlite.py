@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.sessions import SessionRecord
-from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from mcp_heal_proxy.store.records import SessionRecord
+from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
 from tests.conftest import REPO_ROOT, UpstreamProcess, raw_initialize, session_headers
 
 

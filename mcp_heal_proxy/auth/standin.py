@@ -12,7 +12,7 @@ For each upstream with ``oauth_pass_through`` on, the proxy
 - answers a GET without session or credentials (Codex's probe) with the challenge the upstream would
   give, so that discovery goes on.
 
-The client's ``Authorization`` goes upstream untouched (upstream.py), and nothing here logs a header
+The client's ``Authorization`` goes upstream untouched (upstream/client.py), and nothing here logs a header
 value, a request body or a token answer.
 """
 
@@ -30,7 +30,6 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.auth.discovery import MetadataUnavailable, UpstreamMetadata
 from mcp_heal_proxy.auth.metadata import (
     AUTHORIZATION_SERVER_WELL_KNOWN,
@@ -49,8 +48,9 @@ from mcp_heal_proxy.auth.metadata import (
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable
-from mcp_heal_proxy.guards import json_error
-from mcp_heal_proxy.headers import MCP_SESSION_ID
+from mcp_heal_proxy.front.guards import json_error
+from mcp_heal_proxy.wire import jsonrpc
+from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 

@@ -1,4 +1,4 @@
-"""The lean upstream client (upstream_lean.py) against real local servers: aiohttp ones, and raw sockets
+"""The lean upstream client (upstream/lean.py) against real local servers: aiohttp ones, and raw sockets
 for the answers aiohttp would not write (close-delimited bodies, bodies cut short, garbage).
 
 Every test runs on asyncio's loop and on uvloop (the CLI's), whose transports differ in timing (see
@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestServer
 
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from mcp_heal_proxy.upstream import Upstream, read_capped
-from mcp_heal_proxy.upstream_lean import HIGH_WATER, BadResponse, ConnectFailed, Disconnected, LeanPool
+from mcp_heal_proxy.upstream.client import Upstream, read_capped
+from mcp_heal_proxy.upstream.lean import HIGH_WATER, BadResponse, ConnectFailed, Disconnected, LeanPool
 from tests.conftest import free_port, wait_until
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]

@@ -2,7 +2,7 @@
 
 Everything that talks to the upstream goes through ``Upstream.send`` so that transport failures become
 ``UpstreamUnavailable`` / ``UpstreamTimeout`` / ``UpstreamBusy`` in one place. The client is the
-upstream's own ``LeanPool`` (upstream_lean.py), or with ``client = "aiohttp"`` aiohttp's
+upstream's own ``LeanPool`` (upstream/lean.py), or with ``client = "aiohttp"`` aiohttp's
 ``ClientSession``, whose responses have the same surface and raise the same exception classes mid-body.
 
 Two pools per upstream, so that long-lived streams never starve requests: GET streams (one per
@@ -28,9 +28,9 @@ from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout,
 
 if TYPE_CHECKING:
     from mcp_heal_proxy.auth.managed import Transmit
-    from mcp_heal_proxy.upstream_lean import LeanPool
+    from mcp_heal_proxy.upstream.lean import LeanPool
 
-log = structlog.get_logger("mcp_heal_proxy.upstream")
+log = structlog.get_logger("mcp_heal_proxy.upstream.client")
 
 # Error and initialize bodies are read whole to be inspected; nothing legitimate is larger.
 INSPECT_LIMIT: Final = 256 * 1024
@@ -101,7 +101,7 @@ class Upstream:
         # Failures to open a connection: nothing was sent, so they are always retried.
         self._connect_failed: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
         if config.client == "lean":
-            from mcp_heal_proxy.upstream_lean import ConnectFailed, LeanPool
+            from mcp_heal_proxy.upstream.lean import ConnectFailed, LeanPool
 
             self._lean_requests, self._lean_streams = (
                 LeanPool(

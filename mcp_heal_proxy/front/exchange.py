@@ -1,6 +1,6 @@
 """One client request and the answer to it, as the HTTP handlers see them, whichever server carries them.
 
-The MCP endpoint's handlers (proxy.py) and the relay (relay.py) read the request and write the answer
+The MCP endpoint's handlers (front/http.py) and the relay (front/relay.py) read the request and write the answer
 only through an ``Exchange``. Two servers carry exchanges: aiohttp's (``AiohttpExchange``: every route,
 the status page, OAuth) and the proxy's own HTTP/1.1 server for the hot path (front_fast.py:
 ``FastExchange``), which costs a fifth of aiohttp's server per request.

@@ -62,9 +62,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.sessions import SessionRecord, record_from_json, record_to_json
+from mcp_heal_proxy.store.records import SessionRecord, record_from_json, record_to_json
 
-log = structlog.get_logger("mcp_heal_proxy.store_redis")
+log = structlog.get_logger("mcp_heal_proxy.store.redis")
 
 DEFAULT_PREFIX: Final = "mcp-heal-proxy:"
 # A cached record may be this old when served to a request (``get(fresh=True)`` always reads Redis).

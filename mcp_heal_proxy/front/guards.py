@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from mcp_heal_proxy import jsonrpc
 from mcp_heal_proxy.config import is_status_path
-from mcp_heal_proxy.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
+from mcp_heal_proxy.wire import jsonrpc
+from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 
 LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.sessions import (
+from mcp_heal_proxy.store.records import (
     SessionRecord,
     least_recently_used,
     record_from_json,

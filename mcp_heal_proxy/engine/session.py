@@ -2,8 +2,8 @@
 
 Map a client session to its upstream session, send, detect expiry, heal (single-flight, through the
 ``Healer``), replay by policy, remember the state the client set, reattach server streams, end
-sessions. It knows nothing of how the client reached the proxy: the HTTP front (proxy.py) and the
-stdio bridge (stdio.py) are two faces of this one engine. Client headers come in as a plain mapping;
+sessions. It knows nothing of how the client reached the proxy: the HTTP front (front/http.py) and the
+stdio bridge (front/stdio.py) are two faces of this one engine. Client headers come in as a plain mapping;
 answers go out as the upstream's responses, for the front to relay its own way.
 """
 
@@ -18,10 +18,12 @@ from typing import Final
 import aiohttp
 import structlog
 
-from mcp_heal_proxy.answers import AnswerTracker
 from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.content_coding import decoded
-from mcp_heal_proxy.endings import SessionEndings, UpstreamEnding
+from mcp_heal_proxy.engine.answers import AnswerTracker
+from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding
+from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
+from mcp_heal_proxy.engine.housekeeping import SessionActivity
+from mcp_heal_proxy.engine.state import record_state_change
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -29,7 +31,11 @@ from mcp_heal_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcp_heal_proxy.headers import (
+from mcp_heal_proxy.observability import Metrics
+from mcp_heal_proxy.store.records import SessionRecord, SessionStore, new_client_session_id
+from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream, read_capped
+from mcp_heal_proxy.wire.content_coding import decoded
+from mcp_heal_proxy.wire.headers import (
     CONTENT_ENCODING,
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
@@ -37,15 +43,9 @@ from mcp_heal_proxy.headers import (
     is_valid_session_id,
     upstream_request_headers,
 )
-from mcp_heal_proxy.healing import EXPIRY_STATUSES, Healer, is_session_expired
-from mcp_heal_proxy.housekeeping import SessionActivity
-from mcp_heal_proxy.jsonrpc import PostBody, RequestId
-from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.sessions import SessionRecord, SessionStore, new_client_session_id
-from mcp_heal_proxy.state import record_state_change
-from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
+from mcp_heal_proxy.wire.jsonrpc import PostBody, RequestId
 
-log = structlog.get_logger("mcp_heal_proxy.engine")
+log = structlog.get_logger("mcp_heal_proxy.engine.session")
 
 # GET stream answers after which reattaching is pointless: no GET stream, one already open, or
 # credentials that no longer work (the stream was opened with a token since refreshed or revoked: the

@@ -12,11 +12,11 @@ from typing import Final
 
 import structlog
 
-from mcp_heal_proxy.endings import SessionEndings
+from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.errors import ProxyError
-from mcp_heal_proxy.sessions import SessionStore
+from mcp_heal_proxy.store.records import SessionStore
 
-log = structlog.get_logger("mcp_heal_proxy.housekeeping")
+log = structlog.get_logger("mcp_heal_proxy.engine.housekeeping")
 
 # Flush at least this often; a short idle TTL flushes more often (a tenth of it), but never more often
 # than MIN_FLUSH_INTERVAL: an idle TTL of zero must not turn this loop into a busy one.

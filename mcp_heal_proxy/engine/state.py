@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mcp_heal_proxy.jsonrpc import Kind, PostBody
-from mcp_heal_proxy.sessions import SessionRecord
+from mcp_heal_proxy.store.records import SessionRecord
+from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody
 
 SUBSCRIBE = "resources/subscribe"
 UNSUBSCRIBE = "resources/unsubscribe"

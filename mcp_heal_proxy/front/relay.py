@@ -24,16 +24,16 @@ import aiohttp
 import structlog
 from prometheus_client import Gauge
 
-from mcp_heal_proxy import jsonrpc
-from mcp_heal_proxy.answers import AnswerTracker
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.engine.answers import AnswerTracker
 from mcp_heal_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from mcp_heal_proxy.exchange import Exchange
-from mcp_heal_proxy.headers import client_response_headers
-from mcp_heal_proxy.jsonrpc import PostBody, RequestId
-from mcp_heal_proxy.sse import Event, SSEParser, encode_comment, encode_event
+from mcp_heal_proxy.front.exchange import Exchange
+from mcp_heal_proxy.wire import jsonrpc
+from mcp_heal_proxy.wire.headers import client_response_headers
+from mcp_heal_proxy.wire.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.wire.sse import Event, SSEParser, encode_comment, encode_event
 
-log = structlog.get_logger("mcp_heal_proxy.relay")
+log = structlog.get_logger("mcp_heal_proxy.front.relay")
 
 _KEEPALIVE: Final = encode_comment("keep-alive")
 # Non-SSE answers up to this size are relayed whole (one write); larger ones stream chunk by chunk.

@@ -1,7 +1,7 @@
 """The stdio front: a bridge a client launches as a command, speaking newline-delimited JSON-RPC on
 stdin/stdout (the MCP stdio transport) and Streamable HTTP upstream, with the proxy's healing.
 
-It is the second face of the session engine (engine.py), beside the HTTP front: one client, one
+It is the second face of the session engine (engine/session.py), beside the HTTP front: one client, one
 session, kept in memory (no port, no state file). Every message from stdin is POSTed upstream; requests
 run concurrently, notifications and responses in the order they came. Answers (JSON or SSE) are
 written to stdout message by message as they arrive; the session's GET stream carries the server's own
@@ -25,24 +25,24 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
-from mcp_heal_proxy import jsonrpc
-from mcp_heal_proxy.answers import AnswerTracker
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
-from mcp_heal_proxy.content_coding import decoder_for
-from mcp_heal_proxy.engine import GET_REFUSED, SessionEngine
+from mcp_heal_proxy.engine.answers import AnswerTracker
+from mcp_heal_proxy.engine.healing import Healer
+from mcp_heal_proxy.engine.housekeeping import SessionActivity
+from mcp_heal_proxy.engine.session import GET_REFUSED, SessionEngine
 from mcp_heal_proxy.errors import InvalidRequest, ProxyError, UpstreamUnavailable
-from mcp_heal_proxy.headers import CONTENT_ENCODING, LAST_EVENT_ID, MCP_PROTOCOL_VERSION
-from mcp_heal_proxy.healing import Healer
-from mcp_heal_proxy.housekeeping import SessionActivity
-from mcp_heal_proxy.jsonrpc import Kind, PostBody, RequestId
 from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.sessions import MemorySessionStore, SessionRecord
-from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord
 from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream import Upstream
+from mcp_heal_proxy.upstream.client import Upstream
+from mcp_heal_proxy.wire import jsonrpc
+from mcp_heal_proxy.wire.content_coding import decoder_for
+from mcp_heal_proxy.wire.headers import CONTENT_ENCODING, LAST_EVENT_ID, MCP_PROTOCOL_VERSION
+from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody, RequestId
+from mcp_heal_proxy.wire.sse import Event, SSEParser
 
-log = structlog.get_logger("mcp_heal_proxy.stdio")
+log = structlog.get_logger("mcp_heal_proxy.front.stdio")
 
 _READ_CHUNK: Final = 64 * 1024
 # One client per bridge; a client that initializes again gets a fresh session, the old one is ended.

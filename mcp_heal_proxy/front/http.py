@@ -1,8 +1,8 @@
 """The HTTP front: aiohttp handlers for one upstream's MCP endpoint (POST, GET, DELETE).
 
 A request's life here: read and classify the body once, find the client's session, hand the message
-to the session engine (engine.py: upstream side, expiry, heal, replay), and relay the answer back chunk
-by chunk as it arrives (relay.py). Every request is logged and counted once, from a ``finally``.
+to the session engine (engine/session.py: upstream side, expiry, heal, replay), and relay the answer back chunk
+by chunk as it arrives (front/relay.py). Every request is logged and counted once, from a ``finally``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
-from mcp_heal_proxy import jsonrpc
-from mcp_heal_proxy.engine import DELETE_GONE, SessionEngine, answer_tracker
+from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine, answer_tracker
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -28,14 +27,15 @@ from mcp_heal_proxy.errors import (
     UnsupportedMediaType,
     UpstreamUnavailable,
 )
-from mcp_heal_proxy.exchange import AiohttpExchange, Exchange
-from mcp_heal_proxy.headers import LAST_EVENT_ID, MCP_SESSION_ID
-from mcp_heal_proxy.jsonrpc import PostBody
+from mcp_heal_proxy.front.exchange import AiohttpExchange, Exchange
+from mcp_heal_proxy.front.relay import Outcome, PendingResume, Relay, answer_unresumable
 from mcp_heal_proxy.observability import Metrics, method_label
-from mcp_heal_proxy.relay import Outcome, PendingResume, Relay, answer_unresumable
-from mcp_heal_proxy.sessions import SessionRecord
+from mcp_heal_proxy.store.records import SessionRecord
+from mcp_heal_proxy.wire import jsonrpc
+from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_SESSION_ID
+from mcp_heal_proxy.wire.jsonrpc import PostBody
 
-log = structlog.get_logger("mcp_heal_proxy.proxy")
+log = structlog.get_logger("mcp_heal_proxy.front.http")
 
 # What the request log says of a client that hung up before any answer started (as nginx does).
 CLIENT_LEFT_STATUS: Final = 499

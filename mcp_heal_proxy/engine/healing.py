@@ -20,9 +20,14 @@ import structlog
 from mcp_heal_proxy.auth.metadata import is_token_challenge
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
-from mcp_heal_proxy.content_coding import decoded, decoder_for
+from mcp_heal_proxy.engine.state import state_requests
 from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession, UpstreamTimeout, UpstreamUnavailable
-from mcp_heal_proxy.headers import (
+from mcp_heal_proxy.observability import Metrics
+from mcp_heal_proxy.store.records import SessionRecord, SessionStore
+from mcp_heal_proxy.tasks import TaskOwner
+from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream, read_capped
+from mcp_heal_proxy.wire.content_coding import decoded, decoder_for
+from mcp_heal_proxy.wire.headers import (
     CONTENT_ENCODING,
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
@@ -30,15 +35,10 @@ from mcp_heal_proxy.headers import (
     is_valid_session_id,
     upstream_request_headers,
 )
-from mcp_heal_proxy.jsonrpc import INITIALIZE, INITIALIZED, METHOD_NOT_FOUND
-from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.sessions import SessionRecord, SessionStore
-from mcp_heal_proxy.sse import Event, SSEParser
-from mcp_heal_proxy.state import state_requests
-from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream import INSPECT_LIMIT, Upstream, read_capped
+from mcp_heal_proxy.wire.jsonrpc import INITIALIZE, INITIALIZED, METHOD_NOT_FOUND
+from mcp_heal_proxy.wire.sse import Event, SSEParser
 
-log = structlog.get_logger("mcp_heal_proxy.healing")
+log = structlog.get_logger("mcp_heal_proxy.engine.healing")
 
 # Statuses worth reading the body of: every expiry answer seen in the wild (PROTOCOL.md) is one of these.
 EXPIRY_STATUSES: Final = frozenset(HEALABLE_STATUSES)

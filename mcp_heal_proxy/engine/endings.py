@@ -23,10 +23,10 @@ from typing import Final, Literal
 import structlog
 
 from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.sessions import SessionRecord
+from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.tasks import TaskOwner
 
-log = structlog.get_logger("mcp_heal_proxy.endings")
+log = structlog.get_logger("mcp_heal_proxy.engine.endings")
 
 # A mass idle expiry (thousands of sessions in one housekeeping round) must not take the upstream's
 # request pool (pool_size, 100 by default) from client traffic: a few DELETEs at a time is plenty.

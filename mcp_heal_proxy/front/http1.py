@@ -35,15 +35,15 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from mcp_heal_proxy.exchange import HeaderPairs
+from mcp_heal_proxy.front.exchange import HeaderPairs
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
     from mcp_heal_proxy.auth.standin import OAuthPassThrough
-    from mcp_heal_proxy.proxy import Proxy
+    from mcp_heal_proxy.front.http import Proxy
 
-log = structlog.get_logger("mcp_heal_proxy.http1")
+log = structlog.get_logger("mcp_heal_proxy.front.http1")
 
 # As aiohttp's server: an idle keep-alive connection is closed after this long.
 KEEPALIVE_TIMEOUT: Final = 75.0

@@ -12,24 +12,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.auth.standin import OAuthPassThrough
 from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
-from mcp_heal_proxy.endings import SessionEndings
-from mcp_heal_proxy.engine import SessionEngine
-from mcp_heal_proxy.guards import Cors, front_door
-from mcp_heal_proxy.healing import Healer
-from mcp_heal_proxy.housekeeping import SessionActivity, flush, run_housekeeping
-from mcp_heal_proxy.http1 import FastPath
+from mcp_heal_proxy.engine.endings import SessionEndings
+from mcp_heal_proxy.engine.healing import Healer
+from mcp_heal_proxy.engine.housekeeping import SessionActivity, flush, run_housekeeping
+from mcp_heal_proxy.engine.session import SessionEngine
+from mcp_heal_proxy.front.guards import Cors, front_door
+from mcp_heal_proxy.front.http import Proxy, ProxySettings
+from mcp_heal_proxy.front.http1 import FastPath
 from mcp_heal_proxy.observability import Metrics, method_label
-from mcp_heal_proxy.proxy import Proxy, ProxySettings
-from mcp_heal_proxy.sessions import MemorySessionStore, SessionStore
 from mcp_heal_proxy.status import ENDINGS_KEY, add_routes
-from mcp_heal_proxy.store_sqlite import SQLiteSessionStore
+from mcp_heal_proxy.store.records import MemorySessionStore, SessionStore
+from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream import Upstream
+from mcp_heal_proxy.upstream.client import Upstream
 
-log = structlog.get_logger("mcp_heal_proxy.app")
+log = structlog.get_logger("mcp_heal_proxy.front.app")
 
 PROXIES_KEY = web.AppKey("proxies", dict[str, Proxy])
-# What the proxy's own HTTP/1.1 server needs of the app (http1.py), once the app has started.
+# What the proxy's own HTTP/1.1 server needs of the app (front/http1.py), once the app has started.
 FAST_PATH_KEY: web.AppKey[Callable[[], FastPath]] = web.AppKey("fast_path")
 STORE_KEY = web.AppKey("store", SessionStore)
 
@@ -40,7 +40,7 @@ async def open_store(state: str) -> SessionStore:
         return MemorySessionStore()
     if state.startswith(("redis://", "rediss://")):
         # Imported here: the redis package is needed only by those who choose a Redis store.
-        from mcp_heal_proxy.store_redis import RedisSessionStore
+        from mcp_heal_proxy.store.redis import RedisSessionStore
 
         redis_store = RedisSessionStore(state)
         await redis_store.open()

@@ -12,9 +12,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from mcp_heal_proxy.content_coding import decoder_for
-from mcp_heal_proxy.jsonrpc import RequestId
-from mcp_heal_proxy.sse import Event, SSEParser
+from mcp_heal_proxy.wire.content_coding import decoder_for
+from mcp_heal_proxy.wire.jsonrpc import RequestId
+from mcp_heal_proxy.wire.sse import Event, SSEParser
 
 # A JSON answer (not SSE) is only watched for initialize, whose answer is one small message.
 _JSON_WATCH_LIMIT: Final = 256 * 1024

@@ -1,0 +1,1 @@
+"""Pure formats: JSON-RPC, SSE, headers, content codings (no I/O)."""

@@ -26,6 +26,7 @@ import collections
 import email.utils
 import hmac
 import http
+import inspect
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, NoReturn, cast
@@ -33,13 +34,13 @@ from typing import TYPE_CHECKING, Final, NoReturn, cast
 import httptools
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.http_parser import SINGLETON_HEADERS
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from mcp_heal_proxy.exchange import HeaderPairs
 
 if TYPE_CHECKING:
-    from aiohttp.web_protocol import RequestHandler
-
     from mcp_heal_proxy.auth.standin import OAuthPassThrough
     from mcp_heal_proxy.proxy import Proxy
 
@@ -47,6 +48,17 @@ log = structlog.get_logger("mcp_heal_proxy.http1")
 
 # As aiohttp's server: an idle keep-alive connection is closed after this long.
 KEEPALIVE_TIMEOUT: Final = 75.0
+# aiohttp's server as the proxy runs it (its defaults): the limits on a request's head beyond which it
+# refuses the request (400).
+_AIOHTTP_DEFAULTS: Final = inspect.signature(RequestHandler).parameters
+_MAX_LINE: Final[int] = _AIOHTTP_DEFAULTS["max_line_size"].default  # the URL
+_MAX_FIELD: Final[int] = _AIOHTTP_DEFAULTS["max_field_size"].default  # a header's name and value together
+_MAX_HEADERS: Final[int] = _AIOHTTP_DEFAULTS["max_headers"].default
+# Headers aiohttp refuses to see twice in a request.
+_SINGLETONS: Final = frozenset(name.encode() for name in SINGLETON_HEADERS)
+# A head still incomplete after this many bytes goes to aiohttp (which refuses it once a line is over its
+# limits), instead of growing here without bound.
+_MAX_HEAD: Final = 64 * 1024
 # Pipelined requests waiting behind the one being answered; beyond this, reading pauses.
 MAX_WAITING: Final = 8
 _HEAD_END: Final = b"\r\n\r\n"
@@ -298,6 +310,11 @@ class FastConnection(asyncio.Protocol):
                 return  # bytes after a request with Connection: close: dropped, as aiohttp does
             # Malformed: aiohttp answers it (400) as it always did, from the request's first byte.
             self._handover = bytearray(raw[self._consumed :])
+        if self._handover is None and self._parsing is None and len(raw) - self._consumed > _MAX_HEAD:
+            if self._closing:
+                return
+            # A head this long is aiohttp's, to refuse once a line is over its limits (or to serve).
+            self._handover = bytearray(raw[self._consumed :])
         if self._handover is not None:
             self._pause_reading()
             self._raw = bytearray()
@@ -345,26 +362,34 @@ class FastConnection(asyncio.Protocol):
             or parser.should_upgrade()
         ):
             self._to_aiohttp()
+        pairs = self._header_pairs
+        if len(self._url) > _MAX_LINE or len(pairs) > _MAX_HEADERS:
+            self._to_aiohttp()  # over aiohttp's limits: refused there (400)
         fast = self.fast
         content_length = 0
         authorization = b""
-        for name, value in self._header_pairs:
+        singletons: set[bytes] = set()
+        decoded: list[tuple[str, str]] = []
+        for name, raw_value in pairs:
+            if len(name) + len(raw_value) > _MAX_FIELD:
+                self._to_aiohttp()
             lowered = name.lower()
+            if lowered in _SINGLETONS:
+                if lowered in singletons:
+                    self._to_aiohttp()  # a second Host, Content-Type, ...: refused there
+                singletons.add(lowered)
             if lowered in _AIOHTTP_HEADERS:
                 self._to_aiohttp()
             elif lowered == b"content-length":
-                content_length = int(value)  # llhttp already refused a malformed one
+                content_length = int(raw_value)  # llhttp already refused a malformed one
             elif lowered == b"authorization":
-                authorization = value
+                authorization = raw_value
+            decoded.append((_header_name(name), raw_value.decode("utf-8", "surrogateescape")))
         if content_length > fast.max_body_bytes:
             self._to_aiohttp()  # refused there, as before (413 with a JSON-RPC body)
         if fast.authorization is not None and not hmac.compare_digest(authorization, fast.authorization):
             self._to_aiohttp()  # refused, logged and counted there
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(_header_name(name), value.decode("utf-8", "surrogateescape")) for name, value in self._header_pairs]
-            )
-        )
+        headers = CIMultiDictProxy(CIMultiDict(decoded))
         self._parsing = FastExchange(self, proxy, path.decode("utf-8", "surrogateescape"), headers)
 
     def on_body(self, body: bytes) -> None:

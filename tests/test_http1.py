@@ -353,3 +353,43 @@ async def test_a_client_that_lowercases_header_names_still_heals(
     assert answer.json()["id"] == 3
     assert content_types == [["application/json"]]
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (_with_header(initialize(), f"X-Big: {'a' * 8191}\r\n"), "a header value over aiohttp's 8190 bytes"),
+        (_with_header(initialize(), f"X-{'a' * 8189}: 1\r\n"), "a header name over aiohttp's 8190 bytes"),
+        (_with_header(initialize(), "".join(f"X-H{i}: 1\r\n" for i in range(130))), "over aiohttp's 128 headers"),
+        (initialize().replace(b"POST /mcp ", b"POST /mcp?" + b"a" * 8190 + b" ", 1), "a URL over 8190 bytes"),
+        (_with_header(initialize(), "Content-Type: application/json\r\n"), "a second Content-Type"),
+        (_with_header(initialize(), "Host: 127.0.0.1\r\n"), "a second Host"),
+    ],
+)
+async def test_a_head_aiohttp_refuses_is_refused_by_the_proxy_not_sent_upstream(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, request_bytes: bytes, why: str
+) -> None:
+    """aiohttp's limits on a request's head hold on this server too: such a request is aiohttp's to refuse
+    (the fake upstream, an aiohttp server itself, would refuse it as well, but not every upstream does)."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    client.send(request_bytes)
+    (answer,) = await client.answers(1)
+    assert answer.status == 400, why
+    assert answer.by_aiohttp, why
+    assert upstream.seen == [], why
+    client.close()
+
+
+async def test_a_head_that_never_ends_is_refused_instead_of_buffered_without_limit(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    client.send(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: " + b"a" * 200_000)
+    (answer,) = await client.answers(1)
+    assert answer.status == 400
+    assert await client.closed()
+    client.close()

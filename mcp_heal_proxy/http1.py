@@ -46,11 +46,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("mcp_heal_proxy.http1")
 
-# As aiohttp's server: an idle keep-alive connection is closed after this long.
-KEEPALIVE_TIMEOUT: Final = 75.0
-# aiohttp's server as the proxy runs it (its defaults): the limits on a request's head beyond which it
-# refuses the request (400).
+# aiohttp's server as the proxy runs it (its defaults): how long an idle keep-alive connection is kept, and
+# the limits on a request's head beyond which it refuses the request (400).
 _AIOHTTP_DEFAULTS: Final = inspect.signature(RequestHandler).parameters
+KEEPALIVE_TIMEOUT: Final[float] = _AIOHTTP_DEFAULTS["keepalive_timeout"].default
 _MAX_LINE: Final[int] = _AIOHTTP_DEFAULTS["max_line_size"].default  # the URL
 _MAX_FIELD: Final[int] = _AIOHTTP_DEFAULTS["max_field_size"].default  # a header's name and value together
 _MAX_HEADERS: Final[int] = _AIOHTTP_DEFAULTS["max_headers"].default

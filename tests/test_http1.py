@@ -8,6 +8,7 @@ own server sends none.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -393,3 +394,10 @@ async def test_a_head_that_never_ends_is_refused_instead_of_buffered_without_lim
     assert answer.status == 400
     assert await client.closed()
     client.close()
+
+
+def test_an_idle_connection_is_kept_as_long_as_aiohttp_keeps_one() -> None:
+    from aiohttp.web_protocol import RequestHandler
+
+    default = inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
+    assert default == http1.KEEPALIVE_TIMEOUT

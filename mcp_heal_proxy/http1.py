@@ -366,7 +366,7 @@ class FastConnection(asyncio.Protocol):
             self._to_aiohttp()  # over aiohttp's limits: refused there (400)
         fast = self.fast
         content_length = 0
-        authorization = b""
+        authorization: bytes | None = None
         singletons: set[bytes] = set()
         decoded: list[tuple[str, str]] = []
         for name, raw_value in pairs:
@@ -377,16 +377,18 @@ class FastConnection(asyncio.Protocol):
                 if lowered in singletons:
                     self._to_aiohttp()  # a second Host, Content-Type, ...: refused there
                 singletons.add(lowered)
+            # llhttp drops the whitespace before a value, not after it; aiohttp drops both.
+            value = raw_value.rstrip(b" \t")
             if lowered in _AIOHTTP_HEADERS:
                 self._to_aiohttp()
             elif lowered == b"content-length":
-                content_length = int(raw_value)  # llhttp already refused a malformed one
-            elif lowered == b"authorization":
-                authorization = raw_value
-            decoded.append((_header_name(name), raw_value.decode("utf-8", "surrogateescape")))
+                content_length = int(value)  # llhttp already refused a malformed one
+            elif lowered == b"authorization" and authorization is None:
+                authorization = value  # the first, as aiohttp's headers.get gives it
+            decoded.append((_header_name(name), value.decode("utf-8", "surrogateescape")))
         if content_length > fast.max_body_bytes:
             self._to_aiohttp()  # refused there, as before (413 with a JSON-RPC body)
-        if fast.authorization is not None and not hmac.compare_digest(authorization, fast.authorization):
+        if fast.authorization is not None and not hmac.compare_digest(authorization or b"", fast.authorization):
             self._to_aiohttp()  # refused, logged and counted there
         headers = CIMultiDictProxy(CIMultiDict(decoded))
         self._parsing = FastExchange(self, proxy, path.decode("utf-8", "surrogateescape"), headers)

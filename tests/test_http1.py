@@ -401,3 +401,34 @@ def test_an_idle_connection_is_kept_as_long_as_aiohttp_keeps_one() -> None:
 
     default = inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
     assert default == http1.KEEPALIVE_TIMEOUT
+
+
+async def test_the_first_authorization_header_is_the_one_checked_as_aiohttp_checks_it(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, token="right")
+    client = await RawClient.connect(proxy.url)
+    client.send(_with_header(initialize(), "Authorization: Bearer wrong\r\nAuthorization: Bearer right\r\n"))
+    (answer,) = await client.answers(1)
+    assert answer.status == 401
+    assert upstream.seen == []
+    client.send(_with_header(initialize(2), "Authorization: Bearer right\r\nAuthorization: Bearer wrong\r\n"))
+    (_, accepted) = await client.answers(2)
+    assert accepted.status == 200
+    client.close()
+
+
+async def test_whitespace_after_a_header_value_is_dropped_as_aiohttp_drops_it(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    client.send(call_echo(session_id, 3, "x").replace(session_id.encode(), session_id.encode() + b" \t", 1))
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.status == 200, answer.body
+    assert not answer.by_aiohttp
+    assert answer.json()["id"] == 3
+    client.close()

@@ -62,6 +62,7 @@ _MAX_HEAD: Final = 64 * 1024
 MAX_WAITING: Final = 8
 _HEAD_END: Final = b"\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+_LINE_BREAK: Final = b"\r\n"
 # Answers that never have a body, nor a Content-Length or chunked framing (RFC 9110 8.6, 9112 6.1).
 _NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
@@ -408,8 +409,9 @@ class FastConnection(asyncio.Protocol):
         # leaves the next start unknown, so the connection ends after this answer.
         raw = self._raw
         start = self._consumed
-        while raw.startswith(b"\r\n", start):
-            start += 2
+        # llhttp skips any CR and LF before a request line, not only whole CRLFs.
+        while start < len(raw) and raw[start] in _LINE_BREAK:
+            start += 1
         head_end = raw.find(_HEAD_END, start)
         if head_end < 0:
             exchange.keep_alive = False

@@ -403,6 +403,23 @@ def test_an_idle_connection_is_kept_as_long_as_aiohttp_keeps_one() -> None:
     assert default == http1.KEEPALIVE_TIMEOUT
 
 
+async def test_stray_line_breaks_before_a_request_do_not_shift_the_handover(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    """llhttp skips any CR and LF before a request line; the bytes handed to aiohttp must start where the
+    next request starts all the same."""
+    _, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    client.send(b"\n\r\n\r\n" + initialize() + HEALTHZ)
+    answers = await client.answers(2)
+    assert answers[0].status == 200
+    assert not answers[0].by_aiohttp
+    assert answers[1].status == 200
+    assert json.loads(answers[1].body) == {"status": "ok"}
+    client.close()
+
+
 async def test_the_first_authorization_header_is_the_one_checked_as_aiohttp_checks_it(
     fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
 ) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import hmac
 import http
@@ -439,6 +440,11 @@ class FastConnection(asyncio.Protocol):
     async def _run(self, exchange: FastExchange) -> None:
         try:
             await exchange.proxy.handle_post(exchange)
+            if self._writable is not None:
+                # As aiohttp's server after each answer: the next request waits until the client has read
+                # this one, so that a client reading none does not pile its answers up in memory here.
+                with contextlib.suppress(ConnectionError):
+                    await asyncio.shield(self._writable)
         except asyncio.CancelledError:
             self._close()
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +71,18 @@ class RawClient:
         self._parsing.parser = httptools.HttpResponseParser(self._parsing)
 
     @classmethod
-    async def connect(cls, url: str) -> RawClient:
+    async def connect(cls, url: str, receive_buffer: int | None = None) -> RawClient:
         port = int(url.split(":")[2].split("/")[0])
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         return cls(reader, writer)
 
     def send(self, data: bytes) -> None:
@@ -448,4 +458,48 @@ async def test_whitespace_after_a_header_value_is_dropped_as_aiohttp_drops_it(
     assert answer.status == 200, answer.body
     assert not answer.by_aiohttp
     assert answer.json()["id"] == 3
+    client.close()
+
+
+async def test_a_client_that_reads_no_answers_holds_up_its_next_requests_not_the_proxys_memory(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As aiohttp's server, which drains after each answer: while the client has not read an answer, the
+    next pipelined request waits, instead of its answer piling up in the proxy's write buffer."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    text = "x" * 100_000
+
+    async def large(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {"text": text}})
+
+    connections: list[http1.FastConnection] = []
+    started_unread: list[int] = []  # write buffer sizes when a request started while the client was not reading
+    made, answer = http1.FastConnection.connection_made, http1.FastConnection._answer
+
+    def recording_made(self: http1.FastConnection, transport: Any) -> None:
+        connections.append(self)
+        # Small socket buffers: the client's unread answers fill them after a few answers.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        made(self, transport)
+
+    def recording_answer(self: http1.FastConnection, exchange: http1.FastExchange) -> None:
+        if self._writable is not None:
+            assert self._transport is not None
+            started_unread.append(self._transport.get_write_buffer_size())
+        answer(self, exchange)
+
+    monkeypatch.setattr(http1.FastConnection, "connection_made", recording_made)
+    monkeypatch.setattr(http1.FastConnection, "_answer", recording_answer)
+    client = await RawClient.connect(proxy.url, receive_buffer=16384)
+    session_id = await open_session(client)
+    upstream.on_request = large
+    calls = 12
+    client.send(b"".join(call_echo(session_id, 10 + i, "") for i in range(calls)))
+    await wait_until(lambda: any(c._writable is not None for c in connections), TIMEOUT, "the proxy's writes paused")
+    answers = (await client.answers(2 + calls))[2:]
+    assert [answer.json()["id"] for answer in answers] == [10 + i for i in range(calls)]
+    assert started_unread == []
     client.close()

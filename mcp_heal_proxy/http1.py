@@ -467,10 +467,10 @@ class FastConnection(asyncio.Protocol):
             self._answer(self._waiting.popleft())
             if self._reading_paused and len(self._waiting) < MAX_WAITING // 2 and self._handover is None:
                 self._resume_reading()
+        elif self._closing:
+            self._close()  # before a handover too: a connection told to close serves no further request
         elif self._handover is not None:
             self._hand_over()
-        elif self._closing:
-            self._close()
 
     def write(self, data: bytes) -> None:
         """Write without waiting (a whole answer: at most the limit of a JSON answer)."""

@@ -503,3 +503,39 @@ async def test_a_client_that_reads_no_answers_holds_up_its_next_requests_not_the
     assert [answer.json()["id"] for answer in answers] == [10 + i for i in range(calls)]
     assert started_unread == []
     client.close()
+
+
+async def test_a_connection_told_to_close_does_not_hand_a_waiting_request_to_aiohttp(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app stops (aiohttp's server calls close() on every connection): the request being answered
+    finishes, and the request that waited behind it for aiohttp is not served, as aiohttp serves no
+    pipelined request once closing."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    connections: list[http1.FastConnection] = []
+    made = http1.FastConnection.connection_made
+
+    def recording_made(self: http1.FastConnection, transport: Any) -> None:
+        connections.append(self)
+        made(self, transport)
+
+    monkeypatch.setattr(http1.FastConnection, "connection_made", recording_made)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    gate = asyncio.Event()
+
+    async def gated(request: web.Request, body: Any) -> web.StreamResponse | None:
+        await gate.wait()
+        return None
+
+    upstream.on_request = gated
+    client.send(call_echo(session_id, 3, "last") + HEALTHZ)
+    (connection,) = connections
+    await wait_until(lambda: connection._handover is not None, TIMEOUT, "the request for aiohttp waiting")
+    connection.close()
+    gate.set()
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.json()["result"]["echo"]["arguments"]["text"] == "last"
+    assert await client.closed()
+    client.close()

@@ -8,6 +8,7 @@ own server sends none.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import socket
@@ -539,3 +540,118 @@ async def test_a_connection_told_to_close_does_not_hand_a_waiting_request_to_aio
     assert answer.json()["result"]["echo"]["arguments"]["text"] == "last"
     assert await client.closed()
     client.close()
+
+
+class _StubTransport:
+    """Just what FastConnection uses of a transport; delivers data only while reading is not paused."""
+
+    def __init__(self, *, honours_pause: bool = True) -> None:
+        self.honours_pause = honours_pause
+        self.protocol: Any = None
+        self.written = bytearray()
+        self.paused = False
+        self.closed = False
+        self.pending: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.deliver()
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def feed(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.deliver()
+
+    def deliver(self) -> None:
+        while self.pending and not (self.paused and self.honours_pause) and not self.closed:
+            self.protocol.data_received(self.pending.pop(0))
+
+
+class _StubHandler:
+    """aiohttp's RequestHandler as the handover sees it: what it was given."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+
+class _StubServer:
+    def __init__(self) -> None:
+        self.handlers: list[_StubHandler] = []
+
+    def connection_made(self, handler: Any, transport: Any) -> None:
+        pass
+
+    def connection_lost(self, handler: Any, exc: Any) -> None:
+        pass
+
+    def __call__(self) -> _StubHandler:
+        self.handlers.append(_StubHandler())
+        return self.handlers[-1]
+
+
+class _EchoProxy:
+    async def handle_post(self, exchange: http1.FastExchange) -> None:
+        await asyncio.sleep(0)
+        await exchange.answer(200, exchange.body)
+
+
+def _raw_post(body: bytes) -> bytes:
+    return b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+@pytest.mark.parametrize("honours_pause", [True, False], ids=["paused", "data-after-pause"])
+async def test_the_bytes_handed_to_aiohttp_are_exact_however_the_stream_is_split(honours_pause: bool) -> None:
+    """Every split of a pipelined stream into reads (a head split inside CRLF CRLF, a body apart from its
+    head, leading line breaks, the handover request's head in pieces): the proxy answers its requests in
+    order and aiohttp gets exactly the bytes from its request's first one; also when bytes still arrive
+    after reading paused."""
+    to_aiohttp = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + _raw_post(b"after")
+    stream = b"\r\n" + _raw_post(b"one") + b"\n\r\n\r\n" + _raw_post(b"two\r\n\r\nthree") + to_aiohttp
+    fast = http1.FastPath({"/mcp": _EchoProxy()}, token=None, max_body_bytes=1024, oauth=None)  # type: ignore[dict-item]
+    splits = [[stream[:i], stream[i:]] for i in range(1, len(stream))]
+    splits.append([stream[i : i + 1] for i in range(len(stream))])
+    for reads in splits:
+        server = _StubServer()
+        transport = _StubTransport(honours_pause=honours_pause)
+        connection = http1.FastConnection(fast, server)  # type: ignore[arg-type]
+        transport.protocol = connection
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        for data in reads:
+            transport.feed(data)
+            for _ in range(5):
+                await asyncio.sleep(0)
+        await wait_until(functools.partial(bool, server.handlers), TIMEOUT, "the handover")
+        answers = _Parsing()
+        answers.parser = httptools.HttpResponseParser(answers)
+        answers.parser.feed_data(bytes(transport.written))
+        split = [len(data) for data in reads[:3]]
+        assert [answer.body for answer in answers.answers] == [b"one", b"two\r\n\r\nthree"], split
+        (handler,) = server.handlers
+        assert bytes(handler.received) == to_aiohttp, split
+        connection.connection_lost(None)

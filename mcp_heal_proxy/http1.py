@@ -64,6 +64,8 @@ MAX_WAITING: Final = 8
 _HEAD_END: Final = b"\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _LINE_BREAK: Final = b"\r\n"
+# aiohttp's answer to a handler's unforeseen exception (web_protocol.RequestHandler.handle_error).
+_INTERNAL_ERROR: Final = b"500 Internal Server Error\n\nServer got itself in trouble"
 # Answers that never have a body, nor a Content-Length or chunked framing (RFC 9110 8.6, 9112 6.1).
 _NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
@@ -452,7 +454,8 @@ class FastConnection(asyncio.Protocol):
             # Proxy._handle answers every failure it foresees; this is one it did not.
             log.exception("request.unhandled_error", path=exchange.path)
             if exchange.status is None:
-                await exchange.answer(500, b"", [("Content-Type", "text/plain")])
+                exchange.keep_alive = False  # as aiohttp's 500, which closes the connection and says so
+                await exchange.answer(500, _INTERNAL_ERROR, [("Content-Type", "text/plain; charset=utf-8")])
             self._close()
             return
         finally:

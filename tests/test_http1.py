@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from mcp_heal_proxy import http1
+from mcp_heal_proxy.proxy import Proxy
 from tests.conftest import INITIALIZE_PARAMS, ProxyFactory, UpstreamProcess, wait_until
 from tests.fake_upstream import FakeUpstream
 
@@ -655,3 +656,23 @@ async def test_the_bytes_handed_to_aiohttp_are_exact_however_the_stream_is_split
         (handler,) = server.handlers
         assert bytes(handler.received) == to_aiohttp, split
         connection.connection_lost(None)
+
+
+async def test_an_unforeseen_handler_error_gets_aiohttps_500_which_closes_the_connection(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+
+    async def broken(self: Any, exchange: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Proxy, "handle_post", broken)
+    client = await RawClient.connect(proxy.url)
+    client.send(initialize())
+    (answer,) = await client.answers(1)
+    assert answer.status == 500
+    assert answer.headers["connection"] == "close"
+    assert answer.body == b"500 Internal Server Error\n\nServer got itself in trouble"
+    assert await client.closed()
+    client.close()

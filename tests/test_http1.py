@@ -676,3 +676,50 @@ async def test_an_unforeseen_handler_error_gets_aiohttps_500_which_closes_the_co
     assert answer.body == b"500 Internal Server Error\n\nServer got itself in trouble"
     assert await client.closed()
     client.close()
+
+
+async def test_a_client_reading_a_large_sse_answer_slowly_holds_the_relay_back_not_the_proxys_memory(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    message = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "x" * 100_000}}
+    event = b"data: %b\n\n" % json.dumps(message).encode()
+    events = 30
+
+    async def large_stream(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(events):
+            await response.write(event)
+        await response.write(b"data: %b\n\n" % json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": {}}).encode())
+        return response
+
+    connections: list[http1.FastConnection] = []
+    buffered: list[int] = []  # the proxy's write buffer after each part of the answer it sent
+    made, send = http1.FastConnection.connection_made, http1.FastConnection.send
+
+    def recording_made(self: http1.FastConnection, transport: Any) -> None:
+        connections.append(self)
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        made(self, transport)
+
+    async def recording_send(self: http1.FastConnection, data: bytes) -> None:
+        await send(self, data)
+        assert self._transport is not None
+        buffered.append(self._transport.get_write_buffer_size())
+
+    monkeypatch.setattr(http1.FastConnection, "connection_made", recording_made)
+    monkeypatch.setattr(http1.FastConnection, "send", recording_send)
+    client = await RawClient.connect(proxy.url, receive_buffer=16384)
+    session_id = await open_session(client)
+    upstream.on_request = large_stream
+    client.send(call_echo(session_id, 3, ""))
+    await wait_until(lambda: any(c._writable is not None for c in connections), TIMEOUT, "the proxy's writes paused")
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.body.count(b"notifications/message") == events
+    assert answer.json()["id"] == 3
+    assert max(buffered) < events * len(event) // 4
+    client.close()

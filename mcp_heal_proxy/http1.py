@@ -69,8 +69,9 @@ _INTERNAL_ERROR: Final = b"500 Internal Server Error\n\nServer got itself in tro
 # Answers that never have a body, nor a Content-Length or chunked framing (RFC 9110 8.6, 9112 6.1).
 _NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
-# of the next request could not be found again for a handover), an expectation to answer first.
-_AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect")
+# of the next request could not be found again for a handover), an expectation to answer first, one that
+# aiohttp refuses outright.
+_AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect", b"sec-websocket-key1")
 
 
 # Header names as aiohttp's parser gives them: the ones it knows in their canonical spelling ("content-type"
@@ -390,6 +391,8 @@ class FastConnection(asyncio.Protocol):
             elif lowered == b"authorization" and authorization is None:
                 authorization = value  # the first, as aiohttp's headers.get gives it
             decoded.append((_header_name(name), value.decode("utf-8", "surrogateescape")))
+        if b"host" not in singletons:
+            self._to_aiohttp()  # an HTTP/1.1 request without Host: refused there (400)
         if content_length > fast.max_body_bytes:
             self._to_aiohttp()  # refused there, as before (413 with a JSON-RPC body)
         if fast.authorization is not None and not hmac.compare_digest(authorization or b"", fast.authorization):

@@ -377,6 +377,8 @@ async def test_a_client_that_lowercases_header_names_still_heals(
         (initialize().replace(b"POST /mcp ", b"POST /mcp?" + b"a" * 8190 + b" ", 1), "a URL over 8190 bytes"),
         (_with_header(initialize(), "Content-Type: application/json\r\n"), "a second Content-Type"),
         (_with_header(initialize(), "Host: 127.0.0.1\r\n"), "a second Host"),
+        (initialize().replace(b"Host: 127.0.0.1\r\n", b""), "no Host in an HTTP/1.1 request"),
+        (_with_header(initialize(), "Sec-WebSocket-Key1: 1\r\n"), "a header aiohttp refuses outright"),
     ],
 )
 async def test_a_head_aiohttp_refuses_is_refused_by_the_proxy_not_sent_upstream(

@@ -7,16 +7,17 @@ answer straight to the transport costs about 20 (docs/benchmarks.md, round 3).
 
 It serves a request only when it can serve it exactly as aiohttp would: a POST to an MCP path, HTTP/1.1,
 a body of known length within the limit, no ``Origin`` (browser clients get CORS from aiohttp), no
-``Expect``, no upgrade, and the proxy's token when one is set. Any other request (the status page,
+``Expect``, no upgrade, a head aiohttp accepts (within its size limits, with a ``Host``, no header twice
+that it allows once), and the proxy's token when one is set. Any other request (the status page,
 metrics, OAuth routes, GET streams, DELETE, preflights, refusals, malformed requests) is handed to
 aiohttp with its connection: aiohttp gets the request's raw bytes from its first one and keeps the
 connection from then on. So only what both servers answer alike ever takes this path.
 
 What aiohttp does for a connection this server keeps too: one request at a time (pipelined ones wait
 their turn, and reading pauses when too many wait), the handler cancelled when the client hangs up,
-writes that wait while the client reads slowly, idle keep-alive connections closed after
-``KEEPALIVE_TIMEOUT``, and a graceful stop with the rest of the app (it registers its connections with
-aiohttp's server, whose shutdown waits for them).
+writes that wait while the client reads slowly (and the next request until it read the last answer),
+idle keep-alive connections closed after ``KEEPALIVE_TIMEOUT`` (aiohttp's), and a graceful stop with
+the rest of the app (it registers its connections with aiohttp's server, whose shutdown waits for them).
 """
 
 from __future__ import annotations

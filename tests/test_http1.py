@@ -567,7 +567,7 @@ class _StubTransport:
 
     def resume_reading(self) -> None:
         self.paused = False
-        self.deliver()
+        asyncio.get_running_loop().call_soon(self.deliver)  # as a real transport: on a later turn of the loop
 
     def set_protocol(self, protocol: Any) -> None:
         self.protocol = protocol
@@ -619,8 +619,11 @@ class _StubServer:
 
 
 class _EchoProxy:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
     async def handle_post(self, exchange: http1.FastExchange) -> None:
-        await asyncio.sleep(0)
+        await self.gate.wait()
         await exchange.answer(200, exchange.body)
 
 
@@ -628,18 +631,25 @@ def _raw_post(body: bytes) -> bytes:
     return b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
 
 
+@pytest.mark.parametrize("answers_at_once", [True, False], ids=["answered-at-once", "answered-after-all-reads"])
 @pytest.mark.parametrize("honours_pause", [True, False], ids=["paused", "data-after-pause"])
-async def test_the_bytes_handed_to_aiohttp_are_exact_however_the_stream_is_split(honours_pause: bool) -> None:
+async def test_the_bytes_handed_to_aiohttp_are_exact_however_the_stream_is_split(
+    honours_pause: bool, answers_at_once: bool
+) -> None:
     """Every split of a pipelined stream into reads (a head split inside CRLF CRLF, a body apart from its
-    head, leading line breaks, the handover request's head in pieces): the proxy answers its requests in
-    order and aiohttp gets exactly the bytes from its request's first one; also when bytes still arrive
-    after reading paused."""
+    head, leading line breaks, the handover request's head in pieces), with the proxy's requests answered
+    at once or still in flight while the rest arrives: the proxy answers its requests in order and aiohttp
+    gets exactly the bytes from its request's first one; also when bytes still arrive after reading
+    paused."""
     to_aiohttp = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + _raw_post(b"after")
     stream = b"\r\n" + _raw_post(b"one") + b"\n\r\n\r\n" + _raw_post(b"two\r\n\r\nthree") + to_aiohttp
-    fast = http1.FastPath({"/mcp": _EchoProxy()}, token=None, max_body_bytes=1024, oauth=None)  # type: ignore[dict-item]
     splits = [[stream[:i], stream[i:]] for i in range(1, len(stream))]
     splits.append([stream[i : i + 1] for i in range(len(stream))])
     for reads in splits:
+        proxy = _EchoProxy()
+        if answers_at_once:
+            proxy.gate.set()
+        fast = http1.FastPath({"/mcp": proxy}, token=None, max_body_bytes=1024, oauth=None)  # type: ignore[dict-item]
         server = _StubServer()
         transport = _StubTransport(honours_pause=honours_pause)
         connection = http1.FastConnection(fast, server)  # type: ignore[arg-type]
@@ -649,6 +659,9 @@ async def test_the_bytes_handed_to_aiohttp_are_exact_however_the_stream_is_split
             transport.feed(data)
             for _ in range(5):
                 await asyncio.sleep(0)
+        proxy.gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
         await wait_until(functools.partial(bool, server.handlers), TIMEOUT, "the handover")
         answers = _Parsing()
         answers.parser = httptools.HttpResponseParser(answers)

@@ -55,8 +55,8 @@ KEEPALIVE_TIMEOUT: Final[float] = _AIOHTTP_DEFAULTS["keepalive_timeout"].default
 _MAX_LINE: Final[int] = _AIOHTTP_DEFAULTS["max_line_size"].default  # the URL
 _MAX_FIELD: Final[int] = _AIOHTTP_DEFAULTS["max_field_size"].default  # a header's name and value together
 _MAX_HEADERS: Final[int] = _AIOHTTP_DEFAULTS["max_headers"].default
-# Headers aiohttp refuses to see twice in a request.
-_SINGLETONS: Final = frozenset(name.encode() for name in SINGLETON_HEADERS)
+# Headers aiohttp refuses to see twice in a request (Host among them: it is also required, see below).
+_SINGLETONS: Final = frozenset(name.encode() for name in SINGLETON_HEADERS) | {b"host"}
 # A head still incomplete after this many bytes goes to aiohttp (which refuses it once a line is over its
 # limits), instead of growing here without bound.
 _MAX_HEAD: Final = 64 * 1024

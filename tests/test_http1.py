@@ -8,8 +8,11 @@ own server sends none.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from mcp_heal_proxy.front import http1
+from mcp_heal_proxy.front.http import Proxy
 from tests.conftest import INITIALIZE_PARAMS, REPO_ROOT, ProxyFactory, UpstreamProcess, wait_until
 from tests.fake_upstream import FakeUpstream
 
@@ -71,9 +75,18 @@ class RawClient:
         self._parsing.parser = httptools.HttpResponseParser(self._parsing)
 
     @classmethod
-    async def connect(cls, url: str) -> RawClient:
+    async def connect(cls, url: str, receive_buffer: int | None = None) -> RawClient:
         port = int(url.split(":")[2].split("/")[0])
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         return cls(reader, writer)
 
     def send(self, data: bytes) -> None:
@@ -386,3 +399,375 @@ async def test_serve_takes_connections_with_the_configured_http_server(
         process.terminate()
         async with asyncio.timeout(20):
             await process.wait()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (_with_header(initialize(), f"X-Big: {'a' * 8191}\r\n"), "a header value over aiohttp's 8190 bytes"),
+        (_with_header(initialize(), f"X-{'a' * 8189}: 1\r\n"), "a header name over aiohttp's 8190 bytes"),
+        (_with_header(initialize(), "".join(f"X-H{i}: 1\r\n" for i in range(130))), "over aiohttp's 128 headers"),
+        (initialize().replace(b"POST /mcp ", b"POST /mcp?" + b"a" * 8190 + b" ", 1), "a URL over 8190 bytes"),
+        (_with_header(initialize(), "Content-Type: application/json\r\n"), "a second Content-Type"),
+        (_with_header(initialize(), "Host: 127.0.0.1\r\n"), "a second Host"),
+        (initialize().replace(b"Host: 127.0.0.1\r\n", b""), "no Host in an HTTP/1.1 request"),
+        (_with_header(initialize(), "Sec-WebSocket-Key1: 1\r\n"), "a header aiohttp refuses outright"),
+    ],
+)
+async def test_a_head_aiohttp_refuses_is_refused_by_the_proxy_not_sent_upstream(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, request_bytes: bytes, why: str
+) -> None:
+    """aiohttp's limits on a request's head hold on this server too: such a request is aiohttp's to refuse
+    (the fake upstream, an aiohttp server itself, would refuse it as well, but not every upstream does)."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    client.send(request_bytes)
+    (answer,) = await client.answers(1)
+    assert answer.status == 400, why
+    assert answer.by_aiohttp, why
+    assert upstream.seen == [], why
+    client.close()
+
+
+async def test_a_head_that_never_ends_is_refused_instead_of_buffered_without_limit(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    client.send(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: " + b"a" * 200_000)
+    (answer,) = await client.answers(1)
+    assert answer.status == 400
+    assert await client.closed()
+    client.close()
+
+
+def test_an_idle_connection_is_kept_as_long_as_aiohttp_keeps_one() -> None:
+    from aiohttp.web_protocol import RequestHandler
+
+    default = inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
+    assert default == http1.KEEPALIVE_TIMEOUT
+
+
+async def test_stray_line_breaks_before_a_request_do_not_shift_the_handover(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    """llhttp skips any CR and LF before a request line; the bytes handed to aiohttp must start where the
+    next request starts all the same."""
+    _, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    client.send(b"\n\r\n\r\n" + initialize() + HEALTHZ)
+    answers = await client.answers(2)
+    assert answers[0].status == 200
+    assert not answers[0].by_aiohttp
+    assert answers[1].status == 200
+    assert json.loads(answers[1].body) == {"status": "ok"}
+    client.close()
+
+
+async def test_the_first_authorization_header_is_the_one_checked_as_aiohttp_checks_it(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, token="right")
+    client = await RawClient.connect(proxy.url)
+    client.send(_with_header(initialize(), "Authorization: Bearer wrong\r\nAuthorization: Bearer right\r\n"))
+    (answer,) = await client.answers(1)
+    assert answer.status == 401
+    assert upstream.seen == []
+    client.send(_with_header(initialize(2), "Authorization: Bearer right\r\nAuthorization: Bearer wrong\r\n"))
+    (_, accepted) = await client.answers(2)
+    assert accepted.status == 200
+    client.close()
+
+
+async def test_whitespace_after_a_header_value_is_dropped_as_aiohttp_drops_it(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    client.send(call_echo(session_id, 3, "x").replace(session_id.encode(), session_id.encode() + b" \t", 1))
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.status == 200, answer.body
+    assert not answer.by_aiohttp
+    assert answer.json()["id"] == 3
+    client.close()
+
+
+async def test_a_client_that_reads_no_answers_holds_up_its_next_requests_not_the_proxys_memory(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As aiohttp's server, which drains after each answer: while the client has not read an answer, the
+    next pipelined request waits, instead of its answer piling up in the proxy's write buffer."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    text = "x" * 100_000
+
+    async def large(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {"text": text}})
+
+    connections: list[http1.FastConnection] = []
+    started_unread: list[int] = []  # write buffer sizes when a request started while the client was not reading
+    made, answer = http1.FastConnection.connection_made, http1.FastConnection._answer
+
+    def recording_made(self: http1.FastConnection, transport: Any) -> None:
+        connections.append(self)
+        # Small socket buffers: the client's unread answers fill them after a few answers.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        made(self, transport)
+
+    def recording_answer(self: http1.FastConnection, exchange: http1.FastExchange) -> None:
+        if self._writable is not None:
+            assert self._transport is not None
+            started_unread.append(self._transport.get_write_buffer_size())
+        answer(self, exchange)
+
+    monkeypatch.setattr(http1.FastConnection, "connection_made", recording_made)
+    monkeypatch.setattr(http1.FastConnection, "_answer", recording_answer)
+    client = await RawClient.connect(proxy.url, receive_buffer=16384)
+    session_id = await open_session(client)
+    upstream.on_request = large
+    calls = 12
+    client.send(b"".join(call_echo(session_id, 10 + i, "") for i in range(calls)))
+    await wait_until(lambda: any(c._writable is not None for c in connections), TIMEOUT, "the proxy's writes paused")
+    answers = (await client.answers(2 + calls))[2:]
+    assert [answer.json()["id"] for answer in answers] == [10 + i for i in range(calls)]
+    assert started_unread == []
+    client.close()
+
+
+async def test_a_connection_told_to_close_does_not_hand_a_waiting_request_to_aiohttp(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app stops (aiohttp's server calls close() on every connection): the request being answered
+    finishes, and the request that waited behind it for aiohttp is not served, as aiohttp serves no
+    pipelined request once closing."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    connections: list[http1.FastConnection] = []
+    made = http1.FastConnection.connection_made
+
+    def recording_made(self: http1.FastConnection, transport: Any) -> None:
+        connections.append(self)
+        made(self, transport)
+
+    monkeypatch.setattr(http1.FastConnection, "connection_made", recording_made)
+    client = await RawClient.connect(proxy.url)
+    session_id = await open_session(client)
+    gate = asyncio.Event()
+
+    async def gated(request: web.Request, body: Any) -> web.StreamResponse | None:
+        await gate.wait()
+        return None
+
+    upstream.on_request = gated
+    client.send(call_echo(session_id, 3, "last") + HEALTHZ)
+    (connection,) = connections
+    await wait_until(lambda: connection._handover is not None, TIMEOUT, "the request for aiohttp waiting")
+    connection.close()
+    gate.set()
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.json()["result"]["echo"]["arguments"]["text"] == "last"
+    assert await client.closed()
+    client.close()
+
+
+class _StubTransport:
+    """Just what FastConnection uses of a transport; delivers data only while reading is not paused."""
+
+    def __init__(self, *, honours_pause: bool = True) -> None:
+        self.honours_pause = honours_pause
+        self.protocol: Any = None
+        self.written = bytearray()
+        self.paused = False
+        self.closed = False
+        self.pending: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        asyncio.get_running_loop().call_soon(self.deliver)  # as a real transport: on a later turn of the loop
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def feed(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.deliver()
+
+    def deliver(self) -> None:
+        while self.pending and not (self.paused and self.honours_pause) and not self.closed:
+            self.protocol.data_received(self.pending.pop(0))
+
+
+class _StubHandler:
+    """aiohttp's RequestHandler as the handover sees it: what it was given."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+
+class _StubServer:
+    def __init__(self) -> None:
+        self.handlers: list[_StubHandler] = []
+
+    def connection_made(self, handler: Any, transport: Any) -> None:
+        pass
+
+    def connection_lost(self, handler: Any, exc: Any) -> None:
+        pass
+
+    def __call__(self) -> _StubHandler:
+        self.handlers.append(_StubHandler())
+        return self.handlers[-1]
+
+
+class _EchoProxy:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def handle_post(self, exchange: http1.FastExchange) -> None:
+        await self.gate.wait()
+        await exchange.answer(200, exchange.body)
+
+
+def _raw_post(body: bytes) -> bytes:
+    return b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+@pytest.mark.parametrize("answers_at_once", [True, False], ids=["answered-at-once", "answered-after-all-reads"])
+@pytest.mark.parametrize("honours_pause", [True, False], ids=["paused", "data-after-pause"])
+async def test_the_bytes_handed_to_aiohttp_are_exact_however_the_stream_is_split(
+    honours_pause: bool, answers_at_once: bool
+) -> None:
+    """Every split of a pipelined stream into reads (a head split inside CRLF CRLF, a body apart from its
+    head, leading line breaks, the handover request's head in pieces), with the proxy's requests answered
+    at once or still in flight while the rest arrives: the proxy answers its requests in order and aiohttp
+    gets exactly the bytes from its request's first one; also when bytes still arrive after reading
+    paused."""
+    to_aiohttp = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + _raw_post(b"after")
+    stream = b"\r\n" + _raw_post(b"one") + b"\n\r\n\r\n" + _raw_post(b"two\r\n\r\nthree") + to_aiohttp
+    splits = [[stream[:i], stream[i:]] for i in range(1, len(stream))]
+    splits.append([stream[i : i + 1] for i in range(len(stream))])
+    for reads in splits:
+        proxy = _EchoProxy()
+        if answers_at_once:
+            proxy.gate.set()
+        fast = http1.FastPath({"/mcp": proxy}, token=None, max_body_bytes=1024, oauth=None)  # type: ignore[dict-item]
+        server = _StubServer()
+        transport = _StubTransport(honours_pause=honours_pause)
+        connection = http1.FastConnection(fast, server)  # type: ignore[arg-type]
+        transport.protocol = connection
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        for data in reads:
+            transport.feed(data)
+            for _ in range(5):
+                await asyncio.sleep(0)
+        proxy.gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        await wait_until(functools.partial(bool, server.handlers), TIMEOUT, "the handover")
+        answers = _Parsing()
+        answers.parser = httptools.HttpResponseParser(answers)
+        answers.parser.feed_data(bytes(transport.written))
+        split = [len(data) for data in reads[:3]]
+        assert [answer.body for answer in answers.answers] == [b"one", b"two\r\n\r\nthree"], split
+        (handler,) = server.handlers
+        assert bytes(handler.received) == to_aiohttp, split
+        connection.connection_lost(None)
+
+
+async def test_an_unforeseen_handler_error_gets_aiohttps_500_which_closes_the_connection(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url)
+
+    async def broken(self: Any, exchange: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Proxy, "handle_post", broken)
+    client = await RawClient.connect(proxy.url)
+    client.send(initialize())
+    (answer,) = await client.answers(1)
+    assert answer.status == 500
+    assert answer.headers["connection"] == "close"
+    assert answer.body == b"500 Internal Server Error\n\nServer got itself in trouble"
+    assert await client.closed()
+    client.close()
+
+
+async def test_a_client_reading_a_large_sse_answer_slowly_holds_the_relay_back_not_the_proxys_memory(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    message = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "x" * 100_000}}
+    event = b"data: %b\n\n" % json.dumps(message).encode()
+    events = 30
+
+    async def large_stream(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(events):
+            await response.write(event)
+        await response.write(b"data: %b\n\n" % json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": {}}).encode())
+        return response
+
+    connections: list[http1.FastConnection] = []
+    buffered: list[int] = []  # the proxy's write buffer after each part of the answer it sent
+    made, send = http1.FastConnection.connection_made, http1.FastConnection.send
+
+    def recording_made(self: http1.FastConnection, transport: Any) -> None:
+        connections.append(self)
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        made(self, transport)
+
+    async def recording_send(self: http1.FastConnection, data: bytes) -> None:
+        await send(self, data)
+        assert self._transport is not None
+        buffered.append(self._transport.get_write_buffer_size())
+
+    monkeypatch.setattr(http1.FastConnection, "connection_made", recording_made)
+    monkeypatch.setattr(http1.FastConnection, "send", recording_send)
+    client = await RawClient.connect(proxy.url, receive_buffer=16384)
+    session_id = await open_session(client)
+    upstream.on_request = large_stream
+    client.send(call_echo(session_id, 3, ""))
+    await wait_until(lambda: any(c._writable is not None for c in connections), TIMEOUT, "the proxy's writes paused")
+    (answer,) = (await client.answers(3))[2:]
+    assert answer.body.count(b"notifications/message") == events
+    assert answer.json()["id"] == 3
+    assert max(buffered) < events * len(event) // 4
+    client.close()

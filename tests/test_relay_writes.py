@@ -155,3 +155,28 @@ async def test_sse_events_arriving_apart_are_relayed_whole_and_in_order(
         first_seen.set()
         rest = await response.read()
     assert json.loads(rest.removeprefix(b"data: "))["id"] == 43
+
+
+async def test_a_json_answer_larger_than_the_upstream_clients_read_buffer_is_relayed_whole(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Between the lean client's high-water mark (256 KiB) and the whole-answer limit (1 MiB): read whole,
+    which must not leave the upstream connection paused with the body half read."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    text = "x" * 600_000
+
+    async def large(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {"text": text}})
+
+    upstream.on_request = large
+    async with (
+        asyncio.timeout(10),
+        http.post(proxy.url, json=call(3), headers=session_headers(session_id)) as response,
+    ):
+        assert response.status == 200
+        answer = await response.json()
+    assert answer["result"]["text"] == text

@@ -7,25 +7,28 @@ answer straight to the transport costs about 20 (docs/benchmarks.md, round 3).
 
 It serves a request only when it can serve it exactly as aiohttp would: a POST to an MCP path, HTTP/1.1,
 a body of known length within the limit, no ``Origin`` (browser clients get CORS from aiohttp), no
-``Expect``, no upgrade, and the proxy's token when one is set. Any other request (the status page,
+``Expect``, no upgrade, a head aiohttp accepts (within its size limits, with a ``Host``, no header twice
+that it allows once), and the proxy's token when one is set. Any other request (the status page,
 metrics, OAuth routes, GET streams, DELETE, preflights, refusals, malformed requests) is handed to
 aiohttp with its connection: aiohttp gets the request's raw bytes from its first one and keeps the
 connection from then on. So only what both servers answer alike ever takes this path.
 
 What aiohttp does for a connection this server keeps too: one request at a time (pipelined ones wait
 their turn, and reading pauses when too many wait), the handler cancelled when the client hangs up,
-writes that wait while the client reads slowly, idle keep-alive connections closed after
-``KEEPALIVE_TIMEOUT``, and a graceful stop with the rest of the app (it registers its connections with
-aiohttp's server, whose shutdown waits for them).
+writes that wait while the client reads slowly (and the next request until it read the last answer),
+idle keep-alive connections closed after ``KEEPALIVE_TIMEOUT`` (aiohttp's), and a graceful stop with
+the rest of the app (it registers its connections with aiohttp's server, whose shutdown waits for them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import hmac
 import http
+import inspect
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, NoReturn, cast
@@ -33,29 +36,43 @@ from typing import TYPE_CHECKING, Final, NoReturn, cast
 import httptools
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.http_parser import SINGLETON_HEADERS
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from mcp_heal_proxy.front.exchange import HeaderPairs
 
 if TYPE_CHECKING:
-    from aiohttp.web_protocol import RequestHandler
-
     from mcp_heal_proxy.auth.standin import OAuthPassThrough
     from mcp_heal_proxy.front.http import Proxy
 
 log = structlog.get_logger("mcp_heal_proxy.front.http1")
 
-# As aiohttp's server: an idle keep-alive connection is closed after this long.
-KEEPALIVE_TIMEOUT: Final = 75.0
+# aiohttp's server as the proxy runs it (its defaults): how long an idle keep-alive connection is kept, and
+# the limits on a request's head beyond which it refuses the request (400).
+_AIOHTTP_DEFAULTS: Final = inspect.signature(RequestHandler).parameters
+KEEPALIVE_TIMEOUT: Final[float] = _AIOHTTP_DEFAULTS["keepalive_timeout"].default
+_MAX_LINE: Final[int] = _AIOHTTP_DEFAULTS["max_line_size"].default  # the URL
+_MAX_FIELD: Final[int] = _AIOHTTP_DEFAULTS["max_field_size"].default  # a header's name and value together
+_MAX_HEADERS: Final[int] = _AIOHTTP_DEFAULTS["max_headers"].default
+# Headers aiohttp refuses to see twice in a request (Host among them: it is also required, see below).
+_SINGLETONS: Final = frozenset(name.encode() for name in SINGLETON_HEADERS) | {b"host"}
+# A head still incomplete after this many bytes goes to aiohttp (which refuses it once a line is over its
+# limits), instead of growing here without bound.
+_MAX_HEAD: Final = 64 * 1024
 # Pipelined requests waiting behind the one being answered; beyond this, reading pauses.
 MAX_WAITING: Final = 8
 _HEAD_END: Final = b"\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+_LINE_BREAK: Final = b"\r\n"
+# aiohttp's answer to a handler's unforeseen exception (web_protocol.RequestHandler.handle_error).
+_INTERNAL_ERROR: Final = b"500 Internal Server Error\n\nServer got itself in trouble"
 # Answers that never have a body, nor a Content-Length or chunked framing (RFC 9110 8.6, 9112 6.1).
 _NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
-# of the next request could not be found again for a handover), an expectation to answer first.
-_AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect")
+# of the next request could not be found again for a handover), an expectation to answer first, one that
+# aiohttp refuses outright.
+_AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect", b"sec-websocket-key1")
 
 
 # Header names as aiohttp's parser gives them: the ones it knows in their canonical spelling ("content-type"
@@ -298,6 +315,11 @@ class FastConnection(asyncio.Protocol):
                 return  # bytes after a request with Connection: close: dropped, as aiohttp does
             # Malformed: aiohttp answers it (400) as it always did, from the request's first byte.
             self._handover = bytearray(raw[self._consumed :])
+        if self._handover is None and self._parsing is None and len(raw) - self._consumed > _MAX_HEAD:
+            if self._closing:
+                return
+            # A head this long is aiohttp's, to refuse once a line is over its limits (or to serve).
+            self._handover = bytearray(raw[self._consumed :])
         if self._handover is not None:
             self._pause_reading()
             self._raw = bytearray()
@@ -345,26 +367,38 @@ class FastConnection(asyncio.Protocol):
             or parser.should_upgrade()
         ):
             self._to_aiohttp()
+        pairs = self._header_pairs
+        if len(self._url) > _MAX_LINE or len(pairs) > _MAX_HEADERS:
+            self._to_aiohttp()  # over aiohttp's limits: refused there (400)
         fast = self.fast
         content_length = 0
-        authorization = b""
-        for name, value in self._header_pairs:
+        authorization: bytes | None = None
+        singletons: set[bytes] = set()
+        decoded: list[tuple[str, str]] = []
+        for name, raw_value in pairs:
+            if len(name) + len(raw_value) > _MAX_FIELD:
+                self._to_aiohttp()
             lowered = name.lower()
+            if lowered in _SINGLETONS:
+                if lowered in singletons:
+                    self._to_aiohttp()  # a second Host, Content-Type, ...: refused there
+                singletons.add(lowered)
+            # llhttp drops the whitespace before a value, not after it; aiohttp drops both.
+            value = raw_value.rstrip(b" \t")
             if lowered in _AIOHTTP_HEADERS:
                 self._to_aiohttp()
             elif lowered == b"content-length":
                 content_length = int(value)  # llhttp already refused a malformed one
-            elif lowered == b"authorization":
-                authorization = value
+            elif lowered == b"authorization" and authorization is None:
+                authorization = value  # the first, as aiohttp's headers.get gives it
+            decoded.append((_header_name(name), value.decode("utf-8", "surrogateescape")))
+        if b"host" not in singletons:
+            self._to_aiohttp()  # an HTTP/1.1 request without Host: refused there (400)
         if content_length > fast.max_body_bytes:
             self._to_aiohttp()  # refused there, as before (413 with a JSON-RPC body)
-        if fast.authorization is not None and not hmac.compare_digest(authorization, fast.authorization):
+        if fast.authorization is not None and not hmac.compare_digest(authorization or b"", fast.authorization):
             self._to_aiohttp()  # refused, logged and counted there
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(_header_name(name), value.decode("utf-8", "surrogateescape")) for name, value in self._header_pairs]
-            )
-        )
+        headers = CIMultiDictProxy(CIMultiDict(decoded))
         self._parsing = FastExchange(self, proxy, path.decode("utf-8", "surrogateescape"), headers)
 
     def on_body(self, body: bytes) -> None:
@@ -382,8 +416,9 @@ class FastConnection(asyncio.Protocol):
         # leaves the next start unknown, so the connection ends after this answer.
         raw = self._raw
         start = self._consumed
-        while raw.startswith(b"\r\n", start):
-            start += 2
+        # llhttp skips any CR and LF before a request line, not only whole CRLFs.
+        while start < len(raw) and raw[start] in _LINE_BREAK:
+            start += 1
         head_end = raw.find(_HEAD_END, start)
         if head_end < 0:
             exchange.keep_alive = False
@@ -411,6 +446,11 @@ class FastConnection(asyncio.Protocol):
     async def _run(self, exchange: FastExchange) -> None:
         try:
             await exchange.proxy.handle_post(exchange)
+            if self._writable is not None:
+                # As aiohttp's server after each answer: the next request waits until the client has read
+                # this one, so that a client reading none does not pile its answers up in memory here.
+                with contextlib.suppress(ConnectionError):
+                    await asyncio.shield(self._writable)
         except asyncio.CancelledError:
             self._close()
             raise
@@ -418,7 +458,8 @@ class FastConnection(asyncio.Protocol):
             # Proxy._handle answers every failure it foresees; this is one it did not.
             log.exception("request.unhandled_error", path=exchange.path)
             if exchange.status is None:
-                await exchange.answer(500, b"", [("Content-Type", "text/plain")])
+                exchange.keep_alive = False  # as aiohttp's 500, which closes the connection and says so
+                await exchange.answer(500, _INTERNAL_ERROR, [("Content-Type", "text/plain; charset=utf-8")])
             self._close()
             return
         finally:
@@ -433,10 +474,10 @@ class FastConnection(asyncio.Protocol):
             self._answer(self._waiting.popleft())
             if self._reading_paused and len(self._waiting) < MAX_WAITING // 2 and self._handover is None:
                 self._resume_reading()
+        elif self._closing:
+            self._close()  # before a handover too: a connection told to close serves no further request
         elif self._handover is not None:
             self._hand_over()
-        elif self._closing:
-            self._close()
 
     def write(self, data: bytes) -> None:
         """Write without waiting (a whole answer: at most the limit of a JSON answer)."""

@@ -186,6 +186,11 @@ class LeanBody:
                 await self._wait()
             return self._take(n)
         while not self.done:
+            # The whole body is wanted: reading must not stay paused at the high-water mark, where nothing
+            # is taken (and so nothing resumes it) until the body is done.
+            conn = self._conn
+            if conn is not None and conn.paused:
+                conn.resume_reading()
             await self._wait()
         if self._exc is not None:
             raise self._exc

@@ -180,3 +180,21 @@ async def test_a_json_answer_larger_than_the_upstream_clients_read_buffer_is_rel
         assert response.status == 200
         answer = await response.json()
     assert answer["result"]["text"] == text
+
+
+async def test_an_sse_answer_carries_one_x_accel_buffering_whatever_the_upstream_sent(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+
+    async def buffered_sse(request: web.Request, body: Any) -> web.StreamResponse | None:
+        answer = sse({"jsonrpc": "2.0", "id": body["id"], "result": {"content": []}})
+        return web.Response(body=answer, content_type="text/event-stream", headers={"X-Accel-Buffering": "yes"})
+
+    upstream.on_request = buffered_sse
+    async with http.post(proxy.url, json=call(44), headers=session_headers(session_id)) as response:
+        assert response.status == 200
+        assert response.headers.getall("X-Accel-Buffering") == ["no"]
+        await response.read()

@@ -179,7 +179,9 @@ class Relay:
         try:
             headers = client_response_headers(upstream.headers, client_session_id)
             if is_sse:
-                # Tell any buffering proxy in front of us (nginx) to pass events through at once.
+                # Tell any buffering proxy in front of us (nginx) to pass events through at once: ours, once,
+                # whatever the upstream said.
+                headers = [(name, value) for name, value in headers if name.lower() != "x-accel-buffering"]
                 headers.append(("X-Accel-Buffering", "no"))
             # Headers wait for the first write only when it follows at once: a client waiting for a slow
             # first event gets the headers as soon as the upstream sent them.

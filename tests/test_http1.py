@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import inspect
 import json
 import re
@@ -770,4 +771,21 @@ async def test_a_client_reading_a_large_sse_answer_slowly_holds_the_relay_back_n
     assert answer.body.count(b"notifications/message") == events
     assert answer.json()["id"] == 3
     assert max(buffered) < events * len(event) // 4
+    client.close()
+
+
+async def test_a_gzipped_request_body_is_decoded_and_sent_upstream_plain(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    """aiohttp decodes a compressed body; the upstream gets the plain body without the client's coding."""
+    proxy = await start_proxy(sse_upstream.url)
+    client = await RawClient.connect(proxy.url)
+    plain = initialize()
+    head, _, body = plain.partition(b"\r\n\r\n")
+    packed = gzip.compress(body)
+    head = head.replace(f"Content-Length: {len(body)}".encode(), f"Content-Length: {len(packed)}".encode())
+    client.send(head + b"\r\nContent-Encoding: gzip\r\n\r\n" + packed)
+    (answer,) = await client.answers(1)
+    assert answer.status == 200, answer.body
+    assert answer.json()["result"]["protocolVersion"]
     client.close()

@@ -71,8 +71,8 @@ _INTERNAL_ERROR: Final = b"500 Internal Server Error\n\nServer got itself in tro
 _NO_BODY: Final = frozenset({204, 304})
 # Request headers that send a POST to aiohttp: a browser's (CORS), a body framed by chunks (the raw bytes
 # of the next request could not be found again for a handover), an expectation to answer first, one that
-# aiohttp refuses outright.
-_AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect", b"sec-websocket-key1")
+# aiohttp refuses outright, a compressed body (aiohttp decodes it).
+_AIOHTTP_HEADERS: Final = (b"origin", b"transfer-encoding", b"expect", b"sec-websocket-key1", b"content-encoding")
 
 
 # Header names as aiohttp's parser gives them: the ones it knows in their canonical spelling ("content-type"

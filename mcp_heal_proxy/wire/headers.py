@@ -30,9 +30,12 @@ HOP_BY_HOP: Final = frozenset(
 # answers 421 to a foreign Host); the body length is recomputed; the session id is rewritten.
 # The client's Accept-Encoding is replaced by "identity" (see upstream_request_headers). Origin names
 # the page that talked to the proxy, which means nothing to the upstream and trips its DNS-rebinding guard.
+# Content-Encoding: the proxy sends a body it has decoded (it reads every POST; aiohttp decodes a gzip or
+# deflate request body), or one of its own (a heal's initialize), never the client's coded bytes.
 _NOT_UPSTREAM: Final = HOP_BY_HOP | {
     "host",
     "content-length",
+    "content-encoding",
     "mcp-session-id",
     "accept-encoding",
     "origin",

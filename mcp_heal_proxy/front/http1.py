@@ -602,4 +602,7 @@ class FastSite(web.BaseSite):
         server = self._runner.server
         assert server is not None, "the runner is set up before its sites start"
         fast = self._fast()
-        self._server = await loop.create_server(lambda: FastConnection(fast, server), self._host, self._port)
+        # backlog: TCPSite's default, so that a burst of new clients queues as it did with aiohttp's site.
+        self._server = await loop.create_server(
+            lambda: FastConnection(fast, server), self._host, self._port, backlog=128
+        )

@@ -1,8 +1,8 @@
 """One client request and the answer to it, as the HTTP handlers see them, whichever server carries them.
 
-The MCP endpoint's handlers (front/http.py) and the relay (front/relay.py) read the request and write the answer
-only through an ``Exchange``. Two servers carry exchanges: aiohttp's (``AiohttpExchange``: every route,
-the status page, OAuth) and the proxy's own HTTP/1.1 server for the hot path (front_fast.py:
+The MCP endpoint's handlers (front/http.py) and the relay (front/relay.py) read the request and write the
+answer only through an ``Exchange``. Two servers carry exchanges: aiohttp's (``AiohttpExchange``: every
+route, the status page, OAuth) and the proxy's own HTTP/1.1 server for the hot path (front/http1.py:
 ``FastExchange``), which costs a fifth of aiohttp's server per request.
 
 An answer is either whole (``answer``: status, headers and body at once) or streamed (``start``, then

@@ -284,10 +284,14 @@ def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store
             return _refused(503, exc.message)
         if record is None:
             return _refused(404, "no such session")
+        # The record goes first, then its upstream session: the other way round, the DELETE's own 404 to a
+        # request of the client in between would heal the session onto a new upstream session, which
+        # the record's deletion would then leave to nobody.
         try:
-            ending = await request.app[ENDINGS_KEY].end_now(record, "forgotten")
-        finally:
             await store.delete(record.client_session_id)
+        except StoreUnavailable as exc:
+            return _refused(503, exc.message)
+        ending = await request.app[ENDINGS_KEY].end_now(record, "forgotten")
         return _json(
             {
                 "session": record.client_session_id[:8],

@@ -13,12 +13,22 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from mcp_heal_proxy.config import single_upstream
+from mcp_heal_proxy.engine import housekeeping
 from mcp_heal_proxy.engine.endings import MAX_CONCURRENT, SessionEndings, UpstreamEnding
-from mcp_heal_proxy.front.app import build_app
+from mcp_heal_proxy.front.app import build_app, heal_lock_ttl
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.status import ENDINGS_KEY
 from mcp_heal_proxy.store.records import SessionRecord
-from tests.conftest import TEST_CLIENT, ProxyFactory, RunningProxy, UpstreamProcess, raw_initialize, wait_until
+from tests.conftest import (
+    TEST_CLIENT,
+    ProxyFactory,
+    RunningProxy,
+    UpstreamProcess,
+    echo_call,
+    raw_initialize,
+    session_headers,
+    wait_until,
+)
 from tests.fake_upstream import FakeUpstream, hang_forever
 
 ENDED = "mcp_heal_proxy_upstream_sessions_ended_total"
@@ -290,3 +300,66 @@ async def test_closing_cancels_running_endings_and_drops_waiting_ones() -> None:
     assert (endings.pending(), started) == (0, 2)
     endings.end_later([record("late")], "idle")  # after shutdown: nothing starts
     assert endings.pending() == 0
+
+
+async def test_the_status_pages_forget_removes_the_record_before_the_upstream_hears_the_delete(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Otherwise a request of the client between the two would be healed onto a new upstream session, which
+    the record's deletion would then leave to nobody."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    records_at_delete: list[SessionRecord | None] = []
+
+    async def look_at_the_record(request: web.Request, body: Any) -> web.StreamResponse | None:
+        records_at_delete.append(await proxy.record(session_id))
+        return None
+
+    upstream.on_delete = look_at_the_record
+    async with http.delete(proxy.url.replace("/mcp", f"/_proxy/api/sessions/{session_id}")) as response:
+        assert response.status == 200
+        assert (await response.json())["upstream_ended"] is True
+    assert records_at_delete == [None]
+
+
+async def test_eviction_writes_pending_last_use_marks_first_and_spares_a_session_just_used(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    _, url = fake
+    proxy = await start_proxy(url, max_sessions=2)
+    first = await raw_initialize(http, proxy.url)
+    second = await raw_initialize(http, proxy.url)
+    # The first session is used now: its mark waits for the next housekeeping round (a minute away).
+    async with http.post(proxy.url, json=echo_call(1), headers=session_headers(first)) as response:
+        assert response.status == 200
+    await raw_initialize(http, proxy.url)  # one too many: the least recently used goes
+    assert await proxy.record(first) is not None
+    assert await proxy.record(second) is None
+
+
+async def test_housekeeping_goes_on_after_a_round_that_failed_unforeseen(monkeypatch: Any) -> None:
+    monkeypatch.setattr(housekeeping, "MIN_FLUSH_INTERVAL", 0.01)
+    rounds: list[str] = []
+
+    class FlakyStore:
+        async def touch(self, marks: dict[str, float]) -> None:
+            return None
+
+        async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
+            rounds.append("round")
+            if len(rounds) == 1:
+                raise ValueError("a record this version cannot read")
+            return []
+
+    task = asyncio.ensure_future(housekeeping.run_housekeeping(FlakyStore(), housekeeping.SessionActivity(), 0.0))  # type: ignore[arg-type]  # noqa: TID251 (cancelled below)
+    try:
+        await wait_until(lambda: len(rounds) >= 3, 5, "rounds after the failed one")
+    finally:
+        task.cancel()
+
+
+def test_the_heal_lock_outlives_the_longest_heal_timeout() -> None:
+    config = single_upstream("http://127.0.0.1:1/mcp", heal_timeout=120.0)
+    assert heal_lock_ttl(config) >= 120.0 + 5
+    assert heal_lock_ttl(single_upstream("http://127.0.0.1:1/mcp")) >= 30.0

@@ -505,3 +505,10 @@ async def test_idle_sessions_of_a_shared_store_are_ended_upstream_only_by_a_prox
         return await sse_upstream.live_sessions() == [theirs_upstream]
 
     await wait_until(only_theirs_live, 10, "a ended its own session upstream")
+
+
+async def test_evicting_no_session_evicts_none(open_store: Any) -> None:
+    store: RedisSessionStore = await open_store()
+    await store.create(record("kept", last_used=1000.0))
+    assert await store.evict_oldest(0) == []
+    assert await store.get("kept", fresh=True) is not None

@@ -36,6 +36,23 @@ class SessionActivity:
         """Note that a session was just used (hot path: one dict store)."""
         self._pending[client_session_id] = time.time()
 
+    async def write_to(self, store: SessionStore) -> None:
+        """Write the pending marks now (before the store picks sessions by last use); kept for the next
+        round if the store fails."""
+        marks = self.drain()
+        if not marks:
+            return
+        try:
+            await store.touch(marks)
+        except BaseException:
+            self.keep(marks)
+            raise
+
+    def keep(self, marks: dict[str, float]) -> None:
+        """Put marks back that could not be written (newer ones win)."""
+        for client_session_id, when in marks.items():
+            self._pending.setdefault(client_session_id, when)
+
     def drain(self) -> dict[str, float]:
         """Take every pending mark."""
         pending, self._pending = self._pending, {}
@@ -49,7 +66,12 @@ async def run_housekeeping(
     interval = max(MIN_FLUSH_INTERVAL, min(MAX_FLUSH_INTERVAL, idle_ttl / 10))
     while True:
         await asyncio.sleep(interval)
-        await flush(store, activity, idle_ttl, endings)
+        try:
+            await flush(store, activity, idle_ttl, endings)
+        except Exception:
+            # A failure flush() did not foresee (a record the store cannot read back): this round is
+            # lost, housekeeping is not. A dead loop would stop idle expiry for the process's life.
+            log.exception("store.housekeeping_failed")
 
 
 async def flush(
@@ -67,8 +89,7 @@ async def flush(
         forgotten = await store.forget_idle(time.time() - idle_ttl)
     except ProxyError as exc:
         # The store is down: keep the marks for the next round rather than lose them.
-        for client_session_id, when in marks.items():
-            activity._pending.setdefault(client_session_id, when)
+        activity.keep(marks)
         log.warning("store.housekeeping_failed", error=exc.message)
         return 0
     if forgotten:

@@ -146,6 +146,10 @@ class SessionEngine:
         assert init is not None
         excess = len(self.store) - self._max_sessions + 1
         if excess > 0:
+            # Last-use marks not yet flushed are written first: the least recently used session is chosen
+            # by what the store knows, and a session used a moment ago (its upstream session then ended
+            # under a running call) must not pass for the oldest.
+            await self._activity.write_to(self.store)
             evicted = await self.store.evict_oldest(excess)
             log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
             if self._endings is not None:

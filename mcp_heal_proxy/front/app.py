@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Final
 
 import structlog
 from aiohttp import web
@@ -21,7 +22,7 @@ from mcp_heal_proxy.front.http import Proxy, ProxySettings
 from mcp_heal_proxy.front.http1 import FastPath
 from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.status import ENDINGS_KEY, add_routes
-from mcp_heal_proxy.store.records import MemorySessionStore, SessionStore
+from mcp_heal_proxy.store.records import DEFAULT_HEAL_LOCK_TTL, MemorySessionStore, SessionStore
 from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.client import Upstream
@@ -34,7 +35,18 @@ FAST_PATH_KEY: web.AppKey[Callable[[], FastPath]] = web.AppKey("fast_path")
 STORE_KEY = web.AppKey("store", SessionStore)
 
 
-async def open_store(state: str) -> SessionStore:
+# A heal holds the store's heal lock for its handshake (bounded by heal_timeout) plus a few store reads and
+# one write: the lock must outlive the longest heal, or another replica could heal the same generation.
+HEAL_LOCK_MARGIN: Final = 10.0
+
+
+def heal_lock_ttl(config: ProxyConfig) -> float:
+    """How long a Redis heal lock lives: the longest heal_timeout of the upstreams, plus a margin."""
+    longest = max((upstream.heal_timeout for upstream in config.upstreams), default=0.0)
+    return max(DEFAULT_HEAL_LOCK_TTL, longest + HEAL_LOCK_MARGIN)
+
+
+async def open_store(state: str, *, heal_lock_ttl: float = DEFAULT_HEAL_LOCK_TTL) -> SessionStore:
     """The session store named by ``--state``: memory, a Redis URL, or a SQLite file path."""
     if state == MEMORY_STATE:
         return MemorySessionStore()
@@ -42,7 +54,7 @@ async def open_store(state: str) -> SessionStore:
         # Imported here: the redis package is needed only by those who choose a Redis store.
         from mcp_heal_proxy.store.redis import RedisSessionStore
 
-        redis_store = RedisSessionStore(state)
+        redis_store = RedisSessionStore(state, lock_ttl=heal_lock_ttl)
         await redis_store.open()
         return redis_store
     store = SQLiteSessionStore(state)
@@ -77,7 +89,7 @@ def build_app(config: ProxyConfig) -> web.Application:
         # One exit per resource, entered in order and left in reverse: a teardown that fails does not
         # skip the ones after it (the store is closed even when an upstream's close raised).
         async with contextlib.AsyncExitStack() as resources:
-            store = await open_store(config.state)
+            store = await open_store(config.state, heal_lock_ttl=heal_lock_ttl(config))
             resources.push_async_callback(store.close)
             app[STORE_KEY] = store
             activity = SessionActivity()

@@ -14,7 +14,11 @@ import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+# The floor of a shared store's heal lock (store/redis.py): a normal heal takes milliseconds. The proxy
+# opens the store with one that outlives its longest heal_timeout (front/app.py, heal_lock_ttl).
+DEFAULT_HEAL_LOCK_TTL: Final = 30.0
 
 
 def new_client_session_id() -> str:

@@ -62,7 +62,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.store.records import SessionRecord, record_from_json, record_to_json
+from mcp_heal_proxy.store.records import DEFAULT_HEAL_LOCK_TTL, SessionRecord, record_from_json, record_to_json
 
 log = structlog.get_logger("mcp_heal_proxy.store.redis")
 
@@ -70,10 +70,10 @@ DEFAULT_PREFIX: Final = "mcp-heal-proxy:"
 # A cached record may be this old when served to a request (``get(fresh=True)`` always reads Redis).
 DEFAULT_CACHE_TTL: Final = 1.0
 # A heal is an initialize, a notifications/initialized and the state re-apply, the whole bounded by the
-# upstream's heal_timeout (30 s by default; a heal_timeout longer than this lock lets another replica
-# start a second heal of the same generation while the first still runs). 30 s outlives a normal heal by
-# far, and a replica that crashed while holding the lock blocks that session's heal for at most this long.
-DEFAULT_LOCK_TTL: Final = 30.0
+# upstream's heal_timeout. The proxy opens the store with a lock that outlives its longest heal_timeout
+# (front/app.py, heal_lock_ttl); this is the floor. A replica that crashed while holding the lock blocks
+# that session's heal for at most the lock's life.
+DEFAULT_LOCK_TTL: Final = DEFAULT_HEAL_LOCK_TTL
 # Redis answers in well under a millisecond; a command that takes seconds means Redis is gone.
 DEFAULT_SOCKET_TIMEOUT: Final = 2.0
 # Waiting for another replica's heal: poll the lock with backoff from 5 ms up to 100 ms.
@@ -287,6 +287,8 @@ class RedisSessionStore:
 
     async def evict_oldest(self, count: int) -> list[SessionRecord]:
         """See SessionStore.evict_oldest: the oldest by the shared last-used set, whichever replica made them."""
+        if count <= 0:
+            return []  # the script's ZRANGE 0 -1 would take every session
         with _redis_errors("evict_oldest"):
             remaining, *texts = await self._evict_script(keys=[self._last_used_key], args=[count, self._session_prefix])
         self._count = int(remaining)

@@ -15,6 +15,7 @@ sessions expire on their own, as they did before.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ from typing import Final, Literal
 
 import structlog
 
+from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.tasks import TaskOwner
+from mcp_heal_proxy.upstream.client import Upstream
 
 log = structlog.get_logger("mcp_heal_proxy.engine.endings")
 
@@ -60,6 +63,23 @@ class UpstreamEnding:
     def done(self) -> bool:
         """Nothing of the session is left upstream."""
         return self.outcome in ("ended", "gone")
+
+
+async def delete_upstream_session(upstream: Upstream, headers: dict[str, str]) -> UpstreamEnding:
+    """One DELETE of the upstream session ``headers`` name, best effort and bounded: no connect retry,
+    ``connect_timeout`` for the whole of it. Never raises ProxyError: how it went is the answer. Every
+    path that ends an upstream session nobody needs any more goes through here (a forgotten session, an
+    initialize the proxy could not store, a heal's orphan)."""
+    timeout = upstream.config.connect_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            response = await upstream.send("DELETE", headers, resendable=True, patient=False, read_timeout=timeout)
+            response.release()
+    except ProxyError as exc:
+        return UpstreamEnding(error=exc.message)
+    except TimeoutError:
+        return UpstreamEnding(error=f"no answer within connect_timeout ({timeout:g} s)")
+    return UpstreamEnding(status=response.status)
 
 
 # One upstream's way to end a session (SessionEngine.end_forgotten): bounded, and never raises ProxyError.

@@ -20,6 +20,7 @@ import structlog
 from mcp_heal_proxy.auth.metadata import is_token_challenge
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
+from mcp_heal_proxy.engine.endings import delete_upstream_session
 from mcp_heal_proxy.engine.state import state_requests
 from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession, UpstreamTimeout, UpstreamUnavailable
 from mcp_heal_proxy.observability import Metrics
@@ -252,12 +253,9 @@ class Healer:
         headers = upstream_request_headers(client_headers, upstream_session_id, drop=(LAST_EVENT_ID,))
         if protocol_version is not None:
             headers[MCP_PROTOCOL_VERSION] = protocol_version
-        try:
-            async with asyncio.timeout(self._upstream.config.connect_timeout):
-                response = await self._upstream.send("DELETE", headers, patient=False)
-                response.release()
-        except (ProxyError, TimeoutError) as exc:
-            log.info("session.orphan_left_upstream", upstream=self._name, error=str(exc))
+        ending = await delete_upstream_session(self._upstream, headers)
+        if ending.error is not None:
+            log.info("session.orphan_left_upstream", upstream=self._name, error=ending.error)
 
     def _report(self, record: SessionRecord, reason: str, started: float, *, outcome: str, **details: object) -> None:
         """Count a heal and log it: ``session.healed`` or ``session.heal_failed``."""

@@ -20,7 +20,7 @@ import structlog
 
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.engine.answers import AnswerTracker
-from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding
+from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.state import record_state_change
@@ -255,12 +255,10 @@ class SessionEngine:
         self, client_headers: Mapping[str, str], upstream_session_id: str, reason: str
     ) -> None:
         """Best effort, bounded: DELETE an upstream session that no client session points to."""
-        headers = upstream_request_headers(client_headers, upstream_session_id)
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                response = await self.upstream.send("DELETE", headers, patient=False)
-                response.release()
-        except (ProxyError, TimeoutError):
+        ending = await delete_upstream_session(
+            self.upstream, upstream_request_headers(client_headers, upstream_session_id)
+        )
+        if ending.error is not None:
             log.info("session.orphan_left_upstream", upstream=self.name, reason=reason)
 
     async def end_forgotten(self, record: SessionRecord, reason: str) -> UpstreamEnding:
@@ -271,17 +269,7 @@ class SessionEngine:
         version = record.upstream_protocol_version or record.protocol_version
         if version is not None:
             headers[MCP_PROTOCOL_VERSION] = version
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                response = await self.upstream.send(
-                    "DELETE", headers, resendable=True, patient=False, read_timeout=self.config.connect_timeout
-                )
-                response.release()
-            ending = UpstreamEnding(status=response.status)
-        except ProxyError as exc:
-            ending = UpstreamEnding(error=exc.message)
-        except TimeoutError:
-            ending = UpstreamEnding(error=f"no answer within connect_timeout ({self.config.connect_timeout:g} s)")
+        ending = await delete_upstream_session(self.upstream, headers)
         if not ending.done:
             log.info(
                 "session.orphan_left_upstream",

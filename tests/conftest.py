@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,6 +242,30 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+async def start_serve(*args: str, stderr: int = asyncio.subprocess.DEVNULL) -> tuple[asyncio.subprocess.Process, str]:
+    """``python -m mcp_heal_proxy serve ARGS`` in a subprocess, and the client URL its banner prints (the
+    process is killed if none comes within 20 s). The caller stops it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_heal_proxy", "serve", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    match = None
+    try:
+        async with asyncio.timeout(20):
+            while match is None:
+                line = await process.stdout.readline()
+                if not line:
+                    break
+                match = re.search(rb'url = "([^"]+)"', line)
+        assert match is not None, "the proxy printed no URL"
+    except BaseException:
+        process.kill()  # never leave a proxy running behind a failed test
+        await process.wait()
+        raise
+    return process, match.group(1).decode()
 
 
 @contextlib.asynccontextmanager

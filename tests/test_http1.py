@@ -12,9 +12,7 @@ import functools
 import gzip
 import inspect
 import json
-import re
 import socket
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +22,7 @@ from aiohttp import web
 
 from mcp_heal_proxy.front import http1
 from mcp_heal_proxy.front.http import Proxy
-from tests.conftest import INITIALIZE_PARAMS, REPO_ROOT, ProxyFactory, UpstreamProcess, wait_until
+from tests.conftest import INITIALIZE_PARAMS, ProxyFactory, UpstreamProcess, start_serve, wait_until
 from tests.fake_upstream import FakeUpstream
 
 TIMEOUT = 10.0
@@ -376,20 +374,10 @@ async def test_serve_takes_connections_with_the_configured_http_server(
     sse_upstream: UpstreamProcess, http_server: str, by_aiohttp: bool
 ) -> None:
     """`serve` starts the proxy's own server by default; http_server = "aiohttp" is the way back."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcp_heal_proxy", "serve", "--upstream", sse_upstream.url, "--port", "0",
-        "--state", ":memory:", "--set", f"http_server={http_server}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO_ROOT,
-    )  # fmt: skip
-    assert process.stdout is not None
+    process, url = await start_serve(
+        "--upstream", sse_upstream.url, "--port", "0", "--state", ":memory:", "--set", f"http_server={http_server}"
+    )
     try:
-        url = None
-        async with asyncio.timeout(20):
-            while url is None:
-                line = await process.stdout.readline()
-                assert line, "the proxy exited before printing its URL"
-                if match := re.search(rb'url = "([^"]+)"', line):
-                    url = match.group(1).decode()
         client = await RawClient.connect(url)
         client.send(initialize())
         (answer,) = await client.answers(1)

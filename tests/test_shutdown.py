@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +16,7 @@ from mcp_heal_proxy.config import single_upstream
 from mcp_heal_proxy.front.app import STORE_KEY, build_app
 from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
 from mcp_heal_proxy.upstream.client import Upstream
-from tests.conftest import REPO_ROOT, UpstreamProcess, raw_initialize, session_headers
+from tests.conftest import UpstreamProcess, raw_initialize, session_headers, start_serve
 from tests.fake_upstream import FakeUpstream
 
 
@@ -30,18 +28,7 @@ async def test_sigterm_refuses_new_requests_lets_calls_finish_and_flushes_the_st
     config.write_text(
         f'[server]\nshutdown_grace = 5\nstate = "{state}"\nport = 0\n[upstreams.up]\nurl = "{sse_upstream.url}"\npath = "/mcp"\n'
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcp_heal_proxy", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
-    )  # fmt: skip
-    assert process.stdout is not None
-    url = None
-    async with asyncio.timeout(20):
-        while url is None:
-            line = await process.stdout.readline()
-            assert line, "the proxy exited before printing its URL"
-            if match := re.search(rb'url = "([^"]+)"', line):
-                url = match.group(1).decode()
+    process, url = await start_serve("--config", str(config), stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as http:
             session_id = await raw_initialize(http, url)
@@ -125,18 +112,7 @@ async def test_sigterm_with_a_call_that_never_finishes_exits_after_one_grace_per
     config.write_text(
         f'[server]\nshutdown_grace = {grace}\nstate = ":memory:"\nport = 0\n[upstreams.up]\nurl = "{sse_upstream.url}"\npath = "/mcp"\n'
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcp_heal_proxy", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
-    )  # fmt: skip
-    assert process.stdout is not None
-    url = None
-    async with asyncio.timeout(20):
-        while url is None:
-            line = await process.stdout.readline()
-            assert line, "the proxy exited before printing its URL"
-            if match := re.search(rb'url = "([^"]+)"', line):
-                url = match.group(1).decode()
+    process, url = await start_serve("--config", str(config), stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as http:
             session_id = await raw_initialize(http, url)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -19,7 +17,7 @@ import pytest
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
-from tests.conftest import REPO_ROOT, UpstreamProcess, raw_initialize, session_headers
+from tests.conftest import UpstreamProcess, raw_initialize, session_headers, start_serve
 
 
 def record(client_session_id: str = "c1", **changes: object) -> SessionRecord:
@@ -85,39 +83,6 @@ async def test_a_locked_database_gives_store_unavailable_then_recovers(tmp_path:
         await store.close()
 
 
-async def start_proxy_process(upstream_url: str, state: Path) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mcp_heal_proxy",
-        "serve",
-        "--upstream",
-        upstream_url,
-        "--port",
-        "0",
-        "--state",
-        str(state),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=REPO_ROOT,
-    )
-    assert process.stdout is not None
-    match = None
-    try:
-        async with asyncio.timeout(20):
-            while match is None:
-                line = await process.stdout.readline()
-                if not line:
-                    break
-                match = re.search(rb'url = "([^"]+)"', line)
-        assert match is not None, "the proxy printed no URL"
-    except BaseException:
-        process.kill()  # never leave a proxy running behind a failed test
-        await process.wait()
-        raise
-    return process, match.group(1).decode()
-
-
 async def call_echo(http: aiohttp.ClientSession, url: str, session_id: str, text: str) -> int:
     body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": text}}}
     async with http.post(url, json=body, headers=session_headers(session_id)) as response:
@@ -128,14 +93,14 @@ async def call_echo(http: aiohttp.ClientSession, url: str, session_id: str, text
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 async def test_sessions_survive_a_proxy_restart(tmp_path: Path, sse_upstream: UpstreamProcess, how: str) -> None:
     state = tmp_path / "sessions.db"
-    process, url = await start_proxy_process(sse_upstream.url, state)
+    process, url = await start_serve("--upstream", sse_upstream.url, "--port", "0", "--state", str(state))
     try:
         async with aiohttp.ClientSession() as http:
             session_id = await raw_initialize(http, url)
             os.kill(process.pid, getattr(signal, how))
             async with asyncio.timeout(20):
                 await process.wait()
-            process, url = await start_proxy_process(sse_upstream.url, state)
+            process, url = await start_serve("--upstream", sse_upstream.url, "--port", "0", "--state", str(state))
             # The old upstream session is still alive: the call goes straight to it, no heal.
             assert await call_echo(http, url, session_id, "after proxy restart") == 200
             assert (await sse_upstream.stats())["initialize"] == 1

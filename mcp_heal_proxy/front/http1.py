@@ -305,9 +305,8 @@ class FastConnection(asyncio.Protocol):
         raw += data
         try:
             self._parser.feed_data(data)
-        except _ToAiohttp:  # pragma: no cover - llhttp reports it as a callback error (below)
-            raise
         except httptools.HttpParserCallbackError:
+            # _ToAiohttp raised in a callback arrives as this (llhttp stops there); anything else is a bug.
             if self._handover is None:
                 raise  # a bug of ours in a callback: let asyncio report it and close the connection
         except httptools.HttpParserError:

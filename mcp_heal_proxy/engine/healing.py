@@ -20,16 +20,22 @@ import structlog
 from mcp_heal_proxy.auth.metadata import is_token_challenge
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import DEFAULT_HEAL_ON, HEALABLE_STATUSES
+from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import delete_upstream_session
 from mcp_heal_proxy.engine.state import state_requests
-from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession, UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.errors import (
+    AnswerTooLarge,
+    HealFailed,
+    ProxyError,
+    UnknownSession,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import SessionRecord, SessionStore
 from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream, read_capped
-from mcp_heal_proxy.wire.content_coding import decoded, decoder_for
+from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream
 from mcp_heal_proxy.wire.headers import (
-    CONTENT_ENCODING,
     LAST_EVENT_ID,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
@@ -37,7 +43,6 @@ from mcp_heal_proxy.wire.headers import (
     upstream_request_headers,
 )
 from mcp_heal_proxy.wire.jsonrpc import INITIALIZE, INITIALIZED, METHOD_NOT_FOUND
-from mcp_heal_proxy.wire.sse import Event, SSEParser
 
 log = structlog.get_logger("mcp_heal_proxy.engine.healing")
 
@@ -88,49 +93,17 @@ def is_session_expired(
     return b"session" in body.lower()
 
 
-def _answer_from_json(payload: object, request_id: str) -> Mapping[str, Any] | None:
-    items = payload if isinstance(payload, list) else [payload]
-    for item in items:
-        if isinstance(item, dict) and item.get("id") == request_id:
-            return item
-    return None
-
-
 async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapping[str, Any]:
-    """Read the JSON-RPC answer to ``request_id`` from a JSON or SSE upstream response."""
-    content_type = response.headers.get("Content-Type", "")
-    content_encoding = response.headers.get(CONTENT_ENCODING)
-    if not content_type.startswith("text/event-stream"):
-        body = decoded(await read_capped(response), content_encoding)
-        try:
-            answer = _answer_from_json(json.loads(body), request_id)
-        except ValueError as exc:
-            raise HealFailed("upstream answered the re-initialize with invalid JSON") from exc
-        if answer is None:
-            raise HealFailed("upstream sent no answer to the re-initialize")
-        return answer
-    parser = SSEParser()
-    decode = decoder_for(content_encoding)
-    seen = 0
+    """Read the JSON-RPC answer to ``request_id`` from a JSON or SSE upstream response (bounded)."""
+    stream = AnswerStream(response, (request_id,), keep_answers=True)
     try:
-        async for chunk in response.content.iter_any():
-            seen += len(chunk)
-            if seen > INSPECT_LIMIT:
-                break
-            for item in parser.feed(decode(chunk) if decode is not None else chunk):
-                if not isinstance(item, Event) or not item.data:
-                    continue
-                try:
-                    answer = _answer_from_json(json.loads(item.data), request_id)
-                except ValueError:
-                    continue
-                if answer is not None:
-                    return answer
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("upstream MCP server stopped answering the re-initialize") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream MCP server broke the re-initialize: {type(exc).__name__}") from exc
-    raise HealFailed("upstream sent no answer to the re-initialize")
+        await stream.read_until_answered(INSPECT_LIMIT)
+    except AnswerTooLarge as exc:
+        raise HealFailed("upstream's answer to the re-initialize is too large") from exc
+    answer = stream.answer(request_id)
+    if answer is None:
+        raise HealFailed("upstream sent no answer to the re-initialize")
+    return answer
 
 
 class Healer:

@@ -13,13 +13,13 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.engine.answers import AnswerTracker
+from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
@@ -28,7 +28,6 @@ from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
     UnknownSession,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from mcp_heal_proxy.observability import Metrics
@@ -74,14 +73,12 @@ class NotReplayed(ProxyError):
 class Sent:
     """An upstream answer to a message sent on a session, ready to be relayed.
 
-    ``response`` is None when the message needed no sending after all (answers and cancellations for
-    a dead session's requests: dropped, as nobody waits for them). ``prefetched`` holds body bytes
-    already read to inspect the answer; they come first.
+    ``answer`` is None when the message needed no sending after all (answers and cancellations for
+    a dead session's requests: dropped, as nobody waits for them).
     """
 
-    response: aiohttp.ClientResponse | None
+    answer: AnswerStream | None
     record: SessionRecord
-    prefetched: bytes = b""
     healed: bool = False
 
 
@@ -89,9 +86,8 @@ class Sent:
 class Opened:
     """The upstream's answer to an initialize, and the new session's record (None: nothing to map)."""
 
-    response: aiohttp.ClientResponse
+    answer: AnswerStream
     record: SessionRecord | None
-    prefetched: bytes = b""
 
 
 class SessionEngine:
@@ -157,20 +153,18 @@ class SessionEngine:
                 self._endings.end_later(evicted, "evicted")
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
         refuse_garbage(response, body)
+        answer = AnswerStream(response, (init.id,), keep_answers=True)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
         if response.status != 200 or not upstream_session_id:
             # A refused initialize, or a server without sessions: nothing to map.
-            return Opened(response, None)
+            return Opened(answer, None)
         if not is_valid_session_id(upstream_session_id):
             response.release()
             raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
-        tracker = AnswerTracker(
-            (init.id,), response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING)
-        )
         try:
             # The initialize answer is one small message: read up to it (bounded), then store, then relay.
-            prefetched = await _read_until_answered(response, tracker, init.id)
-            version = tracker.protocol_version(init.id)
+            read = await answer.read_until_answered(INSPECT_LIMIT)
+            version = protocol_version(answer.answer(init.id))
             record = SessionRecord(
                 client_session_id=new_client_session_id(),
                 upstream_session_id=upstream_session_id,
@@ -186,7 +180,8 @@ class SessionEngine:
             # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
             await self.end_upstream_session(client_headers, upstream_session_id, reason="not_stored")
             raise
-        return Opened(response, record, prefetched)
+        # What was read to see the answer goes to the client first.
+        return Opened(AnswerStream(response, (init.id,), read), record)
 
     async def post(self, client_headers: Mapping[str, str], body: PostBody, record: SessionRecord) -> Sent:
         """Send messages on a client session; heal and replay (by policy) if its upstream session is gone."""
@@ -196,7 +191,7 @@ class SessionEngine:
             refuse_garbage(response, body)
             if response.status < 300:
                 await self.remember_state(record, body)
-            return Sent(response, record, prefetched)
+            return Sent(AnswerStream(response, body.request_ids, prefetched), record)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return Sent(None, record)
@@ -208,13 +203,13 @@ class SessionEngine:
         refuse_garbage(response, body)
         if response.status < 300:
             await self.remember_state(record, body)
-        return Sent(response, record, healed=True)
+        return Sent(AnswerStream(response, body.request_ids), record, healed=True)
 
-    async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> aiohttp.ClientResponse:
+    async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> AnswerStream:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
         refuse_garbage(response, body)
-        return response
+        return AnswerStream(response, body.request_ids)
 
     async def remember_state(self, record: SessionRecord, body: PostBody) -> None:
         """Record state the client set (subscriptions, log level), on top of whatever the store holds now:
@@ -288,16 +283,21 @@ class SessionEngine:
         response = await self.send("GET", self.headers(client_headers, record), stream=True)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
-            return Sent(response, record, prefetched)
+            return Sent(AnswerStream(response, (), prefetched), record)
         record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
         response = await self.send("GET", self.headers(client_headers, record, fresh_stream=True), stream=True)
-        return Sent(response, record, healed=True)
+        return Sent(AnswerStream(response), record, healed=True)
 
     async def resume(
-        self, client_headers: Mapping[str, str], record: SessionRecord, generation: int
-    ) -> aiohttp.ClientResponse | None:
+        self,
+        client_headers: Mapping[str, str],
+        record: SessionRecord,
+        generation: int,
+        request_ids: tuple[RequestId, ...],
+    ) -> AnswerStream | None:
         """Ask the upstream to resume an answer stream (the client's Last-Event-ID is in its headers) on the
-        session it was on; None when it cannot (the session was healed since, it is down, or refuses)."""
+        session it was on, still owing ``request_ids``; None when it cannot (the session was healed since,
+        it is down, or refuses)."""
         cid = record.client_session_id
         if record.generation != generation:
             return None
@@ -307,7 +307,7 @@ class SessionEngine:
             log.info("stream.resume_failed", upstream=self.name, client_session=cid[:8], error=exc.message)
             return None
         if response.status == 200 and response.headers.get("Content-Type", "").startswith("text/event-stream"):
-            return response
+            return AnswerStream(response, request_ids)
         log.info("stream.resume_refused", upstream=self.name, client_session=cid[:8], status=response.status)
         response.release()
         return None
@@ -412,32 +412,9 @@ def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody) -> None:
     )
 
 
-def answer_tracker(response: aiohttp.ClientResponse, request_ids: tuple[RequestId, ...]) -> AnswerTracker | None:
-    """Track responses on SSE answers to requests, to finish a broken stream with errors."""
-    content_type = response.headers.get("Content-Type", "")
-    if not request_ids or not content_type.startswith("text/event-stream"):
-        return None
-    return AnswerTracker(request_ids, content_type, response.headers.get(CONTENT_ENCODING))
-
-
-async def _read_until_answered(
-    response: aiohttp.ClientResponse, tracker: AnswerTracker, request_id: RequestId
-) -> bytes:
-    """Read an answer until the response to ``request_id`` went by (at most INSPECT_LIMIT bytes)."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        while size < INSPECT_LIMIT:
-            chunk = await response.content.readany()
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            tracker.feed(chunk)
-            if tracker.protocol_version(request_id) is not None:
-                break
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("upstream MCP server stopped answering the initialize") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream MCP server broke the initialize answer: {type(exc).__name__}") from exc
-    return b"".join(chunks)
+def protocol_version(initialize_answer: Mapping[str, Any] | None) -> str | None:
+    """``result.protocolVersion`` of an initialize's response, if it has one."""
+    result = initialize_answer.get("result") if initialize_answer is not None else None
+    if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
+        return str(result["protocolVersion"])
+    return None

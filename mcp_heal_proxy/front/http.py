@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
-from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine, answer_tracker
+from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -177,30 +177,21 @@ class Proxy:
         if body.initialize is not None:
             opened = await engine.initialize(headers, body)
             cid = opened.record.client_session_id if opened.record is not None else None
-            await self._relay.relay(exchange, opened.response, cid, outcome, opened.prefetched)
+            await self._relay.relay(exchange, opened.answer, cid, outcome)
             return
         client_session_id = headers.get(MCP_SESSION_ID)
         if client_session_id is None:
-            upstream = await engine.post_without_session(headers, body)
-            await self._relay.relay(
-                exchange, upstream, None, outcome, tracker=answer_tracker(upstream, body.request_ids)
-            )
+            await self._relay.relay(exchange, await engine.post_without_session(headers, body), None, outcome)
             return
         record = await engine.session(client_session_id)
         with self._slots.slot(client_session_id):
             sent = await engine.post(headers, body, record)
             outcome.healed = sent.healed
-            if sent.response is None:
+            if sent.answer is None:
                 await exchange.answer(202, b"")
                 return
             await self._relay.relay(
-                exchange,
-                sent.response,
-                client_session_id,
-                outcome,
-                sent.prefetched,
-                tracker=answer_tracker(sent.response, body.request_ids),
-                generation=sent.record.generation,
+                exchange, sent.answer, client_session_id, outcome, generation=sent.record.generation
             )
 
     def end_server_streams(self) -> None:
@@ -227,15 +218,13 @@ class Proxy:
                     return
             sent = await engine.open_stream(headers, record)
             outcome.healed = sent.healed
-            assert sent.response is not None
+            assert sent.answer is not None
             # Only an open stream is kept open across heals; a refusal (405, 409, ...) is passed on as is.
             live = sent.record
             reattach = (
-                (lambda event_id: engine.reattach(headers, live, event_id)) if sent.response.status == 200 else None
+                (lambda event_id: engine.reattach(headers, live, event_id)) if sent.answer.status == 200 else None
             )
-            await self._relay.relay(
-                exchange, sent.response, record.client_session_id, outcome, sent.prefetched, reattach=reattach
-            )
+            await self._relay.relay(exchange, sent.answer, record.client_session_id, outcome, reattach=reattach)
 
     async def _resume(
         self, exchange: Exchange, record: SessionRecord, pending: PendingResume, outcome: Outcome
@@ -245,12 +234,11 @@ class Proxy:
         the client gets an error for each request it waits for at once. Never a fresh stream: that would
         never carry the answer, and would take the session's one GET stream from the client."""
         cid = record.client_session_id
-        upstream = await self._engine.resume(exchange.headers, record, pending.generation)
-        if upstream is None:
+        answer = await self._engine.resume(exchange.headers, record, pending.generation, pending.request_ids)
+        if answer is None:
             await answer_unresumable(exchange, cid, pending.request_ids, outcome)
             return
-        tracker = answer_tracker(upstream, pending.request_ids)
-        await self._relay.relay(exchange, upstream, cid, outcome, tracker=tracker, generation=record.generation)
+        await self._relay.relay(exchange, answer, cid, outcome, generation=record.generation)
 
     async def handle_delete(self, exchange: Exchange) -> None:
         """End a session: tell the upstream (once, promptly: the client is on its way out), forget it."""
@@ -292,6 +280,7 @@ class Proxy:
             status=status,
             healed=outcome.healed,
             client_left=outcome.client_left,
+            upstream_broke=outcome.upstream_broke,
             duration_ms=round(duration * 1000, 3),
         )
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass
+from typing import Final
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
+# The type of an event the proxy had to cut short (see SSEParser.abandon_event): no MCP client listens
+# for it, so its partial data is never dispatched as a message.
+ABANDONED_EVENT: Final = "mcp-heal-proxy-abandoned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ class SSEParser:
         "_data",
         "_decoder",
         "_event",
+        "_fields",
         "_id",
         "_last_id",
         "_pending_cr",
@@ -56,6 +61,8 @@ class SSEParser:
         self._pending_cr = False
         self._started = False
         self._data: list[str] = []
+        # Whether a field line came since the last blank line: the stream is then inside an event.
+        self._fields = False
         self._event = ""
         self._id: str | None = None
         self._last_id: str | None = None
@@ -103,6 +110,7 @@ class SSEParser:
         if line.startswith(":"):
             out.append(Comment(line[1:].removeprefix(" ")))
             return
+        self._fields = True
         field, sep, value = line.partition(":")
         if sep:
             value = value.removeprefix(" ")
@@ -125,14 +133,41 @@ class SSEParser:
         if self._data:
             out.append(Event("\n".join(self._data), self._event or "message", self._id, self._retry))
         self._data = []
+        self._fields = False
         self._event = ""
         self._id = None
         self._retry = None
 
     @property
+    def between_events(self) -> bool:
+        """Whether the bytes fed so far end between events: no line half read, no field of an event that
+        its blank line has not dispatched yet. Decided by the parse, never by how the bytes were chunked:
+        only here may a keep-alive comment go, and only here did a stream that stops lose no event."""
+        return not self._buffer and not self._fields
+
+    def abandon_event(self) -> bytes:
+        """Bytes that make a reader who was fed the same stream drop the event it is in the middle of.
+
+        SSE has no way to cancel an event, but a reader dispatches only events of the types it listens
+        for (MCP clients listen for ``message``): the half event is finished under a type nobody
+        listens for, and with the last event id the reader had before it, so that a resume with
+        Last-Event-ID starts where the last whole event ended. Returns b"" between events. The parser
+        is fed the bytes too, so that it and the reader stay in step.
+        """
+        if self.between_events:
+            return b""
+        # Ends a half line first (a field name cut short becomes an unknown field, which is ignored).
+        ending = "\n" if self._buffer else ""
+        last_id = self._last_id if self._last_id is not None else ""
+        closing = f"{ending}event: {ABANDONED_EVENT}\nid: {last_id}\n\n".encode()
+        self.feed(closing)
+        return closing
+
+    @property
     def last_event_id(self) -> str | None:
-        """The id of the last event that set one (what a client would resume from)."""
-        return self._last_id
+        """The id of the last event that set one (what a client would resume from); an empty id, as in
+        browsers, means none."""
+        return self._last_id or None
 
     @property
     def reconnection_time(self) -> int | None:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending
 from mcp_heal_proxy.front.relay import Relay
 from mcp_heal_proxy.wire.sse import ABANDONED_EVENT, Event, SSEParser
-from tests.conftest import ProxyFactory, echo_call, raw_initialize, session_headers
+from tests.conftest import ProxyFactory, echo_call, raw_initialize, session_headers, wait_until
 from tests.fake_upstream import FakeUpstream
 from tests.test_stdio import INITIALIZE, INITIALIZED, bridge_process, ping, raw_bridge
 
@@ -543,3 +543,26 @@ async def test_over_stdio_leaving_after_a_heal_ends_the_healed_upstream_session(
     deletes = [seen.headers.get("Mcp-Session-Id") for seen in upstream.seen if seen.method == "DELETE"]
     assert deletes == [healed]
     assert not upstream.sessions
+
+
+async def test_shutdown_ends_a_get_stream_that_is_retrying_its_reattach(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    gets = 0
+
+    async def one_stream_then_errors(request: web.Request, body: Any) -> web.StreamResponse | None:
+        nonlocal gets
+        gets += 1
+        if gets == 1:
+            return await sse_answer(request, sse_message(LOUD_LOG, "1"))
+        return web.Response(status=500)  # the reattach retries, with backoff, for tens of seconds
+
+    upstream.on_get = one_stream_then_errors
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    async with http.get(proxy.url, headers={**session_headers(session_id), "Accept": SSE}) as response:
+        await wait_until(lambda: gets >= 3, 10, "the reattach retrying")
+        await proxy.app.shutdown()
+        async with asyncio.timeout(2):
+            await response.read()  # ends at once, not after the retries

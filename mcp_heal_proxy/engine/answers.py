@@ -213,6 +213,19 @@ class AnswerStream:
         if self.content_length is not None and self.content_length > limit:
             self.close()
             raise AnswerTooLarge(_too_large(limit))
+        if self.content_length is not None and self.ending is Ending.OPEN and not self.is_sse:
+            # Hot path (every JSON answer of known length): read() without a size reads until the body's
+            # end, in one call, and fails if the upstream breaks it short of its length.
+            try:
+                rest = await self.response.content.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._broke(exc)
+                raise self._broken_error() from exc
+            self.ending = Ending.COMPLETE
+            body, self._prefetched = self._prefetched + rest, b""
+            if classify:
+                self._note_json(body)
+            return body
         chunks: list[bytes] = []
         size = 0
         while (piece := await self.next()) is not None:
@@ -343,11 +356,13 @@ class AnswerStream:
         self.failure = "read timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
 
     def _raise_if_broken(self) -> None:
-        if self.ending is not Ending.BROKEN:
-            return
+        if self.ending is Ending.BROKEN:
+            raise self._broken_error()
+
+    def _broken_error(self) -> UpstreamUnavailable | UpstreamTimeout:
         if self.failure == "read timeout":
-            raise UpstreamTimeout("upstream MCP server stopped answering mid-body")
-        raise UpstreamUnavailable(f"upstream MCP server broke its answer: {self.failure}")
+            return UpstreamTimeout("upstream MCP server stopped answering mid-body")
+        return UpstreamUnavailable(f"upstream MCP server broke its answer: {self.failure}")
 
 
 def _too_large(limit: int) -> str:

@@ -566,3 +566,31 @@ async def test_shutdown_ends_a_get_stream_that_is_retrying_its_reattach(
         await proxy.app.shutdown()
         async with asyncio.timeout(2):
             await response.read()  # ends at once, not after the retries
+
+
+async def test_over_stdio_an_sse_message_over_max_body_bytes_is_an_error_and_the_bridge_goes_on(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    upstream, url = fake
+
+    async def huge_event(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        return await sse_answer(request, sse_message(LOUD_LOG), sse_message(answer_to(body["id"], text="z" * 300_000)))
+
+    upstream.on_request = huge_event
+    upstream.on_get = no_server_stream
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nmax_body_bytes = 100000\n\n[upstreams.only]\nurl = "{url}"\n')
+    async with bridge_process("--config", str(config), "--name", "only") as bridge:
+        await bridge.send(INITIALIZE)
+        assert (await bridge.receive())["id"] == 1
+        await bridge.send(INITIALIZED)
+        await bridge.send(echo_call(6))
+        assert await bridge.receive() == LOUD_LOG
+        error = await bridge.receive()
+        assert error["id"] == 6
+        assert "100000-byte limit" in error["error"]["message"]
+        upstream.on_request = None
+        await bridge.send(ping(7))
+        assert (await bridge.receive())["id"] == 7

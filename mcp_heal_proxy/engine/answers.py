@@ -29,7 +29,7 @@ from mcp_heal_proxy.errors import AnswerTooLarge, UpstreamTimeout, UpstreamUnava
 from mcp_heal_proxy.wire.content_coding import decoder_for
 from mcp_heal_proxy.wire.headers import CONTENT_ENCODING
 from mcp_heal_proxy.wire.jsonrpc import Kind, RequestId
-from mcp_heal_proxy.wire.sse import Event, SSEParser
+from mcp_heal_proxy.wire.sse import Event, Oversized, SSEParser
 
 _NOT_JSON: Final = object()
 
@@ -129,6 +129,7 @@ class AnswerStream:
         "failure",
         "headers",
         "is_sse",
+        "oversized",
         "reason",
         "response",
         "status",
@@ -163,6 +164,8 @@ class AnswerStream:
         self.ending = Ending.OPEN
         # Why the upstream broke the answer, in words for the log (None unless BROKEN).
         self.failure: str | None = None
+        # Events dropped for being over ``max_event_chars`` (whatever they said is unknown).
+        self.oversized = 0
 
     # --- reading --------------------------------------------------------------------------------------
 
@@ -261,6 +264,12 @@ class AnswerStream:
         """A whole body read with ``read_whole`` as the proxy should read it (content coding undone)."""
         return raw if self._decode is None else self._decode(raw)
 
+    def bound_events(self, max_event_chars: int) -> None:
+        """Drop, as they come, SSE events larger than this (counted in ``oversized``): for a front that
+        holds each message whole. Set before reading."""
+        if self._parser is not None:
+            self._parser.limit = max_event_chars
+
     # --- what it said ---------------------------------------------------------------------------------
 
     @property
@@ -328,6 +337,8 @@ class AnswerStream:
                     events.append(event)
                     if self._waiting:
                         self._note(event.answers, event.payload)
+                elif isinstance(item, Oversized):
+                    self.oversized += 1
         last = self.ending is Ending.OPEN and not self._prefetched and self.response.content.at_eof()
         if last:
             self.ending = Ending.COMPLETE

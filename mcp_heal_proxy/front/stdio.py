@@ -203,6 +203,8 @@ class Bridge:
         request of the message whose response never came."""
         try:
             if answer.is_sse:
+                # Each message is held whole to be written as a line: no larger than the bridge's limit.
+                answer.bound_events(self._max_line)
                 await self._relay_events(answer, record)
             else:
                 await self._write_answer(answer, body.request_ids)
@@ -257,10 +259,17 @@ class Bridge:
                     headers = {**self._headers, LAST_EVENT_ID: last_event_id}
                     resumed = await self._engine.resume(headers, record, record.generation, owed)
                 if resumed is None:
-                    why = _BROKEN if current.ending is Ending.BROKEN else _ENDED
+                    why: ProxyError = UpstreamUnavailable(_BROKEN if current.ending is Ending.BROKEN else _ENDED)
+                    if current.oversized:
+                        # Its response may have been the message too large to hold: say so.
+                        why = AnswerTooLarge(
+                            f"upstream MCP server sent a message over the {self._max_line}-byte limit "
+                            "(max_body_bytes); it was not relayed"
+                        )
                     for request_id in owed:
-                        await self._write_error(request_id, UpstreamUnavailable(why))
+                        await self._write_error(request_id, why)
                     return
+                resumed.bound_events(self._max_line)
                 if current is not answer:
                     current.release()
                 current = resumed
@@ -277,6 +286,8 @@ class Bridge:
                 await self._write_event(event)
         if answer.ending is Ending.BROKEN:
             log.warning("upstream.stream_broken", upstream=self._engine.name, error=answer.failure)
+        if answer.oversized:
+            log.warning("stdio.answer_too_large", upstream=self._engine.name, limit_bytes=self._max_line)
         return events
 
     async def _write_event(self, event: AnswerEvent) -> None:
@@ -312,6 +323,7 @@ class Bridge:
         record = sent.record
         last_event_id: str | None = None
         while answer is not None:
+            answer.bound_events(self._max_line)
             if answer.status != 200 or not answer.is_sse:
                 if answer.status not in GET_REFUSED:
                     log.info("stream.refused", upstream=engine.name, status=answer.status)

@@ -67,6 +67,13 @@ def classify(payload: Any) -> tuple[Kind | None, tuple[RequestId, ...]]:
     return None, ()
 
 
+def _may_answer(data: str) -> bool:
+    """Whether an event's JSON can be a response at all, without parsing it: a response has a ``result``
+    or ``error`` member, whose name is in the text as such unless written with escapes. Only rules
+    parsing out (for notifications, which are most events); whether it answers is decided by the parse."""
+    return '"result"' in data or '"error"' in data or "\\u" in data
+
+
 class AnswerEvent:
     """One SSE event of an answer; its JSON is parsed at most once, when first asked for."""
 
@@ -335,7 +342,7 @@ class AnswerStream:
                 if isinstance(item, Event):
                     event = AnswerEvent(item)
                     events.append(event)
-                    if self._waiting:
+                    if self._waiting and _may_answer(item.data):
                         self._note(event.answers, event.payload)
                 elif isinstance(item, Oversized):
                     self.oversized += 1

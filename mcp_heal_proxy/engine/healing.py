@@ -24,7 +24,7 @@ from mcp_heal_proxy.engine.endings import delete_upstream_session
 from mcp_heal_proxy.engine.state import state_requests
 from mcp_heal_proxy.errors import HealFailed, ProxyError, UnknownSession, UpstreamTimeout, UpstreamUnavailable
 from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.store.records import SessionRecord, SessionStore
+from mcp_heal_proxy.store.records import Heal, SessionRecord, SessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream, read_capped
 from mcp_heal_proxy.wire.content_coding import decoded, decoder_for
@@ -213,12 +213,17 @@ class Healer:
             self._report(record, reason, started, outcome="failed", error=exc.message)
             raise
         self._end_orphans(client_headers, opened[:-1])
-        # Built on the newest record (a state change may have landed during the heal), and written only
-        # if the session still exists at this generation: a DELETE during the heal stays a DELETE.
-        latest = await self._store.get(record.client_session_id, fresh=True)
-        healed = (latest or record).healed(upstream_session_id, protocol_version)
-        stored = await self._store.put(healed) if latest is not None else None
-        if stored is None or stored.generation != healed.generation:
+        # Applied to the record the store holds now (a state change may have landed during the heal, and
+        # it stays), and only if the session still exists at this generation: a DELETE during the heal
+        # stays a DELETE, another replica's heal of this generation stays that heal.
+        stored = await self._store.apply(
+            record.client_session_id, Heal(record.generation, upstream_session_id, protocol_version)
+        )
+        if (
+            stored is None
+            or stored.generation != record.generation + 1
+            or stored.upstream_session_id != upstream_session_id
+        ):
             # The session ended (or moved on) while healing: the new upstream session belongs to nobody.
             await self._end_orphan(client_headers, upstream_session_id, protocol_version)
             self._report(record, reason, started, outcome="abandoned")
@@ -237,8 +242,8 @@ class Healer:
                 client_version=record.protocol_version,
                 upstream_version=protocol_version,
             )
-        self._report(record, reason, started, outcome="healed", new_generation=healed.generation)
-        return healed
+        self._report(record, reason, started, outcome="healed", new_generation=stored.generation)
+        return stored
 
     def _end_orphans(self, client_headers: dict[str, str], opened: list[tuple[str, str | None]]) -> None:
         """End, in the background, upstream sessions a failed or retried handshake left behind: the

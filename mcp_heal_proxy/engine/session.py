@@ -23,7 +23,7 @@ from mcp_heal_proxy.engine.answers import AnswerTracker
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
-from mcp_heal_proxy.engine.state import record_state_change
+from mcp_heal_proxy.engine.state import state_change
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -59,8 +59,6 @@ DELETE_GONE: Final = frozenset({404, 405})
 _REATTACH_ATTEMPTS: Final = 10
 _REATTACH_RETRY_FIRST: Final = 0.1
 _REATTACH_RETRY_MAX: Final = 8.0
-# A state change (subscription, log level) racing heals: applied to the newest record, a few times at most.
-_STATE_WRITE_ATTEMPTS: Final = 3
 
 
 class NotReplayed(ProxyError):
@@ -217,17 +215,12 @@ class SessionEngine:
         return response
 
     async def remember_state(self, record: SessionRecord, body: PostBody) -> None:
-        """Record state the client set (subscriptions, log level), on top of whatever the store holds now:
-        a heal may have moved the session to a newer generation while this request was answered."""
-        for _ in range(_STATE_WRITE_ATTEMPTS):
-            updated = record_state_change(record, body)
-            if updated is record:
-                return
-            current = await self.store.put(updated)
-            if current is None or current.generation == updated.generation:
-                return  # written, or the session is gone
-            record = current  # refused as stale: apply the change to the newer record instead
-        log.warning("session.state_not_recorded", upstream=self.name, client_session=record.client_session_id[:8])
+        """Record state the client set (subscriptions, log level) on the record the store holds *now*:
+        other changes of this session (another request's, a heal's) may have landed while this request
+        was answered, and applying the change to the record read at the start would undo them."""
+        change = state_change(body)
+        if change is not None:
+            await self.store.apply(record.client_session_id, change)
 
     async def end(self, client_headers: Mapping[str, str], record: SessionRecord) -> int:
         """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and

@@ -21,6 +21,7 @@ from typing import Final, TypeVar
 
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.store.records import (
+    RecordChange,
     SessionRecord,
     least_recently_used,
     record_from_json,
@@ -125,6 +126,41 @@ class SQLiteSessionStore:
             return stored
         self._records[cid] = record
         return record
+
+    async def apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
+        """See SessionStore.apply: read, change and write in one transaction (BEGIN IMMEDIATE takes the
+        write lock first, so no other writer, in this process or another, lands in between)."""
+
+        def write() -> SessionRecord | None:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT record, last_used FROM sessions WHERE client_session_id = ?", (client_session_id,)
+                ).fetchone()
+                updated: SessionRecord | None = None
+                if row is not None:
+                    stored = replace(record_from_json(row[0]), last_used=row[1])
+                    updated = change(stored)
+                    if updated is not stored:
+                        db.execute(
+                            "UPDATE sessions SET record = ? WHERE client_session_id = ?",
+                            (record_to_json(updated), client_session_id),
+                        )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            return updated
+
+        updated = await self._run(write)
+        # The file's writes run in order on one thread, so a later write's own cache update comes after
+        # this one; only a delete clears the cache before its write, and it must stay cleared.
+        if updated is None or client_session_id not in self._records:
+            return None
+        self._records[client_session_id] = updated
+        return updated
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""

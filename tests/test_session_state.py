@@ -4,12 +4,23 @@ all survive a heal (issue 26, item 1); sessions in use are never forgotten (item
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from structlog.testing import capture_logs
 
-from tests.conftest import ProxyFactory, UpstreamProcess, echo_call, raw_initialize, session_headers
+from tests.conftest import (
+    ProxyFactory,
+    RunningProxy,
+    UpstreamProcess,
+    echo_call,
+    raw_initialize,
+    session_headers,
+    wait_until,
+)
 
 
 def request(request_id: int, method: str, **params: Any) -> dict[str, Any]:
@@ -51,3 +62,72 @@ async def test_concurrent_state_changes_all_survive_a_heal(
     given = stats["state"][live]
     assert sorted(given["subscriptions"]) == ["file:///a", "file:///b"]
     assert given["level"] == "debug"
+
+
+# --- sessions in use ----------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_stream(http: aiohttp.ClientSession, url: str, session_id: str) -> AsyncIterator[None]:
+    """The session's GET stream, open (its headers arrived) until the block ends."""
+    headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as response:
+        assert response.status == 200
+        yield
+
+
+def gated_call(request_id: int) -> dict[str, Any]:
+    """A tools/call that runs until the test releases its one step (tests/upstream_server.py)."""
+    return request(request_id, "tools/call", name="gated_steps", arguments={"steps": 1})
+
+
+async def evicted_in_use(http: aiohttp.ClientSession, proxy: RunningProxy) -> float:
+    async with http.get(proxy.url.replace("/mcp", "/metrics")) as response:
+        text = await response.text()
+    prefix = 'mcp_heal_proxy_sessions_evicted_in_use_total{upstream="default"} '
+    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_sessions_in_use_are_never_idle_expired(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(sse_upstream.url, session_idle_ttl=0.5)
+    listening = await raw_initialize(http, proxy.url)
+    calling = await raw_initialize(http, proxy.url)
+    async with open_stream(http, proxy.url, listening), asyncio.TaskGroup() as tasks:
+        running = tasks.create_task(call(http, proxy.url, calling, gated_call(1)))
+        idle = await raw_initialize(http, proxy.url)  # used last of the three
+
+        async def idle_forgotten() -> bool:
+            return await proxy.record(idle) is None
+
+        # The idle session goes first only by its use: the other two were last marked before it.
+        await wait_until(idle_forgotten, 10, "the idle session was forgotten")
+        assert await proxy.record(listening) is not None, "a session with an open GET stream was forgotten"
+        assert await proxy.record(calling) is not None, "a session with a call running was forgotten"
+        await sse_upstream.release(1)
+        status, answer = await running
+        assert status == 200
+        assert answer["result"]["content"][0]["text"] == "done after 1 steps"
+        assert (await call(http, proxy.url, listening, echo_call(2)))[0] == 200
+    assert len(await sse_upstream.live_sessions()) == 2, "only the idle session was ended upstream"
+
+
+async def test_max_sessions_evicts_a_session_in_use_only_when_every_session_is(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(sse_upstream.url, max_sessions=2)
+    listening = await raw_initialize(http, proxy.url)
+    async with open_stream(http, proxy.url, listening):
+        idle = await raw_initialize(http, proxy.url)  # newer, but not in use
+        third = await raw_initialize(http, proxy.url)
+        assert await proxy.record(idle) is None, "the session not in use is evicted first"
+        assert await proxy.record(listening) is not None
+        assert await evicted_in_use(http, proxy) == 0
+        async with open_stream(http, proxy.url, third):
+            with capture_logs() as logs:
+                await raw_initialize(http, proxy.url)
+            assert await proxy.record(listening) is None, "every session in use: the least recently used goes"
+            assert await proxy.record(third) is not None
+            assert await evicted_in_use(http, proxy) == 1
+            assert [entry["count"] for entry in logs if entry["event"] == "session.evicted_in_use"] == [1]

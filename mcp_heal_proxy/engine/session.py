@@ -121,6 +121,11 @@ class SessionEngine:
         if endings is not None:
             endings.serve(self.name, self.end_forgotten)
 
+    @property
+    def activity(self) -> SessionActivity:
+        """Where the fronts say which sessions are in use (engine/housekeeping.py)."""
+        return self._activity
+
     # --- sessions -----------------------------------------------------------------------------------
 
     async def session(self, client_session_id: str) -> SessionRecord:
@@ -148,8 +153,14 @@ class SessionEngine:
             # by what the store knows, and a session used a moment ago (its upstream session then ended
             # under a running call) must not pass for the oldest.
             await self._activity.write_to(self.store)
+            # Sessions in use were just written as used now, so the least recently used are idle ones.
             evicted = await self.store.evict_oldest(excess)
             log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
+            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
+            if in_use:
+                # Every session was in use: the limit wins, and the clients of these will get 404.
+                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
+                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
             if self._endings is not None:
                 # In the background: this client's initialize does not wait on another session's DELETE.
                 self._endings.end_later(evicted, "evicted")

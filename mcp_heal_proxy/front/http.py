@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
+from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine, answer_tracker
 from mcp_heal_proxy.errors import (
     InvalidRequest,
@@ -52,12 +53,14 @@ class ProxySettings:
 
 
 class StreamSlots:
-    """Counts the requests each session has in flight, to bound what one client can hold open."""
+    """Counts the requests each session has in flight, to bound what one client can hold open; a session
+    holding a slot is in use (``activity``: never idle-expired, evicted last)."""
 
-    __slots__ = ("_in_use", "_limit")
+    __slots__ = ("_activity", "_in_use", "_limit")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, activity: SessionActivity) -> None:
         self._limit = limit
+        self._activity = activity
         self._in_use: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -68,7 +71,8 @@ class StreamSlots:
             raise TooManyStreams(f"this session already has {held} requests in flight")
         self._in_use[client_session_id] = held + 1
         try:
-            yield
+            with self._activity.using(client_session_id):
+                yield
         finally:
             left = self._in_use[client_session_id] - 1
             if left:
@@ -95,7 +99,7 @@ class Proxy:
 
     def __init__(self, engine: SessionEngine, metrics: Metrics, settings: ProxySettings) -> None:
         self._engine = engine
-        self._slots = StreamSlots(settings.max_streams_per_session)
+        self._slots = StreamSlots(settings.max_streams_per_session, engine.activity)
         self._relay = Relay(engine.name, settings.keepalive_interval, metrics.open_streams)
         self._upstream = engine.upstream
         self._name = engine.name

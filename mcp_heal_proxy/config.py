@@ -152,6 +152,9 @@ class ProxyConfig:
     max_sessions: int = 10_000
     # Well below pool_size (100), so that one session cannot hold every connection to its upstream.
     max_streams_per_session: int = 32
+    # A request over max_streams_per_session waits this long for a slot (first come, first served), then
+    # gets 429 with a JSON-RPC error: the cap shares the pool, it does not refuse what the server would serve.
+    stream_slot_wait: float = 60.0
     http_server: HttpServer = "fast"
 
     @property
@@ -485,6 +488,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "shutdown_grace": Option(_seconds(zero_allowed=True), _text_as_number),
     "max_sessions": Option(_integer(1), _text_as_int),
     "max_streams_per_session": Option(_integer(1), _text_as_int),
+    "stream_slot_wait": Option(_seconds(zero_allowed=True), _text_as_number),
     "http_server": Option(_one_of(HTTP_SERVERS), _text_as_str),
 }
 UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {

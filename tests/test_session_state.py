@@ -1,5 +1,6 @@
 """Session state and sessions in use, against the official SDK server: state changes in flight together
-all survive a heal (issue 26, item 1); sessions in use are never forgotten (item 2)."""
+all survive a heal; sessions in use are never forgotten; requests over a session's stream slots wait
+their turn instead of being refused."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 from structlog.testing import capture_logs
 
+from mcp_heal_proxy.front.app import PROXIES_KEY
 from tests.conftest import (
     ProxyFactory,
     RunningProxy,
@@ -131,3 +133,32 @@ async def test_max_sessions_evicts_a_session_in_use_only_when_every_session_is(
             assert await proxy.record(third) is not None
             assert await evicted_in_use(http, proxy) == 1
             assert [entry["count"] for entry in logs if entry["event"] == "session.evicted_in_use"] == [1]
+
+
+# --- more requests than stream slots ----------------------------------------------------------------
+
+
+async def test_more_concurrent_calls_than_stream_slots_all_succeed_and_heal_once(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(sse_upstream.url)  # max_streams_per_session: 32
+    session_id = await raw_initialize(http, proxy.url)
+    calls = 50
+    front = proxy.app[PROXIES_KEY]["/mcp"]
+
+    async def over_the_slots_wait() -> bool:
+        return front.slots_waiting(session_id) == calls - 32
+
+    for round_ in ("live session", "expired session"):
+        if round_ == "expired session":
+            await sse_upstream.restart()  # every upstream session dies; the gates close again
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(call(http, proxy.url, session_id, gated_call(n))) for n in range(calls)]
+            # All 50 at once: 32 blocked in the tool, 18 waiting for a slot (none refused).
+            await wait_until(over_the_slots_wait, 15, "18 calls wait for a slot")
+            await sse_upstream.release(1)
+        answers = [task.result() for task in running]
+        assert [status for status, _ in answers] == [200] * calls, round_
+        assert all(answer["result"]["content"][0]["text"] == "done after 1 steps" for _, answer in answers)
+    stats = await sse_upstream.stats()
+    assert stats["initialize"] == 1, "the restarted upstream was re-initialized once for all 50 calls"

@@ -331,12 +331,14 @@ class Healer:
             duration_ms=round((time.perf_counter() - sent) * 1000, 2),
         )
         try:
+            upstream_session_id = response.headers.get(MCP_SESSION_ID) or ""
+            valid = is_valid_session_id(upstream_session_id)
+            if valid and 200 <= response.status < 300:
+                opened.append((upstream_session_id, None))  # it exists upstream, whatever comes next
             if response.status != 200:
                 raise HealFailed(f"upstream answered {response.status} to the re-initialize")
-            upstream_session_id = response.headers.get(MCP_SESSION_ID)
-            if not upstream_session_id or not is_valid_session_id(upstream_session_id):
+            if not valid:
                 raise HealFailed("upstream gave no valid session id to the re-initialize")
-            opened.append((upstream_session_id, None))
             answer = await read_answer(response, request_id)
         finally:
             response.release()

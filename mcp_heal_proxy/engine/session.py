@@ -165,18 +165,21 @@ class SessionEngine:
                 # In the background: this client's initialize does not wait on another session's DELETE.
                 self._endings.end_later(evicted, "evicted")
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
-        if response.status != 200 or not upstream_session_id:
-            # A refused initialize, or a server without sessions: nothing to map.
-            return Opened(response, None)
-        if not is_valid_session_id(upstream_session_id):
-            response.release()
-            raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
-        tracker = AnswerTracker(
-            (init.id,), response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING)
-        )
+        # An upstream session exists from here on whatever else the answer says: every refusal below
+        # ends it rather than leave it to the upstream's idle timeout (forever, on some servers).
+        opened = 200 <= response.status < 300 and upstream_session_id is not None
         try:
+            refuse_garbage(response, body)
+            if response.status != 200 or not upstream_session_id:
+                # A refused initialize, or a server without sessions: nothing to map.
+                return Opened(response, None)
+            if not is_valid_session_id(upstream_session_id):
+                opened = False  # an id that cannot be sent back cannot be ended either
+                raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
+            tracker = AnswerTracker(
+                (init.id,), response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING)
+            )
             # The initialize answer is one small message: read up to it (bounded), then store, then relay.
             prefetched = await _read_until_answered(response, tracker, init.id)
             version = tracker.protocol_version(init.id)
@@ -192,8 +195,9 @@ class SessionEngine:
             await self.store.create(record)
         except BaseException:
             response.release()
-            # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
-            await self.end_upstream_session(client_headers, upstream_session_id, reason="not_stored")
+            if opened and upstream_session_id is not None:
+                # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
+                await self.end_upstream_session(client_headers, upstream_session_id, reason="initialize_refused")
             raise
         return Opened(response, record, prefetched)
 

@@ -90,9 +90,10 @@ class UpstreamConfig:
     connect_retry: float = 5.0
     # The longest silence allowed on a POST answer (a tool may think for minutes).
     read_timeout: float = 300.0
-    # The longest a heal's handshake may take (initialize and its answer, notifications/initialized, the
-    # state re-applied, retries while the upstream restarts): the client waiting on the heal is owed an
-    # error well before read_timeout when an upstream accepts the re-initialize and never answers it.
+    # The longest a whole heal may take (the heal lock, the store's reads and writes, initialize and its
+    # answer, notifications/initialized, the state re-applied, retries while the upstream restarts): the
+    # client waiting on the heal is owed an error well before read_timeout when an upstream accepts the
+    # re-initialize and never answers it, or a shared store's lock or a store call hangs.
     heal_timeout: float = 30.0
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
     stream_idle_timeout: float | None = None

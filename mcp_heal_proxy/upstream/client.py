@@ -40,6 +40,14 @@ _MAX_RETRY_DELAY: Final = 1.0
 # Redirects of the upstream URL followed in a row before giving up (a loop, or a long chain).
 _MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+# Only a permanent redirect moves the upstream for later requests; 302, 303 and 307 (a maintenance
+# page, a load balancer draining) are followed for the one request that got them.
+_PERMANENT: Final = frozenset({301, 308})
+# Answers of a remembered target to a request without a session (nothing that could have expired) that
+# mean it no longer serves MCP: the proxy goes back to the configured URL.
+_GONE: Final = frozenset({404, 410})
+# Headers of a request body, dropped when a 303 turns the request into a GET.
+_BODY_HEADERS: Final = frozenset({"content-type", "content-length", "content-encoding"})
 
 
 class AuthHook(Protocol):
@@ -170,7 +178,11 @@ class Upstream:
         breaks before any answer (a pooled keep-alive the restarting upstream just closed) is retried
         only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run a tool
         twice. ``read_timeout`` overrides the upstream's for this request. Same-origin redirects of the
-        upstream URL are followed, and remembered (the client never sees the upstream's ``Location``).
+        upstream URL are followed (the client never sees the upstream's ``Location``): a permanent one
+        (301, 308) is remembered for later requests, a temporary one (302, 307; 303 as a GET without the
+        body) is followed for this request only. A remembered target that stops serving (unreachable
+        before anything was sent, or 404/410 to a request without a session) is forgotten, and the
+        request goes to the configured URL instead.
         With an auth hook, the hook adds the credentials and may send once more.
         """
         if self._auth is not None:
@@ -201,19 +213,43 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        url = self._url
+        fell_back = False
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send_patiently(method, headers, body, stream, resendable, patient, read_timeout)
+            try:
+                response = await self._send_patiently(
+                    method, headers, body, stream, resendable, patient, read_timeout, url
+                )
+            except UpstreamUnavailable as exc:
+                # Resent elsewhere only when nothing reached the upstream (or resending is harmless).
+                nothing_sent = resendable or isinstance(exc.__cause__, self._connect_failed)
+                if fell_back or not nothing_sent or not self._fall_back(url, exc.message):
+                    raise
+                url, fell_back = self._url, True
+                continue
+            if (
+                response.status in _GONE
+                and not fell_back
+                and not any(name.lower() == "mcp-session-id" for name in headers)
+                and self._fall_back(url, f"it answered {response.status}")
+            ):
+                response.release()
+                url, fell_back = self._url, True
+                continue
             if response.status not in _REDIRECTS:
                 return response
-            self._follow(response)
+            url, method, body, headers = self._follow(response, url, method, body, headers)
         raise UpstreamUnavailable(f"upstream MCP server redirected more than {_MAX_REDIRECTS} times in a row")
 
-    def _follow(self, response: aiohttp.ClientResponse) -> None:
-        """Point this upstream at a same-origin redirect target, or refuse with an error."""
+    def _follow(
+        self, response: aiohttp.ClientResponse, url: str, method: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[str, str, bytes | None, Mapping[str, str]]:
+        """Where a same-origin redirect sends this request (its target, method, body and headers), after
+        remembering it if it is permanent; a redirect to another origin is refused with an error."""
         location = response.headers.get("Location")
         response.release()
-        target = urljoin(self._url, location) if location else None
-        here, there = urlsplit(self._url), urlsplit(target or "")
+        target = urljoin(url, location) if location else None
+        here, there = urlsplit(url), urlsplit(target or "")
         if target is None or (here.scheme, here.netloc) != (there.scheme, there.netloc):
             # Another origin: the user should configure it (a token for one host must not travel to another).
             log.warning("upstream.redirect_refused", upstream=self.config.name, status=response.status, to=target)
@@ -221,17 +257,44 @@ class Upstream:
                 f"upstream MCP server answered {response.status} with a redirect to another origin; "
                 "set the upstream URL to the address it names (see the proxy's log)"
             )
+        if response.status in _PERMANENT:
+            log.warning(
+                "upstream.redirected",
+                upstream=self.config.name,
+                status=response.status,
+                to=target,
+                hint="requests now go there; set it as the upstream URL to save the redirect",
+            )
+            self._retarget(target)
+        else:
+            log.info("upstream.redirect_followed", upstream=self.config.name, status=response.status, to=target)
+        if response.status == 303 and method != "GET":
+            # See Other: the answer is fetched with a GET; the body was delivered already, never sent again.
+            method, body = "GET", None
+            headers = {name: value for name, value in headers.items() if name.lower() not in _BODY_HEADERS}
+        return target, method, body, headers
+
+    def _fall_back(self, url: str, why: str) -> bool:
+        """A remembered redirect target that stopped serving: go back to the configured URL (and say so).
+        False when ``url`` is not a remembered target (nothing to fall back from)."""
+        if url != self._url or url == self.config.url:
+            return False
         log.warning(
-            "upstream.redirected",
+            "upstream.redirect_forgotten",
             upstream=self.config.name,
-            status=response.status,
-            to=target,
-            hint="requests now go there; set it as the upstream URL to save the redirect",
+            remembered=url,
+            configured=self.config.url,
+            reason=why,
+            hint="requests go to the configured URL again",
         )
-        self._url = target
+        self._retarget(self.config.url)
+        return True
+
+    def _retarget(self, url: str) -> None:
+        self._url = url
         for pool in (self._lean_requests, self._lean_streams):
             if pool is not None:
-                pool.retarget(target)
+                pool.retarget(url)
 
     async def _send_patiently(
         self,
@@ -242,6 +305,7 @@ class Upstream:
         resendable: bool,
         patient: bool,
         read_timeout: float | None,
+        url: str,
     ) -> aiohttp.ClientResponse:
         timeout = self._stream_timeout if stream else self._post_timeout
         if read_timeout is not None:
@@ -257,10 +321,12 @@ class Upstream:
                 if lean is not None:
                     # LeanResponse has the part of ClientResponse the callers use (status, reason,
                     # headers, content_length, content.readany/read/iter_any, release, close).
-                    response = await lean.request(method, headers, body, read_timeout=timeout.sock_read)
+                    response = await lean.request(
+                        method, headers, body, read_timeout=timeout.sock_read, url=None if url == self._url else url
+                    )
                     return cast("aiohttp.ClientResponse", response)
                 return await self._aiohttp(stream).request(
-                    method, self._url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                    method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a

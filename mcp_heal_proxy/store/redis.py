@@ -156,6 +156,16 @@ def _redis_errors(what: str) -> Iterator[None]:
         raise StoreUnavailable(f"session store unavailable (Redis {what}: {type(exc).__name__})") from exc
 
 
+class _Turn:
+    """This replica's changes of one session, taking turns (RedisSessionStore.apply)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class RedisSessionStore:
     """Records in Redis, shared by every proxy replica that names the same URL and prefix."""
 
@@ -182,6 +192,7 @@ class RedisSessionStore:
         self._cache_ttl = cache_ttl
         self._lock_ttl = lock_ttl
         self._cache: dict[str, tuple[float, SessionRecord]] = {}
+        self._apply_turns: dict[str, _Turn] = {}
         self._count = 0
         self._put_script = self._redis.register_script(_PUT)
         self._forget_script = self._redis.register_script(_FORGET_IDLE)
@@ -265,7 +276,23 @@ class RedisSessionStore:
     async def apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
         """See SessionStore.apply: optimistic compare-and-set with WATCH/MULTI. The record is read under
         WATCH, changed here (the one rule, in Python), and written in a MULTI that Redis refuses if any
-        replica wrote or deleted the record meanwhile; then it is read again and the change re-applied."""
+        replica wrote or deleted the record meanwhile; then it is read again and the change re-applied.
+
+        This replica's own changes of one session take turns (a client subscribing to many resources at
+        once would otherwise conflict with itself): conflicts come from other replicas only."""
+        turn = self._apply_turns.get(client_session_id)
+        if turn is None:
+            turn = self._apply_turns[client_session_id] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._apply(client_session_id, change)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._apply_turns[client_session_id]
+
+    async def _apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
         key = self._key(client_session_id)
         with _redis_errors("apply"):
             async with self._redis.pipeline(transaction=True) as pipe:

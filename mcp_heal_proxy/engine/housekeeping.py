@@ -51,16 +51,24 @@ class SessionActivity:
     @contextlib.contextmanager
     def using(self, client_session_id: str) -> Iterator[None]:
         """The session is in use while this is held (a request in flight, a GET stream open)."""
-        self._in_use[client_session_id] = self._in_use.get(client_session_id, 0) + 1
+        self.begin_use(client_session_id)
         try:
             yield
         finally:
-            left = self._in_use[client_session_id] - 1
-            if left:
-                self._in_use[client_session_id] = left
-            else:
-                del self._in_use[client_session_id]
-            self._pending[client_session_id] = time.time()  # its last use is when it ended
+            self.end_use(client_session_id)
+
+    def begin_use(self, client_session_id: str) -> None:
+        """A request or stream of the session started (pair with ``end_use``; hot path)."""
+        self._in_use[client_session_id] = self._in_use.get(client_session_id, 0) + 1
+
+    def end_use(self, client_session_id: str) -> None:
+        """A request or stream of the session ended: its last use is now."""
+        left = self._in_use[client_session_id] - 1
+        if left:
+            self._in_use[client_session_id] = left
+        else:
+            del self._in_use[client_session_id]
+        self._pending[client_session_id] = time.time()
 
     def in_use(self, client_session_id: str) -> bool:
         """Whether the session has a request in flight or a GET stream open here."""

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -76,23 +75,10 @@ class StreamSlots:
         self._wait = wait
         self._sessions: dict[str, _SessionSlots] = {}
 
-    @contextlib.asynccontextmanager
-    async def slot(self, client_session_id: str) -> AsyncIterator[bool]:
-        """Hold one of the session's slots for the duration of a request, waiting for one if need be;
-        gives whether it waited."""
-        slots = self._sessions.get(client_session_id)
-        if slots is None:
-            slots = self._sessions[client_session_id] = _SessionSlots()
-        waited = slots.held >= self._limit or bool(slots.waiting)
-        if waited:
-            await self._wait_for(client_session_id, slots)
-        else:
-            slots.held += 1
-        try:
-            with self._activity.using(client_session_id):
-                yield waited
-        finally:
-            self._release(client_session_id, slots)
+    def slot(self, client_session_id: str) -> _Slot:
+        """Hold one of the session's slots for the duration of a request (``async with``), waiting for
+        one if need be; gives whether it waited."""
+        return _Slot(self, client_session_id)
 
     async def _wait_for(self, client_session_id: str, slots: _SessionSlots) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -130,6 +116,36 @@ class StreamSlots:
         slots.held -= 1
         if not slots.held:
             del self._sessions[client_session_id]
+
+
+class _Slot:
+    """One request's hold on a slot of its session (a class, not a generator: it is on every request)."""
+
+    __slots__ = ("_client_session_id", "_owner", "_slots")
+
+    def __init__(self, owner: StreamSlots, client_session_id: str) -> None:
+        self._owner = owner
+        self._client_session_id = client_session_id
+        self._slots: _SessionSlots | None = None
+
+    async def __aenter__(self) -> bool:
+        owner, cid = self._owner, self._client_session_id
+        slots = owner._sessions.get(cid)
+        if slots is None:
+            slots = owner._sessions[cid] = _SessionSlots()
+        waited = slots.held >= owner._limit or bool(slots.waiting)
+        if waited:
+            await owner._wait_for(cid, slots)
+        else:
+            slots.held += 1
+        self._slots = slots
+        owner._activity.begin_use(cid)
+        return waited
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._slots is not None
+        self._owner._activity.end_use(self._client_session_id)
+        self._owner._release(self._client_session_id, self._slots)
 
 
 _JSON: Final = (("Content-Type", "application/json"),)

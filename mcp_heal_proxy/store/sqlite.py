@@ -4,6 +4,12 @@ All records are loaded once at startup and served from memory; every change is c
 before the call returns (write-through). So a ``put`` made before the client sees its session id
 survives ``kill -9``, and reads on the hot path cost a dict lookup. One proxy process owns a file;
 replicas share state through the Redis store instead.
+
+Because the cache is the truth, a second proxy on the same file would serve sessions the first never
+sees (a session made on one gets 404 on the other). So the file is locked while a store has it open
+(``flock`` on ``<file>.lock``, released by the kernel when the process dies, even by ``kill -9``), and a
+second proxy refuses to start with one line that says so and points to Redis. Platforms without
+``flock`` (Windows) skip the check.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import IO, Final, TypeVar
 
 from mcp_heal_proxy.errors import StoreUnavailable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no check
+    fcntl = None  # type: ignore[assignment]
 from mcp_heal_proxy.store.records import (
     RecordChange,
     SessionRecord,
@@ -52,6 +63,8 @@ class SQLiteSessionStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None
         self._records: dict[str, SessionRecord] = {}
+        # Held while open: this process owns the file (see the module docstring).
+        self._owner_lock: IO[str] | None = None
 
     async def open(self) -> None:
         """Create or open the file and load every record."""
@@ -61,7 +74,12 @@ class SQLiteSessionStore:
     def _open_sync(self) -> list[SessionRecord]:
         directory = Path(self.path).parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        connection = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        self._take_ownership()
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        except BaseException:
+            self._release_ownership()
+            raise
         with contextlib.suppress(OSError):
             # Records hold clients' initialize parameters: readable by this user only.
             os.chmod(self.path, 0o600)
@@ -73,6 +91,35 @@ class SQLiteSessionStore:
         self._connection = connection
         rows = connection.execute("SELECT record, last_used FROM sessions").fetchall()
         return [replace(record_from_json(text), last_used=last_used) for text, last_used in rows]
+
+    def _take_ownership(self) -> None:
+        """Lock ``<file>.lock``, or refuse: another proxy (a live process) has this file open."""
+        if fcntl is None or self._owner_lock is not None:
+            return
+        lock = open(f"{self.path}.lock", "a+", encoding="utf-8")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise StoreUnavailable(
+                f"another proxy{f' (pid {holder})' if holder.isdigit() else ''} is using this SQLite file, "
+                "and two proxies on one file would not see each other's sessions: give this one its own "
+                '--state file, or share sessions between proxies with state = "redis://HOST:6379/0"'
+            ) from None
+        except BaseException:
+            lock.close()
+            raise
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._owner_lock = lock
+
+    def _release_ownership(self) -> None:
+        if self._owner_lock is not None:
+            lock, self._owner_lock = self._owner_lock, None
+            lock.close()  # closing the descriptor releases the flock
 
     async def _run(self, work: Callable[[], T]) -> T:
         try:
@@ -225,6 +272,7 @@ class SQLiteSessionStore:
             connection, self._connection = self._connection, None
             await asyncio.get_running_loop().run_in_executor(self._executor, connection.close)
         self._executor.shutdown(wait=True)
+        self._release_ownership()
 
     def __len__(self) -> int:
         return len(self._records)

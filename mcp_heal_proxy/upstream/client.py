@@ -14,6 +14,7 @@ requests (POST, DELETE) from ``pool_size``. Waiting for a free connection is bou
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
@@ -66,10 +67,12 @@ class Upstream:
         "_aiohttp_streams",
         "_auth",
         "_connect_failed",
+        "_connect_timeouts",
         "_injected",
         "_injected_names",
         "_lean_requests",
         "_lean_streams",
+        "_pool_timeout",
         "_post_timeout",
         "_stream_timeout",
         "_url",
@@ -106,10 +109,17 @@ class Upstream:
         self._lean_streams: LeanPool | None = None
         self._aiohttp_requests: aiohttp.ClientSession | None = None
         self._aiohttp_streams: aiohttp.ClientSession | None = None
-        # Failures to open a connection: nothing was sent, so they are always retried.
+        # Failures to open a connection: nothing was sent, so they are always retried. The same three
+        # outcomes with either client: refused (502 once connect_retry is over), the connect timed out
+        # (an unreachable host: retried alike, 504 once connect_retry is over), no free pooled
+        # connection in time (503, not retried: the upstream is busy, not gone).
         self._connect_failed: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
+        # aiohttp raises ConnectionTimeoutError for both a connect that timed out and a wait for a pooled
+        # connection (see _pool_full); the lean pool has a class for each.
+        self._connect_timeouts: tuple[type[Exception], ...] = (aiohttp.ConnectionTimeoutError,)
+        self._pool_timeout: type[Exception] | None = None
         if config.client == "lean":
-            from mcp_heal_proxy.upstream.lean import ConnectFailed, LeanPool
+            from mcp_heal_proxy.upstream.lean import ConnectFailed, ConnectTimeout, LeanPool, PoolTimeout
 
             self._lean_requests, self._lean_streams = (
                 LeanPool(
@@ -122,6 +132,8 @@ class Upstream:
                 for size in (config.pool_size, config.max_streams)
             )
             self._connect_failed = (aiohttp.ClientConnectorError, ConnectFailed)
+            self._connect_timeouts = (ConnectTimeout, PoolTimeout)
+            self._pool_timeout = PoolTimeout
 
     def _aiohttp(self, stream: bool) -> aiohttp.ClientSession:
         """aiohttp's client for requests or for streams, made on first use (it needs the running loop)."""
@@ -331,17 +343,28 @@ class Upstream:
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.
-                retry = isinstance(exc, self._connect_failed) or resendable
+                connect_failed = isinstance(exc, self._connect_failed)
                 if backoff is None:
                     backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
                 delay = backoff.next_delay()
-                if not retry or time.monotonic() + delay > give_up:
-                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+                if not (connect_failed or resendable) or time.monotonic() + delay > give_up:
+                    why = _connect_failure(exc) if connect_failed else type(exc).__name__
+                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {why}") from exc
                 await asyncio.sleep(delay)
-            except aiohttp.ConnectionTimeoutError as exc:
-                # The lean pool's PoolTimeout, or aiohttp's ``connect`` timeout, which covers the wait for
-                # a pooled connection and the connect itself.
-                raise UpstreamBusy(self._busy_message(stream)) from exc
+            except self._connect_timeouts as exc:
+                if self._pool_full(exc, stream):
+                    raise UpstreamBusy(self._busy_message(stream)) from exc
+                # The connect itself timed out (an unreachable host): nothing was sent, so it is a connect
+                # failure like a refused one, and retried alike.
+                if backoff is None:
+                    backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > give_up:
+                    raise UpstreamTimeout(
+                        "upstream MCP server unreachable: no connection within connect_timeout "
+                        f"({self.config.connect_timeout:g} s)"
+                    ) from exc
+                await asyncio.sleep(delay)
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
             except aiohttp.ClientError as exc:
@@ -350,12 +373,29 @@ class Upstream:
                 # A header the client sent that cannot travel (a line break): the request's own fault.
                 raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
 
+    def _pool_full(self, exc: Exception, stream: bool) -> bool:
+        """Whether a connect timeout was the wait for a pooled connection (every one busy), not the connect."""
+        if self._pool_timeout is not None:
+            return isinstance(exc, self._pool_timeout)
+        connector = self._aiohttp(stream).connector
+        # The request's own connection attempt is no longer counted once it failed: the others fill
+        # the pool only when none was free for it.
+        return connector is not None and 0 < connector.limit <= len(connector._acquired)
+
     def _busy_message(self, stream: bool) -> str:
         pool, size = ("max_streams", self.config.max_streams) if stream else ("pool_size", self.config.pool_size)
         return (
             f"no connection to the upstream MCP server within {self.config.connect_timeout:g} s "
             f"(all {pool} = {size} in use, or the upstream is not accepting connections); try again"
         )
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connection could not be opened, in the same words for either client (no address)."""
+    for cause in (getattr(exc, "os_error", None), exc.__cause__):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return f"cannot connect ({os.strerror(cause.errno)})"
+    return "cannot connect"
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:

@@ -66,6 +66,31 @@ async def test_concurrent_state_changes_all_survive_a_heal(
     assert given["level"] == "debug"
 
 
+async def test_refused_state_changes_are_not_remembered(
+    upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(upstream.url)
+    session_id = await raw_initialize(http, proxy.url)
+    changes = [
+        (request(1, "resources/subscribe", uri="file:///a"), "result"),
+        (request(2, "resources/subscribe", uri="file:///refused"), "error"),  # the server refuses it
+        (request(3, "logging/setLevel", level="debug"), "result"),
+        (request(4, "logging/setLevel", level="verbose"), "error"),  # not a level: refused
+    ]
+    for change, outcome in changes:
+        status, answer = await call(http, proxy.url, session_id, change)
+        assert (status, outcome in answer) == (200, True), answer
+    record = await proxy.record(session_id)
+    assert record is not None
+    assert (record.subscriptions, record.log_level) == (frozenset({"file:///a"}), "debug")
+    await upstream.restart()
+    status, answer = await call(http, proxy.url, session_id, echo_call(5, "after"))
+    assert (status, answer["result"]["content"][0]["text"]) == (200, "after")
+    stats = await upstream.stats()
+    [live] = stats["live_sessions"]
+    assert stats["state"][live] == {"subscriptions": ["file:///a"], "level": "debug"}
+
+
 # --- sessions in use ----------------------------------------------------------------------------------
 
 

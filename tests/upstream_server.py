@@ -20,7 +20,9 @@ import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+from mcp.shared.exceptions import MCPError
 from mcp.types import (
+    INVALID_PARAMS,
     EmptyResult,
     JSONRPCMessage,
     SetLevelRequestParams,
@@ -99,8 +101,14 @@ def session_state(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
     return SESSION_STATE.setdefault(session_id, {"subscriptions": [], "level": None})
 
 
+# A resource the server refuses subscriptions to (a JSON-RPC error inside HTTP 200).
+REFUSED_URI = "file:///refused"
+
+
 async def on_subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
     await asyncio.sleep(SUBSCRIBE_LATENCY)
+    if params.uri == REFUSED_URI:
+        raise MCPError(INVALID_PARAMS, f"cannot subscribe to {params.uri}")
     subscriptions = session_state(ctx)["subscriptions"]
     if params.uri not in subscriptions:
         subscriptions.append(params.uri)

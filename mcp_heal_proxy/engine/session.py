@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,7 +23,7 @@ from mcp_heal_proxy.engine.answers import AnswerTracker
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
-from mcp_heal_proxy.engine.state import state_change
+from mcp_heal_proxy.engine.state import state_change, state_request_ids
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -181,7 +181,9 @@ class SessionEngine:
                 (init.id,), response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING)
             )
             # The initialize answer is one small message: read up to it (bounded), then store, then relay.
-            prefetched = await _read_until_answered(response, tracker, init.id)
+            prefetched = await _read_until_answered(
+                response, tracker, lambda: tracker.protocol_version(init.id) is not None, "the initialize answer"
+            )
             version = tracker.protocol_version(init.id)
             record = SessionRecord(
                 client_session_id=new_client_session_id(),
@@ -207,8 +209,7 @@ class SessionEngine:
         expired, prefetched = await self.check_expiry(response)
         if not expired:
             refuse_garbage(response, body)
-            if response.status < 300:
-                await self.remember_state(record, body)
+            prefetched = await self.remember_state(record, body, response, prefetched)
             return Sent(response, record, prefetched)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
@@ -219,9 +220,8 @@ class SessionEngine:
             raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
         refuse_garbage(response, body)
-        if response.status < 300:
-            await self.remember_state(record, body)
-        return Sent(response, record, healed=True)
+        prefetched = await self.remember_state(record, body, response)
+        return Sent(response, record, prefetched, healed=True)
 
     async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> aiohttp.ClientResponse:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
@@ -229,13 +229,35 @@ class SessionEngine:
         refuse_garbage(response, body)
         return response
 
-    async def remember_state(self, record: SessionRecord, body: PostBody) -> None:
-        """Record state the client set (subscriptions, log level) on the record the store holds *now*:
-        other changes of this session (another request's, a heal's) may have landed while this request
-        was answered, and applying the change to the record read at the start would undo them."""
-        change = state_change(body)
+    async def remember_state(
+        self, record: SessionRecord, body: PostBody, response: aiohttp.ClientResponse, prefetched: bytes = b""
+    ) -> bytes:
+        """Record the state the client set (subscriptions, log level) once the upstream accepted it: only
+        requests answered with a result count (an error inside HTTP 200 is a refusal). Their answers are
+        read first (small, bounded; only bodies with such requests); the bytes read are given back, to be
+        relayed before the rest.
+
+        The change goes to the record the store holds *now*: other changes of this session (another
+        request's, a heal's) may have landed while this request was answered, and applying it to the
+        record read at the start would undo them."""
+        ids = state_request_ids(body)
+        if not ids or response.status != 200:
+            return prefetched
+        tracker = AnswerTracker(ids, response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING))
+        if prefetched:
+            tracker.feed(prefetched)
+        try:
+            read = await _read_until_answered(
+                response, tracker, lambda: not tracker.unanswered(), "the answer to a state change"
+            )
+        except BaseException:
+            response.release()
+            raise
+        succeeded = {request_id for request_id, answer in tracker.answers().items() if "result" in answer}
+        change = state_change(body, succeeded)
         if change is not None:
             await self.store.apply(record.client_session_id, change)
+        return prefetched + read
 
     async def end(self, client_headers: Mapping[str, str], record: SessionRecord) -> int:
         """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and
@@ -429,9 +451,9 @@ def answer_tracker(response: aiohttp.ClientResponse, request_ids: tuple[RequestI
 
 
 async def _read_until_answered(
-    response: aiohttp.ClientResponse, tracker: AnswerTracker, request_id: RequestId
+    response: aiohttp.ClientResponse, tracker: AnswerTracker, answered: Callable[[], bool], what: str
 ) -> bytes:
-    """Read an answer until the response to ``request_id`` went by (at most INSPECT_LIMIT bytes)."""
+    """Read an answer until ``answered()`` says what was looked for went by (at most INSPECT_LIMIT bytes)."""
     chunks: list[bytes] = []
     size = 0
     try:
@@ -442,10 +464,10 @@ async def _read_until_answered(
             chunks.append(chunk)
             size += len(chunk)
             tracker.feed(chunk)
-            if tracker.protocol_version(request_id) is not None:
+            if answered():
                 break
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("upstream MCP server stopped answering the initialize") from exc
+        raise UpstreamTimeout(f"upstream MCP server stopped answering {what}") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream MCP server broke the initialize answer: {type(exc).__name__}") from exc
+        raise UpstreamUnavailable(f"upstream MCP server broke {what}: {type(exc).__name__}") from exc
     return b"".join(chunks)

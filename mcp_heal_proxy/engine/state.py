@@ -14,10 +14,11 @@ change touches only the state fields, a heal only the upstream session fields (t
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, replace
 
 from mcp_heal_proxy.store.records import SessionRecord
-from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody
+from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody, RequestId
 
 SUBSCRIBE = "resources/subscribe"
 UNSUBSCRIBE = "resources/unsubscribe"
@@ -50,11 +51,24 @@ class StateChange:
         return replace(record, subscriptions=subscriptions, log_level=level)
 
 
-def state_change(body: PostBody) -> StateChange | None:
-    """What this body changes in the session's state once the upstream accepted it; None if nothing."""
+def state_request_ids(body: PostBody) -> tuple[RequestId, ...]:
+    """Ids of the body's requests that change session state (whose answers decide what is remembered)."""
+    return tuple(
+        message.id
+        for message in body.messages
+        if message.kind is Kind.REQUEST and message.method in _STATEFUL and message.params is not None
+    )
+
+
+def state_change(body: PostBody, succeeded: Container[RequestId] | None = None) -> StateChange | None:
+    """What this body changes in the session's state; None if nothing. With ``succeeded``, only the
+    requests answered with a result count: a change the upstream refused (a JSON-RPC error, even inside
+    HTTP 200) is not the client's state, and must not be re-sent at every heal."""
     steps: list[tuple[str, str]] = []
     for message in body.messages:
         if message.kind is not Kind.REQUEST or message.method not in _STATEFUL or message.params is None:
+            continue
+        if succeeded is not None and message.id not in succeeded:
             continue
         value = message.params.get("level" if message.method == SET_LEVEL else "uri")
         if isinstance(value, str):

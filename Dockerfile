@@ -48,10 +48,11 @@ LABEL org.opencontainers.image.title="mcp-heal-proxy" \
 # PID 1 a `docker stop` during its start-up (before it installs its handlers) was lost and ended in
 # SIGKILL after the timeout. tini forwards SIGTERM to the proxy and exits with its status; `-e 143`
 # makes a proxy that SIGTERM ended before its handlers were in place exit 0 too, as asked. Its version
-# is whatever the base image's Debian release ships.
+# is whatever the base image's Debian release ships. ca-certificates: the system CAs https upstreams are
+# verified against (a private CA is added with MCP_HEAL_PROXY_CA_FILE or ca_file, see the user guide).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install --yes --no-install-recommends tini \
+    && apt-get install --yes --no-install-recommends tini ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and a host directory can be chowned to it.

@@ -63,6 +63,7 @@ examples:
   mcp-heal-proxy stdio --upstream https://mcp.example.com/mcp
   mcp-heal-proxy stdio --upstream https://mcp.example.com/mcp --header "Authorization: Bearer ${MY_TOKEN}"
   mcp-heal-proxy stdio --config proxy.toml --name github
+  mcp-heal-proxy stdio --upstream https://mcp.internal/mcp --set ca_file=/etc/corp-ca.pem   # a private CA
 
 as a command in a client's config, e.g. Claude Desktop's claude_desktop_config.json:
   "mcpServers": {"example": {"command": "mcp-heal-proxy",
@@ -244,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar='"NAME: VALUE"',
         help="a header for every upstream request (repeatable; ${VAR} is read from the environment)",
     )
+    stdio.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an upstream key of config.example.toml (ca_file, client_cert, read_timeout, ...); repeatable",
+    )
     stdio.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="stderr log level (warning)")
     stdio.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="stderr log format (json)")
     tail_parser = commands.add_parser(
@@ -281,7 +290,12 @@ def _stdio(args: argparse.Namespace) -> int:
 
     try:
         upstream, max_line, state = stdio_upstream(
-            url=args.upstream, config_file=args.config, name=args.name, header_flags=args.header, environ=os.environ
+            url=args.upstream,
+            config_file=args.config,
+            name=args.name,
+            header_flags=args.header,
+            environ=os.environ,
+            settings=args.settings,
         )
     except ConfigError as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)

@@ -11,10 +11,11 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -118,6 +119,11 @@ class UpstreamConfig:
     client_secret: str | None = None
     scopes: tuple[str, ...] | None = None
     callback_port: int | None = None
+    # TLS (upstream/tls.py): a PEM file of CAs trusted on top of the system's (a corporate or private
+    # CA; [server] ca_file when unset), and a client certificate for servers that ask for one.
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -157,6 +163,8 @@ class ProxyConfig:
     # gets 429 with a JSON-RPC error: the cap shares the pool, it does not refuse what the server would serve.
     stream_slot_wait: float = 60.0
     http_server: HttpServer = "fast"
+    # The ca_file of every upstream that sets none (build_config copies it there).
+    ca_file: str | None = None
 
     @property
     def listens_on_all_interfaces(self) -> bool:
@@ -437,6 +445,30 @@ def _headers(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _pem_file(value: Any) -> str:
+    """A readable file (``~`` expanded); what it must hold is checked by its key's own rule."""
+    path = os.path.expanduser(_string(value))
+    if not path.strip():
+        raise _Invalid("must name a PEM file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as exc:
+        raise _Invalid(f"cannot be read ({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in head:
+        raise _Invalid("must be a PEM file (-----BEGIN ...)")
+    return path
+
+
+def _ca_file(value: Any) -> str:
+    path = _pem_file(value)
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, ValueError) as exc:
+        raise _Invalid(f"holds no CA certificate that can be loaded ({exc})") from None
+    return path
+
+
 def _scopes(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(scope, str) and scope and " " not in scope for scope in value):
         raise _Invalid("must be a list of scope names without spaces")
@@ -491,6 +523,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "max_streams_per_session": Option(_integer(1), _text_as_int),
     "stream_slot_wait": Option(_seconds(zero_allowed=True), _text_as_number),
     "http_server": Option(_one_of(HTTP_SERVERS), _text_as_str),
+    "ca_file": Option(_ca_file, _text_as_str),
 }
 UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "url": Option(_upstream_url, _text_as_str, _without_userinfo),
@@ -514,6 +547,10 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "client_secret": Option(_string, None, _hidden),
     "scopes": Option(_scopes, None),
     "callback_port": Option(_integer(1, 65535), None),
+    "ca_file": Option(_ca_file, _text_as_str),
+    # Checked together (the key must match the certificate) in _check_client_cert.
+    "client_cert": Option(_pem_file, _text_as_str),
+    "client_key": Option(_pem_file, _text_as_str),
 }
 # Keys that only mean something with auth = "oauth".
 _OAUTH_KEYS: Final = ("client_id", "client_secret", "scopes", "callback_port")
@@ -575,7 +612,32 @@ def _upstream_from_table(
     if "url" not in table:
         raise ConfigError(f"{where}.url is required")
     _check_oauth_keys(options, where)
+    _check_client_cert(options, f"{where}.")
     return UpstreamConfig(**options)
+
+
+def _check_client_cert(options: Mapping[str, Any], prefix: str) -> None:
+    """client_cert and client_key load together: a key needs a certificate, and the two must match.
+    ``prefix`` comes before a key's name in the message ("proxy.toml: upstreams.x.", "--set ")."""
+    cert, key = options.get("client_cert"), options.get("client_key")
+    if cert is None:
+        if key is not None:
+            raise ConfigError(f"{prefix}client_key needs client_cert")
+        return
+    context = ssl.create_default_context()
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_password)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(
+            f"{prefix}client_cert cannot be used ({reason}): it must hold the certificate, and client_key "
+            "(or the same file) its unencrypted private key"
+        ) from None
+
+
+def _refuse_password() -> bytes:
+    # An encrypted key would otherwise make OpenSSL ask for a password on the terminal.
+    raise ValueError("the private key is encrypted")
 
 
 def _check_oauth_keys(options: Mapping[str, Any], where: str) -> None:
@@ -667,6 +729,22 @@ def parse_setting(text: str) -> tuple[str, str]:
     return key, value
 
 
+def upstream_settings(settings: Sequence[str], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Upstream keys from ``--set KEY=VALUE`` texts (the stdio bridge's), checked; with no ca_file among
+    them, ``MCP_HEAL_PROXY_CA_FILE`` (the [server] default) when set."""
+    options: dict[str, Any] = {}
+    for text in settings:
+        key, value = parse_setting(text)
+        if key not in UPSTREAM_OPTIONS:
+            raise ConfigError(f"--set: {key} is not an upstream key (see config.example.toml's [upstreams.NAME])")
+        options[key] = option_from_text(UPSTREAM_OPTIONS, key, value, f"--set {key}")
+    default_ca = environ.get(ENV_PREFIX + "CA_FILE")
+    if "ca_file" not in options and default_ca:
+        options["ca_file"] = option_from_text(SERVER_OPTIONS, "ca_file", default_ca, ENV_PREFIX + "CA_FILE")
+    _check_client_cert(options, "--set ")
+    return options
+
+
 def build_config(
     *,
     config_file: str | None,
@@ -703,6 +781,7 @@ def build_config(
     if single is not None:
         # --upstream serves one upstream at /mcp, replacing any of the same name from the file.
         others = tuple(u for u in options["upstreams"] if u.path != ENDPOINT_PATH and u.name != "default")
+        _check_client_cert(upstream_settings, "--set ")
         options["upstreams"] = (UpstreamConfig(url=single, **upstream_settings), *others)
     elif upstream_settings:
         raise ConfigError(
@@ -711,6 +790,11 @@ def build_config(
         )
     if not options["upstreams"]:
         raise ConfigError("no upstream: give --upstream URL, or [upstreams.NAME] in a config file")
+    if options.get("ca_file"):
+        # [server] ca_file is the default of every upstream that names no CA file of its own.
+        options["upstreams"] = tuple(
+            u if u.ca_file else replace(u, ca_file=options["ca_file"]) for u in options["upstreams"]
+        )
     paths = [u.path for u in options["upstreams"]]
     if len(set(paths)) != len(paths):
         raise ConfigError(f"two upstreams share the path {next(p for p in paths if paths.count(p) > 1)}")

@@ -69,6 +69,11 @@ class UpstreamUnavailable(ProxyError):
     code = -32002
 
 
+class UpstreamTLSFailed(UpstreamUnavailable):
+    """The TLS handshake with the upstream failed: the message names the cause and the fix. Answered at
+    once, not retried: a certificate that is refused now is refused on every attempt."""
+
+
 class UpstreamTimeout(ProxyError):
     """The upstream did not connect or answer in time."""
 

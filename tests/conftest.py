@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp.client.session import ClientSession
@@ -80,6 +82,8 @@ class ServerProcess:
     def __init__(self) -> None:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # How the tests' own requests (/stats, /release) check the server's certificate (https servers).
+        self.client_ssl: ssl.SSLContext | bool = True
 
     @property
     def origin(self) -> str:
@@ -131,7 +135,7 @@ class ServerProcess:
         """What the server counted since it started (each server's ``/stats``)."""
         async with (
             aiohttp.ClientSession() as http,
-            http.get(f"{self.origin}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
+            http.get(f"{self.origin}/stats", timeout=aiohttp.ClientTimeout(total=2), ssl=self.client_ssl) as response,
         ):
             data: dict[str, Any] = await response.json()
             return data
@@ -162,7 +166,7 @@ class UpstreamProcess(ServerProcess):
         """Let the upstream's gated_steps tool go past ``step``."""
         async with (
             aiohttp.ClientSession() as http,
-            http.post(f"http://127.0.0.1:{self.port}/release?step={step}") as response,
+            http.post(f"{self.origin}/release?step={step}", ssl=self.client_ssl) as response,
         ):
             assert response.status == 200
 
@@ -170,6 +174,78 @@ class UpstreamProcess(ServerProcess):
         """Session ids the upstream still holds."""
         sessions: list[str] = (await self.stats())["live_sessions"]
         return sessions
+
+
+class HttpsUpstreamProcess(UpstreamProcess):
+    """The SDK server under uvicorn serving https with a certificate from a test CA (see ``test_ca``).
+    ``client_ca`` makes it require a client certificate issued by that CA."""
+
+    name = "https upstream server"
+
+    def __init__(
+        self,
+        certificate: trustme.LeafCert,
+        directory: Path,
+        *,
+        json_response: bool = False,
+        client_ca: Path | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(json_response=json_response)
+        self.certfile = directory / f"server-{self.port}.pem"
+        self.keyfile = directory / f"server-{self.port}.key"
+        certificate.cert_chain_pems[0].write_to_path(str(self.certfile))
+        for pem in certificate.cert_chain_pems[1:]:
+            pem.write_to_path(str(self.certfile), append=True)
+        certificate.private_key_pem.write_to_path(str(self.keyfile))
+        self.client_ca = client_ca
+        if client_ssl is not None:
+            self.client_ssl = client_ssl
+
+    @property
+    def origin(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        command = [*super().command(), "--certfile", str(self.certfile), "--keyfile", str(self.keyfile)]
+        if self.client_ca is not None:
+            command += ["--client-ca", str(self.client_ca)]
+        return command
+
+
+@dataclass(frozen=True)
+class CertAuthority:
+    """A certificate authority made for the test run (trustme), and its certificate as a PEM file."""
+
+    ca: trustme.CA
+    pem: Path
+    directory: Path
+
+    def trusting_context(self) -> ssl.SSLContext:
+        """A client context that trusts this CA (the tests' own requests to its servers)."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    directory = tmp_path_factory.mktemp("test-ca")
+    ca = trustme.CA(organization_name="mcp-heal-proxy tests")
+    pem = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    return CertAuthority(ca, pem, directory)
+
+
+@pytest.fixture
+async def https_upstream(test_ca: CertAuthority) -> AsyncIterator[HttpsUpstreamProcess]:
+    """The SDK server (SSE answers) over https, its certificate for 127.0.0.1 issued by ``test_ca``."""
+    server = HttpsUpstreamProcess(
+        test_ca.ca.issue_cert("127.0.0.1"), test_ca.directory, client_ssl=test_ca.trusting_context()
+    )
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture(params=["sse", "json"])

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -387,3 +389,94 @@ def test_the_file_a_variable_and_set_agree_on_every_number(key: str, value: floa
         assert all(kind == "refused" for kind, _ in outcomes), outcomes
     # One answer, whatever the source: the same value held, or the same reason given.
     assert len({(kind, str(result)) for kind, result in outcomes}) == 1, outcomes
+
+
+# ---- TLS keys -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pems(tmp_path: Path) -> dict[str, str]:
+    """A CA's PEM, a client certificate and its key apart, and a key of another certificate."""
+    ca = trustme.CA()
+    mine, other = ca.issue_cert("client.example"), ca.issue_cert("other.example")
+    files = {
+        "ca": ca.cert_pem,
+        "cert": mine.cert_chain_pems[0],
+        "key": mine.private_key_pem,
+        "both": mine.private_key_and_cert_chain_pem,
+        "other_key": other.private_key_pem,
+    }
+    paths = {}
+    for name, blob in files.items():
+        blob.write_to_path(str(tmp_path / f"{name}.pem"))
+        paths[name] = str(tmp_path / f"{name}.pem")
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    paths["not_pem"] = str(tmp_path / "not.pem")
+    return paths
+
+
+def test_server_ca_file_is_the_default_of_every_upstream_without_its_own(tmp_path: Path, pems: dict[str, str]) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    path = write(
+        tmp_path,
+        f"[server]\nca_file = '{pems['ca']}'\n"
+        "[upstreams.a]\nurl = 'https://a.example/mcp'\n"
+        f"[upstreams.b]\nurl = 'https://b.example/mcp'\nca_file = '{other}'\n"
+        f"client_cert = '{pems['cert']}'\nclient_key = '{pems['key']}'\n",
+    )
+    config = build_config(config_file=path, flags={}, environ={})
+    a, b = config.upstreams
+    assert (a.ca_file, b.ca_file) == (pems["ca"], str(other))
+    assert (b.client_cert, b.client_key) == (pems["cert"], pems["key"])
+    # The environment's default, and --set for the --upstream upstream.
+    config = build_config(
+        config_file=None, flags={"upstream": "https://c.example/mcp"}, environ={"MCP_HEAL_PROXY_CA_FILE": pems["ca"]}
+    )
+    assert config.upstreams[0].ca_file == pems["ca"]
+    config = build_config(
+        config_file=None,
+        flags={"upstream": "https://c.example/mcp"},
+        environ={},
+        settings=[f"ca_file={pems['ca']}", f"client_cert={pems['both']}"],
+    )
+    assert (config.upstreams[0].ca_file, config.upstreams[0].client_cert) == (pems["ca"], pems["both"])
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"ca_file": "{tmp}/missing.pem"}, "upstreams.a.ca_file cannot be read (No such file or directory)"),
+        ({"ca_file": "{not_pem}"}, "upstreams.a.ca_file must be a PEM file"),
+        ({"ca_file": "{key}"}, "upstreams.a.ca_file holds no CA certificate that can be loaded"),
+        ({"client_key": "{key}"}, "upstreams.a.client_key needs client_cert"),
+        ({"client_cert": "{cert}"}, "upstreams.a.client_cert cannot be used ("),
+        ({"client_cert": "{cert}", "client_key": "{other_key}"}, "upstreams.a.client_cert cannot be used ("),
+    ],
+)
+def test_tls_files_that_cannot_work_are_refused_where_they_are_set(
+    tmp_path: Path, pems: dict[str, str], keys: dict[str, str], message: str
+) -> None:
+    table = "".join(f"{key} = '{value.format(tmp=tmp_path, **pems)}'\n" for key, value in keys.items())
+    path = write(tmp_path, f"[upstreams.a]\nurl = 'https://a.example/mcp'\n{table}")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        build_config(config_file=path, flags={}, environ={})
+
+
+def test_an_encrypted_client_key_is_refused_without_asking_for_a_password(tmp_path: Path, pems: dict[str, str]) -> None:
+    key = serialization.load_pem_private_key(Path(pems["key"]).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(ConfigError, match=r"^--set client_cert cannot be used \(.*unencrypted private key"):
+        build_config(
+            config_file=None,
+            flags={"upstream": "https://a.example/mcp"},
+            environ={},
+            settings=[f"client_cert={pems['cert']}", f"client_key={encrypted}"],
+        )

@@ -1,6 +1,6 @@
 """The official MCP Python SDK server, run as a separate process for the tests.
 
-Run it as ``python tests/upstream_server.py --port N [--json] [--idle-timeout S]``.
+Run it as ``python tests/upstream_server.py --port N [--json] [--idle-timeout S] [--certfile PEM --keyfile PEM]``.
 It serves a streamable HTTP endpoint at ``/mcp`` on 127.0.0.1, with tools that the tests call, and
 ``/stats`` that counts the ``initialize`` requests it received (so a test can prove single-flight
 healing at the upstream, not by trusting the proxy) and shows the resource subscriptions and logging
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -215,6 +216,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="answer with application/json, not SSE")
     parser.add_argument("--idle-timeout", type=float, default=None, help="session idle TTL in seconds")
     parser.add_argument("--resumable", action="store_true", help="number events so clients can resume streams")
+    parser.add_argument("--certfile", help="serve https with this certificate (PEM, chain included)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument("--client-ca", help="require a client certificate issued by this CA (PEM)")
     args = parser.parse_args()
     app = server.streamable_http_app(
         json_response=args.json,
@@ -222,7 +226,12 @@ def main() -> None:
         event_store=MemoryEventStore() if args.resumable else None,
         host="127.0.0.1",
     )
-    config = uvicorn.Config(counting(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
+    tls: dict[str, Any] = {}
+    if args.certfile:
+        tls = {"ssl_certfile": args.certfile, "ssl_keyfile": args.keyfile}
+    if args.client_ca:
+        tls |= {"ssl_ca_certs": args.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    config = uvicorn.Config(counting(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on", **tls)
     uvicorn.Server(config).run()
 
 

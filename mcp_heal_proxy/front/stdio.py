@@ -466,10 +466,12 @@ def stdio_upstream(
     name: str | None,
     header_flags: list[str],
     environ: Mapping[str, str],
+    settings: list[str] | tuple[str, ...] = (),
 ) -> tuple[UpstreamConfig, int, str]:
     """The upstream the bridge talks to, the longest line it reads, and the store path its managed login's
     tokens sit beside: from ``--upstream`` (with ``--header`` flags), or ``--name`` of a config file (its
-    headers, timeouts, heal_on, replay, auth)."""
+    headers, timeouts, heal_on, replay, auth). ``settings`` are ``--set KEY=VALUE`` texts of upstream keys;
+    ``MCP_HEAL_PROXY_CA_FILE`` is the CA file of an ``--upstream`` that sets none, as for serve."""
     from dataclasses import replace
 
     from mcp_heal_proxy.config import (
@@ -479,9 +481,11 @@ def stdio_upstream(
         ConfigError,
         build_config,
         check_option,
+        upstream_settings,
     )
 
     headers = header_pairs(header_flags, environ)
+    options = upstream_settings(settings, environ if config_file is None else {})
     if config_file is not None:
         if url is not None:
             raise ConfigError("give --upstream URL or --config FILE --name NAME, not both")
@@ -491,11 +495,12 @@ def stdio_upstream(
             names = ", ".join(u.name for u in config.upstreams)
             raise ConfigError(f"{config_file}: name one upstream with --name (it has: {names})")
         upstream = chosen[0]
-        return replace(upstream, headers={**upstream.headers, **headers}), config.max_body_bytes, config.state
+        upstream = replace(upstream, headers={**upstream.headers, **headers}, **options)
+        return upstream, config.max_body_bytes, config.state
     if url is None:
         raise ConfigError("stdio needs --upstream URL (or --config FILE --name NAME)")
     checked = check_option(UPSTREAM_OPTIONS, "url", url, "--upstream")
-    return UpstreamConfig(url=checked, headers=headers), DEFAULT_MAX_BODY_BYTES, MEMORY_STATE
+    return UpstreamConfig(url=checked, headers=headers, **options), DEFAULT_MAX_BODY_BYTES, MEMORY_STATE
 
 
 def header_pairs(values: list[str], environ: Mapping[str, str]) -> dict[str, str]:

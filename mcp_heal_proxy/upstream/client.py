@@ -25,7 +25,8 @@ import structlog
 
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
-from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamTLSFailed, UpstreamUnavailable
+from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 
 if TYPE_CHECKING:
     from mcp_heal_proxy.auth.managed import Transmit
@@ -74,6 +75,7 @@ class Upstream:
         "_lean_streams",
         "_pool_timeout",
         "_post_timeout",
+        "_ssl",
         "_stream_timeout",
         "_url",
         "config",
@@ -86,6 +88,9 @@ class Upstream:
         self._auth = auth
         # The URL requests go to: the configured one, or where the upstream redirected it (same origin).
         self._url = config.url
+        # One TLS context for every connection of this upstream, both clients (and its OAuth requests,
+        # through tls_context): the system's CAs plus ca_file, and the client certificate if any.
+        self._ssl = tls_context(config)
         # ``connect`` bounds the wait for a pooled connection plus the connect itself.
         self._post_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -128,6 +133,7 @@ class Upstream:
                     connect_timeout=config.connect_timeout,
                     idle_lifetime=config.keepalive_idle,
                     acquire_timeout=config.connect_timeout,
+                    ssl_context=self._ssl,
                 )
                 for size in (config.pool_size, config.max_streams)
             )
@@ -140,7 +146,9 @@ class Upstream:
         session = self._aiohttp_streams if stream else self._aiohttp_requests
         if session is None:
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.config.max_streams if stream else self.config.pool_size),
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_streams if stream else self.config.pool_size, ssl=self._ssl
+                ),
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent"),
                 # The proxy is not a browser: cookies pass through as headers, never stored or merged.
@@ -330,16 +338,27 @@ class Upstream:
         lean = self._lean_streams if stream else self._lean_requests
         while True:
             try:
-                if lean is not None:
-                    # LeanResponse has the part of ClientResponse the callers use (status, reason,
-                    # headers, content_length, content.readany/read/iter_any, release, close).
-                    response = await lean.request(
-                        method, headers, body, read_timeout=timeout.sock_read, url=None if url == self._url else url
+                try:
+                    if lean is not None:
+                        # LeanResponse has the part of ClientResponse the callers use (status, reason,
+                        # headers, content_length, content.readany/read/iter_any, release, close).
+                        response = await lean.request(
+                            method, headers, body, read_timeout=timeout.sock_read, url=None if url == self._url else url
+                        )
+                        return cast("aiohttp.ClientResponse", response)
+                    return await self._aiohttp(stream).request(
+                        method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                     )
-                    return cast("aiohttp.ClientResponse", response)
-                return await self._aiohttp(stream).request(
-                    method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
-                )
+                except aiohttp.ClientError as exc:
+                    # A failed TLS handshake is answered at once (a ProxyError, which the clauses below
+                    # let through): no retry makes a refused certificate trusted.
+                    parts = urlsplit(url)
+                    why = tls_failure(exc, parts.hostname or "")
+                    if why is None:
+                        raise
+                    # The host only: a URL's query may carry a key.
+                    log.warning("upstream.tls_failed", upstream=self.config.name, host=parts.netloc, error=why)
+                    raise UpstreamTLSFailed(f"upstream MCP server unreachable: {why}") from exc
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.

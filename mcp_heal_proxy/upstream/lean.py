@@ -7,7 +7,9 @@ body reader that pauses the socket when the consumer falls behind (an SSE stream
 whole). No redirects, cookies, compression, proxies, auth from the URL, or HEAD requests.
 
 Errors. Opening a connection fails with ``ConnectFailed`` (nothing was sent, so ``Upstream.send``
-retries it like aiohttp's ``ClientConnectorError``) or ``ConnectTimeout``; a connection that breaks
+retries it like aiohttp's ``ClientConnectorError``), ``ConnectTimeout``, or ``HandshakeFailed`` (the handshake
+failed: a certificate refused, or one the server wants; also when the server refuses the handshake only
+as it reads the request, as TLS 1.3 servers do for a missing client certificate); a connection that breaks
 before the response head fails with ``Disconnected`` (an ``aiohttp.ServerDisconnectedError``); a head
 that is not HTTP fails with ``BadResponse``. Body reads raise aiohttp's own classes: a timeout is an
 ``aiohttp.ServerTimeoutError`` (also a ``TimeoutError``), a broken body an ``aiohttp.ClientPayloadError``,
@@ -35,6 +37,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from mcp_heal_proxy.upstream.tls import HandshakeFailed, client_context
 
 # Buffered body bytes above which the socket stops being read, and below which it resumes.
 HIGH_WATER: Final = 256 * 1024
@@ -307,7 +311,14 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         head = self._head
         if head is not None and not head.done():
-            head.set_exception(Disconnected("upstream closed the connection before answering"))
+            if isinstance(exc, ssl.SSLError):
+                # A TLS 1.3 server checks the client's certificate after the client's side of the
+                # handshake is done: its refusal arrives as the answer to the request.
+                failure: Exception = HandshakeFailed(f"TLS with the upstream failed: {exc}")
+                failure.__cause__ = exc
+            else:
+                failure = Disconnected("upstream closed the connection before answering")
+            head.set_exception(failure)
             return
         body = self._body
         if body is None or body.done:
@@ -442,6 +453,7 @@ class LeanPool:
         connect_timeout: float | None,
         idle_lifetime: float = IDLE_LIFETIME,
         acquire_timeout: float | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -462,7 +474,10 @@ class LeanPool:
         # How long a request may wait for a free connection when all ``size`` are busy; None waits on.
         self._acquire_timeout = acquire_timeout
         self._idle_lifetime = idle_lifetime
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self._https else None
+        # The system's trust unless the upstream's settings give a context (its ca_file, client_cert).
+        self._ssl: ssl.SSLContext | None = None
+        if self._https:
+            self._ssl = ssl_context if ssl_context is not None else client_context(None, None, None)
         self._idle: list[_Connection] = []
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -578,6 +593,9 @@ class LeanPool:
                 )
         except TimeoutError as exc:
             raise ConnectTimeout(f"connecting to {self._host}:{self._port} timed out") from exc
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            # Before OSError: ssl.SSLError is one, but no retry can make a certificate trusted.
+            raise HandshakeFailed(f"TLS handshake with {self._host}:{self._port} failed: {exc}") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         # uvloop calls connection_made soon after, not before, create_connection returns.

@@ -1,0 +1,301 @@
+"""https upstreams: the official SDK server under uvicorn with certificates from a test CA (trustme).
+
+Healing across restarts works over https as over http for both upstream clients, the GET stream and the
+stdio bridge, trusting the CA through ``ca_file`` (added to the system's trust) or ``SSL_CERT_FILE``; a
+certificate the proxy cannot accept, or a handshake that fails, gets the client a JSON-RPC error with its
+id that names the cause and the fix, at once (never retried as if the network were down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.types import CallToolResult, TextContent
+from structlog.testing import capture_logs
+
+from mcp_heal_proxy.upstream.tls import client_context
+from tests.conftest import (
+    INITIALIZE_PARAMS,
+    MCP_HEADERS,
+    CertAuthority,
+    HttpsUpstreamProcess,
+    ProxyFactory,
+    UpstreamProcess,
+    echo_call,
+    mcp_session,
+    raw_initialize,
+    session_headers,
+    wait_until,
+)
+from tests.tls_front import TLSFront
+
+CLIENTS = ["lean", "aiohttp"]
+CALL_TIMEOUT = 20.0
+BRIDGE = str(Path(sys.executable).parent / "mcp-heal-proxy")
+
+
+def text_of(result: CallToolResult) -> str:
+    first = result.content[0]
+    assert isinstance(first, TextContent)
+    return first.text
+
+
+async def call(http: aiohttp.ClientSession, url: str, session_id: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST one request on a session: the status and its JSON-RPC answer (from a JSON or an SSE answer)."""
+    async with http.post(url, data=json.dumps(body), headers=session_headers(session_id)) as response:
+        raw = (await response.read()).decode()
+        if response.content_type != "text/event-stream":
+            return response.status, json.loads(raw) if raw else None
+    data = [line[5:] for line in raw.splitlines() if line.startswith("data:") and line[5:].strip()]
+    return response.status, json.loads(data[-1])
+
+
+@pytest.fixture(autouse=True)
+def system_trust_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy trusts what the system trusts unless a test says otherwise."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+# --- healing over https -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_tool_call_survives_an_https_upstream_restart(
+    client: str, https_upstream: HttpsUpstreamProcess, test_ca: CertAuthority, start_proxy: ProxyFactory
+) -> None:
+    assert https_upstream.url.startswith("https://127.0.0.1:")
+    proxy = await start_proxy(https_upstream.url, client=client, ca_file=str(test_ca.pem))
+    async with mcp_session(proxy.url) as session:
+        assert text_of(await session.call_tool("echo", {"text": "before"})) == "before"
+        await https_upstream.restart()
+        assert text_of(await session.call_tool("echo", {"text": "after"})) == "after"
+    assert (await https_upstream.stats())["initialize"] == 1, "the restarted upstream was re-initialized once"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_get_stream_over_https_is_reattached_and_heals_its_session_after_a_restart(
+    client: str,
+    https_upstream: HttpsUpstreamProcess,
+    test_ca: CertAuthority,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    proxy = await start_proxy(https_upstream.url, client=client, ca_file=str(test_ca.pem))
+    session_id = await raw_initialize(http, proxy.url)
+    headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with http.get(proxy.url, headers=headers, timeout=timeout) as stream:
+        assert stream.status == 200
+        assert len(await https_upstream.live_sessions()) == 1
+        await https_upstream.restart()
+
+        # The stream's reattach finds the session gone and heals it: a new upstream session, over https,
+        # while the client's stream stays open.
+        async def healed() -> bool:
+            return len(await https_upstream.live_sessions()) == 1
+
+        await wait_until(healed, 15, "the GET stream's reattach healed the session")
+        assert not stream.content.at_eof(), "the client's GET stream stayed open"
+        status, answer = await call(http, proxy.url, session_id, echo_call(7, "after"))
+        assert status == 200
+        assert answer["id"] == 7
+        assert answer["result"]["content"][0]["text"] == "after"
+    assert (await https_upstream.stats())["initialize"] == 1
+
+
+async def test_the_stdio_bridge_heals_across_an_https_upstream_restart(
+    https_upstream: HttpsUpstreamProcess, test_ca: CertAuthority
+) -> None:
+    params = StdioServerParameters(
+        command=BRIDGE,
+        args=["stdio", "--upstream", https_upstream.url, "--set", f"ca_file={test_ca.pem}"],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+    )
+    async with (
+        stdio_client(params) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream) as session,
+        asyncio.timeout(CALL_TIMEOUT * 2),
+    ):
+        await session.initialize()
+        assert text_of(await session.call_tool("echo", {"text": "before"})) == "before"
+        await https_upstream.restart()
+        assert text_of(await session.call_tool("echo", {"text": "after"})) == "after"
+    assert (await https_upstream.stats())["initialize"] == 1
+
+
+# --- trust: ca_file added to the system's CAs, SSL_CERT_FILE --------------------------------------------
+
+
+def test_ca_file_is_added_to_the_systems_trust_not_put_in_its_place(test_ca: CertAuthority) -> None:
+    system = len(client_context(None, None, None).get_ca_certs())
+    assert system > 0, "this machine's system CAs are loaded"
+    assert len(client_context(str(test_ca.pem), None, None).get_ca_certs()) == system + 1
+
+
+async def test_ssl_cert_file_is_honoured_and_ca_file_adds_to_it(
+    https_upstream: HttpsUpstreamProcess,
+    test_ca: CertAuthority,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    # SSL_CERT_FILE names the upstream's CA; ca_file another one: both are trusted.
+    monkeypatch.setenv("SSL_CERT_FILE", str(test_ca.pem))
+    proxy = await start_proxy(https_upstream.url, ca_file=str(other_ca))
+    session_id = await raw_initialize(http, proxy.url)
+    assert (await call(http, proxy.url, session_id, echo_call(2)))[0] == 200
+    # Without SSL_CERT_FILE, the other CA alone does not vouch for the upstream.
+    monkeypatch.delenv("SSL_CERT_FILE")
+    proxy = await start_proxy(https_upstream.url, ca_file=str(other_ca))
+    status, answer = await initialize(http, proxy.url)
+    assert status == 502
+    assert "not trusted" in answer["error"]["message"]
+
+
+# --- errors that say what they are ---------------------------------------------------------------------
+
+
+async def initialize(http: aiohttp.ClientSession, url: str, request_id: int = 41) -> tuple[int, Any]:
+    body = {"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": INITIALIZE_PARAMS}
+    async with http.post(url, json=body, headers=MCP_HEADERS) as response:
+        return response.status, await response.json()
+
+
+def unverified() -> ssl.SSLContext:
+    """The tests' own context for /stats of a server whose certificate is wrong on purpose."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@contextlib.asynccontextmanager
+async def running(server: UpstreamProcess) -> AsyncIterator[UpstreamProcess]:
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def assert_refused_at_once(http: aiohttp.ClientSession, proxy_url: str, *expected: str) -> None:
+    """An initialize gets a JSON-RPC error with its id naming the cause and the fix, well within
+    connect_retry (5 s: a network failure would be retried that long), and the log has a warning."""
+    with capture_logs() as logs:
+        started = time.monotonic()
+        status, answer = await initialize(http, proxy_url, request_id=41)
+        elapsed = time.monotonic() - started
+    assert status == 502
+    assert answer["id"] == 41
+    message = answer["error"]["message"]
+    for words in expected:
+        assert words in message, message
+    assert elapsed < 2.0, f"answered after {elapsed:.1f} s: retried as if the network were down"
+    warnings = [entry for entry in logs if entry["event"] == "upstream.tls_failed"]
+    assert warnings, logs
+    assert warnings[0]["log_level"] == "warning"
+    assert expected[0] in warnings[0]["error"]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_an_untrusted_certificate_is_named_with_its_fix(
+    client: str, https_upstream: HttpsUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(https_upstream.url, client=client)
+    await assert_refused_at_once(
+        http, proxy.url, "the upstream's certificate is not trusted (", "unable to get local issuer", "set ca_file"
+    )
+    assert (await https_upstream.stats())["initialize"] == 0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_certificate_for_another_host_is_named_with_its_fix(
+    client: str, test_ca: CertAuthority, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    certificate = test_ca.ca.issue_cert("mcp.other.example")
+    async with running(HttpsUpstreamProcess(certificate, test_ca.directory, client_ssl=unverified())) as server:
+        proxy = await start_proxy(server.url, client=client, ca_file=str(test_ca.pem))
+        await assert_refused_at_once(
+            http, proxy.url, "the upstream's certificate is not for 127.0.0.1 (", "mismatch", "in the upstream URL"
+        )
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_an_expired_certificate_is_named_with_its_fix(
+    client: str, test_ca: CertAuthority, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = test_ca.ca.issue_cert(
+        "127.0.0.1", not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1)
+    )
+    async with running(HttpsUpstreamProcess(certificate, test_ca.directory, client_ssl=unverified())) as server:
+        proxy = await start_proxy(server.url, client=client, ca_file=str(test_ca.pem))
+        await assert_refused_at_once(
+            http, proxy.url, "the upstream's certificate has expired (certificate has expired)", "renew"
+        )
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_https_to_a_plain_http_server_is_named_as_a_handshake_failure(
+    client: str, sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    url = sse_upstream.url.replace("http://", "https://")
+    proxy = await start_proxy(url, client=client)
+    await assert_refused_at_once(
+        http, proxy.url, "TLS handshake with the upstream failed (", "does not speak TLS", "http:// URL"
+    )
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_server_that_wants_a_client_certificate_gets_one_from_client_cert(
+    client: str,
+    test_ca: CertAuthority,
+    sse_upstream: UpstreamProcess,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    mine = test_ca.ca.issue_cert("proxy.client.example")
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    mine.cert_chain_pems[0].write_to_path(str(cert))
+    mine.private_key_pem.write_to_path(str(key))
+    # The server's side: its certificate for 127.0.0.1, and client certificates of the test CA required.
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.ca.issue_cert("127.0.0.1").configure_cert(server_side)
+    test_ca.ca.configure_trust(server_side)
+    server_side.verify_mode = ssl.CERT_REQUIRED
+    front = TLSFront(server_side, sse_upstream.port)
+    try:
+        url = f"https://127.0.0.1:{front.port}/mcp"
+        without = await start_proxy(url, client=client, ca_file=str(test_ca.pem))
+        await assert_refused_at_once(
+            http, without.url, "TLS handshake with the upstream failed (", "client certificate", "set client_cert"
+        )
+        proxy = await start_proxy(
+            url, client=client, ca_file=str(test_ca.pem), client_cert=str(cert), client_key=str(key)
+        )
+        session_id = await raw_initialize(http, proxy.url)
+        status, answer = await call(http, proxy.url, session_id, echo_call(3, "mutual"))
+        assert status == 200
+        assert answer["result"]["content"][0]["text"] == "mutual"
+    finally:
+        front.close()

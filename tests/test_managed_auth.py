@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -302,7 +303,7 @@ def refreshes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Stand in for the token endpoint: each refresh returns the next access token."""
     spent: list[str] = []
 
-    async def fake_refresh(old: Grant) -> Grant:
+    async def fake_refresh(old: Grant, tls: ssl.SSLContext) -> Grant:
         await asyncio.sleep(0.05)  # long enough for concurrent callers to pile up behind it
         spent.append(old.access_token)
         return replace(
@@ -389,7 +390,7 @@ async def test_a_refused_refresh_is_not_retried_until_the_next_login(
 ) -> None:
     attempts: list[str] = []
 
-    async def refused(old: Grant) -> Grant:
+    async def refused(old: Grant, tls: ssl.SSLContext) -> Grant:
         attempts.append(old.access_token)
         raise managed.TokenRefused(400, "invalid_grant")
 
@@ -422,7 +423,7 @@ async def test_insufficient_scope_asks_for_a_new_login_and_remembers_the_scope(
 async def test_an_unreachable_authorization_server_spends_the_tokens_last_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def unreachable(_: Grant) -> Grant:
+    async def unreachable(_: Grant, tls: ssl.SSLContext) -> Grant:
         raise aiohttp.ClientConnectionError("refused")
 
     monkeypatch.setattr(managed, "refresh_grant", unreachable)

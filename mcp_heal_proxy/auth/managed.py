@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import secrets
+import ssl
 import time
 import webbrowser
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,6 +38,7 @@ from aiohttp import web
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import ProxyError
+from mcp_heal_proxy.upstream.tls import tls_context
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -434,17 +436,24 @@ def _grant_from(answer: Mapping[str, Any], base: Grant) -> Grant:
     )
 
 
-async def refresh_grant(grant: Grant) -> Grant:
-    """A new access token for the grant (RFC 6749 section 6); raises TokenRefused or aiohttp errors."""
+async def refresh_grant(grant: Grant, tls: ssl.SSLContext) -> Grant:
+    """A new access token for the grant (RFC 6749 section 6), over the upstream's TLS settings (``tls``);
+    raises TokenRefused or aiohttp errors."""
     assert grant.refresh_token is not None
     form = {"grant_type": "refresh_token", "refresh_token": grant.refresh_token}
     if grant.resource:
         form["resource"] = grant.resource
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+    async with _client(tls) as http:
         answer = await _token_request(
             http, grant.token_endpoint, form, grant.client_id, grant.client_secret, grant.auth_method
         )
     return _grant_from(answer, grant)
+
+
+def _client(tls: ssl.SSLContext) -> aiohttp.ClientSession:
+    """An HTTP client for OAuth requests of one upstream: its ca_file and client certificate apply, as to
+    its MCP requests (the authorization server is often behind the same corporate CA)."""
+    return aiohttp.ClientSession(timeout=HTTP_TIMEOUT, connector=aiohttp.TCPConnector(ssl=tls))
 
 
 # --- login ----------------------------------------------------------------------------------------
@@ -571,7 +580,7 @@ async def _login(
     open_browser: bool,
     wait: float,
 ) -> Grant:
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+    async with _client(tls_context(upstream)) as http:
         found = await discover(http, upstream.url, lambda line: _print(out, line))
         metadata = found.metadata
         methods = metadata.get("code_challenge_methods_supported")
@@ -815,7 +824,7 @@ class ManagedAuth:
                     why = "the access token expired" if reason == "expiry" else "the upstream refused the access token"
                     raise LoginRequired(self._hint(f"{why} and the login gave no refresh token"))
                 try:
-                    fresh = await refresh_grant(grant)
+                    fresh = await refresh_grant(grant, tls_context(self._upstream))
                 except TokenRefused as exc:
                     self._refused = stale
                     log.warning("auth.refresh_refused", upstream=self._name, reason=reason, error=exc.error)

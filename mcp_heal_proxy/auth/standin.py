@@ -49,6 +49,7 @@ from mcp_heal_proxy.auth.metadata import (
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable
 from mcp_heal_proxy.front.guards import json_error
+from mcp_heal_proxy.upstream.tls import tls_context
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
 
@@ -60,7 +61,6 @@ FORWARD_TIMEOUT: Final = aiohttp.ClientTimeout(total=30.0, sock_connect=5.0)
 # Headers of the authorization server's answers that the client needs; the rest stays behind.
 _ANSWER_HEADERS: Final = ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate", "Location")
 _CHALLENGE_STATUSES: Final = frozenset({401, 403})
-HTTP_KEY: Final = web.AppKey("oauth_http", aiohttp.ClientSession)
 # Authorizations the stand-in relays through its own callback (RFC 9207 upstreams): a login takes
 # minutes at most; the bound keeps abandoned ones from piling up.
 PENDING_TTL: Final = 600.0
@@ -139,13 +139,21 @@ def _passes_through(upstream: UpstreamConfig) -> bool:
 class _Upstream:
     """What the pass-through knows of one upstream."""
 
-    __slots__ = ("config", "metadata", "pending", "stand_in")
+    __slots__ = ("_http", "config", "metadata", "pending", "stand_in")
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
+        # Its own client (made while the app runs): the upstream's TLS settings (ca_file, client_cert)
+        # apply to its metadata, token, revocation and registration requests as to its MCP requests.
+        self._http: aiohttp.ClientSession | None = None
         self.stand_in = config.oauth_pass_through == "stand-in"
         self.metadata = UpstreamMetadata(config.url, config.name)
         self.pending = _Pending()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        assert self._http is not None, "the app is not running"
+        return self._http
 
 
 class OAuthPassThrough:
@@ -193,9 +201,18 @@ class OAuthPassThrough:
                 app.router.add_get(AUTHORIZATION_SERVER_WELL_KNOWN, self._handler(self._authorization_server, root))
 
     async def _http_client(self, app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            app[HTTP_KEY] = http
+        upstreams = list(self._by_path.values())
+        for upstream in upstreams:
+            upstream._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=tls_context(upstream.config)), cookie_jar=aiohttp.DummyCookieJar()
+            )
+        try:
             yield
+        finally:
+            for upstream in upstreams:
+                if upstream._http is not None:
+                    await upstream._http.close()
+                    upstream._http = None
 
     @staticmethod
     def _handler(
@@ -220,7 +237,7 @@ class OAuthPassThrough:
 
     async def _protected_resource(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
         try:
-            document = await upstream.metadata.protected_resource(request.app[HTTP_KEY])
+            document = await upstream.metadata.protected_resource(upstream.http)
         except MetadataUnavailable as exc:
             return metadata_error(exc)
         origin = self._origin(request)
@@ -262,7 +279,7 @@ class OAuthPassThrough:
         if upstream is None or MCP_SESSION_ID in request.headers or "Authorization" in request.headers:
             return None
         try:
-            await upstream.metadata.protected_resource(request.app[HTTP_KEY])
+            await upstream.metadata.protected_resource(upstream.http)
         except MetadataUnavailable:
             return None
         metadata_url = protected_resource_metadata_url(self._origin(request), upstream.config.path)
@@ -273,10 +290,10 @@ class OAuthPassThrough:
     # --- the stand-in authorization server ---------------------------------------------------------
 
     async def _upstream_server(self, request: web.Request, upstream: _Upstream) -> dict[str, Any]:
-        return await upstream.metadata.authorization_server(request.app[HTTP_KEY])
+        return await upstream.metadata.authorization_server(upstream.http)
 
     async def _upstream_resource(self, request: web.Request, upstream: _Upstream) -> str:
-        document = await upstream.metadata.protected_resource(request.app[HTTP_KEY])
+        document = await upstream.metadata.protected_resource(upstream.http)
         resource: str = document["resource"]
         return resource
 
@@ -360,7 +377,7 @@ class OAuthPassThrough:
             # The upstream issued this code to the proxy's callback: the token request must say so.
             mapped = [(k, callback if k == "redirect_uri" else v) for k, v in mapped]
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        return await self._forward(request, endpoint, urlencode(mapped).encode(), headers)
+        return await self._forward(request, upstream, endpoint, urlencode(mapped).encode(), headers)
 
     async def _register(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
         """Forward a dynamic client registration as it is."""
@@ -379,7 +396,7 @@ class OAuthPassThrough:
             "Accept": "application/json",
         }
         if not relays_redirect(server):
-            return await self._forward(request, endpoint, body, headers)
+            return await self._forward(request, upstream, endpoint, body, headers)
         # The upstream will redirect to the proxy's callback: register it beside the client's own.
         try:
             registration = json.loads(body)
@@ -387,7 +404,7 @@ class OAuthPassThrough:
         except (ValueError, KeyError, TypeError):
             return oauth_error(400, "invalid_client_metadata", "redirect_uris is required")
         registration["redirect_uris"] = [*redirect_uris, self._callback_url(request, upstream)]
-        answer = await self._forward(request, endpoint, json.dumps(registration).encode(), headers)
+        answer = await self._forward(request, upstream, endpoint, json.dumps(registration).encode(), headers)
         try:
             registered = json.loads(answer.body if isinstance(answer.body, bytes) else b"")
         except ValueError:
@@ -397,12 +414,14 @@ class OAuthPassThrough:
             answer.body = json.dumps(registered).encode()
         return answer
 
-    async def _forward(self, request: web.Request, url: str, body: bytes, headers: dict[str, str]) -> web.Response:
+    async def _forward(
+        self, request: web.Request, upstream: _Upstream, url: str, body: bytes, headers: dict[str, str]
+    ) -> web.Response:
         # client_secret_basic, or a registration's initial access token.
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         try:
-            async with request.app[HTTP_KEY].post(
+            async with upstream.http.post(
                 url, data=body, headers=headers, timeout=FORWARD_TIMEOUT, allow_redirects=False
             ) as answer:
                 content = await answer.content.read(FORM_LIMIT + 1)

@@ -9,6 +9,7 @@ reaches the client's own redirect URI, then feeds code and state to the callback
 from __future__ import annotations
 
 import contextlib
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,10 +35,19 @@ class OAuthUpstream(ServerProcess):
 
     name = "OAuth upstream"
 
-    def __init__(self, state_dir: Path, *options: str) -> None:
+    def __init__(self, state_dir: Path, *options: str, tls: tuple[Path, Path, ssl.SSLContext] | None = None) -> None:
         super().__init__()
         self.options = options
         self.state_file = state_dir / f"oauth-{self.port}.json"
+        # https: (certificate file, key file, a context that trusts its CA for the tests' own requests).
+        self.tls = tls
+        if tls is not None:
+            self.options = (*options, "--certfile", str(tls[0]), "--keyfile", str(tls[1]))
+            self.client_ssl = tls[2]
+
+    @property
+    def origin(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -53,7 +63,7 @@ class OAuthUpstream(ServerProcess):
     async def post(self, path: str) -> None:
         async with (
             aiohttp.ClientSession() as http,
-            http.post(f"{self.origin}{path}", timeout=aiohttp.ClientTimeout(total=2)) as response,
+            http.post(f"{self.origin}{path}", timeout=aiohttp.ClientTimeout(total=2), ssl=self.client_ssl) as response,
         ):
             assert response.status == 200
 
@@ -80,10 +90,12 @@ class MemoryStorage:
         self.client_info = client_info
 
 
-async def follow_to_redirect_uri(authorization_url: str, redirect_uri: str) -> str:
-    """Follow an authorization URL hop by hop, as a browser would, until it lands on ``redirect_uri``."""
+async def follow_to_redirect_uri(authorization_url: str, redirect_uri: str, trust: ssl.SSLContext | bool = True) -> str:
+    """Follow an authorization URL hop by hop, as a browser would, until it lands on ``redirect_uri``
+    (``trust``: the CAs the browser trusts)."""
     url = authorization_url
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    connector = aiohttp.TCPConnector(ssl=trust)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), connector=connector) as http:
         for _ in range(MAX_HOPS):
             if url.startswith(redirect_uri):
                 return url
@@ -98,13 +110,14 @@ async def follow_to_redirect_uri(authorization_url: str, redirect_uri: str) -> s
 class HeadlessLogin:
     """Redirect and callback handlers for OAuthClientProvider, with no browser."""
 
-    def __init__(self) -> None:
+    def __init__(self, trust: ssl.SSLContext | bool = True) -> None:
         self.callback_url: str | None = None
         self.logins = 0
+        self._trust = trust
 
     async def redirect(self, authorization_url: str) -> None:
         self.logins += 1
-        self.callback_url = await follow_to_redirect_uri(authorization_url, REDIRECT_URI)
+        self.callback_url = await follow_to_redirect_uri(authorization_url, REDIRECT_URI, self._trust)
 
     async def callback(self) -> AuthorizationCodeResult:
         assert self.callback_url is not None

@@ -240,8 +240,12 @@ class AutoApprovingProvider:
         self.save()
 
 
+def origin_of(args: argparse.Namespace) -> str:
+    return f"{'https' if args.certfile else 'http'}://127.0.0.1:{args.port}"
+
+
 def build_server(args: argparse.Namespace) -> tuple[MCPServer, AutoApprovingProvider, dict[str, str | None]]:
-    origin = f"http://127.0.0.1:{args.port}"
+    origin = origin_of(args)
     provider = AutoApprovingProvider(args, origin)
     step_up: dict[str, str | None] = {"scope": args.step_up_scope or None}
     server = MCPServer(
@@ -442,6 +446,8 @@ def main() -> None:
     parser.add_argument("--static-client", default=None, help="ID[:SECRET] of a pre-registered client")
     parser.add_argument("--static-redirect-uri", action="append", default=[])
     parser.add_argument("--send-iss", action="store_true")
+    parser.add_argument("--certfile", help="serve https with this certificate (PEM, chain included)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     server, provider, step_up = build_server(args)
     app = server.streamable_http_app(
@@ -449,11 +455,12 @@ def main() -> None:
         session_idle_timeout=args.idle_timeout,
         host="127.0.0.1",
     )
-    origin = f"http://127.0.0.1:{args.port}"
+    origin = origin_of(args)
     wrapped = instrument_as(instrumented(app, provider, step_up, origin))
     if args.send_iss:
         wrapped = advertising_iss(wrapped)
-    config = uvicorn.Config(wrapped, host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
+    tls = {"ssl_certfile": args.certfile, "ssl_keyfile": args.keyfile} if args.certfile else {}
+    config = uvicorn.Config(wrapped, host="127.0.0.1", port=args.port, log_level="warning", lifespan="on", **tls)
     uvicorn.Server(config).run()
 
 

@@ -42,6 +42,8 @@ from tests.conftest import (
     session_headers,
     wait_until,
 )
+from tests.oauth_clients import HeadlessLogin, MemoryStorage, OAuthUpstream, oauth_mcp_session
+from tests.oauth_server import EXPIRY_LEEWAY
 from tests.tls_front import TLSFront
 
 CLIENTS = ["lean", "aiohttp"]
@@ -299,3 +301,42 @@ async def test_a_server_that_wants_a_client_certificate_gets_one_from_client_cer
         assert answer["result"]["content"][0]["text"] == "mutual"
     finally:
         front.close()
+
+
+# --- OAuth over https ----------------------------------------------------------------------------------
+
+
+async def test_an_oauth_login_through_the_stand_in_uses_ca_file_for_every_authorization_request(
+    test_ca: CertAuthority, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The stand-in fetches the upstream's metadata, forwards registration, token and refresh requests to
+    its https authorization server: all of them trust the upstream's ca_file, none the system alone."""
+    certificate = test_ca.ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "oauth.pem", tmp_path / "oauth.key"
+    certificate.cert_chain_pems[0].write_to_path(str(cert))
+    certificate.private_key_pem.write_to_path(str(key))
+    upstream = OAuthUpstream(tmp_path, "--token-lifetime", "2", tls=(cert, key, test_ca.trusting_context()))
+    await upstream.start()
+    try:
+        assert upstream.url.startswith("https://")
+        proxy = await start_proxy(upstream.url, ca_file=str(test_ca.pem))
+        # The user's browser trusts the corporate CA too (it opens the upstream's authorize page).
+        storage, login = MemoryStorage(), HeadlessLogin(test_ca.trusting_context())
+        async with asyncio.timeout(60), oauth_mcp_session(proxy.url, storage, login) as session:
+            first = await session.call_tool("whoami", {})
+            assert not first.is_error, first
+            await upstream.restart()
+            issued = time.time()
+            assert storage.tokens is not None
+            assert storage.tokens.expires_in is not None
+            expires = issued + storage.tokens.expires_in + EXPIRY_LEEWAY + 1.5
+            await wait_until(lambda: time.time() > expires, storage.tokens.expires_in + 8, "access token expired")
+            second = await session.call_tool("echo", {"text": "after restart"})
+            assert text_of(second) == "after restart"
+        stats = await upstream.stats()  # counted since the restart
+        assert stats["refreshes"] >= 1, "the refresh went through the stand-in to the https server"
+        assert stats["initialize"] == 1
+        assert set(stats["token_resources"]) == {upstream.url}
+        assert login.logins == 1
+    finally:
+        await upstream.stop()

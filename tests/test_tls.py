@@ -319,6 +319,14 @@ async def test_an_oauth_login_through_the_stand_in_uses_ca_file_for_every_author
     await upstream.start()
     try:
         assert upstream.url.startswith("https://")
+        # Without ca_file, the metadata the client asks for first names the certificate and the fix.
+        untrusting = await start_proxy(upstream.url)
+        metadata = untrusting.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")
+        async with aiohttp.ClientSession() as http, http.get(metadata) as response:
+            assert response.status == 502
+            message = (await response.json())["error"]["message"]
+        assert "the upstream's certificate is not trusted (" in message
+        assert "set ca_file" in message
         proxy = await start_proxy(upstream.url, ca_file=str(test_ca.pem))
         # The user's browser trusts the corporate CA too (it opens the upstream's authorize page).
         storage, login = MemoryStorage(), HeadlessLogin(test_ca.trusting_context())

@@ -13,11 +13,13 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 
 from mcp_heal_proxy.auth.metadata import authorization_server_candidates, protected_resource_candidates
+from mcp_heal_proxy.upstream.tls import tls_failure
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -57,7 +59,9 @@ async def fetch_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | 
                 return None
             body = await response.content.read(METADATA_LIMIT + 1)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise MetadataUnavailable(f"cannot fetch OAuth metadata: {type(exc).__name__}", missing=False) from exc
+        # A refused certificate says so, with its fix (ca_file), rather than a class name.
+        why = tls_failure(exc, urlsplit(url).hostname or "") or type(exc).__name__
+        raise MetadataUnavailable(f"cannot fetch OAuth metadata: {why}", missing=False) from exc
     if len(body) > METADATA_LIMIT:
         return None
     try:
@@ -118,7 +122,7 @@ class UpstreamMetadata:
                 if document is not None and isinstance(document.get("resource"), str):
                     return _Entry(document, None, time.monotonic() + METADATA_TTL)
         except MetadataUnavailable as exc:
-            log.warning("oauth.metadata_unreachable", upstream=self.name, kind="protected_resource")
+            log.warning("oauth.metadata_unreachable", upstream=self.name, kind="protected_resource", error=exc.message)
             return _Entry(None, exc, time.monotonic())  # not cached: the next login asks again
         missing = MetadataUnavailable("the upstream MCP server publishes no protected resource metadata", missing=True)
         return _Entry(None, missing, time.monotonic() + MISSING_TTL)
@@ -134,7 +138,9 @@ class UpstreamMetadata:
                 if document is not None and isinstance(document.get("authorization_endpoint"), str):
                     return _Entry(document, None, time.monotonic() + METADATA_TTL)
         except MetadataUnavailable as exc:
-            log.warning("oauth.metadata_unreachable", upstream=self.name, kind="authorization_server")
+            log.warning(
+                "oauth.metadata_unreachable", upstream=self.name, kind="authorization_server", error=exc.message
+            )
             return _Entry(None, exc, time.monotonic())
         missing = MetadataUnavailable("the upstream's authorization server publishes no metadata", missing=True)
         return _Entry(None, missing, time.monotonic() + MISSING_TTL)

@@ -49,7 +49,7 @@ from mcp_heal_proxy.auth.metadata import (
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable
 from mcp_heal_proxy.front.guards import json_error
-from mcp_heal_proxy.upstream.tls import tls_context
+from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
 
@@ -430,7 +430,10 @@ class OAuthPassThrough:
                 passed = {name: answer.headers[name] for name in _ANSWER_HEADERS if name in answer.headers}
                 return web.Response(status=answer.status, body=content, headers=passed)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("oauth.forward_failed", path=request.path, error=type(exc).__name__)
+            refused = tls_failure(exc, urlsplit(url).hostname or "")
+            log.warning("oauth.forward_failed", path=request.path, error=refused or type(exc).__name__)
+            if refused is not None:
+                return oauth_error(502, "temporarily_unavailable", f"the upstream's authorization server: {refused}")
             return oauth_error(502, "temporarily_unavailable", "the upstream's authorization server did not answer")
 
 

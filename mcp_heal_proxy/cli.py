@@ -96,9 +96,13 @@ examples:
   GITHUB_TOKEN=... mcp-heal-proxy check-config config.example.toml
   mcp-heal-proxy check-config proxy.toml --port 9000 --set max_sessions=500   # as serve would see it
   mcp-heal-proxy check-config --upstream https://mcp.example.com/mcp         # no file
+  mcp-heal-proxy check-config --connect proxy.toml                           # and try each upstream
 
 The same checks as serve, with MCP_HEAL_PROXY_* variables and the flags applied: what check-config
 accepts, serve can run. Exit status 0 when the config is valid, 2 with a one-line reason when it is not.
+With --connect, each upstream is tried once instead of the config being printed (DNS, TCP, TLS, HTTP,
+an MCP initialize whose session is then ended), one line each: what worked, and where it stopped with
+the fix. Exit status 0 when every upstream answered, 1 when one did not.
 """
 
 
@@ -198,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("file", metavar="FILE", nargs="?", help="TOML config file (default: $MCP_HEAL_PROXY_CONFIG)")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="try each upstream once (DNS, TCP, TLS, HTTP, MCP initialize) and print where it stopped",
+    )
     _add_config_flags(check)
     demo = commands.add_parser(
         "demo",
@@ -491,6 +500,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         config_file = args.file if args.command == "check-config" else args.config
         config = build_config(config_file=config_file, flags=flags, settings=args.settings)
         if args.command == "check-config":
+            if args.connect:
+                from mcp_heal_proxy.connect_check import check_connections
+
+                # The lines say what failed; the upstream client's own warnings would repeat it.
+                configure_logging(config.log_format, "error", config.secrets())
+                sys.exit(_run(check_connections(config, sys.stdout)))
             print(json.dumps(describe(config), indent=2, default=list))
             sys.exit(0)
         configure_logging(config.log_format, config.log_level, config.secrets())

@@ -178,7 +178,8 @@ class UpstreamProcess(ServerProcess):
 
 class HttpsUpstreamProcess(UpstreamProcess):
     """The SDK server under uvicorn serving https with a certificate from a test CA (see ``test_ca``).
-    ``client_ca`` makes it require a client certificate issued by that CA."""
+    ``client_ca`` makes it require a client certificate issued by that CA; ``client_ssl`` is how the
+    tests' own requests (/stats) check its certificate."""
 
     name = "https upstream server"
 
@@ -190,8 +191,11 @@ class HttpsUpstreamProcess(UpstreamProcess):
         json_response: bool = False,
         client_ca: Path | None = None,
         client_ssl: ssl.SSLContext | None = None,
+        port: int | None = None,
     ) -> None:
         super().__init__(json_response=json_response)
+        if port is not None:
+            self.port = port  # the same address as a server before it (a restart with a new certificate)
         self.certfile = directory / f"server-{self.port}.pem"
         self.keyfile = directory / f"server-{self.port}.key"
         certificate.cert_chain_pems[0].write_to_path(str(self.certfile))

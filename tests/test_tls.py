@@ -348,3 +348,32 @@ async def test_an_oauth_login_through_the_stand_in_uses_ca_file_for_every_author
         assert login.logins == 1
     finally:
         await upstream.stop()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_after_a_restart_with_a_certificate_of_another_ca_the_next_call_fails_at_once_naming_it(
+    client: str, test_ca: CertAuthority, start_proxy: ProxyFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The upstream restarts with a certificate of a CA nobody told the proxy about (a rotation): the
+    call on the open session is not retried as if the upstream were still restarting, and says why."""
+    server = HttpsUpstreamProcess(
+        test_ca.ca.issue_cert("127.0.0.1"), test_ca.directory, client_ssl=test_ca.trusting_context()
+    )
+    async with running(server):
+        proxy = await start_proxy(server.url, client=client, ca_file=str(test_ca.pem))
+        session_id = await raw_initialize(http, proxy.url)
+        assert (await call(http, proxy.url, session_id, echo_call(1)))[0] == 200
+    rotated = HttpsUpstreamProcess(
+        trustme.CA().issue_cert("127.0.0.1"), tmp_path, client_ssl=unverified(), port=server.port
+    )
+    async with running(rotated):
+        with capture_logs() as logs:
+            started = time.monotonic()
+            status, answer = await call(http, proxy.url, session_id, echo_call(2))
+            elapsed = time.monotonic() - started
+    assert status == 502
+    assert answer["id"] == 2
+    assert "the upstream's certificate is not trusted (" in answer["error"]["message"]
+    assert "set ca_file" in answer["error"]["message"]
+    assert elapsed < 2.0, f"answered after {elapsed:.1f} s: retried as if the upstream were still restarting"
+    assert any(entry["event"] == "upstream.tls_failed" for entry in logs)

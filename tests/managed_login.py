@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,9 +43,11 @@ def child_env(state_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-async def follow_authorization(url: str) -> int:
-    """What the browser does: open the authorization URL and follow its redirect to the loopback callback."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+async def follow_authorization(url: str, trust: ssl.SSLContext | bool = True) -> int:
+    """What the browser does: open the authorization URL and follow its redirect to the loopback callback
+    (``trust``: the CAs the browser trusts)."""
+    connector = aiohttp.TCPConnector(ssl=trust)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20), connector=connector) as http:
         async with http.get(url, allow_redirects=False) as response:
             location = response.headers.get("Location")
             if response.status not in (301, 302, 303, 307, 308) or location is None:
@@ -64,6 +67,7 @@ async def login(
     command: Sequence[str] = CLI,
     follow: bool = True,
     timeout: float = 30.0,
+    trust: ssl.SSLContext | bool = True,
 ) -> LoginResult:
     """Run ``login NAME --no-browser``; follow the URL it prints; wait for it to exit."""
     process = await asyncio.create_subprocess_exec(
@@ -92,7 +96,7 @@ async def login(
                 if _URL_LINE.match(line.decode().strip()):
                     url = line.decode().strip()
             if url is not None and follow:
-                status = await follow_authorization(url)
+                status = await follow_authorization(url, trust)
             rest, errors = await process.communicate()
     finally:
         if process.returncode is None:

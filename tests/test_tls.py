@@ -42,6 +42,7 @@ from tests.conftest import (
     session_headers,
     wait_until,
 )
+from tests.managed_login import child_env, login, serve
 from tests.oauth_clients import HeadlessLogin, MemoryStorage, OAuthUpstream, oauth_mcp_session
 from tests.oauth_server import EXPIRY_LEEWAY
 from tests.tls_front import TLSFront
@@ -377,3 +378,48 @@ async def test_after_a_restart_with_a_certificate_of_another_ca_the_next_call_fa
     assert "set ca_file" in answer["error"]["message"]
     assert elapsed < 2.0, f"answered after {elapsed:.1f} s: retried as if the upstream were still restarting"
     assert any(entry["event"] == "upstream.tls_failed" for entry in logs)
+
+
+async def test_a_managed_login_and_its_refresh_reach_an_https_authorization_server_through_ca_file(
+    test_ca: CertAuthority, tmp_path: Path
+) -> None:
+    """``login`` (discovery, registration, code exchange) and serve's refresh and MCP requests all trust
+    the upstream's ca_file; the user's browser trusts the CA too."""
+    certificate = test_ca.ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "oauth.pem", tmp_path / "oauth.key"
+    certificate.cert_chain_pems[0].write_to_path(str(cert))
+    certificate.private_key_pem.write_to_path(str(key))
+    upstream = OAuthUpstream(tmp_path, "--token-lifetime", "1", tls=(cert, key, test_ca.trusting_context()))
+    await upstream.start()
+    try:
+        state_home = tmp_path / "state"
+        env = child_env(state_home)
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            f'[upstreams.up]\nurl = "{upstream.url}"\npath = "/mcp"\nauth = "oauth"\nca_file = "{test_ca.pem}"\n'
+        )
+        untrusting = tmp_path / "untrusting.toml"
+        untrusting.write_text(f'[upstreams.up]\nurl = "{upstream.url}"\npath = "/mcp"\nauth = "oauth"\n')
+        refused = await login(untrusting, "up", env, trust=test_ca.trusting_context())
+        assert refused.returncode == 1
+        assert "the upstream's certificate is not trusted (" in refused.stderr
+        assert "set ca_file" in refused.stderr
+        result = await login(config, "up", env, trust=test_ca.trusting_context())
+        assert result.returncode == 0, result.stderr
+        assert result.callback_status == 200
+        proxy = await serve(config, env)
+        try:
+            async with mcp_session(proxy.url) as session:
+                assert text_of(await session.call_tool("echo", {"text": "one"})) == "one"
+                token_file = state_home / "mcp-heal-proxy" / "oauth" / "up.json"
+                expires_at = json.loads(token_file.read_text())["expires_at"]
+                await wait_until(lambda: time.time() > expires_at + 0.5, 10, "access token expired")
+                assert text_of(await session.call_tool("echo", {"text": "two"})) == "two"
+        finally:
+            log = await proxy.stop()
+        assert "auth.token_refreshed" in log, log[-4000:]
+        stats = await upstream.stats()
+        assert stats["refreshes"] >= 1
+        assert stats["code_exchanges"] == 1
+    finally:
+        await upstream.stop()

@@ -38,7 +38,7 @@ from aiohttp import web
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import ProxyError
-from mcp_heal_proxy.upstream.tls import tls_context
+from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -316,7 +316,9 @@ async def _probe(http: aiohttp.ClientSession, upstream_url: str) -> Challenge | 
                     headers["Mcp-Session-Id"] = session_id
                     headers["MCP-Protocol-Version"] = _PROBE_VERSION
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoginError(f"cannot reach the upstream MCP server {upstream_url}: {type(exc).__name__}") from None
+            raise LoginError(
+                f"cannot reach the upstream MCP server {upstream_url}: {_why(exc, upstream_url)}"
+            ) from None
     return None
 
 
@@ -450,6 +452,11 @@ async def refresh_grant(grant: Grant, tls: ssl.SSLContext) -> Grant:
     return _grant_from(answer, grant)
 
 
+def _why(exc: BaseException, url: str) -> str:
+    """Why a request failed, in a few words: a refused certificate with its fix, else the error's class."""
+    return tls_failure(exc, urlsplit(url).hostname or "") or type(exc).__name__
+
+
 def _client(tls: ssl.SSLContext) -> aiohttp.ClientSession:
     """An HTTP client for OAuth requests of one upstream: its ca_file and client certificate apply, as to
     its MCP requests (the authorization server is often behind the same corporate CA)."""
@@ -491,7 +498,7 @@ async def _register(
             payload = await response.json(content_type=None) if response.status in (200, 201) else None
             status = response.status
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise LoginError(f"client registration at {endpoint} failed: {type(exc).__name__}") from None
+        raise LoginError(f"client registration at {endpoint} failed: {_why(exc, endpoint)}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
         raise LoginError(f"client registration at {endpoint} failed: HTTP {status}")
     secret = payload.get("client_secret")
@@ -686,7 +693,7 @@ async def _login(
         except TokenRefused as exc:
             raise LoginError(f"the token endpoint refused the authorization code: {exc.error}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoginError(f"cannot reach the token endpoint {token_endpoint}: {type(exc).__name__}") from None
+            raise LoginError(f"cannot reach the token endpoint {token_endpoint}: {_why(exc, token_endpoint)}") from None
     grant = _grant_from(answer_tokens, replace(base, auth_method=method))
     async with token_file.lock():
         token_file.save(grant)
@@ -832,7 +839,12 @@ class ManagedAuth:
                         self._hint(f"the authorization server refused to refresh the token ({exc.error})")
                     ) from None
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    log.warning("auth.refresh_failed", upstream=self._name, reason=reason, error=type(exc).__name__)
+                    log.warning(
+                        "auth.refresh_failed",
+                        upstream=self._name,
+                        reason=reason,
+                        error=_why(exc, grant.token_endpoint),
+                    )
                     raise AuthServerUnavailable(
                         f"cannot reach the authorization server of upstream {self._name} to refresh the token"
                     ) from None

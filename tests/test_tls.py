@@ -28,6 +28,9 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult, TextContent
 from structlog.testing import capture_logs
 
+from mcp_heal_proxy.config import UpstreamConfig
+from mcp_heal_proxy.upstream import tls
+from mcp_heal_proxy.upstream.client import Upstream
 from mcp_heal_proxy.upstream.tls import client_context
 from tests.conftest import (
     INITIALIZE_PARAMS,
@@ -149,6 +152,17 @@ def test_ca_file_is_added_to_the_systems_trust_not_put_in_its_place(test_ca: Cer
     system = len(client_context(None, None, None).get_ca_certs())
     assert system > 0, "this machine's system CAs are loaded"
     assert len(client_context(str(test_ca.pem), None, None).get_ca_certs()) == system + 1
+
+
+def test_an_http_upstream_loads_no_certificates() -> None:
+    """Loading the system's CAs takes tens of milliseconds: a stdio bridge to an http upstream, launched
+    per client session, must not pay for it."""
+    tls._context.cache_clear()
+    for client in CLIENTS:
+        Upstream(UpstreamConfig(url="http://127.0.0.1:9/mcp", client=client))  # type: ignore[arg-type]
+    assert tls._context.cache_info().currsize == 0
+    Upstream(UpstreamConfig(url="https://127.0.0.1:9/mcp"))
+    assert tls._context.cache_info().currsize == 1
 
 
 async def test_ssl_cert_file_is_honoured_and_ca_file_adds_to_it(

@@ -89,8 +89,10 @@ class Upstream:
         # The URL requests go to: the configured one, or where the upstream redirected it (same origin).
         self._url = config.url
         # One TLS context for every connection of this upstream, both clients (and its OAuth requests,
-        # through tls_context): the system's CAs plus ca_file, and the client certificate if any.
-        self._ssl = tls_context(config)
+        # through tls_context): the system's CAs plus ca_file, and the client certificate if any. Not
+        # made for an http upstream (redirects stay on its origin): loading the system's CAs takes
+        # ~40 ms, which a stdio bridge would pay at every launch.
+        self._ssl = tls_context(config) if urlsplit(config.url).scheme == "https" else None
         # ``connect`` bounds the wait for a pooled connection plus the connect itself.
         self._post_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -147,7 +149,8 @@ class Upstream:
         if session is None:
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self.config.max_streams if stream else self.config.pool_size, ssl=self._ssl
+                    limit=self.config.max_streams if stream else self.config.pool_size,
+                    ssl=self._ssl if self._ssl is not None else True,
                 ),
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent"),

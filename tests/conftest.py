@@ -146,11 +146,19 @@ class UpstreamProcess(ServerProcess):
 
     name = "upstream server"
 
-    def __init__(self, *, json_response: bool, idle_timeout: float | None = None, resumable: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        json_response: bool,
+        idle_timeout: float | None = None,
+        resumable: bool = False,
+        close_connections: bool = False,
+    ) -> None:
         super().__init__()
         self.json_response = json_response
         self.idle_timeout = idle_timeout
         self.resumable = resumable
+        self.close_connections = close_connections
 
     def command(self) -> list[str]:
         command = [sys.executable, str(HERE / "upstream_server.py"), "--port", str(self.port)]
@@ -160,6 +168,8 @@ class UpstreamProcess(ServerProcess):
             command += ["--idle-timeout", str(self.idle_timeout)]
         if self.resumable:
             command.append("--resumable")
+        if self.close_connections:
+            command.append("--close-connections")
         return command
 
     async def release(self, step: int) -> None:

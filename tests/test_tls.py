@@ -437,3 +437,44 @@ async def test_a_managed_login_and_its_refresh_reach_an_https_authorization_serv
         assert stats["code_exchanges"] == 1
     finally:
         await upstream.stop()
+
+
+def serving_context(ca: trustme.CA, client_ca: CertAuthority | None = None) -> ssl.SSLContext:
+    """A server's context with a certificate for 127.0.0.1 from ``ca`` (and client certificates of
+    ``client_ca`` required)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    if client_ca is not None:
+        client_ca.ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_heal_whose_re_initialize_meets_an_untrusted_certificate_fails_at_once(
+    client: str, test_ca: CertAuthority, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The session expired (404) and the re-initialize's handshake finds a certificate of another CA: the
+    heal is not retried for connect_retry as if the upstream were restarting; the client learns why."""
+    backend = UpstreamProcess(json_response=True, close_connections=True)  # one request per connection
+    async with running(backend):
+        front = TLSFront(serving_context(test_ca.ca), backend.port)
+        try:
+            proxy = await start_proxy(f"https://127.0.0.1:{front.port}/mcp", client=client, ca_file=str(test_ca.pem))
+            session_id = await raw_initialize(http, proxy.url)
+            assert (await call(http, proxy.url, session_id, echo_call(1)))[0] == 200
+            await backend.restart()  # the session is gone: the next call gets 404 and heals
+            front.rotate(serving_context(trustme.CA()))  # from the handshake after the 404's on
+            with capture_logs() as logs:
+                started = time.monotonic()
+                status, answer = await call(http, proxy.url, session_id, echo_call(2))
+                elapsed = time.monotonic() - started
+        finally:
+            front.close()
+    assert status == 502
+    assert answer["id"] == 2
+    assert "the upstream's certificate is not trusted (" in answer["error"]["message"]
+    assert elapsed < 2.0, f"answered after {elapsed:.1f} s: the heal was retried for connect_retry"
+    failed = [entry for entry in logs if entry["event"] == "session.heal_failed"]
+    assert failed, [entry["event"] for entry in logs]
+    assert "not trusted" in failed[0]["error"]

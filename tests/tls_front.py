@@ -33,6 +33,9 @@ class _Handler(socketserver.BaseRequestHandler):
             # destroy the alert before the client reads it.
             _linger(client)
             return
+        rotated, self.server.rotated = self.server.rotated, None
+        if rotated is not None:
+            self.server.context = rotated
         try:
             client.settimeout(None)
             with socket.create_connection(("127.0.0.1", self.server.target_port), timeout=10) as backend:
@@ -74,6 +77,8 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def __init__(self, context: ssl.SSLContext, target_port: int) -> None:
         self.context = context
+        # Served from the handshake after the next successful one on (see TLSFront.rotate).
+        self.rotated: ssl.SSLContext | None = None
         self.target_port = target_port
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -90,6 +95,10 @@ class TLSFront:
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
+
+    def rotate(self, context: ssl.SSLContext) -> None:
+        """Serve ``context`` (another certificate) once the next handshake succeeded with the current one."""
+        self._server.rotated = context
 
     def close(self) -> None:
         self._server.shutdown()

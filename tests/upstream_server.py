@@ -210,6 +210,20 @@ def counting(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+def closing(app: ASGIApp) -> ASGIApp:
+    """Every response says ``Connection: close``: each request of a client takes a new connection."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return wrapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -219,6 +233,9 @@ def main() -> None:
     parser.add_argument("--certfile", help="serve https with this certificate (PEM, chain included)")
     parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--client-ca", help="require a client certificate issued by this CA (PEM)")
+    parser.add_argument(
+        "--close-connections", action="store_true", help="end every connection after its response (no keep-alive)"
+    )
     args = parser.parse_args()
     app = server.streamable_http_app(
         json_response=args.json,
@@ -226,12 +243,15 @@ def main() -> None:
         event_store=MemoryEventStore() if args.resumable else None,
         host="127.0.0.1",
     )
+    asgi = counting(app)
+    if args.close_connections:
+        asgi = closing(asgi)
     tls: dict[str, Any] = {}
     if args.certfile:
         tls = {"ssl_certfile": args.certfile, "ssl_keyfile": args.keyfile}
     if args.client_ca:
         tls |= {"ssl_ca_certs": args.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    config = uvicorn.Config(counting(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on", **tls)
+    config = uvicorn.Config(asgi, host="127.0.0.1", port=args.port, log_level="warning", lifespan="on", **tls)
     uvicorn.Server(config).run()
 
 

@@ -29,6 +29,7 @@ from mcp_heal_proxy.errors import (
     ProxyError,
     UnknownSession,
     UpstreamTimeout,
+    UpstreamTLSFailed,
     UpstreamUnavailable,
 )
 from mcp_heal_proxy.observability import Metrics
@@ -293,6 +294,8 @@ class Healer:
         while True:
             try:
                 return await self._reinitialize(record, client_headers, opened)
+            except UpstreamTLSFailed:
+                raise  # a refused certificate is refused again: no restart to wait out
             except UpstreamUnavailable as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up:

@@ -36,6 +36,8 @@ MAX_SUBSCRIBERS: Final = 64
 # Client-chosen strings (method and tool names, reasons) are cut to this length.
 MAX_NAME: Final = 80
 SHORT_ID: Final = 8
+# A failure's reason (the proxy's words, with a method name in them at most) is cut to this length.
+MAX_REASON: Final = 400
 # A heal failure this recent explains a request's 5xx (the heal ran inside that request).
 _SAME_REQUEST: Final = 1.0
 
@@ -51,8 +53,8 @@ def short_id(session_id: str | None) -> str | None:
     return session_id[:SHORT_ID] if session_id else None
 
 
-def _name(value: str | None) -> str | None:
-    return value if value is None or len(value) <= MAX_NAME else value[:MAX_NAME] + "…"
+def _name(value: str | None, limit: int = MAX_NAME) -> str | None:
+    return value if value is None or len(value) <= limit else value[:limit] + "…"
 
 
 def request_json(entry: RequestEntry) -> dict[str, Any]:
@@ -127,7 +129,8 @@ class UpstreamHealth:
         if self.failure is not None:
             when, status, method, error = self.failure
             why = error if error is not None else f"answered HTTP {status} to {_name(method)}"
-            failure = {"at": round(when, 3), "status": status, "why": _name(why)}
+            # The proxy's own words (a TLS failure names its cause and fix) get more room than a name.
+            failure = {"at": round(when, 3), "status": status, "why": _name(why, MAX_REASON)}
         return {
             "name": name,
             "last_success": None if self.last_success is None else round(self.last_success, 3),
@@ -283,6 +286,11 @@ class EventFeed:
             health.failure = (now, None, "heal", f"heal failed: {error}" if error else "heal failed")
         for subscriber in self._subscribers:
             subscriber.offer(entry)
+
+    def upstream_failed(self, upstream: str, why: str) -> None:
+        """Note why the upstream could not be used (a TLS failure, with its fix): the upstream's last
+        failure until something newer, and the reason a 5xx recorded right after it shows."""
+        self._upstream(upstream).failure = (time.time(), None, "connect", why)
 
     # --- reading ----------------------------------------------------------------------------------
 

@@ -242,6 +242,14 @@ async def test_an_untrusted_certificate_is_named_with_its_fix(
         http, proxy.url, "the upstream's certificate is not trusted (", "unable to get local issuer", "set ca_file"
     )
     assert (await https_upstream.stats())["initialize"] == 0
+    # The status page's upstream health names the cause too.
+    async with http.get(proxy.url.replace("/mcp", "/_proxy/api/upstreams")) as response:
+        assert response.status == 200
+        status_page = await response.json()
+    (health,) = status_page["upstreams"]
+    assert health["last_failure"]["status"] == 502
+    assert "the upstream's certificate is not trusted (" in health["last_failure"]["why"]
+    assert "set ca_file" in health["last_failure"]["why"]
 
 
 @pytest.mark.parametrize("client", CLIENTS)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
@@ -79,6 +79,7 @@ class Upstream:
         "_stream_timeout",
         "_url",
         "config",
+        "on_tls_failure",
     )
 
     def __init__(
@@ -88,6 +89,8 @@ class Upstream:
         self._auth = auth
         # The URL requests go to: the configured one, or where the upstream redirected it (same origin).
         self._url = config.url
+        # Told the cause of a failed TLS handshake (the status page shows it as the upstream's last failure).
+        self.on_tls_failure: Callable[[str], None] | None = None
         # One TLS context for every connection of this upstream, both clients (and its OAuth requests,
         # through tls_context): the system's CAs plus ca_file, and the client certificate if any. Not
         # made for an http upstream (redirects stay on its origin): loading the system's CAs takes
@@ -361,7 +364,10 @@ class Upstream:
                         raise
                     # The host only: a URL's query may carry a key.
                     log.warning("upstream.tls_failed", upstream=self.config.name, host=parts.netloc, error=why)
-                    raise UpstreamTLSFailed(f"upstream MCP server unreachable: {why}") from exc
+                    failure = UpstreamTLSFailed(f"upstream MCP server unreachable: {why}")
+                    if self.on_tls_failure is not None:
+                        self.on_tls_failure(failure.message)
+                    raise failure from exc
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.

@@ -48,6 +48,8 @@ from tests.conftest import (
 from tests.managed_login import child_env, login, serve
 from tests.oauth_clients import HeadlessLogin, MemoryStorage, OAuthUpstream, oauth_mcp_session
 from tests.oauth_server import EXPIRY_LEEWAY
+from tests.test_stdio import INITIALIZE as STDIO_INITIALIZE
+from tests.test_stdio import bridge_process
 from tests.tls_front import TLSFront
 
 CLIENTS = ["lean", "aiohttp"]
@@ -486,3 +488,22 @@ async def test_a_heal_whose_re_initialize_meets_an_untrusted_certificate_fails_a
     failed = [entry for entry in logs if entry["event"] == "session.heal_failed"]
     assert failed, [entry["event"] for entry in logs]
     assert "not trusted" in failed[0]["error"]
+
+
+async def test_the_stdio_bridge_answers_an_untrusted_certificate_with_an_error_naming_it(
+    https_upstream: HttpsUpstreamProcess,
+) -> None:
+    async with bridge_process("--upstream", https_upstream.url) as bridge:
+        started = time.monotonic()
+        await bridge.send({**STDIO_INITIALIZE, "id": 77})
+        answer = await bridge.receive()
+        elapsed = time.monotonic() - started
+        assert bridge.process.stdin is not None
+        bridge.process.stdin.close()
+        assert await bridge.wait() == 0
+        log = await bridge.stderr()
+    assert answer["id"] == 77
+    assert "the upstream's certificate is not trusted (" in answer["error"]["message"]
+    assert "set ca_file" in answer["error"]["message"]
+    assert elapsed < 2.0, f"answered after {elapsed:.1f} s"
+    assert "upstream.tls_failed" in log

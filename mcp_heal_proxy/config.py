@@ -463,7 +463,8 @@ def _pem_file(value: Any) -> str:
 def _ca_file(value: Any) -> str:
     path = _pem_file(value)
     try:
-        ssl.create_default_context(cafile=path)
+        # A bare context: the system's CAs need not be loaded (~40 ms) to check this file.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
     except (ssl.SSLError, ValueError) as exc:
         raise _Invalid(f"holds no CA certificate that can be loaded ({exc})") from None
     return path
@@ -624,7 +625,7 @@ def _check_client_cert(options: Mapping[str, Any], prefix: str) -> None:
         if key is not None:
             raise ConfigError(f"{prefix}client_key needs client_cert")
         return
-    context = ssl.create_default_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_cert_chain(cert, key, password=_refuse_password)
     except (ssl.SSLError, ValueError, OSError) as exc:

@@ -292,9 +292,11 @@ async def test_https_to_a_plain_http_server_is_named_as_a_handshake_failure(
     )
 
 
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
 @pytest.mark.parametrize("client", CLIENTS)
 async def test_a_server_that_wants_a_client_certificate_gets_one_from_client_cert(
     client: str,
+    version: str,
     test_ca: CertAuthority,
     sse_upstream: UpstreamProcess,
     start_proxy: ProxyFactory,
@@ -310,6 +312,8 @@ async def test_a_server_that_wants_a_client_certificate_gets_one_from_client_cer
     test_ca.ca.issue_cert("127.0.0.1").configure_cert(server_side)
     test_ca.ca.configure_trust(server_side)
     server_side.verify_mode = ssl.CERT_REQUIRED
+    # TLS 1.3 refuses with its certificate_required alert, TLS 1.2 with a bare handshake_failure.
+    server_side.maximum_version = ssl.TLSVersion.TLSv1_2 if version == "TLSv1.2" else ssl.TLSVersion.TLSv1_3
     front = TLSFront(server_side, sse_upstream.port)
     try:
         url = f"https://127.0.0.1:{front.port}/mcp"

@@ -38,7 +38,8 @@ _UNTRUSTED: Final = frozenset(
 _EXPIRED: Final = 10
 _NOT_YET_VALID: Final = 9
 _WRONG_HOST: Final = frozenset({62, 64})  # hostname mismatch, IP address mismatch
-# Handshake alerts that mean "show me a client certificate" (TLS 1.3's own alert, and TLS 1.2's).
+# The alert that means "show me a client certificate" (TLS 1.3's certificate_required; a TLS 1.2 server
+# sends a bare handshake_failure, which the generic message covers).
 _CLIENT_CERT_WANTED: Final = ("CERTIFICATE_REQUIRED", "certificate required")
 # What OpenSSL says when the other side's first bytes are not a TLS record: a plain HTTP server.
 _NOT_TLS: Final = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure", "http request")
@@ -143,5 +144,6 @@ def tls_failure(exc: BaseException, host: str) -> str | None:
         )
     return (
         f"TLS handshake with the upstream failed ({reason}); check that the URL names the server's "
-        "https port and that the server accepts TLS 1.2 or later"
+        "https port, that the server accepts TLS 1.2 or later, and whether it asks for a client "
+        "certificate (set client_cert and client_key)"
     )

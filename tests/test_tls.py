@@ -235,6 +235,23 @@ async def assert_refused_at_once(http: aiohttp.ClientSession, proxy_url: str, *e
     assert expected[0] in warnings[0]["error"]
 
 
+def test_a_tls_connection_that_merely_ended_is_not_called_a_refusal() -> None:
+    """A server killed mid-connection (a restart) ends TLS without close_notify: that is the network,
+    retried as such, not a certificate problem answered at once."""
+    for ended in (
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+        ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed"),
+        ssl.SSLSyscallError(5, "Some I/O error occurred"),
+    ):
+        assert tls.tls_failure(aiohttp.ClientOSError(104, "broken"), "h") is None
+        wrapped = aiohttp.ClientOSError(104, "broken")
+        wrapped.__cause__ = ended
+        assert tls.tls_failure(wrapped, "h") is None
+        assert not tls.is_refusal(ended)
+    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required")
+    assert tls.is_refusal(alert)
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 async def test_an_untrusted_certificate_is_named_with_its_fix(
     client: str, https_upstream: HttpsUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession

@@ -38,7 +38,7 @@ import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mcp_heal_proxy.upstream.tls import HandshakeFailed, client_context
+from mcp_heal_proxy.upstream.tls import HandshakeFailed, client_context, is_refusal
 
 # Buffered body bytes above which the socket stops being read, and below which it resumes.
 HIGH_WATER: Final = 256 * 1024
@@ -311,7 +311,7 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         head = self._head
         if head is not None and not head.done():
-            if isinstance(exc, ssl.SSLError):
+            if is_refusal(exc):
                 # A TLS 1.3 server checks the client's certificate after the client's side of the
                 # handshake is done: its refusal arrives as the answer to the request.
                 failure: Exception = HandshakeFailed(f"TLS with the upstream failed: {exc}")

@@ -43,6 +43,8 @@ _WRONG_HOST: Final = frozenset({62, 64})  # hostname mismatch, IP address mismat
 _CLIENT_CERT_WANTED: Final = ("CERTIFICATE_REQUIRED", "certificate required")
 # What OpenSSL says when the other side's first bytes are not a TLS record: a plain HTTP server.
 _NOT_TLS: Final = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure", "http request")
+# A connection that ended (or broke at the socket) under TLS: not a refusal.
+_ENDED: Final = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
 class HandshakeFailed(aiohttp.ClientConnectionError):
@@ -101,11 +103,18 @@ def find_ssl_error(exc: BaseException | None) -> ssl.SSLError | ssl.CertificateE
     return None
 
 
+def is_refusal(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is TLS refusing the connection (a certificate, an alert, no TLS at all), as opposed
+    to a connection that merely ended: an EOF without close_notify (a server killed mid-connection, as in
+    a restart) is the network, retried as such."""
+    return isinstance(exc, ssl.SSLError | ssl.CertificateError) and not isinstance(exc, _ENDED)
+
+
 def tls_failure(exc: BaseException, host: str) -> str | None:
     """What a failed TLS connection to ``host`` means for the user, cause and fix; None if ``exc`` is not
     a TLS failure."""
     found = find_ssl_error(exc)
-    if found is None:
+    if found is None or not is_refusal(found):
         return None
     if isinstance(found, ssl.SSLCertVerificationError):
         code = found.verify_code

@@ -528,3 +528,35 @@ async def test_the_stdio_bridge_answers_an_untrusted_certificate_with_an_error_n
     assert "set ca_file" in answer["error"]["message"]
     assert elapsed < 2.0, f"answered after {elapsed:.1f} s"
     assert "upstream.tls_failed" in log
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_handshake_the_server_cuts_off_is_a_failed_connect_retried_within_connect_retry(
+    client: str, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A server that reads the ClientHello and closes (one being killed, a load balancer without a backend)
+    ends TLS without an alert: that is the network, retried for connect_retry like a refused connect."""
+    hellos = 0
+
+    async def cut_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal hellos
+        hellos += 1
+        await reader.read(1024)
+        writer.close()
+
+    server = await asyncio.start_server(cut_off, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(f"https://127.0.0.1:{port}/mcp", client=client, connect_retry=0.5)
+        with capture_logs() as logs:
+            status, answer = await initialize(http, proxy.url)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert status == 502
+    # asyncio and uvloop report the cut as a reset without an errno; OpenSSL's own EOF error (errno 8 of
+    # its own) is worded "the TLS handshake was cut off", never strerror(8), "Exec format error".
+    assert answer["error"]["message"].startswith("upstream MCP server unreachable: cannot connect")
+    assert "Exec format" not in answer["error"]["message"]
+    assert hellos > 1, "retried within connect_retry"
+    assert not [entry for entry in logs if entry["event"] == "upstream.tls_failed"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
@@ -421,6 +422,9 @@ class Upstream:
 def _connect_failure(exc: BaseException) -> str:
     """Why a connection could not be opened, in the same words for either client (no address)."""
     for cause in (getattr(exc, "os_error", None), exc.__cause__):
+        if isinstance(cause, ssl.SSLError):
+            # Its errno is OpenSSL's, not the system's (8 would read "Exec format error").
+            return "cannot connect (the TLS handshake was cut off)"
         if isinstance(cause, OSError) and cause.errno is not None:
             return f"cannot connect ({os.strerror(cause.errno)})"
     return "cannot connect"

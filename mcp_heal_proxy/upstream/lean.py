@@ -594,8 +594,11 @@ class LeanPool:
         except TimeoutError as exc:
             raise ConnectTimeout(f"connecting to {self._host}:{self._port} timed out") from exc
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            # Before OSError: ssl.SSLError is one, but no retry can make a certificate trusted.
-            raise HandshakeFailed(f"TLS handshake with {self._host}:{self._port} failed: {exc}") from exc
+            # Before OSError: ssl.SSLError is one, but no retry can make a certificate trusted. A
+            # handshake the server merely cut off (a restart) is a failed connect, retried as one.
+            if is_refusal(exc):
+                raise HandshakeFailed(f"TLS handshake with {self._host}:{self._port} failed: {exc}") from exc
+            raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: TLS handshake cut off") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         # uvloop calls connection_made soon after, not before, create_connection returns.

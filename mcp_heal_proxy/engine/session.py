@@ -19,6 +19,7 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
@@ -167,7 +168,7 @@ class SessionEngine:
         opened = 200 <= response.status < 300 and upstream_session_id is not None
         answer = AnswerStream(response, (init.id,), keep_answers=True)
         try:
-            refuse_garbage(response, body)
+            refuse_garbage(response, body, self.config.url)
             if response.status != 200 or not upstream_session_id:
                 # A refused initialize, or a server without sessions: nothing to map.
                 return Opened(answer, None)
@@ -201,7 +202,7 @@ class SessionEngine:
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
-            refuse_garbage(response, body)
+            refuse_garbage(response, body, self.config.url)
             prefetched = await self.remember_state(record, body, response, prefetched)
             return Sent(AnswerStream(response, body.request_ids, prefetched), record)
         if body.belongs_to_dead_session:
@@ -212,14 +213,14 @@ class SessionEngine:
         if refused:
             raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
-        refuse_garbage(response, body)
+        refuse_garbage(response, body, self.config.url)
         prefetched = await self.remember_state(record, body, response)
         return Sent(AnswerStream(response, body.request_ids, prefetched), record, healed=True)
 
     async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> AnswerStream:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
+        refuse_garbage(response, body, self.config.url)
         return AnswerStream(response, body.request_ids)
 
     async def remember_state(
@@ -423,18 +424,30 @@ class SessionEngine:
         return False, body
 
 
-def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody) -> None:
-    """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive portal
-    or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
-    if not body.request_ids or not 200 <= response.status < 300 or response.status == 202:
+def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody, upstream_url: str) -> None:
+    """An answer to requests must be a JSON-RPC answer; anything else becomes a JSON-RPC error with the
+    requests' ids instead of confusing the client: a success that is not JSON or SSE (an HTML page from a
+    captive portal or a misrouted load balancer), or a failure status that is not JSON (a wrong upstream
+    path's bare 404, a gateway's 502 page). 401 and 403 pass through as they are: their challenge is for
+    the client's OAuth."""
+    status = response.status
+    if not body.request_ids or status == 202 or status in (401, 403) or 300 <= status < 400:
         return
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith(("application/json", "text/event-stream")):
+    if content_type.startswith("application/json") or (status < 300 and content_type.startswith("text/event-stream")):
         return
     response.release()
-    raise UpstreamUnavailable(
-        f"upstream MCP server answered {response.status} with {content_type or 'no content type'}"
+    what = f"{status} {response.reason or ''}".strip() + f" with {content_type or 'no content type'}"
+    if status < 300:
+        raise UpstreamUnavailable(f"upstream MCP server answered {what}")
+    hint = (
+        ": check that the upstream URL is the server's MCP endpoint (it often ends in /mcp)"
+        if status in (404, 405)
+        else ""
     )
+    message = f"upstream {mask_url(upstream_url)} answered {what}, not a JSON-RPC answer{hint}"
+    log.warning("upstream.not_mcp", url=mask_url(upstream_url), status=status, content_type=content_type or None)
+    raise UpstreamUnavailable(message)
 
 
 def protocol_version(initialize_answer: Mapping[str, Any] | None) -> str | None:

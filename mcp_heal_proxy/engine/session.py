@@ -10,6 +10,7 @@ answers go out as the upstream's responses, for the front to relay its own way.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
+from mcp_heal_proxy.engine.sealing import SealedSession, SessionSealer
 from mcp_heal_proxy.engine.state import state_change, state_request_ids
 from mcp_heal_proxy.errors import (
     InvalidRequest,
@@ -38,6 +40,7 @@ from mcp_heal_proxy.wire.content_coding import decoded
 from mcp_heal_proxy.wire.headers import (
     CONTENT_ENCODING,
     LAST_EVENT_ID,
+    MAX_SESSION_ID_LENGTH,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
     is_valid_session_id,
@@ -102,6 +105,7 @@ class SessionEngine:
         *,
         max_sessions: int,
         endings: SessionEndings | None = None,
+        sealer: SessionSealer | None = None,
     ) -> None:
         self.upstream = upstream
         self.config = upstream.config
@@ -115,6 +119,10 @@ class SessionEngine:
         self._upstream_latency = metrics.upstream_latency.labels(self.name)
         # Where evicted sessions go to have their upstream sessions ended (None: left to the upstream).
         self._endings = endings
+        # Seals the client session ids this engine issues, and opens them when the store lost a session
+        # (engine/sealing.py). Without one, a key that dies with the process (the stdio bridge).
+        self._sealer = sealer if sealer is not None else SessionSealer.ephemeral()
+        self._sessions_restored = metrics.sessions_restored.labels(self.name)
         if endings is not None:
             endings.serve(self.name, self.end_forgotten)
 
@@ -128,12 +136,43 @@ class SessionEngine:
     async def session(self, client_session_id: str) -> SessionRecord:
         """The record of a client session this upstream's proxy issued (and mark it used)."""
         if not is_valid_session_id(client_session_id):
-            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to 128 visible ASCII characters")
+            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to {MAX_SESSION_ID_LENGTH} visible ASCII characters")
         record = await self.store.get(client_session_id)
-        if record is None or record.upstream != self.name:
+        if record is None:
+            record = await self.restore(client_session_id)
+        if record.upstream != self.name:
             raise UnknownSession("Session not found")
         self._activity.mark(client_session_id)
         return record
+
+    async def restore(self, client_session_id: str) -> SessionRecord:
+        """Re-create the record of a session the store does not know, from its sealed id: the store lost it
+        (a Redis that restarted empty, ``:memory:`` across a restart, a deleted SQLite file).
+
+        Only an id this proxy's key opens, issued for this upstream, and not ended on purpose (DELETE, idle
+        expiry, eviction: ``SessionStore.ended``) comes back; anything else is 404 as before. The record
+        points at an upstream session nobody has (the old one's id was in the lost store), so the first
+        request meets the upstream's 404 and heals through the normal path: one re-initialize with the
+        client's own initialize params. The state the client set (subscriptions, log level) was in the
+        store and is lost with it. Two requests restoring one session at once (here or on another replica)
+        share the record the store took first.
+        """
+        sealed = self._sealer.open(client_session_id)
+        if sealed is None or sealed.upstream != self.name or await self.store.ended(client_session_id):
+            raise UnknownSession("Session not found")
+        record = SessionRecord(
+            client_session_id=client_session_id,
+            upstream_session_id=lost_upstream_session_id(),
+            initialize_params=sealed.initialize_params,
+            upstream=self.name,
+            protocol_version=sealed.protocol_version,
+            upstream_protocol_version=sealed.protocol_version,
+        )
+        stored = await self.store.create(record)
+        if stored is record:
+            self._sessions_restored.inc()
+            log.info("session.restored", upstream=self.name, client_session=client_session_id[:8])
+        return stored
 
     async def initialize(self, client_headers: Mapping[str, str], body: PostBody) -> Opened:
         """Forward an initialize without any session id; map the session the upstream opens.
@@ -179,7 +218,7 @@ class SessionEngine:
             read = await answer.read_until_answered(INSPECT_LIMIT)
             version = protocol_version(answer.answer(init.id))
             record = SessionRecord(
-                client_session_id=new_client_session_id(),
+                client_session_id=self.new_client_session_id(init.params or {}, version),
                 upstream_session_id=upstream_session_id,
                 initialize_params=dict(init.params or {}),
                 upstream=self.name,
@@ -196,6 +235,15 @@ class SessionEngine:
             raise
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
+
+    def new_client_session_id(self, initialize_params: Mapping[str, Any], protocol_version: str | None) -> str:
+        """A sealed id for a new session (engine/sealing.py), or a random one when the client's initialize
+        params are too large to seal (that session then does not outlive the store)."""
+        sealed = self._sealer.seal(SealedSession(self.name, initialize_params, protocol_version))
+        if sealed is not None:
+            return sealed
+        log.info("session.not_sealed", upstream=self.name, reason="initialize params too large")
+        return new_client_session_id()
 
     async def post(self, client_headers: Mapping[str, str], body: PostBody, record: SessionRecord) -> Sent:
         """Send messages on a client session; heal and replay (by policy) if its upstream session is gone."""
@@ -422,6 +470,12 @@ class SessionEngine:
             response.release()
             return True, b""
         return False, body
+
+
+def lost_upstream_session_id() -> str:
+    """The upstream session id of a restored record: one no upstream issued, so that the first request on
+    it is answered as an expired session's and heals (SessionEngine.restore)."""
+    return f"mcp-heal-proxy-restored-{secrets.token_hex(16)}"
 
 
 def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody, upstream_url: str) -> None:

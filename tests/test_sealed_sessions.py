@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -190,7 +191,7 @@ async def test_proxies_starting_at_once_agree_on_one_key(tmp_path: Path) -> None
 
     async def one() -> str:
         process = await asyncio.create_subprocess_exec(
-            "python", "-c", code, str(directory), stdout=asyncio.subprocess.PIPE
+            sys.executable, "-c", code, str(directory), stdout=asyncio.subprocess.PIPE
         )
         out, _ = await asyncio.wait_for(process.communicate(), 30)
         return out.decode().strip()
@@ -206,14 +207,24 @@ def test_a_key_file_without_a_key_stops_the_proxy_rather_than_replacing_it(tmp_p
         key_from_file(tmp_path)
 
 
-def test_an_unwritable_directory_gives_no_key(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
-    tmp_path.chmod(0o500)
-    try:
-        assert key_from_file(tmp_path / "state") is None
-    finally:
-        tmp_path.chmod(0o700)
+def test_a_directory_that_cannot_hold_a_key_gives_none(tmp_path: Path) -> None:
+    """The caller then seals with a key that dies with the process, and says so (session.key_not_kept)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert key_from_file(blocker / "state") is None
+
+
+async def test_serve_stops_with_one_line_on_a_key_file_without_a_key(tmp_path: Path) -> None:
+    (tmp_path / KEY_FILE_NAME).write_text("not a key\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcp_heal_proxy", "serve", "--upstream", "http://127.0.0.1:9/mcp",
+        "--port", "0", "--state", str(tmp_path / "sessions.db"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2, stderr
+    assert b"does not hold a session key: delete it (a new one is made) or set session_key" in stderr
+    assert b"Traceback" not in stderr
 
 
 def test_session_key_is_checked_masked_and_read_from_the_environment(tmp_path: Path) -> None:

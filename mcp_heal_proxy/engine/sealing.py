@@ -148,8 +148,8 @@ def key_from_file(directory: Path) -> str | None:
         return _read_key(path)
     except FileNotFoundError:
         pass
-    except PermissionError:
-        return None
+    except OSError:
+        return None  # unreadable, or not a directory
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         temporary = directory / f".{KEY_FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}"

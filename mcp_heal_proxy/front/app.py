@@ -112,9 +112,10 @@ def build_app(config: ProxyConfig) -> web.Application:
         # One exit per resource, entered in order and left in reverse: a teardown that fails does not
         # skip the ones after it (the store is closed even when an upstream's close raised).
         async with contextlib.AsyncExitStack() as resources:
-            sealer = session_sealer(config)
             store = await open_store(config.state, heal_lock_ttl=heal_lock_ttl(config))
             resources.push_async_callback(store.close)
+            # After the store: an unusable state path is reported as the store's problem, in one line.
+            sealer = session_sealer(config)
             app[STORE_KEY] = store
             activity = SessionActivity()
             # Last-use marks since the last flush are written before the store closes (callbacks run

@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mcp.types import TextContent
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from mcp_heal_proxy.config import (
     ConfigError,
@@ -58,6 +59,7 @@ from tests.conftest import (
     post_on_session,
     raw_initialize,
     session_headers,
+    wait_until,
 )
 from tests.test_store_redis import RedisServer
 
@@ -422,3 +424,40 @@ async def test_a_deleted_session_is_not_brought_back_by_its_sealed_id(
             assert response.status == 200, "a restored session can be ended"
         status, answer = await echo(http, after.url, session_id, 1)
         assert (status, answer["error"]["message"]) == (404, "Session not found")
+
+
+async def test_a_get_stream_is_reattached_to_a_session_the_store_lost(
+    sse_upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    """Redis restarts empty, then the upstream restarts and ends the SDK client's GET stream: the proxy
+    restores the session and reattaches the stream on the healed session (before: the stream ended, as
+    for a session the client had ended)."""
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        async with running(proxy_config(sse_upstream.url, state=redis.url)) as proxy:
+            store = proxy.app[STORE_KEY]
+            assert isinstance(store, RedisSessionStore)
+            store._cache_ttl = 0.0  # every read goes to Redis (see above)
+            with capture_logs() as logs:
+                async with mcp_session(proxy.url) as session, asyncio.timeout(CALL_TIMEOUT):
+                    await session.call_tool("echo", {"text": "before"})
+                    client = Redis(host="127.0.0.1", port=redis.port)
+                    try:
+                        await client.flushall()
+                    finally:
+                        await client.aclose()
+                    await sse_upstream.restart()
+
+                    def reattached() -> bool:
+                        return any(entry["event"] == "stream.reattached" for entry in logs)
+
+                    await wait_until(reattached, 15, "the GET stream reattached")
+                    after = await session.call_tool("echo", {"text": "after"})
+                    assert isinstance(after.content[0], TextContent)
+                    assert after.content[0].text == "after"
+            events = [entry["event"] for entry in logs]
+            assert events.count("session.restored") == 1
+            assert (await sse_upstream.stats())["initialize"] == 1, "the restarted upstream: one heal"
+    finally:
+        await redis.stop()

@@ -398,7 +398,10 @@ class SessionEngine:
         for _ in range(_REATTACH_ATTEMPTS):
             record = await self.store.get(stale.client_session_id)
             if record is None:
-                return None  # the client ended its session meanwhile
+                try:
+                    record = await self.restore(stale.client_session_id)  # the store lost it meanwhile
+                except UnknownSession:
+                    return None  # the client ended its session meanwhile
             headers = self.headers(client_headers, record, fresh_stream=True)
             if last_event_id is not None and record.generation == stale.generation:
                 headers[LAST_EVENT_ID] = last_event_id

@@ -41,10 +41,10 @@ DELETE or idle expiry on another replica, this one keeps serving the session for
 
 Limits: Redis 6.2 or newer (``ZADD GT``). One Redis (a primary, optionally with replicas for
 failover), not Redis Cluster: the scripts touch keys in several hash slots. Configure Redis with
-``maxmemory-policy noeviction``; an evicted record is a session the proxy no longer knows (the client
-gets 404 and re-initializes). Idle expiry is as exact as the last-use marks: each replica flushes its
-marks every housekeeping round, so another replica's ``forget_idle`` may see a use up to one round
-late.
+``maxmemory-policy noeviction``; an evicted record is a session the proxy must re-create from its sealed
+id (engine/sealing.py: one heal, and the client's subscriptions and log level are lost). Idle expiry is
+as exact as the last-use marks: each replica flushes its marks every housekeeping round, so another
+replica's ``forget_idle`` may see a use up to one round late.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Client sessions: the record the proxy keeps per client-facing session id, and where it keeps it.
 
-The client-facing id is opaque and random, never derived from the upstream's id, so that the proxy can
-point it at a new upstream session after a heal while the client keeps using the same id.
+The client-facing id is the proxy's own, never derived from the upstream's id, so that the proxy can
+point it at a new upstream session after a heal while the client keeps using the same id. It is sealed
+(engine/sealing.py): should the store lose the record, the id alone re-creates it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ DEFAULT_HEAL_LOCK_TTL: Final = 30.0
 
 
 def new_client_session_id() -> str:
-    """A fresh client-facing session id: 128 random bits as hex (visible ASCII, header-safe)."""
+    """A random client-facing session id: 128 random bits as hex (visible ASCII, header-safe). For the
+    sessions whose initialize params are too large to seal (SessionEngine.new_client_session_id)."""
     return secrets.token_hex(16)
 
 

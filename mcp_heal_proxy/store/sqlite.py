@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 )
 """
 # Sessions the proxy ended, and when (SessionStore.ended): kept as long as an idle session would be.
-_ENDED_SCHEMA: Final = """
+ENDED_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ended (
     client_session_id TEXT PRIMARY KEY,
     ended_at REAL NOT NULL
@@ -99,7 +99,7 @@ class SQLiteSessionStore:
         # session, a heal, a batch of last-used times), so the fsync is affordable.
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute(_SCHEMA)
-        connection.execute(_ENDED_SCHEMA)
+        connection.execute(ENDED_SCHEMA)
         self._connection = connection
         rows = connection.execute("SELECT record, last_used FROM sessions").fetchall()
         ended = connection.execute("SELECT client_session_id, ended_at FROM ended").fetchall()

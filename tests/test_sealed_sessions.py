@@ -61,6 +61,7 @@ from tests.conftest import (
     session_headers,
     wait_until,
 )
+from tests.fake_upstream import FakeUpstream, answer_404
 from tests.test_store_redis import RedisServer
 
 KEY = "k" * 16 + "0123456789abcdef0123456789abcdef"
@@ -459,5 +460,38 @@ async def test_a_get_stream_is_reattached_to_a_session_the_store_lost(
             events = [entry["event"] for entry in logs]
             assert events.count("session.restored") == 1
             assert (await sse_upstream.stats())["initialize"] == 1, "the restarted upstream: one heal"
+    finally:
+        await redis.stop()
+
+
+async def test_a_store_lost_while_a_request_finds_its_upstream_session_dead_heals_instead_of_404(
+    fake: tuple[FakeUpstream, str], http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Redis restarts empty between the request's read of the session and its heal (a whole node restarted:
+    Redis and the upstream together): the heal restores the session from its id (before: 404)."""
+    upstream, url = fake
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        async with running(proxy_config(url, state=redis.url)) as proxy:
+            session_id = await raw_initialize(http, proxy.url)
+
+            async def lose_everything_once(request: web.Request, body: Any) -> web.StreamResponse | None:
+                upstream.on_request = None
+                client = Redis(host="127.0.0.1", port=redis.port)
+                try:
+                    await client.flushall()
+                finally:
+                    await client.aclose()
+                upstream.forget_all()
+                return await answer_404(request, body)
+
+            upstream.on_request = lose_everything_once
+            status, answer = await echo(http, proxy.url, session_id, 1)
+            assert status == 200, answer
+            assert upstream.initializes == 2, "one heal"
+            record = await proxy.app[STORE_KEY].get(session_id, fresh=True)
+            assert record is not None
+            assert record.generation == 1
     finally:
         await redis.stop()

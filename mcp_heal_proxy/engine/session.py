@@ -236,6 +236,16 @@ class SessionEngine:
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
 
+    async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
+        """Heal through the Healer; a session the store lost during the request (the heal found no record)
+        is restored from its sealed id and healed then, rather than answered 404. A session ended meanwhile
+        (DELETE) stays ended: it is marked so, and restore refuses it."""
+        try:
+            return await self._healer.heal(record, client_headers, reason=reason)
+        except UnknownSession:
+            restored = await self.restore(record.client_session_id)
+            return await self._healer.heal(restored, client_headers, reason=reason)
+
     def new_client_session_id(self, initialize_params: Mapping[str, Any], protocol_version: str | None) -> str:
         """A sealed id for a new session (engine/sealing.py), or a random one when the client's initialize
         params are too large to seal (that session then does not outlive the store)."""
@@ -256,7 +266,7 @@ class SessionEngine:
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return Sent(None, record)
-        record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
+        record = await self.heal(record, client_headers, reason=f"http_{response.status}")
         refused = [m.method for m in body.messages if m.method is not None and not self.config.replays(m.method)]
         if refused:
             raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
@@ -358,7 +368,7 @@ class SessionEngine:
         expired, prefetched = await self.check_expiry(response)
         if not expired:
             return Sent(AnswerStream(response, (), prefetched), record)
-        record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
+        record = await self.heal(record, client_headers, reason=f"http_{response.status}")
         response = await self.send("GET", self.headers(client_headers, record, fresh_stream=True), stream=True)
         return Sent(AnswerStream(response), record, healed=True)
 
@@ -409,7 +419,7 @@ class SessionEngine:
                 response = await self.send("GET", headers, stream=True)
                 expired, _ = await self.check_expiry(response)
                 if expired:
-                    record = await self._healer.heal(record, client_headers, reason="get_stream_lost")
+                    record = await self.heal(record, client_headers, reason="get_stream_lost")
                     response = await self.send(
                         "GET", self.headers(client_headers, record, fresh_stream=True), stream=True
                     )

@@ -165,6 +165,7 @@ def test_two_sessions_with_the_same_params_get_ids_that_differ_from_the_first_ch
     ids = [sealer.seal(session) for _ in range(200)]
     assert all(session_id is not None for session_id in ids)
     assert len({session_id[:8] for session_id in ids if session_id}) == 200, "logs show the first 8 characters"
+    assert all(set(session_id[:32]) <= set("0123456789abcdef") for session_id in ids if session_id), "hex, as before"
     assert all(sealer.open(session_id) == session for session_id in ids if session_id)
 
 

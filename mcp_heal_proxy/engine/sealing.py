@@ -9,8 +9,10 @@ its loss costs one heal and that state, never the session.
 
 The form is ``NONCE.PAYLOAD.TAG``, visible ASCII only (a header value):
 
-* NONCE: 128 random bits, first, so that two sessions with the same initialize params differ from the
-  first character on (logs show an id's first 8 characters).
+* NONCE: 128 random bits as 32 hex digits, first, so that two sessions with the same initialize params
+  differ from the first character on (logs, the status page and ``sessions forget`` show and take an id's
+  first 8 characters: hex as before sealing, never a leading "-" that a command line would take for an
+  option).
 * PAYLOAD: the sealed session as compact JSON, raw-deflated, base64url without padding. Signed, not
   encrypted: it holds only what the client itself sent and the version it was answered.
 * TAG: HMAC-SHA256 over ``NONCE.PAYLOAD`` with a key derived from the configured secret, truncated to
@@ -106,7 +108,7 @@ class SessionSealer:
         # defaults (a 32 KiB window, 256 KiB of state) cost eight times the time for the same size.
         deflater = zlib.compressobj(6, zlib.DEFLATED, -_WINDOW_BITS, 1)
         payload = deflater.compress(text) + deflater.flush()
-        sealed = _b64encode(secrets.token_bytes(_NONCE_BYTES)) + _SEPARATOR + _b64encode(payload)
+        sealed = secrets.token_hex(_NONCE_BYTES) + _SEPARATOR + _b64encode(payload)
         session_id = sealed + _SEPARATOR + self._tag(sealed)
         return session_id if len(session_id) <= MAX_SEALED_ID else None
 

@@ -496,3 +496,21 @@ async def test_a_store_lost_while_a_request_finds_its_upstream_session_dead_heal
             assert record.generation == 1
     finally:
         await redis.stop()
+
+
+async def test_a_redis_store_without_session_key_says_replicas_need_one(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    _, url = fake
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        for session_key, said in ((None, True), (KEY, False)):
+            with capture_logs() as logs:
+                async with running(proxy_config(url, state=redis.url, session_key=session_key)):
+                    pass
+            events = [entry for entry in logs if entry["event"] == "session.key_file"]
+            assert bool(events) == said
+            assert all(KEY not in str(entry) for entry in logs)
+    finally:
+        await redis.stop()

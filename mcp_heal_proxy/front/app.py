@@ -16,7 +16,7 @@ from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig
 from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.engine.healing import Healer
 from mcp_heal_proxy.engine.housekeeping import SessionActivity, flush, run_housekeeping
-from mcp_heal_proxy.engine.sealing import SessionSealer, key_from_file
+from mcp_heal_proxy.engine.sealing import KEY_FILE_NAME, SessionSealer, key_from_file
 from mcp_heal_proxy.engine.session import SessionEngine
 from mcp_heal_proxy.front.guards import Cors, front_door
 from mcp_heal_proxy.front.http import Proxy, ProxySettings
@@ -81,6 +81,13 @@ def session_sealer(config: ProxyConfig) -> SessionSealer:
             hint="client sessions will not outlive a restart of this proxy; set session_key",
         )
         return SessionSealer.ephemeral()
+    if config.state.startswith(("redis://", "rediss://")):
+        # Each replica would make a key of its own, and refuse the others' ids once Redis lost the sessions.
+        log.info(
+            "session.key_file",
+            path=str(directory / KEY_FILE_NAME),
+            hint="replicas sharing this Redis must all set one session_key",
+        )
     return SessionSealer(key)
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mcp_heal_proxy.auth.metadata import (
     authorization_server_candidates,
     bearer_param,
+    check_resource,
     dialed_origin,
     is_token_challenge,
     is_trusted,
@@ -28,6 +29,7 @@ from mcp_heal_proxy.engine.healing import is_session_expired
 from mcp_heal_proxy.observability import Redactor
 
 OURS = "http://127.0.0.1:8787/.well-known/oauth-protected-resource/mcp"
+UPSTREAM = "https://mcp.example.com/tenant/mcp"
 SESSION_GONE = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
 
 
@@ -245,3 +247,36 @@ def test_bearer_tokens_are_redacted_from_log_events_by_shape() -> None:
         "refresh_token": "[redacted]",
         "client_secret": "[redacted]",
     }
+
+
+@pytest.mark.parametrize(
+    ("resource", "accepted"),
+    [
+        (UPSTREAM, True),
+        (UPSTREAM + "/", True),
+        ("https://mcp.example.com", True),
+        ("https://mcp.example.com/", True),
+        ("https://mcp.example.com/tenant", True),
+        ("https://mcp.example.com:443/tenant/mcp", True),
+        ("HTTPS://MCP.example.COM/tenant/mcp", True),
+        ("https://mcp.example.com/ten", False),  # not a path segment boundary
+        ("https://mcp.example.com/tenant/mcp2", False),
+        ("https://mcp.example.com/other/mcp", False),
+        ("https://mcp.example.com/tenant/mcp/deeper", False),
+        ("http://mcp.example.com/tenant/mcp", False),
+        ("https://mcp.example.com:8443/tenant/mcp", False),
+        ("https://evil.example.com/tenant/mcp", False),
+        ("https://mcp.example.com.evil.example/tenant/mcp", False),
+        ("https://user@mcp.example.com/tenant/mcp", False),
+        ("https://mcp.example.com/tenant/mcp#fragment", False),
+        ("https://mcp.example.com/tenant/mcp?other=1", False),
+        ("https://mcp.example.com:99999/tenant/mcp", False),
+        ("ftp://mcp.example.com/tenant/mcp", False),
+        ("/tenant/mcp", False),
+        ("not a url", False),
+        ("", False),
+    ],
+)
+def test_resource_must_be_the_upstream_or_a_same_origin_prefix(resource: str, accepted: bool) -> None:
+    """One rule for the pass-through and the managed login (RFC 9728 sections 3.3 and 7.3)."""
+    assert check_resource(resource, UPSTREAM) is accepted

@@ -640,3 +640,64 @@ async def test_a_relayed_code_is_redeemed_only_with_the_redirect_uri_of_its_auth
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_grant"
     assert (await upstream.stats())["code_exchanges"] == exchanges
+
+
+def metadata_upstream(resource: Callable[[str], str]) -> web.Application:
+    """An upstream whose protected-resource metadata names ``resource(its own MCP URL)``, with an
+    authorization server at its origin."""
+
+    async def protected_resource(request: web.Request) -> web.Response:
+        origin = f"http://{request.host}"
+        return web.json_response({"resource": resource(origin + "/mcp"), "authorization_servers": [origin]})
+
+    async def authorization_server(request: web.Request) -> web.Response:
+        origin = f"http://{request.host}"
+        return web.json_response(
+            {"issuer": origin, "authorization_endpoint": origin + "/authorize", "token_endpoint": origin + "/token"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", protected_resource)
+    app.router.add_get("/.well-known/oauth-authorization-server", authorization_server)
+    return app
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [lambda _: "https://api.other.example/v1", lambda url: url.replace("/mcp", "/other-api")],
+    ids=["another-origin", "another-path"],
+)
+async def test_metadata_naming_another_resource_is_refused_everywhere(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    foreign: Callable[[str], str],
+) -> None:
+    server = await aiohttp_server(metadata_upstream(foreign))
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")) as response:
+        assert response.status == 502
+        error = (await response.json())["error"]
+    assert error["code"] == -32002
+    assert "refusing" in error["message"]
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+    query = {"response_type": "code", "client_id": "c", "redirect_uri": REDIRECT_URI, "resource": proxy.url}
+    async with http.get(authorize, params=query, allow_redirects=False) as response:
+        assert response.status == 502, "no authorization is asked for the other server's resource"
+        assert "Location" not in response.headers
+
+
+async def test_metadata_naming_the_upstreams_origin_is_accepted(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await aiohttp_server(metadata_upstream(lambda url: url.removesuffix("/mcp")))
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")) as response:
+        assert response.status == 200
+        assert (await response.json())["resource"] == proxy.url
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+    query = {"response_type": "code", "client_id": "c", "redirect_uri": REDIRECT_URI, "resource": proxy.url}
+    async with http.get(authorize, params=query, allow_redirects=False) as response:
+        assert response.status == 302
+        sent = parse_qs(urlsplit(response.headers["Location"]).query)
+    assert sent["resource"] == [str(server.make_url(""))]

@@ -17,7 +17,11 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
-from mcp_heal_proxy.auth.metadata import authorization_server_candidates, protected_resource_candidates
+from mcp_heal_proxy.auth.metadata import (
+    authorization_server_candidates,
+    check_resource,
+    protected_resource_candidates,
+)
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -115,8 +119,19 @@ class UpstreamMetadata:
         try:
             for url in candidates:
                 document = await fetch_json(http, url)
-                if document is not None and isinstance(document.get("resource"), str):
-                    return _Entry(document, None, time.monotonic() + METADATA_TTL)
+                if document is None or not isinstance(document.get("resource"), str):
+                    continue
+                if not check_resource(document["resource"], self.upstream_url):
+                    # Metadata for another server (RFC 9728 section 7.3): serving it would send the
+                    # client for tokens for that server, and the rewritten resource would hide it.
+                    log.warning("oauth.metadata_for_another_resource", upstream=self.name)
+                    refused = MetadataUnavailable(
+                        f"the upstream's protected-resource metadata names {document['resource']!r}, "
+                        f"not {self.upstream_url}: refusing to pass on a login for another server",
+                        missing=False,
+                    )
+                    return _Entry(None, refused, time.monotonic() + MISSING_TTL)
+                return _Entry(document, None, time.monotonic() + METADATA_TTL)
         except MetadataUnavailable as exc:
             log.warning("oauth.metadata_unreachable", upstream=self.name, kind="protected_resource")
             return _Entry(None, exc, time.monotonic())  # not cached: the next login asks again

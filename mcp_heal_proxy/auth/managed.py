@@ -34,6 +34,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mcp_heal_proxy.auth.metadata import check_resource
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import ProxyError
@@ -125,11 +126,6 @@ def _origin(url: str) -> str:
     return f"{parts.scheme.lower()}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def _port(url: str) -> int | None:
-    parts = urlsplit(url)
-    return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-
-
 def prm_urls(upstream_url: str, from_challenge: str | None) -> list[str]:
     """Where to look for protected-resource metadata, in order (RFC 9728 section 3, MCP 2025-11-25).
 
@@ -142,27 +138,6 @@ def prm_urls(upstream_url: str, from_challenge: str | None) -> list[str]:
         urls.append(f"{origin}/.well-known/oauth-protected-resource{path}")
     urls.append(f"{origin}/.well-known/oauth-protected-resource")
     return list(dict.fromkeys(urls))
-
-
-def check_resource(resource: str, upstream_url: str) -> bool:
-    """Whether metadata naming ``resource`` may speak for ``upstream_url``.
-
-    Same scheme, host and port, and a path that is the upstream's or a path prefix of it on a segment
-    boundary: anything else is metadata for another server, and its tokens would be sent there.
-    """
-    try:
-        ours, theirs = urlsplit(upstream_url), urlsplit(resource)
-        if (ours.scheme.lower(), ours.hostname, _port(upstream_url)) != (
-            theirs.scheme.lower(),
-            theirs.hostname,
-            _port(resource),
-        ):
-            return False
-    except ValueError:
-        return False
-    prefix = theirs.path.rstrip("/")
-    path = ours.path.rstrip("/")
-    return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
 def as_metadata_urls(issuer: str) -> list[str]:

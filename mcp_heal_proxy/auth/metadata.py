@@ -120,6 +120,39 @@ def authorization_server_candidates(issuer: str) -> list[str]:
     return [at(AUTHORIZATION_SERVER_WELL_KNOWN + path), at(OPENID_WELL_KNOWN + path), at(path + OPENID_WELL_KNOWN)]
 
 
+def _default_port(scheme: str) -> int | None:
+    return {"http": 80, "https": 443}.get(scheme)
+
+
+def check_resource(resource: str, upstream_url: str) -> bool:
+    """Whether protected-resource metadata naming ``resource`` may speak for ``upstream_url`` (RFC 9728
+    sections 3.3 and 7.3): the one rule of the pass-through and the managed login.
+
+    After normalization (scheme and host case, default port, trailing slash), the scheme, host and port
+    must be the upstream's exactly, and the path the upstream's or a prefix of it on a segment boundary
+    (a server's root metadata names its origin; the MCP SDKs accept that too). A fragment, user
+    information, or a query other than the upstream's refuses it. Anything else is metadata for another
+    server: a client would be sent to get tokens for it, and they would be sent there.
+    """
+    try:
+        ours, theirs = urlsplit(upstream_url), urlsplit(resource)
+        ours_port = ours.port or _default_port(ours.scheme.lower())
+        theirs_port = theirs.port or _default_port(theirs.scheme.lower())
+    except ValueError:
+        return False
+    if theirs.fragment or theirs.username is not None or theirs.password is not None:
+        return False
+    if theirs.scheme.lower() not in _SCHEMES or not theirs.hostname:
+        return False
+    if (ours.scheme.lower(), ours.hostname, ours_port) != (theirs.scheme.lower(), theirs.hostname, theirs_port):
+        return False
+    if theirs.query and theirs.query != ours.query:
+        return False
+    prefix = theirs.path.rstrip("/")
+    path = ours.path.rstrip("/")
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
 def rewrite_protected_resource(
     metadata: Mapping[str, Any], resource: str, authorization_server: str | None
 ) -> dict[str, Any]:

@@ -240,11 +240,15 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
         config = single_upstream(upstream_url, **upstream_options)
         app = build_app(config)
         # As serve() runs it: handlers cancelled when the client leaves, the proxy's own HTTP/1.1 server
-        # in front of aiohttp's.
+        # in front of aiohttp's (aiohttp's alone with http_server="aiohttp").
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         runners.append(runner)
-        site = FastSite(runner, "127.0.0.1", port, app[FAST_PATH_KEY])
+        site: web.BaseSite = (
+            FastSite(runner, "127.0.0.1", port, app[FAST_PATH_KEY])
+            if config.http_server == "fast"
+            else web.TCPSite(runner, "127.0.0.1", port)
+        )
         await site.start()
         return RunningProxy(f"http://127.0.0.1:{runner.addresses[0][1]}/mcp", app, runner)
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from mcp_heal_proxy.auth.bodies import OAUTH_BODY_LIMIT, BodyTooLarge, response_body
 from mcp_heal_proxy.auth.metadata import (
     authorization_server_candidates,
     check_resource,
@@ -30,7 +31,7 @@ METADATA_TTL: Final = 60.0
 # "The upstream has none" is remembered for less time: the upstream may be restarting.
 MISSING_TTL: Final = 10.0
 # A metadata document is a few hundred bytes; anything much larger is not metadata.
-METADATA_LIMIT: Final = 64 * 1024
+METADATA_LIMIT: Final = OAUTH_BODY_LIMIT
 FETCH_TIMEOUT: Final = aiohttp.ClientTimeout(total=10.0, sock_connect=5.0)
 
 
@@ -59,11 +60,11 @@ async def fetch_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | 
         async with http.get(url, timeout=FETCH_TIMEOUT, allow_redirects=False) as response:
             if response.status != 200:
                 return None
-            body = await response.content.read(METADATA_LIMIT + 1)
+            body = await response_body(response, METADATA_LIMIT)
+    except BodyTooLarge:
+        return None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise MetadataUnavailable(f"cannot fetch OAuth metadata: {type(exc).__name__}", missing=False) from exc
-    if len(body) > METADATA_LIMIT:
-        return None
     try:
         document = json.loads(body)
     except ValueError:

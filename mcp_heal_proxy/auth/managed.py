@@ -34,6 +34,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mcp_heal_proxy.auth.bodies import BodyTooLarge, response_body
 from mcp_heal_proxy.auth.metadata import check_resource
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
@@ -255,8 +256,8 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
         async with http.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
             if response.status != 200:
                 return None
-            payload = await response.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+            payload = json.loads(await response_body(response))
+    except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge):
         return None
     return payload if isinstance(payload, dict) else None
 
@@ -378,10 +379,9 @@ async def _token_request(
 ) -> dict[str, Any]:
     headers = {"Accept": "application/json", **_client_auth(form, client_id, secret, method)}
     async with http.post(endpoint, data=form, headers=headers, allow_redirects=False) as response:
-        text = await response.text(errors="replace")
         try:
-            payload = json.loads(text)
-        except ValueError:
+            payload = json.loads(await response_body(response))
+        except (ValueError, BodyTooLarge):
             payload = None
         if response.status != 200 or not isinstance(payload, dict) or "access_token" not in payload:
             error = payload.get("error") if isinstance(payload, dict) else None
@@ -454,9 +454,9 @@ async def _register(
         body["scope"] = " ".join(scopes)
     try:
         async with http.post(endpoint, json=body, allow_redirects=False) as response:
-            payload = await response.json(content_type=None) if response.status in (200, 201) else None
+            payload = json.loads(await response_body(response)) if response.status in (200, 201) else None
             status = response.status
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge) as exc:
         raise LoginError(f"client registration at {endpoint} failed: {type(exc).__name__}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
         raise LoginError(f"client registration at {endpoint} failed: HTTP {status}")

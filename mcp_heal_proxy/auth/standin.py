@@ -33,6 +33,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mcp_heal_proxy.auth.bodies import OAUTH_BODY_LIMIT, BodyTooLarge, request_body, response_body
 from mcp_heal_proxy.auth.discovery import MetadataUnavailable, UpstreamMetadata
 from mcp_heal_proxy.auth.metadata import (
     AUTHORIZATION_SERVER_WELL_KNOWN,
@@ -58,7 +59,7 @@ from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
 # Token, registration and revocation requests are small forms or JSON documents.
-FORM_LIMIT: Final = 64 * 1024
+FORM_LIMIT: Final = OAUTH_BODY_LIMIT
 FORWARD_TIMEOUT: Final = aiohttp.ClientTimeout(total=30.0, sock_connect=5.0)
 # Headers of the authorization server's answers that the client needs; the rest stays behind.
 _ANSWER_HEADERS: Final = ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate", "Location")
@@ -484,8 +485,9 @@ class OAuthPassThrough:
             async with request.app[HTTP_KEY].post(
                 url, data=body, headers=headers, timeout=FORWARD_TIMEOUT, allow_redirects=False
             ) as answer:
-                content = await answer.content.read(FORM_LIMIT + 1)
-                if len(content) > FORM_LIMIT:
+                try:
+                    content = await response_body(answer, FORM_LIMIT)
+                except BodyTooLarge:
                     return oauth_error(502, "server_error", "the authorization server's answer is too large")
                 passed = {name: answer.headers[name] for name in _ANSWER_HEADERS if name in answer.headers}
                 return web.Response(status=answer.status, body=content, headers=passed)
@@ -495,8 +497,8 @@ class OAuthPassThrough:
 
 
 async def _read_small(request: web.Request) -> bytes | None:
-    """The request body, or None when it is larger than a form or registration can be."""
-    if request.content_length is not None and request.content_length > FORM_LIMIT:
+    """The whole request body, or None when it is larger than a form or registration can be."""
+    try:
+        return await request_body(request, FORM_LIMIT)
+    except BodyTooLarge:
         return None
-    body = await request.content.read(FORM_LIMIT + 1)
-    return None if len(body) > FORM_LIMIT else body

@@ -701,3 +701,89 @@ async def test_metadata_naming_the_upstreams_origin_is_accepted(
         assert response.status == 302
         sent = parse_qs(urlsplit(response.headers["Location"]).query)
     assert sent["resource"] == [str(server.make_url(""))]
+
+
+async def test_logins_against_a_hanging_metadata_host_share_one_fetch_and_its_failure(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(discovery, "FETCH_TIMEOUT", aiohttp.ClientTimeout(total=0.5))
+    asked = 0
+
+    async def hang(_: web.Request) -> web.Response:
+        nonlocal asked
+        asked += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", hang)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    metadata = proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")
+
+    async def fetch() -> int:
+        async with http.get(metadata) as response:
+            return response.status
+
+    started = time.monotonic()
+    statuses = await asyncio.gather(*(fetch() for _ in range(8)))
+    elapsed = time.monotonic() - started
+    assert statuses == [502] * 8
+    assert asked == 1, "one fetch for all eight"
+    assert elapsed < 2.0, f"the eight waited {elapsed:.1f} s (one after another: 8 x 0.5 s)"
+    # The failure is remembered for a few seconds: the next login gets it at once.
+    started = time.monotonic()
+    assert await fetch() == 502
+    assert time.monotonic() - started < 0.3
+    assert asked == 1
+
+
+async def test_a_slow_authorization_server_document_does_not_hold_up_the_resource_document(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(discovery, "FETCH_TIMEOUT", aiohttp.ClientTimeout(total=3.0))
+
+    async def protected_resource(request: web.Request) -> web.Response:
+        origin = f"http://{request.host}"
+        return web.json_response({"resource": origin + "/mcp", "authorization_servers": [origin]})
+
+    fetching = asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        fetching.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", protected_resource)
+    app.router.add_get("/.well-known/oauth-authorization-server", hang)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    metadata = proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")
+    async with http.get(metadata) as response:
+        assert response.status == 200
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+
+    async def authorization() -> int:
+        async with http.get(authorize, params={"client_id": "c"}, allow_redirects=False) as response:
+            return response.status
+
+    async def resource_document_meanwhile() -> float:
+        async with asyncio.timeout(5):
+            await fetching.wait()  # the authorization server's metadata is being fetched
+        started = time.monotonic()
+        async with http.get(metadata) as response:
+            assert response.status == 200
+        return time.monotonic() - started
+
+    async with asyncio.TaskGroup() as group:
+        waiting = group.create_task(authorization())
+        meanwhile = group.create_task(resource_document_meanwhile())
+    assert meanwhile.result() < 1.0
+    assert waiting.result() == 502

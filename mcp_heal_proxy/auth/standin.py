@@ -53,6 +53,7 @@ from mcp_heal_proxy.auth.metadata import (
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable
 from mcp_heal_proxy.front.guards import json_error
+from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
 
@@ -195,10 +196,10 @@ class _Upstream:
 
     __slots__ = ("config", "metadata", "pending", "registered", "stand_in")
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, tasks: TaskOwner) -> None:
         self.config = config
         self.stand_in = config.oauth_pass_through == "stand-in"
-        self.metadata = UpstreamMetadata(config.url, config.name)
+        self.metadata = UpstreamMetadata(config.url, config.name, tasks)
         self.pending = _Pending()
         self.registered = _Registered()
 
@@ -209,7 +210,9 @@ class OAuthPassThrough:
     def __init__(self, config: ProxyConfig) -> None:
         self._networks = parse_networks(config.trusted_proxies)
         self._fallback_host = f"{config.host}:{config.port}"
-        self._by_path = {u.path: _Upstream(u) for u in config.upstreams if _passes_through(u)}
+        # The metadata fetches in flight, cancelled when the app stops (before its HTTP client closes).
+        self._tasks = TaskOwner()
+        self._by_path = {u.path: _Upstream(u, self._tasks) for u in config.upstreams if _passes_through(u)}
         # The upstream the origin's root well-known URLs describe: the one at /mcp, else the only one.
         root = self._by_path.get("/mcp")
         if root is None and len(self._by_path) == 1:
@@ -250,7 +253,10 @@ class OAuthPassThrough:
     async def _http_client(self, app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
             app[HTTP_KEY] = http
-            yield
+            try:
+                yield
+            finally:
+                await self._tasks.close()
 
     @staticmethod
     def _handler(

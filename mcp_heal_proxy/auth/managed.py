@@ -39,11 +39,21 @@ from mcp_heal_proxy.auth.metadata import check_resource
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import ProxyError
+from mcp_heal_proxy.tasks import TaskOwner
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
 # Every request to an authorization server or a metadata URL is bounded.
 HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
+# A refresh holds up the upstream requests waiting for it: bounded tighter than a login's requests.
+REFRESH_TIMEOUT: Final = aiohttp.ClientTimeout(total=10, sock_connect=5)
+# How long a refresh waits for another process's refresh (which its own REFRESH_TIMEOUT bounds).
+REFRESH_LOCK_PATIENCE: Final = 12.0
+# What a request waits for the shared refresh at most: both bounds above, and a little for the file.
+REFRESH_WAIT: Final = REFRESH_LOCK_PATIENCE + 10 + 3
+# After a refresh that timed out (a hanging authorization server), requests do not start another one
+# for this long (each would wait again): they use the token's last seconds or get the error at once.
+REFRESH_FAILURE_TTL: Final = 5.0
 # How long ``login`` waits for the browser to come back to the loopback callback.
 LOGIN_TIMEOUT: Final = 300.0
 # A login waiting for another one gives it its whole browser wait, plus this for its token request.
@@ -415,7 +425,7 @@ async def refresh_grant(grant: Grant) -> Grant:
     form = {"grant_type": "refresh_token", "refresh_token": grant.refresh_token}
     if grant.resource:
         form["resource"] = grant.resource
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+    async with aiohttp.ClientSession(timeout=REFRESH_TIMEOUT) as http:
         answer = await _token_request(
             http, grant.token_endpoint, form, grant.client_id, grant.client_secret, grant.auth_method
         )
@@ -729,10 +739,18 @@ class ManagedAuth:
         self._grant: Grant | None = None
         self._stamp: int | None = None
         self._loaded = False
+        # The refresh in flight (one for every request that needs it), owned: cancelled at close.
+        self._tasks = TaskOwner()
         self._refreshing: asyncio.Task[Grant] | None = None
         # The access token whose refresh the authorization server refused: no more attempts with it
         # until the file changes (a new login), so a dead grant does not cost a refresh per request.
         self._refused: str | None = None
+        # Until when (monotonic) a refresh that could not reach the authorization server is not retried.
+        self._unavailable_until = 0.0
+
+    async def close(self) -> None:
+        """Cancel a refresh in flight (the proxy is stopping)."""
+        await self._tasks.close()
 
     def _hint(self, why: str) -> str:
         return f"{why}: run `mcp-heal-proxy login {self._name}` (upstream {self._name})"
@@ -771,14 +789,33 @@ class ManagedAuth:
         if self._refused == stale:
             raise LoginRequired(self._hint("the authorization server refused to refresh the token"))
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh(stale, reason))
+            if time.monotonic() < self._unavailable_until:
+                raise self._unavailable()
+            self._refreshing = self._tasks.spawn(self._refresh(stale, reason), name=f"auth-refresh-{self._name}")
             self._refreshing.add_done_callback(_retrieve)
         # Shielded: a client that gives up does not abort the refresh the others wait for.
-        return await asyncio.shield(self._refreshing)
+        try:
+            async with asyncio.timeout(REFRESH_WAIT):
+                return await asyncio.shield(self._refreshing)
+        except TimeoutError:
+            raise AuthServerUnavailable(
+                f"the refresh of upstream {self._name}'s token did not finish within {REFRESH_WAIT:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this request itself was cancelled
+            # The refresh was (the proxy is stopping): an error for this request, not a cancellation.
+            raise AuthServerUnavailable(f"the proxy stopped while refreshing upstream {self._name}'s token") from None
+
+    def _unavailable(self) -> AuthServerUnavailable:
+        return AuthServerUnavailable(
+            f"cannot reach the authorization server of upstream {self._name} to refresh the token"
+        )
 
     async def _refresh(self, stale: str, reason: str) -> Grant:
         try:
-            async with self._file.lock():
+            async with self._file.lock(patience=REFRESH_LOCK_PATIENCE):
                 grant = self._file.load(self._upstream.url)
                 if grant is None:
                     raise LoginRequired(self._hint("not logged in to the upstream"))
@@ -799,9 +836,12 @@ class ManagedAuth:
                     ) from None
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     log.warning("auth.refresh_failed", upstream=self._name, reason=reason, error=type(exc).__name__)
-                    raise AuthServerUnavailable(
-                        f"cannot reach the authorization server of upstream {self._name} to refresh the token"
-                    ) from None
+                    if isinstance(exc, TimeoutError):
+                        # A hanging server: the next requests should not each wait for it again. (A
+                        # refused connection costs nothing to try again, and comes back soon after a
+                        # restart.)
+                        self._unavailable_until = time.monotonic() + REFRESH_FAILURE_TTL
+                    raise self._unavailable() from None
                 self._file.save(fresh)
                 self._adopt(fresh)
         except TokenFileError as exc:
@@ -832,12 +872,26 @@ class ManagedAuth:
         ``options`` are the transport's (stream, resendable, ...), passed through unchanged.
         """
         grant = await self._usable()
-        response = await transmit(method, _authorized(headers, grant), body, **options)
+
+        async def reauthorize(final: bool) -> dict[str, str] | None:
+            # A request the transport retries (the upstream refusing connections while it restarts)
+            # takes the token again: the one chosen before the wait may have expired meanwhile. An
+            # authorization server down with the upstream (one process) lets the transport wait on.
+            nonlocal grant
+            try:
+                grant = await self._usable()
+            except AuthServerUnavailable:
+                if final:
+                    raise
+                return None
+            return _authorized(headers, grant)
+
+        response = await transmit(method, _authorized(headers, grant), body, reauthorize=reauthorize, **options)
         if _is_token_challenge(response):
             # Refused before it was processed: sending it again cannot run anything twice.
             response.release()
             grant = await self._refreshed(grant.access_token, "http_401")
-            response = await transmit(method, _authorized(headers, grant), body, **options)
+            response = await transmit(method, _authorized(headers, grant), body, reauthorize=reauthorize, **options)
             if _is_token_challenge(response):
                 response.release()
                 raise LoginRequired(self._hint("the upstream refuses the token even after a refresh"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
@@ -42,12 +42,25 @@ _MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 
+# Headers with credentials chosen again: what a request waiting to be retried sends next (the token
+# chosen before the wait may have expired meanwhile). Called with ``final`` False, it may answer None:
+# no usable credentials yet (the authorization server is unreachable too, often the same process as
+# the restarting upstream), wait a little longer; with ``final`` True it answers or raises.
+Reauthorize = Callable[[bool], Awaitable[Mapping[str, str] | None]]
+
+
 class AuthHook(Protocol):
-    """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request."""
+    """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request.
+
+    It calls ``transmit`` with ``reauthorize=``, which the transport calls before each retry.
+    """
 
     async def send(
         self, transmit: Transmit, method: str, headers: Mapping[str, str], body: bytes | None, **options: Any
     ) -> aiohttp.ClientResponse: ...
+
+    async def close(self) -> None:
+        """Stop what the hook runs in the background (a refresh)."""
 
 
 class Upstream:
@@ -144,7 +157,9 @@ class Upstream:
         return busy
 
     async def close(self) -> None:
-        """Close this upstream's connections."""
+        """Close this upstream's connections (and stop its auth hook's background work)."""
+        if self._auth is not None:
+            await self._auth.close()
         for pool in (self._lean_requests, self._lean_streams):
             if pool is not None:
                 await pool.close()
@@ -198,15 +213,23 @@ class Upstream:
         resendable: bool,
         patient: bool,
         read_timeout: float | None,
+        reauthorize: Reauthorize | None = None,
     ) -> aiohttp.ClientResponse:
-        if self._injected_names:
-            headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        headers = self._outgoing(headers)
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send_patiently(method, headers, body, stream, resendable, patient, read_timeout)
+            response = await self._send_patiently(
+                method, headers, body, stream, resendable, patient, read_timeout, reauthorize
+            )
             if response.status not in _REDIRECTS:
                 return response
             self._follow(response)
         raise UpstreamUnavailable(f"upstream MCP server redirected more than {_MAX_REDIRECTS} times in a row")
+
+    def _outgoing(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The headers with the configured ones in place of the client's."""
+        if self._injected_names:
+            return {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        return headers
 
     def _follow(self, response: aiohttp.ClientResponse) -> None:
         """Point this upstream at a same-origin redirect target, or refuse with an error."""
@@ -242,6 +265,7 @@ class Upstream:
         resendable: bool,
         patient: bool,
         read_timeout: float | None,
+        reauthorize: Reauthorize | None = None,
     ) -> aiohttp.ClientResponse:
         timeout = self._stream_timeout if stream else self._post_timeout
         if read_timeout is not None:
@@ -272,6 +296,9 @@ class Upstream:
                 if not retry or time.monotonic() + delay > give_up:
                     raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
                 await asyncio.sleep(delay)
+                if reauthorize is not None:
+                    # The wait (a restart) can outlast the access token chosen before it.
+                    headers = await self._reauthorized(reauthorize, backoff, give_up)
             except aiohttp.ConnectionTimeoutError as exc:
                 # The lean pool's PoolTimeout, or aiohttp's ``connect`` timeout, which covers the wait for
                 # a pooled connection and the connect itself.
@@ -283,6 +310,16 @@ class Upstream:
             except ValueError as exc:
                 # A header the client sent that cannot travel (a line break): the request's own fault.
                 raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
+
+    async def _reauthorized(self, reauthorize: Reauthorize, backoff: Backoff, give_up: float) -> Mapping[str, str]:
+        """The headers of the next attempt, with credentials chosen now; waits (as for a refused
+        connection, until ``give_up``) while there are none to be had."""
+        while True:
+            delay = backoff.next_delay()
+            headers = await reauthorize(time.monotonic() + delay > give_up)
+            if headers is not None:
+                return self._outgoing(headers)
+            await asyncio.sleep(delay)
 
     def _busy_message(self, stream: bool) -> str:
         pool, size = ("max_streams", self.config.max_streams) if stream else ("pool_size", self.config.pool_size)

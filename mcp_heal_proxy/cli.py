@@ -433,7 +433,7 @@ def _login_or_logout(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, "warning", config.secrets())
     try:
         if args.command == "logout":
-            return run_logout(config, args.name, out=sys.stdout)
+            return _run(run_logout(config, args.name, out=sys.stdout))
         return _run(run_login(config, args.name, out=sys.stdout, open_browser=not args.no_browser))
     except LoginError as exc:
         print(f"mcp-heal-proxy: login failed: {exc}", file=sys.stderr)

@@ -642,6 +642,9 @@ async def _login(
             access_token="",
             resource=resource,
             issuer=found.issuer,
+            revocation_endpoint=revocation
+            if isinstance(revocation := metadata.get("revocation_endpoint"), str)
+            else None,
             scope=" ".join(scopes) or None,
             logged_in_at=time.time(),
         )
@@ -703,16 +706,84 @@ async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser
     return 0
 
 
-def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
-    """``mcp-heal-proxy logout NAME``: forget the tokens (the authorization server is not told)."""
+async def revoke_grant(grant: Grant) -> list[str]:
+    """Revoke the grant's refresh and access tokens at its authorization server (RFC 7009); what
+    was revoked ("refresh token", "access token"). Raises TokenRefused or aiohttp errors."""
+    assert grant.revocation_endpoint is not None
+    revoked: list[str] = []
+    tokens = (("refresh_token", grant.refresh_token), ("access_token", grant.access_token))
+    async with aiohttp.ClientSession(timeout=REFRESH_TIMEOUT) as http:
+        for hint, token in tokens:
+            if not token:
+                continue
+            try:
+                await _revoke(http, grant, grant.auth_method, token, hint)
+            except TokenRefused as exc:
+                if not (
+                    exc.status in (400, 401) and grant.auth_method == "client_secret_basic" and grant.client_secret
+                ):
+                    raise
+                # The MCP SDK's revocation endpoint checks the Basic credentials and then insists on
+                # a client_secret field in the form as well: the same secret, to the same endpoint.
+                await _revoke(http, grant, grant.auth_method, token, hint, secret_in_form=True)
+            revoked.append(hint.replace("_", " "))
+    return revoked
+
+
+async def _revoke(
+    http: aiohttp.ClientSession, grant: Grant, method: str, token: str, hint: str, *, secret_in_form: bool = False
+) -> None:
+    assert grant.revocation_endpoint is not None
+    form = {"token": token, "token_type_hint": hint}
+    headers = {"Accept": "application/json", **_client_auth(form, grant.client_id, grant.client_secret, method)}
+    if secret_in_form and grant.client_secret is not None:
+        form["client_secret"] = grant.client_secret
+    async with http.post(grant.revocation_endpoint, data=form, headers=headers, allow_redirects=False) as response:
+        # 200 whether or not the token was still valid (RFC 7009 section 2.2).
+        if response.status == 200:
+            return
+        try:
+            payload = json.loads(await response_body(response))
+        except (ValueError, BodyTooLarge):
+            payload = None
+        error = payload.get("error") if isinstance(payload, dict) else None
+        # Only the OAuth error code: a description could echo what was sent.
+        raise TokenRefused(response.status, str(error) if error else f"HTTP {response.status}")
+
+
+async def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
+    """``mcp-heal-proxy logout NAME``: revoke the tokens at the authorization server when it offers
+    revocation (RFC 7009), then forget them; says what it did."""
     upstream = _upstream_named(config, name)
     token_file = TokenFile(tokens_directory(config.state), name)
     try:
-        existed = token_file.delete()
+        async with token_file.lock():
+            grant = token_file.load(upstream.url)
+            if grant is None:
+                existed = token_file.delete()
+            else:
+                _print(out, await _revoke_for_logout(grant))
+                existed = token_file.delete()
     except TokenFileError as exc:
         raise LoginError(str(exc)) from None
     _print(out, f"Logged out of {upstream.name}." if existed else f"Not logged in to {upstream.name}.")
     return 0
+
+
+async def _revoke_for_logout(grant: Grant) -> str:
+    """Revoke the grant's tokens when the authorization server lets us; one line saying what happened."""
+    if grant.revocation_endpoint is None:
+        return (
+            "The authorization server offers no token revocation (or the login predates it): its tokens "
+            "are deleted here and stay valid there until they expire."
+        )
+    try:
+        revoked = await revoke_grant(grant)
+    except TokenRefused as exc:
+        return f"The authorization server refused to revoke the tokens ({exc.error}): deleted here only."
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"Cannot reach the authorization server to revoke the tokens ({type(exc).__name__}): deleted here only."
+    return f"Revoked the {' and '.join(revoked)} at the authorization server." if revoked else "No token to revoke."
 
 
 # --- the hook in Upstream.send --------------------------------------------------------------------

@@ -639,6 +639,12 @@ async def test_a_relayed_code_is_redeemed_only_with_the_redirect_uri_of_its_auth
     async with http.post(token, data=form) as response:
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_grant"
+    # Nor by another client, with the right redirect URI.
+    code = parse_qs(urlsplit(await follow_to_redirect_uri(authorize, REDIRECT_URI)).query)["code"][0]
+    form = {**form, "code": code, "redirect_uri": REDIRECT_URI, "client_id": "another-client"}
+    async with http.post(token, data=form) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_grant"
     assert (await upstream.stats())["code_exchanges"] == exchanges
 
 

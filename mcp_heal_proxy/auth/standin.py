@@ -83,6 +83,8 @@ def relays_redirect(server: Mapping[str, Any]) -> bool:
     return server.get(ISS_SUPPORTED) is True
 
 
+# Clients whose registrations the proxy remembers (the most recent ones): a bound on what /register,
+# open to anyone, can make it keep.
 REGISTERED_LIMIT: Final = 10_000
 
 
@@ -438,6 +440,8 @@ class OAuthPassThrough:
             # the callback it redirected to.
             if form.get("redirect_uri") != relayed.redirect_uri:
                 return oauth_error(400, "invalid_grant", "redirect_uri differs from the authorization request's")
+            if "client_id" in form and form["client_id"] != relayed.client_id:
+                return oauth_error(400, "invalid_grant", "the code was issued to another client")
             mapped = [(k, relayed.callback if k == "redirect_uri" else v) for k, v in mapped]
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
         return await self._forward(request, endpoint, urlencode(mapped).encode(), headers)

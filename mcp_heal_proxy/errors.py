@@ -76,6 +76,11 @@ class UpstreamTimeout(ProxyError):
     code = -32002
 
 
+class AnswerTooLarge(UpstreamUnavailable):
+    """The upstream's answer is over ``max_body_bytes`` where the proxy must hold it whole (the stdio
+    bridge writes each message as one line)."""
+
+
 class UpstreamBusy(ProxyError):
     """No connection to the upstream could be had in time (every pooled connection in use)."""
 

@@ -201,7 +201,9 @@ async def test_a_revoked_access_token_is_refreshed_once_across_requests_and_prox
     env = child_env(state_home)
     config = write_config(tmp_path, upstream.url)
     assert (await login(config, NAME, env)).returncode == 0
-    proxies = [await serve(config, env), await serve(config, env)]
+    # One SQLite file serves one proxy: the second keeps its sessions in memory, and shares the login
+    # (its tokens sit in the same state directory).
+    proxies = [await serve(config, env), await serve(config, env, "--state", ":memory:")]
     try:
         async with mcp_session(proxies[0].url) as one, mcp_session(proxies[1].url) as two:
             await revoke_access_token(upstream, state_home)

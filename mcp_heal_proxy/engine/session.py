@@ -13,22 +13,22 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.engine.answers import AnswerTracker
+from mcp_heal_proxy.config import mask_url
+from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
-from mcp_heal_proxy.engine.state import record_state_change
+from mcp_heal_proxy.engine.state import state_change, state_request_ids
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
     UnknownSession,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from mcp_heal_proxy.observability import Metrics
@@ -43,7 +43,7 @@ from mcp_heal_proxy.wire.headers import (
     is_valid_session_id,
     upstream_request_headers,
 )
-from mcp_heal_proxy.wire.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.wire.jsonrpc import INITIALIZED, PostBody, RequestId
 
 log = structlog.get_logger("mcp_heal_proxy.engine.session")
 
@@ -59,8 +59,12 @@ DELETE_GONE: Final = frozenset({404, 405})
 _REATTACH_ATTEMPTS: Final = 10
 _REATTACH_RETRY_FIRST: Final = 0.1
 _REATTACH_RETRY_MAX: Final = 8.0
-# A state change (subscription, log level) racing heals: applied to the newest record, a few times at most.
-_STATE_WRITE_ATTEMPTS: Final = 3
+# The server stream the engine opens when a client says notifications/initialized (see open_stream_early)
+# waits this long for the client's first GET to take it over, then is closed. Clients open their GET as
+# soon as the notification is taken (milliseconds); a short wait also keeps the stream from holding off
+# the upstream's idle expiry of a session whose client never opens one (servers do not expire a session
+# while its GET stream is open).
+EARLY_STREAM_WAIT: Final = 3.0
 
 
 class NotReplayed(ProxyError):
@@ -74,24 +78,30 @@ class NotReplayed(ProxyError):
 class Sent:
     """An upstream answer to a message sent on a session, ready to be relayed.
 
-    ``response`` is None when the message needed no sending after all (answers and cancellations for
-    a dead session's requests: dropped, as nobody waits for them). ``prefetched`` holds body bytes
-    already read to inspect the answer; they come first.
+    ``answer`` is None when the message needed no sending after all (answers and cancellations for
+    a dead session's requests: dropped, as nobody waits for them).
     """
 
-    response: aiohttp.ClientResponse | None
+    answer: AnswerStream | None
     record: SessionRecord
-    prefetched: bytes = b""
     healed: bool = False
+
+
+@dataclass(slots=True)
+class _EarlyStream:
+    """A server stream opened before the client asked for it, waiting for the client's first GET."""
+
+    response: aiohttp.ClientResponse
+    upstream_session_id: str
+    expiry: asyncio.TimerHandle
 
 
 @dataclass(slots=True)
 class Opened:
     """The upstream's answer to an initialize, and the new session's record (None: nothing to map)."""
 
-    response: aiohttp.ClientResponse
+    answer: AnswerStream
     record: SessionRecord | None
-    prefetched: bytes = b""
 
 
 class SessionEngine:
@@ -122,6 +132,17 @@ class SessionEngine:
         self._endings = endings
         if endings is not None:
             endings.serve(self.name, self.end_forgotten)
+        # Server streams opened at notifications/initialized, by client session id, until the client's
+        # first GET takes them; and the openings under way, which that GET waits for.
+        self._early_streams: dict[str, _EarlyStream] = {}
+        self._early_openings: dict[str, asyncio.Future[None]] = {}
+        # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
+        self._opens_streams_early = True
+
+    @property
+    def activity(self) -> SessionActivity:
+        """Where the fronts say which sessions are in use (engine/housekeeping.py)."""
+        return self._activity
 
     # --- sessions -----------------------------------------------------------------------------------
 
@@ -150,27 +171,34 @@ class SessionEngine:
             # by what the store knows, and a session used a moment ago (its upstream session then ended
             # under a running call) must not pass for the oldest.
             await self._activity.write_to(self.store)
+            # Sessions in use were just written as used now, so the least recently used are idle ones.
             evicted = await self.store.evict_oldest(excess)
             log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
+            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
+            if in_use:
+                # Every session was in use: the limit wins, and the clients of these will get 404.
+                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
+                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
             if self._endings is not None:
                 # In the background: this client's initialize does not wait on another session's DELETE.
                 self._endings.end_later(evicted, "evicted")
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
-        if response.status != 200 or not upstream_session_id:
-            # A refused initialize, or a server without sessions: nothing to map.
-            return Opened(response, None)
-        if not is_valid_session_id(upstream_session_id):
-            response.release()
-            raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
-        tracker = AnswerTracker(
-            (init.id,), response.headers.get("Content-Type", ""), response.headers.get(CONTENT_ENCODING)
-        )
+        # An upstream session exists from here on whatever else the answer says: every refusal below
+        # ends it rather than leave it to the upstream's idle timeout (forever, on some servers).
+        opened = 200 <= response.status < 300 and upstream_session_id is not None
+        answer = AnswerStream(response, (init.id,), keep_answers=True)
         try:
+            refuse_garbage(response, body, self.config.url)
+            if response.status != 200 or not upstream_session_id:
+                # A refused initialize, or a server without sessions: nothing to map.
+                return Opened(answer, None)
+            if not is_valid_session_id(upstream_session_id):
+                opened = False  # an id that cannot be sent back cannot be ended either
+                raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
             # The initialize answer is one small message: read up to it (bounded), then store, then relay.
-            prefetched = await _read_until_answered(response, tracker, init.id)
-            version = tracker.protocol_version(init.id)
+            read = await answer.read_until_answered(INSPECT_LIMIT)
+            version = protocol_version(answer.answer(init.id))
             record = SessionRecord(
                 client_session_id=new_client_session_id(),
                 upstream_session_id=upstream_session_id,
@@ -183,20 +211,24 @@ class SessionEngine:
             await self.store.create(record)
         except BaseException:
             response.release()
-            # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
-            await self.end_upstream_session(client_headers, upstream_session_id, reason="not_stored")
+            if opened and upstream_session_id is not None:
+                # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
+                await self.end_upstream_session(client_headers, upstream_session_id, reason="initialize_refused")
             raise
-        return Opened(response, record, prefetched)
+        # What was read to see the answer goes to the client first.
+        return Opened(AnswerStream(response, (init.id,), read), record)
 
     async def post(self, client_headers: Mapping[str, str], body: PostBody, record: SessionRecord) -> Sent:
         """Send messages on a client session; heal and replay (by policy) if its upstream session is gone."""
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
-            refuse_garbage(response, body)
-            if response.status < 300:
-                await self.remember_state(record, body)
-            return Sent(response, record, prefetched)
+            refuse_garbage(response, body, self.config.url)
+            prefetched = await self.remember_state(record, body, response, prefetched)
+            if response.status < 300 and not body.is_batch and body.messages[0].method == INITIALIZED:
+                # Before the client hears its notification was taken, and so before its first request.
+                await self.open_stream_early(client_headers, record)
+            return Sent(AnswerStream(response, body.request_ids, prefetched), record)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return Sent(None, record)
@@ -205,34 +237,48 @@ class SessionEngine:
         if refused:
             raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
-        refuse_garbage(response, body)
-        if response.status < 300:
-            await self.remember_state(record, body)
-        return Sent(response, record, healed=True)
+        refuse_garbage(response, body, self.config.url)
+        prefetched = await self.remember_state(record, body, response)
+        return Sent(AnswerStream(response, body.request_ids, prefetched), record, healed=True)
 
-    async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> aiohttp.ClientResponse:
+    async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> AnswerStream:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
-        return response
+        refuse_garbage(response, body, self.config.url)
+        return AnswerStream(response, body.request_ids)
 
-    async def remember_state(self, record: SessionRecord, body: PostBody) -> None:
-        """Record state the client set (subscriptions, log level), on top of whatever the store holds now:
-        a heal may have moved the session to a newer generation while this request was answered."""
-        for _ in range(_STATE_WRITE_ATTEMPTS):
-            updated = record_state_change(record, body)
-            if updated is record:
-                return
-            current = await self.store.put(updated)
-            if current is None or current.generation == updated.generation:
-                return  # written, or the session is gone
-            record = current  # refused as stale: apply the change to the newer record instead
-        log.warning("session.state_not_recorded", upstream=self.name, client_session=record.client_session_id[:8])
+    async def remember_state(
+        self, record: SessionRecord, body: PostBody, response: aiohttp.ClientResponse, prefetched: bytes = b""
+    ) -> bytes:
+        """Record the state the client set (subscriptions, log level) once the upstream accepted it: only
+        requests answered with a result count (an error inside HTTP 200 is a refusal). Their answers are
+        read first (small, bounded; only bodies with such requests); the bytes read are given back, to be
+        relayed before the rest.
+
+        The change goes to the record the store holds *now*: other changes of this session (another
+        request's, a heal's) may have landed while this request was answered, and applying it to the
+        record read at the start would undo them."""
+        ids = state_request_ids(body)
+        if not ids or response.status != 200:
+            return prefetched
+        watch = AnswerStream(response, ids, prefetched, keep_answers=True)
+        try:
+            read = await watch.read_until_answered(INSPECT_LIMIT)  # prefetched first
+        except BaseException:
+            response.release()
+            raise
+        answers = (watch.answer(request_id) for request_id in ids)
+        succeeded = {answer["id"] for answer in answers if answer is not None and "result" in answer}
+        change = state_change(body, succeeded)
+        if change is not None:
+            await self.store.apply(record.client_session_id, change)
+        return read
 
     async def end(self, client_headers: Mapping[str, str], record: SessionRecord) -> int:
         """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and
         forget the record whatever the upstream says. Returns the upstream's status; raises when the
         upstream could not be told."""
+        self._drop_early_stream(record.client_session_id)
         try:
             # No connect_retry and a short read bound.
             response = await self.upstream.send(
@@ -265,6 +311,7 @@ class SessionEngine:
         """Best effort, bounded: DELETE the upstream session of a client session the proxy forgot (idle
         expiry, eviction, the status page's forget). No client headers exist at that moment, so an
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
+        self._drop_early_stream(record.client_session_id)
         headers = upstream_request_headers({}, record.upstream_session_id)
         version = record.upstream_protocol_version or record.protocol_version
         if version is not None:
@@ -283,21 +330,109 @@ class SessionEngine:
 
     # --- server streams -------------------------------------------------------------------------------
 
+    async def open_stream_early(self, client_headers: Mapping[str, str], record: SessionRecord) -> None:
+        """Open the session's server stream (GET) now, for the client's first GET to take over.
+
+        A server may send its own requests (sampling, elicitation) on the GET stream at any moment, even
+        in the middle of a tool call, and drops them while no GET stream is open. A client opens its GET
+        after notifications/initialized, at the same moment as its first request, and through the proxy
+        that request would reach the server first (it goes out on a pooled connection, the GET needs a
+        new one): the server's first requests would be lost. Opened here, before the client hears its
+        notification was taken, the stream is there before the client can send anything else; what the
+        server sends on it waits (in the connection's buffers) for the client's GET. Best effort and
+        bounded by ``connect_timeout``: a failure leaves the client's GET to open its own stream.
+        """
+        cid = record.client_session_id
+        if not self._opens_streams_early or cid in self._early_openings:
+            return
+        opening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early_openings[cid] = opening
+        self._drop_early_stream(cid)
+        headers = {
+            name: value
+            for name, value in self.headers(client_headers, record, fresh_stream=True).items()
+            if name.lower() not in ("accept", "content-type", "content-length", "content-encoding")
+        }
+        headers["Accept"] = "text/event-stream"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                response = await self.upstream.send("GET", headers, stream=True, resendable=True, patient=False)
+        except TimeoutError:
+            # A server that holds a GET's head back until it has an event would cost every session start
+            # this wait: no more early streams for this upstream.
+            self._opens_streams_early = False
+            log.warning("stream.early_open_slow", upstream=self.name, timeout_s=self.config.connect_timeout)
+            return
+        except ProxyError as exc:
+            log.info("stream.early_open_failed", upstream=self.name, error=exc.message)
+            return
+        finally:
+            del self._early_openings[cid]
+            opening.set_result(None)
+        if response.status != 200 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            response.release()
+            if response.status == 405:
+                self._opens_streams_early = False  # this server has no GET streams
+            return
+        expiry = asyncio.get_running_loop().call_later(EARLY_STREAM_WAIT, self._drop_early_stream, cid)
+        self._early_streams[cid] = _EarlyStream(response, record.upstream_session_id, expiry)
+
+    def _drop_early_stream(self, client_session_id: str) -> None:
+        """Close a stream opened early that no GET took (its session ended, or the client never came)."""
+        early = self._early_streams.pop(client_session_id, None)
+        if early is not None:
+            early.expiry.cancel()
+            early.response.close()
+
+    def end_early_streams(self) -> None:
+        """Shutdown: close every stream opened early that no GET took."""
+        for client_session_id in list(self._early_streams):
+            self._drop_early_stream(client_session_id)
+
+    async def _take_early_stream(
+        self, client_headers: Mapping[str, str], record: SessionRecord
+    ) -> aiohttp.ClientResponse | None:
+        """The stream opened early for this session, if it still fits a GET with these headers."""
+        cid = record.client_session_id
+        opening = self._early_openings.get(cid)
+        if opening is not None:
+            # A GET racing the notification: it takes the stream being opened instead of a second one
+            # (servers allow one GET stream per session).
+            await asyncio.shield(opening)
+        early = self._early_streams.pop(cid, None)
+        if early is None:
+            return None
+        early.expiry.cancel()
+        if client_headers.get(LAST_EVENT_ID) is not None or early.upstream_session_id != record.upstream_session_id:
+            # A resume asks for events after an id, and a heal since made the stream's session a dead one.
+            early.response.close()
+            return None
+        return early.response
+
     async def open_stream(self, client_headers: Mapping[str, str], record: SessionRecord) -> Sent:
-        """Open the session's server-to-client stream (GET), healing first if the session is gone."""
+        """Open the session's server-to-client stream (GET), healing first if the session is gone; the
+        stream opened at notifications/initialized, when there is one."""
+        early = await self._take_early_stream(client_headers, record)
+        if early is not None:
+            return Sent(AnswerStream(early), record)
         response = await self.send("GET", self.headers(client_headers, record), stream=True)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
-            return Sent(response, record, prefetched)
+            return Sent(AnswerStream(response, (), prefetched), record)
         record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
         response = await self.send("GET", self.headers(client_headers, record, fresh_stream=True), stream=True)
-        return Sent(response, record, healed=True)
+        return Sent(AnswerStream(response), record, healed=True)
 
     async def resume(
-        self, client_headers: Mapping[str, str], record: SessionRecord, generation: int
-    ) -> aiohttp.ClientResponse | None:
+        self,
+        client_headers: Mapping[str, str],
+        record: SessionRecord,
+        generation: int,
+        request_ids: tuple[RequestId, ...],
+    ) -> AnswerStream | None:
         """Ask the upstream to resume an answer stream (the client's Last-Event-ID is in its headers) on the
-        session it was on; None when it cannot (the session was healed since, it is down, or refuses)."""
+        session it was on, still owing ``request_ids``; None when it cannot (the session was healed since,
+        it is down, or refuses)."""
         cid = record.client_session_id
         if record.generation != generation:
             return None
@@ -307,7 +442,7 @@ class SessionEngine:
             log.info("stream.resume_failed", upstream=self.name, client_session=cid[:8], error=exc.message)
             return None
         if response.status == 200 and response.headers.get("Content-Type", "").startswith("text/event-stream"):
-            return response
+            return AnswerStream(response, request_ids)
         log.info("stream.resume_refused", upstream=self.name, client_session=cid[:8], status=response.status)
         response.release()
         return None
@@ -398,46 +533,35 @@ class SessionEngine:
         return False, body
 
 
-def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody) -> None:
-    """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive portal
-    or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
-    if not body.request_ids or not 200 <= response.status < 300 or response.status == 202:
+def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody, upstream_url: str) -> None:
+    """An answer to requests must be a JSON-RPC answer; anything else becomes a JSON-RPC error with the
+    requests' ids instead of confusing the client: a success that is not JSON or SSE (an HTML page from a
+    captive portal or a misrouted load balancer), or a failure status that is not JSON (a wrong upstream
+    path's bare 404, a gateway's 502 page). 401 and 403 pass through as they are: their challenge is for
+    the client's OAuth."""
+    status = response.status
+    if not body.request_ids or status == 202 or status in (401, 403) or 300 <= status < 400:
         return
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith(("application/json", "text/event-stream")):
+    if content_type.startswith("application/json") or (status < 300 and content_type.startswith("text/event-stream")):
         return
     response.release()
-    raise UpstreamUnavailable(
-        f"upstream MCP server answered {response.status} with {content_type or 'no content type'}"
+    what = f"{status} {response.reason or ''}".strip() + f" with {content_type or 'no content type'}"
+    if status < 300:
+        raise UpstreamUnavailable(f"upstream MCP server answered {what}")
+    hint = (
+        ": check that the upstream URL is the server's MCP endpoint (it often ends in /mcp)"
+        if status in (404, 405)
+        else ""
     )
+    message = f"upstream {mask_url(upstream_url)} answered {what}, not a JSON-RPC answer{hint}"
+    log.warning("upstream.not_mcp", url=mask_url(upstream_url), status=status, content_type=content_type or None)
+    raise UpstreamUnavailable(message)
 
 
-def answer_tracker(response: aiohttp.ClientResponse, request_ids: tuple[RequestId, ...]) -> AnswerTracker | None:
-    """Track responses on SSE answers to requests, to finish a broken stream with errors."""
-    content_type = response.headers.get("Content-Type", "")
-    if not request_ids or not content_type.startswith("text/event-stream"):
-        return None
-    return AnswerTracker(request_ids, content_type, response.headers.get(CONTENT_ENCODING))
-
-
-async def _read_until_answered(
-    response: aiohttp.ClientResponse, tracker: AnswerTracker, request_id: RequestId
-) -> bytes:
-    """Read an answer until the response to ``request_id`` went by (at most INSPECT_LIMIT bytes)."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        while size < INSPECT_LIMIT:
-            chunk = await response.content.readany()
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            tracker.feed(chunk)
-            if tracker.protocol_version(request_id) is not None:
-                break
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("upstream MCP server stopped answering the initialize") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream MCP server broke the initialize answer: {type(exc).__name__}") from exc
-    return b"".join(chunks)
+def protocol_version(initialize_answer: Mapping[str, Any] | None) -> str | None:
+    """``result.protocolVersion`` of an initialize's response, if it has one."""
+    result = initialize_answer.get("result") if initialize_answer is not None else None
+    if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
+        return str(result["protocolVersion"])
+    return None

@@ -44,15 +44,22 @@ class Exchange(Protocol):
     async def answer(self, status: int, body: bytes, headers: HeaderPairs = (), reason: str | None = None) -> None:
         """Answer with a whole body."""
 
-    async def start(self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False) -> None:
+    async def start(
+        self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False, length: int | None = None
+    ) -> None:
         """Start a streamed answer. With ``hold`` the headers wait for the first ``write`` or the ``end``,
-        to go out with it in one write: only when the caller makes that write at once."""
+        to go out with it in one write: only when the caller makes that write at once. With ``length``
+        the answer is that many bytes (Content-Length, as the upstream gave it), else chunked."""
 
     async def write(self, data: bytes) -> None:
         """Write part of a streamed answer (waits while the client reads slower than it is written)."""
 
     async def end(self, tail: bytes = b"") -> None:
         """End a streamed answer, ``tail`` being its last bytes."""
+
+    def abort(self) -> None:
+        """Close the client's connection without ending the streamed answer: what the client got is
+        then visibly incomplete (no last chunk, or short of its length), never a whole answer."""
 
 
 class _WithFirstBytes(web.StreamResponse):
@@ -105,9 +112,13 @@ class AiohttpExchange:
         # An empty body is None to aiohttp: Content-Length 0 and no Content-Type of its choosing.
         self.response = web.Response(status=status, reason=reason, headers=list(headers), body=body or None)
 
-    async def start(self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False) -> None:
+    async def start(
+        self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False, length: int | None = None
+    ) -> None:
         response_class = _WithFirstBytes if hold else web.StreamResponse
         response = response_class(status=status, reason=reason, headers=list(headers))
+        if length is not None:
+            response.content_length = length
         self.response = response
         await response.prepare(self.request)
 
@@ -118,3 +129,9 @@ class AiohttpExchange:
     async def end(self, tail: bytes = b"") -> None:
         assert self.response is not None
         await self.response.write_eof(tail)
+
+    def abort(self) -> None:
+        # aiohttp then fails to end the response on the closed transport and closes the connection.
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()

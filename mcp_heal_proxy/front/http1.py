@@ -149,6 +149,7 @@ class FastExchange:
 
     __slots__ = (
         "_bodiless",
+        "_chunked",
         "_connection",
         "_held",
         "body",
@@ -173,6 +174,7 @@ class FastExchange:
         self.ended = False
         self._held = b""
         self._bodiless = False
+        self._chunked = True
 
     async def read_body(self, limit: int) -> bytes:
         # Read whole before the handler started; its length was checked against the limit already.
@@ -186,10 +188,19 @@ class FastExchange:
             return
         self._connection.write(self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n") + body)
 
-    async def start(self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False) -> None:
+    async def start(
+        self, status: int, reason: str | None, headers: HeaderPairs, *, hold: bool = False, length: int | None = None
+    ) -> None:
         self.status = status
         self._bodiless = status in _NO_BODY
-        head = self._head(status, reason, headers, "" if self._bodiless else "Transfer-Encoding: chunked\r\n")
+        self._chunked = not self._bodiless and length is None
+        if self._bodiless:
+            framing = ""
+        elif length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        else:
+            framing = "Transfer-Encoding: chunked\r\n"
+        head = self._head(status, reason, headers, framing)
         if hold:
             self._held = head
         else:
@@ -198,7 +209,7 @@ class FastExchange:
     async def write(self, data: bytes) -> None:
         if not data or self._bodiless:
             return
-        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
         if self._held:
             framed, self._held = self._held + framed, b""
         await self._connection.send(framed)
@@ -206,6 +217,8 @@ class FastExchange:
     async def end(self, tail: bytes = b"") -> None:
         if self._bodiless:
             last = b""
+        elif not self._chunked:
+            last = tail
         elif tail:
             last = b"%x\r\n%b\r\n%b" % (len(tail), tail, _LAST_CHUNK)
         else:
@@ -214,6 +227,11 @@ class FastExchange:
             last, self._held = self._held + last, b""
         self.ended = True
         await self._connection.send(last)
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        self._held = b""
+        self._connection.abort()
 
     def _head(self, status: int, reason: str | None, headers: HeaderPairs, framing: str) -> bytes:
         """Status line and headers (the upstream's, already without hop-by-hop ones, Date and Server)."""
@@ -526,6 +544,12 @@ class FastConnection(asyncio.Protocol):
             self._close()
             return
         self._keepalive = self._loop.call_later(left, self._close_if_idle)
+
+    def abort(self) -> None:
+        """End the connection at once, mid-answer: the client sees an answer cut short, not a whole one."""
+        self._closing = True
+        if self._transport is not None and not self._lost:
+            self._transport.abort()
 
     def _close(self) -> None:
         self._closing = True

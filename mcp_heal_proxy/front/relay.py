@@ -16,29 +16,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Final
 
 import aiohttp
 import structlog
 from prometheus_client import Gauge
 
 from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.engine.answers import AnswerTracker
-from mcp_heal_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, Piece
+from mcp_heal_proxy.errors import ProxyError, UpstreamUnavailable
 from mcp_heal_proxy.front.exchange import Exchange
+from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import client_response_headers
 from mcp_heal_proxy.wire.jsonrpc import PostBody, RequestId
-from mcp_heal_proxy.wire.sse import Event, SSEParser, encode_comment, encode_event
+from mcp_heal_proxy.wire.sse import Event, encode_comment, encode_event
 
 log = structlog.get_logger("mcp_heal_proxy.front.relay")
 
 _KEEPALIVE: Final = encode_comment("keep-alive")
 # Non-SSE answers up to this size are relayed whole (one write); larger ones stream chunk by chunk.
 WHOLE_ANSWER_LIMIT: Final = 1024 * 1024
-_EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
 _NOT_RESUMABLE: Final = (
     "upstream MCP server lost the stream this answer was on (its session ended); "
@@ -54,7 +53,7 @@ _STREAM_LIVED: Final = 30.0
 _RESUMES_KEPT: Final = 1024
 
 # Opens a new upstream GET stream (resuming from the event id, if given); None when there is none to open.
-Reattach = Callable[[str | None], Awaitable[aiohttp.ClientResponse | None]]
+Reattach = Callable[[str | None], Coroutine[Any, Any, aiohttp.ClientResponse | None]]
 
 
 class ClientLeft(Exception):
@@ -65,13 +64,15 @@ class Outcome:
     """What happened to one request on its way, for the request log: filled in as it happens, so that a
     handler cancelled by the client's hang-up still logs what the client got."""
 
-    __slots__ = ("body", "client_left", "healed", "status")
+    __slots__ = ("body", "client_left", "healed", "status", "upstream_broke")
 
     def __init__(self) -> None:
         # The POST body once parsed (its method names the request in the log; its ids go into errors).
         self.body: PostBody | None = None
         self.healed = False
         self.client_left = False
+        # The upstream broke its answer after the client's response started.
+        self.upstream_broke = False
         # The status the client was sent, once a response started (None before).
         self.status: int | None = None
 
@@ -84,14 +85,6 @@ class PendingResume:
     def __init__(self, generation: int, request_ids: tuple[RequestId, ...]) -> None:
         self.generation = generation
         self.request_ids = request_ids
-
-
-def _arrived(upstream: aiohttp.ClientResponse) -> bytes:
-    """What of the body already arrived, without waiting; a broken body is left for the next read."""
-    try:
-        return upstream.content.read_nowait()
-    except (aiohttp.ClientError, TimeoutError):
-        return b""
 
 
 async def _send(exchange: Exchange, data: bytes) -> None:
@@ -146,259 +139,236 @@ class Relay:
     async def relay(
         self,
         exchange: Exchange,
-        upstream: aiohttp.ClientResponse,
+        stream: AnswerStream,
         client_session_id: str | None,
         outcome: Outcome,
-        prefetched: bytes = b"",
         *,
-        tracker: AnswerTracker | None = None,
         generation: int = 0,
         reattach: Reattach | None = None,
     ) -> None:
         """Send an upstream answer to the client as it arrives, with the client's session id.
 
-        ``tracker`` watches the answer for responses: if the upstream breaks the stream first, each
-        unanswered request gets a JSON-RPC error event (it is not replayed: the tool may have run), or,
-        when the client can resume the stream (event ids, ended between events), the requests are
-        remembered for that resume (``take_resume``). ``reattach`` opens a new upstream stream when a
-        GET stream ends while the client still listens.
+        For an SSE answer to requests, each request whose response never came gets a JSON-RPC error event
+        (it is not replayed: the tool may have run), or, when the client can resume the stream (event
+        ids, stopped between events), the requests are remembered for that resume (``take_resume``). A
+        JSON answer the upstream breaks after it started is aborted, never ended as if whole.
+        ``reattach`` opens a new upstream stream when a GET stream ends while the client still listens.
         """
-        observe = tracker.feed if tracker is not None else None
-        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        length = upstream.content_length
-        if not is_sse and length is not None and length <= WHOLE_ANSWER_LIMIT:
-            # A JSON answer of known length is one message, not a stream: send headers and body in one
-            # write. Streaming it cost a write per chunk plus chunked framing (a quarter of the time).
-            await self._relay_whole(exchange, upstream, client_session_id, prefetched, observe)
-            return
-        streams = self._open_streams
-        # An SSE answer's events that already arrived go out with the headers (and, when the answer is
-        # complete, with its end): one write instead of three.
-        first = _arrived(upstream) if is_sse and reattach is None and not prefetched else b""
-        tail = b""
         try:
-            headers = client_response_headers(upstream.headers, client_session_id)
-            if is_sse:
+            if not stream.is_sse and stream.content_length is not None and stream.content_length <= WHOLE_ANSWER_LIMIT:
+                # A JSON answer of known length is one message, not a stream: read it whole, then send
+                # headers and body in one write (a quarter of the time of streaming it).
+                body = await stream.read_whole(WHOLE_ANSWER_LIMIT, classify=False)
+                headers = client_response_headers(stream.headers, client_session_id)
+                await exchange.answer(stream.status, body, headers, stream.reason)
+                return
+            headers = client_response_headers(stream.headers, client_session_id)
+            if stream.is_sse:
                 # Tell any buffering proxy in front of us (nginx) to pass events through at once: ours, once,
                 # whatever the upstream said.
                 headers = [(name, value) for name, value in headers if name.lower() != "x-accel-buffering"]
                 headers.append(("X-Accel-Buffering", "no"))
-            # Headers wait for the first write only when it follows at once: a client waiting for a slow
-            # first event gets the headers as soon as the upstream sent them.
-            await exchange.start(upstream.status, upstream.reason, headers, hold=bool(first or prefetched))
-            outcome.status = upstream.status
+            # What already arrived goes out with the headers (and, when the answer is whole, with its
+            # end): one write instead of three. A client waiting for a slow first event gets the headers
+            # as soon as the upstream sent them.
+            first = stream.arrived() if reattach is None else None
+            length = None if stream.is_sse else stream.content_length
+            try:
+                await exchange.start(stream.status, stream.reason, headers, hold=first is not None, length=length)
+            except ConnectionError:
+                # The client hung up as its answer started: it left, nothing went wrong upstream.
+                outcome.client_left = True
+                stream.close()
+                return
+            outcome.status = stream.status
+            streams = self._open_streams
             streams.inc()
             try:
-                if prefetched:
-                    await _send(exchange, prefetched)
-                    if observe is not None:
-                        observe(prefetched)
                 if reattach is not None:
-                    await self._relay_server_stream(exchange, upstream, reattach)
+                    await self._relay_server_stream(exchange, stream, reattach, outcome)
                 else:
-                    tail = await self._relay_answer(
-                        exchange, upstream, is_sse, tracker, client_session_id, generation, first
-                    )
+                    await self._relay_answer(exchange, stream, client_session_id, generation, first, outcome)
             except ClientLeft:
                 outcome.client_left = True
-                return
+                stream.close()
             finally:
                 streams.dec()
-            try:
-                await exchange.end(tail)
-            except ConnectionError:
-                outcome.client_left = True
         finally:
-            upstream.release()
+            stream.release()
 
     async def _relay_answer(
         self,
         exchange: Exchange,
-        upstream: aiohttp.ClientResponse,
-        is_sse: bool,
-        tracker: AnswerTracker | None,
+        stream: AnswerStream,
         client_session_id: str | None,
         generation: int,
-        first: bytes = b"",
-    ) -> bytes:
-        """The answer to a POST (or a resumed one): forwarded until it ends, then errors for what it lost.
-
-        Returns the bytes the answer ended with when they are still to be written: the caller writes
-        them with the end of the response."""
-        observe = tracker.feed if tracker is not None else None
-        if not is_sse:
-            await self._pump(upstream, exchange, observe)
-            return b""
-        held: list[bytes] = []
-        between_events = await self._pump_sse(upstream, exchange, observe, first, held)
-        tail = b"".join(held)
-        if tracker is None or not tracker.may_be_unanswered():
-            return tail
-        if tail:
-            await _send(exchange, tail)
-        last_event_id = tracker.last_event_id
-        if between_events and last_event_id is not None and client_session_id is not None:
+        first: Piece | None,
+        outcome: Outcome,
+    ) -> None:
+        """The answer to a POST (or a resumed one): forwarded until it stops, then ended by what the
+        stream says of its end."""
+        tail = await self._forward(exchange, stream, first)
+        if not stream.is_sse:
+            if stream.ending is Ending.COMPLETE:
+                await _end(exchange, tail)
+                return
+            self._abort(exchange, stream, outcome)
+            return
+        owed = stream.unanswered
+        if not owed:
+            if stream.ending is Ending.COMPLETE or stream.between_events:
+                # Every response came; a stream that stopped between events lost nothing the client
+                # waits for (MCP clients stop reading once their responses came).
+                await _end(exchange, tail)
+                return
+            self._abort(exchange, stream, outcome)
+            return
+        # Stopped with requests unanswered: broken, or ended by a server that meant the client to resume.
+        if stream.ending is Ending.BROKEN:
+            outcome.upstream_broke = True
+            self._log_broken(stream)
+        last_event_id = stream.last_event_id
+        if stream.resumable and last_event_id is not None and client_session_id is not None:
             # The client can resume this stream by GET with Last-Event-ID (the spec's way to finish an
             # answer after the stream closed early): remember what it waits for, in case the upstream
             # cannot honour the resume.
-            unanswered = tracker.unanswered()
-            if unanswered:
-                self._remember_resume(client_session_id, last_event_id, PendingResume(generation, tuple(unanswered)))
-            return b""
-        # Broken mid-event, or closed without the answer by a server the client cannot resume from (no
-        # event ids): the client would wait forever.
-        await self.finish_unanswered(exchange, tracker.unanswered(), _BROKEN)
-        return b""
+            self._remember_resume(client_session_id, last_event_id, PendingResume(generation, owed))
+            await _end(exchange, tail)
+            return
+        # The client could only wait forever: a JSON-RPC error for each request owed, after dropping the
+        # event the stream stopped in the middle of.
+        log.warning("upstream.stream_broken_before_answer", upstream=self._name, unanswered=len(owed))
+        await _end(exchange, tail + stream.abandon_event() + error_events(owed, _BROKEN))
 
     async def _relay_server_stream(
-        self, exchange: Exchange, upstream: aiohttp.ClientResponse, reattach: Reattach
+        self, exchange: Exchange, stream: AnswerStream, reattach: Reattach, outcome: Outcome
     ) -> None:
-        """A GET stream: forwarded, and reattached upstream whenever the upstream ends it while the client
-        still listens (after a heal, or a server that closes streams on purpose), with backoff."""
+        """A GET stream: forwarded, and reattached upstream whenever the upstream ends or breaks it while
+        the client still listens (after a heal, or a server that closes streams on purpose), with
+        backoff. An event the upstream broke off is dropped (the resume with Last-Event-ID asks the
+        server for it again), so that the stream goes on whole."""
+        loop = asyncio.get_running_loop()
         backoff = Backoff(first=_REATTACH_FIRST, maximum=_REATTACH_MAX)
-        self._server_streams.add(upstream)
+        self._server_streams.add(stream.response)
         try:
             while True:
-                opened = time.monotonic()
-                watch = SSEParser()
-                between_events = await self._pump_sse(upstream, exchange, watch.feed)
-                if not between_events or self._closing.is_set():
+                opened = loop.time()
+                tail = await self._forward(exchange, stream, None)
+                await _send(exchange, tail + stream.abandon_event())
+                if self._closing.is_set():
+                    await _end(exchange)
                     return
-                self._server_streams.discard(upstream)
-                upstream.release()
-                if time.monotonic() - opened >= _STREAM_LIVED:
+                if stream.ending is Ending.BROKEN:
+                    self._log_broken(stream)
+                self._server_streams.discard(stream.response)
+                stream.release()
+                if loop.time() - opened >= _STREAM_LIVED:
                     backoff.reset()
-                retry = watch.reconnection_time
+                retry = stream.reconnection_time
                 delay = backoff.next_delay(at_least=retry / 1000 if retry is not None else 0.0)
                 log.info("stream.reattach_wait", upstream=self._name, delay_s=round(delay, 3), retry_ms=retry)
                 if not await self._wait_keeping_alive(exchange, delay):
+                    await _end(exchange)
                     return  # shutting down
                 try:
-                    next_upstream = await reattach(watch.last_event_id)
+                    response = await self._unless_closing(reattach(stream.last_event_id))
                 except ProxyError as exc:
                     # The stream already started: end it (the client reconnects), never answer twice.
                     log.warning("stream.reattach_failed", upstream=self._name, error=exc.message)
+                    response = None
+                if response is None:
+                    await _end(exchange)
                     return
-                if next_upstream is None:
-                    return
-                upstream = next_upstream
-                self._server_streams.add(upstream)
+                stream = AnswerStream(response, parser=stream.parser)
+                self._server_streams.add(response)
         finally:
-            self._server_streams.discard(upstream)
-            upstream.release()
+            self._server_streams.discard(stream.response)
+            stream.release()
+
+    async def _unless_closing(
+        self, opening: Coroutine[Any, Any, aiohttp.ClientResponse | None]
+    ) -> aiohttp.ClientResponse | None:
+        """Open a stream, unless shutdown begins first (then None): a reattach that retries with backoff
+        must not hold shutdown up."""
+        owner = TaskOwner()
+        task = owner.spawn(opening, name="reattach")
+        closing = owner.spawn(self._closing.wait(), name="reattach-closing")
+        try:
+            await asyncio.wait((task, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+            await owner.close()
+            if task.done() and not task.cancelled() and task.exception() is None and self._closing.is_set():
+                response = task.result()
+                if response is not None:
+                    response.release()
+        if task.cancelled() or self._closing.is_set():
+            return None
+        return task.result()
 
     async def _wait_keeping_alive(self, exchange: Exchange, delay: float) -> bool:
-        """Wait ``delay`` seconds, keeping the client's stream alive; False if shutdown began meanwhile."""
-        deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
+        """Wait ``delay`` seconds, keeping the client's stream alive; False if shutdown began meanwhile.
+
+        One clock, the loop's, for the deadline and the timers; a keep-alive only after a full interval
+        of waiting, and the last, shorter wait ends the delay whatever the clock then says: the loop's
+        coarser timer may wake a hair early, which must not turn into a burst of keep-alives."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        interval = self._keepalive_interval
+        while (left := deadline - loop.time()) > 0:
+            step = min(left, interval)
             try:
-                async with asyncio.timeout(min(left, self._keepalive_interval)):
+                async with asyncio.timeout(step):
                     await self._closing.wait()
                 return False
             except TimeoutError:
-                if deadline - time.monotonic() > 0:
-                    await _send(exchange, _KEEPALIVE)
+                pass
+            if step < interval:
+                break
+            await _send(exchange, _KEEPALIVE)
         return not self._closing.is_set()
 
-    async def _relay_whole(
-        self,
-        exchange: Exchange,
-        upstream: aiohttp.ClientResponse,
-        client_session_id: str | None,
-        prefetched: bytes,
-        observe: Callable[[bytes], None] | None,
-    ) -> None:
-        """Relay a complete answer of known, bounded length as one response."""
-        try:
-            body = prefetched + await upstream.content.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream MCP server stopped answering mid-body") from exc
-        except aiohttp.ClientError as exc:
-            # Nothing was sent to the client yet, so it still gets a proper error with its request's id.
-            raise UpstreamUnavailable(f"upstream MCP server broke its answer: {type(exc).__name__}") from exc
-        finally:
-            upstream.release()
-        if observe is not None:
-            observe(body)
-        await exchange.answer(
-            upstream.status, body, client_response_headers(upstream.headers, client_session_id), upstream.reason
-        )
-
-    async def finish_unanswered(self, exchange: Exchange, unanswered: list[RequestId], why: str) -> None:
-        """End a stream with an error event for every request still unanswered."""
-        if not unanswered:
-            return
-        log.warning("upstream.stream_broken_before_answer", upstream=self._name, unanswered=len(unanswered))
-        await _send(exchange, error_events(unanswered, why))
-
-    async def _pump(
-        self, upstream: aiohttp.ClientResponse, exchange: Exchange, observe: Callable[[bytes], None] | None
-    ) -> bool:
-        """Copy a non-SSE body; True if it ended cleanly."""
-        content = upstream.content
+    async def _forward(self, exchange: Exchange, stream: AnswerStream, first: Piece | None) -> bytes:
+        """Copy the body to the client until it stops, filling an SSE stream's silences with keep-alive
+        comments (only between events, as the parser says: a comment inside an event would corrupt it).
+        Returns the last piece unwritten when the body ended with it (the caller writes it with the end of
+        the response); a failed write to the client raises ClientLeft."""
+        idle = self._keepalive_interval if stream.is_sse else None
+        piece = first
         while True:
-            try:
-                chunk = await content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("upstream.stream_broken", upstream=self._name, error=type(exc).__name__)
-                return False
-            if not chunk:
-                return True
-            await _send(exchange, chunk)
-            if observe is not None:
-                observe(chunk)
-
-    async def _pump_sse(
-        self,
-        upstream: aiohttp.ClientResponse,
-        exchange: Exchange,
-        observe: Callable[[bytes], object] | None,
-        first: bytes = b"",
-        held: list[bytes] | None = None,
-    ) -> bool:
-        """Copy an SSE body, filling silences with keep-alive comments; True if it ended between events.
-
-        ``first`` is what was already taken from the body. With ``held``, the chunk after which the body
-        has ended is put there instead of written (the caller writes it with the response's end).
-        Only the upstream read is guarded here: a failed write to the client raises ClientLeft.
-        """
-        content = upstream.content
-        interval = self._keepalive_interval
-        at_boundary = True
-        chunk = first
-        while True:
-            if not chunk:
-                idle = asyncio.timeout(interval)
-                try:
-                    async with idle:
-                        chunk = await content.readany()
-                except TimeoutError:
-                    if not idle.expired():
-                        self._log_broken("ReadTimeout")  # the upstream read timeout, not our keep-alive tick
-                        return at_boundary
-                    if at_boundary:
-                        # Only between events: a comment inside an event would corrupt it.
+            if piece is None:
+                piece = await stream.next(idle)
+                if piece is None:
+                    return b""
+                if piece is IDLE:
+                    if stream.between_events:
                         await _send(exchange, _KEEPALIVE)
+                    piece = None
                     continue
-                except aiohttp.ClientError as exc:
-                    self._log_broken(type(exc).__name__)
-                    return at_boundary
-                if not chunk:
-                    return at_boundary
-            at_boundary = chunk.endswith(_EVENT_ENDS)
-            if held is not None and content.at_eof():
-                held.append(chunk)
-                if observe is not None:
-                    observe(chunk)
-                return at_boundary
-            await _send(exchange, chunk)
-            if observe is not None:
-                observe(chunk)
-            chunk = b""
+            if piece.last:
+                return piece.data
+            await _send(exchange, piece.data)
+            piece = None
 
-    def _log_broken(self, error: str) -> None:
-        if not self._closing.is_set():
-            log.warning("upstream.stream_broken", upstream=self._name, error=error)
+    def _abort(self, exchange: Exchange, stream: AnswerStream, outcome: Outcome) -> None:
+        """The upstream broke an answer already under way: cut the client's connection, so that the
+        client sees an answer cut short instead of a whole one (as mitmproxy and uvicorn do)."""
+        outcome.upstream_broke = True
+        self._log_broken(stream)
+        exchange.abort()
+
+    def _log_broken(self, stream: AnswerStream) -> None:
+        if stream.ending is Ending.BROKEN and not self._closing.is_set():
+            log.warning("upstream.stream_broken", upstream=self._name, error=stream.failure)
+
+
+async def _end(exchange: Exchange, tail: bytes = b"") -> None:
+    """End the response; the client's hang-up is ClientLeft."""
+    try:
+        await exchange.end(tail)
+    except ConnectionError as exc:
+        raise ClientLeft from exc
 
 
 async def answer_unresumable(

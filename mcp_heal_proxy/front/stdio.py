@@ -18,7 +18,6 @@ import os
 import signal
 import stat
 import sys
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
@@ -27,20 +26,18 @@ import structlog
 
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
-from mcp_heal_proxy.engine.answers import AnswerTracker
+from mcp_heal_proxy.engine.answers import AnswerEvent, AnswerStream, Ending
 from mcp_heal_proxy.engine.healing import Healer
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.session import GET_REFUSED, SessionEngine
-from mcp_heal_proxy.errors import InvalidRequest, ProxyError, UpstreamUnavailable
+from mcp_heal_proxy.errors import AnswerTooLarge, InvalidRequest, ProxyError, UpstreamUnavailable
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.client import Upstream
 from mcp_heal_proxy.wire import jsonrpc
-from mcp_heal_proxy.wire.content_coding import decoder_for
-from mcp_heal_proxy.wire.headers import CONTENT_ENCODING, LAST_EVENT_ID, MCP_PROTOCOL_VERSION
+from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION
 from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody, RequestId
-from mcp_heal_proxy.wire.sse import Event, SSEParser
 
 log = structlog.get_logger("mcp_heal_proxy.front.stdio")
 
@@ -52,6 +49,7 @@ _STREAM_FIRST: Final = 0.25
 _STREAM_MAX: Final = 30.0
 _STREAM_LIVED: Final = 30.0
 _BROKEN: Final = "upstream MCP server broke the answer before it came; the request was not replayed (it may have run)"
+_ENDED: Final = "upstream MCP server ended its answer without a response to this request"
 # Reads up to n bytes of stdin (b"" at its end); writes bytes to stdout.
 Reader = Callable[[int], Awaitable[bytes]]
 Writer = Callable[[bytes], Awaitable[None]]
@@ -59,8 +57,13 @@ _BASE_HEADERS: Final = {"Content-Type": "application/json", "Accept": "applicati
 
 
 def _line(message: Any) -> bytes:
-    """One JSON-RPC message as one line (JSON never needs a raw line break)."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One JSON-RPC message as one line (JSON never needs a raw line break). A lone surrogate (what
+    JavaScript writes for a cut emoji, as the escape ``\\ud83d``) has no UTF-8 form: such a message
+    is written with every non-ASCII character escaped, which is the same JSON."""
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 class Bridge:
@@ -183,7 +186,7 @@ class Bridge:
             self._record = opened.record
             if opened.record.protocol_version is not None:
                 self._headers[MCP_PROTOCOL_VERSION] = opened.record.protocol_version
-        await self._relay(opened.response, body, opened.prefetched)
+        await self._relay(opened.answer, body)
 
     async def _post(self, body: PostBody) -> None:
         engine = self._engine
@@ -192,130 +195,123 @@ class Bridge:
             return
         record = await engine.session(self._record.client_session_id)
         sent = await engine.post(self._headers, body, record)
-        if sent.response is not None:
-            await self._relay(sent.response, body, sent.prefetched, record=sent.record)
+        if sent.answer is not None:
+            await self._relay(sent.answer, body, record=sent.record)
 
-    async def _relay(
-        self,
-        response: aiohttp.ClientResponse,
-        body: PostBody,
-        prefetched: bytes = b"",
-        *,
-        record: SessionRecord | None = None,
-    ) -> None:
-        """Write the messages of an upstream answer to stdout as they arrive."""
+    async def _relay(self, answer: AnswerStream, body: PostBody, *, record: SessionRecord | None = None) -> None:
+        """Write the messages of an upstream answer to stdout as they arrive; then an error for each
+        request of the message whose response never came."""
         try:
-            content_type = response.headers.get("Content-Type", "")
-            request_ids = body.request_ids
-            if content_type.startswith("text/event-stream"):
-                tracker = AnswerTracker(request_ids, content_type, response.headers.get(CONTENT_ENCODING))
-                await self._relay_events(response, prefetched, tracker, body, record)
-                return
-            raw = prefetched + await response.content.read()
-            decode = decoder_for(response.headers.get(CONTENT_ENCODING))
-            await self._write_answer(response.status, decode(raw) if decode is not None else raw, request_ids)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamUnavailable(f"upstream MCP server broke its answer: {type(exc).__name__}") from exc
+            if answer.is_sse:
+                # Each message is held whole to be written as a line: no larger than the bridge's limit.
+                answer.bound_events(self._max_line)
+                await self._relay_events(answer, record)
+            else:
+                await self._write_answer(answer, body.request_ids)
         finally:
-            response.release()
+            answer.release()
 
-    async def _write_answer(self, status: int, raw: bytes, request_ids: tuple[RequestId, ...]) -> None:
-        """A JSON answer: its messages, or (a bare HTTP error) an error for each request."""
-        if not raw.strip():
-            if request_ids and status >= 300:
-                for request_id in request_ids:
-                    await self._write_error(request_id, UpstreamUnavailable(f"upstream MCP server answered {status}"))
-            return
+    async def _write_answer(self, answer: AnswerStream, request_ids: tuple[RequestId, ...]) -> None:
+        """A JSON answer: read whole (up to the longest line the bridge takes), its messages written one a
+        line, then an error for each request it did not answer."""
         try:
-            payload = json.loads(raw)
-        except ValueError:
+            raw = answer.decoded(await answer.read_whole(self._max_line))
+        except AnswerTooLarge as exc:
+            log.warning("stdio.answer_too_large", upstream=self._engine.name, limit_bytes=self._max_line)
             for request_id in request_ids:
-                await self._write_error(request_id, UpstreamUnavailable(f"upstream MCP server answered {status}"))
+                await self._write_error(request_id, exc)
             return
-        messages = payload if isinstance(payload, list) else [payload]
-        for message in messages:
-            if isinstance(message, dict) and "error" in message and message.get("id") is None and len(request_ids) == 1:
-                # An HTTP-level refusal (id null) of the one request on the line: the client waits for its id.
-                message = {**message, "id": request_ids[0]}
-            await self._write(_line(message))
+        status = answer.status
+        why = UpstreamUnavailable(f"upstream MCP server answered {status} without a response to this request")
+        try:
+            payload = json.loads(raw) if raw.strip() else None
+        except (ValueError, RecursionError):
+            payload = None
+        owed = list(answer.unanswered)
+        if isinstance(payload, dict) and "error" in payload and payload.get("id") is None and len(request_ids) == 1:
+            # An HTTP-level refusal (id null) of the one request on the line: the client waits for its id.
+            payload = {**payload, "id": request_ids[0]}
+            owed = []
+        if payload is not None:
+            for message in payload if isinstance(payload, list) else [payload]:
+                await self._write(_line(message))
+        elif raw.strip():
+            log.warning("upstream.answer_not_json", upstream=self._engine.name, status=status, bytes=len(raw))
+        for request_id in owed:
+            await self._write_error(request_id, why)
 
-    async def _relay_events(
-        self,
-        response: aiohttp.ClientResponse,
-        prefetched: bytes,
-        tracker: AnswerTracker,
-        body: PostBody,
-        record: SessionRecord | None,
-    ) -> None:
-        """An SSE answer, event by event; resumed (Last-Event-ID) if it ends early, else errors for what it owed."""
-        parser = SSEParser()
-        decode = decoder_for(response.headers.get(CONTENT_ENCODING))
-        current = response
+    async def _relay_events(self, answer: AnswerStream, record: SessionRecord | None) -> None:
+        """An SSE answer, message by message; resumed (Last-Event-ID) when it stops between numbered events
+        still owing responses, else an error for each response it owed."""
+        current = answer
         try:
             while True:
-                between_events = await self._pump_events(current, parser, decode, tracker, prefetched)
-                prefetched = b""
-                if not tracker.may_be_unanswered() or not (unanswered := tracker.unanswered()):
+                written = await self._pump_events(current)
+                owed = current.unanswered
+                if not owed:
                     return
-                last_event_id = parser.last_event_id
-                resumed: aiohttp.ClientResponse | None = None
-                if between_events and last_event_id is not None and record is not None:
-                    # Over stdio the client cannot resume by itself: the bridge does, on the same session.
+                last_event_id = current.last_event_id
+                resumed: AnswerStream | None = None
+                # Over stdio the client cannot resume by itself: the bridge does, on the same session, as
+                # long as each resume brings something (a server that keeps ending empty streams is not
+                # asked forever).
+                if current.resumable and last_event_id is not None and record is not None and written:
                     headers = {**self._headers, LAST_EVENT_ID: last_event_id}
-                    resumed = await self._engine.resume(headers, record, record.generation)
+                    resumed = await self._engine.resume(headers, record, record.generation, owed)
                 if resumed is None:
-                    for request_id in unanswered:
-                        await self._write_error(request_id, UpstreamUnavailable(_BROKEN))
+                    why: ProxyError = UpstreamUnavailable(_BROKEN if current.ending is Ending.BROKEN else _ENDED)
+                    if current.oversized:
+                        # Its response may have been the message too large to hold: say so.
+                        why = AnswerTooLarge(
+                            f"upstream MCP server sent a message over the {self._max_line}-byte limit "
+                            "(max_body_bytes); it was not relayed"
+                        )
+                    for request_id in owed:
+                        await self._write_error(request_id, why)
                     return
-                if current is not response:
+                resumed.bound_events(self._max_line)
+                if current is not answer:
                     current.release()
                 current = resumed
-                decode = decoder_for(current.headers.get(CONTENT_ENCODING))
         finally:
-            if current is not response:
+            if current is not answer:
                 current.release()  # a resumed stream (the first is released by the caller)
 
-    async def _pump_events(
-        self,
-        response: aiohttp.ClientResponse,
-        parser: SSEParser,
-        decode: Any,
-        tracker: AnswerTracker | None,
-        prefetched: bytes = b"",
-    ) -> bool:
-        """Forward each complete event's message; True if the stream ended between events."""
-        at_boundary = True
-        try:
-            chunk = prefetched
-            while True:
-                if chunk:
-                    if decode is not None:
-                        chunk = decode(chunk)
-                    if tracker is not None:
-                        tracker.feed(chunk)
-                    for item in parser.feed(chunk):
-                        if isinstance(item, Event) and item.data.strip():
-                            await self._write_event(item)
-                    at_boundary = chunk.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
-                chunk = await response.content.readany()
-                if not chunk:
-                    return at_boundary
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            log.warning("upstream.stream_broken", upstream=self._engine.name, error=type(exc).__name__)
-            return at_boundary
+    async def _pump_events(self, answer: AnswerStream) -> int:
+        """Write each message event as it completes; the number of events the stream brought."""
+        events = 0
+        while (piece := await answer.next()) is not None:
+            for event in piece.events:
+                events += 1
+                await self._write_event(event)
+        if answer.ending is Ending.BROKEN:
+            log.warning("upstream.stream_broken", upstream=self._engine.name, error=answer.failure)
+        if answer.oversized:
+            log.warning("stdio.answer_too_large", upstream=self._engine.name, limit_bytes=self._max_line)
+        return events
 
-    async def _write_event(self, event: Event) -> None:
-        try:
-            message = json.loads(event.data)
-        except ValueError:
-            log.warning("upstream.event_not_json", upstream=self._engine.name, bytes=len(event.data))
+    async def _write_event(self, event: AnswerEvent) -> None:
+        """One event's message as one line. A message event that is not JSON is skipped (and said in the
+        log): no single message can end the stream it came on."""
+        if event.event.event != "message":
+            return  # MCP messages come as message events; others (the proxy's abandoned ones) are not
+        data = event.event.data
+        payload = event.payload
+        if payload is None:
+            if data.strip():
+                log.warning("upstream.event_not_json", upstream=self._engine.name, bytes=len(data))
             return
-        await self._write(_line(message))
+        if "\n" in data or "\r" in data:
+            await self._write(_line(payload))  # data over several lines: one line of the same JSON
+        else:
+            # Written as the upstream wrote it: parsed only to classify, never serialized again.
+            await self._write(data.encode() + b"\n")
 
     async def _follow_server_stream(self) -> None:
         """The session's GET stream: the server's own requests and notifications, kept open across heals."""
         assert self._record is not None
         engine = self._engine
+        loop = asyncio.get_running_loop()
         backoff = Backoff(first=_STREAM_FIRST, maximum=_STREAM_MAX)
         try:
             record = await engine.session(self._record.client_session_id)
@@ -323,37 +319,39 @@ class Bridge:
         except ProxyError as exc:
             log.info("stream.not_opened", upstream=engine.name, error=exc.message)
             return
-        response: aiohttp.ClientResponse | None = sent.response
+        answer = sent.answer
         record = sent.record
-        while response is not None:
-            if response.status != 200 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
-                if response.status not in GET_REFUSED:
-                    log.info("stream.refused", upstream=engine.name, status=response.status)
-                response.release()
+        last_event_id: str | None = None
+        while answer is not None:
+            answer.bound_events(self._max_line)
+            if answer.status != 200 or not answer.is_sse:
+                if answer.status not in GET_REFUSED:
+                    log.info("stream.refused", upstream=engine.name, status=answer.status)
+                answer.release()
                 return
-            opened = time.monotonic()
-            parser = SSEParser()
+            opened = loop.time()
             try:
-                between = await self._pump_events(
-                    response, parser, decoder_for(response.headers.get(CONTENT_ENCODING)), None, sent.prefetched
-                )
+                await self._pump_events(answer)
             finally:
-                response.release()
-            sent.prefetched = b""
-            if not between:
-                return
-            if time.monotonic() - opened >= _STREAM_LIVED:
+                answer.release()
+            # Ended or broken, between events or not: a half event was never written (only whole messages
+            # are), and the resume asks the server for what followed the last whole one.
+            last_event_id = answer.last_event_id or last_event_id
+            if loop.time() - opened >= _STREAM_LIVED:
                 backoff.reset()
-            retry = parser.reconnection_time
+            retry = answer.reconnection_time
             await asyncio.sleep(backoff.next_delay(at_least=retry / 1000 if retry is not None else 0.0))
             try:
-                response = await engine.reattach(self._headers, record, parser.last_event_id)
+                response = await engine.reattach(self._headers, record, last_event_id)
                 current = await engine.store.get(record.client_session_id)
             except ProxyError as exc:
                 log.warning("stream.reattach_failed", upstream=engine.name, error=exc.message)
                 return
             if current is not None:
+                if current.generation != record.generation:
+                    last_event_id = None  # event ids of a healed-over session mean nothing
                 record = current
+            answer = AnswerStream(response) if response is not None else None
 
     # --- stdout ---------------------------------------------------------------------------------------
 
@@ -373,7 +371,9 @@ class Bridge:
         if record is None:
             return
         with contextlib.suppress(ProxyError):
-            await self._engine.end(self._headers, record)
+            # The session as it is now: a heal since the initialize moved it to another upstream session.
+            current = await self._engine.store.get(record.client_session_id)
+            await self._engine.end(self._headers, current or record)
 
 
 class _Stdout:

@@ -87,7 +87,7 @@ async def running(config: ProxyConfig, port: int = 0) -> AsyncIterator[RunningPr
     try:
         site = FastSite(runner, "127.0.0.1", port, app[FAST_PATH_KEY])
         await site.start()
-        yield RunningProxy(f"http://127.0.0.1:{runner.addresses[0][1]}/mcp", app)
+        yield RunningProxy(f"http://127.0.0.1:{runner.addresses[0][1]}/mcp", app, runner)
     finally:
         await runner.cleanup()
 

@@ -165,6 +165,9 @@ class ProxyConfig:
     http_server: HttpServer = "fast"
     # The ca_file of every upstream that sets none (build_config copies it there).
     ca_file: str | None = None
+    # The secret that seals client session ids, so that a session outlives the loss of the store; every
+    # replica sharing a Redis store needs the same one. None: a key file beside the state (key_directory).
+    session_key: str | None = None
 
     @property
     def listens_on_all_interfaces(self) -> bool:
@@ -190,7 +193,15 @@ class ProxyConfig:
         injected = tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
         injected += tuple(u.client_secret for u in self.upstreams if u.client_secret)
         store_password = urlsplit(self.state).password if "://" in self.state else None
-        return tuple(s for s in (*injected, self.token, store_password) if s)
+        return tuple(s for s in (*injected, self.token, store_password, self.session_key) if s)
+
+    @property
+    def key_directory(self) -> Path:
+        """Where the session key file lives without session_key: beside a SQLite state file (on its volume,
+        in a container), else in the user's state directory (a :memory: or Redis store has no file)."""
+        if self.state == MEMORY_STATE or "://" in self.state or not self.state:
+            return Path(default_state_path()).parent
+        return Path(self.state).parent
 
     @property
     def state_display(self) -> str:
@@ -339,6 +350,21 @@ def _host(value: Any) -> str:
 def _token(value: Any) -> str | None:
     # Empty means "no token" (e.g. token = "${VAR}" with VAR set to nothing).
     return _string(value) or None
+
+
+# Client session ids are sealed with this secret (engine/sealing.py): guessable, it would let anyone make ids
+# the proxy takes for its own.
+SESSION_KEY_MIN_LENGTH: Final = 32
+
+
+def _session_key(value: Any) -> str | None:
+    # Empty means "no key": the proxy then keeps one in a key file (session_key = "${VAR}", VAR unset).
+    key = _string(value).strip()
+    if key and len(key) < SESSION_KEY_MIN_LENGTH:
+        raise _Invalid(
+            f"must be at least {SESSION_KEY_MIN_LENGTH} characters (e.g. the output of: openssl rand -hex 32)"
+        )
+    return key or None
 
 
 def _state(value: Any) -> str:
@@ -519,6 +545,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "session_idle_ttl": Option(_seconds(minimum=1.0), _text_as_number),
     "keepalive_interval": Option(_seconds(minimum=0.1), _text_as_number),
     "token": Option(_token, _text_as_str, _hidden),
+    "session_key": Option(_session_key, _text_as_str, _hidden),
     "shutdown_grace": Option(_seconds(zero_allowed=True), _text_as_number),
     "max_sessions": Option(_integer(1), _text_as_int),
     "max_streams_per_session": Option(_integer(1), _text_as_int),
@@ -691,8 +718,8 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
     for key, value in server.items():
         if key not in SERVER_OPTIONS:
             raise ConfigError(f"{path}: unknown key server.{key}")
-        if key == "token" and isinstance(value, str):
-            value = expand_env(value, "server.token", path, environ)
+        if key in ("token", "session_key") and isinstance(value, str):
+            value = expand_env(value, f"server.{key}", path, environ)
         options[key] = check_option(SERVER_OPTIONS, key, value, f"{path}: server.{key}")
     upstream_tables = document.get("upstreams", {})
     if not isinstance(upstream_tables, dict) or not all(isinstance(t, dict) for t in upstream_tables.values()):
@@ -812,6 +839,8 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     server = {f.name: getattr(config, f.name) for f in fields(ProxyConfig) if f.name != "upstreams"}
     if config.token:
         server["token"] = "***"
+    if config.session_key:
+        server["session_key"] = "***"
     server["state"] = config.state_display
     upstreams = {}
     for upstream in config.upstreams:

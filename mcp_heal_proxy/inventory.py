@@ -20,6 +20,7 @@ from mcp_heal_proxy.config import MEMORY_STATE
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.events import MAX_NAME, short_id
 from mcp_heal_proxy.store.records import SessionRecord, record_from_json
+from mcp_heal_proxy.store.sqlite import ENDED_SCHEMA
 
 # The page shows this many sessions, most recently used first; the count covers them all.
 PAGE_SESSIONS: Final = 200
@@ -97,13 +98,22 @@ def read_sqlite(path: str) -> list[SessionRecord]:
 
 
 def forget_sqlite(path: str, client_session_id: str) -> bool:
-    """Delete one record from a SQLite store no proxy is running on; whether it was there."""
+    """Delete one record from a SQLite store no proxy is running on, and mark the session ended (as the
+    store's ``delete`` does: its sealed id must not bring it back); whether it was there."""
     try:
         connection = sqlite3.connect(path, isolation_level=None, timeout=5.0)
         try:
+            connection.execute("BEGIN")
             deleted = connection.execute(
                 "DELETE FROM sessions WHERE client_session_id = ?", (client_session_id,)
             ).rowcount
+            if deleted:
+                connection.execute(ENDED_SCHEMA)  # a file written before sessions were marked ended
+                connection.execute(
+                    "INSERT OR REPLACE INTO ended (client_session_id, ended_at) VALUES (?, ?)",
+                    (client_session_id, time.time()),
+                )
+            connection.execute("COMMIT")
         finally:
             connection.close()
     except sqlite3.Error as exc:
@@ -124,6 +134,7 @@ class RedisReader:
         self._redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._session_prefix = f"{prefix}session:"
         self._last_used_key = f"{prefix}last-used"
+        self._ended_key = f"{prefix}ended"
 
     async def count(self) -> int:
         """Sessions in the store."""
@@ -165,7 +176,8 @@ class RedisReader:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._session_prefix + client_session_id)
                 pipe.zrem(self._last_used_key, client_session_id)
-                deleted, _ = await pipe.execute()
+                pipe.zadd(self._ended_key, {client_session_id: time.time()})
+                deleted, *_ = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"cannot write the Redis session store: {type(exc).__name__}") from exc
         return bool(deleted)

@@ -317,6 +317,12 @@ class Metrics:
             ("upstream",),
             registry=self.registry,
         )
+        self.sessions_restored = Counter(
+            "mcp_heal_proxy_sessions_restored",
+            "Client sessions re-created from their sealed id after the session store lost them (each then heals once).",
+            ("upstream",),
+            registry=self.registry,
+        )
         self.heal_duration = Histogram(
             "mcp_heal_proxy_heal_duration_seconds",
             "Time to re-initialize an expired upstream session.",

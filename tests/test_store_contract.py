@@ -6,6 +6,7 @@ never lose one another's changes (SessionStore.apply, the merge rule in engine/s
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -123,6 +124,68 @@ async def test_evict_oldest_gives_back_the_records_it_evicted(store: SessionStor
     assert ending(evicted) == [("middle", "github", "u-2", None), ("newest", "default", "u-3", None)]
     assert await store.get("oldest", fresh=True) is not None
     assert len(store) == 1
+
+
+async def test_a_create_of_an_existing_id_leaves_the_first_record(stores: list[SessionStore]) -> None:
+    """Two requests (or two replicas) re-creating one session from its sealed id at once: the record the
+    store took first stands, healed or not, and both get it back."""
+    one, other = stores
+    first = record("restored", upstream_session_id="u-first")
+    assert await one.create(first) == first
+    assert await one.apply("restored", Heal(0, "u-healed", "2025-11-25")) is not None
+    stored = await other.create(record("restored", upstream_session_id="u-second"))
+    assert (stored.upstream_session_id, stored.generation) == ("u-healed", 1)
+    fresh = await one.get("restored", fresh=True)
+    assert fresh is not None
+    assert (fresh.upstream_session_id, fresh.generation) == ("u-healed", 1)
+    assert len(one) == 1
+
+
+async def test_racing_creates_of_one_id_agree_on_one_record(stores: list[SessionStore]) -> None:
+    one, other = stores
+    candidates = [record("raced", upstream_session_id=f"u-{index}") for index in range(8)]
+    answers = await asyncio.gather(*(store.create(c) for store, c in zip([one, other] * 4, candidates, strict=True)))
+    stored = await one.get("raced", fresh=True)
+    assert stored is not None
+    assert {answer.upstream_session_id for answer in answers} == {stored.upstream_session_id}
+
+
+async def test_sessions_ended_on_purpose_are_marked_until_the_idle_cutoff(store: SessionStore) -> None:
+    """DELETE, idle expiry and eviction mark a session ended (its sealed id is then not restored); a create
+    clears the mark; forget_idle drops marks older than its cutoff."""
+    for cid in ("deleted", "idle", "evicted", "kept"):
+        await store.create(record(cid, last_used=1000.0 if cid == "idle" else time.time()))
+    await store.delete("deleted")
+    assert [c.client_session_id for c in await store.forget_idle(1500.0)] == ["idle"]
+    await store.touch({"kept": time.time() + 60})
+    assert [c.client_session_id for c in await store.evict_oldest(1)] == ["evicted"]
+    assert [await store.ended(cid) for cid in ("deleted", "idle", "evicted", "kept", "never")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    await store.create(record("deleted"))  # put back (a session found in use after all)
+    assert not await store.ended("deleted")
+    await store.forget_idle(time.time() + 10)  # every mark is older now; "deleted" (put back) goes idle again
+    assert [await store.ended(cid) for cid in ("idle", "evicted", "kept", "deleted")] == [False, False, False, True]
+    assert await store.get("kept", fresh=True) is not None
+
+
+async def test_ended_marks_survive_reopening_a_sqlite_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "sessions.db")
+    store = SQLiteSessionStore(path)
+    await store.open()
+    await store.create(record("deleted"))
+    await store.delete("deleted")
+    await store.close()
+    reopened = SQLiteSessionStore(path)
+    await reopened.open()
+    try:
+        assert await reopened.ended("deleted")
+    finally:
+        await reopened.close()
 
 
 @given(stored=st.none() | st.integers(min_value=0, max_value=5), incoming=st.integers(min_value=0, max_value=5))

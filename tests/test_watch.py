@@ -18,7 +18,9 @@ from tests.conftest import (
     REPO_ROOT,
     ProxyFactory,
     UpstreamProcess,
+    echo_call,
     free_port,
+    post_on_session,
     raw_initialize,
     session_headers,
     wait_until,
@@ -162,6 +164,11 @@ async def test_forget_goes_through_the_running_proxy_else_deletes_the_record_onl
     assert "the upstream session was not ended" in stdout
     status, stdout, _ = await run_cli("sessions", "--state", state, "--json")
     assert json.loads(stdout) == []
+    async with serving(sse_upstream.url, state, port):
+        # Forgotten stays forgotten: the sealed id does not bring the session back.
+        for forgotten in (first, second):
+            status, _, answer = await post_on_session(http, f"{proxy}/mcp", forgotten, echo_call(1))
+            assert (status, answer["error"]["message"]) == (404, "Session not found")
     status, _, stderr = await run_cli("sessions", "forget", "ffffffff", "--state", state, "--proxy", proxy)
     assert status == 1
     assert "no session ffffffff" in stderr

@@ -10,6 +10,7 @@ answers go out as the upstream's responses, for the front to relay its own way.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
+from mcp_heal_proxy.engine.sealing import SealedSession, SessionSealer
 from mcp_heal_proxy.engine.state import state_change, state_request_ids
 from mcp_heal_proxy.errors import (
     InvalidRequest,
@@ -37,12 +40,13 @@ from mcp_heal_proxy.wire.content_coding import decoded
 from mcp_heal_proxy.wire.headers import (
     CONTENT_ENCODING,
     LAST_EVENT_ID,
+    MAX_SESSION_ID_LENGTH,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
     is_valid_session_id,
     upstream_request_headers,
 )
-from mcp_heal_proxy.wire.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.wire.jsonrpc import INITIALIZED, PostBody, RequestId
 
 log = structlog.get_logger("mcp_heal_proxy.engine.session")
 
@@ -58,6 +62,12 @@ DELETE_GONE: Final = frozenset({404, 405})
 _REATTACH_ATTEMPTS: Final = 10
 _REATTACH_RETRY_FIRST: Final = 0.1
 _REATTACH_RETRY_MAX: Final = 8.0
+# The server stream the engine opens when a client says notifications/initialized (see open_stream_early)
+# waits this long for the client's first GET to take it over, then is closed. Clients open their GET as
+# soon as the notification is taken (milliseconds); a short wait also keeps the stream from holding off
+# the upstream's idle expiry of a session whose client never opens one (servers do not expire a session
+# while its GET stream is open).
+EARLY_STREAM_WAIT: Final = 3.0
 
 
 class NotReplayed(ProxyError):
@@ -81,6 +91,15 @@ class Sent:
 
 
 @dataclass(slots=True)
+class _EarlyStream:
+    """A server stream opened before the client asked for it, waiting for the client's first GET."""
+
+    response: aiohttp.ClientResponse
+    upstream_session_id: str
+    expiry: asyncio.TimerHandle
+
+
+@dataclass(slots=True)
 class Opened:
     """The upstream's answer to an initialize, and the new session's record (None: nothing to map)."""
 
@@ -101,6 +120,7 @@ class SessionEngine:
         *,
         max_sessions: int,
         endings: SessionEndings | None = None,
+        sealer: SessionSealer | None = None,
     ) -> None:
         self.upstream = upstream
         self.config = upstream.config
@@ -114,8 +134,18 @@ class SessionEngine:
         self._upstream_latency = metrics.upstream_latency.labels(self.name)
         # Where evicted sessions go to have their upstream sessions ended (None: left to the upstream).
         self._endings = endings
+        # Seals the client session ids this engine issues, and opens them when the store lost a session
+        # (engine/sealing.py). Without one, a key that dies with the process (the stdio bridge).
+        self._sealer = sealer if sealer is not None else SessionSealer.ephemeral()
+        self._sessions_restored = metrics.sessions_restored.labels(self.name)
         if endings is not None:
             endings.serve(self.name, self.end_forgotten)
+        # Server streams opened at notifications/initialized, by client session id, until the client's
+        # first GET takes them; and the openings under way, which that GET waits for.
+        self._early_streams: dict[str, _EarlyStream] = {}
+        self._early_openings: dict[str, asyncio.Future[None]] = {}
+        # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
+        self._opens_streams_early = True
 
     @property
     def activity(self) -> SessionActivity:
@@ -127,12 +157,43 @@ class SessionEngine:
     async def session(self, client_session_id: str) -> SessionRecord:
         """The record of a client session this upstream's proxy issued (and mark it used)."""
         if not is_valid_session_id(client_session_id):
-            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to 128 visible ASCII characters")
+            raise InvalidRequest(f"{MCP_SESSION_ID} must be 1 to {MAX_SESSION_ID_LENGTH} visible ASCII characters")
         record = await self.store.get(client_session_id)
-        if record is None or record.upstream != self.name:
+        if record is None:
+            record = await self.restore(client_session_id)
+        if record.upstream != self.name:
             raise UnknownSession("Session not found")
         self._activity.mark(client_session_id)
         return record
+
+    async def restore(self, client_session_id: str) -> SessionRecord:
+        """Re-create the record of a session the store does not know, from its sealed id: the store lost it
+        (a Redis that restarted empty, ``:memory:`` across a restart, a deleted SQLite file).
+
+        Only an id this proxy's key opens, issued for this upstream, and not ended on purpose (DELETE, idle
+        expiry, eviction: ``SessionStore.ended``) comes back; anything else is 404 as before. The record
+        points at an upstream session nobody has (the old one's id was in the lost store), so the first
+        request meets the upstream's 404 and heals through the normal path: one re-initialize with the
+        client's own initialize params. The state the client set (subscriptions, log level) was in the
+        store and is lost with it. Two requests restoring one session at once (here or on another replica)
+        share the record the store took first.
+        """
+        sealed = self._sealer.open(client_session_id)
+        if sealed is None or sealed.upstream != self.name or await self.store.ended(client_session_id):
+            raise UnknownSession("Session not found")
+        record = SessionRecord(
+            client_session_id=client_session_id,
+            upstream_session_id=lost_upstream_session_id(),
+            initialize_params=sealed.initialize_params,
+            upstream=self.name,
+            protocol_version=sealed.protocol_version,
+            upstream_protocol_version=sealed.protocol_version,
+        )
+        stored = await self.store.create(record)
+        if stored is record:
+            self._sessions_restored.inc()
+            log.info("session.restored", upstream=self.name, client_session=client_session_id[:8])
+        return stored
 
     async def initialize(self, client_headers: Mapping[str, str], body: PostBody) -> Opened:
         """Forward an initialize without any session id; map the session the upstream opens.
@@ -167,7 +228,7 @@ class SessionEngine:
         opened = 200 <= response.status < 300 and upstream_session_id is not None
         answer = AnswerStream(response, (init.id,), keep_answers=True)
         try:
-            refuse_garbage(response, body)
+            refuse_garbage(response, body, self.config.url)
             if response.status != 200 or not upstream_session_id:
                 # A refused initialize, or a server without sessions: nothing to map.
                 return Opened(answer, None)
@@ -178,7 +239,7 @@ class SessionEngine:
             read = await answer.read_until_answered(INSPECT_LIMIT)
             version = protocol_version(answer.answer(init.id))
             record = SessionRecord(
-                client_session_id=new_client_session_id(),
+                client_session_id=self.new_client_session_id(init.params or {}, version),
                 upstream_session_id=upstream_session_id,
                 initialize_params=dict(init.params or {}),
                 upstream=self.name,
@@ -196,30 +257,52 @@ class SessionEngine:
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
 
+    async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
+        """Heal through the Healer; a session the store lost during the request (the heal found no record)
+        is restored from its sealed id and healed then, rather than answered 404. A session ended meanwhile
+        (DELETE) stays ended: it is marked so, and restore refuses it."""
+        try:
+            return await self._healer.heal(record, client_headers, reason=reason)
+        except UnknownSession:
+            restored = await self.restore(record.client_session_id)
+            return await self._healer.heal(restored, client_headers, reason=reason)
+
+    def new_client_session_id(self, initialize_params: Mapping[str, Any], protocol_version: str | None) -> str:
+        """A sealed id for a new session (engine/sealing.py), or a random one when the client's initialize
+        params are too large to seal (that session then does not outlive the store)."""
+        sealed = self._sealer.seal(SealedSession(self.name, initialize_params, protocol_version))
+        if sealed is not None:
+            return sealed
+        log.info("session.not_sealed", upstream=self.name, reason="initialize params too large")
+        return new_client_session_id()
+
     async def post(self, client_headers: Mapping[str, str], body: PostBody, record: SessionRecord) -> Sent:
         """Send messages on a client session; heal and replay (by policy) if its upstream session is gone."""
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
-            refuse_garbage(response, body)
+            refuse_garbage(response, body, self.config.url)
             prefetched = await self.remember_state(record, body, response, prefetched)
+            if response.status < 300 and not body.is_batch and body.messages[0].method == INITIALIZED:
+                # Before the client hears its notification was taken, and so before its first request.
+                await self.open_stream_early(client_headers, record)
             return Sent(AnswerStream(response, body.request_ids, prefetched), record)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return Sent(None, record)
-        record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
+        record = await self.heal(record, client_headers, reason=f"http_{response.status}")
         refused = [m.method for m in body.messages if m.method is not None and not self.config.replays(m.method)]
         if refused:
             raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
-        refuse_garbage(response, body)
+        refuse_garbage(response, body, self.config.url)
         prefetched = await self.remember_state(record, body, response)
         return Sent(AnswerStream(response, body.request_ids, prefetched), record, healed=True)
 
     async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> AnswerStream:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
+        refuse_garbage(response, body, self.config.url)
         return AnswerStream(response, body.request_ids)
 
     async def remember_state(
@@ -253,6 +336,7 @@ class SessionEngine:
         """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and
         forget the record whatever the upstream says. Returns the upstream's status; raises when the
         upstream could not be told."""
+        self._drop_early_stream(record.client_session_id)
         try:
             # No connect_retry and a short read bound.
             response = await self.upstream.send(
@@ -285,6 +369,7 @@ class SessionEngine:
         """Best effort, bounded: DELETE the upstream session of a client session the proxy forgot (idle
         expiry, eviction, the status page's forget). No client headers exist at that moment, so an
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
+        self._drop_early_stream(record.client_session_id)
         headers = upstream_request_headers({}, record.upstream_session_id)
         version = record.upstream_protocol_version or record.protocol_version
         if version is not None:
@@ -303,13 +388,96 @@ class SessionEngine:
 
     # --- server streams -------------------------------------------------------------------------------
 
+    async def open_stream_early(self, client_headers: Mapping[str, str], record: SessionRecord) -> None:
+        """Open the session's server stream (GET) now, for the client's first GET to take over.
+
+        A server may send its own requests (sampling, elicitation) on the GET stream at any moment, even
+        in the middle of a tool call, and drops them while no GET stream is open. A client opens its GET
+        after notifications/initialized, at the same moment as its first request, and through the proxy
+        that request would reach the server first (it goes out on a pooled connection, the GET needs a
+        new one): the server's first requests would be lost. Opened here, before the client hears its
+        notification was taken, the stream is there before the client can send anything else; what the
+        server sends on it waits (in the connection's buffers) for the client's GET. Best effort and
+        bounded by ``connect_timeout``: a failure leaves the client's GET to open its own stream.
+        """
+        cid = record.client_session_id
+        if not self._opens_streams_early or cid in self._early_openings:
+            return
+        opening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early_openings[cid] = opening
+        self._drop_early_stream(cid)
+        headers = {
+            name: value
+            for name, value in self.headers(client_headers, record, fresh_stream=True).items()
+            if name.lower() not in ("accept", "content-type", "content-length", "content-encoding")
+        }
+        headers["Accept"] = "text/event-stream"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                response = await self.upstream.send("GET", headers, stream=True, resendable=True, patient=False)
+        except TimeoutError:
+            # A server that holds a GET's head back until it has an event would cost every session start
+            # this wait: no more early streams for this upstream.
+            self._opens_streams_early = False
+            log.warning("stream.early_open_slow", upstream=self.name, timeout_s=self.config.connect_timeout)
+            return
+        except ProxyError as exc:
+            log.info("stream.early_open_failed", upstream=self.name, error=exc.message)
+            return
+        finally:
+            del self._early_openings[cid]
+            opening.set_result(None)
+        if response.status != 200 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            response.release()
+            if response.status == 405:
+                self._opens_streams_early = False  # this server has no GET streams
+            return
+        expiry = asyncio.get_running_loop().call_later(EARLY_STREAM_WAIT, self._drop_early_stream, cid)
+        self._early_streams[cid] = _EarlyStream(response, record.upstream_session_id, expiry)
+
+    def _drop_early_stream(self, client_session_id: str) -> None:
+        """Close a stream opened early that no GET took (its session ended, or the client never came)."""
+        early = self._early_streams.pop(client_session_id, None)
+        if early is not None:
+            early.expiry.cancel()
+            early.response.close()
+
+    def end_early_streams(self) -> None:
+        """Shutdown: close every stream opened early that no GET took."""
+        for client_session_id in list(self._early_streams):
+            self._drop_early_stream(client_session_id)
+
+    async def _take_early_stream(
+        self, client_headers: Mapping[str, str], record: SessionRecord
+    ) -> aiohttp.ClientResponse | None:
+        """The stream opened early for this session, if it still fits a GET with these headers."""
+        cid = record.client_session_id
+        opening = self._early_openings.get(cid)
+        if opening is not None:
+            # A GET racing the notification: it takes the stream being opened instead of a second one
+            # (servers allow one GET stream per session).
+            await asyncio.shield(opening)
+        early = self._early_streams.pop(cid, None)
+        if early is None:
+            return None
+        early.expiry.cancel()
+        if client_headers.get(LAST_EVENT_ID) is not None or early.upstream_session_id != record.upstream_session_id:
+            # A resume asks for events after an id, and a heal since made the stream's session a dead one.
+            early.response.close()
+            return None
+        return early.response
+
     async def open_stream(self, client_headers: Mapping[str, str], record: SessionRecord) -> Sent:
-        """Open the session's server-to-client stream (GET), healing first if the session is gone."""
+        """Open the session's server-to-client stream (GET), healing first if the session is gone; the
+        stream opened at notifications/initialized, when there is one."""
+        early = await self._take_early_stream(client_headers, record)
+        if early is not None:
+            return Sent(AnswerStream(early), record)
         response = await self.send("GET", self.headers(client_headers, record), stream=True)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
             return Sent(AnswerStream(response, (), prefetched), record)
-        record = await self._healer.heal(record, client_headers, reason=f"http_{response.status}")
+        record = await self.heal(record, client_headers, reason=f"http_{response.status}")
         response = await self.send("GET", self.headers(client_headers, record, fresh_stream=True), stream=True)
         return Sent(AnswerStream(response), record, healed=True)
 
@@ -349,7 +517,10 @@ class SessionEngine:
         for _ in range(_REATTACH_ATTEMPTS):
             record = await self.store.get(stale.client_session_id)
             if record is None:
-                return None  # the client ended its session meanwhile
+                try:
+                    record = await self.restore(stale.client_session_id)  # the store lost it meanwhile
+                except UnknownSession:
+                    return None  # the client ended its session meanwhile
             headers = self.headers(client_headers, record, fresh_stream=True)
             if last_event_id is not None and record.generation == stale.generation:
                 headers[LAST_EVENT_ID] = last_event_id
@@ -357,7 +528,7 @@ class SessionEngine:
                 response = await self.send("GET", headers, stream=True)
                 expired, _ = await self.check_expiry(response)
                 if expired:
-                    record = await self._healer.heal(record, client_headers, reason="get_stream_lost")
+                    record = await self.heal(record, client_headers, reason="get_stream_lost")
                     response = await self.send(
                         "GET", self.headers(client_headers, record, fresh_stream=True), stream=True
                     )
@@ -423,18 +594,36 @@ class SessionEngine:
         return False, body
 
 
-def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody) -> None:
-    """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive portal
-    or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
-    if not body.request_ids or not 200 <= response.status < 300 or response.status == 202:
+def lost_upstream_session_id() -> str:
+    """The upstream session id of a restored record: one no upstream issued, so that the first request on
+    it is answered as an expired session's and heals (SessionEngine.restore)."""
+    return f"mcp-heal-proxy-restored-{secrets.token_hex(16)}"
+
+
+def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody, upstream_url: str) -> None:
+    """An answer to requests must be a JSON-RPC answer; anything else becomes a JSON-RPC error with the
+    requests' ids instead of confusing the client: a success that is not JSON or SSE (an HTML page from a
+    captive portal or a misrouted load balancer), or a failure status that is not JSON (a wrong upstream
+    path's bare 404, a gateway's 502 page). 401 and 403 pass through as they are: their challenge is for
+    the client's OAuth."""
+    status = response.status
+    if not body.request_ids or status == 202 or status in (401, 403) or 300 <= status < 400:
         return
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith(("application/json", "text/event-stream")):
+    if content_type.startswith("application/json") or (status < 300 and content_type.startswith("text/event-stream")):
         return
     response.release()
-    raise UpstreamUnavailable(
-        f"upstream MCP server answered {response.status} with {content_type or 'no content type'}"
+    what = f"{status} {response.reason or ''}".strip() + f" with {content_type or 'no content type'}"
+    if status < 300:
+        raise UpstreamUnavailable(f"upstream MCP server answered {what}")
+    hint = (
+        ": check that the upstream URL is the server's MCP endpoint (it often ends in /mcp)"
+        if status in (404, 405)
+        else ""
     )
+    message = f"upstream {mask_url(upstream_url)} answered {what}, not a JSON-RPC answer{hint}"
+    log.warning("upstream.not_mcp", url=mask_url(upstream_url), status=status, content_type=content_type or None)
+    raise UpstreamUnavailable(message)
 
 
 def protocol_version(initialize_answer: Mapping[str, Any] | None) -> str | None:

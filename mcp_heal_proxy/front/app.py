@@ -13,10 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mcp_heal_proxy.auth.managed import managed_auth
 from mcp_heal_proxy.auth.standin import OAuthPassThrough
-from mcp_heal_proxy.config import MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig
 from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.engine.healing import Healer
 from mcp_heal_proxy.engine.housekeeping import SessionActivity, flush, run_housekeeping
+from mcp_heal_proxy.engine.sealing import KEY_FILE_NAME, SessionSealer, key_from_file
 from mcp_heal_proxy.engine.session import SessionEngine
 from mcp_heal_proxy.front.guards import Cors, front_door
 from mcp_heal_proxy.front.http import Proxy, ProxySettings
@@ -63,6 +64,34 @@ async def open_store(state: str, *, heal_lock_ttl: float = DEFAULT_HEAL_LOCK_TTL
     return store
 
 
+def session_sealer(config: ProxyConfig) -> SessionSealer:
+    """What seals client session ids: session_key when set, else the key file beside the state (made the
+    first time). A directory that cannot hold one leaves a key that dies with the process: sessions then
+    do not outlive a restart, and the log says how to fix that."""
+    if config.session_key:
+        return SessionSealer(config.session_key)
+    directory = config.key_directory
+    try:
+        key = key_from_file(directory)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if key is None:
+        log.warning(
+            "session.key_not_kept",
+            directory=str(directory),
+            hint="client sessions will not outlive a restart of this proxy; set session_key",
+        )
+        return SessionSealer.ephemeral()
+    if config.state.startswith(("redis://", "rediss://")):
+        # Each replica would make a key of its own, and refuse the others' ids once Redis lost the sessions.
+        log.info(
+            "session.key_file",
+            path=str(directory / KEY_FILE_NAME),
+            hint="replicas sharing this Redis must all set one session_key",
+        )
+    return SessionSealer(key)
+
+
 def build_app(config: ProxyConfig) -> web.Application:
     """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics."""
     metrics = Metrics()
@@ -93,6 +122,8 @@ def build_app(config: ProxyConfig) -> web.Application:
         async with contextlib.AsyncExitStack() as resources:
             store = await open_store(config.state, heal_lock_ttl=heal_lock_ttl(config))
             resources.push_async_callback(store.close)
+            # After the store: an unusable state path is reported as the store's problem, in one line.
+            sealer = session_sealer(config)
             app[STORE_KEY] = store
             activity = SessionActivity()
             # Last-use marks since the last flush are written before the store closes (callbacks run
@@ -112,7 +143,14 @@ def build_app(config: ProxyConfig) -> web.Application:
                 healer = Healer(upstream, store, metrics)
                 resources.push_async_callback(healer.close)
                 engine = SessionEngine(
-                    upstream, store, healer, metrics, activity, max_sessions=config.max_sessions, endings=endings
+                    upstream,
+                    store,
+                    healer,
+                    metrics,
+                    activity,
+                    max_sessions=config.max_sessions,
+                    endings=endings,
+                    sealer=sealer,
                 )
                 proxies[upstream_config.path] = Proxy(engine, metrics, settings)
             app[PROXIES_KEY] = proxies

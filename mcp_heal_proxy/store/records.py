@@ -1,13 +1,15 @@
 """Client sessions: the record the proxy keeps per client-facing session id, and where it keeps it.
 
-The client-facing id is opaque and random, never derived from the upstream's id, so that the proxy can
-point it at a new upstream session after a heal while the client keeps using the same id.
+The client-facing id is the proxy's own, never derived from the upstream's id, so that the proxy can
+point it at a new upstream session after a heal while the client keeps using the same id. It is sealed
+(engine/sealing.py): should the store lose the record, the id alone re-creates it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import json
 import secrets
 import time
@@ -22,7 +24,8 @@ DEFAULT_HEAL_LOCK_TTL: Final = 30.0
 
 
 def new_client_session_id() -> str:
-    """A fresh client-facing session id: 128 random bits as hex (visible ASCII, header-safe)."""
+    """A random client-facing session id: 128 random bits as hex (visible ASCII, header-safe). For the
+    sessions whose initialize params are too large to seal (SessionEngine.new_client_session_id)."""
     return secrets.token_hex(16)
 
 
@@ -114,8 +117,18 @@ class SessionStore(Protocol):
     async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
         """The record for a client session id, or None if this proxy never issued it."""
 
-    async def create(self, record: SessionRecord) -> None:
-        """Store the record of a new session (its id is fresh and random)."""
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """Store the record of a new session, unless the store holds one for its id already (a session
+        re-created from its sealed id by two requests at once, here or on another replica: the first
+        one's record stands). Returns the record the store holds now. Creating a session clears the
+        mark that it ended (``ended``).
+        """
+
+    async def ended(self, client_session_id: str) -> bool:
+        """Whether the proxy ended this session (DELETE, idle expiry, eviction, the status page's forget)
+        recently: since the cutoff of the last ``forget_idle``, i.e. for as long as an idle session is
+        kept. Such an id is not re-created from its sealed form: an ended session stays ended. A store
+        that lost its data lost these marks too; that is the point of sealed ids."""
 
     async def put(self, record: SessionRecord) -> SessionRecord | None:
         """Replace a session's record unless the write is stale (``refuses_write``).
@@ -133,20 +146,22 @@ class SessionStore(Protocol):
         """
 
     async def delete(self, client_session_id: str) -> None:
-        """Forget a client session (idempotent)."""
+        """Forget a client session (idempotent), and mark it ended."""
 
     async def touch(self, last_used: Mapping[str, float]) -> None:
         """Record when sessions were last used (batched by the caller; missing ids are ignored)."""
 
     async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
-        """Forget sessions not used since this time; return their records as they were removed.
+        """Forget sessions not used since this time (marking them ended); return their records as they
+        were removed. Marks of sessions that ended before this time are dropped.
 
         The records name the upstream sessions to end (their upstream, id and negotiated version). A
         session used again before the removal (another replica's touch) is neither removed nor returned.
         """
 
     async def evict_oldest(self, count: int) -> list[SessionRecord]:
-        """Forget the ``count`` least recently used sessions (the session limit); return their records."""
+        """Forget the ``count`` least recently used sessions (the session limit), marking them ended;
+        return their records."""
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """Held while healing this session generation; in-process stores need no lock."""
@@ -179,19 +194,65 @@ def least_recently_used(records: Iterable[SessionRecord], count: int) -> list[st
     return [record.client_session_id for record in heapq.nsmallest(count, records, key=lambda r: r.last_used)]
 
 
+# How many ended ids an in-process store remembers at most (about 100 bytes each); past that, the oldest
+# marks go first (their ids could then be re-created from their sealed form).
+ENDED_REMEMBERED: Final = 100_000
+
+
+class EndedSessions:
+    """The ended-session marks of an in-process store (see SessionStore.ended), oldest first."""
+
+    __slots__ = ("_when",)
+
+    def __init__(self, marks: Iterable[tuple[str, float]] = ()) -> None:
+        self._when: dict[str, float] = dict(sorted(marks, key=lambda mark: mark[1]))
+
+    def add(self, client_session_ids: Iterable[str], when: float) -> None:
+        for client_session_id in client_session_ids:
+            self._when.pop(client_session_id, None)  # to the end: the order stays the order of ending
+            self._when[client_session_id] = when
+        excess = len(self._when) - ENDED_REMEMBERED
+        if excess > 0:
+            for client_session_id in list(itertools.islice(self._when, excess)):
+                del self._when[client_session_id]
+
+    def discard(self, client_session_id: str) -> None:
+        self._when.pop(client_session_id, None)
+
+    def prune(self, before: float) -> list[str]:
+        """Drop the marks older than ``before``; return their ids."""
+        old = list(itertools.takewhile(lambda cid: self._when[cid] < before, self._when))
+        for client_session_id in old:
+            del self._when[client_session_id]
+        return old
+
+    def __contains__(self, client_session_id: object) -> bool:
+        return client_session_id in self._when
+
+    def __len__(self) -> int:
+        return len(self._when)
+
+
 class MemorySessionStore:
     """Keeps records in a dict: fast, and gone with the process (``--state :memory:``)."""
 
     def __init__(self) -> None:
         self._records: dict[str, SessionRecord] = {}
+        self._ended = EndedSessions()
 
     async def get(self, client_session_id: str, *, fresh: bool = False) -> SessionRecord | None:
         """See SessionStore.get."""
         return self._records.get(client_session_id)
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord) -> SessionRecord:
         """See SessionStore.create."""
-        self._records[record.client_session_id] = record
+        stored = self._records.setdefault(record.client_session_id, record)
+        self._ended.discard(record.client_session_id)
+        return stored
+
+    async def ended(self, client_session_id: str) -> bool:
+        """See SessionStore.ended."""
+        return client_session_id in self._ended
 
     async def put(self, record: SessionRecord) -> SessionRecord | None:
         """See SessionStore.put."""
@@ -214,6 +275,7 @@ class MemorySessionStore:
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""
         self._records.pop(client_session_id, None)
+        self._ended.add((client_session_id,), time.time())
 
     async def touch(self, last_used: Mapping[str, float]) -> None:
         """See SessionStore.touch."""
@@ -224,12 +286,15 @@ class MemorySessionStore:
 
     async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
         """See SessionStore.forget_idle."""
+        self._ended.prune(unused_since)
         idle = [cid for cid, record in self._records.items() if record.last_used < unused_since]
+        self._ended.add(idle, time.time())
         return [self._records.pop(client_session_id) for client_session_id in idle]
 
     async def evict_oldest(self, count: int) -> list[SessionRecord]:
         """See SessionStore.evict_oldest."""
         oldest = least_recently_used(self._records.values(), count)
+        self._ended.add(oldest, time.time())
         return [self._records.pop(client_session_id) for client_session_id in oldest]
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:

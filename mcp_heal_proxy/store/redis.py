@@ -14,6 +14,9 @@ Layout (``P`` is the key prefix, ``mcp-heal-proxy:`` by default):
   A member exists exactly when its record does: ``put``, ``delete``, ``forget_idle`` and
   ``evict_oldest`` change both atomically.
 * ``P heal-lock:<client id>:<generation>``: the heal lock (``SET NX PX`` with a random token).
+* ``P ended``: a sorted set, member the client id of a session the proxy ended (DELETE, idle expiry,
+  eviction), score when (``SessionStore.ended``). Written in the same script or transaction that removes
+  the record; marks older than the idle cutoff go at each ``forget_idle``.
 
 Why a sorted set rather than a key TTL equal to the idle TTL: with a TTL, Redis would drop idle
 records for free, but the store would need the idle TTL at construction (it is an argument of
@@ -38,10 +41,10 @@ DELETE or idle expiry on another replica, this one keeps serving the session for
 
 Limits: Redis 6.2 or newer (``ZADD GT``). One Redis (a primary, optionally with replicas for
 failover), not Redis Cluster: the scripts touch keys in several hash slots. Configure Redis with
-``maxmemory-policy noeviction``; an evicted record is a session the proxy no longer knows (the client
-gets 404 and re-initializes). Idle expiry is as exact as the last-use marks: each replica flushes its
-marks every housekeeping round, so another replica's ``forget_idle`` may see a use up to one round
-late.
+``maxmemory-policy noeviction``; an evicted record is a session the proxy must re-create from its sealed
+id (engine/sealing.py: one heal, and the client's subscriptions and log level are lost). Idle expiry is
+as exact as the last-use marks: each replica flushes its marks every housekeeping round, so another
+replica's ``forget_idle`` may see a use up to one round late.
 """
 
 from __future__ import annotations
@@ -92,24 +95,31 @@ _CACHE_MAX: Final = 10_000
 # each conflict means another writer succeeded, so this many in a row means a session under siege.
 _APPLY_ATTEMPTS: Final = 50
 
-# KEYS: record, last-used set. ARGV: record JSON, generation, last_used, client id, mode ("create" or
-# "update"). An update is sessions.refuses_write in Lua: refused when the session is gone or its stored
-# generation is newer. Returns {1, created} when written, {0, stored JSON or false} when refused.
+# KEYS: record, last-used set, ended set. ARGV: record JSON, generation, last_used, client id, mode
+# ("create" or "update"). A create is refused when the session exists (two replicas re-creating one session
+# from its sealed id: the first stands) and clears the ended mark. An update is sessions.refuses_write in
+# Lua: refused when the session is gone or its stored generation is newer. Returns {1, created} when
+# written, {0, stored JSON or false} when refused.
 _PUT: Final = """
 local stored = redis.call('HGET', KEYS[1], 'generation')
+if ARGV[5] == 'create' and stored then
+    return {0, redis.call('HGET', KEYS[1], 'record')}
+end
 if ARGV[5] == 'update' and (not stored or tonumber(stored) > tonumber(ARGV[2])) then
     return {0, redis.call('HGET', KEYS[1], 'record')}
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'generation', ARGV[2])
 redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[4])
+if ARGV[5] == 'create' then redis.call('ZREM', KEYS[3], ARGV[4]) end
 if stored then return {1, 0} end
 return {1, 1}
 """
 
-# KEYS: last-used set. ARGV: idle cutoff, batch size, record key prefix.
+# KEYS: last-used set, ended set. ARGV: idle cutoff, batch size, record key prefix, now.
 # Returns {removed, remaining, record JSON...}: the records go back so that their upstream sessions can be
 # ended. Chosen and removed in one script, so a session another replica touched meanwhile stays.
 _FORGET_IDLE: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
 local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local answer = {#idle, 0}
 for _, id in ipairs(idle) do
@@ -117,13 +127,15 @@ for _, id in ipairs(idle) do
     if record then table.insert(answer, record) end
     redis.call('DEL', ARGV[3] .. id)
     redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], ARGV[4], id)
 end
 answer[2] = redis.call('ZCARD', KEYS[1])
 return answer
 """
 
-# KEYS: last-used set. ARGV: how many, record key prefix. Returns {remaining, record JSON...}: the least
-# recently used sessions of every replica, chosen and removed in one script (as _FORGET_IDLE).
+# KEYS: last-used set, ended set. ARGV: how many, record key prefix, now. Returns {remaining, record
+# JSON...}: the least recently used sessions of every replica, chosen and removed in one script (as
+# _FORGET_IDLE).
 _EVICT_OLDEST: Final = """
 local oldest = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 local answer = {0}
@@ -132,6 +144,7 @@ for _, id in ipairs(oldest) do
     if record then table.insert(answer, record) end
     redis.call('DEL', ARGV[2] .. id)
     redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
 end
 answer[1] = redis.call('ZCARD', KEYS[1])
 return answer
@@ -189,6 +202,7 @@ class RedisSessionStore:
         self._prefix = prefix
         self._session_prefix = f"{prefix}session:"
         self._last_used_key = f"{prefix}last-used"
+        self._ended_key = f"{prefix}ended"
         self._cache_ttl = cache_ttl
         self._lock_ttl = lock_ttl
         self._cache: dict[str, tuple[float, SessionRecord]] = {}
@@ -233,9 +247,17 @@ class RedisSessionStore:
         self._remember(record)
         return record
 
-    async def create(self, record: SessionRecord) -> None:
-        """See SessionStore.create: in Redis before it returns."""
-        await self._write(record, "create")
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """See SessionStore.create: in Redis before it returns; whether the id exists is checked by Redis
+        itself, so two replicas re-creating one session from its sealed id agree on the first one's record."""
+        written = await self._write(record, "create")
+        assert written is not None  # a refused create gives back the stored record
+        return written
+
+    async def ended(self, client_session_id: str) -> bool:
+        """See SessionStore.ended (always asks Redis: it is asked only when a record is missing)."""
+        with _redis_errors("ended"):
+            return await self._redis.zscore(self._ended_key, client_session_id) is not None
 
     async def put(self, record: SessionRecord) -> SessionRecord | None:
         """See SessionStore.put: in Redis before it returns; the rule is checked by Redis itself, so a
@@ -246,7 +268,7 @@ class RedisSessionStore:
     async def _write(self, record: SessionRecord, mode: str) -> SessionRecord | None:
         with _redis_errors("put"):
             written, detail = await self._put_script(
-                keys=[self._key(record.client_session_id), self._last_used_key],
+                keys=[self._key(record.client_session_id), self._last_used_key, self._ended_key],
                 args=[
                     record_to_json(record),
                     record.generation,
@@ -256,6 +278,10 @@ class RedisSessionStore:
                 ],
             )
         if not written:
+            if mode == "create":
+                stored = record_from_json(detail)  # another replica created it first
+                self._remember(stored)
+                return stored
             if not detail:
                 log.info("store.put_refused_session_gone", client_session=record.client_session_id[:8])
                 self._cache.pop(record.client_session_id, None)
@@ -329,7 +355,8 @@ class RedisSessionStore:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._key(client_session_id))
                 pipe.zrem(self._last_used_key, client_session_id)
-                deleted, _ = await pipe.execute()
+                pipe.zadd(self._ended_key, {client_session_id: time.time()})
+                deleted, *_ = await pipe.execute()
         self._count = max(0, self._count - int(deleted))
 
     async def touch(self, last_used: Mapping[str, float]) -> None:
@@ -347,7 +374,8 @@ class RedisSessionStore:
         with _redis_errors("forget_idle"):
             while True:
                 removed, remaining, *texts = await self._forget_script(
-                    keys=[self._last_used_key], args=[repr(unused_since), _FORGET_BATCH, self._session_prefix]
+                    keys=[self._last_used_key, self._ended_key],
+                    args=[repr(unused_since), _FORGET_BATCH, self._session_prefix, repr(time.time())],
                 )
                 forgotten += self._forgotten(texts)
                 self._count = int(remaining)
@@ -359,7 +387,9 @@ class RedisSessionStore:
         if count <= 0:
             return []  # the script's ZRANGE 0 -1 would take every session
         with _redis_errors("evict_oldest"):
-            remaining, *texts = await self._evict_script(keys=[self._last_used_key], args=[count, self._session_prefix])
+            remaining, *texts = await self._evict_script(
+                keys=[self._last_used_key, self._ended_key], args=[count, self._session_prefix, repr(time.time())]
+            )
         self._count = int(remaining)
         return self._forgotten(texts)
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
@@ -32,6 +33,7 @@ try:
 except ImportError:  # Windows: no flock, no check
     fcntl = None  # type: ignore[assignment]
 from mcp_heal_proxy.store.records import (
+    EndedSessions,
     RecordChange,
     SessionRecord,
     least_recently_used,
@@ -49,6 +51,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_used REAL NOT NULL
 )
 """
+# Sessions the proxy ended, and when (SessionStore.ended): kept as long as an idle session would be.
+ENDED_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ended (
+    client_session_id TEXT PRIMARY KEY,
+    ended_at REAL NOT NULL
+)
+"""
 
 
 class SQLiteSessionStore:
@@ -63,15 +72,17 @@ class SQLiteSessionStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None
         self._records: dict[str, SessionRecord] = {}
+        self._ended = EndedSessions()
         # Held while open: this process owns the file (see the module docstring).
         self._owner_lock: IO[str] | None = None
 
     async def open(self) -> None:
         """Create or open the file and load every record."""
-        records = await self._run(self._open_sync)
+        records, ended = await self._run(self._open_sync)
         self._records = {record.client_session_id: record for record in records}
+        self._ended = EndedSessions(ended)
 
-    def _open_sync(self) -> list[SessionRecord]:
+    def _open_sync(self) -> tuple[list[SessionRecord], list[tuple[str, float]]]:
         directory = Path(self.path).parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_ownership()
@@ -88,9 +99,11 @@ class SQLiteSessionStore:
         # session, a heal, a batch of last-used times), so the fsync is affordable.
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute(_SCHEMA)
+        connection.execute(ENDED_SCHEMA)
         self._connection = connection
         rows = connection.execute("SELECT record, last_used FROM sessions").fetchall()
-        return [replace(record_from_json(text), last_used=last_used) for text, last_used in rows]
+        ended = connection.execute("SELECT client_session_id, ended_at FROM ended").fetchall()
+        return [replace(record_from_json(text), last_used=last_used) for text, last_used in rows], ended
 
     def _take_ownership(self) -> None:
         """Lock ``<file>.lock``, or refuse: another proxy (a live process) has this file open."""
@@ -138,16 +151,29 @@ class SQLiteSessionStore:
         """See SessionStore.get (this process is the only writer, so the cache is always fresh)."""
         return self._records.get(client_session_id)
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord) -> SessionRecord:
         """See SessionStore.create: committed to the file before it returns."""
+        cid = record.client_session_id
+        stored = self._records.get(cid)
+        if stored is not None:
+            return stored
         text = record_to_json(record)
-        await self._run(
-            lambda: self._db().execute(
-                "INSERT INTO sessions (client_session_id, record, last_used) VALUES (?, ?, ?)",
-                (record.client_session_id, text, record.last_used),
+
+        def write(db: sqlite3.Connection) -> None:
+            # OR IGNORE: a create of the same id queued just before this one wrote first, and stands.
+            db.execute(
+                "INSERT OR IGNORE INTO sessions (client_session_id, record, last_used) VALUES (?, ?, ?)",
+                (cid, text, record.last_used),
             )
-        )
-        self._records[record.client_session_id] = record
+            db.execute("DELETE FROM ended WHERE client_session_id = ?", (cid,))
+
+        await self._run(lambda: self._transaction(write))
+        self._ended.discard(cid)
+        return self._records.setdefault(cid, record)
+
+    async def ended(self, client_session_id: str) -> bool:
+        """See SessionStore.ended."""
+        return client_session_id in self._ended
 
     async def put(self, record: SessionRecord) -> SessionRecord | None:
         """See SessionStore.put: committed to the file before it returns.
@@ -212,9 +238,8 @@ class SQLiteSessionStore:
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""
         self._records.pop(client_session_id, None)
-        await self._run(
-            lambda: self._db().execute("DELETE FROM sessions WHERE client_session_id = ?", (client_session_id,))
-        )
+        self._ended.add((client_session_id,), time.time())
+        await self._forget_rows([client_session_id])
 
     async def touch(self, last_used: Mapping[str, float]) -> None:
         """See SessionStore.touch: one transaction for the whole batch."""
@@ -236,27 +261,53 @@ class SQLiteSessionStore:
 
     async def forget_idle(self, unused_since: float) -> list[SessionRecord]:
         """See SessionStore.forget_idle."""
-        return await self._forget([cid for cid, record in self._records.items() if record.last_used < unused_since])
+        # Marks that ended before the cutoff go from the file too, in the same transaction (only when any did).
+        pruned = self._ended.prune(unused_since)
+        idle = [cid for cid, record in self._records.items() if record.last_used < unused_since]
+        return await self._forget(idle, unused_since if pruned else None)
 
     async def evict_oldest(self, count: int) -> list[SessionRecord]:
         """See SessionStore.evict_oldest."""
         return await self._forget(least_recently_used(self._records.values(), count))
 
-    async def _forget(self, idle: list[str]) -> list[SessionRecord]:
-        if not idle:
+    async def _forget(self, idle: list[str], ended_before: float | None = None) -> list[SessionRecord]:
+        if not idle and ended_before is None:
             return []
-
-        def write() -> None:
-            db = self._db()
-            db.execute("BEGIN")
-            db.executemany("DELETE FROM sessions WHERE client_session_id = ?", [(cid,) for cid in idle])
-            db.execute("COMMIT")
-
-        await self._run(write)
+        self._ended.add(idle, time.time())
+        await self._forget_rows(idle, ended_before)
         # Taken from the cache after the write: a heal that landed meanwhile left the newer upstream
         # session in it, and that is the one to end.
         forgotten = (self._records.pop(cid, None) for cid in idle)
         return [record for record in forgotten if record is not None]
+
+    async def _forget_rows(self, ended: list[str], ended_before: float | None = None) -> None:
+        """Delete these sessions' rows and mark them ended (and drop marks older than ``ended_before``),
+        in one transaction."""
+        when = time.time()
+
+        def write(db: sqlite3.Connection) -> None:
+            if ended_before is not None:
+                db.execute("DELETE FROM ended WHERE ended_at < ?", (ended_before,))
+            db.executemany("DELETE FROM sessions WHERE client_session_id = ?", [(cid,) for cid in ended])
+            db.executemany(
+                "INSERT OR REPLACE INTO ended (client_session_id, ended_at) VALUES (?, ?)",
+                [(cid, when) for cid in ended],
+            )
+
+        await self._run(lambda: self._transaction(write))
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        """Run ``work`` in one transaction, rolled back if it fails (a locked file): the connection must
+        not stay inside a transaction the next write would then try to begin again."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     def heal_lock(self, client_session_id: str, generation: int) -> AbstractAsyncContextManager[None]:
         """One process owns the file: the Healer's own single-flight is enough."""

@@ -53,8 +53,11 @@ _NOT_DOWNSTREAM: Final = HOP_BY_HOP | {
 }
 
 
-# The spec allows visible ASCII (0x21-0x7E) in session ids; the proxy's own are 32 hex characters.
-_VALID_SESSION_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
+# The spec allows visible ASCII (0x21-0x7E) in session ids. The proxy's own are sealed (engine/sealing.py):
+# a few hundred characters, never more than 1024; an upstream's are usually a UUID. Longer is refused: no
+# legitimate id comes near it, and every id is sent on with every request.
+MAX_SESSION_ID_LENGTH: Final = 1024
+_VALID_SESSION_ID: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_SESSION_ID_LENGTH}}}")
 
 
 def is_valid_session_id(value: str) -> bool:

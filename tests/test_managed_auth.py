@@ -427,7 +427,7 @@ async def test_a_request_retried_across_an_upstream_restart_takes_a_fresh_token(
     refreshes: list[str] = []
     up = False
 
-    async def refresh(old: Grant) -> Grant:
+    async def refresh(old: Grant, tls: ssl.SSLContext) -> Grant:
         if same_process and not up:
             raise aiohttp.ClientConnectionError("refused")
         refreshes.append(old.access_token)
@@ -474,7 +474,7 @@ async def test_a_request_retried_across_an_upstream_restart_takes_a_fresh_token(
 async def test_close_cancels_a_refresh_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started = asyncio.Event()
 
-    async def hanging(_: Grant) -> Grant:
+    async def hanging(_: Grant, tls: ssl.SSLContext) -> Grant:
         started.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -504,7 +504,7 @@ async def test_a_hanging_authorization_server_holds_requests_a_bounded_time_then
 ) -> None:
     rounds = 0
 
-    async def hanging(_: Grant) -> Grant:
+    async def hanging(_: Grant, tls: ssl.SSLContext) -> Grant:
         nonlocal rounds
         rounds += 1
         await asyncio.sleep(0.3)

@@ -30,8 +30,8 @@ from mcp_heal_proxy.config import (
     build_config,
     default_state_path,
     describe,
-    mask_url,
 )
+from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
 

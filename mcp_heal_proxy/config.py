@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
+
+from mcp_heal_proxy.display import mask_url
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -182,7 +184,7 @@ class ProxyConfig:
 
     @property
     def state_display(self) -> str:
-        """The store location as it may be shown: a Redis URL's password masked."""
+        """The store location as it may be shown: a Redis URL's password and query values masked."""
         return mask_url(self.state) if "://" in self.state else self.state
 
 
@@ -224,13 +226,8 @@ def _hidden(_: Any) -> str | None:
 
 
 def _without_userinfo(value: Any) -> str:
-    """A URL as it may appear in an error: whatever sits before '@' (user, password, token) hidden."""
-    if isinstance(value, str) and "@" in value and "://" in value:
-        scheme, _, rest = value.partition("://")
-        userinfo, at, host = rest.partition("@")
-        if at and "/" not in userinfo:
-            return repr(f"{scheme}://***@{host}")
-    return repr(value)
+    """A URL as it may appear in an error: user, password and query values masked (display.mask_url)."""
+    return repr(mask_url(value)) if isinstance(value, str) else repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -732,12 +729,3 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
         table["url"] = mask_url(upstream.url)
         upstreams[upstream.name] = table
     return {"server": server, "upstreams": upstreams}
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

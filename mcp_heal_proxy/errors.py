@@ -6,6 +6,10 @@ JSON-RPC error carrying its request's id, never as a hang or a dropped connectio
 
 from __future__ import annotations
 
+import errno
+import socket
+import ssl
+from dataclasses import dataclass
 from typing import ClassVar
 
 RequestId = str | int | None
@@ -17,11 +21,14 @@ class ProxyError(Exception):
     http_status: ClassVar[int] = 500
     code: ClassVar[int] = -32603
 
-    def __init__(self, message: str, *, request_id: RequestId = None) -> None:
+    def __init__(self, message: str, *, request_id: RequestId = None, failure: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         # Known only when the failure happened while classifying a single message.
         self.request_id = request_id
+        # What happened on the way to the upstream (a Failure.kind: refused, timeout, dns, tls, ...)
+        # when nothing answered: the log and the status page say so instead of naming an HTTP status.
+        self.failure = failure
 
 
 class ParseError(ProxyError):
@@ -107,3 +114,79 @@ class TooManyStreams(ProxyError):
 
     http_status = 429
     code = -32006
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What went wrong on a connection, for people: ``kind`` is one word for logs, metrics and the status
+    page (refused, timeout, dns, tls, unreachable, closed, reset, broken, failed), ``words`` a phrase
+    that completes "cannot reach the upstream MCP server: ..." (never an exception's class name)."""
+
+    kind: str
+    words: str
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    # An aiohttp error wraps the OSError it met (os_error, or __cause__ when raised "from"); the lean
+    # client's ConnectFailed wraps it as __cause__.
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 8:
+        chain.append(current)
+        nested = getattr(current, "os_error", None)
+        if isinstance(nested, BaseException) and nested not in chain:
+            chain.append(nested)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def connection_failure(exc: BaseException) -> Failure:
+    """Name a failure to reach a server, or to read its answer, in words a user understands."""
+    import aiohttp  # here, not at the top: the CLI imports this module before it needs aiohttp
+
+    # Classes newer aiohttp releases added; older ones raise the stdlib error they wrap.
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", socket.gaierror)
+    reset_error = getattr(aiohttp, "ClientConnectionResetError", ConnectionResetError)
+    chain = _causes(exc)
+    for cause in chain:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            detail = cause.verify_message or "not trusted"
+            return Failure("tls", f"its TLS certificate was not accepted ({detail})")
+    for cause in chain:
+        if isinstance(cause, ssl.SSLError | aiohttp.ClientSSLError):
+            return Failure("tls", "the TLS handshake failed")
+    for cause in chain:
+        if isinstance(cause, socket.gaierror | dns_error):
+            return Failure("dns", "its host name does not resolve (DNS)")
+    for cause in chain:
+        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
+            return Failure("refused", "the connection was refused (nothing listens at that address)")
+    for cause in chain:
+        if getattr(cause, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return Failure("unreachable", "the network or host is unreachable")
+    for cause in chain:
+        if isinstance(cause, TimeoutError | aiohttp.ServerTimeoutError | aiohttp.ConnectionTimeoutError):
+            return Failure("timeout", "it did not answer in time")
+    for cause in chain:
+        if isinstance(cause, aiohttp.ServerDisconnectedError):
+            return Failure("closed", "it closed the connection without an answer")
+        if isinstance(cause, ConnectionResetError | BrokenPipeError | reset_error):
+            return Failure("reset", "the connection was reset")
+        if isinstance(cause, aiohttp.ClientPayloadError):
+            return Failure("broken", "its answer broke off before its end")
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.strerror:
+            return Failure("failed", f"the connection failed ({cause.strerror.lower()})")
+    return Failure("failed", "the connection failed")
+
+
+def store_failure(exc: BaseException) -> str:
+    """Name a Redis store failure in words (never its class name): what the connection did, or what
+    Redis answered; completes "Redis ... failed: "."""
+    kind = type(exc).__name__
+    if kind.startswith("Authentication"):
+        return "it refused the credentials"
+    if kind in ("ResponseError", "DataError", "ReadOnlyError", "NoPermissionError", "OutOfMemoryError"):
+        first_line = str(exc).splitlines()[0] if str(exc) else kind
+        return f"it answered an error: {first_line[:200]}"
+    return connection_failure(exc).words

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from mcp_heal_proxy.config import DEFAULT_PORT, MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.inventory import (
     RedisReader,
     age,
@@ -135,25 +136,26 @@ async def _forget(state: str, prefix: str, base: str, token: str | None, out: Te
     except (aiohttp.ClientConnectionError, TimeoutError):
         answer, status = None, None
     short = client_session_id[:8]
+    shown = mask_url(base)
     if status == 200 and isinstance(answer, dict):
         if answer.get("upstream_ended"):
             out.write(
-                f"ended session {short}: the running proxy at {base} sent DELETE to upstream {answer['upstream']} "
+                f"ended session {short}: the running proxy at {shown} sent DELETE to upstream {answer['upstream']} "
                 f"(it answered {answer['upstream_status']}) and forgot the session\n"
             )
         else:
             why = answer.get("upstream_error") or f"it answered {answer.get('upstream_status')}"
             out.write(
-                f"forgot session {short} through the running proxy at {base}; the upstream did not end it ({why})\n"
+                f"forgot session {short} through the running proxy at {shown}; the upstream did not end it ({why})\n"
             )
         return 0
     if status in (401, 403):
-        raise WatchError(f"the proxy at {base} refused the request ({status}): give --token or --config")
+        raise WatchError(f"the proxy at {shown} refused the request ({status}): give --token or --config")
     if status is not None and status != 404:
-        raise WatchError(f"the proxy at {base} answered {status}")
+        raise WatchError(f"the proxy at {shown} answered {status}")
     # No proxy answers there (or it does not hold this session): the record only.
     if state == MEMORY_STATE:
-        raise WatchError(f"no proxy at {base} holds session {short}")
+        raise WatchError(f"no proxy at {shown} holds session {short}")
     if is_redis(state):
         reader = RedisReader(state)
         try:
@@ -166,7 +168,7 @@ async def _forget(state: str, prefix: str, base: str, token: str | None, out: Te
         raise WatchError(f"no session {short}")
     where = "no proxy answers at" if status is None else "the proxy does not hold it at"
     out.write(
-        f"forgot session {short}: record deleted from the store only ({where} {base}); "
+        f"forgot session {short}: record deleted from the store only ({where} {shown}); "
         "the upstream session was not ended and expires on its own\n"
     )
     return 0
@@ -188,7 +190,7 @@ def events_url(url: str | None) -> str:
     base = (url or DEFAULT_PROXY_URL).rstrip("/")
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WatchError(f"not an http(s) URL: {url!r}")
+        raise WatchError(f"not an http(s) URL: {mask_url(url or '')!r}")
     if parts.path.endswith(EVENTS_PATH):
         return base
     return urlunsplit(parts._replace(path=EVENTS_PATH))
@@ -239,6 +241,7 @@ async def tail(
 ) -> int:
     """Follow the proxy's events until interrupted; exit status 1 once it stayed unreachable ``give_up`` s."""
     target = events_url(url)
+    shown = mask_url(target)  # a ?token= in the URL given is a secret
     paint = out.isatty() if color is None else color
     headers = {"Accept": "text/event-stream"}
     if token:
@@ -252,13 +255,13 @@ async def tail(
             try:
                 async with http.get(target, headers=headers) as response:
                     if response.status in (401, 403):
-                        raise WatchError(f"{target} refused the request ({response.status}): give --token")
+                        raise WatchError(f"{shown} refused the request ({response.status}): give --token")
                     if response.status != 200:
                         raise aiohttp.ClientResponseError(
                             response.request_info, (), status=response.status, message="not the event feed"
                         )
                     verb = "reconnected to" if announced else "following"
-                    print(f"{verb} {target}", file=sys.stderr, flush=True)
+                    print(f"{verb} {shown}", file=sys.stderr, flush=True)
                     unreachable_since, delay, announced = None, RECONNECT_FIRST, True
                     parser = SSEParser()
                     async for chunk in response.content.iter_any():
@@ -270,14 +273,14 @@ async def tail(
                 moment = time.monotonic()
                 if unreachable_since is None:
                     unreachable_since = moment
-                    print(f"lost {target} ({reason}); reconnecting", file=sys.stderr, flush=True)
+                    print(f"lost {shown} ({reason}); reconnecting", file=sys.stderr, flush=True)
                 elif moment - unreachable_since > give_up:
-                    raise WatchError(f"{target} unreachable for {give_up:.0f} s ({reason})") from None
+                    raise WatchError(f"{shown} unreachable for {give_up:.0f} s ({reason})") from None
             else:
                 # The proxy ended the stream (shutdown): it may be restarting.
                 if unreachable_since is None:
                     unreachable_since = time.monotonic()
-                    print(f"{target} closed the feed; reconnecting", file=sys.stderr, flush=True)
+                    print(f"{shown} closed the feed; reconnecting", file=sys.stderr, flush=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX)
 

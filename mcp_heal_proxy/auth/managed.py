@@ -36,7 +36,8 @@ from aiohttp import web
 
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
-from mcp_heal_proxy.errors import ProxyError
+from mcp_heal_proxy.display import mask_url
+from mcp_heal_proxy.errors import ProxyError, connection_failure
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -314,7 +315,9 @@ async def _probe(http: aiohttp.ClientSession, upstream_url: str) -> Challenge | 
                     headers["Mcp-Session-Id"] = session_id
                     headers["MCP-Protocol-Version"] = _PROBE_VERSION
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoginError(f"cannot reach the upstream MCP server {upstream_url}: {type(exc).__name__}") from None
+            raise LoginError(
+                f"cannot reach the upstream MCP server {mask_url(upstream_url)}: {connection_failure(exc).words}"
+            ) from None
     return None
 
 
@@ -344,7 +347,7 @@ async def discover(
     resource = resource_metadata.get("resource")
     if not isinstance(resource, str) or not check_resource(resource, upstream_url):
         raise LoginError(
-            f"the upstream's protected-resource metadata names {resource!r}, not {upstream_url}: "
+            f"the upstream's protected-resource metadata names {resource!r}, not {mask_url(upstream_url)}: "
             "refusing to send a login for another server"
         )
     servers = resource_metadata.get("authorization_servers")
@@ -357,7 +360,7 @@ async def discover(
         if metadata is not None:
             break
     if metadata is None:
-        raise LoginError(f"no authorization server metadata found for {issuer}")
+        raise LoginError(f"no authorization server metadata found for {mask_url(issuer)}")
     if isinstance(metadata.get("issuer"), str) and metadata["issuer"].rstrip("/") != issuer.rstrip("/"):
         raise LoginError(f"the authorization server metadata names issuer {metadata['issuer']!r}, not {issuer!r}")
     scopes = resource_metadata.get("scopes_supported")
@@ -482,9 +485,11 @@ async def _register(
             payload = await response.json(content_type=None) if response.status in (200, 201) else None
             status = response.status
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise LoginError(f"client registration at {endpoint} failed: {type(exc).__name__}") from None
+        raise LoginError(
+            f"client registration at {mask_url(endpoint)} failed: {connection_failure(exc).words}"
+        ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
-        raise LoginError(f"client registration at {endpoint} failed: HTTP {status}")
+        raise LoginError(f"client registration at {mask_url(endpoint)} failed: HTTP {status}")
     secret = payload.get("client_secret")
     method = payload.get("token_endpoint_auth_method")
     return _Client(
@@ -616,7 +621,7 @@ async def _login(
             if scopes:
                 params["scope"] = " ".join(scopes)
             url = _with_query(authorize, params)
-            _print(out, f"Log in to {upstream.name} ({upstream.url}) by opening this URL in a browser:")
+            _print(out, f"Log in to {upstream.name} ({mask_url(upstream.url)}) by opening this URL in a browser:")
             _print(out, url)
             _print(out, f"Waiting for the authorization server to redirect to {callback.redirect_uri} ...")
             if open_browser:
@@ -677,7 +682,9 @@ async def _login(
         except TokenRefused as exc:
             raise LoginError(f"the token endpoint refused the authorization code: {exc.error}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoginError(f"cannot reach the token endpoint {token_endpoint}: {type(exc).__name__}") from None
+            raise LoginError(
+                f"cannot reach the token endpoint {mask_url(token_endpoint)}: {connection_failure(exc).words}"
+            ) from None
     grant = _grant_from(answer_tokens, replace(base, auth_method=method))
     async with token_file.lock():
         token_file.save(grant)

@@ -24,6 +24,7 @@ import structlog
 
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
+from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -216,7 +217,12 @@ class Upstream:
         here, there = urlsplit(self._url), urlsplit(target or "")
         if target is None or (here.scheme, here.netloc) != (there.scheme, there.netloc):
             # Another origin: the user should configure it (a token for one host must not travel to another).
-            log.warning("upstream.redirect_refused", upstream=self.config.name, status=response.status, to=target)
+            log.warning(
+                "upstream.redirect_refused",
+                upstream=self.config.name,
+                status=response.status,
+                to=mask_url(target) if target else None,
+            )
             raise UpstreamUnavailable(
                 f"upstream MCP server answered {response.status} with a redirect to another origin; "
                 "set the upstream URL to the address it names (see the proxy's log)"
@@ -225,7 +231,7 @@ class Upstream:
             "upstream.redirected",
             upstream=self.config.name,
             status=response.status,
-            to=target,
+            to=mask_url(target),
             hint="requests now go there; set it as the upstream URL to save the redirect",
         )
         self._url = target

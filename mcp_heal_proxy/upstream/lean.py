@@ -36,6 +36,8 @@ import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from mcp_heal_proxy.display import mask_url
+
 # Buffered body bytes above which the socket stops being read, and below which it resumes.
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
@@ -445,7 +447,7 @@ class LeanPool:
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
+            raise ValueError(f"not an http(s) URL: {mask_url(url)!r}")
         if parts.username is not None or parts.password is not None:
             raise ValueError("the lean client does not take credentials from the URL: use headers")
         self._https = parts.scheme == "https"

@@ -24,6 +24,7 @@ from typing import Any, Final, TextIO
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mcp_heal_proxy.display import terminal_safe
 from mcp_heal_proxy.events import EventFeed
 
 REDACTED: Final = "[redacted]"
@@ -265,10 +266,13 @@ def configure_logging(
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else JSONLineRenderer()
+    # JSON escapes control characters on its own; console lines go to a terminal as they are.
+    safe: list[Any] = [terminal_safe_event] if use_console else []
     structlog.configure(
         # The redactor runs before the level and the timestamp are added: neither can hold a secret.
         processors=[
             Redactor(secrets),
+            *safe,
             structlog.processors.add_log_level,
             IsoTimeStamper(),
             renderer,
@@ -277,6 +281,16 @@ def configure_logging(
         logger_factory=LineWriterFactory(sys.stderr),
         cache_logger_on_first_use=cache,
     )
+
+
+def terminal_safe_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor for console lines: a client's method or tool name, or an upstream's
+    message, cannot move the cursor or retitle the terminal the proxy logs to (display.terminal_safe)."""
+    # Other values are written as their repr(), which escapes control characters already.
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = terminal_safe(value)
+    return event
 
 
 def method_label(method: str) -> str:

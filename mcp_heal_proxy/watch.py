@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from mcp_heal_proxy.config import DEFAULT_PORT, MEMORY_STATE, ProxyConfig
-from mcp_heal_proxy.display import mask_url
+from mcp_heal_proxy.display import mask_url, terminal_safe
 from mcp_heal_proxy.inventory import (
     RedisReader,
     age,
@@ -61,6 +61,12 @@ _COLUMNS: Final = (
 
 
 def _cell(key: str, row: Mapping[str, Any], now: float) -> str:
+    # Client name and version, protocol version, log level and subscribed URIs are the client's
+    # choice: terminal_safe keeps their control characters from acting on the terminal.
+    return terminal_safe(_text(key, row, now))
+
+
+def _text(key: str, row: Mapping[str, Any], now: float) -> str:
     value = row[key]
     if key == "id":
         return str(value)[:8]
@@ -140,11 +146,12 @@ async def _forget(state: str, prefix: str, base: str, token: str | None, out: Te
     if status == 200 and isinstance(answer, dict):
         if answer.get("upstream_ended"):
             out.write(
-                f"ended session {short}: the running proxy at {shown} sent DELETE to upstream {answer['upstream']} "
+                f"ended session {short}: the running proxy at {shown} sent DELETE to upstream "
+                f"{terminal_safe(answer['upstream'])} "
                 f"(it answered {answer['upstream_status']}) and forgot the session\n"
             )
         else:
-            why = answer.get("upstream_error") or f"it answered {answer.get('upstream_status')}"
+            why = terminal_safe(answer.get("upstream_error") or f"it answered {answer.get('upstream_status')}")
             out.write(
                 f"forgot session {short} through the running proxy at {shown}; the upstream did not end it ({why})\n"
             )
@@ -206,6 +213,9 @@ def format_event(kind: str, item: Mapping[str, Any], *, color: bool) -> str | No
     def paint(text: str, code: str) -> str:
         return f"{code}{text}{_RESET}" if color else text
 
+    # Method and tool names are the client's choice, an error may quote the upstream: every string is
+    # made terminal_safe before it is written (the colours above are the only escapes in a line).
+    item = {key: terminal_safe(value) if isinstance(value, str) else value for key, value in item.items()}
     if kind == "request":
         status = int(item["status"])
         status_color = _GREEN if status < 300 else _CYAN if status < 400 else _YELLOW if status < 500 else _RED

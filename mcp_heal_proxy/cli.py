@@ -10,6 +10,7 @@ import errno
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -293,7 +294,12 @@ def _stdio(args: argparse.Namespace) -> int:
         return 0
 
 
-def _sessions(args: argparse.Namespace) -> int:
+def command_line(argv: Sequence[str]) -> str:
+    """The command as the user ran it, to repeat in a hint: quoted for a shell, URLs masked."""
+    return shlex.join(["mcp-heal-proxy", *(mask_url(word) for word in argv)])
+
+
+def _sessions(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from mcp_heal_proxy.watch import forget_session, list_sessions
 
     config: ProxyConfig | None = None
@@ -312,9 +318,22 @@ def _sessions(args: argparse.Namespace) -> int:
         if args.action == "forget":
             if not args.id:
                 raise UsageError("sessions forget needs a session ID")
-            return forget_session(state, args.id, config=config, proxy_url=args.proxy, token=token, out=sys.stdout)
+            return forget_session(
+                state,
+                args.id,
+                config=config,
+                proxy_url=args.proxy,
+                token=token,
+                out=sys.stdout,
+                again=command_line(argv),
+            )
         if args.id:
-            raise UsageError(f"unexpected argument {args.id!r} (did you mean 'sessions forget {args.id}'?)")
+            # ``sessions list ID``: the same command with forget in place of list.
+            words = list(argv)
+            where = words.index(args.id)
+            before = [word for word in words[:where] if word != "list"]
+            meant = command_line([*before, "forget", *words[where:]])
+            raise UsageError(f"unexpected argument {args.id!r} (did you mean `{meant}`?)")
         return list_sessions(state, as_json=args.json, out=sys.stdout)
     except ProxyError as exc:
         raise UsageError(exc.message) from None
@@ -442,7 +461,8 @@ def _login_or_logout(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``mcp-heal-proxy`` console script."""
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(given)
     if args.command == "demo":
         from mcp_heal_proxy.demo import run_demo
 
@@ -455,7 +475,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if args.command == "tail":
         try:
             token = os.environ.get(ENV_PREFIX + "TOKEN")
-            sys.exit(asyncio.run(tail(args.url, as_json=args.json, token=token, out=sys.stdout, give_up=args.give_up)))
+            sys.exit(
+                asyncio.run(
+                    tail(
+                        args.url,
+                        as_json=args.json,
+                        token=token,
+                        out=sys.stdout,
+                        give_up=args.give_up,
+                        again=command_line(given),
+                    )
+                )
+            )
         except WatchError as exc:
             print(f"mcp-heal-proxy: {exc}", file=sys.stderr)
             sys.exit(1)
@@ -463,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.exit(130)
     try:
         if args.command == "sessions":
-            sys.exit(_sessions(args))
+            sys.exit(_sessions(args, given))
         if args.command in ("login", "logout"):
             sys.exit(_login_or_logout(args))
         flags = {

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -119,6 +120,9 @@ class UpstreamConfig:
     client_secret: str | None = None
     scopes: tuple[str, ...] | None = None
     callback_port: int | None = None
+    # The config file this upstream came from (absolute): the hints that name ``login`` repeat it, as
+    # login finds the upstream there (auth = "oauth" is settable in a file only).
+    config_file: str | None = None
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -567,7 +571,7 @@ def _upstream_from_table(
     if "url" not in table:
         raise ConfigError(f"{where}.url is required")
     _check_oauth_keys(options, where)
-    return UpstreamConfig(**options)
+    return UpstreamConfig(**options, config_file=os.path.abspath(source))
 
 
 def _check_oauth_keys(options: Mapping[str, Any], where: str) -> None:
@@ -722,10 +726,23 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     server["state"] = config.state_display
     upstreams = {}
     for upstream in config.upstreams:
-        table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}
+        table = {
+            f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name not in ("name", "config_file")
+        }
         table["headers"] = {name: "***" for name in upstream.headers}
         if upstream.client_secret:
             table["client_secret"] = "***"
         table["url"] = mask_url(upstream.url)
         upstreams[upstream.name] = table
     return {"server": server, "upstreams": upstreams}
+
+
+def login_command(upstream: UpstreamConfig, state: str) -> str:
+    """The ``login`` command line for an upstream, as it runs when pasted in any directory: with the
+    config file it came from, and the store's path when it is not the default (the tokens sit beside it)."""
+    words = ["mcp-heal-proxy", "login", upstream.name]
+    if upstream.config_file:
+        words += ["--config", upstream.config_file]
+    if state != MEMORY_STATE and "://" not in state and os.path.abspath(state) != os.path.abspath(default_state_path()):
+        words += ["--state", os.path.abspath(state)]
+    return shlex.join(words)

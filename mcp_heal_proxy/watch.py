@@ -111,14 +111,33 @@ def _proxy_base(config: ProxyConfig | None, proxy_url: str | None) -> str:
     return f"http://{host}:{config.port}"
 
 
+def token_hint(token: str | None, again: str) -> str:
+    """What to do when the proxy refuses ``tail`` or ``sessions forget``: the token comes from the
+    environment (a flag would show it in the process list), so the hint is the same command with it set."""
+    if token:
+        return (
+            "it refused the token sent (MCP_HEAL_PROXY_TOKEN, else the config's [server] token); "
+            f"set MCP_HEAL_PROXY_TOKEN to the running proxy's [server] token: `MCP_HEAL_PROXY_TOKEN=TOKEN {again}`"
+        )
+    return f"the proxy has a token: run `MCP_HEAL_PROXY_TOKEN=TOKEN {again}`, TOKEN being its [server] token"
+
+
 def forget_session(
-    state: str, session: str, *, config: ProxyConfig | None, proxy_url: str | None, token: str | None, out: TextIO
+    state: str,
+    session: str,
+    *,
+    config: ProxyConfig | None,
+    proxy_url: str | None,
+    token: str | None,
+    out: TextIO,
+    again: str = "mcp-heal-proxy sessions forget ID",
 ) -> int:
-    """End one session: through the running proxy if it answers, else the record only. Exit status."""
-    return asyncio.run(_forget(state, session, _proxy_base(config, proxy_url), token, out))
+    """End one session: through the running proxy if it answers, else the record only. Exit status.
+    ``again`` is the command as the user typed it (secrets masked), for hints."""
+    return asyncio.run(_forget(state, session, _proxy_base(config, proxy_url), token, out, again))
 
 
-async def _forget(state: str, prefix: str, base: str, token: str | None, out: TextIO) -> int:
+async def _forget(state: str, prefix: str, base: str, token: str | None, out: TextIO, again: str) -> int:
     if state == MEMORY_STATE:
         records = []
     else:
@@ -157,7 +176,7 @@ async def _forget(state: str, prefix: str, base: str, token: str | None, out: Te
             )
         return 0
     if status in (401, 403):
-        raise WatchError(f"the proxy at {shown} refused the request ({status}): give --token or --config")
+        raise WatchError(f"the proxy at {shown} refused the request ({status}): {token_hint(token, again)}")
     if status is not None and status != 404:
         raise WatchError(f"the proxy at {shown} answered {status}")
     # No proxy answers there (or it does not hold this session): the record only.
@@ -248,8 +267,10 @@ async def tail(
     out: TextIO,
     give_up: float = DEFAULT_GIVE_UP,
     color: bool | None = None,
+    again: str = "mcp-heal-proxy tail",
 ) -> int:
-    """Follow the proxy's events until interrupted; exit status 1 once it stayed unreachable ``give_up`` s."""
+    """Follow the proxy's events until interrupted; exit status 1 once it stayed unreachable ``give_up`` s.
+    ``again`` is the command as the user typed it (secrets masked), for hints."""
     target = events_url(url)
     shown = mask_url(target)  # a ?token= in the URL given is a secret
     paint = out.isatty() if color is None else color
@@ -265,7 +286,7 @@ async def tail(
             try:
                 async with http.get(target, headers=headers) as response:
                     if response.status in (401, 403):
-                        raise WatchError(f"{shown} refused the request ({response.status}): give --token")
+                        raise WatchError(f"{shown} refused the request ({response.status}): {token_hint(token, again)}")
                     if response.status != 200:
                         raise aiohttp.ClientResponseError(
                             response.request_info, (), status=response.status, message="not the event feed"

@@ -35,7 +35,7 @@ import structlog
 from aiohttp import web
 
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
-from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
+from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, UpstreamConfig, login_command
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError, connection_failure
 
@@ -59,6 +59,10 @@ _CHALLENGE_PARAM = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|(
 
 class LoginError(Exception):
     """``login`` cannot go on; the message says why in one line (exit status 1)."""
+
+
+class NoLoginNeeded(LoginError):
+    """The upstream answered without a token and publishes no OAuth metadata: nothing to log in to."""
 
 
 class LoginRequired(ProxyError):
@@ -333,6 +337,7 @@ async def discover(
 ) -> Discovery:
     """Find the upstream's authorization server and its metadata (MCP authorization, "Discovery")."""
     challenge = await _probe(http, upstream_url)
+    asked = challenge is not None
     if challenge is None:
         out("the upstream answered without asking for a token; looking for its metadata anyway")
     challenge = challenge or Challenge()
@@ -342,6 +347,16 @@ async def discover(
         if resource_metadata is not None:
             break
     if resource_metadata is None:
+        # No challenge and no metadata of either kind: the default endpoints would only end in a
+        # registration 404; the upstream needs no login at all.
+        if (
+            not asked
+            and await _get_json(http, f"{_origin(upstream_url)}/.well-known/oauth-authorization-server") is None
+        ):
+            raise NoLoginNeeded(
+                f"this upstream asks for no login: {mask_url(upstream_url)} answered without asking for a token "
+                'and publishes no OAuth metadata; remove auth = "oauth" from its [upstreams.NAME] table'
+            )
         legacy = await legacy_metadata(http, upstream_url)
         return Discovery(metadata=legacy, resource=None, issuer=None, challenge_scope=challenge.scope)
     resource = resource_metadata.get("resource")
@@ -754,9 +769,10 @@ def _is_token_challenge(response: aiohttp.ClientResponse) -> bool:
 class ManagedAuth:
     """Puts the stored access token on every upstream request of one upstream, and keeps it fresh."""
 
-    def __init__(self, upstream: UpstreamConfig, token_file: TokenFile) -> None:
+    def __init__(self, upstream: UpstreamConfig, token_file: TokenFile, state: str = MEMORY_STATE) -> None:
         self._upstream = upstream
         self._name = upstream.name
+        self._login = login_command(upstream, state)
         self._file = token_file
         self._grant: Grant | None = None
         self._stamp: int | None = None
@@ -767,7 +783,7 @@ class ManagedAuth:
         self._refused: str | None = None
 
     def _hint(self, why: str) -> str:
-        return f"{why}: run `mcp-heal-proxy login {self._name}` (upstream {self._name})"
+        return f"{why}: run `{self._login}` (upstream {self._name})"
 
     def _current(self) -> Grant | None:
         """The stored grant, read again whenever the file changed (a login, or another proxy's refresh)."""
@@ -912,6 +928,6 @@ def managed_auth(upstream: UpstreamConfig, state: str) -> ManagedAuth | None:
             log.warning(
                 "auth.not_logged_in",
                 upstream=upstream.name,
-                hint=f"run `mcp-heal-proxy login {upstream.name}`; until then its requests get an error",
+                hint=f"run `{login_command(upstream, state)}`; until then its requests get an error",
             )
-    return ManagedAuth(upstream, token_file)
+    return ManagedAuth(upstream, token_file, state)

@@ -65,9 +65,11 @@ examples:
   mcp-heal-proxy stdio --upstream https://mcp.example.com/mcp --header "Authorization: Bearer ${MY_TOKEN}"
   mcp-heal-proxy stdio --config proxy.toml --name github
 
-as a command in a client's config, e.g. Claude Desktop's claude_desktop_config.json:
-  "mcpServers": {"example": {"command": "mcp-heal-proxy",
-                             "args": ["stdio", "--upstream", "https://mcp.example.com/mcp"]}}
+as a command in a client's config, with the command's full path (GUI clients start commands with a
+minimal PATH, where a bare mcp-heal-proxy is not found; `command -v mcp-heal-proxy` prints the path),
+e.g. in Claude Desktop's claude_desktop_config.json:
+  {"mcpServers": {"example": {"command": "/home/you/mcp-heal-proxy/.venv/bin/mcp-heal-proxy",
+                              "args": ["stdio", "--upstream", "https://mcp.example.com/mcp"]}}}
 """
 
 TOP_EXAMPLES = """\

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from mcp_heal_proxy.display import mask_url
+from mcp_heal_proxy.display import mask_url as mask_url  # re-exported: engine/session.py imports it from here
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -93,9 +93,10 @@ class UpstreamConfig:
     connect_retry: float = 5.0
     # The longest silence allowed on a POST answer (a tool may think for minutes).
     read_timeout: float = 300.0
-    # The longest a heal's handshake may take (initialize and its answer, notifications/initialized, the
-    # state re-applied, retries while the upstream restarts): the client waiting on the heal is owed an
-    # error well before read_timeout when an upstream accepts the re-initialize and never answers it.
+    # The longest a whole heal may take (the heal lock, the store's reads and writes, initialize and its
+    # answer, notifications/initialized, the state re-applied, retries while the upstream restarts): the
+    # client waiting on the heal is owed an error well before read_timeout when an upstream accepts the
+    # re-initialize and never answers it, or a shared store's lock or a store call hangs.
     heal_timeout: float = 30.0
     # The longest silence on a GET stream; None waits forever (the proxy's keep-alives fill silences).
     stream_idle_timeout: float | None = None
@@ -158,6 +159,9 @@ class ProxyConfig:
     max_sessions: int = 10_000
     # Well below pool_size (100), so that one session cannot hold every connection to its upstream.
     max_streams_per_session: int = 32
+    # A request over max_streams_per_session waits this long for a slot (first come, first served), then
+    # gets 429 with a JSON-RPC error: the cap shares the pool, it does not refuse what the server would serve.
+    stream_slot_wait: float = 60.0
     http_server: HttpServer = "fast"
 
     @property
@@ -486,6 +490,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "shutdown_grace": Option(_seconds(zero_allowed=True), _text_as_number),
     "max_sessions": Option(_integer(1), _text_as_int),
     "max_streams_per_session": Option(_integer(1), _text_as_int),
+    "stream_slot_wait": Option(_seconds(zero_allowed=True), _text_as_number),
     "http_server": Option(_one_of(HTTP_SERVERS), _text_as_str),
 }
 UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {

@@ -324,6 +324,13 @@ class Metrics:
             ("upstream", "reason", "outcome"),
             registry=self.registry,
         )
+        self.sessions_evicted_in_use = Counter(
+            "mcp_heal_proxy_sessions_evicted_in_use",
+            "Client sessions evicted at max_sessions while a request or stream was still open on them "
+            "(only when every session was in use).",
+            ("upstream",),
+            registry=self.registry,
+        )
         self.heal_duration = Histogram(
             "mcp_heal_proxy_heal_duration_seconds",
             "Time to re-initialize an expired upstream session.",

@@ -146,6 +146,7 @@ SERVER_REFUSALS = [
     ("keepalive_interval", "nan", "must be a number of seconds, at least 0.1"),
     ("shutdown_grace", "-1", "must be a number of seconds, 0 or more"),
     ("shutdown_grace", "inf", "must be a number of seconds, 0 or more"),
+    ("stream_slot_wait", "-1", "must be a number of seconds, 0 or more"),
     ("log_level", '"verbose"', "must be one of debug, info, warning, error"),
     ("log_format", '"xml"', "must be one of auto, json, console"),
     ("state", '"postgres://db/sessions"', "must be a file path, :memory:, or a redis:// or rediss:// URL"),
@@ -163,6 +164,7 @@ SERVER_EDGES = [
     ("session_idle_ttl", "1", 1.0),
     ("keepalive_interval", "0.1", 0.1),
     ("shutdown_grace", "0", 0.0),
+    ("stream_slot_wait", "0", 0.0),
 ]
 # Named flags of serve/check-config, besides --set.
 NAMED_FLAGS = frozenset({"host", "port", "state", "log_format", "log_level"})

@@ -13,9 +13,9 @@ from aiohttp import web
 
 from mcp_heal_proxy.engine.housekeeping import SessionActivity, flush
 from mcp_heal_proxy.errors import StoreUnavailable
-from mcp_heal_proxy.front.app import STORE_KEY
+from mcp_heal_proxy.front.app import PROXIES_KEY, STORE_KEY
 from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord
-from tests.conftest import MCP_HEADERS, ProxyFactory, raw_initialize, session_headers
+from tests.conftest import MCP_HEADERS, ProxyFactory, raw_initialize, session_headers, wait_until
 from tests.fake_upstream import FakeUpstream
 
 AiohttpServer = Callable[..., Any]
@@ -44,11 +44,11 @@ async def test_beyond_max_sessions_the_least_recently_used_is_forgotten(
     assert answer["id"] == 7
 
 
-async def test_a_session_cannot_hold_more_than_its_stream_slots(
+async def test_a_request_over_the_stream_slots_waits_then_gets_an_error_with_its_id(
     fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     upstream, url = fake
-    proxy = await start_proxy(url, max_streams_per_session=2)
+    proxy = await start_proxy(url, max_streams_per_session=2, stream_slot_wait=0.3)
     session_id = await raw_initialize(http, proxy.url)
     held = asyncio.Event()
     release = asyncio.Event()
@@ -70,15 +70,56 @@ async def test_a_session_cannot_hold_more_than_its_stream_slots(
         second = tasks.create_task(call(http, proxy.url, session_id, 2))
         async with asyncio.timeout(5):
             await held.wait()
+        started = time.monotonic()
         status, answer = await call(http, proxy.url, session_id, 3)
+        assert time.monotonic() - started >= 0.3, "it waited stream_slot_wait for a slot"
         assert status == 429
         assert answer["id"] == 3
+        assert "stream_slot_wait" in answer["error"]["message"]
+        assert upstream.count("tools/call") == 2, "the request that waited in vain never reached the upstream"
         other_session = await raw_initialize(http, proxy.url)  # other sessions are not affected
         assert other_session
         release.set()
     assert first.result()[0] == second.result()[0] == 200
     upstream.on_request = None
     assert (await call(http, proxy.url, session_id, 4))[0] == 200
+
+
+async def test_requests_over_the_stream_slots_wait_their_turn_in_order(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    proxy = await start_proxy(url, max_streams_per_session=1)
+    session_id = await raw_initialize(http, proxy.url)
+    arrived: list[int] = []
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def first_blocks(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        arrived.append(body["id"])
+        if body["id"] == 1:
+            first_in.set()
+            await release.wait()
+        return None
+
+    upstream.on_request = first_blocks
+    front = proxy.app[PROXIES_KEY]["/mcp"]
+    async with asyncio.TaskGroup() as tasks:
+        calls = [tasks.create_task(call(http, proxy.url, session_id, 1))]
+        async with asyncio.timeout(5):
+            await first_in.wait()
+        for request_id in (2, 3, 4):
+            calls.append(tasks.create_task(call(http, proxy.url, session_id, request_id)))
+
+            async def queued(expected: int = request_id - 1) -> bool:
+                return front.slots_waiting(session_id) == expected
+
+            await wait_until(queued, 5, f"request {request_id} waits for a slot")
+        release.set()
+    assert [task.result()[0] for task in calls] == [200] * 4
+    assert arrived == [1, 2, 3, 4]
 
 
 async def test_idle_sessions_are_forgotten_by_housekeeping(

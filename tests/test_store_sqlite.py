@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -112,3 +113,42 @@ async def test_sessions_survive_a_proxy_restart(tmp_path: Path, sse_upstream: Up
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    path = str(tmp_path / "sessions.db")
+    first = SQLiteSessionStore(path)
+    await first.open()
+    second = SQLiteSessionStore(path)
+    try:
+        with pytest.raises(StoreUnavailable, match=f"another proxy \\(pid {os.getpid()}\\) is using this SQLite file"):
+            await second.open()
+    finally:
+        await first.close()
+    await second.open()  # the first let go: the file is free
+    await second.close()
+
+
+async def test_a_second_proxy_on_the_same_file_refuses_to_start_and_points_to_redis(
+    tmp_path: Path, sse_upstream: UpstreamProcess
+) -> None:
+    state = str(tmp_path / "sessions.db")
+    process, _ = await start_serve("--upstream", sse_upstream.url, "--port", "0", "--state", state)
+    second: asyncio.subprocess.Process | None = None
+    try:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcp_heal_proxy", "serve", "--upstream", sse_upstream.url, "--port", "0",
+            "--state", state, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            stdout, stderr = await second.communicate()
+        assert second.returncode == 2
+        assert stdout == b""
+        [line] = stderr.decode().strip().splitlines()
+        assert f"another proxy (pid {process.pid}) is using this SQLite file" in line
+        assert "redis://" in line
+    finally:
+        for started in (process, second):
+            if started is not None and started.returncode is None:
+                started.kill()
+                await started.wait()

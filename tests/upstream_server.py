@@ -3,7 +3,8 @@
 Run it as ``python tests/upstream_server.py --port N [--json] [--idle-timeout S]``.
 It serves a streamable HTTP endpoint at ``/mcp`` on 127.0.0.1, with tools that the tests call, and
 ``/stats`` that counts the ``initialize`` requests it received (so a test can prove single-flight
-healing at the upstream, not by trusting the proxy). A restart is a kill plus a new process on the
+healing at the upstream, not by trusting the proxy) and shows the resource subscriptions and logging
+level each session holds (so a test can see what a heal gave the new session). A restart is a kill plus a new process on the
 same port: the SDK keeps sessions in memory, so every session dies with the process.
 """
 
@@ -16,9 +17,18 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import uvicorn
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
-from mcp.types import JSONRPCMessage
+from mcp.shared.exceptions import MCPError
+from mcp.types import (
+    INVALID_PARAMS,
+    EmptyResult,
+    JSONRPCMessage,
+    SetLevelRequestParams,
+    SubscribeRequestParams,
+    UnsubscribeRequestParams,
+)
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -79,6 +89,49 @@ async def gated_steps(steps: int, ctx: Context) -> str:
     return f"done after {steps} steps"
 
 
+# Per upstream session id: the subscribed resource URIs and the logging level, as the client set them.
+SESSION_STATE: dict[str, dict[str, Any]] = {}
+# A subscribe takes this long to answer, as one that checks the resource would: two sent together are
+# in flight together, which is what a test of concurrent state changes needs.
+SUBSCRIBE_LATENCY = 0.3
+
+
+def session_state(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
+    session_id = ctx.request.headers.get("mcp-session-id", "") if ctx.request is not None else ""
+    return SESSION_STATE.setdefault(session_id, {"subscriptions": [], "level": None})
+
+
+# A resource the server refuses subscriptions to (a JSON-RPC error inside HTTP 200).
+REFUSED_URI = "file:///refused"
+
+
+async def on_subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
+    await asyncio.sleep(SUBSCRIBE_LATENCY)
+    if params.uri == REFUSED_URI:
+        raise MCPError(INVALID_PARAMS, f"cannot subscribe to {params.uri}")
+    subscriptions = session_state(ctx)["subscriptions"]
+    if params.uri not in subscriptions:
+        subscriptions.append(params.uri)
+    return EmptyResult()
+
+
+async def on_unsubscribe(ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams) -> EmptyResult:
+    subscriptions = session_state(ctx)["subscriptions"]
+    if params.uri in subscriptions:
+        subscriptions.remove(params.uri)
+    return EmptyResult()
+
+
+async def on_set_level(ctx: ServerRequestContext[Any, Any], params: SetLevelRequestParams) -> EmptyResult:
+    session_state(ctx)["level"] = params.level
+    return EmptyResult()
+
+
+server._lowlevel_server.add_request_handler("resources/subscribe", SubscribeRequestParams, on_subscribe)
+server._lowlevel_server.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, on_unsubscribe)
+server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, on_set_level)
+
+
 @server.custom_route("/release", methods=["POST"])  # type: ignore[untyped-decorator]
 async def release(request: Request) -> JSONResponse:
     """Let gated_steps go past one step."""
@@ -88,11 +141,12 @@ async def release(request: Request) -> JSONResponse:
 
 @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
 async def stats(_: Request) -> JSONResponse:
-    """How many initialize and tools/call requests arrived since start, and the live session ids."""
+    """How many initialize and tools/call requests arrived since start, the live session ids, and the
+    state (subscriptions, level) each session was given."""
     # Reading the SDK's private session table lets a test wait for an idle expiry without touching
     # the session (any request on it would reset its idle timer).
     live = sorted(server.session_manager._server_instances)
-    return JSONResponse({**STATS, "live_sessions": live})
+    return JSONResponse({**STATS, "live_sessions": live, "state": SESSION_STATE})
 
 
 class MemoryEventStore(EventStore):

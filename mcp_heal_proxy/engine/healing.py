@@ -32,7 +32,7 @@ from mcp_heal_proxy.errors import (
     UpstreamUnavailable,
 )
 from mcp_heal_proxy.observability import Metrics
-from mcp_heal_proxy.store.records import SessionRecord, SessionStore
+from mcp_heal_proxy.store.records import Heal, SessionRecord, SessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream
 from mcp_heal_proxy.wire.headers import (
@@ -106,6 +106,12 @@ async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapp
     return answer
 
 
+def _unforeseen(exc: BaseException | None = None) -> HealFailed:
+    """A failure no step of the heal foresaw (a bug, a store that broke in an unexpected way)."""
+    name = type(exc).__name__ if exc is not None else "TimeoutError"
+    return HealFailed(f"the heal failed: {name}")
+
+
 class Healer:
     """Re-initializes expired upstream sessions, once per (client session, generation)."""
 
@@ -143,75 +149,98 @@ class Healer:
         await self._tasks.close()
 
     async def _heal_once(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
-        async with self._store.heal_lock(record.client_session_id, record.generation):
-            current = await self._store.get(record.client_session_id, fresh=True)
-            if current is None:
-                raise UnknownSession("Session not found")  # ended (DELETE, idle expiry) meanwhile
-            if current.generation > record.generation:
-                # This generation was healed already (here, or by another proxy sharing the store).
-                return current
-            return await self._heal_locked(current, client_headers, reason)
-
-    async def _heal_locked(self, record: SessionRecord, client_headers: dict[str, str], reason: str) -> SessionRecord:
+        """The heal, under one deadline (the upstream's heal_timeout) for the whole of it: the wait for the
+        heal lock (another replica healing this generation), the store's reads and writes, and the
+        re-initialize. Every failure ends the upstream sessions this heal opened and is reported (the heal
+        metric and ``session.heal_failed``), whichever step failed."""
+        cid = record.client_session_id
         started = time.perf_counter()
-        log.debug(
-            "heal.start",
-            upstream=self._name,
-            client_session=record.client_session_id[:8],
-            reason=reason,
-            generation=record.generation,
-        )
-        # Upstream sessions this heal's attempts opened, newest last: all but a successful last one are
-        # orphans (a retry after a broken handshake, a handshake cut short by heal_timeout).
+        # Upstream sessions this heal opened, newest last: all but a stored last one are orphans (a retry
+        # after a broken handshake, a handshake cut short by the deadline, a heal the store refused).
         opened: list[tuple[str, str | None]] = []
         heal_timeout = self._upstream.config.heal_timeout
         deadline = asyncio.timeout(heal_timeout)
+        current = record
         try:
-            async with deadline:
-                upstream_session_id, protocol_version = await self._reinitialize_patiently(
-                    record, client_headers, opened
+            async with deadline, self._store.heal_lock(cid, record.generation):
+                latest = await self._store.get(cid, fresh=True)
+                if latest is None:
+                    raise UnknownSession("Session not found")  # ended (DELETE, idle expiry) meanwhile
+                if latest.generation > record.generation:
+                    # This generation was healed already (here, or by another proxy sharing the store).
+                    return latest
+                current = latest
+                log.debug(
+                    "heal.start",
+                    upstream=self._name,
+                    client_session=cid[:8],
+                    reason=reason,
+                    generation=current.generation,
                 )
+                upstream_session_id, protocol_version = await self._reinitialize_patiently(
+                    current, client_headers, opened
+                )
+                # Applied to the record the store holds now (a state change may have landed during the
+                # heal, and it stays), and only if the session still exists at this generation: a DELETE
+                # during the heal stays a DELETE, another replica's heal of this generation stays that heal.
+                stored = await self._store.apply(cid, Heal(current.generation, upstream_session_id, protocol_version))
         except TimeoutError:
             if not deadline.expired():
-                raise
-            self._end_orphans(client_headers, opened)
+                raise self._failed(current, reason, started, client_headers, opened, _unforeseen()) from None
             timed_out = UpstreamTimeout(
-                f"the heal timed out: the upstream MCP server did not complete the re-initialize within "
-                f"heal_timeout ({heal_timeout:g} s)"
+                f"the heal timed out: it did not complete within heal_timeout ({heal_timeout:g} s) "
+                "(the heal lock, the session store and the upstream's re-initialize together)"
             )
-            self._report(record, reason, started, outcome="failed", error=timed_out.message)
-            raise timed_out from None
-        except ProxyError as exc:
-            self._end_orphans(client_headers, opened)
-            self._report(record, reason, started, outcome="failed", error=exc.message)
+            raise self._failed(current, reason, started, client_headers, opened, timed_out) from None
+        except UnknownSession:
+            if opened:
+                self._end_orphans(client_headers, opened)
+                self._report(current, reason, started, outcome="abandoned")
             raise
-        self._end_orphans(client_headers, opened[:-1])
-        # Built on the newest record (a state change may have landed during the heal), and written only
-        # if the session still exists at this generation: a DELETE during the heal stays a DELETE.
-        latest = await self._store.get(record.client_session_id, fresh=True)
-        healed = (latest or record).healed(upstream_session_id, protocol_version)
-        stored = await self._store.put(healed) if latest is not None else None
-        if stored is None or stored.generation != healed.generation:
+        except ProxyError as exc:
+            raise self._failed(current, reason, started, client_headers, opened, exc) from None
+        except Exception as exc:
+            raise self._failed(current, reason, started, client_headers, opened, _unforeseen(exc)) from exc
+        if (
+            stored is None
+            or stored.generation != current.generation + 1
+            or stored.upstream_session_id != upstream_session_id
+        ):
             # The session ended (or moved on) while healing: the new upstream session belongs to nobody.
-            await self._end_orphan(client_headers, upstream_session_id, protocol_version)
-            self._report(record, reason, started, outcome="abandoned")
+            self._end_orphans(client_headers, opened)
+            self._report(current, reason, started, outcome="abandoned")
             if stored is None:
                 raise UnknownSession("Session not found")
             return stored
+        self._end_orphans(client_headers, opened[:-1])
         if (
             protocol_version is not None
-            and record.protocol_version is not None
-            and protocol_version != record.protocol_version
+            and current.protocol_version is not None
+            and protocol_version != current.protocol_version
         ):
             log.warning(
                 "session.protocol_version_changed",
                 upstream=self._name,
-                client_session=record.client_session_id[:8],
-                client_version=record.protocol_version,
+                client_session=cid[:8],
+                client_version=current.protocol_version,
                 upstream_version=protocol_version,
             )
-        self._report(record, reason, started, outcome="healed", new_generation=healed.generation)
-        return healed
+        self._report(current, reason, started, outcome="healed", new_generation=stored.generation)
+        return stored
+
+    def _failed(
+        self,
+        record: SessionRecord,
+        reason: str,
+        started: float,
+        client_headers: dict[str, str],
+        opened: list[tuple[str, str | None]],
+        error: ProxyError,
+    ) -> ProxyError:
+        """A heal failed: end what it opened, report it, and give back the error to raise."""
+        self._end_orphans(client_headers, opened)
+        self._report(record, reason, started, outcome="failed", error=error.message)
+        return error
 
     def _end_orphans(self, client_headers: dict[str, str], opened: list[tuple[str, str | None]]) -> None:
         """End, in the background, upstream sessions a failed or retried handshake left behind: the
@@ -299,12 +328,14 @@ class Healer:
             duration_ms=round((time.perf_counter() - sent) * 1000, 2),
         )
         try:
+            upstream_session_id = response.headers.get(MCP_SESSION_ID) or ""
+            valid = is_valid_session_id(upstream_session_id)
+            if valid and 200 <= response.status < 300:
+                opened.append((upstream_session_id, None))  # it exists upstream, whatever comes next
             if response.status != 200:
                 raise HealFailed(f"upstream answered {response.status} to the re-initialize")
-            upstream_session_id = response.headers.get(MCP_SESSION_ID)
-            if not upstream_session_id or not is_valid_session_id(upstream_session_id):
+            if not valid:
                 raise HealFailed("upstream gave no valid session id to the re-initialize")
-            opened.append((upstream_session_id, None))
             answer = await read_answer(response, request_id)
         finally:
             response.release()

@@ -2,19 +2,29 @@
 
 Writing a timestamp to a durable store on every request would put disk or network I/O on the hot
 path; instead the handlers mark use in memory and this task flushes the marks periodically.
+
+A session with a request in flight or a GET stream open is *in use* (the fronts say so through
+``SessionActivity.using``): however long ago it started, it is used now. Every round writes it as used
+now, so idle expiry never takes it (on this proxy, nor on another replica sharing the store: its cutoff
+is the idle TTL ago, and a round comes every tenth of that), and the session limit evicts the least
+recently used sessions not in use first; one in use goes only when every session is (logged as
+``session.evicted_in_use`` and counted in ``mcp_heal_proxy_sessions_evicted_in_use``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Final
 
 import structlog
 
 from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.errors import ProxyError
-from mcp_heal_proxy.store.records import SessionStore
+from mcp_heal_proxy.store.records import SessionRecord, SessionStore
 
 log = structlog.get_logger("mcp_heal_proxy.engine.housekeeping")
 
@@ -25,16 +35,44 @@ MIN_FLUSH_INTERVAL: Final = 0.5
 
 
 class SessionActivity:
-    """Last-use marks not yet written to the store."""
+    """Last-use marks not yet written to the store, and the sessions in use right now."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_in_use", "_pending")
 
     def __init__(self) -> None:
         self._pending: dict[str, float] = {}
+        # Requests in flight and GET streams open, per client session id.
+        self._in_use: dict[str, int] = {}
 
     def mark(self, client_session_id: str) -> None:
         """Note that a session was just used (hot path: one dict store)."""
         self._pending[client_session_id] = time.time()
+
+    @contextlib.contextmanager
+    def using(self, client_session_id: str) -> Iterator[None]:
+        """The session is in use while this is held (a request in flight, a GET stream open)."""
+        self.begin_use(client_session_id)
+        try:
+            yield
+        finally:
+            self.end_use(client_session_id)
+
+    def begin_use(self, client_session_id: str) -> None:
+        """A request or stream of the session started (pair with ``end_use``; hot path)."""
+        self._in_use[client_session_id] = self._in_use.get(client_session_id, 0) + 1
+
+    def end_use(self, client_session_id: str) -> None:
+        """A request or stream of the session ended: its last use is now."""
+        left = self._in_use[client_session_id] - 1
+        if left:
+            self._in_use[client_session_id] = left
+        else:
+            del self._in_use[client_session_id]
+        self._pending[client_session_id] = time.time()
+
+    def in_use(self, client_session_id: str) -> bool:
+        """Whether the session has a request in flight or a GET stream open here."""
+        return client_session_id in self._in_use
 
     async def write_to(self, store: SessionStore) -> None:
         """Write the pending marks now (before the store picks sessions by last use); kept for the next
@@ -54,8 +92,11 @@ class SessionActivity:
             self._pending.setdefault(client_session_id, when)
 
     def drain(self) -> dict[str, float]:
-        """Take every pending mark."""
+        """Take every pending mark; a session in use is marked as used now."""
         pending, self._pending = self._pending, {}
+        if self._in_use:
+            now = time.time()
+            pending.update(dict.fromkeys(self._in_use, now))
         return pending
 
 
@@ -92,8 +133,24 @@ async def flush(
         activity.keep(marks)
         log.warning("store.housekeeping_failed", error=exc.message)
         return 0
+    forgotten = await _keep_in_use(store, activity, forgotten)
     if forgotten:
         log.info("session.forgotten_idle", count=len(forgotten), idle_ttl_s=idle_ttl)
         if endings is not None:
             endings.end_later(forgotten, "idle")
     return len(forgotten)
+
+
+async def _keep_in_use(
+    store: SessionStore, activity: SessionActivity, forgotten: list[SessionRecord]
+) -> list[SessionRecord]:
+    """Put back the sessions a request started on between this round's marks and its removal (they were
+    marked in use after the marks were taken): their upstream sessions are alive and in use. Returns the
+    rest, the sessions really forgotten."""
+    kept = [record for record in forgotten if activity.in_use(record.client_session_id)]
+    if not kept:
+        return forgotten
+    for record in kept:
+        await store.create(replace(record, last_used=time.time()))
+    log.info("session.kept_in_use", count=len(kept))
+    return [record for record in forgotten if not activity.in_use(record.client_session_id)]

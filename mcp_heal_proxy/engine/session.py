@@ -19,11 +19,12 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
 from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_expired
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
-from mcp_heal_proxy.engine.state import record_state_change
+from mcp_heal_proxy.engine.state import state_change, state_request_ids
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -58,8 +59,6 @@ DELETE_GONE: Final = frozenset({404, 405})
 _REATTACH_ATTEMPTS: Final = 10
 _REATTACH_RETRY_FIRST: Final = 0.1
 _REATTACH_RETRY_MAX: Final = 8.0
-# A state change (subscription, log level) racing heals: applied to the newest record, a few times at most.
-_STATE_WRITE_ATTEMPTS: Final = 3
 
 
 class NotReplayed(ProxyError):
@@ -119,6 +118,11 @@ class SessionEngine:
         if endings is not None:
             endings.serve(self.name, self.end_forgotten)
 
+    @property
+    def activity(self) -> SessionActivity:
+        """Where the fronts say which sessions are in use (engine/housekeeping.py)."""
+        return self._activity
+
     # --- sessions -----------------------------------------------------------------------------------
 
     async def session(self, client_session_id: str) -> SessionRecord:
@@ -146,22 +150,31 @@ class SessionEngine:
             # by what the store knows, and a session used a moment ago (its upstream session then ended
             # under a running call) must not pass for the oldest.
             await self._activity.write_to(self.store)
+            # Sessions in use were just written as used now, so the least recently used are idle ones.
             evicted = await self.store.evict_oldest(excess)
             log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
+            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
+            if in_use:
+                # Every session was in use: the limit wins, and the clients of these will get 404.
+                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
+                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
             if self._endings is not None:
                 # In the background: this client's initialize does not wait on another session's DELETE.
                 self._endings.end_later(evicted, "evicted")
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
-        answer = AnswerStream(response, (init.id,), keep_answers=True)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
-        if response.status != 200 or not upstream_session_id:
-            # A refused initialize, or a server without sessions: nothing to map.
-            return Opened(answer, None)
-        if not is_valid_session_id(upstream_session_id):
-            response.release()
-            raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
+        # An upstream session exists from here on whatever else the answer says: every refusal below
+        # ends it rather than leave it to the upstream's idle timeout (forever, on some servers).
+        opened = 200 <= response.status < 300 and upstream_session_id is not None
+        answer = AnswerStream(response, (init.id,), keep_answers=True)
         try:
+            refuse_garbage(response, body, self.config.url)
+            if response.status != 200 or not upstream_session_id:
+                # A refused initialize, or a server without sessions: nothing to map.
+                return Opened(answer, None)
+            if not is_valid_session_id(upstream_session_id):
+                opened = False  # an id that cannot be sent back cannot be ended either
+                raise UpstreamUnavailable("upstream MCP server sent a malformed session id")
             # The initialize answer is one small message: read up to it (bounded), then store, then relay.
             read = await answer.read_until_answered(INSPECT_LIMIT)
             version = protocol_version(answer.answer(init.id))
@@ -177,8 +190,9 @@ class SessionEngine:
             await self.store.create(record)
         except BaseException:
             response.release()
-            # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
-            await self.end_upstream_session(client_headers, upstream_session_id, reason="not_stored")
+            if opened and upstream_session_id is not None:
+                # The upstream session was opened for nobody: end it rather than leave it to its idle timeout.
+                await self.end_upstream_session(client_headers, upstream_session_id, reason="initialize_refused")
             raise
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
@@ -188,9 +202,8 @@ class SessionEngine:
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
-            refuse_garbage(response, body)
-            if response.status < 300:
-                await self.remember_state(record, body)
+            refuse_garbage(response, body, self.config.url)
+            prefetched = await self.remember_state(record, body, response, prefetched)
             return Sent(AnswerStream(response, body.request_ids, prefetched), record)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
@@ -200,29 +213,42 @@ class SessionEngine:
         if refused:
             raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
         response = await self.send("POST", self.headers(client_headers, record), body.raw)
-        refuse_garbage(response, body)
-        if response.status < 300:
-            await self.remember_state(record, body)
-        return Sent(AnswerStream(response, body.request_ids), record, healed=True)
+        refuse_garbage(response, body, self.config.url)
+        prefetched = await self.remember_state(record, body, response)
+        return Sent(AnswerStream(response, body.request_ids, prefetched), record, healed=True)
 
     async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> AnswerStream:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
-        refuse_garbage(response, body)
+        refuse_garbage(response, body, self.config.url)
         return AnswerStream(response, body.request_ids)
 
-    async def remember_state(self, record: SessionRecord, body: PostBody) -> None:
-        """Record state the client set (subscriptions, log level), on top of whatever the store holds now:
-        a heal may have moved the session to a newer generation while this request was answered."""
-        for _ in range(_STATE_WRITE_ATTEMPTS):
-            updated = record_state_change(record, body)
-            if updated is record:
-                return
-            current = await self.store.put(updated)
-            if current is None or current.generation == updated.generation:
-                return  # written, or the session is gone
-            record = current  # refused as stale: apply the change to the newer record instead
-        log.warning("session.state_not_recorded", upstream=self.name, client_session=record.client_session_id[:8])
+    async def remember_state(
+        self, record: SessionRecord, body: PostBody, response: aiohttp.ClientResponse, prefetched: bytes = b""
+    ) -> bytes:
+        """Record the state the client set (subscriptions, log level) once the upstream accepted it: only
+        requests answered with a result count (an error inside HTTP 200 is a refusal). Their answers are
+        read first (small, bounded; only bodies with such requests); the bytes read are given back, to be
+        relayed before the rest.
+
+        The change goes to the record the store holds *now*: other changes of this session (another
+        request's, a heal's) may have landed while this request was answered, and applying it to the
+        record read at the start would undo them."""
+        ids = state_request_ids(body)
+        if not ids or response.status != 200:
+            return prefetched
+        watch = AnswerStream(response, ids, prefetched, keep_answers=True)
+        try:
+            read = await watch.read_until_answered(INSPECT_LIMIT)  # prefetched first
+        except BaseException:
+            response.release()
+            raise
+        answers = (watch.answer(request_id) for request_id in ids)
+        succeeded = {answer["id"] for answer in answers if answer is not None and "result" in answer}
+        change = state_change(body, succeeded)
+        if change is not None:
+            await self.store.apply(record.client_session_id, change)
+        return read
 
     async def end(self, client_headers: Mapping[str, str], record: SessionRecord) -> int:
         """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and
@@ -398,18 +424,30 @@ class SessionEngine:
         return False, body
 
 
-def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody) -> None:
-    """A success answer to requests must be JSON or SSE; anything else (an HTML page from a captive portal
-    or a misrouted load balancer) becomes a JSON-RPC error instead of confusing the client."""
-    if not body.request_ids or not 200 <= response.status < 300 or response.status == 202:
+def refuse_garbage(response: aiohttp.ClientResponse, body: PostBody, upstream_url: str) -> None:
+    """An answer to requests must be a JSON-RPC answer; anything else becomes a JSON-RPC error with the
+    requests' ids instead of confusing the client: a success that is not JSON or SSE (an HTML page from a
+    captive portal or a misrouted load balancer), or a failure status that is not JSON (a wrong upstream
+    path's bare 404, a gateway's 502 page). 401 and 403 pass through as they are: their challenge is for
+    the client's OAuth."""
+    status = response.status
+    if not body.request_ids or status == 202 or status in (401, 403) or 300 <= status < 400:
         return
     content_type = response.headers.get("Content-Type", "")
-    if content_type.startswith(("application/json", "text/event-stream")):
+    if content_type.startswith("application/json") or (status < 300 and content_type.startswith("text/event-stream")):
         return
     response.release()
-    raise UpstreamUnavailable(
-        f"upstream MCP server answered {response.status} with {content_type or 'no content type'}"
+    what = f"{status} {response.reason or ''}".strip() + f" with {content_type or 'no content type'}"
+    if status < 300:
+        raise UpstreamUnavailable(f"upstream MCP server answered {what}")
+    hint = (
+        ": check that the upstream URL is the server's MCP endpoint (it often ends in /mcp)"
+        if status in (404, 405)
+        else ""
     )
+    message = f"upstream {mask_url(upstream_url)} answered {what}, not a JSON-RPC answer{hint}"
+    log.warning("upstream.not_mcp", url=mask_url(upstream_url), status=status, content_type=content_type or None)
+    raise UpstreamUnavailable(message)
 
 
 def protocol_version(initialize_answer: Mapping[str, Any] | None) -> str | None:

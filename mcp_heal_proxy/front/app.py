@@ -83,6 +83,7 @@ def build_app(config: ProxyConfig) -> web.Application:
         keepalive_interval=config.keepalive_interval,
         max_sessions=config.max_sessions,
         max_streams_per_session=config.max_streams_per_session,
+        stream_slot_wait=config.stream_slot_wait,
     )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:

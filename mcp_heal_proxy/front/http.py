@@ -8,10 +8,10 @@ by chunk as it arrives (front/relay.py). Every request is logged and counted onc
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
+from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine
 from mcp_heal_proxy.errors import (
     InvalidRequest,
@@ -49,32 +50,102 @@ class ProxySettings:
     keepalive_interval: float
     max_sessions: int = 10_000
     max_streams_per_session: int = 32
+    stream_slot_wait: float = 60.0
+
+
+@dataclass(slots=True)
+class _SessionSlots:
+    """One session's slots: how many are held, and who waits for one (first come, first served)."""
+
+    held: int = 0
+    waiting: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
 
 
 class StreamSlots:
-    """Counts the requests each session has in flight, to bound what one client can hold open."""
+    """Bounds the requests each session has in flight, so that one client cannot take the upstream's
+    pool; a request over the bound waits for a slot, in arrival order, for at most ``wait`` seconds
+    (a transparent proxy must not refuse what the server would serve). A session holding a slot is in
+    use (``activity``: never idle-expired, evicted last)."""
 
-    __slots__ = ("_in_use", "_limit")
+    __slots__ = ("_activity", "_limit", "_sessions", "_wait")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, activity: SessionActivity, wait: float = 60.0) -> None:
         self._limit = limit
-        self._in_use: dict[str, int] = {}
+        self._activity = activity
+        self._wait = wait
+        self._sessions: dict[str, _SessionSlots] = {}
 
-    @contextlib.contextmanager
-    def slot(self, client_session_id: str) -> Iterator[None]:
-        """Hold one of the session's slots for the duration of a request."""
-        held = self._in_use.get(client_session_id, 0)
-        if held >= self._limit:
-            raise TooManyStreams(f"this session already has {held} requests in flight")
-        self._in_use[client_session_id] = held + 1
+    def slot(self, client_session_id: str) -> _Slot:
+        """Hold one of the session's slots for the duration of a request (``async with``), waiting for
+        one if need be; gives whether it waited."""
+        return _Slot(self, client_session_id)
+
+    async def _wait_for(self, client_session_id: str, slots: _SessionSlots) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        slots.waiting.append(waiter)
         try:
-            yield
-        finally:
-            left = self._in_use[client_session_id] - 1
-            if left:
-                self._in_use[client_session_id] = left
+            async with asyncio.timeout(self._wait):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release(client_session_id, slots)  # handed a slot as the wait ended: pass it on
             else:
-                del self._in_use[client_session_id]
+                waiter.cancel()
+                slots.waiting.remove(waiter)
+                if not slots.held and not slots.waiting:
+                    del self._sessions[client_session_id]
+            if isinstance(exc, TimeoutError):
+                raise TooManyStreams(
+                    f"this session has {self._limit} requests in flight (max_streams_per_session) and none "
+                    f"ended within stream_slot_wait ({self._wait:g} s)"
+                ) from None
+            raise
+
+    def waiting(self, client_session_id: str) -> int:
+        """How many requests of the session wait for a slot."""
+        slots = self._sessions.get(client_session_id)
+        return sum(not waiter.done() for waiter in slots.waiting) if slots is not None else 0
+
+    def _release(self, client_session_id: str, slots: _SessionSlots) -> None:
+        """Hand the slot to the first waiter still waiting, or give it back."""
+        while slots.waiting:
+            waiter = slots.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        slots.held -= 1
+        if not slots.held:
+            del self._sessions[client_session_id]
+
+
+class _Slot:
+    """One request's hold on a slot of its session (a class, not a generator: it is on every request)."""
+
+    __slots__ = ("_client_session_id", "_owner", "_slots")
+
+    def __init__(self, owner: StreamSlots, client_session_id: str) -> None:
+        self._owner = owner
+        self._client_session_id = client_session_id
+        self._slots: _SessionSlots | None = None
+
+    async def __aenter__(self) -> bool:
+        owner, cid = self._owner, self._client_session_id
+        slots = owner._sessions.get(cid)
+        if slots is None:
+            slots = owner._sessions[cid] = _SessionSlots()
+        waited = slots.held >= owner._limit or bool(slots.waiting)
+        if waited:
+            await owner._wait_for(cid, slots)
+        else:
+            slots.held += 1
+        self._slots = slots
+        owner._activity.begin_use(cid)
+        return waited
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._slots is not None
+        self._owner._activity.end_use(self._client_session_id)
+        self._owner._release(self._client_session_id, self._slots)
 
 
 _JSON: Final = (("Content-Type", "application/json"),)
@@ -95,7 +166,7 @@ class Proxy:
 
     def __init__(self, engine: SessionEngine, metrics: Metrics, settings: ProxySettings) -> None:
         self._engine = engine
-        self._slots = StreamSlots(settings.max_streams_per_session)
+        self._slots = StreamSlots(settings.max_streams_per_session, engine.activity, settings.stream_slot_wait)
         self._relay = Relay(engine.name, settings.keepalive_interval, metrics.open_streams)
         self._upstream = engine.upstream
         self._name = engine.name
@@ -184,7 +255,11 @@ class Proxy:
             await self._relay.relay(exchange, await engine.post_without_session(headers, body), None, outcome)
             return
         record = await engine.session(client_session_id)
-        with self._slots.slot(client_session_id):
+        async with self._slots.slot(client_session_id) as waited:
+            if waited:
+                # Read again: a request that waited runs on the session as it is now (healed meanwhile,
+                # say), not on the dead upstream session it would have found when it arrived.
+                record = await engine.session(client_session_id)
             sent = await engine.post(headers, body, record)
             outcome.healed = sent.healed
             if sent.answer is None:
@@ -193,6 +268,10 @@ class Proxy:
             await self._relay.relay(
                 exchange, sent.answer, client_session_id, outcome, generation=sent.record.generation
             )
+
+    def slots_waiting(self, client_session_id: str) -> int:
+        """How many requests of a session wait for one of its stream slots."""
+        return self._slots.waiting(client_session_id)
 
     def end_server_streams(self) -> None:
         """Shutdown: end GET streams cleanly now (see Relay.end_server_streams)."""
@@ -208,8 +287,11 @@ class Proxy:
     async def _get(self, exchange: Exchange, outcome: Outcome) -> None:
         engine = self._engine
         headers = exchange.headers
-        record = await engine.session(self._required_session_id(exchange))
-        with self._slots.slot(record.client_session_id):
+        client_session_id = self._required_session_id(exchange)
+        record = await engine.session(client_session_id)
+        async with self._slots.slot(client_session_id) as waited:
+            if waited:
+                record = await engine.session(client_session_id)  # as it is now (see _post)
             last_event_id = headers.get(LAST_EVENT_ID)
             if last_event_id is not None:
                 pending = self._relay.take_resume(record.client_session_id, last_event_id)

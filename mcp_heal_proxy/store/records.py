@@ -11,7 +11,7 @@ import heapq
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final, Protocol
@@ -68,6 +68,28 @@ class SessionRecord:
         return None
 
 
+# A change to a session's record, applied by the store to the record it holds now (SessionStore.apply).
+# It must be pure and quick (a store may run it on its own thread, or again after a conflicting write),
+# and return its argument itself when it changes nothing.
+RecordChange = Callable[["SessionRecord"], "SessionRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class Heal:
+    """The change a heal makes: the session moves to a new upstream session, if it is still at the
+    generation the heal started from (another heal, here or on another replica, may have won). State
+    fields are left as they are now, so a state change recorded during the heal survives it."""
+
+    generation: int
+    upstream_session_id: str
+    protocol_version: str | None
+
+    def __call__(self, record: SessionRecord) -> SessionRecord:
+        if record.generation != self.generation:
+            return record
+        return record.healed(self.upstream_session_id, self.protocol_version)
+
+
 def refuses_write(stored_generation: int | None, record: SessionRecord) -> bool:
     """The one rule every store applies before replacing a record (the Redis store's ``_PUT`` script is
     the same rule in Lua; tests/test_store_contract.py holds all stores to it).
@@ -100,6 +122,14 @@ class SessionStore(Protocol):
 
         Returns what the store holds now: ``record`` when written (same generation), the newer record
         when refused, None when the session is gone.
+        """
+
+    async def apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
+        """Apply ``change`` to the session's current record, atomically: no other write lands between
+        the read and the write (compare-and-set), so concurrent changes never lose one another.
+
+        Returns the record the store holds now (unchanged when ``change`` returned its argument), or
+        None when the session is gone (a change never brings an ended session back).
         """
 
     async def delete(self, client_session_id: str) -> None:
@@ -170,6 +200,16 @@ class MemorySessionStore:
             return stored
         self._records[record.client_session_id] = record
         return record
+
+    async def apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
+        """See SessionStore.apply: read, change and write with no await between them."""
+        stored = self._records.get(client_session_id)
+        if stored is None:
+            return None
+        updated = change(stored)
+        if updated is not stored:
+            self._records[client_session_id] = updated
+        return updated
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""

@@ -59,10 +59,16 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from mcp_heal_proxy.errors import StoreUnavailable, store_failure
-from mcp_heal_proxy.store.records import DEFAULT_HEAL_LOCK_TTL, SessionRecord, record_from_json, record_to_json
+from mcp_heal_proxy.store.records import (
+    DEFAULT_HEAL_LOCK_TTL,
+    RecordChange,
+    SessionRecord,
+    record_from_json,
+    record_to_json,
+)
 
 log = structlog.get_logger("mcp_heal_proxy.store.redis")
 
@@ -82,6 +88,9 @@ _LOCK_POLL_MAX: Final = 0.1
 # Records are removed by forget_idle in scripts of at most this many, so Redis is never blocked long.
 _FORGET_BATCH: Final = 500
 _CACHE_MAX: Final = 10_000
+# An apply whose record another writer changed between its read and its write reads and tries again;
+# each conflict means another writer succeeded, so this many in a row means a session under siege.
+_APPLY_ATTEMPTS: Final = 50
 
 # KEYS: record, last-used set. ARGV: record JSON, generation, last_used, client id, mode ("create" or
 # "update"). An update is sessions.refuses_write in Lua: refused when the session is gone or its stored
@@ -147,6 +156,16 @@ def _redis_errors(what: str) -> Iterator[None]:
         raise StoreUnavailable(f"session store unavailable (Redis {what} failed: {store_failure(exc)})") from exc
 
 
+class _Turn:
+    """This replica's changes of one session, taking turns (RedisSessionStore.apply)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class RedisSessionStore:
     """Records in Redis, shared by every proxy replica that names the same URL and prefix."""
 
@@ -173,6 +192,7 @@ class RedisSessionStore:
         self._cache_ttl = cache_ttl
         self._lock_ttl = lock_ttl
         self._cache: dict[str, tuple[float, SessionRecord]] = {}
+        self._apply_turns: dict[str, _Turn] = {}
         self._count = 0
         self._put_script = self._redis.register_script(_PUT)
         self._forget_script = self._redis.register_script(_FORGET_IDLE)
@@ -252,6 +272,55 @@ class RedisSessionStore:
         self._count += int(detail)
         self._remember(record)
         return record
+
+    async def apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
+        """See SessionStore.apply: optimistic compare-and-set with WATCH/MULTI. The record is read under
+        WATCH, changed here (the one rule, in Python), and written in a MULTI that Redis refuses if any
+        replica wrote or deleted the record meanwhile; then it is read again and the change re-applied.
+
+        This replica's own changes of one session take turns (a client subscribing to many resources at
+        once would otherwise conflict with itself): conflicts come from other replicas only."""
+        turn = self._apply_turns.get(client_session_id)
+        if turn is None:
+            turn = self._apply_turns[client_session_id] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._apply(client_session_id, change)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._apply_turns[client_session_id]
+
+    async def _apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
+        key = self._key(client_session_id)
+        with _redis_errors("apply"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for _ in range(_APPLY_ATTEMPTS):
+                    await pipe.watch(key)
+                    text = await pipe.hget(key, "record")
+                    last_used = await pipe.zscore(self._last_used_key, client_session_id)
+                    if text is None:
+                        await pipe.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                        self._cache.pop(client_session_id, None)
+                        return None
+                    stored = record_from_json(text)
+                    if last_used is not None:
+                        stored = replace(stored, last_used=float(last_used))
+                    updated = change(stored)
+                    if updated is stored:
+                        await pipe.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                        self._remember(stored)
+                        return stored
+                    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                    pipe.hset(key, mapping={"record": record_to_json(updated), "generation": updated.generation})
+                    try:
+                        await pipe.execute()
+                    except WatchError:
+                        continue  # another writer came first: apply the change to what it wrote
+                    self._remember(updated)
+                    return updated
+        raise StoreUnavailable(f"session store unavailable (a record changed under {_APPLY_ATTEMPTS} writes in a row)")
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""

@@ -4,6 +4,12 @@ All records are loaded once at startup and served from memory; every change is c
 before the call returns (write-through). So a ``put`` made before the client sees its session id
 survives ``kill -9``, and reads on the hot path cost a dict lookup. One proxy process owns a file;
 replicas share state through the Redis store instead.
+
+Because the cache is the truth, a second proxy on the same file would serve sessions the first never
+sees (a session made on one gets 404 on the other). So the file is locked while a store has it open
+(``flock`` on ``<file>.lock``, released by the kernel when the process dies, even by ``kill -9``), and a
+second proxy refuses to start with one line that says so and points to Redis. Platforms without
+``flock`` (Windows) skip the check.
 """
 
 from __future__ import annotations
@@ -17,10 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import IO, Final, TypeVar
 
 from mcp_heal_proxy.errors import StoreUnavailable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no check
+    fcntl = None  # type: ignore[assignment]
 from mcp_heal_proxy.store.records import (
+    RecordChange,
     SessionRecord,
     least_recently_used,
     record_from_json,
@@ -51,6 +63,8 @@ class SQLiteSessionStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None
         self._records: dict[str, SessionRecord] = {}
+        # Held while open: this process owns the file (see the module docstring).
+        self._owner_lock: IO[str] | None = None
 
     async def open(self) -> None:
         """Create or open the file and load every record."""
@@ -60,7 +74,12 @@ class SQLiteSessionStore:
     def _open_sync(self) -> list[SessionRecord]:
         directory = Path(self.path).parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        connection = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        self._take_ownership()
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        except BaseException:
+            self._release_ownership()
+            raise
         with contextlib.suppress(OSError):
             # Records hold clients' initialize parameters: readable by this user only.
             os.chmod(self.path, 0o600)
@@ -72,6 +91,35 @@ class SQLiteSessionStore:
         self._connection = connection
         rows = connection.execute("SELECT record, last_used FROM sessions").fetchall()
         return [replace(record_from_json(text), last_used=last_used) for text, last_used in rows]
+
+    def _take_ownership(self) -> None:
+        """Lock ``<file>.lock``, or refuse: another proxy (a live process) has this file open."""
+        if fcntl is None or self._owner_lock is not None:
+            return
+        lock = open(f"{self.path}.lock", "a+", encoding="utf-8")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise StoreUnavailable(
+                f"another proxy{f' (pid {holder})' if holder.isdigit() else ''} is using this SQLite file, "
+                "and two proxies on one file would not see each other's sessions: give this one its own "
+                '--state file, or share sessions between proxies with state = "redis://HOST:6379/0"'
+            ) from None
+        except BaseException:
+            lock.close()
+            raise
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._owner_lock = lock
+
+    def _release_ownership(self) -> None:
+        if self._owner_lock is not None:
+            lock, self._owner_lock = self._owner_lock, None
+            lock.close()  # closing the descriptor releases the flock
 
     async def _run(self, work: Callable[[], T]) -> T:
         try:
@@ -125,6 +173,41 @@ class SQLiteSessionStore:
             return stored
         self._records[cid] = record
         return record
+
+    async def apply(self, client_session_id: str, change: RecordChange) -> SessionRecord | None:
+        """See SessionStore.apply: read, change and write in one transaction (BEGIN IMMEDIATE takes the
+        write lock first, so no other writer, in this process or another, lands in between)."""
+
+        def write() -> SessionRecord | None:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT record, last_used FROM sessions WHERE client_session_id = ?", (client_session_id,)
+                ).fetchone()
+                updated: SessionRecord | None = None
+                if row is not None:
+                    stored = replace(record_from_json(row[0]), last_used=row[1])
+                    updated = change(stored)
+                    if updated is not stored:
+                        db.execute(
+                            "UPDATE sessions SET record = ? WHERE client_session_id = ?",
+                            (record_to_json(updated), client_session_id),
+                        )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            return updated
+
+        updated = await self._run(write)
+        # The file's writes run in order on one thread, so a later write's own cache update comes after
+        # this one; only a delete clears the cache before its write, and it must stay cleared.
+        if updated is None or client_session_id not in self._records:
+            return None
+        self._records[client_session_id] = updated
+        return updated
 
     async def delete(self, client_session_id: str) -> None:
         """See SessionStore.delete."""
@@ -189,6 +272,7 @@ class SQLiteSessionStore:
             connection, self._connection = self._connection, None
             await asyncio.get_running_loop().run_in_executor(self._executor, connection.close)
         self._executor.shutdown(wait=True)
+        self._release_ownership()
 
     def __len__(self) -> int:
         return len(self._records)

@@ -14,6 +14,7 @@ requests (POST, DELETE) from ``pool_size``. Waiting for a free connection is bou
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
@@ -41,6 +42,14 @@ _MAX_RETRY_DELAY: Final = 1.0
 # Redirects of the upstream URL followed in a row before giving up (a loop, or a long chain).
 _MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+# Only a permanent redirect moves the upstream for later requests; 302, 303 and 307 (a maintenance
+# page, a load balancer draining) are followed for the one request that got them.
+_PERMANENT: Final = frozenset({301, 308})
+# Answers of a remembered target to a request without a session (nothing that could have expired) that
+# mean it no longer serves MCP: the proxy goes back to the configured URL.
+_GONE: Final = frozenset({404, 410})
+# Headers of a request body, dropped when a 303 turns the request into a GET.
+_BODY_HEADERS: Final = frozenset({"content-type", "content-length", "content-encoding"})
 
 
 class AuthHook(Protocol):
@@ -59,10 +68,12 @@ class Upstream:
         "_aiohttp_streams",
         "_auth",
         "_connect_failed",
+        "_connect_timeouts",
         "_injected",
         "_injected_names",
         "_lean_requests",
         "_lean_streams",
+        "_pool_timeout",
         "_post_timeout",
         "_stream_timeout",
         "_url",
@@ -99,10 +110,17 @@ class Upstream:
         self._lean_streams: LeanPool | None = None
         self._aiohttp_requests: aiohttp.ClientSession | None = None
         self._aiohttp_streams: aiohttp.ClientSession | None = None
-        # Failures to open a connection: nothing was sent, so they are always retried.
+        # Failures to open a connection: nothing was sent, so they are always retried. The same three
+        # outcomes with either client: refused (502 once connect_retry is over), the connect timed out
+        # (an unreachable host: retried alike, 504 once connect_retry is over), no free pooled
+        # connection in time (503, not retried: the upstream is busy, not gone).
         self._connect_failed: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
+        # aiohttp raises ConnectionTimeoutError for both a connect that timed out and a wait for a pooled
+        # connection (see _pool_full); the lean pool has a class for each.
+        self._connect_timeouts: tuple[type[Exception], ...] = (aiohttp.ConnectionTimeoutError,)
+        self._pool_timeout: type[Exception] | None = None
         if config.client == "lean":
-            from mcp_heal_proxy.upstream.lean import ConnectFailed, LeanPool
+            from mcp_heal_proxy.upstream.lean import ConnectFailed, ConnectTimeout, LeanPool, PoolTimeout
 
             self._lean_requests, self._lean_streams = (
                 LeanPool(
@@ -115,6 +133,8 @@ class Upstream:
                 for size in (config.pool_size, config.max_streams)
             )
             self._connect_failed = (aiohttp.ClientConnectorError, ConnectFailed)
+            self._connect_timeouts = (ConnectTimeout, PoolTimeout)
+            self._pool_timeout = PoolTimeout
 
     def _aiohttp(self, stream: bool) -> aiohttp.ClientSession:
         """aiohttp's client for requests or for streams, made on first use (it needs the running loop)."""
@@ -171,7 +191,11 @@ class Upstream:
         breaks before any answer (a pooled keep-alive the restarting upstream just closed) is retried
         only when ``resendable``: the proxy's own handshake, GET and DELETE, which cannot run a tool
         twice. ``read_timeout`` overrides the upstream's for this request. Same-origin redirects of the
-        upstream URL are followed, and remembered (the client never sees the upstream's ``Location``).
+        upstream URL are followed (the client never sees the upstream's ``Location``): a permanent one
+        (301, 308) is remembered for later requests, a temporary one (302, 307; 303 as a GET without the
+        body) is followed for this request only. A remembered target that stops serving (unreachable
+        before anything was sent, or 404/410 to a request without a session) is forgotten, and the
+        request goes to the configured URL instead.
         With an auth hook, the hook adds the credentials and may send once more.
         """
         if self._auth is not None:
@@ -202,19 +226,43 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         if self._injected_names:
             headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        url = self._url
+        fell_back = False
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send_patiently(method, headers, body, stream, resendable, patient, read_timeout)
+            try:
+                response = await self._send_patiently(
+                    method, headers, body, stream, resendable, patient, read_timeout, url
+                )
+            except UpstreamUnavailable as exc:
+                # Resent elsewhere only when nothing reached the upstream (or resending is harmless).
+                nothing_sent = resendable or isinstance(exc.__cause__, self._connect_failed)
+                if fell_back or not nothing_sent or not self._fall_back(url, exc.message):
+                    raise
+                url, fell_back = self._url, True
+                continue
+            if (
+                response.status in _GONE
+                and not fell_back
+                and not any(name.lower() == "mcp-session-id" for name in headers)
+                and self._fall_back(url, f"it answered {response.status}")
+            ):
+                response.release()
+                url, fell_back = self._url, True
+                continue
             if response.status not in _REDIRECTS:
                 return response
-            self._follow(response)
+            url, method, body, headers = self._follow(response, url, method, body, headers)
         raise UpstreamUnavailable(f"upstream MCP server redirected more than {_MAX_REDIRECTS} times in a row")
 
-    def _follow(self, response: aiohttp.ClientResponse) -> None:
-        """Point this upstream at a same-origin redirect target, or refuse with an error."""
+    def _follow(
+        self, response: aiohttp.ClientResponse, url: str, method: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[str, str, bytes | None, Mapping[str, str]]:
+        """Where a same-origin redirect sends this request (its target, method, body and headers), after
+        remembering it if it is permanent; a redirect to another origin is refused with an error."""
         location = response.headers.get("Location")
         response.release()
-        target = urljoin(self._url, location) if location else None
-        here, there = urlsplit(self._url), urlsplit(target or "")
+        target = urljoin(url, location) if location else None
+        here, there = urlsplit(url), urlsplit(target or "")
         if target is None or (here.scheme, here.netloc) != (there.scheme, there.netloc):
             # Another origin: the user should configure it (a token for one host must not travel to another).
             log.warning(
@@ -227,17 +275,46 @@ class Upstream:
                 f"upstream MCP server answered {response.status} with a redirect to another origin; "
                 "set the upstream URL to the address it names (see the proxy's log)"
             )
+        if response.status in _PERMANENT:
+            log.warning(
+                "upstream.redirected",
+                upstream=self.config.name,
+                status=response.status,
+                to=mask_url(target),
+                hint="requests now go there; set it as the upstream URL to save the redirect",
+            )
+            self._retarget(target)
+        else:
+            log.info(
+                "upstream.redirect_followed", upstream=self.config.name, status=response.status, to=mask_url(target)
+            )
+        if response.status == 303 and method != "GET":
+            # See Other: the answer is fetched with a GET; the body was delivered already, never sent again.
+            method, body = "GET", None
+            headers = {name: value for name, value in headers.items() if name.lower() not in _BODY_HEADERS}
+        return target, method, body, headers
+
+    def _fall_back(self, url: str, why: str) -> bool:
+        """A remembered redirect target that stopped serving: go back to the configured URL (and say so).
+        False when ``url`` is not a remembered target (nothing to fall back from)."""
+        if url != self._url or url == self.config.url:
+            return False
         log.warning(
-            "upstream.redirected",
+            "upstream.redirect_forgotten",
             upstream=self.config.name,
-            status=response.status,
-            to=mask_url(target),
-            hint="requests now go there; set it as the upstream URL to save the redirect",
+            remembered=mask_url(url),
+            configured=mask_url(self.config.url),
+            reason=why,
+            hint="requests go to the configured URL again",
         )
-        self._url = target
+        self._retarget(self.config.url)
+        return True
+
+    def _retarget(self, url: str) -> None:
+        self._url = url
         for pool in (self._lean_requests, self._lean_streams):
             if pool is not None:
-                pool.retarget(target)
+                pool.retarget(url)
 
     async def _send_patiently(
         self,
@@ -248,6 +325,7 @@ class Upstream:
         resendable: bool,
         patient: bool,
         read_timeout: float | None,
+        url: str,
     ) -> aiohttp.ClientResponse:
         timeout = self._stream_timeout if stream else self._post_timeout
         if read_timeout is not None:
@@ -263,25 +341,38 @@ class Upstream:
                 if lean is not None:
                     # LeanResponse has the part of ClientResponse the callers use (status, reason,
                     # headers, content_length, content.readany/read/iter_any, release, close).
-                    response = await lean.request(method, headers, body, read_timeout=timeout.sock_read)
+                    response = await lean.request(
+                        method, headers, body, read_timeout=timeout.sock_read, url=None if url == self._url else url
+                    )
                     return cast("aiohttp.ClientResponse", response)
                 return await self._aiohttp(stream).request(
-                    method, self._url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                    method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.
-                retry = isinstance(exc, self._connect_failed) or resendable
+                connect_failed = isinstance(exc, self._connect_failed)
                 if backoff is None:
                     backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
                 delay = backoff.next_delay()
-                if not retry or time.monotonic() + delay > give_up:
-                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+                if not (connect_failed or resendable) or time.monotonic() + delay > give_up:
+                    why = _connect_failure(exc) if connect_failed else type(exc).__name__
+                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {why}") from exc
                 await asyncio.sleep(delay)
-            except aiohttp.ConnectionTimeoutError as exc:
-                # The lean pool's PoolTimeout, or aiohttp's ``connect`` timeout, which covers the wait for
-                # a pooled connection and the connect itself.
-                raise UpstreamBusy(self._busy_message(stream)) from exc
+            except self._connect_timeouts as exc:
+                if self._pool_full(exc, stream):
+                    raise UpstreamBusy(self._busy_message(stream)) from exc
+                # The connect itself timed out (an unreachable host): nothing was sent, so it is a connect
+                # failure like a refused one, and retried alike.
+                if backoff is None:
+                    backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > give_up:
+                    raise UpstreamTimeout(
+                        "upstream MCP server unreachable: no connection within connect_timeout "
+                        f"({self.config.connect_timeout:g} s)"
+                    ) from exc
+                await asyncio.sleep(delay)
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
             except aiohttp.ClientError as exc:
@@ -290,12 +381,29 @@ class Upstream:
                 # A header the client sent that cannot travel (a line break): the request's own fault.
                 raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
 
+    def _pool_full(self, exc: Exception, stream: bool) -> bool:
+        """Whether a connect timeout was the wait for a pooled connection (every one busy), not the connect."""
+        if self._pool_timeout is not None:
+            return isinstance(exc, self._pool_timeout)
+        connector = self._aiohttp(stream).connector
+        # The request's own connection attempt is no longer counted once it failed: the others fill
+        # the pool only when none was free for it.
+        return connector is not None and 0 < connector.limit <= len(connector._acquired)
+
     def _busy_message(self, stream: bool) -> str:
         pool, size = ("max_streams", self.config.max_streams) if stream else ("pool_size", self.config.pool_size)
         return (
             f"no connection to the upstream MCP server within {self.config.connect_timeout:g} s "
             f"(all {pool} = {size} in use, or the upstream is not accepting connections); try again"
         )
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connection could not be opened, in the same words for either client (no address)."""
+    for cause in (getattr(exc, "os_error", None), exc.__cause__):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return f"cannot connect ({os.strerror(cause.errno)})"
+    return "cannot connect"
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:

@@ -472,10 +472,13 @@ class LeanPool:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def retarget(self, url: str) -> None:
-        """Send later requests to another path and query of the same origin (a followed redirect)."""
+        """Send later requests to another path and query of the same origin (a permanent redirect)."""
+        self._line_rest = self._line_rest_for(url)
+
+    def _line_rest_for(self, url: str) -> str:
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._line_rest = f" {target} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+        return f" {target} HTTP/1.1\r\nHost: {self._host_header}\r\n"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -492,8 +495,9 @@ class LeanPool:
     def idle_connections(self) -> int:
         return sum(1 for conn in self._idle if not conn.closed)
 
-    def encode(self, method: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
-        """The request as bytes: request line, Host, the given headers, Content-Length, body."""
+    def encode(self, method: str, headers: Mapping[str, str], body: bytes | None, url: str | None = None) -> bytes:
+        """The request as bytes: request line, Host, the given headers, Content-Length, body. ``url``, of
+        the same origin, names another path for this request only (a temporary redirect)."""
         lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         # One check for the whole block: every line ends in exactly one CRLF, nothing else breaks it.
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
@@ -502,14 +506,22 @@ class LeanPool:
             lines += f"Content-Length: {len(body) if body is not None else 0}\r\n"
         # surrogateescape: the server side decoded header bytes that are not UTF-8 (latin-1 from Node's
         # fetch) to surrogates; this gives the upstream the very bytes the client sent.
-        head = f"{method}{self._line_rest}{lines}\r\n".encode("utf-8", "surrogateescape")
+        line_rest = self._line_rest if url is None else self._line_rest_for(url)
+        head = f"{method}{line_rest}{lines}\r\n".encode("utf-8", "surrogateescape")
         return head + body if body else head
 
     async def request(
-        self, method: str, headers: Mapping[str, str], body: bytes | None, *, read_timeout: float | None
+        self,
+        method: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        read_timeout: float | None,
+        url: str | None = None,
     ) -> LeanResponse:
-        """Send a request; return its response once the head arrived. The caller releases it."""
-        head = self.encode(method, headers, body)
+        """Send a request (to ``url`` of the same origin for this request only, if given); return its
+        response once the head arrived. The caller releases it."""
+        head = self.encode(method, headers, body, url)
         conn = await self._acquire()
         return await conn.request(head, read_timeout)
 

@@ -120,8 +120,9 @@ examples:
   mcp-heal-proxy tail                              # the local proxy, http://127.0.0.1:8787
   mcp-heal-proxy tail http://127.0.0.1:9000 --json | jq .
 
-MCP_HEAL_PROXY_TOKEN is sent as the bearer token when set. While the proxy restarts, tail reconnects
-with backoff, and exits with status 1 once it stayed unreachable for --give-up seconds.
+MCP_HEAL_PROXY_TOKEN is sent as the bearer token when set. A proxy not reached yet ("cannot reach") or
+lost while followed ("lost", e.g. a restart) is tried again with backoff; tail exits with status 1 once
+it stayed unreachable for --give-up seconds.
 """
 
 

@@ -118,9 +118,10 @@ class TooManyStreams(ProxyError):
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """What went wrong on a connection, for people: ``kind`` is one word for logs, metrics and the status
-    page (refused, timeout, dns, tls, unreachable, closed, reset, broken, failed), ``words`` a phrase
-    that completes "cannot reach the upstream MCP server: ..." (never an exception's class name)."""
+    """What went wrong on a connection, for people: ``kind`` is one word for logs and the status page
+    (refused, timeout, dns, tls, unreachable, closed, reset, broken, failed), ``words`` a short phrase
+    that completes "cannot reach the upstream MCP server: ..." or "... broke its answer: ..." (never an
+    exception's class name)."""
 
     kind: str
     words: str
@@ -151,33 +152,33 @@ def connection_failure(exc: BaseException) -> Failure:
     for cause in chain:
         if isinstance(cause, ssl.SSLCertVerificationError):
             detail = cause.verify_message or "not trusted"
-            return Failure("tls", f"its TLS certificate was not accepted ({detail})")
+            return Failure("tls", f"TLS certificate not accepted: {detail}")
     for cause in chain:
         if isinstance(cause, ssl.SSLError | aiohttp.ClientSSLError):
-            return Failure("tls", "the TLS handshake failed")
+            return Failure("tls", "TLS handshake failed")
     for cause in chain:
         if isinstance(cause, socket.gaierror | dns_error):
-            return Failure("dns", "its host name does not resolve (DNS)")
+            return Failure("dns", "host name not found in DNS")
     for cause in chain:
         if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
-            return Failure("refused", "the connection was refused (nothing listens at that address)")
+            return Failure("refused", "connection refused: nothing listens at that address")
     for cause in chain:
         if getattr(cause, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return Failure("unreachable", "the network or host is unreachable")
+            return Failure("unreachable", "network or host unreachable")
     for cause in chain:
         if isinstance(cause, TimeoutError | aiohttp.ServerTimeoutError | aiohttp.ConnectionTimeoutError):
-            return Failure("timeout", "it did not answer in time")
+            return Failure("timeout", "timed out")
     for cause in chain:
         if isinstance(cause, aiohttp.ServerDisconnectedError):
-            return Failure("closed", "it closed the connection without an answer")
+            return Failure("closed", "connection closed by the server")
         if isinstance(cause, ConnectionResetError | BrokenPipeError | reset_error):
-            return Failure("reset", "the connection was reset")
+            return Failure("reset", "connection reset")
         if isinstance(cause, aiohttp.ClientPayloadError):
-            return Failure("broken", "its answer broke off before its end")
+            return Failure("broken", "answer cut off before its end")
     for cause in chain:
         if isinstance(cause, OSError) and cause.strerror:
-            return Failure("failed", f"the connection failed ({cause.strerror.lower()})")
-    return Failure("failed", "the connection failed")
+            return Failure("failed", f"connection failed: {cause.strerror.lower()}")
+    return Failure("failed", "connection failed")
 
 
 def store_failure(exc: BaseException) -> str:
@@ -190,3 +191,32 @@ def store_failure(exc: BaseException) -> str:
         first_line = str(exc).splitlines()[0] if str(exc) else kind
         return f"it answered an error: {first_line[:200]}"
     return connection_failure(exc).words
+
+
+def unreachable(exc: BaseException) -> UpstreamUnavailable:
+    """The client's error when the upstream could not be reached: what happened, in words."""
+    failure = connection_failure(exc)
+    if failure.kind in _AFTER_CONNECTING:
+        # It was reached: it ended the connection before its answer came.
+        return UpstreamUnavailable(
+            f"upstream MCP server ended the connection before answering: {failure.words}", failure=failure.kind
+        )
+    return UpstreamUnavailable(f"cannot reach the upstream MCP server: {failure.words}", failure=failure.kind)
+
+
+# Failures that happen on a connection that was open (the server was reached).
+_AFTER_CONNECTING = frozenset({"closed", "reset", "broken"})
+
+
+def answer_broken(exc: BaseException) -> UpstreamUnavailable:
+    """The client's error when the upstream broke an answer it had started."""
+    failure = connection_failure(exc)
+    return UpstreamUnavailable(f"upstream MCP server broke its answer: {failure.words}", failure=failure.kind)
+
+
+def unexpected_failure(exc: BaseException) -> UpstreamUnavailable:
+    """The client's error for a failure no branch of the proxy foresaw (its log has the traceback): a
+    connection's failure said in words, anything else without naming the proxy's internals."""
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
+        return unreachable(exc)
+    return UpstreamUnavailable("the proxy failed on this request; its log (stderr) has the details")

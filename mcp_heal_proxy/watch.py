@@ -21,6 +21,7 @@ import aiohttp
 
 from mcp_heal_proxy.config import DEFAULT_PORT, MEMORY_STATE, ProxyConfig
 from mcp_heal_proxy.display import mask_url, terminal_safe
+from mcp_heal_proxy.errors import connection_failure
 from mcp_heal_proxy.inventory import (
     RedisReader,
     age,
@@ -300,19 +301,36 @@ async def tail(
                             if isinstance(item, Event) and item.event != "hello":
                                 _print_event(item, as_json=as_json, color=paint, out=out)
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                reason = f"HTTP {exc.status}" if isinstance(exc, aiohttp.ClientResponseError) else type(exc).__name__
+                if isinstance(exc, aiohttp.ClientResponseError):
+                    reason = f"it answered HTTP {exc.status}, not a proxy's event feed"
+                else:
+                    reason = connection_failure(exc).words
                 moment = time.monotonic()
                 if unreachable_since is None:
                     unreachable_since = moment
-                    print(f"lost {shown} ({reason}); reconnecting", file=sys.stderr, flush=True)
-                elif moment - unreachable_since > give_up:
-                    raise WatchError(f"{shown} unreachable for {give_up:.0f} s ({reason})") from None
+                    # "lost" only for a proxy this tail had followed; one it never reached is not lost.
+                    if announced:
+                        print(f"lost {shown} ({reason}); reconnecting", file=sys.stderr, flush=True)
+                    elif give_up > 0:
+                        print(
+                            f"cannot reach {shown} ({reason}); retrying for {give_up:g} s", file=sys.stderr, flush=True
+                        )
+                if moment - unreachable_since >= give_up:
+                    if announced:
+                        raise WatchError(
+                            f"lost {shown} ({reason}) and could not reconnect within {give_up:g} s"
+                        ) from None
+                    raise WatchError(
+                        f"cannot reach {shown} ({reason}); gave up after {give_up:g} s: is the proxy running there?"
+                    ) from None
             else:
                 # The proxy ended the stream (shutdown): it may be restarting.
                 if unreachable_since is None:
                     unreachable_since = time.monotonic()
                     print(f"{shown} closed the feed; reconnecting", file=sys.stderr, flush=True)
-            await asyncio.sleep(delay)
+            # Backoff, never past the moment to give up.
+            left = unreachable_since + give_up - time.monotonic() if unreachable_since is not None else delay
+            await asyncio.sleep(max(0.0, min(delay, left)))
             delay = min(delay * 2, RECONNECT_MAX)
 
 

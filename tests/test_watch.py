@@ -244,13 +244,14 @@ async def test_tail_reconnects_when_the_proxy_restarts(
     state = str(tmp_path / "sessions.db")
     ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
     async with tailing(base) as tail:
-        await read_until(tail.stderr, "reconnecting")  # no proxy yet
+        # No proxy yet: it was never reached, so it is not "lost".
+        assert "lost" not in "".join(await read_until(tail.stderr, f"cannot reach {base}/_proxy/api/events"))
         async with serving(sse_upstream.url, state, port):
             await read_until(tail.stderr, f"following {base}")
             session_id = await raw_initialize(http, f"{base}/mcp")
             await read_until(tail.stdout, "notifications/initialized")
         # The proxy stopped (SIGTERM); a new one on the same port takes over the store.
-        await read_until(tail.stderr, "reconnecting")
+        await read_until(tail.stderr, f"{base}/_proxy/api/events closed the feed; reconnecting")
         async with serving(sse_upstream.url, state, port):
             await read_until(tail.stderr, f"reconnected to {base}")
             async with http.post(f"{base}/mcp", json=ping, headers=session_headers(session_id)) as response:
@@ -262,9 +263,13 @@ async def test_tail_reconnects_when_the_proxy_restarts(
 
 
 async def test_tail_gives_up_on_a_proxy_that_stays_away() -> None:
-    status, _, stderr = await run_cli("tail", f"http://127.0.0.1:{free_port()}", "--give-up", "1")
+    address = f"http://127.0.0.1:{free_port()}"
+    status, _, stderr = await run_cli("tail", address, "--give-up", "1")
     assert status == 1
-    assert "unreachable for 1 s" in stderr
+    assert stderr.startswith(f"cannot reach {address}/_proxy/api/events (connection refused"), stderr
+    assert "gave up after 1 s" in stderr
+    assert "lost" not in stderr
+    assert "Error" not in stderr, "no class names"
     assert "Traceback" not in stderr
 
 

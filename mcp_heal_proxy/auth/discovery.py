@@ -18,6 +18,7 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.auth.metadata import authorization_server_candidates, protected_resource_candidates
+from mcp_heal_proxy.errors import connection_failure
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -57,7 +58,9 @@ async def fetch_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | 
                 return None
             body = await response.content.read(METADATA_LIMIT + 1)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise MetadataUnavailable(f"cannot fetch OAuth metadata: {type(exc).__name__}", missing=False) from exc
+        raise MetadataUnavailable(
+            f"cannot fetch OAuth metadata: {connection_failure(exc).words}", missing=False
+        ) from exc
     if len(body) > METADATA_LIMIT:
         return None
     try:

@@ -846,7 +846,9 @@ class ManagedAuth:
                         self._hint(f"the authorization server refused to refresh the token ({exc.error})")
                     ) from None
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    log.warning("auth.refresh_failed", upstream=self._name, reason=reason, error=type(exc).__name__)
+                    log.warning(
+                        "auth.refresh_failed", upstream=self._name, reason=reason, error=connection_failure(exc).words
+                    )
                     raise AuthServerUnavailable(
                         f"cannot reach the authorization server of upstream {self._name} to refresh the token"
                     ) from None

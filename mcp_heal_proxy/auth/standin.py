@@ -47,7 +47,7 @@ from mcp_heal_proxy.auth.metadata import (
     rewrite_protected_resource,
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
-from mcp_heal_proxy.errors import UpstreamUnavailable
+from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.front.guards import json_error
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
@@ -411,7 +411,7 @@ class OAuthPassThrough:
                 passed = {name: answer.headers[name] for name in _ANSWER_HEADERS if name in answer.headers}
                 return web.Response(status=answer.status, body=content, headers=passed)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("oauth.forward_failed", path=request.path, error=type(exc).__name__)
+            log.warning("oauth.forward_failed", path=request.path, error=connection_failure(exc).words)
             return oauth_error(502, "temporarily_unavailable", "the upstream's authorization server did not answer")
 
 

@@ -27,6 +27,7 @@ from mcp_heal_proxy.errors import (
     TooManyStreams,
     UnsupportedMediaType,
     UpstreamUnavailable,
+    unexpected_failure,
 )
 from mcp_heal_proxy.front.exchange import AiohttpExchange, Exchange
 from mcp_heal_proxy.front.relay import Outcome, PendingResume, Relay, answer_unresumable
@@ -239,8 +240,8 @@ class Proxy:
             if outcome.status is not None:
                 raise
             # A failure no branch foresaw: still answer with the request's id, and say so in the log.
-            log.exception("request.unexpected_error", upstream=self._name, error=type(exc).__name__)
-            await answer_error(exchange, UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), outcome.body)
+            log.exception("request.unexpected_error", upstream=self._name)
+            await answer_error(exchange, unexpected_failure(exc), outcome.body)
 
     async def _post(self, exchange: Exchange, body: PostBody, outcome: Outcome) -> None:
         engine = self._engine

@@ -14,7 +14,6 @@ requests (POST, DELETE) from ``pool_size``. Waiting for a free connection is bou
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
@@ -26,7 +25,14 @@ import structlog
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.display import mask_url
-from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.errors import (
+    InvalidRequest,
+    UpstreamBusy,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    answer_broken,
+    unreachable,
+)
 
 if TYPE_CHECKING:
     from mcp_heal_proxy.auth.managed import Transmit
@@ -356,8 +362,7 @@ class Upstream:
                     backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
                 delay = backoff.next_delay()
                 if not (connect_failed or resendable) or time.monotonic() + delay > give_up:
-                    why = _connect_failure(exc) if connect_failed else type(exc).__name__
-                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {why}") from exc
+                    raise unreachable(exc) from exc
                 await asyncio.sleep(delay)
             except self._connect_timeouts as exc:
                 if self._pool_full(exc, stream):
@@ -369,14 +374,15 @@ class Upstream:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up:
                     raise UpstreamTimeout(
-                        "upstream MCP server unreachable: no connection within connect_timeout "
-                        f"({self.config.connect_timeout:g} s)"
+                        "cannot reach the upstream MCP server: no connection within connect_timeout "
+                        f"({self.config.connect_timeout:g} s)",
+                        failure="timeout",
                     ) from exc
                 await asyncio.sleep(delay)
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
+                raise UpstreamTimeout("upstream MCP server did not answer in time", failure="timeout") from exc
             except aiohttp.ClientError as exc:
-                raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+                raise unreachable(exc) from exc
             except ValueError as exc:
                 # A header the client sent that cannot travel (a line break): the request's own fault.
                 raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
@@ -398,14 +404,6 @@ class Upstream:
         )
 
 
-def _connect_failure(exc: BaseException) -> str:
-    """Why a connection could not be opened, in the same words for either client (no address)."""
-    for cause in (getattr(exc, "os_error", None), exc.__cause__):
-        if isinstance(cause, OSError) and cause.errno is not None:
-            return f"cannot connect ({os.strerror(cause.errno)})"
-    return "cannot connect"
-
-
 async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:
     """Read a response body up to ``limit`` bytes (the rest stays unread)."""
     chunks: list[bytes] = []
@@ -420,5 +418,5 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIM
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout("upstream MCP server stopped answering mid-body") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream MCP server broke the answer: {type(exc).__name__}") from exc
+        raise answer_broken(exc) from exc
     return b"".join(chunks)

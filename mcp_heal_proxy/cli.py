@@ -31,6 +31,7 @@ from mcp_heal_proxy.config import (
     build_config,
     default_state_path,
     describe,
+    unknown_variables,
 )
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError
@@ -510,10 +511,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         }
         config_file = args.file if args.command == "check-config" else args.config
         config = build_config(config_file=config_file, flags=flags, settings=args.settings)
+        unknown = unknown_variables(os.environ, config_file)
         if args.command == "check-config":
+            for name, meant in unknown:
+                hint = f" (did you mean {meant}?)" if meant else ""
+                print(f"mcp-heal-proxy: warning: {name} is not a setting{hint}; it is ignored", file=sys.stderr)
             print(json.dumps(describe(config), indent=2, default=list))
             sys.exit(0)
         configure_logging(config.log_format, config.log_level, config.secrets())
+        for name, meant in unknown:
+            structlog.get_logger("mcp_heal_proxy").warning(
+                "config.unknown_variable", variable=name, did_you_mean=meant, hint="it is ignored"
+            )
         sys.exit(_run(serve(config)))
     except (UsageError, ConfigError) as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)

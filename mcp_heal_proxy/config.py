@@ -7,6 +7,8 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
 import math
 import os
@@ -639,6 +641,29 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
         _upstream_from_table(name, table, path, environ) for name, table in upstream_tables.items()
     )
     return options
+
+
+# Variables read besides the [server] keys' (TOKEN is one of those); TEST_CLIENT is the test suite's.
+_OTHER_VARIABLES: Final = ("UPSTREAM", "CONFIG", "TEST_CLIENT")
+
+
+def unknown_variables(environ: Mapping[str, str], config_file: str | None = None) -> list[tuple[str, str | None]]:
+    """Each ``MCP_HEAL_PROXY_*`` variable that is no setting (a misspelled one would be ignored without a
+    word), with the closest setting's variable if one is close; variables the config file refers to as
+    ``${NAME}`` are the user's own and not listed."""
+    known = {ENV_PREFIX + key.upper() for key in SERVER_OPTIONS} | {ENV_PREFIX + name for name in _OTHER_VARIABLES}
+    referenced: set[str] = set()
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        # build_config reports an unreadable file.
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            referenced = set(_ENV_REFERENCE.findall(Path(config_file).expanduser().read_text(encoding="utf-8")))
+    unknown: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in referenced:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            unknown.append((name, close[0] if close else None))
+    return unknown
 
 
 def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:

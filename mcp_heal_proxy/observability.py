@@ -68,6 +68,15 @@ KNOWN_METHODS: Final = frozenset(
         "notifications/cancelled",
         "notifications/progress",
         "notifications/roots/list_changed",
+        # 2025-11-25 tasks.
+        "tasks/get",
+        "tasks/list",
+        "tasks/result",
+        "tasks/cancel",
+        "notifications/tasks/status",
+        # 2026-07-28: a dual-era client's probe, and the modern subscription stream.
+        "server/discover",
+        "subscriptions/listen",
         "response",
         "batch",
         "GET",

@@ -20,6 +20,10 @@ class ProxyError(Exception):
 
     http_status: ClassVar[int] = 500
     code: ClassVar[int] = -32603
+    # Whether the error says what the upstream did (could not be reached, timed out, broke an answer,
+    # failed a heal): the status page and the request log count it against the upstream's health. The
+    # proxy's refusals of a client's request (400, 404, 413, 415, 429) and its store's failures do not.
+    about_upstream: ClassVar[bool] = False
 
     def __init__(self, message: str, *, request_id: RequestId = None, failure: str | None = None) -> None:
         super().__init__(message)
@@ -74,6 +78,7 @@ class UpstreamUnavailable(ProxyError):
 
     http_status = 502
     code = -32002
+    about_upstream = True
 
 
 class UpstreamTimeout(ProxyError):
@@ -81,6 +86,7 @@ class UpstreamTimeout(ProxyError):
 
     http_status = 504
     code = -32002
+    about_upstream = True
 
 
 class AnswerTooLarge(UpstreamUnavailable):
@@ -93,6 +99,7 @@ class UpstreamBusy(ProxyError):
 
     http_status = 503
     code = -32002
+    about_upstream = True
 
 
 class HealFailed(ProxyError):
@@ -100,6 +107,7 @@ class HealFailed(ProxyError):
 
     http_status = 502
     code = -32003
+    about_upstream = True
 
 
 class StoreUnavailable(ProxyError):

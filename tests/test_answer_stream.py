@@ -594,3 +594,20 @@ async def test_over_stdio_an_sse_message_over_max_body_bytes_is_an_error_and_the
         upstream.on_request = None
         await bridge.send(ping(7))
         assert (await bridge.receive())["id"] == 7
+
+
+async def test_a_client_that_hangs_up_as_its_answer_starts_is_recorded_as_having_left() -> None:
+    from mcp_heal_proxy.front.relay import Outcome
+
+    class HungUp:
+        async def start(self, *args: Any, **kwargs: Any) -> None:
+            raise ConnectionResetError("the client closed the connection")
+
+    relay = Relay("t", 1.0, Gauge("open", "open streams", ["upstream"], registry=CollectorRegistry()))
+    outcome = Outcome()
+    response: Any = ScriptedResponse(ScriptedBody([sse_message(answer_to(1))]))
+    exchange: Any = HungUp()
+    await relay.relay(exchange, AnswerStream(response, (1,)), "cid", outcome)
+    assert outcome.client_left
+    assert outcome.status is None
+    assert response.released

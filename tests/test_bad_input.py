@@ -105,8 +105,9 @@ async def test_a_truncated_body_does_not_reach_the_upstream(
     writer.close()  # the client goes away mid-body
     await writer.wait_closed()
     await still_serves(http, running)
-    assert all(seen.body is not None for seen in upstream.seen)
-    assert len(upstream.seen) == 3  # only still_serves' initialize, initialized and call
+    posts = [seen for seen in upstream.seen if seen.method == "POST"]
+    assert all(seen.body is not None for seen in posts)
+    assert len(posts) == 3  # only still_serves' initialize, initialized and call
 
 
 @pytest.mark.parametrize("session_id", ["has space", "x" * 200, "tab\there"])

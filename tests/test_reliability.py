@@ -188,7 +188,9 @@ async def test_a_resume_the_upstream_cannot_honour_is_answered_with_errors_not_a
     errors = [json.loads(item.data) for item in events if isinstance(item, Event)]
     assert [error["id"] for error in errors] == [7]
     assert "lost the stream" in errors[0]["error"]["message"]
-    gets = [seen for seen in upstream.seen if seen.method == "GET"]
+    # The first GET is the stream the proxy opened at notifications/initialized, before the call.
+    early, *gets = [seen for seen in upstream.seen if seen.method == "GET"]
+    assert "Last-Event-ID" not in early.headers
     assert [get.headers.get("Last-Event-ID") for get in gets] == ["e1"], "never a fresh stream without the id"
 
 
@@ -272,7 +274,8 @@ async def test_a_latin1_header_byte_travels_on_post_get_and_delete(
     status, body = await raw_request(proxy.url, "POST", headers, json.dumps(echo_call(5)).encode())
     assert status == 200, body
     upstream.on_get = None
-    status, _ = await raw_request(proxy.url, "GET", headers | {"Accept": b"text/event-stream"})
+    # With an event id, the GET goes upstream itself (not the stream opened at notifications/initialized).
+    status, _ = await raw_request(proxy.url, "GET", headers | {"Accept": b"text/event-stream", "Last-Event-ID": b"0"})
     assert status == 200
     status, _ = await raw_request(proxy.url, "DELETE", headers)
     assert status == 200
@@ -463,7 +466,6 @@ async def test_a_client_leaving_a_get_stream_is_not_an_upstream_failure_and_noth
     await web.TCPSite(runner, "127.0.0.1", port).start()
     proxy_url = f"http://127.0.0.1:{port}/mcp"
     try:
-        session_id = await raw_initialize(http, proxy_url)
         ended = asyncio.Event()
 
         async def trickle(request: web.Request, body: Any) -> web.StreamResponse:
@@ -477,7 +479,9 @@ async def test_a_client_leaving_a_get_stream_is_not_an_upstream_failure_and_noth
                 ended.set()
             return response
 
+        # Set before notifications/initialized: the proxy opens the GET stream upstream then.
         upstream.on_get = trickle
+        session_id = await raw_initialize(http, proxy_url)
         headers = {**session_headers(session_id), "Accept": "text/event-stream"}
         async with http.get(proxy_url, headers=headers) as stream:
             assert (await stream.content.readline()).startswith(b"data:")

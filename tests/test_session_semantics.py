@@ -12,7 +12,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import MCP_HEADERS, ProxyFactory, RunningProxy, raw_initialize, session_headers
+from tests.conftest import (
+    MCP_HEADERS,
+    ProxyFactory,
+    RunningProxy,
+    echo_call,
+    post_on_session,
+    raw_initialize,
+    session_headers,
+)
 from tests.fake_upstream import FakeUpstream, not_found
 
 AiohttpServer = Callable[..., Any]
@@ -194,7 +202,6 @@ async def test_idle_sse_streams_get_keepalive_comments(
 ) -> None:
     upstream, url = fake
     proxy = await start_proxy(url, keepalive_interval=0.05)
-    session_id = await raw_initialize(http, proxy.url)
 
     async def one_event_then_silence(request: web.Request, body: Any) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -203,7 +210,9 @@ async def test_idle_sse_streams_get_keepalive_comments(
         await asyncio.Event().wait()
         return response
 
+    # Set before notifications/initialized: the proxy opens the GET stream upstream then.
     upstream.on_get = one_event_then_silence
+    session_id = await raw_initialize(http, proxy.url)
     headers = {**session_headers(session_id), "Accept": "text/event-stream"}
     async with http.get(proxy.url, headers=headers) as response:
         assert response.status == 200
@@ -246,7 +255,10 @@ async def test_a_get_stream_stays_open_across_an_upstream_restart(
             await response.content.readline()
             await response.content.readline()
             assert await response.content.readline() == b"id: 2\n"
-    gets = [seen for seen in upstream.seen if seen.method == "GET"]
+    early, *gets = [seen for seen in upstream.seen if seen.method == "GET"]
+    # The stream opened at notifications/initialized is not the one a resume (Last-Event-ID) asks for.
+    assert early.headers["Mcp-Session-Id"] == "upstream-1"
+    assert "Last-Event-ID" not in early.headers
     # the first stream, the reattach that finds the session dead, the reattach after the heal
     assert [g.headers["Mcp-Session-Id"] for g in gets] == ["upstream-1", "upstream-1", "upstream-2"]
     # On the same upstream session the reattach resumes after the last event relayed; after the heal
@@ -255,18 +267,62 @@ async def test_a_get_stream_stays_open_across_an_upstream_restart(
     assert upstream.initializes == 2
 
 
+async def test_a_server_request_sent_before_the_clients_get_arrives_still_reaches_it(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A server that asks the client something on the GET stream at the start of a tool call, and drops
+    the request while no GET stream is open (the TypeScript SDK's transport does): a client whose GET
+    reaches the proxy after its first call (it sends both at once) still gets the request, because the
+    proxy opened the stream upstream at notifications/initialized."""
+    upstream, url = fake
+    proxy = await start_proxy(url)
+    streams: list[web.StreamResponse] = []
+    dropped: list[Any] = []
+    ask = b'data: {"jsonrpc":"2.0","id":"s1","method":"elicitation/create","params":{}}\n\n'
+
+    async def open_stream(request: web.Request, body: Any) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        streams.append(response)
+        await asyncio.Event().wait()  # open until the proxy closes it
+        return response
+
+    async def call_asks_first(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if isinstance(body, dict) and body.get("method") == "tools/call":
+            if streams:
+                await streams[-1].write(ask)
+            else:
+                dropped.append(body)
+        return None  # then the normal answer
+
+    upstream.on_get = open_stream
+    upstream.on_request = call_asks_first
+    session_id = await raw_initialize(http, proxy.url)
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(5))
+    assert status == 200
+    assert answer["id"] == 5
+    assert not dropped, "the call reached the server before any GET stream was open"
+    headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    async with http.get(proxy.url, headers=headers) as response:
+        assert response.status == 200
+        async with asyncio.timeout(5):
+            assert await response.content.readline() == ask.split(b"\n")[0] + b"\n"
+    assert len(streams) == 1, "the client's GET took the stream opened at notifications/initialized"
+
+
 @pytest.mark.parametrize("status", [405, 409])
 async def test_a_get_stream_the_upstream_refuses_is_refused_to_the_client_too(
     fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, status: int
 ) -> None:
     upstream, url = fake
     proxy = await start_proxy(url)
-    session_id = await raw_initialize(http, proxy.url)
 
     async def refuse(request: web.Request, body: Any) -> web.StreamResponse:
         return web.Response(status=status, text="no GET stream here")
 
+    # Refused from the start: the stream the proxy opens at notifications/initialized too.
     upstream.on_get = refuse
+    session_id = await raw_initialize(http, proxy.url)
     headers = {**session_headers(session_id), "Accept": "text/event-stream"}
     async with http.get(proxy.url, headers=headers) as response:
         assert response.status == status

@@ -43,7 +43,7 @@ from mcp_heal_proxy.wire.headers import (
     is_valid_session_id,
     upstream_request_headers,
 )
-from mcp_heal_proxy.wire.jsonrpc import PostBody, RequestId
+from mcp_heal_proxy.wire.jsonrpc import INITIALIZED, PostBody, RequestId
 
 log = structlog.get_logger("mcp_heal_proxy.engine.session")
 
@@ -59,6 +59,12 @@ DELETE_GONE: Final = frozenset({404, 405})
 _REATTACH_ATTEMPTS: Final = 10
 _REATTACH_RETRY_FIRST: Final = 0.1
 _REATTACH_RETRY_MAX: Final = 8.0
+# The server stream the engine opens when a client says notifications/initialized (see open_stream_early)
+# waits this long for the client's first GET to take it over, then is closed. Clients open their GET as
+# soon as the notification is taken (milliseconds); a short wait also keeps the stream from holding off
+# the upstream's idle expiry of a session whose client never opens one (servers do not expire a session
+# while its GET stream is open).
+EARLY_STREAM_WAIT: Final = 3.0
 
 
 class NotReplayed(ProxyError):
@@ -79,6 +85,15 @@ class Sent:
     answer: AnswerStream | None
     record: SessionRecord
     healed: bool = False
+
+
+@dataclass(slots=True)
+class _EarlyStream:
+    """A server stream opened before the client asked for it, waiting for the client's first GET."""
+
+    response: aiohttp.ClientResponse
+    upstream_session_id: str
+    expiry: asyncio.TimerHandle
 
 
 @dataclass(slots=True)
@@ -117,6 +132,12 @@ class SessionEngine:
         self._endings = endings
         if endings is not None:
             endings.serve(self.name, self.end_forgotten)
+        # Server streams opened at notifications/initialized, by client session id, until the client's
+        # first GET takes them; and the openings under way, which that GET waits for.
+        self._early_streams: dict[str, _EarlyStream] = {}
+        self._early_openings: dict[str, asyncio.Future[None]] = {}
+        # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
+        self._opens_streams_early = True
 
     @property
     def activity(self) -> SessionActivity:
@@ -204,6 +225,9 @@ class SessionEngine:
         if not expired:
             refuse_garbage(response, body, self.config.url)
             prefetched = await self.remember_state(record, body, response, prefetched)
+            if response.status < 300 and not body.is_batch and body.messages[0].method == INITIALIZED:
+                # Before the client hears its notification was taken, and so before its first request.
+                await self.open_stream_early(client_headers, record)
             return Sent(AnswerStream(response, body.request_ids, prefetched), record)
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
@@ -254,6 +278,7 @@ class SessionEngine:
         """End a session: one prompt DELETE upstream (nothing a client does on its way out may hang), and
         forget the record whatever the upstream says. Returns the upstream's status; raises when the
         upstream could not be told."""
+        self._drop_early_stream(record.client_session_id)
         try:
             # No connect_retry and a short read bound.
             response = await self.upstream.send(
@@ -286,6 +311,7 @@ class SessionEngine:
         """Best effort, bounded: DELETE the upstream session of a client session the proxy forgot (idle
         expiry, eviction, the status page's forget). No client headers exist at that moment, so an
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
+        self._drop_early_stream(record.client_session_id)
         headers = upstream_request_headers({}, record.upstream_session_id)
         version = record.upstream_protocol_version or record.protocol_version
         if version is not None:
@@ -304,8 +330,91 @@ class SessionEngine:
 
     # --- server streams -------------------------------------------------------------------------------
 
+    async def open_stream_early(self, client_headers: Mapping[str, str], record: SessionRecord) -> None:
+        """Open the session's server stream (GET) now, for the client's first GET to take over.
+
+        A server may send its own requests (sampling, elicitation) on the GET stream at any moment, even
+        in the middle of a tool call, and drops them while no GET stream is open. A client opens its GET
+        after notifications/initialized, at the same moment as its first request, and through the proxy
+        that request would reach the server first (it goes out on a pooled connection, the GET needs a
+        new one): the server's first requests would be lost. Opened here, before the client hears its
+        notification was taken, the stream is there before the client can send anything else; what the
+        server sends on it waits (in the connection's buffers) for the client's GET. Best effort and
+        bounded by ``connect_timeout``: a failure leaves the client's GET to open its own stream.
+        """
+        cid = record.client_session_id
+        if not self._opens_streams_early or cid in self._early_openings:
+            return
+        opening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early_openings[cid] = opening
+        self._drop_early_stream(cid)
+        headers = {
+            name: value
+            for name, value in self.headers(client_headers, record, fresh_stream=True).items()
+            if name.lower() not in ("accept", "content-type", "content-length", "content-encoding")
+        }
+        headers["Accept"] = "text/event-stream"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                response = await self.upstream.send("GET", headers, stream=True, resendable=True, patient=False)
+        except TimeoutError:
+            # A server that holds a GET's head back until it has an event would cost every session start
+            # this wait: no more early streams for this upstream.
+            self._opens_streams_early = False
+            log.warning("stream.early_open_slow", upstream=self.name, timeout_s=self.config.connect_timeout)
+            return
+        except ProxyError as exc:
+            log.info("stream.early_open_failed", upstream=self.name, error=exc.message)
+            return
+        finally:
+            del self._early_openings[cid]
+            opening.set_result(None)
+        if response.status != 200 or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            response.release()
+            if response.status == 405:
+                self._opens_streams_early = False  # this server has no GET streams
+            return
+        expiry = asyncio.get_running_loop().call_later(EARLY_STREAM_WAIT, self._drop_early_stream, cid)
+        self._early_streams[cid] = _EarlyStream(response, record.upstream_session_id, expiry)
+
+    def _drop_early_stream(self, client_session_id: str) -> None:
+        """Close a stream opened early that no GET took (its session ended, or the client never came)."""
+        early = self._early_streams.pop(client_session_id, None)
+        if early is not None:
+            early.expiry.cancel()
+            early.response.close()
+
+    def end_early_streams(self) -> None:
+        """Shutdown: close every stream opened early that no GET took."""
+        for client_session_id in list(self._early_streams):
+            self._drop_early_stream(client_session_id)
+
+    async def _take_early_stream(
+        self, client_headers: Mapping[str, str], record: SessionRecord
+    ) -> aiohttp.ClientResponse | None:
+        """The stream opened early for this session, if it still fits a GET with these headers."""
+        cid = record.client_session_id
+        opening = self._early_openings.get(cid)
+        if opening is not None:
+            # A GET racing the notification: it takes the stream being opened instead of a second one
+            # (servers allow one GET stream per session).
+            await asyncio.shield(opening)
+        early = self._early_streams.pop(cid, None)
+        if early is None:
+            return None
+        early.expiry.cancel()
+        if client_headers.get(LAST_EVENT_ID) is not None or early.upstream_session_id != record.upstream_session_id:
+            # A resume asks for events after an id, and a heal since made the stream's session a dead one.
+            early.response.close()
+            return None
+        return early.response
+
     async def open_stream(self, client_headers: Mapping[str, str], record: SessionRecord) -> Sent:
-        """Open the session's server-to-client stream (GET), healing first if the session is gone."""
+        """Open the session's server-to-client stream (GET), healing first if the session is gone; the
+        stream opened at notifications/initialized, when there is one."""
+        early = await self._take_early_stream(client_headers, record)
+        if early is not None:
+            return Sent(AnswerStream(early), record)
         response = await self.send("GET", self.headers(client_headers, record), stream=True)
         expired, prefetched = await self.check_expiry(response)
         if not expired:

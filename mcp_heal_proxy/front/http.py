@@ -277,8 +277,10 @@ class Proxy:
         return self._slots.waiting(client_session_id)
 
     def end_server_streams(self) -> None:
-        """Shutdown: end GET streams cleanly now (see Relay.end_server_streams)."""
+        """Shutdown: end GET streams cleanly now (see Relay.end_server_streams), and close the streams
+        opened early that no GET took."""
         self._relay.end_server_streams()
+        self._engine.end_early_streams()
 
     # --- GET and DELETE ---------------------------------------------------------------------------
 

@@ -173,7 +173,13 @@ class Relay:
             # as soon as the upstream sent them.
             first = stream.arrived() if reattach is None else None
             length = None if stream.is_sse else stream.content_length
-            await exchange.start(stream.status, stream.reason, headers, hold=first is not None, length=length)
+            try:
+                await exchange.start(stream.status, stream.reason, headers, hold=first is not None, length=length)
+            except ConnectionError:
+                # The client hung up as its answer started: it left, nothing went wrong upstream.
+                outcome.client_left = True
+                stream.close()
+                return
             outcome.status = stream.status
             streams = self._open_streams
             streams.inc()

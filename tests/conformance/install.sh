@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the official MCP conformance suite (pinned in tests/conformance/package-lock.json) into
-# .cache/conformance/node_modules with `npm ci`, never globally, then patch its bundle for this machine:
+# Install the official MCP conformance suite, and the TypeScript SDK that everything_server.mjs (the server
+# of test_server_scenarios.py) runs on, both pinned in tests/conformance/package-lock.json, into
+# .cache/conformance/node_modules with `npm ci`, never globally, then patch the suite's bundle for this machine:
 # - it imports globSync from "fs", which Node 20 lacks: that one import comes from the glob package
 #   installed beside it;
 # - its test servers listen on every interface and name themselves "localhost": they listen on

@@ -349,7 +349,8 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             "mcp_heal_proxy_upstream_latency_seconds",
-            "Time from forwarding a request to the upstream's response headers.",
+            "Time from forwarding a request to the upstream's response headers (from the attempt it answered: "
+            "connect retries before it are not counted).",
             ("upstream",),
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,

@@ -4,6 +4,8 @@ the proxy refused on its own."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from typing import Any
 
 import aiohttp
@@ -73,3 +75,31 @@ async def test_requests_the_proxy_refuses_say_nothing_about_the_upstreams_health
     health = await upstream_health(http, proxy.url)
     assert health["last_success"] is not None
     assert health["latency"]["window"] == 1
+
+
+# How long the upstream stays away in the next test: the fault, not a wait for a condition.
+DOWNTIME = 1.5
+
+
+async def test_connect_retries_before_an_answer_are_not_the_upstreams_latency(
+    sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(sse_upstream.url, connect_retry=30.0)
+    await sse_upstream.stop()
+
+    async def initialize() -> int:
+        async with http.post(proxy.url, json=INITIALIZE, headers=MCP_HEADERS) as response:
+            await response.read()
+            return response.status
+
+    async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+        call = group.create_task(initialize())
+        await asyncio.sleep(DOWNTIME)  # the proxy keeps knocking meanwhile
+        await sse_upstream.start()
+    assert call.result() == 200
+    async with http.get(proxy.url.removesuffix("/mcp") + "/metrics") as response:
+        metrics = await response.text()
+    (total,) = re.findall(r'^mcp_heal_proxy_upstream_latency_seconds_sum\{upstream="default"\} (\S+)$', metrics, re.M)
+    (count,) = re.findall(r'^mcp_heal_proxy_upstream_latency_seconds_count\{upstream="default"\} (\S+)$', metrics, re.M)
+    assert float(count) == 1
+    assert float(total) < DOWNTIME, f"{total} s: the time spent knocking was counted as the upstream's"

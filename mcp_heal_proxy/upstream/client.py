@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
@@ -56,6 +57,17 @@ _PERMANENT: Final = frozenset({301, 308})
 _GONE: Final = frozenset({404, 410})
 # Headers of a request body, dropped when a 303 turns the request into a GET.
 _BODY_HEADERS: Final = frozenset({"content-type", "content-length", "content-encoding"})
+
+
+# When the current task's last attempt to send upstream started: the upstream's latency is timed from
+# there, not from the first attempt (connect retries while the upstream restarts are not its latency).
+# Per task, so concurrent requests never see each other's.
+_ATTEMPT_STARTED: ContextVar[float] = ContextVar("upstream_attempt_started", default=0.0)
+
+
+def attempt_started() -> float:
+    """``time.perf_counter()`` at the start of this task's last attempt to send upstream (0.0 before any)."""
+    return _ATTEMPT_STARTED.get()
 
 
 class AuthHook(Protocol):
@@ -343,6 +355,7 @@ class Upstream:
         backoff: Backoff | None = None
         lean = self._lean_streams if stream else self._lean_requests
         while True:
+            _ATTEMPT_STARTED.set(time.perf_counter())
             try:
                 if lean is not None:
                     # LeanResponse has the part of ClientResponse the callers use (status, reason,

@@ -369,8 +369,23 @@ class Proxy:
         self._metrics.events.request(
             self._name, method, tool, status, duration, outcome.healed, session, answered=answered, failure=failure
         )
-        # An upstream failure is a warning with its words; every other request is info.
-        (log.warning if failure is not None else log.info)(
+        if error is None and failure is None:
+            # The hot path: every answered request logs this line.
+            log.info(
+                "request",
+                upstream=self._name,
+                client_session=session[:8] if session else None,
+                method=label,
+                status=status,
+                healed=outcome.healed,
+                client_left=outcome.client_left,
+                upstream_broke=outcome.upstream_broke,
+                duration_ms=round(duration * 1000, 3),
+            )
+            return
+        # An error the proxy answered about the upstream is a warning with its words (a broken answer was
+        # one already: upstream.stream_broken); a request the proxy refused stays info.
+        (log.warning if error is not None and error.about_upstream else log.info)(
             "request",
             upstream=self._name,
             client_session=session[:8] if session else None,
@@ -380,7 +395,8 @@ class Proxy:
             client_left=outcome.client_left,
             upstream_broke=outcome.upstream_broke,
             duration_ms=round(duration * 1000, 3),
-            **({"error": error.message, "failure": error.failure} if error is not None else {}),
+            error=error.message if error is not None else failure,
+            failure=error.failure if error is not None else "broken",
         )
 
     @staticmethod

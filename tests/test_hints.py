@@ -88,6 +88,13 @@ async def test_the_not_logged_in_hint_logs_in_when_pasted_in_another_directory(
                 async with asyncio.timeout(30):
                     while not _URL_LINE.match(line := (await login.stdout.readline()).decode().strip()):
                         assert line, "login printed no authorization URL"
+                    waiting = (await login.stdout.readline()).decode()
+                    callback = re.search(r"redirect to (http://127\.0\.0\.1:\d+/\S+)", waiting)
+                    assert callback is not None, waiting
+                    # A stale tab's answer (not this attempt's state) gets the same command to start again.
+                    async with http.get(callback.group(1), params={"state": "stale", "code": "x"}) as stale:
+                        assert stale.status == 400
+                        assert (await stale.text()).endswith(f"start again with: {command}")
                     assert await follow_authorization(line) == 200
                     _, errors = await login.communicate()
             finally:

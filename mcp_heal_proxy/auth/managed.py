@@ -515,8 +515,9 @@ async def _register(
 class _Callback:
     """The loopback redirect target (RFC 8252 section 7.3): one authorization response, then done."""
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, again: str) -> None:
         self._state = state
+        self._again = again
         self.answer: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -538,7 +539,7 @@ class _Callback:
         params = dict(request.query)
         if not secrets.compare_digest(params.get("state", ""), self._state):
             # Not the answer to our request (a stale tab, or someone else's redirect): ignore it.
-            return web.Response(status=400, text="Unknown login attempt; start again with mcp-heal-proxy login.")
+            return web.Response(status=400, text=f"Unknown login attempt; start again with: {self._again}")
         if not self.answer.done():
             self.answer.set_result(params)
         if "error" in params:
@@ -566,8 +567,10 @@ async def login(
     out: TextIO,
     open_browser: bool,
     wait: float = LOGIN_TIMEOUT,
+    again: str | None = None,
 ) -> Grant:
-    """Log in to the upstream's authorization server and store the grant.
+    """Log in to the upstream's authorization server and store the grant. ``again`` is the command that
+    starts this login (login_command), for the browser page of a stale attempt.
 
     Two logins of one upstream at once (two terminals, or two proxies' users sharing a state
     directory) take turns; one that waited uses the tokens the other one obtained instead of sending
@@ -579,7 +582,8 @@ async def login(
         if current is not None and current.logged_in_at > (before.logged_in_at if before else 0.0):
             _print(out, f"Another login of {upstream.name} finished meanwhile; using its tokens.")
             return current
-        return await _login(upstream, token_file, current, out=out, open_browser=open_browser, wait=wait)
+        command = again or login_command(upstream, MEMORY_STATE)
+        return await _login(upstream, token_file, current, out=out, open_browser=open_browser, wait=wait, again=command)
 
 
 async def _login(
@@ -590,6 +594,7 @@ async def _login(
     out: TextIO,
     open_browser: bool,
     wait: float,
+    again: str,
 ) -> Grant:
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         found = await discover(http, upstream.url, lambda line: _print(out, line))
@@ -610,7 +615,7 @@ async def _login(
             wanted=previous.wanted_scope if previous else None,
         )
         state = secrets.token_urlsafe(24)
-        callback = _Callback(state)
+        callback = _Callback(state, again)
         await callback.start(upstream.callback_port or 0)
         try:
             if upstream.client_id:
@@ -733,7 +738,8 @@ async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser
     upstream = _upstream_named(config, name)
     token_file = TokenFile(tokens_directory(config.state), name)
     try:
-        await login(upstream, token_file, out=out, open_browser=open_browser)
+        command = login_command(upstream, config.state)
+        await login(upstream, token_file, out=out, open_browser=open_browser, again=command)
     except TokenFileError as exc:
         raise LoginError(str(exc)) from None
     _print(out, f"Logged in to {name}; tokens saved in {token_file.path}")

@@ -325,7 +325,7 @@ async def test_no_query_value_or_password_of_a_url_reaches_the_banner_the_log_or
         await process.wait()
 
 
-async def test_login_and_tail_print_urls_masked(tmp_path: Path) -> None:
+async def test_login_tail_and_sessions_forget_print_urls_masked(tmp_path: Path) -> None:
     secret = "qsecret-4f1d9c"
     config = tmp_path / "proxy.toml"
     config.write_text(
@@ -338,4 +338,11 @@ async def test_login_and_tail_print_urls_masked(tmp_path: Path) -> None:
     status, stdout, stderr = await run_cli("tail", f"http://127.0.0.1:9/?token={secret}", "--give-up", "0")
     assert status == 1
     assert b"token=***" in stderr, stderr
+    assert secret.encode() not in stdout + stderr
+    session = "f" * 32
+    status, stdout, stderr = await run_cli(
+        "sessions", "forget", session, "--state", ":memory:", "--proxy", f"http://127.0.0.1:9/?token={secret}"
+    )
+    assert status == 1
+    assert b"no proxy at http://127.0.0.1:9/?token=***" in stderr, stderr
     assert secret.encode() not in stdout + stderr

@@ -3,11 +3,18 @@ client-chosen text made harmless for a terminal."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import aiohttp
 import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
 
 from mcp_heal_proxy.auth.tokens import Grant
 from mcp_heal_proxy.config import ConfigError, build_config, describe
 from mcp_heal_proxy.display import mask_url, terminal_safe
+from tests.conftest import ProxyFactory, raw_initialize
+from tests.fake_upstream import FakeUpstream
 
 
 @pytest.mark.parametrize(
@@ -72,3 +79,23 @@ def test_a_grant_prints_its_upstream_masked() -> None:
 )
 def test_terminal_safe_writes_every_control_character_as_text(text: str, shown: str) -> None:
     assert terminal_safe(text) == shown
+
+
+async def test_redirect_logs_show_the_target_masked(
+    aiohttp_server: Any, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream = FakeUpstream()
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect("/v2/mcp?api_key=s3cret")
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", moved)
+    app.router.add_route("*", "/v2/mcp", upstream.handle)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    with capture_logs() as logs:
+        await raw_initialize(http, proxy.url)
+    (redirected,) = [entry for entry in logs if entry["event"] == "upstream.redirected"]
+    assert redirected["to"] == str(server.make_url("/v2/mcp")) + "?api_key=***"
+    assert "s3cret" not in repr(logs)

@@ -14,7 +14,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import structlog
 
@@ -36,6 +36,9 @@ from mcp_heal_proxy.config import (
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 # Defaults shown in --help, kept here so that the help does not import the watch module.
 DEFAULT_PROXY_URL = "http://127.0.0.1:8787"
@@ -443,10 +446,51 @@ async def serve(config: ProxyConfig) -> int:
         )
     try:
         await stop.wait()
-    finally:
-        log.info("proxy.stopping")
+    except BaseException:
         await runner.cleanup()
+        raise
+    await _stop(runner, app, stop, config.shutdown_grace)
     return 0
+
+
+async def _stop(runner: web.AppRunner, app: web.Application, stop: asyncio.Event, grace: float) -> None:
+    """Stop serving: calls in flight get ``grace`` seconds, and the user is told so; a second Ctrl-C (or
+    SIGTERM) ends them at once, as uvicorn and docker do."""
+    from mcp_heal_proxy.front.app import PROXIES_KEY
+    from mcp_heal_proxy.tasks import TaskOwner
+
+    log = structlog.get_logger("mcp_heal_proxy")
+    proxies = list(app[PROXIES_KEY].values()) if PROXIES_KEY in app else []
+    calls = sum(proxy.calls_in_flight for proxy in proxies)
+    log.info("proxy.stopping", calls_in_flight=calls, grace_s=grace)
+    if calls:
+        noun = "call" if calls == 1 else "calls"
+        print(
+            f"mcp-heal-proxy: stopping: waiting up to {grace:g} s for {calls} {noun} in flight; "
+            "Ctrl-C again to stop now",
+            file=sys.stderr,
+            flush=True,
+        )
+    stop.clear()
+    owner = TaskOwner()
+    cleanup = owner.spawn(runner.cleanup(), name="cleanup")
+    again = owner.spawn(stop.wait(), name="second-signal")
+    try:
+        await asyncio.wait((cleanup, again), return_when=asyncio.FIRST_COMPLETED)
+        if not cleanup.done():
+            ended = sum(proxy.calls_in_flight for proxy in proxies)
+            log.info("proxy.stopping_now", calls_ended=ended)
+            print(
+                f"mcp-heal-proxy: stopping now (ending {ended} {'call' if ended == 1 else 'calls'})",
+                file=sys.stderr,
+                flush=True,
+            )
+            for proxy in proxies:
+                proxy.end_calls()
+        await asyncio.shield(cleanup)
+    finally:
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
 
 
 def _login_or_logout(args: argparse.Namespace) -> int:
@@ -456,7 +500,7 @@ def _login_or_logout(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, "warning", config.secrets())
     try:
         if args.command == "logout":
-            return run_logout(config, args.name, out=sys.stdout)
+            return _run(run_logout(config, args.name, out=sys.stdout))
         return _run(run_login(config, args.name, out=sys.stdout, open_browser=not args.no_browser))
     except LoginError as exc:
         print(f"mcp-heal-proxy: login failed: {exc}", file=sys.stderr)

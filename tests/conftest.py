@@ -196,6 +196,16 @@ class RunningProxy:
 
     url: str
     app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def port(self) -> int:
+        return int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop it (a restart: start another on its port). The fixture leaves a stopped runner alone."""
+        if self.runner.server is not None:
+            await self.runner.cleanup()
 
     async def record(self, client_session_id: str) -> SessionRecord | None:
         """The proxy's record for a client session id."""
@@ -225,23 +235,27 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
     """Start the proxy in this process in front of an upstream URL."""
     runners: list[web.AppRunner] = []
 
-    async def start(upstream_url: str, **upstream_options: Any) -> RunningProxy:
+    async def start(upstream_url: str, *, port: int = 0, **upstream_options: Any) -> RunningProxy:
         upstream_options.setdefault("client", TEST_CLIENT)
         config = single_upstream(upstream_url, **upstream_options)
         app = build_app(config)
         # As serve() runs it: handlers cancelled when the client leaves, the proxy's own HTTP/1.1 server
-        # in front of aiohttp's.
+        # in front of aiohttp's (aiohttp's alone with http_server="aiohttp").
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         runners.append(runner)
-        site = FastSite(runner, "127.0.0.1", 0, app[FAST_PATH_KEY])
+        site: web.BaseSite = (
+            FastSite(runner, "127.0.0.1", port, app[FAST_PATH_KEY])
+            if config.http_server == "fast"
+            else web.TCPSite(runner, "127.0.0.1", port)
+        )
         await site.start()
-        port = runner.addresses[0][1]
-        return RunningProxy(f"http://127.0.0.1:{port}/mcp", app)
+        return RunningProxy(f"http://127.0.0.1:{runner.addresses[0][1]}/mcp", app, runner)
 
     yield start
     for runner in runners:
-        await runner.cleanup()
+        if runner.server is not None:
+            await runner.cleanup()
 
 
 async def start_serve(*args: str, stderr: int = asyncio.subprocess.DEVNULL) -> tuple[asyncio.subprocess.Process, str]:

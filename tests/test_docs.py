@@ -508,3 +508,24 @@ async def test_the_user_guides_transcripts_are_what_the_commands_print(command: 
         async with asyncio.timeout(20):
             printed, _ = await process.communicate()
         assert printed.decode() == output, line
+
+
+def test_every_event_the_proxy_logs_at_info_or_above_is_in_the_user_guide() -> None:
+    """What a user sees in the log, they can look up: each event name logged at info, warning or error."""
+    call = re.compile(r'\blog\.(?:info|warning|error|exception|critical)\(\s*"([a-z_][a-z0-9_.]*)"')
+    events = {
+        name
+        for path in (REPO_ROOT / "mcp_heal_proxy").rglob("*.py")
+        for name in call.findall(path.read_text(encoding="utf-8"))
+    }
+    assert len(events) > 40, "the scan found the proxy's log calls"
+    guide = USER_GUIDE.read_text(encoding="utf-8")
+    missing = sorted(name for name in events if f"`{name}`" not in guide)
+    assert not missing, f"log events not in docs/user-guide.md: {missing}"
+
+
+def test_every_event_in_the_user_guides_sample_logs_is_one_the_proxy_logs() -> None:
+    code = "".join(path.read_text(encoding="utf-8") for path in (REPO_ROOT / "mcp_heal_proxy").rglob("*.py"))
+    shown = set(re.findall(r'"event": "([a-z_][a-z0-9_.]*)"', USER_GUIDE.read_text(encoding="utf-8")))
+    assert shown, "the guide shows sample log lines"
+    assert not sorted(name for name in shown if f'"{name}"' not in code)

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from mcp_heal_proxy.auth.managed import _client_auth
 from tests.conftest import HERE, MCP_HEADERS, ServerProcess, free_port, mcp_session, session_headers, wait_until
 from tests.managed_login import CLI, REPO_ROOT, child_env, login, serve
 
@@ -200,7 +201,9 @@ async def test_a_revoked_access_token_is_refreshed_once_across_requests_and_prox
     env = child_env(state_home)
     config = write_config(tmp_path, upstream.url)
     assert (await login(config, NAME, env)).returncode == 0
-    proxies = [await serve(config, env), await serve(config, env)]
+    # One SQLite file serves one proxy: the second keeps its sessions in memory, and shares the login
+    # (its tokens sit in the same state directory).
+    proxies = [await serve(config, env), await serve(config, env, "--state", ":memory:")]
     try:
         async with mcp_session(proxies[0].url) as one, mcp_session(proxies[1].url) as two:
             await revoke_access_token(upstream, state_home)
@@ -267,9 +270,20 @@ async def test_serve_without_a_login_and_logout(oauth_upstream: OAuthUpstreams, 
     env = child_env(state_home)
     config = write_config(tmp_path, upstream.url)
     assert (await login(config, NAME, env)).returncode == 0
+    grant = stored(state_home)
     out = await _cli(env, "logout", NAME, "--config", str(config))
+    assert "Revoked the refresh token and access token at the authorization server" in out
     assert "Logged out of up" in out
     assert not token_path(state_home).exists()
+    # RFC 7009: the authorization server no longer honours the refresh token.
+    form = {"grant_type": "refresh_token", "refresh_token": grant["refresh_token"]}
+    client = _client_auth(form, grant["client_id"], grant.get("client_secret"), grant["auth_method"])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(grant["token_endpoint"], data=form, headers=client) as response,
+    ):
+        assert response.status == 400, await response.text()
+        assert (await response.json())["error"] == "invalid_grant"
     proxy = await serve(config, env)
     try:
         body = {"jsonrpc": "2.0", "id": "init-7", "method": "initialize", "params": {}}

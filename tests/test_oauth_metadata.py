@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mcp_heal_proxy.auth.metadata import (
     authorization_server_candidates,
     bearer_param,
+    check_resource,
     dialed_origin,
     is_token_challenge,
     is_trusted,
@@ -28,6 +29,7 @@ from mcp_heal_proxy.engine.healing import is_session_expired
 from mcp_heal_proxy.observability import Redactor
 
 OURS = "http://127.0.0.1:8787/.well-known/oauth-protected-resource/mcp"
+UPSTREAM = "https://mcp.example.com/tenant/mcp"
 SESSION_GONE = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
 
 
@@ -198,6 +200,58 @@ def test_authorization_server_rewrite_moves_endpoints_and_keeps_the_rest() -> No
     assert rewritten["authorization_response_iss_parameter_supported"] is True
 
 
+def test_the_stand_in_advertises_only_what_it_relays() -> None:
+    """An OpenID provider's metadata (oidc-provider's shape): what the stand-in would not relay, or
+    whose signed target would name the proxy, is not advertised in the proxy's name."""
+    upstream = {
+        "issuer": "https://op.example",
+        "authorization_endpoint": "https://op.example/auth",
+        "token_endpoint": "https://op.example/token",
+        "registration_endpoint": "https://op.example/reg",
+        "revocation_endpoint": "https://op.example/token/revocation",
+        "pushed_authorization_request_endpoint": "https://op.example/request",
+        "userinfo_endpoint": "https://op.example/me",
+        "introspection_endpoint": "https://op.example/token/introspection",
+        "end_session_endpoint": "https://op.example/session/end",
+        "device_authorization_endpoint": "https://op.example/device/auth",
+        "dpop_signing_alg_values_supported": ["ES256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt", "none"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS256"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_jwt", "client_secret_post"],
+        "grant_types_supported": [
+            "authorization_code",
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:device_code",
+        ],
+        "response_types_supported": ["code", "id_token", "code id_token"],
+        "scopes_supported": ["openid", "offline_access", "mcp"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": True,
+    }
+    rewritten = rewrite_authorization_server(upstream, "http://p:1", "/mcp")
+    for key in (
+        "pushed_authorization_request_endpoint",
+        "userinfo_endpoint",
+        "introspection_endpoint",
+        "end_session_endpoint",
+        "device_authorization_endpoint",
+        "dpop_signing_alg_values_supported",
+        "token_endpoint_auth_signing_alg_values_supported",
+        "id_token_signing_alg_values_supported",
+    ):
+        assert key not in rewritten, key
+    assert rewritten["token_endpoint_auth_methods_supported"] == ["client_secret_basic", "none"]
+    assert rewritten["revocation_endpoint_auth_methods_supported"] == ["client_secret_post"]
+    assert rewritten["grant_types_supported"] == ["authorization_code", "refresh_token"]
+    assert rewritten["response_types_supported"] == ["code"]
+    assert rewritten["scopes_supported"] == ["offline_access", "mcp"]
+    assert rewritten["request_uri_parameter_supported"] is False
+    assert rewritten["revocation_endpoint"] == "http://p:1/oauth/mcp/revoke"
+    assert rewritten["authorization_response_iss_parameter_supported"] is True
+    assert "pushed_authorization_request_endpoint" in upstream, "the cached document is not changed"
+
+
 def test_resource_maps_from_the_proxy_url_to_the_upstream_only() -> None:
     upstream = "https://u.example/v1/mcp"
     assert map_resource("http://127.0.0.1:8787/gh/mcp", "/gh/mcp", upstream) == upstream
@@ -245,3 +299,36 @@ def test_bearer_tokens_are_redacted_from_log_events_by_shape() -> None:
         "refresh_token": "[redacted]",
         "client_secret": "[redacted]",
     }
+
+
+@pytest.mark.parametrize(
+    ("resource", "accepted"),
+    [
+        (UPSTREAM, True),
+        (UPSTREAM + "/", True),
+        ("https://mcp.example.com", True),
+        ("https://mcp.example.com/", True),
+        ("https://mcp.example.com/tenant", True),
+        ("https://mcp.example.com:443/tenant/mcp", True),
+        ("HTTPS://MCP.example.COM/tenant/mcp", True),
+        ("https://mcp.example.com/ten", False),  # not a path segment boundary
+        ("https://mcp.example.com/tenant/mcp2", False),
+        ("https://mcp.example.com/other/mcp", False),
+        ("https://mcp.example.com/tenant/mcp/deeper", False),
+        ("http://mcp.example.com/tenant/mcp", False),
+        ("https://mcp.example.com:8443/tenant/mcp", False),
+        ("https://evil.example.com/tenant/mcp", False),
+        ("https://mcp.example.com.evil.example/tenant/mcp", False),
+        ("https://user@mcp.example.com/tenant/mcp", False),
+        ("https://mcp.example.com/tenant/mcp#fragment", False),
+        ("https://mcp.example.com/tenant/mcp?other=1", False),
+        ("https://mcp.example.com:99999/tenant/mcp", False),
+        ("ftp://mcp.example.com/tenant/mcp", False),
+        ("/tenant/mcp", False),
+        ("not a url", False),
+        ("", False),
+    ],
+)
+def test_resource_must_be_the_upstream_or_a_same_origin_prefix(resource: str, accepted: bool) -> None:
+    """One rule for the pass-through and the managed login (RFC 9728 sections 3.3 and 7.3)."""
+    assert check_resource(resource, UPSTREAM) is accepted

@@ -10,6 +10,8 @@ session. Its counterparts (the proxy without the feature, or without the proxy) 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +25,7 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp.shared.exceptions import MCPError
+from yarl import URL
 
 from mcp_heal_proxy.auth import discovery, standin
 from mcp_heal_proxy.auth.metadata import bearer_param
@@ -40,7 +43,15 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fake_upstream import FakeUpstream
-from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, OAuthUpstream, leaves, oauth_mcp_session
+from tests.oauth_clients import (
+    REDIRECT_URI,
+    HeadlessLogin,
+    MemoryStorage,
+    OAuthUpstream,
+    follow_to_redirect_uri,
+    leaves,
+    oauth_mcp_session,
+)
 from tests.oauth_server import EXPIRY_LEEWAY, fingerprint
 
 TOKEN_LIFETIME = 2.0
@@ -438,7 +449,7 @@ async def test_relayed_callback_refuses_unknown_state_and_a_foreign_issuer(
 ) -> None:
     upstream = await oauth_upstream("--send-iss")
     proxy = await start_proxy(upstream.url)
-    callback = proxy.url.replace("/mcp", "/oauth/mcp/callback")
+    callback = proxy.url.replace("/mcp", "/oauth/mcp/callback/") + standin.redirect_tag(REDIRECT_URI)
     async with http.get(callback, params={"code": "c", "state": "never-issued"}, allow_redirects=False) as response:
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_request"
@@ -525,3 +536,260 @@ async def test_a_get_stream_whose_token_stopped_working_ends_instead_of_retrying
             body = await response.read()
     assert body.startswith(b"id: 1\n")
     assert streams == 2
+
+
+ATTACKER_REDIRECT = "http://attacker.example/steal"
+
+
+async def browse(http: aiohttp.ClientSession, url: str) -> tuple[list[str], int]:
+    """Follow redirects as a browser would, stopping before any request to the attacker's host.
+
+    Returns every URL visited or redirected to, and the last status.
+    """
+    visited = [url]
+    for _ in range(6):
+        async with http.get(url, allow_redirects=False) as response:
+            location = response.headers.get("Location")
+            if response.status not in (302, 303, 307) or location is None:
+                return visited, response.status
+        url = location
+        visited.append(url)
+        if urlsplit(url).hostname == "attacker.example":
+            return visited, response.status
+    raise AssertionError(f"too many redirects: {visited}")
+
+
+def attacker_link(proxy_url: str, client_id: str, redirect_uri: str = ATTACKER_REDIRECT) -> str:
+    """A crafted authorization link: a real client, the attacker's redirect URI and PKCE challenge."""
+    query = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "code_challenge": "attacker-challenge-" + "a" * 24,
+        "code_challenge_method": "S256",
+        "state": "attacker-state",
+        "resource": proxy_url,
+    }
+    return str(URL(proxy_url.replace("/mcp", "/oauth/mcp/authorize")).with_query(query))
+
+
+async def test_a_crafted_authorization_link_never_sends_a_code_to_a_redirect_uri_the_client_did_not_register(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream = await oauth_upstream("--send-iss")
+    proxy = await start_proxy(upstream.url)
+    storage, login = MemoryStorage(), HeadlessLogin()
+    async with asyncio.timeout(SCENARIO_TIMEOUT), oauth_mcp_session(proxy.url, storage, login) as session:
+        await session.call_tool("whoami", {})
+    assert storage.client_info is not None
+    client_id = storage.client_info.client_id
+    assert client_id
+    # The proxy knows the client's registration: refused at once, no redirect anywhere.
+    async with http.get(attacker_link(proxy.url, client_id), allow_redirects=False) as response:
+        assert response.status == 400
+        assert "Location" not in response.headers
+        assert (await response.json())["error"] == "invalid_request"
+    # A proxy that does not know the client (restarted since it registered): the upstream's server
+    # refuses the callback of a redirect URI the client never registered, without redirecting.
+    port = proxy.port
+    await proxy.stop()
+    restarted = await start_proxy(upstream.url, port=port)
+    authorizations = (await upstream.stats())["authorizations"]
+    visited, status = await browse(http, attacker_link(restarted.url, client_id))
+    assert not any(urlsplit(url).hostname == "attacker.example" for url in visited), visited
+    assert status == 400
+    assert (await upstream.stats())["authorizations"] == authorizations, "no code was issued"
+    # While the client's own redirect URI still works through the restarted proxy.
+    landed = await follow_to_redirect_uri(attacker_link(restarted.url, client_id, REDIRECT_URI), REDIRECT_URI)
+    assert "code" in parse_qs(urlsplit(landed).query)
+
+
+async def test_a_relayed_code_is_redeemed_only_with_the_redirect_uri_of_its_authorization(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream = await oauth_upstream("--send-iss")
+    proxy = await start_proxy(upstream.url)
+    register = proxy.url.replace("/mcp", "/oauth/mcp/register")
+    registration = {"redirect_uris": [REDIRECT_URI], "token_endpoint_auth_method": "none", "client_name": "t"}
+    async with http.post(register, json=registration) as response:
+        assert response.status == 201
+        client = await response.json()
+    assert client["redirect_uris"] == [REDIRECT_URI]
+    verifier = "v" * 64
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    query = {
+        "response_type": "code",
+        "client_id": client["client_id"],
+        "redirect_uri": REDIRECT_URI,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": "s",
+    }
+    authorize = str(URL(proxy.url.replace("/mcp", "/oauth/mcp/authorize")).with_query(query))
+    code = parse_qs(urlsplit(await follow_to_redirect_uri(authorize, REDIRECT_URI)).query)["code"][0]
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": ATTACKER_REDIRECT,
+        "code_verifier": verifier,
+        "client_id": client["client_id"],
+    }
+    token = proxy.url.replace("/mcp", "/oauth/mcp/token")
+    exchanges = (await upstream.stats())["code_exchanges"]
+    async with http.post(token, data=form) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_grant"
+    # Nor by another client, with the right redirect URI.
+    code = parse_qs(urlsplit(await follow_to_redirect_uri(authorize, REDIRECT_URI)).query)["code"][0]
+    form = {**form, "code": code, "redirect_uri": REDIRECT_URI, "client_id": "another-client"}
+    async with http.post(token, data=form) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_grant"
+    assert (await upstream.stats())["code_exchanges"] == exchanges
+
+
+def metadata_upstream(resource: Callable[[str], str]) -> web.Application:
+    """An upstream whose protected-resource metadata names ``resource(its own MCP URL)``, with an
+    authorization server at its origin."""
+
+    async def protected_resource(request: web.Request) -> web.Response:
+        origin = f"http://{request.host}"
+        return web.json_response({"resource": resource(origin + "/mcp"), "authorization_servers": [origin]})
+
+    async def authorization_server(request: web.Request) -> web.Response:
+        origin = f"http://{request.host}"
+        return web.json_response(
+            {"issuer": origin, "authorization_endpoint": origin + "/authorize", "token_endpoint": origin + "/token"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", protected_resource)
+    app.router.add_get("/.well-known/oauth-authorization-server", authorization_server)
+    return app
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [lambda _: "https://api.other.example/v1", lambda url: url.replace("/mcp", "/other-api")],
+    ids=["another-origin", "another-path"],
+)
+async def test_metadata_naming_another_resource_is_refused_everywhere(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    foreign: Callable[[str], str],
+) -> None:
+    server = await aiohttp_server(metadata_upstream(foreign))
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")) as response:
+        assert response.status == 502
+        error = (await response.json())["error"]
+    assert error["code"] == -32002
+    assert "refusing" in error["message"]
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+    query = {"response_type": "code", "client_id": "c", "redirect_uri": REDIRECT_URI, "resource": proxy.url}
+    async with http.get(authorize, params=query, allow_redirects=False) as response:
+        assert response.status == 502, "no authorization is asked for the other server's resource"
+        assert "Location" not in response.headers
+
+
+async def test_metadata_naming_the_upstreams_origin_is_accepted(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await aiohttp_server(metadata_upstream(lambda url: url.removesuffix("/mcp")))
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    async with http.get(proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")) as response:
+        assert response.status == 200
+        assert (await response.json())["resource"] == proxy.url
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+    query = {"response_type": "code", "client_id": "c", "redirect_uri": REDIRECT_URI, "resource": proxy.url}
+    async with http.get(authorize, params=query, allow_redirects=False) as response:
+        assert response.status == 302
+        sent = parse_qs(urlsplit(response.headers["Location"]).query)
+    assert sent["resource"] == [str(server.make_url(""))]
+
+
+async def test_logins_against_a_hanging_metadata_host_share_one_fetch_and_its_failure(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(discovery, "FETCH_TIMEOUT", aiohttp.ClientTimeout(total=0.5))
+    asked = 0
+
+    async def hang(_: web.Request) -> web.Response:
+        nonlocal asked
+        asked += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", hang)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    metadata = proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")
+
+    async def fetch() -> int:
+        async with http.get(metadata) as response:
+            return response.status
+
+    started = time.monotonic()
+    statuses = await asyncio.gather(*(fetch() for _ in range(8)))
+    elapsed = time.monotonic() - started
+    assert statuses == [502] * 8
+    assert asked == 1, "one fetch for all eight"
+    assert elapsed < 2.0, f"the eight waited {elapsed:.1f} s (one after another: 8 x 0.5 s)"
+    # The failure is remembered for a few seconds: the next login gets it at once.
+    started = time.monotonic()
+    assert await fetch() == 502
+    assert time.monotonic() - started < 0.3
+    assert asked == 1
+
+
+async def test_a_slow_authorization_server_document_does_not_hold_up_the_resource_document(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(discovery, "FETCH_TIMEOUT", aiohttp.ClientTimeout(total=3.0))
+
+    async def protected_resource(request: web.Request) -> web.Response:
+        origin = f"http://{request.host}"
+        return web.json_response({"resource": origin + "/mcp", "authorization_servers": [origin]})
+
+    fetching = asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        fetching.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", protected_resource)
+    app.router.add_get("/.well-known/oauth-authorization-server", hang)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")))
+    metadata = proxy.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")
+    async with http.get(metadata) as response:
+        assert response.status == 200
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+
+    async def authorization() -> int:
+        async with http.get(authorize, params={"client_id": "c"}, allow_redirects=False) as response:
+            return response.status
+
+    async def resource_document_meanwhile() -> float:
+        async with asyncio.timeout(5):
+            await fetching.wait()  # the authorization server's metadata is being fetched
+        started = time.monotonic()
+        async with http.get(metadata) as response:
+            assert response.status == 200
+        return time.monotonic() - started
+
+    async with asyncio.TaskGroup() as group:
+        waiting = group.create_task(authorization())
+        meanwhile = group.create_task(resource_document_meanwhile())
+    assert meanwhile.result() < 1.0
+    assert waiting.result() == 502

@@ -110,14 +110,17 @@ async def test_a_permanent_redirect_is_remembered_until_its_target_stops_serving
     moved = True
     paths: list[str] = []
 
+    # POSTs only: the GET stream the proxy opens at notifications/initialized is not what this is about.
     async def old(request: web.Request) -> web.StreamResponse:
-        paths.append(request.path)
+        if request.method == "POST":
+            paths.append(request.path)
         if moved:
             raise web.HTTPPermanentRedirect("/v2/mcp")
         return await upstream.handle(request)
 
     async def new(request: web.Request) -> web.StreamResponse:
-        paths.append(request.path)
+        if request.method == "POST":
+            paths.append(request.path)
         return await upstream.handle(request) if moved else not_found()
 
     app = web.Application()

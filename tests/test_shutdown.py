@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from pathlib import Path
@@ -132,6 +133,49 @@ async def test_sigterm_with_a_call_that_never_finishes_exits_after_one_grace_per
                     assert await process.wait() == 0
                 elapsed = asyncio.get_running_loop().time() - stopping
         assert grace - 0.5 < elapsed < 1.5 * grace, f"stopped {elapsed:.1f} s after SIGTERM, grace {grace} s"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_ctrl_c_during_a_call_says_what_it_waits_for_and_a_second_ctrl_c_stops_at_once(
+    tmp_path: Path, sse_upstream: UpstreamProcess
+) -> None:
+    grace = 30.0  # far longer than the test waits: only the second Ctrl-C can end it in time
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\nshutdown_grace = {grace}\nstate = ":memory:"\nport = 0\nlog_format = "json"\n'
+        f'[upstreams.up]\nurl = "{sse_upstream.url}"\npath = "/mcp"\n'
+    )
+    process, url = await start_serve("--config", str(config), stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    try:
+        async with aiohttp.ClientSession() as http:
+            session_id = await raw_initialize(http, url)
+            call = {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "method": "tools/call",
+                "params": {"name": "gated_steps", "arguments": {"steps": 1}, "_meta": {"progressToken": 1}},
+            }
+            async with http.post(url, json=call, headers=session_headers(session_id)) as tool_call:
+                async with asyncio.timeout(10):
+                    await tool_call.content.readuntil(b"notifications/progress")
+                os.kill(process.pid, signal.SIGINT)
+                lines: list[str] = []
+                async with asyncio.timeout(10):
+                    while not any("Ctrl-C again" in line for line in lines):
+                        lines.append((await process.stderr.readline()).decode())
+                assert any(f"waiting up to {grace:g} s for 1 call in flight" in line for line in lines), lines
+                os.kill(process.pid, signal.SIGINT)
+                async with asyncio.timeout(5):
+                    assert await process.wait() == 0
+        rest = (await process.stderr.read()).decode()
+        records = [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
+        (ended,) = [r for r in records if r.get("event") == "request" and r.get("method") == "tools/call"]
+        assert ended["ended_by_proxy"] is True
+        assert ended["client_left"] is False
     finally:
         if process.returncode is None:
             process.kill()

@@ -34,15 +34,27 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mcp_heal_proxy.auth.bodies import BodyTooLarge, response_body
+from mcp_heal_proxy.auth.metadata import check_resource
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, UpstreamConfig, login_command
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError, connection_failure
+from mcp_heal_proxy.tasks import TaskOwner
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
 # Every request to an authorization server or a metadata URL is bounded.
 HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
+# A refresh holds up the upstream requests waiting for it: bounded tighter than a login's requests.
+REFRESH_TIMEOUT: Final = aiohttp.ClientTimeout(total=10, sock_connect=5)
+# How long a refresh waits for another process's refresh (which its own REFRESH_TIMEOUT bounds).
+REFRESH_LOCK_PATIENCE: Final = 12.0
+# What a request waits for the shared refresh at most: both bounds above, and a little for the file.
+REFRESH_WAIT: Final = REFRESH_LOCK_PATIENCE + 10 + 3
+# After a refresh that timed out (a hanging authorization server), requests do not start another one
+# for this long (each would wait again): they use the token's last seconds or get the error at once.
+REFRESH_FAILURE_TTL: Final = 5.0
 # How long ``login`` waits for the browser to come back to the loopback callback.
 LOGIN_TIMEOUT: Final = 300.0
 # A login waiting for another one gives it its whole browser wait, plus this for its token request.
@@ -130,11 +142,6 @@ def _origin(url: str) -> str:
     return f"{parts.scheme.lower()}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def _port(url: str) -> int | None:
-    parts = urlsplit(url)
-    return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-
-
 def prm_urls(upstream_url: str, from_challenge: str | None) -> list[str]:
     """Where to look for protected-resource metadata, in order (RFC 9728 section 3, MCP 2025-11-25).
 
@@ -147,27 +154,6 @@ def prm_urls(upstream_url: str, from_challenge: str | None) -> list[str]:
         urls.append(f"{origin}/.well-known/oauth-protected-resource{path}")
     urls.append(f"{origin}/.well-known/oauth-protected-resource")
     return list(dict.fromkeys(urls))
-
-
-def check_resource(resource: str, upstream_url: str) -> bool:
-    """Whether metadata naming ``resource`` may speak for ``upstream_url``.
-
-    Same scheme, host and port, and a path that is the upstream's or a path prefix of it on a segment
-    boundary: anything else is metadata for another server, and its tokens would be sent there.
-    """
-    try:
-        ours, theirs = urlsplit(upstream_url), urlsplit(resource)
-        if (ours.scheme.lower(), ours.hostname, _port(upstream_url)) != (
-            theirs.scheme.lower(),
-            theirs.hostname,
-            _port(resource),
-        ):
-            return False
-    except ValueError:
-        return False
-    prefix = theirs.path.rstrip("/")
-    path = ours.path.rstrip("/")
-    return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
 def as_metadata_urls(issuer: str) -> list[str]:
@@ -285,8 +271,8 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | N
         async with http.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
             if response.status != 200:
                 return None
-            payload = await response.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+            payload = json.loads(await response_body(response))
+    except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge):
         return None
     return payload if isinstance(payload, dict) else None
 
@@ -421,10 +407,9 @@ async def _token_request(
 ) -> dict[str, Any]:
     headers = {"Accept": "application/json", **_client_auth(form, client_id, secret, method)}
     async with http.post(endpoint, data=form, headers=headers, allow_redirects=False) as response:
-        text = await response.text(errors="replace")
         try:
-            payload = json.loads(text)
-        except ValueError:
+            payload = json.loads(await response_body(response))
+        except (ValueError, BodyTooLarge):
             payload = None
         if response.status != 200 or not isinstance(payload, dict) or "access_token" not in payload:
             error = payload.get("error") if isinstance(payload, dict) else None
@@ -458,7 +443,7 @@ async def refresh_grant(grant: Grant) -> Grant:
     form = {"grant_type": "refresh_token", "refresh_token": grant.refresh_token}
     if grant.resource:
         form["resource"] = grant.resource
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+    async with aiohttp.ClientSession(timeout=REFRESH_TIMEOUT) as http:
         answer = await _token_request(
             http, grant.token_endpoint, form, grant.client_id, grant.client_secret, grant.auth_method
         )
@@ -497,12 +482,11 @@ async def _register(
         body["scope"] = " ".join(scopes)
     try:
         async with http.post(endpoint, json=body, allow_redirects=False) as response:
-            payload = await response.json(content_type=None) if response.status in (200, 201) else None
+            payload = json.loads(await response_body(response)) if response.status in (200, 201) else None
             status = response.status
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise LoginError(
-            f"client registration at {mask_url(endpoint)} failed: {connection_failure(exc).words}"
-        ) from None
+    except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge) as exc:
+        why = "its answer is too large" if isinstance(exc, BodyTooLarge) else connection_failure(exc).words
+        raise LoginError(f"client registration at {mask_url(endpoint)} failed: {why}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
         raise LoginError(f"client registration at {mask_url(endpoint)} failed: HTTP {status}")
     secret = payload.get("client_secret")
@@ -682,6 +666,9 @@ async def _login(
             access_token="",
             resource=resource,
             issuer=found.issuer,
+            revocation_endpoint=revocation
+            if isinstance(revocation := metadata.get("revocation_endpoint"), str)
+            else None,
             scope=" ".join(scopes) or None,
             logged_in_at=time.time(),
         )
@@ -746,16 +733,85 @@ async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser
     return 0
 
 
-def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
-    """``mcp-heal-proxy logout NAME``: forget the tokens (the authorization server is not told)."""
+async def revoke_grant(grant: Grant) -> list[str]:
+    """Revoke the grant's refresh and access tokens at its authorization server (RFC 7009); what
+    was revoked ("refresh token", "access token"). Raises TokenRefused or aiohttp errors."""
+    assert grant.revocation_endpoint is not None
+    revoked: list[str] = []
+    tokens = (("refresh_token", grant.refresh_token), ("access_token", grant.access_token))
+    async with aiohttp.ClientSession(timeout=REFRESH_TIMEOUT) as http:
+        for hint, token in tokens:
+            if not token:
+                continue
+            try:
+                await _revoke(http, grant, grant.auth_method, token, hint)
+            except TokenRefused as exc:
+                if not (
+                    exc.status in (400, 401) and grant.auth_method == "client_secret_basic" and grant.client_secret
+                ):
+                    raise
+                # The MCP SDK's revocation endpoint checks the Basic credentials and then insists on
+                # a client_secret field in the form as well: the same secret, to the same endpoint.
+                await _revoke(http, grant, grant.auth_method, token, hint, secret_in_form=True)
+            revoked.append(hint.replace("_", " "))
+    return revoked
+
+
+async def _revoke(
+    http: aiohttp.ClientSession, grant: Grant, method: str, token: str, hint: str, *, secret_in_form: bool = False
+) -> None:
+    assert grant.revocation_endpoint is not None
+    form = {"token": token, "token_type_hint": hint}
+    headers = {"Accept": "application/json", **_client_auth(form, grant.client_id, grant.client_secret, method)}
+    if secret_in_form and grant.client_secret is not None:
+        form["client_secret"] = grant.client_secret
+    async with http.post(grant.revocation_endpoint, data=form, headers=headers, allow_redirects=False) as response:
+        # 200 whether or not the token was still valid (RFC 7009 section 2.2).
+        if response.status == 200:
+            return
+        try:
+            payload = json.loads(await response_body(response))
+        except (ValueError, BodyTooLarge):
+            payload = None
+        error = payload.get("error") if isinstance(payload, dict) else None
+        # Only the OAuth error code: a description could echo what was sent.
+        raise TokenRefused(response.status, str(error) if error else f"HTTP {response.status}")
+
+
+async def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
+    """``mcp-heal-proxy logout NAME``: revoke the tokens at the authorization server when it offers
+    revocation (RFC 7009), then forget them; says what it did."""
     upstream = _upstream_named(config, name)
     token_file = TokenFile(tokens_directory(config.state), name)
     try:
-        existed = token_file.delete()
+        async with token_file.lock():
+            grant = token_file.load(upstream.url)
+            if grant is None:
+                existed = token_file.delete()
+            else:
+                _print(out, await _revoke_for_logout(grant))
+                existed = token_file.delete()
     except TokenFileError as exc:
         raise LoginError(str(exc)) from None
     _print(out, f"Logged out of {upstream.name}." if existed else f"Not logged in to {upstream.name}.")
     return 0
+
+
+async def _revoke_for_logout(grant: Grant) -> str:
+    """Revoke the grant's tokens when the authorization server lets us; one line saying what happened."""
+    if grant.revocation_endpoint is None:
+        return (
+            "The authorization server offers no token revocation (or the login predates it): its tokens "
+            "are deleted here and stay valid there until they expire."
+        )
+    try:
+        revoked = await revoke_grant(grant)
+    except TokenRefused as exc:
+        return f"The authorization server refused to revoke the tokens ({exc.error}): deleted here only."
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        why = connection_failure(exc).words
+        return f"Cannot reach the authorization server to revoke the tokens ({why}): deleted here only."
+    return f"Revoked the {' and '.join(revoked)} at the authorization server." if revoked else "No token to revoke."
 
 
 # --- the hook in Upstream.send --------------------------------------------------------------------
@@ -783,10 +839,18 @@ class ManagedAuth:
         self._grant: Grant | None = None
         self._stamp: int | None = None
         self._loaded = False
+        # The refresh in flight (one for every request that needs it), owned: cancelled at close.
+        self._tasks = TaskOwner()
         self._refreshing: asyncio.Task[Grant] | None = None
         # The access token whose refresh the authorization server refused: no more attempts with it
         # until the file changes (a new login), so a dead grant does not cost a refresh per request.
         self._refused: str | None = None
+        # Until when (monotonic) a refresh that could not reach the authorization server is not retried.
+        self._unavailable_until = 0.0
+
+    async def close(self) -> None:
+        """Cancel a refresh in flight (the proxy is stopping)."""
+        await self._tasks.close()
 
     def _hint(self, why: str) -> str:
         return f"{why}: run `{self._login}` (upstream {self._name})"
@@ -825,14 +889,33 @@ class ManagedAuth:
         if self._refused == stale:
             raise LoginRequired(self._hint("the authorization server refused to refresh the token"))
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh(stale, reason))
+            if time.monotonic() < self._unavailable_until:
+                raise self._unavailable()
+            self._refreshing = self._tasks.spawn(self._refresh(stale, reason), name=f"auth-refresh-{self._name}")
             self._refreshing.add_done_callback(_retrieve)
         # Shielded: a client that gives up does not abort the refresh the others wait for.
-        return await asyncio.shield(self._refreshing)
+        try:
+            async with asyncio.timeout(REFRESH_WAIT):
+                return await asyncio.shield(self._refreshing)
+        except TimeoutError:
+            raise AuthServerUnavailable(
+                f"the refresh of upstream {self._name}'s token did not finish within {REFRESH_WAIT:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this request itself was cancelled
+            # The refresh was (the proxy is stopping): an error for this request, not a cancellation.
+            raise AuthServerUnavailable(f"the proxy stopped while refreshing upstream {self._name}'s token") from None
+
+    def _unavailable(self) -> AuthServerUnavailable:
+        return AuthServerUnavailable(
+            f"cannot reach the authorization server of upstream {self._name} to refresh the token"
+        )
 
     async def _refresh(self, stale: str, reason: str) -> Grant:
         try:
-            async with self._file.lock():
+            async with self._file.lock(patience=REFRESH_LOCK_PATIENCE):
                 grant = self._file.load(self._upstream.url)
                 if grant is None:
                     raise LoginRequired(self._hint("not logged in to the upstream"))
@@ -855,9 +938,12 @@ class ManagedAuth:
                     log.warning(
                         "auth.refresh_failed", upstream=self._name, reason=reason, error=connection_failure(exc).words
                     )
-                    raise AuthServerUnavailable(
-                        f"cannot reach the authorization server of upstream {self._name} to refresh the token"
-                    ) from None
+                    if isinstance(exc, TimeoutError):
+                        # A hanging server: the next requests should not each wait for it again. (A
+                        # refused connection costs nothing to try again, and comes back soon after a
+                        # restart.)
+                        self._unavailable_until = time.monotonic() + REFRESH_FAILURE_TTL
+                    raise self._unavailable() from None
                 self._file.save(fresh)
                 self._adopt(fresh)
         except TokenFileError as exc:
@@ -888,12 +974,26 @@ class ManagedAuth:
         ``options`` are the transport's (stream, resendable, ...), passed through unchanged.
         """
         grant = await self._usable()
-        response = await transmit(method, _authorized(headers, grant), body, **options)
+
+        async def reauthorize(final: bool) -> dict[str, str] | None:
+            # A request the transport retries (the upstream refusing connections while it restarts)
+            # takes the token again: the one chosen before the wait may have expired meanwhile. An
+            # authorization server down with the upstream (one process) lets the transport wait on.
+            nonlocal grant
+            try:
+                grant = await self._usable()
+            except AuthServerUnavailable:
+                if final:
+                    raise
+                return None
+            return _authorized(headers, grant)
+
+        response = await transmit(method, _authorized(headers, grant), body, reauthorize=reauthorize, **options)
         if _is_token_challenge(response):
             # Refused before it was processed: sending it again cannot run anything twice.
             response.release()
             grant = await self._refreshed(grant.access_token, "http_401")
-            response = await transmit(method, _authorized(headers, grant), body, **options)
+            response = await transmit(method, _authorized(headers, grant), body, reauthorize=reauthorize, **options)
             if _is_token_challenge(response):
                 response.release()
                 raise LoginRequired(self._hint("the upstream refuses the token even after a refresh"))

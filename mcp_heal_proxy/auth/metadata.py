@@ -120,6 +120,39 @@ def authorization_server_candidates(issuer: str) -> list[str]:
     return [at(AUTHORIZATION_SERVER_WELL_KNOWN + path), at(OPENID_WELL_KNOWN + path), at(path + OPENID_WELL_KNOWN)]
 
 
+def _default_port(scheme: str) -> int | None:
+    return {"http": 80, "https": 443}.get(scheme)
+
+
+def check_resource(resource: str, upstream_url: str) -> bool:
+    """Whether protected-resource metadata naming ``resource`` may speak for ``upstream_url`` (RFC 9728
+    sections 3.3 and 7.3): the one rule of the pass-through and the managed login.
+
+    After normalization (scheme and host case, default port, trailing slash), the scheme, host and port
+    must be the upstream's exactly, and the path the upstream's or a prefix of it on a segment boundary
+    (a server's root metadata names its origin; the MCP SDKs accept that too). A fragment, user
+    information, or a query other than the upstream's refuses it. Anything else is metadata for another
+    server: a client would be sent to get tokens for it, and they would be sent there.
+    """
+    try:
+        ours, theirs = urlsplit(upstream_url), urlsplit(resource)
+        ours_port = ours.port or _default_port(ours.scheme.lower())
+        theirs_port = theirs.port or _default_port(theirs.scheme.lower())
+    except ValueError:
+        return False
+    if theirs.fragment or theirs.username is not None or theirs.password is not None:
+        return False
+    if theirs.scheme.lower() not in _SCHEMES or not theirs.hostname:
+        return False
+    if (ours.scheme.lower(), ours.hostname, ours_port) != (theirs.scheme.lower(), theirs.hostname, theirs_port):
+        return False
+    if theirs.query and theirs.query != ours.query:
+        return False
+    prefix = theirs.path.rstrip("/")
+    path = ours.path.rstrip("/")
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
 def rewrite_protected_resource(
     metadata: Mapping[str, Any], resource: str, authorization_server: str | None
 ) -> dict[str, Any]:
@@ -136,15 +169,80 @@ def rewrite_protected_resource(
     return rewritten
 
 
+# What the stand-in does not relay, or cannot relay correctly, and so must not advertise in its own
+# name: endpoints it does not serve (pushed authorization requests, userinfo, introspection, logout,
+# device and backchannel authorization), and mechanisms whose signed or bound target names the issuer
+# or the endpoint the client talked to, which is the proxy (DPoP proofs, JWT client authentication,
+# signed request objects, mutual TLS). The ID token of an OpenID login names the real server as its
+# issuer, so ``openid`` and the ID token's parameters are not advertised either.
+_NOT_RELAYED: Final = frozenset(
+    {
+        "pushed_authorization_request_endpoint",
+        "require_pushed_authorization_requests",
+        "userinfo_endpoint",
+        "userinfo_signing_alg_values_supported",
+        "userinfo_encryption_alg_values_supported",
+        "userinfo_encryption_enc_values_supported",
+        "introspection_endpoint",
+        "introspection_endpoint_auth_methods_supported",
+        "introspection_endpoint_auth_signing_alg_values_supported",
+        "end_session_endpoint",
+        "check_session_iframe",
+        "frontchannel_logout_supported",
+        "frontchannel_logout_session_supported",
+        "backchannel_logout_supported",
+        "backchannel_logout_session_supported",
+        "device_authorization_endpoint",
+        "backchannel_authentication_endpoint",
+        "backchannel_token_delivery_modes_supported",
+        "backchannel_authentication_request_signing_alg_values_supported",
+        "backchannel_user_code_parameter_supported",
+        "dpop_signing_alg_values_supported",
+        "token_endpoint_auth_signing_alg_values_supported",
+        "revocation_endpoint_auth_signing_alg_values_supported",
+        "request_object_signing_alg_values_supported",
+        "request_object_encryption_alg_values_supported",
+        "request_object_encryption_enc_values_supported",
+        "mtls_endpoint_aliases",
+        "tls_client_certificate_bound_access_tokens",
+        "id_token_signing_alg_values_supported",
+        "id_token_encryption_alg_values_supported",
+        "id_token_encryption_enc_values_supported",
+    }
+)
+# Client authentication the stand-in relays as it is (the credentials do not name the endpoint).
+_RELAYED_AUTH_METHODS: Final = ("client_secret_basic", "client_secret_post", "none")
+# Grants whose requests the stand-in relays (the device code grant has no relayed endpoint).
+_RELAYED_GRANTS: Final = ("authorization_code", "refresh_token")
+
+
 def rewrite_authorization_server(metadata: Mapping[str, Any], origin: str, path: str) -> dict[str, Any]:
     """The upstream authorization server's metadata with the proxy standing in for it.
 
     ``issuer`` is the proxy's URL for this upstream (clients compare it with the URL they were sent
     to, character for character); the endpoints that take a ``resource`` or must see the client's
-    registration move to the proxy; the rest (scopes, PKCE methods, auth methods, RFC 9207 ``iss``
-    support: the proxy then relays the redirect and sends its own ``iss``) stays.
+    registration move to the proxy; what the proxy does not relay is left out (``_NOT_RELAYED``, and
+    the auth methods, grants, response types and scopes it cannot carry); the rest (scopes, PKCE
+    methods, RFC 9207 ``iss`` support: the proxy then relays the redirect and sends its own ``iss``)
+    stays.
     """
-    rewritten = dict(metadata)
+    rewritten = {key: value for key, value in metadata.items() if key not in _NOT_RELAYED}
+    for key, relayed in (
+        ("token_endpoint_auth_methods_supported", _RELAYED_AUTH_METHODS),
+        ("revocation_endpoint_auth_methods_supported", _RELAYED_AUTH_METHODS),
+        ("grant_types_supported", _RELAYED_GRANTS),
+    ):
+        if isinstance(rewritten.get(key), list):
+            rewritten[key] = [value for value in rewritten[key] if value in relayed]
+    if isinstance(rewritten.get("scopes_supported"), list):
+        rewritten["scopes_supported"] = [scope for scope in rewritten["scopes_supported"] if scope != "openid"]
+    if isinstance(rewritten.get("response_types_supported"), list):
+        rewritten["response_types_supported"] = [
+            kind for kind in rewritten["response_types_supported"] if kind == "code"
+        ]
+    # Defaults of OpenID discovery that would otherwise promise signed request objects by reference.
+    rewritten["request_parameter_supported"] = False
+    rewritten["request_uri_parameter_supported"] = False
     rewritten["issuer"] = origin + path
     rewritten["authorization_endpoint"] = stand_in_endpoint(origin, path, "authorize")
     rewritten["token_endpoint"] = stand_in_endpoint(origin, path, "token")

@@ -18,11 +18,14 @@ value, a request body or a token answer.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -30,6 +33,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mcp_heal_proxy.auth.bodies import OAUTH_BODY_LIMIT, BodyTooLarge, request_body, response_body
 from mcp_heal_proxy.auth.discovery import MetadataUnavailable, UpstreamMetadata
 from mcp_heal_proxy.auth.metadata import (
     AUTHORIZATION_SERVER_WELL_KNOWN,
@@ -49,13 +53,14 @@ from mcp_heal_proxy.auth.metadata import (
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.front.guards import json_error
+from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
 # Token, registration and revocation requests are small forms or JSON documents.
-FORM_LIMIT: Final = 64 * 1024
+FORM_LIMIT: Final = OAUTH_BODY_LIMIT
 FORWARD_TIMEOUT: Final = aiohttp.ClientTimeout(total=30.0, sock_connect=5.0)
 # Headers of the authorization server's answers that the client needs; the rest stays behind.
 _ANSWER_HEADERS: Final = ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate", "Location")
@@ -78,39 +83,91 @@ def relays_redirect(server: Mapping[str, Any]) -> bool:
     return server.get(ISS_SUPPORTED) is True
 
 
-class _Pending:
-    """Relayed authorizations: the proxy's state key -> the client's redirect URI and state; and the
-    code -> the callback URL the upstream saw (the token request must name the same redirect URI)."""
+# Clients whose registrations the proxy remembers (the most recent ones): a bound on what /register,
+# open to anyone, can make it keep.
+REGISTERED_LIMIT: Final = 10_000
+
+
+def redirect_tag(redirect_uri: str) -> str:
+    """The path segment naming one client redirect URI in the proxy's callback URL.
+
+    At registration the proxy registers ``.../callback/<tag>`` for each redirect URI the client
+    registers, and at ``/authorize`` it sends the upstream ``.../callback/<tag of the redirect_uri
+    asked for>``: the upstream's authorization server then accepts the authorization only if the
+    client registered that exact redirect URI (its own exact match, RFC 6749 4.1.2.1), which holds
+    across proxy restarts. A digest, not a secret: nobody can add a URI to another client's
+    registration, so knowing the tag of an attacker's URI gains nothing.
+    """
+    digest = hashlib.sha256(redirect_uri.encode()).digest()[:18]
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+class _Registered:
+    """Redirect URIs of the clients that registered through this proxy (since it started), bounded.
+
+    Lets ``/authorize`` refuse a redirect URI the client never registered at once, without sending
+    the browser anywhere. Clients registered before a restart are not here; for them the upstream's
+    exact match on the tagged callback (``redirect_tag``) is the check.
+    """
 
     def __init__(self) -> None:
-        self.states: OrderedDict[str, tuple[str, str | None, str, float]] = OrderedDict()
-        self.codes: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._clients: OrderedDict[str, frozenset[str]] = OrderedDict()
+
+    def add(self, client_id: str, redirect_uris: list[str]) -> None:
+        self._clients[client_id] = frozenset(redirect_uris)
+        self._clients.move_to_end(client_id)
+        while len(self._clients) > REGISTERED_LIMIT:
+            self._clients.popitem(last=False)
+
+    def allows(self, client_id: str, redirect_uri: str) -> bool | None:
+        """Whether the client registered this exact redirect URI; None when the client is not known here."""
+        uris = self._clients.get(client_id)
+        return None if uris is None else redirect_uri in uris
+
+
+@dataclass(frozen=True, slots=True)
+class _Authorization:
+    """One relayed authorization: what the client asked for, and the callback URL the upstream saw."""
+
+    client_id: str
+    redirect_uri: str
+    state: str | None
+    callback: str
+    expires: float
+
+
+class _Pending:
+    """Relayed authorizations: the proxy's state key -> the authorization; and, once the upstream
+    issued it, the code -> the authorization (the token request must name the same redirect URI)."""
+
+    def __init__(self) -> None:
+        self.states: OrderedDict[str, _Authorization] = OrderedDict()
+        self.codes: OrderedDict[str, _Authorization] = OrderedDict()
 
     @staticmethod
-    def _trim(table: OrderedDict[str, Any]) -> None:
+    def _trim(table: OrderedDict[str, _Authorization]) -> None:
         now = time.monotonic()
-        while table and (len(table) > PENDING_LIMIT or next(iter(table.values()))[-1] < now):
+        while table and (len(table) > PENDING_LIMIT or next(iter(table.values())).expires < now):
             table.popitem(last=False)
 
-    def start(self, redirect_uri: str, state: str | None, callback: str) -> str:
+    def start(self, client_id: str, redirect_uri: str, state: str | None, callback: str) -> str:
         key = secrets.token_urlsafe(24)
-        self.states[key] = (redirect_uri, state, callback, time.monotonic() + PENDING_TTL)
+        self.states[key] = _Authorization(client_id, redirect_uri, state, callback, time.monotonic() + PENDING_TTL)
         self._trim(self.states)
         return key
 
-    def finish(self, key: str) -> tuple[str, str | None, str] | None:
+    def finish(self, key: str) -> _Authorization | None:
         self._trim(self.states)
-        entry = self.states.pop(key, None)
-        return None if entry is None else (entry[0], entry[1], entry[2])
+        return self.states.pop(key, None)
 
-    def remember_code(self, code: str, callback: str) -> None:
-        self.codes[code] = (callback, time.monotonic() + PENDING_TTL)
+    def remember_code(self, code: str, authorization: _Authorization) -> None:
+        self.codes[code] = replace(authorization, expires=time.monotonic() + PENDING_TTL)
         self._trim(self.codes)
 
-    def callback_for(self, code: str) -> str | None:
+    def redeem(self, code: str) -> _Authorization | None:
+        """The authorization a code was issued for, once: a second token request with it finds none."""
         self._trim(self.codes)
-        entry = self.codes.pop(code, None)
-        return None if entry is None else entry[0]
+        return self.codes.pop(code, None)
 
 
 def oauth_error(status: int, error: str, description: str) -> web.Response:
@@ -139,13 +196,14 @@ def _passes_through(upstream: UpstreamConfig) -> bool:
 class _Upstream:
     """What the pass-through knows of one upstream."""
 
-    __slots__ = ("config", "metadata", "pending", "stand_in")
+    __slots__ = ("config", "metadata", "pending", "registered", "stand_in")
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, tasks: TaskOwner) -> None:
         self.config = config
         self.stand_in = config.oauth_pass_through == "stand-in"
-        self.metadata = UpstreamMetadata(config.url, config.name)
+        self.metadata = UpstreamMetadata(config.url, config.name, tasks)
         self.pending = _Pending()
+        self.registered = _Registered()
 
 
 class OAuthPassThrough:
@@ -154,7 +212,9 @@ class OAuthPassThrough:
     def __init__(self, config: ProxyConfig) -> None:
         self._networks = parse_networks(config.trusted_proxies)
         self._fallback_host = f"{config.host}:{config.port}"
-        self._by_path = {u.path: _Upstream(u) for u in config.upstreams if _passes_through(u)}
+        # The metadata fetches in flight, cancelled when the app stops (before its HTTP client closes).
+        self._tasks = TaskOwner()
+        self._by_path = {u.path: _Upstream(u, self._tasks) for u in config.upstreams if _passes_through(u)}
         # The upstream the origin's root well-known URLs describe: the one at /mcp, else the only one.
         root = self._by_path.get("/mcp")
         if root is None and len(self._by_path) == 1:
@@ -181,7 +241,7 @@ class OAuthPassThrough:
                 app.router.add_get(well_known, self._handler(self._authorization_server, upstream))
             prefix = f"{STAND_IN_PREFIX}{path}"
             app.router.add_get(f"{prefix}/authorize", self._handler(self._authorize, upstream))
-            app.router.add_get(f"{prefix}/callback", self._handler(self._callback, upstream))
+            app.router.add_get(f"{prefix}/callback/{{tag}}", self._handler(self._callback, upstream))
             app.router.add_post(f"{prefix}/token", self._handler(self._forward_form, upstream, "token_endpoint"))
             app.router.add_post(f"{prefix}/revoke", self._handler(self._forward_form, upstream, "revocation_endpoint"))
             app.router.add_post(f"{prefix}/register", self._handler(self._register, upstream))
@@ -195,7 +255,10 @@ class OAuthPassThrough:
     async def _http_client(self, app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
             app[HTTP_KEY] = http
-            yield
+            try:
+                yield
+            finally:
+                await self._tasks.close()
 
     @staticmethod
     def _handler(
@@ -288,7 +351,17 @@ class OAuthPassThrough:
         return web.json_response(rewrite_authorization_server(document, self._origin(request), upstream.config.path))
 
     async def _authorize(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
-        """Redirect to the upstream's authorization endpoint, ``resource`` mapped, all else untouched."""
+        """Redirect to the upstream's authorization endpoint, ``resource`` mapped, all else untouched.
+
+        When the proxy relays the upstream's redirect (RFC 9207 upstreams), the ``redirect_uri`` the
+        request names is where the proxy will send the code: it must be one this client registered,
+        character for character (RFC 6749 4.1.2.1 and 10.6, RFC 9700 4.1), or a crafted link would
+        send a logged-in user's code to whoever wrote it. A redirect URI the proxy knows the client did
+        not register is refused here, with an error page and no redirect; one of a client the proxy
+        does not know (registered before a restart, or never through it) goes to the upstream as the
+        tagged callback of that exact URI, which the upstream's server refuses unless that client
+        registered it through the proxy.
+        """
         try:
             server = await self._upstream_server(request, upstream)
             resource = await self._upstream_resource(request, upstream)
@@ -298,10 +371,14 @@ class OAuthPassThrough:
         mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
         if relays_redirect(server):
             asked = dict(pairs)
-            if "redirect_uri" not in asked:
-                return oauth_error(400, "invalid_request", "redirect_uri is required")
-            callback = self._callback_url(request, upstream)
-            key = upstream.pending.start(asked["redirect_uri"], asked.get("state"), callback)
+            client_id, redirect_uri = asked.get("client_id"), asked.get("redirect_uri")
+            if not client_id or not redirect_uri:
+                return oauth_error(400, "invalid_request", "client_id and redirect_uri are required")
+            if upstream.registered.allows(client_id, redirect_uri) is False:
+                log.warning("oauth.redirect_uri_refused", upstream=upstream.config.name)
+                return oauth_error(400, "invalid_request", "redirect_uri is not one this client registered")
+            callback = self._callback_url(request, upstream, redirect_uri)
+            key = upstream.pending.start(client_id, redirect_uri, asked.get("state"), callback)
             relayed = {"redirect_uri": callback, "state": key}
             mapped = [(k, relayed.get(k, v)) for k, v in mapped]
             if "state" not in asked:
@@ -311,16 +388,16 @@ class OAuthPassThrough:
         location = urlunsplit((target.scheme, target.netloc, target.path, query, ""))
         raise web.HTTPFound(location, headers={"Cache-Control": "no-store"})
 
-    def _callback_url(self, request: web.Request, upstream: _Upstream) -> str:
-        return f"{self._origin(request)}{STAND_IN_PREFIX}{upstream.config.path}/callback"
+    def _callback_url(self, request: web.Request, upstream: _Upstream, redirect_uri: str) -> str:
+        """The proxy's callback for one client redirect URI (see ``redirect_tag``)."""
+        return f"{self._origin(request)}{STAND_IN_PREFIX}{upstream.config.path}/callback/{redirect_tag(redirect_uri)}"
 
     async def _callback(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
         """The upstream's authorization redirect (RFC 9207 upstreams): check ``iss``, pass the code on."""
         query = dict(parse_qsl(request.query_string, keep_blank_values=True))
         found = upstream.pending.finish(query.get("state", ""))
-        if found is None:
+        if found is None or not secrets.compare_digest(request.match_info["tag"], redirect_tag(found.redirect_uri)):
             return oauth_error(400, "invalid_request", "unknown or expired authorization")
-        redirect_uri, state, callback = found
         try:
             server = await self._upstream_server(request, upstream)
         except MetadataUnavailable as exc:
@@ -330,11 +407,11 @@ class OAuthPassThrough:
             # A mix-up (RFC 9207 section 2.4): the code did not come from the upstream's server.
             answer = {"error": "access_denied", "error_description": "authorization response from another issuer"}
         elif "code" in answer:
-            upstream.pending.remember_code(answer["code"], callback)
-        if state is not None:
-            answer["state"] = state
+            upstream.pending.remember_code(answer["code"], found)
+        if found.state is not None:
+            answer["state"] = found.state
         answer["iss"] = self._origin(request) + upstream.config.path
-        target = urlsplit(redirect_uri)
+        target = urlsplit(found.redirect_uri)
         query_string = "&".join(q for q in (target.query, urlencode(answer)) if q)
         location = urlunsplit((target.scheme, target.netloc, target.path, query_string, ""))
         raise web.HTTPFound(location, headers={"Cache-Control": "no-store"})
@@ -354,11 +431,18 @@ class OAuthPassThrough:
             return oauth_error(413, "invalid_request", "request body too large")
         pairs = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
         mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
-        code = dict(pairs).get("code")
-        callback = upstream.pending.callback_for(code) if code is not None else None
-        if callback is not None:
-            # The upstream issued this code to the proxy's callback: the token request must say so.
-            mapped = [(k, callback if k == "redirect_uri" else v) for k, v in mapped]
+        form = dict(pairs)
+        code = form.get("code") if form.get("grant_type") == "authorization_code" else None
+        relayed = upstream.pending.redeem(code) if code else None
+        if relayed is not None:
+            # The upstream issued this code to the proxy's callback. The token request must name the
+            # redirect URI the authorization request named (RFC 6749 4.1.3), and the upstream must see
+            # the callback it redirected to.
+            if form.get("redirect_uri") != relayed.redirect_uri:
+                return oauth_error(400, "invalid_grant", "redirect_uri differs from the authorization request's")
+            if "client_id" in form and form["client_id"] != relayed.client_id:
+                return oauth_error(400, "invalid_grant", "the code was issued to another client")
+            mapped = [(k, relayed.callback if k == "redirect_uri" else v) for k, v in mapped]
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
         return await self._forward(request, endpoint, urlencode(mapped).encode(), headers)
 
@@ -380,13 +464,17 @@ class OAuthPassThrough:
         }
         if not relays_redirect(server):
             return await self._forward(request, endpoint, body, headers)
-        # The upstream will redirect to the proxy's callback: register it beside the client's own.
+        # The upstream will redirect to the proxy's callback: register the callback of each of the
+        # client's redirect URIs (redirect_tag) beside them.
         try:
             registration = json.loads(body)
             redirect_uris = list(registration["redirect_uris"])
         except (ValueError, KeyError, TypeError):
             return oauth_error(400, "invalid_client_metadata", "redirect_uris is required")
-        registration["redirect_uris"] = [*redirect_uris, self._callback_url(request, upstream)]
+        if not redirect_uris or not all(isinstance(uri, str) and uri for uri in redirect_uris):
+            return oauth_error(400, "invalid_redirect_uri", "redirect_uris must be a list of URIs")
+        callbacks = [self._callback_url(request, upstream, uri) for uri in redirect_uris]
+        registration["redirect_uris"] = [*redirect_uris, *callbacks]
         answer = await self._forward(request, endpoint, json.dumps(registration).encode(), headers)
         try:
             registered = json.loads(answer.body if isinstance(answer.body, bytes) else b"")
@@ -395,6 +483,8 @@ class OAuthPassThrough:
         if isinstance(registered, dict) and "redirect_uris" in registered:
             registered["redirect_uris"] = redirect_uris  # the client sees what it asked for
             answer.body = json.dumps(registered).encode()
+            if answer.status in (200, 201) and isinstance(registered.get("client_id"), str):
+                upstream.registered.add(registered["client_id"], redirect_uris)
         return answer
 
     async def _forward(self, request: web.Request, url: str, body: bytes, headers: dict[str, str]) -> web.Response:
@@ -405,8 +495,9 @@ class OAuthPassThrough:
             async with request.app[HTTP_KEY].post(
                 url, data=body, headers=headers, timeout=FORWARD_TIMEOUT, allow_redirects=False
             ) as answer:
-                content = await answer.content.read(FORM_LIMIT + 1)
-                if len(content) > FORM_LIMIT:
+                try:
+                    content = await response_body(answer, FORM_LIMIT)
+                except BodyTooLarge:
                     return oauth_error(502, "server_error", "the authorization server's answer is too large")
                 passed = {name: answer.headers[name] for name in _ANSWER_HEADERS if name in answer.headers}
                 return web.Response(status=answer.status, body=content, headers=passed)
@@ -416,8 +507,8 @@ class OAuthPassThrough:
 
 
 async def _read_small(request: web.Request) -> bytes | None:
-    """The request body, or None when it is larger than a form or registration can be."""
-    if request.content_length is not None and request.content_length > FORM_LIMIT:
+    """The whole request body, or None when it is larger than a form or registration can be."""
+    try:
+        return await request_body(request, FORM_LIMIT)
+    except BodyTooLarge:
         return None
-    body = await request.content.read(FORM_LIMIT + 1)
-    return None if len(body) > FORM_LIMIT else body

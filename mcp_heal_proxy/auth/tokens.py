@@ -60,6 +60,8 @@ class Grant:
     # When the login that started this grant finished (refreshes keep it): tells a login that waited
     # for another one that the other one succeeded.
     logged_in_at: float = 0.0
+    # The authorization server's RFC 7009 revocation endpoint, when it has one: ``logout`` tells it.
+    revocation_endpoint: str | None = None
 
     def __repr__(self) -> str:
         # Never print tokens, even in a traceback or a debugger.

@@ -176,6 +176,10 @@ class Proxy:
         # The request counter's children bound once per (method label, status), as they occur: labels()
         # takes a lock and builds a key on every call.
         self._request_counts: dict[tuple[str, int], Counter] = {}
+        # Calls being answered (POST, DELETE; GET streams are ended at shutdown on their own), so that a
+        # stop can say how many it waits for, and a second Ctrl-C can end them.
+        self._calls: set[asyncio.Task[object]] = set()
+        self._stopping = False
 
     # --- aiohttp's handlers -----------------------------------------------------------------------
 
@@ -210,12 +214,20 @@ class Proxy:
         or (None) the method of its POST body once parsed."""
         started = time.perf_counter()
         outcome = RequestOutcome()
+        task = asyncio.current_task() if method != "GET" else None
+        if task is not None:
+            self._calls.add(task)
         try:
             await self._answer_errors(exchange, work(outcome), outcome)
         except asyncio.CancelledError:
-            outcome.client_left = True  # the client hung up (or shutdown ended the request)
+            if self._stopping:
+                outcome.ended_by_proxy = True  # the stop's grace ran out, or a second Ctrl-C
+            else:
+                outcome.client_left = True  # the client hung up
             raise
         finally:
+            if task is not None:
+                self._calls.discard(task)
             if method is None:
                 method = outcome.body.method_label if outcome.body is not None else "invalid"
             self._finish(method, _status(outcome, exchange), started, exchange, outcome)
@@ -276,9 +288,22 @@ class Proxy:
         """How many requests of a session wait for one of its stream slots."""
         return self._slots.waiting(client_session_id)
 
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls (POST, DELETE) being answered now."""
+        return len(self._calls)
+
+    def end_calls(self) -> None:
+        """Stop now (a second Ctrl-C): end every call still being answered."""
+        self._stopping = True
+        for task in list(self._calls):
+            task.cancel()
+
     def end_server_streams(self) -> None:
         """Shutdown: end GET streams cleanly now (see Relay.end_server_streams), and close the streams
-        opened early that no GET took."""
+        opened early that no GET took. Calls still running from here on are ended by the proxy, not left
+        by their clients."""
+        self._stopping = True
         self._relay.end_server_streams()
         self._engine.end_early_streams()
 
@@ -394,6 +419,7 @@ class Proxy:
             healed=outcome.healed,
             client_left=outcome.client_left,
             upstream_broke=outcome.upstream_broke,
+            ended_by_proxy=outcome.ended_by_proxy,
             duration_ms=round(duration * 1000, 3),
             error=error.message if error is not None else failure,
             failure=error.failure if error is not None else "broken",
@@ -425,10 +451,13 @@ class RequestOutcome(Outcome):
 
 
 def _status(outcome: Outcome, exchange: Exchange) -> int:
-    """The status the client got: the one sent, the one about to be sent, 499 when it left before any
-    answer started (as nginx logs it), else 500 (what aiohttp answers a handler that failed)."""
+    """The status the client got: the one sent, the one about to be sent, 503 when the proxy's stop ended
+    it before any answer started, 499 when the client left first (as nginx logs it), else 500 (what
+    aiohttp answers a handler that failed)."""
     if outcome.status is not None:
         return outcome.status
     if exchange.status is not None:
         return exchange.status
+    if outcome.ended_by_proxy:
+        return 503  # the proxy stopped before any answer started
     return CLIENT_LEFT_STATUS if outcome.client_left else 500

@@ -64,7 +64,7 @@ class Outcome:
     """What happened to one request on its way, for the request log: filled in as it happens, so that a
     handler cancelled by the client's hang-up still logs what the client got."""
 
-    __slots__ = ("body", "client_left", "healed", "status", "upstream_broke")
+    __slots__ = ("body", "client_left", "ended_by_proxy", "healed", "status", "upstream_broke")
 
     def __init__(self) -> None:
         # The POST body once parsed (its method names the request in the log; its ids go into errors).
@@ -73,6 +73,8 @@ class Outcome:
         self.client_left = False
         # The upstream broke its answer after the client's response started.
         self.upstream_broke = False
+        # The proxy's stop ended the request (its grace ran out, or a second Ctrl-C).
+        self.ended_by_proxy = False
         # The status the client was sent, once a response started (None before).
         self.status: int | None = None
 

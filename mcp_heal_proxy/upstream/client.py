@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urljoin, urlsplit
@@ -70,12 +70,25 @@ def attempt_started() -> float:
     return _ATTEMPT_STARTED.get()
 
 
+# Headers with credentials chosen again: what a request waiting to be retried sends next (the token
+# chosen before the wait may have expired meanwhile). Called with ``final`` False, it may answer None:
+# no usable credentials yet (the authorization server is unreachable too, often the same process as
+# the restarting upstream), wait a little longer; with ``final`` True it answers or raises.
+Reauthorize = Callable[[bool], Awaitable[Mapping[str, str] | None]]
+
+
 class AuthHook(Protocol):
-    """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request."""
+    """Credentials the proxy itself holds for the upstream (auth/managed.py): wraps each request.
+
+    It calls ``transmit`` with ``reauthorize=``, which the transport calls before each retry.
+    """
 
     async def send(
         self, transmit: Transmit, method: str, headers: Mapping[str, str], body: bytes | None, **options: Any
     ) -> aiohttp.ClientResponse: ...
+
+    async def close(self) -> None:
+        """Stop what the hook runs in the background (a refresh)."""
 
 
 class Upstream:
@@ -183,7 +196,9 @@ class Upstream:
         return busy
 
     async def close(self) -> None:
-        """Close this upstream's connections."""
+        """Close this upstream's connections (and stop its auth hook's background work)."""
+        if self._auth is not None:
+            await self._auth.close()
         for pool in (self._lean_requests, self._lean_streams):
             if pool is not None:
                 await pool.close()
@@ -241,15 +256,15 @@ class Upstream:
         resendable: bool,
         patient: bool,
         read_timeout: float | None,
+        reauthorize: Reauthorize | None = None,
     ) -> aiohttp.ClientResponse:
-        if self._injected_names:
-            headers = {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        headers = self._outgoing(headers)
         url = self._url
         fell_back = False
         for _ in range(_MAX_REDIRECTS + 1):
             try:
                 response = await self._send_patiently(
-                    method, headers, body, stream, resendable, patient, read_timeout, url
+                    method, headers, body, stream, resendable, patient, read_timeout, url, reauthorize
                 )
             except UpstreamUnavailable as exc:
                 # Resent elsewhere only when nothing reached the upstream (or resending is harmless).
@@ -271,6 +286,12 @@ class Upstream:
                 return response
             url, method, body, headers = self._follow(response, url, method, body, headers)
         raise UpstreamUnavailable(f"upstream MCP server redirected more than {_MAX_REDIRECTS} times in a row")
+
+    def _outgoing(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The headers with the configured ones in place of the client's."""
+        if self._injected_names:
+            return {k: v for k, v in headers.items() if k.lower() not in self._injected_names} | self._injected
+        return headers
 
     def _follow(
         self, response: aiohttp.ClientResponse, url: str, method: str, body: bytes | None, headers: Mapping[str, str]
@@ -344,6 +365,7 @@ class Upstream:
         patient: bool,
         read_timeout: float | None,
         url: str,
+        reauthorize: Reauthorize | None = None,
     ) -> aiohttp.ClientResponse:
         timeout = self._stream_timeout if stream else self._post_timeout
         if read_timeout is not None:
@@ -377,6 +399,9 @@ class Upstream:
                 if not (connect_failed or resendable) or time.monotonic() + delay > give_up:
                     raise unreachable(exc) from exc
                 await asyncio.sleep(delay)
+                if reauthorize is not None:
+                    # The wait (a restart) can outlast the access token chosen before it.
+                    headers = await self._reauthorized(reauthorize, backoff, give_up)
             except self._connect_timeouts as exc:
                 if self._pool_full(exc, stream):
                     raise UpstreamBusy(self._busy_message(stream)) from exc
@@ -392,6 +417,9 @@ class Upstream:
                         failure="timeout",
                     ) from exc
                 await asyncio.sleep(delay)
+                if reauthorize is not None:
+                    # The wait (a restart) can outlast the access token chosen before it.
+                    headers = await self._reauthorized(reauthorize, backoff, give_up)
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 raise UpstreamTimeout("upstream MCP server did not answer in time", failure="timeout") from exc
             except aiohttp.ClientError as exc:
@@ -408,6 +436,16 @@ class Upstream:
         # The request's own connection attempt is no longer counted once it failed: the others fill
         # the pool only when none was free for it.
         return connector is not None and 0 < connector.limit <= len(connector._acquired)
+
+    async def _reauthorized(self, reauthorize: Reauthorize, backoff: Backoff, give_up: float) -> Mapping[str, str]:
+        """The headers of the next attempt, with credentials chosen now; waits (as for a refused
+        connection, until ``give_up``) while there are none to be had."""
+        while True:
+            delay = backoff.next_delay()
+            headers = await reauthorize(time.monotonic() + delay > give_up)
+            if headers is not None:
+                return self._outgoing(headers)
+            await asyncio.sleep(delay)
 
     def _busy_message(self, stream: bool) -> str:
         pool, size = ("max_streams", self.config.max_streams) if stream else ("pool_size", self.config.pool_size)

@@ -42,7 +42,9 @@ class TsOAuthServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        # The name the example gives itself in its protected-resource metadata: the proxy, like the
+        # SDK clients, accepts metadata only for the URL it was given (RFC 9728 section 3.3).
+        return f"http://localhost:{self.port}/mcp"
 
     async def start(self) -> None:
         flags = ["--oauth-strict"] if self.strict else []

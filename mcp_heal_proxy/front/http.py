@@ -385,9 +385,10 @@ class Proxy:
         tool = outcome.body.tool_name if outcome.body is not None else None
         error = outcome.error if isinstance(outcome, RequestOutcome) else None
         # What the upstream did, for the status page: an answer (its status, its latency), a failure the
-        # proxy answered for it (in words), or nothing (a request the proxy refused, or one the client
-        # left before any answer).
-        answered = error is None and status != CLIENT_LEFT_STATUS
+        # proxy answered for it (in words), or nothing (a request the proxy refused, one the client left
+        # before any answer, or one the proxy's stop ended before any answer).
+        ended_unanswered = outcome.ended_by_proxy and outcome.status is None
+        answered = error is None and status != CLIENT_LEFT_STATUS and not ended_unanswered
         failure = error.message if error is not None and error.about_upstream else None
         if outcome.upstream_broke:
             failure = "upstream MCP server broke its answer after it started"
@@ -405,6 +406,7 @@ class Proxy:
                 healed=outcome.healed,
                 client_left=outcome.client_left,
                 upstream_broke=outcome.upstream_broke,
+                ended_by_proxy=outcome.ended_by_proxy,
                 duration_ms=round(duration * 1000, 3),
             )
             return

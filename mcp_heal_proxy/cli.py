@@ -10,6 +10,7 @@ import errno
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -30,8 +31,9 @@ from mcp_heal_proxy.config import (
     build_config,
     default_state_path,
     describe,
-    mask_url,
+    unknown_variables,
 )
+from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
 
@@ -68,9 +70,11 @@ examples:
   mcp-heal-proxy stdio --config proxy.toml --name github
   mcp-heal-proxy stdio --upstream https://mcp.internal/mcp --set ca_file=/etc/corp-ca.pem   # a private CA
 
-as a command in a client's config, e.g. Claude Desktop's claude_desktop_config.json:
-  "mcpServers": {"example": {"command": "mcp-heal-proxy",
-                             "args": ["stdio", "--upstream", "https://mcp.example.com/mcp"]}}
+as a command in a client's config, with the command's full path (GUI clients start commands with a
+minimal PATH, where a bare mcp-heal-proxy is not found; `command -v mcp-heal-proxy` prints the path),
+e.g. in Claude Desktop's claude_desktop_config.json:
+  {"mcpServers": {"example": {"command": "/home/you/mcp-heal-proxy/.venv/bin/mcp-heal-proxy",
+                              "args": ["stdio", "--upstream", "https://mcp.example.com/mcp"]}}}
 """
 
 TOP_EXAMPLES = """\
@@ -125,8 +129,9 @@ examples:
   mcp-heal-proxy tail                              # the local proxy, http://127.0.0.1:8787
   mcp-heal-proxy tail http://127.0.0.1:9000 --json | jq .
 
-MCP_HEAL_PROXY_TOKEN is sent as the bearer token when set. While the proxy restarts, tail reconnects
-with backoff, and exits with status 1 once it stayed unreachable for --give-up seconds.
+MCP_HEAL_PROXY_TOKEN is sent as the bearer token when set. A proxy not reached yet ("cannot reach") or
+lost while followed ("lost", e.g. a restart) is tried again with backoff; tail exits with status 1 once
+it stayed unreachable for --give-up seconds.
 """
 
 
@@ -319,7 +324,12 @@ def _stdio(args: argparse.Namespace) -> int:
         return 0
 
 
-def _sessions(args: argparse.Namespace) -> int:
+def command_line(argv: Sequence[str]) -> str:
+    """The command as the user ran it, to repeat in a hint: quoted for a shell, URLs masked."""
+    return shlex.join(["mcp-heal-proxy", *(mask_url(word) for word in argv)])
+
+
+def _sessions(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from mcp_heal_proxy.watch import forget_session, list_sessions
 
     config: ProxyConfig | None = None
@@ -338,9 +348,22 @@ def _sessions(args: argparse.Namespace) -> int:
         if args.action == "forget":
             if not args.id:
                 raise UsageError("sessions forget needs a session ID")
-            return forget_session(state, args.id, config=config, proxy_url=args.proxy, token=token, out=sys.stdout)
+            return forget_session(
+                state,
+                args.id,
+                config=config,
+                proxy_url=args.proxy,
+                token=token,
+                out=sys.stdout,
+                again=command_line(argv),
+            )
         if args.id:
-            raise UsageError(f"unexpected argument {args.id!r} (did you mean 'sessions forget {args.id}'?)")
+            # ``sessions list ID``: the same command with forget in place of list.
+            words = list(argv)
+            where = words.index(args.id)
+            before = [word for word in words[:where] if word != "list"]
+            meant = command_line([*before, "forget", *words[where:]])
+            raise UsageError(f"unexpected argument {args.id!r} (did you mean `{meant}`?)")
         return list_sessions(state, as_json=args.json, out=sys.stdout)
     except ProxyError as exc:
         raise UsageError(exc.message) from None
@@ -509,7 +532,8 @@ def _login_or_logout(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``mcp-heal-proxy`` console script."""
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(given)
     if args.command == "demo":
         from mcp_heal_proxy.demo import run_demo
 
@@ -522,7 +546,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if args.command == "tail":
         try:
             token = os.environ.get(ENV_PREFIX + "TOKEN")
-            sys.exit(asyncio.run(tail(args.url, as_json=args.json, token=token, out=sys.stdout, give_up=args.give_up)))
+            sys.exit(
+                asyncio.run(
+                    tail(
+                        args.url,
+                        as_json=args.json,
+                        token=token,
+                        out=sys.stdout,
+                        give_up=args.give_up,
+                        again=command_line(given),
+                    )
+                )
+            )
         except WatchError as exc:
             print(f"mcp-heal-proxy: {exc}", file=sys.stderr)
             sys.exit(1)
@@ -530,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.exit(130)
     try:
         if args.command == "sessions":
-            sys.exit(_sessions(args))
+            sys.exit(_sessions(args, given))
         if args.command in ("login", "logout"):
             sys.exit(_login_or_logout(args))
         flags = {
@@ -543,7 +578,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         }
         config_file = args.file if args.command == "check-config" else args.config
         config = build_config(config_file=config_file, flags=flags, settings=args.settings)
+        unknown = unknown_variables(os.environ, config_file)
         if args.command == "check-config":
+            for name, meant in unknown:
+                hint = f" (did you mean {meant}?)" if meant else ""
+                print(f"mcp-heal-proxy: warning: {name} is not a setting{hint}; it is ignored", file=sys.stderr)
             if args.connect:
                 from mcp_heal_proxy.connect_check import check_connections
 
@@ -553,6 +592,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             print(json.dumps(describe(config), indent=2, default=list))
             sys.exit(0)
         configure_logging(config.log_format, config.log_level, config.secrets())
+        for name, meant in unknown:
+            structlog.get_logger("mcp_heal_proxy").warning(
+                "config.unknown_variable", variable=name, did_you_mean=meant, hint="it is ignored"
+            )
         sys.exit(_run(serve(config)))
     except (UsageError, ConfigError) as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)

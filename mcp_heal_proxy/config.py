@@ -7,10 +7,13 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
 import math
 import os
 import re
+import shlex
 import ssl
 import sys
 import tomllib
@@ -18,7 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
+
+from mcp_heal_proxy.display import mask_url as mask_url  # re-exported: engine/session.py imports it from here
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8787
@@ -124,6 +129,9 @@ class UpstreamConfig:
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    # The config file this upstream came from (absolute): the hints that name ``login`` repeat it, as
+    # login finds the upstream there (auth = "oauth" is settable in a file only).
+    config_file: str | None = None
 
     def replays(self, method: str) -> bool:
         """Whether a request of this method may be replayed on a new session after a heal."""
@@ -205,7 +213,7 @@ class ProxyConfig:
 
     @property
     def state_display(self) -> str:
-        """The store location as it may be shown: a Redis URL's password masked."""
+        """The store location as it may be shown: a Redis URL's password and query values masked."""
         return mask_url(self.state) if "://" in self.state else self.state
 
 
@@ -247,13 +255,8 @@ def _hidden(_: Any) -> str | None:
 
 
 def _without_userinfo(value: Any) -> str:
-    """A URL as it may appear in an error: whatever sits before '@' (user, password, token) hidden."""
-    if isinstance(value, str) and "@" in value and "://" in value:
-        scheme, _, rest = value.partition("://")
-        userinfo, at, host = rest.partition("@")
-        if at and "/" not in userinfo:
-            return repr(f"{scheme}://***@{host}")
-    return repr(value)
+    """A URL as it may appear in an error: user, password and query values masked (display.mask_url)."""
+    return repr(mask_url(value)) if isinstance(value, str) else repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,7 +644,7 @@ def _upstream_from_table(
         raise ConfigError(f"{where}.url is required")
     _check_oauth_keys(options, where)
     _check_client_cert(options, f"{where}.")
-    return UpstreamConfig(**options)
+    return UpstreamConfig(**options, config_file=os.path.abspath(source))
 
 
 def _check_client_cert(options: Mapping[str, Any], prefix: str) -> None:
@@ -728,6 +731,29 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
         _upstream_from_table(name, table, path, environ) for name, table in upstream_tables.items()
     )
     return options
+
+
+# Variables read besides the [server] keys' (TOKEN is one of those); TEST_CLIENT is the test suite's.
+_OTHER_VARIABLES: Final = ("UPSTREAM", "CONFIG", "TEST_CLIENT")
+
+
+def unknown_variables(environ: Mapping[str, str], config_file: str | None = None) -> list[tuple[str, str | None]]:
+    """Each ``MCP_HEAL_PROXY_*`` variable that is no setting (a misspelled one would be ignored without a
+    word), with the closest setting's variable if one is close; variables the config file refers to as
+    ``${NAME}`` are the user's own and not listed."""
+    known = {ENV_PREFIX + key.upper() for key in SERVER_OPTIONS} | {ENV_PREFIX + name for name in _OTHER_VARIABLES}
+    referenced: set[str] = set()
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        # build_config reports an unreadable file.
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            referenced = set(_ENV_REFERENCE.findall(Path(config_file).expanduser().read_text(encoding="utf-8")))
+    unknown: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in referenced:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            unknown.append((name, close[0] if close else None))
+    return unknown
 
 
 def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -844,7 +870,9 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     server["state"] = config.state_display
     upstreams = {}
     for upstream in config.upstreams:
-        table = {f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name != "name"}
+        table = {
+            f.name: getattr(upstream, f.name) for f in fields(UpstreamConfig) if f.name not in ("name", "config_file")
+        }
         table["headers"] = {name: "***" for name in upstream.headers}
         if upstream.client_secret:
             table["client_secret"] = "***"
@@ -853,10 +881,12 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     return {"server": server, "upstreams": upstreams}
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+def login_command(upstream: UpstreamConfig, state: str) -> str:
+    """The ``login`` command line for an upstream, as it runs when pasted in any directory: with the
+    config file it came from, and the store's path when it is not the default (the tokens sit beside it)."""
+    words = ["mcp-heal-proxy", "login", upstream.name]
+    if upstream.config_file:
+        words += ["--config", upstream.config_file]
+    if state != MEMORY_STATE and "://" not in state and os.path.abspath(state) != os.path.abspath(default_state_path()):
+        words += ["--state", os.path.abspath(state)]
+    return shlex.join(words)

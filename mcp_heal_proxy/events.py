@@ -36,8 +36,9 @@ MAX_SUBSCRIBERS: Final = 64
 # Client-chosen strings (method and tool names, reasons) are cut to this length.
 MAX_NAME: Final = 80
 SHORT_ID: Final = 8
-# A failure's reason (the proxy's words, with a method name in them at most) is cut to this length.
-MAX_REASON: Final = 400
+# Why an upstream failed, as the page shows it (the proxy's own words, or a heal's error): room for a
+# TLS failure's cause and its fix.
+MAX_WHY: Final = 400
 # A heal failure this recent explains a request's 5xx (the heal ran inside that request).
 _SAME_REQUEST: Final = 1.0
 
@@ -53,7 +54,11 @@ def short_id(session_id: str | None) -> str | None:
     return session_id[:SHORT_ID] if session_id else None
 
 
-def _name(value: str | None, limit: int = MAX_NAME) -> str | None:
+def _name(value: str | None) -> str | None:
+    return _cut(value, MAX_NAME)
+
+
+def _cut(value: str | None, limit: int) -> str | None:
     return value if value is None or len(value) <= limit else value[:limit] + "…"
 
 
@@ -128,9 +133,14 @@ class UpstreamHealth:
         failure: dict[str, Any] | None = None
         if self.failure is not None:
             when, status, method, error = self.failure
-            why = error if error is not None else f"answered HTTP {status} to {_name(method)}"
-            # The proxy's own words (a TLS failure names its cause and fix) get more room than a name.
-            failure = {"at": round(when, 3), "status": status, "why": _name(why, MAX_REASON)}
+            if error is None:
+                why = f"answered HTTP {status} to {_name(method)}"
+            elif method == "heal":
+                why = error
+            else:
+                # The proxy's words for what the upstream did (nothing answered: no status).
+                why = f"{error} ({_name(method)})"
+            failure = {"at": round(when, 3), "status": status, "why": _cut(why, MAX_WHY)}
         return {
             "name": name,
             "last_success": None if self.last_success is None else round(self.last_success, 3),
@@ -217,8 +227,16 @@ class EventFeed:
         duration: float,
         healed: bool,
         session: str | None,
+        *,
+        answered: bool = True,
+        failure: str | None = None,
     ) -> None:
-        """Record one answered client request (``duration`` in seconds, ``session`` the client's id)."""
+        """Record one answered client request (``duration`` in seconds, ``session`` the client's id).
+
+        ``answered``: the upstream answered it (only then is its duration a latency, and a status below
+        500 a success of the upstream's); False for an answer the proxy made itself. ``failure``: what the
+        upstream did wrong when the proxy answered an error about it (could not connect, timed out, ...),
+        in words; a 5xx the upstream answered itself is told by its status."""
         now = time.time()
         entry: RequestEntry = (
             next(self._seq),
@@ -234,16 +252,16 @@ class EventFeed:
         self._requests.append(entry)
         health = self._health.get(upstream) or self._upstream(upstream)
         health.requests += 1
-        if status >= 500:
-            # The proxy's own 5xx answers (502, 503, 504) say the upstream could not be used. A heal
-            # that failed during this request said why, which beats a bare status.
+        if failure is not None or (answered and status >= 500):
+            # A heal that failed during this request said why, which beats the request's own error.
             previous = health.failure
-            why = previous[3] if previous is not None and now - previous[0] < _SAME_REQUEST else None
-            health.failure = (now, status, method, why)
-        else:
+            heal_why = previous[3] if previous is not None and now - previous[0] < _SAME_REQUEST else None
+            health.failure = (now, status if answered else None, method, heal_why or failure)
+        elif answered:
             health.last_success = now
-        if method != "GET":
-            # A GET answer is a stream that lives for minutes: not a latency.
+        if answered and method != "GET":
+            # Only answers are latencies: the time the proxy spent failing to connect is not the upstream's.
+            # A GET answer is a stream that lives for minutes: not a latency either.
             health.latencies.append(duration)
         if self._subscribers:
             for subscriber in self._subscribers:

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol, cast, runtime_checkable
 from urllib.parse import quote
 
 from mcp_heal_proxy.config import MEMORY_STATE
-from mcp_heal_proxy.errors import StoreUnavailable
+from mcp_heal_proxy.errors import StoreUnavailable, store_failure
 from mcp_heal_proxy.events import MAX_NAME, short_id
 from mcp_heal_proxy.store.records import SessionRecord, record_from_json
 from mcp_heal_proxy.store.sqlite import ENDED_SCHEMA
@@ -143,7 +143,7 @@ class RedisReader:
         try:
             return int(await self._redis.zcard(self._last_used_key))
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"cannot read the Redis session store: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"cannot read the Redis session store: {store_failure(exc)}") from exc
 
     async def records(self, limit: int | None = None) -> list[SessionRecord]:
         """Records, most recently used first (the ``limit`` most recent when given)."""
@@ -161,7 +161,7 @@ class RedisReader:
                     pipe.hget(self._session_prefix + _decode(member), "record")
                 texts = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"cannot read the Redis session store: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"cannot read the Redis session store: {store_failure(exc)}") from exc
         found = []
         for (_, score), text in zip(members, texts, strict=True):
             if text is not None:  # deleted between the two reads
@@ -179,7 +179,7 @@ class RedisReader:
                 pipe.zadd(self._ended_key, {client_session_id: time.time()})
                 deleted, *_ = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"cannot write the Redis session store: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"cannot write the Redis session store: {store_failure(exc)}") from exc
         return bool(deleted)
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Final, TextIO
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mcp_heal_proxy.display import terminal_safe
 from mcp_heal_proxy.events import EventFeed
 
 REDACTED: Final = "[redacted]"
@@ -67,6 +68,15 @@ KNOWN_METHODS: Final = frozenset(
         "notifications/cancelled",
         "notifications/progress",
         "notifications/roots/list_changed",
+        # 2025-11-25 tasks.
+        "tasks/get",
+        "tasks/list",
+        "tasks/result",
+        "tasks/cancel",
+        "notifications/tasks/status",
+        # 2026-07-28: a dual-era client's probe, and the modern subscription stream.
+        "server/discover",
+        "subscriptions/listen",
         "response",
         "batch",
         "GET",
@@ -265,10 +275,13 @@ def configure_logging(
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else JSONLineRenderer()
+    # JSON escapes control characters on its own; console lines go to a terminal as they are.
+    safe: list[Any] = [terminal_safe_event] if use_console else []
     structlog.configure(
         # The redactor runs before the level and the timestamp are added: neither can hold a secret.
         processors=[
             Redactor(secrets),
+            *safe,
             structlog.processors.add_log_level,
             IsoTimeStamper(),
             renderer,
@@ -277,6 +290,16 @@ def configure_logging(
         logger_factory=LineWriterFactory(sys.stderr),
         cache_logger_on_first_use=cache,
     )
+
+
+def terminal_safe_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor for console lines: a client's method or tool name, or an upstream's
+    message, cannot move the cursor or retitle the terminal the proxy logs to (display.terminal_safe)."""
+    # Other values are written as their repr(), which escapes control characters already.
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = terminal_safe(value)
+    return event
 
 
 def method_label(method: str) -> str:
@@ -332,7 +355,8 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             "mcp_heal_proxy_upstream_latency_seconds",
-            "Time from forwarding a request to the upstream's response headers.",
+            "Time from forwarding a request to the upstream's response headers (from the attempt it answered: "
+            "connect retries before it are not counted).",
             ("upstream",),
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,

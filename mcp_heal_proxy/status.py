@@ -28,12 +28,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.config import MEMORY_STATE, STATUS_PREFIX, ProxyConfig
+from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.events import EventFeed, entry_json
@@ -60,13 +61,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def upstream_display(url: str) -> str:
-    """An upstream URL as the page shows it: no credentials, no query (API keys live there too)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """An upstream URL as the page shows it: masked as every other output masks it (display.mask_url:
+    credentials and query values, where API keys live too)."""
+    return mask_url(url)
 
 
 def store_kind(state: str) -> str:

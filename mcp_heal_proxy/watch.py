@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from mcp_heal_proxy.config import DEFAULT_PORT, MEMORY_STATE, ProxyConfig
+from mcp_heal_proxy.display import mask_url, terminal_safe
+from mcp_heal_proxy.errors import connection_failure
 from mcp_heal_proxy.inventory import (
     RedisReader,
     age,
@@ -60,6 +62,12 @@ _COLUMNS: Final = (
 
 
 def _cell(key: str, row: Mapping[str, Any], now: float) -> str:
+    # Client name and version, protocol version, log level and subscribed URIs are the client's
+    # choice: terminal_safe keeps their control characters from acting on the terminal.
+    return terminal_safe(_text(key, row, now))
+
+
+def _text(key: str, row: Mapping[str, Any], now: float) -> str:
     value = row[key]
     if key == "id":
         return str(value)[:8]
@@ -104,14 +112,33 @@ def _proxy_base(config: ProxyConfig | None, proxy_url: str | None) -> str:
     return f"http://{host}:{config.port}"
 
 
+def token_hint(token: str | None, again: str) -> str:
+    """What to do when the proxy refuses ``tail`` or ``sessions forget``: the token comes from the
+    environment (a flag would show it in the process list), so the hint is the same command with it set."""
+    if token:
+        return (
+            "it refused the token sent (MCP_HEAL_PROXY_TOKEN, else the config's [server] token); "
+            f"set MCP_HEAL_PROXY_TOKEN to the running proxy's [server] token: `MCP_HEAL_PROXY_TOKEN=TOKEN {again}`"
+        )
+    return f"the proxy has a token: run `MCP_HEAL_PROXY_TOKEN=TOKEN {again}`, TOKEN being its [server] token"
+
+
 def forget_session(
-    state: str, session: str, *, config: ProxyConfig | None, proxy_url: str | None, token: str | None, out: TextIO
+    state: str,
+    session: str,
+    *,
+    config: ProxyConfig | None,
+    proxy_url: str | None,
+    token: str | None,
+    out: TextIO,
+    again: str = "mcp-heal-proxy sessions forget ID",
 ) -> int:
-    """End one session: through the running proxy if it answers, else the record only. Exit status."""
-    return asyncio.run(_forget(state, session, _proxy_base(config, proxy_url), token, out))
+    """End one session: through the running proxy if it answers, else the record only. Exit status.
+    ``again`` is the command as the user typed it (secrets masked), for hints."""
+    return asyncio.run(_forget(state, session, _proxy_base(config, proxy_url), token, out, again))
 
 
-async def _forget(state: str, prefix: str, base: str, token: str | None, out: TextIO) -> int:
+async def _forget(state: str, prefix: str, base: str, token: str | None, out: TextIO, again: str) -> int:
     if state == MEMORY_STATE:
         records = []
     else:
@@ -135,25 +162,27 @@ async def _forget(state: str, prefix: str, base: str, token: str | None, out: Te
     except (aiohttp.ClientConnectionError, TimeoutError):
         answer, status = None, None
     short = client_session_id[:8]
+    shown = mask_url(base)
     if status == 200 and isinstance(answer, dict):
         if answer.get("upstream_ended"):
             out.write(
-                f"ended session {short}: the running proxy at {base} sent DELETE to upstream {answer['upstream']} "
+                f"ended session {short}: the running proxy at {shown} sent DELETE to upstream "
+                f"{terminal_safe(answer['upstream'])} "
                 f"(it answered {answer['upstream_status']}) and forgot the session\n"
             )
         else:
-            why = answer.get("upstream_error") or f"it answered {answer.get('upstream_status')}"
+            why = terminal_safe(answer.get("upstream_error") or f"it answered {answer.get('upstream_status')}")
             out.write(
-                f"forgot session {short} through the running proxy at {base}; the upstream did not end it ({why})\n"
+                f"forgot session {short} through the running proxy at {shown}; the upstream did not end it ({why})\n"
             )
         return 0
     if status in (401, 403):
-        raise WatchError(f"the proxy at {base} refused the request ({status}): give --token or --config")
+        raise WatchError(f"the proxy at {shown} refused the request ({status}): {token_hint(token, again)}")
     if status is not None and status != 404:
-        raise WatchError(f"the proxy at {base} answered {status}")
+        raise WatchError(f"the proxy at {shown} answered {status}")
     # No proxy answers there (or it does not hold this session): the record only.
     if state == MEMORY_STATE:
-        raise WatchError(f"no proxy at {base} holds session {short}")
+        raise WatchError(f"no proxy at {shown} holds session {short}")
     if is_redis(state):
         reader = RedisReader(state)
         try:
@@ -166,7 +195,7 @@ async def _forget(state: str, prefix: str, base: str, token: str | None, out: Te
         raise WatchError(f"no session {short}")
     where = "no proxy answers at" if status is None else "the proxy does not hold it at"
     out.write(
-        f"forgot session {short}: record deleted from the store only ({where} {base}); "
+        f"forgot session {short}: record deleted from the store only ({where} {shown}); "
         "the upstream session was not ended and expires on its own\n"
     )
     return 0
@@ -188,7 +217,7 @@ def events_url(url: str | None) -> str:
     base = (url or DEFAULT_PROXY_URL).rstrip("/")
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WatchError(f"not an http(s) URL: {url!r}")
+        raise WatchError(f"not an http(s) URL: {mask_url(url or '')!r}")
     if parts.path.endswith(EVENTS_PATH):
         return base
     return urlunsplit(parts._replace(path=EVENTS_PATH))
@@ -204,6 +233,9 @@ def format_event(kind: str, item: Mapping[str, Any], *, color: bool) -> str | No
     def paint(text: str, code: str) -> str:
         return f"{code}{text}{_RESET}" if color else text
 
+    # Method and tool names are the client's choice, an error may quote the upstream: every string is
+    # made terminal_safe before it is written (the colours above are the only escapes in a line).
+    item = {key: terminal_safe(value) if isinstance(value, str) else value for key, value in item.items()}
     if kind == "request":
         status = int(item["status"])
         status_color = _GREEN if status < 300 else _CYAN if status < 400 else _YELLOW if status < 500 else _RED
@@ -236,9 +268,12 @@ async def tail(
     out: TextIO,
     give_up: float = DEFAULT_GIVE_UP,
     color: bool | None = None,
+    again: str = "mcp-heal-proxy tail",
 ) -> int:
-    """Follow the proxy's events until interrupted; exit status 1 once it stayed unreachable ``give_up`` s."""
+    """Follow the proxy's events until interrupted; exit status 1 once it stayed unreachable ``give_up`` s.
+    ``again`` is the command as the user typed it (secrets masked), for hints."""
     target = events_url(url)
+    shown = mask_url(target)  # a ?token= in the URL given is a secret
     paint = out.isatty() if color is None else color
     headers = {"Accept": "text/event-stream"}
     if token:
@@ -252,13 +287,13 @@ async def tail(
             try:
                 async with http.get(target, headers=headers) as response:
                     if response.status in (401, 403):
-                        raise WatchError(f"{target} refused the request ({response.status}): give --token")
+                        raise WatchError(f"{shown} refused the request ({response.status}): {token_hint(token, again)}")
                     if response.status != 200:
                         raise aiohttp.ClientResponseError(
                             response.request_info, (), status=response.status, message="not the event feed"
                         )
                     verb = "reconnected to" if announced else "following"
-                    print(f"{verb} {target}", file=sys.stderr, flush=True)
+                    print(f"{verb} {shown}", file=sys.stderr, flush=True)
                     unreachable_since, delay, announced = None, RECONNECT_FIRST, True
                     parser = SSEParser()
                     async for chunk in response.content.iter_any():
@@ -266,19 +301,36 @@ async def tail(
                             if isinstance(item, Event) and item.event != "hello":
                                 _print_event(item, as_json=as_json, color=paint, out=out)
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                reason = f"HTTP {exc.status}" if isinstance(exc, aiohttp.ClientResponseError) else type(exc).__name__
+                if isinstance(exc, aiohttp.ClientResponseError):
+                    reason = f"it answered HTTP {exc.status}, not a proxy's event feed"
+                else:
+                    reason = connection_failure(exc).words
                 moment = time.monotonic()
                 if unreachable_since is None:
                     unreachable_since = moment
-                    print(f"lost {target} ({reason}); reconnecting", file=sys.stderr, flush=True)
-                elif moment - unreachable_since > give_up:
-                    raise WatchError(f"{target} unreachable for {give_up:.0f} s ({reason})") from None
+                    # "lost" only for a proxy this tail had followed; one it never reached is not lost.
+                    if announced:
+                        print(f"lost {shown} ({reason}); reconnecting", file=sys.stderr, flush=True)
+                    elif give_up > 0:
+                        print(
+                            f"cannot reach {shown} ({reason}); retrying for {give_up:g} s", file=sys.stderr, flush=True
+                        )
+                if moment - unreachable_since >= give_up:
+                    if announced:
+                        raise WatchError(
+                            f"lost {shown} ({reason}) and could not reconnect within {give_up:g} s"
+                        ) from None
+                    raise WatchError(
+                        f"cannot reach {shown} ({reason}); gave up after {give_up:g} s: is the proxy running there?"
+                    ) from None
             else:
                 # The proxy ended the stream (shutdown): it may be restarting.
                 if unreachable_since is None:
                     unreachable_since = time.monotonic()
-                    print(f"{target} closed the feed; reconnecting", file=sys.stderr, flush=True)
-            await asyncio.sleep(delay)
+                    print(f"{shown} closed the feed; reconnecting", file=sys.stderr, flush=True)
+            # Backoff, never past the moment to give up.
+            left = unreachable_since + give_up - time.monotonic() if unreachable_since is not None else delay
+            await asyncio.sleep(max(0.0, min(delay, left)))
             delay = min(delay * 2, RECONNECT_MAX)
 
 

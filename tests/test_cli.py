@@ -288,3 +288,61 @@ def test_garbage_collection_is_tuned_once_the_proxy_is_up() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+async def test_no_query_value_or_password_of_a_url_reaches_the_banner_the_log_or_check_config(
+    tmp_path: Path,
+) -> None:
+    secret = "qsecret-4f1d9c"
+    upstream = f"http://127.0.0.1:9/mcp?api_key={secret}"
+    store = f"redis://:{secret}@127.0.0.1:9/0?password={secret}"
+    status, stdout, stderr = await run_cli("check-config", "--upstream", upstream, "--state", store)
+    assert status == 0, stderr
+    assert secret.encode() not in stdout + stderr
+    assert b"api_key=***" in stdout
+    assert b"password=***" in stdout
+    # serve's store error (nothing listens on port 9).
+    status, stdout, stderr = await run_cli("serve", "--upstream", upstream, "--state", store, "--port", "0")
+    assert status == 2
+    assert b"cannot open the session store redis://***@127.0.0.1:9/0?password=***" in stderr
+    assert secret.encode() not in stdout + stderr
+    # The banner and the proxy.started log.
+    process = await start_cli(
+        "serve", "--upstream", upstream, "--state", ":memory:", "--port", "0", "--log-format", "json"
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            banner_lines = b"".join([await process.stdout.readline() for _ in range(3)])
+            while b"proxy.started" not in (line := await process.stderr.readline()):
+                assert line, "the proxy exited before proxy.started"
+        assert b"-> http://127.0.0.1:9/mcp?api_key=***" in banner_lines
+        assert json.loads(line)["upstream_url"] == "http://127.0.0.1:9/mcp?api_key=***"
+        assert secret.encode() not in banner_lines + line
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_login_tail_and_sessions_forget_print_urls_masked(tmp_path: Path) -> None:
+    secret = "qsecret-4f1d9c"
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f"[server]\nstate = ':memory:'\n[upstreams.a]\nurl = 'http://127.0.0.1:9/mcp?api_key={secret}'\nauth = 'oauth'\n"
+    )
+    status, stdout, stderr = await run_cli("login", "a", "--config", str(config), "--no-browser")
+    assert status == 1
+    assert b"cannot reach the upstream MCP server http://127.0.0.1:9/mcp?api_key=***" in stderr, stderr
+    assert secret.encode() not in stdout + stderr
+    status, stdout, stderr = await run_cli("tail", f"http://127.0.0.1:9/?token={secret}", "--give-up", "0")
+    assert status == 1
+    assert b"token=***" in stderr, stderr
+    assert secret.encode() not in stdout + stderr
+    session = "f" * 32
+    status, stdout, stderr = await run_cli(
+        "sessions", "forget", session, "--state", ":memory:", "--proxy", f"http://127.0.0.1:9/?token={secret}"
+    )
+    assert status == 1
+    assert b"no proxy at http://127.0.0.1:9/?token=***" in stderr, stderr
+    assert secret.encode() not in stdout + stderr

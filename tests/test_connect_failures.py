@@ -62,7 +62,7 @@ async def test_a_connect_that_times_out_is_retried_within_connect_retry_then_504
     assert (status, answer["id"]) == (504, 3)
     assert answer["error"] == {
         "code": -32002,
-        "message": "upstream MCP server unreachable: no connection within connect_timeout (0.2 s)",
+        "message": "cannot reach the upstream MCP server: no connection within connect_timeout (0.2 s)",
     }
     # Before: one attempt, answered at once after connect_timeout (504 from one client, 503 from the other).
     assert 2 * 0.2 < took < 5.0, "connect attempts were retried within connect_retry, and no longer"
@@ -76,5 +76,5 @@ async def test_a_refused_connection_is_answered_alike_by_both_clients(
     assert (status, answer["id"]) == (502, 3)
     assert answer["error"] == {
         "code": -32002,
-        "message": "upstream MCP server unreachable: cannot connect (Connection refused)",
+        "message": "cannot reach the upstream MCP server: connection refused: nothing listens at that address",
     }

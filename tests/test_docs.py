@@ -92,12 +92,14 @@ def test_ci_runs_the_readmes_test_command_and_check_shows_skip_reasons() -> None
 
 
 def readme_invocation_blocks() -> list[str]:
-    """The README's command blocks that run the proxy from the first command's virtualenv (not the demo)."""
+    """The README's command blocks that run the proxy from the first command's virtualenv (not the demo,
+    nor a client's ``claude mcp add`` line: test_every_stdio_snippet_starts_the_bridge_with_a_minimal_path
+    runs those)."""
     first = readme_first_commands()
     return [
         block
         for block in code_blocks(README, "sh")
-        if ".venv/bin/mcp-heal-proxy" in block and block.strip() not in first
+        if ".venv/bin/mcp-heal-proxy" in block and block.strip() not in first and not block.startswith("claude ")
     ]
 
 
@@ -213,6 +215,109 @@ def test_client_snippets_parse_and_point_at_the_proxy() -> None:
             assert all(points_at_the_proxy(server) for server in servers.values()), block
 
 
+# Where the stdio snippets put the command: a full path (GUI clients start commands with a minimal PATH).
+STDIO_COMMAND = "/home/you/mcp-heal-proxy/.venv/bin/mcp-heal-proxy"
+# What launchd gives a GUI app's children (and about what Claude Desktop passes on).
+MINIMAL_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+
+
+def stdio_snippets() -> list[tuple[str, str, list[str]]]:
+    """Every stdio launch the docs show a user: where, the command, its arguments. From the README and the
+    user guide (JSON and TOML client configs, ``claude mcp add ... --`` lines) and ``stdio --help``."""
+    found: list[tuple[str, str, list[str]]] = []
+    for document in (README, USER_GUIDE):
+        for block in code_blocks(document, "json"):
+            for server in json.loads(block)["mcpServers"].values():
+                if "command" in server:
+                    found.append((document.name, server["command"], server["args"]))
+        for block in code_blocks(document, "toml"):
+            for server in tomllib.loads(block).get("mcp_servers", {}).values():
+                if "command" in server:
+                    found.append((document.name, server["command"], server["args"]))
+        for block in code_blocks(document, "sh"):
+            for line in block.splitlines():
+                if line.startswith("claude mcp add") and " -- " in line:
+                    command, *args = shlex.split(line.split(" -- ", 1)[1])
+                    found.append((document.name, command, args))
+    shown = subprocess.run(
+        [sys.executable, "-m", "mcp_heal_proxy", "stdio", "--help"], capture_output=True, text=True, check=True,
+        cwd=REPO_ROOT, timeout=30,
+    ).stdout  # fmt: skip
+    snippet = shown[shown.index('{"mcpServers"') :]
+    for server in json.loads(" ".join(snippet.split())).get("mcpServers").values():
+        found.append(("stdio --help", server["command"], server["args"]))
+    return found
+
+
+def test_every_stdio_snippet_gives_the_full_path_and_says_how_to_find_it() -> None:
+    snippets = stdio_snippets()
+    assert {where for where, _, _ in snippets} == {"README.md", "user-guide.md", "stdio --help"}
+    assert len(snippets) >= 6, snippets
+    for where, command, _ in snippets:
+        assert command == STDIO_COMMAND, f"{where}: {command} (a bare name is not found on a GUI client's PATH)"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mcp_heal_proxy", "stdio", "--help"], capture_output=True, text=True, check=True,
+        cwd=REPO_ROOT, timeout=30,
+    ).stdout  # fmt: skip
+    for where, text in (
+        ("README.md", README.read_text()),
+        ("user-guide.md", USER_GUIDE.read_text()),
+        ("help", help_text),
+    ):
+        assert "command -v mcp-heal-proxy" in text, where
+
+
+async def test_every_stdio_snippet_starts_the_bridge_with_a_minimal_path(command: Path, tmp_path: Path) -> None:
+    from tests.conftest import UpstreamProcess
+
+    upstream = UpstreamProcess(json_response=False)
+    await upstream.start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(f'[upstreams.github]\nurl = "{upstream.url}"\n')
+        environment = {"PATH": MINIMAL_PATH, "HOME": str(tmp_path)}
+        # The reason for full paths: with the same PATH, the bare name is not found.
+        with pytest.raises(FileNotFoundError):
+            subprocess.run(["mcp-heal-proxy", "--version"], env=environment, check=False, timeout=30)
+        for where, program, args in stdio_snippets():
+            # As a client would start it, the placeholder path being this checkout's command.
+            args = [upstream.url if arg.startswith("https://mcp.example.com/") else arg for arg in args]
+            args = [str(config) if arg == "/home/you/proxy.toml" else arg for arg in args]
+            assert program == STDIO_COMMAND
+            await _initialize_over_stdio([str(command), *args], environment, where)
+    finally:
+        await upstream.stop()
+
+
+async def _initialize_over_stdio(argv: list[str], environment: dict[str, str], where: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=environment,
+    )  # fmt: skip
+    assert process.stdin is not None
+    assert process.stdout is not None
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    try:
+        process.stdin.write(json.dumps(initialize).encode() + b"\n")
+        await process.stdin.drain()
+        async with asyncio.timeout(30):
+            answer = json.loads(await process.stdout.readline())
+            process.stdin.close()
+            _, errors = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert answer.get("id") == 1, (where, argv, answer)
+    assert "result" in answer, (where, argv, answer)
+    assert process.returncode == 0, (where, argv, errors)
+
+
 def test_the_user_guide_covers_each_client_services_docker_and_troubleshooting() -> None:
     guide = USER_GUIDE.read_text()
     for topic in ("Codex", "Claude Code", "Cursor", "systemd", "launchd", "Docker", "compose.yaml"):
@@ -250,7 +355,8 @@ async def test_the_example_config_passes_check_config_once_its_token_variable_is
 def test_every_config_key_is_documented_in_the_example() -> None:
     example = EXAMPLE.read_text()
     keys = [f.name for f in fields(ProxyConfig) if f.name != "upstreams"]
-    keys += [f.name for f in fields(UpstreamConfig) if f.name != "name"]
+    # config_file records where an upstream came from; no file sets it.
+    keys += [f.name for f in fields(UpstreamConfig) if f.name not in ("name", "config_file")]
     for key in keys:
         assert re.search(rf"^#? ?{key} = ", example, flags=re.MULTILINE), f"config.example.toml does not document {key}"
 

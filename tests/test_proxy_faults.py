@@ -83,7 +83,10 @@ async def test_upstream_dying_during_heal_gives_a_jsonrpc_error_with_the_request
     status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(9))
     assert status == 502
     assert answer == {"jsonrpc": "2.0", "id": 9, "error": {"code": -32002, "message": answer["error"]["message"]}}
-    assert "unreachable" in answer["error"]["message"]
+    # It was reached (the connection closed under the re-initialize): said so, in words.
+    assert answer["error"]["message"] == (
+        "upstream MCP server ended the connection before answering: connection closed by the server"
+    )
 
 
 async def test_upstream_hanging_during_heal_gives_a_timeout_error(
@@ -343,6 +346,10 @@ async def test_unreachable_upstream_gives_502_with_the_request_id(
         answer = await response.json()
         assert answer["id"] == 77
         assert answer["error"]["code"] == -32002
+        # What happened, in words (not ClientConnectorError or ConnectFailed).
+        assert answer["error"]["message"] == (
+            "cannot reach the upstream MCP server: connection refused: nothing listens at that address"
+        )
 
 
 async def test_slow_upstream_gives_504_with_the_request_id(

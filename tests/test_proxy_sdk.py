@@ -92,7 +92,7 @@ async def test_upstream_down_during_heal_gives_an_error_not_a_hang(
         assert text_of(await session.call_tool("echo", {"text": "warm"})) == "warm"
         await upstream.stop()
         async with asyncio.timeout(15):
-            with pytest.raises(MCPError, match="unreachable"):
+            with pytest.raises(MCPError, match="cannot reach the upstream MCP server: connection refused"):
                 await session.call_tool("echo", {"text": "lost"})
         # The upstream comes back: the same client session heals and goes on.
         await upstream.start()

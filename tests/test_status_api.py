@@ -268,8 +268,9 @@ def test_an_upstream_may_not_take_the_proxys_own_paths(tmp_path: Path, path: str
         build_config(config_file=str(config_file), flags={}, environ={})
 
 
-def test_the_page_shows_upstream_urls_without_credentials_or_query() -> None:
+def test_the_page_shows_upstream_urls_without_credentials_or_query_values() -> None:
     assert (
-        upstream_display("https://user:pw@mcp.example.com:8443/mcp?api_key=x#f") == "https://mcp.example.com:8443/mcp"
+        upstream_display("https://user:pw@mcp.example.com:8443/mcp?api_key=x#f")
+        == "https://***@mcp.example.com:8443/mcp?api_key=***#***"
     )
     assert upstream_display("http://[::1]:9/mcp") == "http://[::1]:9/mcp"

@@ -258,7 +258,7 @@ async def test_an_upstream_that_is_down_gets_errors_then_heals_when_it_returns(
 ) -> None:
     config = tmp_path / "proxy.toml"
     config.write_text(f'[upstreams.test]\nurl = "{sse_upstream.url}"\nconnect_retry = 0.5\n')
-    env = {key: os.environ[key] for key in ("HOME", "PATH") if key in os.environ}
+    env = {key: os.environ[key] for key in ("HOME", "PATH", "PYTHONPATH") if key in os.environ}
     process = await asyncio.create_subprocess_exec(
         BRIDGE,
         "stdio",
@@ -278,7 +278,7 @@ async def test_an_upstream_that_is_down_gets_errors_then_heals_when_it_returns(
         await bridge.send(ping(2))
         failed = await bridge.receive()
         assert failed["id"] == 2
-        assert "unreachable" in failed["error"]["message"]
+        assert failed["error"]["message"].startswith("cannot reach the upstream MCP server: connection refused")
         await sse_upstream.start()
         await bridge.send(ping(3))
         assert await bridge.receive() == {"jsonrpc": "2.0", "id": 3, "result": {}}, "healed on the new upstream"

@@ -251,13 +251,14 @@ async def test_tail_reconnects_when_the_proxy_restarts(
     state = str(tmp_path / "sessions.db")
     ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
     async with tailing(base) as tail:
-        await read_until(tail.stderr, "reconnecting")  # no proxy yet
+        # No proxy yet: it was never reached, so it is not "lost".
+        assert "lost" not in "".join(await read_until(tail.stderr, f"cannot reach {base}/_proxy/api/events"))
         async with serving(sse_upstream.url, state, port):
             await read_until(tail.stderr, f"following {base}")
             session_id = await raw_initialize(http, f"{base}/mcp")
             await read_until(tail.stdout, "notifications/initialized")
         # The proxy stopped (SIGTERM); a new one on the same port takes over the store.
-        await read_until(tail.stderr, "reconnecting")
+        await read_until(tail.stderr, f"{base}/_proxy/api/events closed the feed; reconnecting")
         async with serving(sse_upstream.url, state, port):
             await read_until(tail.stderr, f"reconnected to {base}")
             async with http.post(f"{base}/mcp", json=ping, headers=session_headers(session_id)) as response:
@@ -269,9 +270,13 @@ async def test_tail_reconnects_when_the_proxy_restarts(
 
 
 async def test_tail_gives_up_on_a_proxy_that_stays_away() -> None:
-    status, _, stderr = await run_cli("tail", f"http://127.0.0.1:{free_port()}", "--give-up", "1")
+    address = f"http://127.0.0.1:{free_port()}"
+    status, _, stderr = await run_cli("tail", address, "--give-up", "1")
     assert status == 1
-    assert "unreachable for 1 s" in stderr
+    assert stderr.startswith(f"cannot reach {address}/_proxy/api/events (connection refused"), stderr
+    assert "gave up after 1 s" in stderr
+    assert "lost" not in stderr
+    assert "Error" not in stderr, "no class names"
     assert "Traceback" not in stderr
 
 
@@ -309,3 +314,66 @@ async def test_forget_needs_an_id(tmp_path: Path) -> None:
     status, _, stderr = await run_cli("sessions", "forget", "--state", str(tmp_path / "s.db"))
     assert status == 2
     assert "sessions forget needs a session ID" in stderr
+
+
+EVIL = "\x1b[2J\x1b]0;owned\x07\r\x08\x9b31mforged"
+EVIL_SHOWN = "\\x1b[2J\\x1b]0;owned\\x07\\x0d\\x08\\x9b31mforged"
+
+
+def _no_control_characters(text: str) -> None:
+    assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in text), repr(text)
+
+
+async def test_tail_and_sessions_write_a_clients_control_characters_as_text(
+    sse_upstream: UpstreamProcess, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    state = str(tmp_path / "sessions.db")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    async with serving(sse_upstream.url, state, port), tailing(base) as tail:
+        await read_until(tail.stderr, f"following {base}")
+        initialize = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": f"client{EVIL}", "version": f"1{EVIL}"},
+            },
+        }
+        headers = {"Accept": "application/json, text/event-stream"}
+        async with http.post(f"{base}/mcp", json=initialize, headers=headers) as response:
+            assert response.status == 200
+            session_id = response.headers["Mcp-Session-Id"]
+            await response.read()
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": f"tool{EVIL}", "arguments": {}}}
+        async with http.post(f"{base}/mcp", json=call, headers=session_headers(session_id)) as response:
+            await response.read()
+        line = (await read_until(tail.stdout, "tools/call"))[-1]
+        _no_control_characters(line)
+        assert f"tool{EVIL_SHOWN}"[:24] in line  # the column is 32 wide, the rest follows
+        status, stdout, stderr = await run_cli("sessions", "--state", state)
+        assert status == 0, stderr
+        _no_control_characters(stdout)
+        assert f"client{EVIL_SHOWN} 1{EVIL_SHOWN}" in stdout
+        status, stdout, stderr = await run_cli("sessions", "--state", state, "--json")
+        assert status == 0, stderr
+        _no_control_characters(stdout)
+        assert json.loads(stdout)[0]["client"] == f"client{EVIL}", "JSON keeps the text, escaped by JSON"
+
+
+def test_console_log_lines_write_control_characters_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from mcp_heal_proxy.observability import configure_logging
+
+    configure_logging("console", "info", cache=False)
+    try:
+        structlog.get_logger("t").info("request", method=f"m{EVIL}")
+        structlog.get_logger("t").info("flush")  # off the loop each line is written at once
+    finally:
+        configure_logging("json", "info", cache=False)
+    err = capsys.readouterr().err
+    assert f"m{EVIL_SHOWN}" in err
+    assert "owned\x07" not in err

@@ -25,6 +25,7 @@ from mcp_heal_proxy.auth.metadata import (
     check_resource,
     protected_resource_candidates,
 )
+from mcp_heal_proxy.errors import connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.tls import tls_failure
 
@@ -71,8 +72,8 @@ async def fetch_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | 
     except BodyTooLarge:
         return None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        # A refused certificate says so, with its fix (ca_file), rather than a class name.
-        why = tls_failure(exc, urlsplit(url).hostname or "") or type(exc).__name__
+        # A refused certificate says so, with its fix (ca_file); anything else in words, not a class name.
+        why = tls_failure(exc, urlsplit(url).hostname or "") or connection_failure(exc).words
         raise MetadataUnavailable(f"cannot fetch OAuth metadata: {why}", missing=False) from exc
     try:
         document = json.loads(body)

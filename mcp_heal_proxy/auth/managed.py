@@ -38,8 +38,9 @@ from aiohttp import web
 from mcp_heal_proxy.auth.bodies import BodyTooLarge, response_body
 from mcp_heal_proxy.auth.metadata import check_resource
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
-from mcp_heal_proxy.config import ConfigError, ProxyConfig, UpstreamConfig
-from mcp_heal_proxy.errors import ProxyError
+from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, UpstreamConfig, login_command
+from mcp_heal_proxy.display import mask_url
+from mcp_heal_proxy.errors import ProxyError, connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 
@@ -72,6 +73,10 @@ _CHALLENGE_PARAM = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|(
 
 class LoginError(Exception):
     """``login`` cannot go on; the message says why in one line (exit status 1)."""
+
+
+class NoLoginNeeded(LoginError):
+    """The upstream answered without a token and publishes no OAuth metadata: nothing to log in to."""
 
 
 class LoginRequired(ProxyError):
@@ -303,7 +308,7 @@ async def _probe(http: aiohttp.ClientSession, upstream_url: str) -> Challenge | 
                     headers["MCP-Protocol-Version"] = _PROBE_VERSION
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise LoginError(
-                f"cannot reach the upstream MCP server {upstream_url}: {_why(exc, upstream_url)}"
+                f"cannot reach the upstream MCP server {mask_url(upstream_url)}: {_why(exc, upstream_url)}"
             ) from None
     return None
 
@@ -320,6 +325,7 @@ async def discover(
 ) -> Discovery:
     """Find the upstream's authorization server and its metadata (MCP authorization, "Discovery")."""
     challenge = await _probe(http, upstream_url)
+    asked = challenge is not None
     if challenge is None:
         out("the upstream answered without asking for a token; looking for its metadata anyway")
     challenge = challenge or Challenge()
@@ -329,12 +335,22 @@ async def discover(
         if resource_metadata is not None:
             break
     if resource_metadata is None:
+        # No challenge and no metadata of either kind: the default endpoints would only end in a
+        # registration 404; the upstream needs no login at all.
+        if (
+            not asked
+            and await _get_json(http, f"{_origin(upstream_url)}/.well-known/oauth-authorization-server") is None
+        ):
+            raise NoLoginNeeded(
+                f"this upstream asks for no login: {mask_url(upstream_url)} answered without asking for a token "
+                'and publishes no OAuth metadata; remove auth = "oauth" from its [upstreams.NAME] table'
+            )
         legacy = await legacy_metadata(http, upstream_url)
         return Discovery(metadata=legacy, resource=None, issuer=None, challenge_scope=challenge.scope)
     resource = resource_metadata.get("resource")
     if not isinstance(resource, str) or not check_resource(resource, upstream_url):
         raise LoginError(
-            f"the upstream's protected-resource metadata names {resource!r}, not {upstream_url}: "
+            f"the upstream's protected-resource metadata names {resource!r}, not {mask_url(upstream_url)}: "
             "refusing to send a login for another server"
         )
     servers = resource_metadata.get("authorization_servers")
@@ -347,7 +363,7 @@ async def discover(
         if metadata is not None:
             break
     if metadata is None:
-        raise LoginError(f"no authorization server metadata found for {issuer}")
+        raise LoginError(f"no authorization server metadata found for {mask_url(issuer)}")
     if isinstance(metadata.get("issuer"), str) and metadata["issuer"].rstrip("/") != issuer.rstrip("/"):
         raise LoginError(f"the authorization server metadata names issuer {metadata['issuer']!r}, not {issuer!r}")
     scopes = resource_metadata.get("scopes_supported")
@@ -438,8 +454,10 @@ async def refresh_grant(grant: Grant, tls: ssl.SSLContext) -> Grant:
 
 
 def _why(exc: BaseException, url: str) -> str:
-    """Why a request failed, in a few words: a refused certificate with its fix, else the error's class."""
-    return tls_failure(exc, urlsplit(url).hostname or "") or type(exc).__name__
+    """Why a request failed, in a few words: a refused certificate with its fix, else what happened."""
+    if isinstance(exc, BodyTooLarge):
+        return "its answer is too large"
+    return tls_failure(exc, urlsplit(url).hostname or "") or connection_failure(exc).words
 
 
 def _client(tls: ssl.SSLContext, timeout: aiohttp.ClientTimeout = HTTP_TIMEOUT) -> aiohttp.ClientSession:
@@ -483,9 +501,9 @@ async def _register(
             payload = json.loads(await response_body(response)) if response.status in (200, 201) else None
             status = response.status
     except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge) as exc:
-        raise LoginError(f"client registration at {endpoint} failed: {_why(exc, endpoint)}") from None
+        raise LoginError(f"client registration at {mask_url(endpoint)} failed: {_why(exc, endpoint)}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
-        raise LoginError(f"client registration at {endpoint} failed: HTTP {status}")
+        raise LoginError(f"client registration at {mask_url(endpoint)} failed: HTTP {status}")
     secret = payload.get("client_secret")
     method = payload.get("token_endpoint_auth_method")
     return _Client(
@@ -496,8 +514,9 @@ async def _register(
 class _Callback:
     """The loopback redirect target (RFC 8252 section 7.3): one authorization response, then done."""
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, again: str) -> None:
         self._state = state
+        self._again = again
         self.answer: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -519,7 +538,7 @@ class _Callback:
         params = dict(request.query)
         if not secrets.compare_digest(params.get("state", ""), self._state):
             # Not the answer to our request (a stale tab, or someone else's redirect): ignore it.
-            return web.Response(status=400, text="Unknown login attempt; start again with mcp-heal-proxy login.")
+            return web.Response(status=400, text=f"Unknown login attempt; start again with: {self._again}")
         if not self.answer.done():
             self.answer.set_result(params)
         if "error" in params:
@@ -547,8 +566,10 @@ async def login(
     out: TextIO,
     open_browser: bool,
     wait: float = LOGIN_TIMEOUT,
+    again: str | None = None,
 ) -> Grant:
-    """Log in to the upstream's authorization server and store the grant.
+    """Log in to the upstream's authorization server and store the grant. ``again`` is the command that
+    starts this login (login_command), for the browser page of a stale attempt.
 
     Two logins of one upstream at once (two terminals, or two proxies' users sharing a state
     directory) take turns; one that waited uses the tokens the other one obtained instead of sending
@@ -560,7 +581,8 @@ async def login(
         if current is not None and current.logged_in_at > (before.logged_in_at if before else 0.0):
             _print(out, f"Another login of {upstream.name} finished meanwhile; using its tokens.")
             return current
-        return await _login(upstream, token_file, current, out=out, open_browser=open_browser, wait=wait)
+        command = again or login_command(upstream, MEMORY_STATE)
+        return await _login(upstream, token_file, current, out=out, open_browser=open_browser, wait=wait, again=command)
 
 
 async def _login(
@@ -571,6 +593,7 @@ async def _login(
     out: TextIO,
     open_browser: bool,
     wait: float,
+    again: str,
 ) -> Grant:
     async with _client(tls_context(upstream)) as http:
         found = await discover(http, upstream.url, lambda line: _print(out, line))
@@ -591,7 +614,7 @@ async def _login(
             wanted=previous.wanted_scope if previous else None,
         )
         state = secrets.token_urlsafe(24)
-        callback = _Callback(state)
+        callback = _Callback(state, again)
         await callback.start(upstream.callback_port or 0)
         try:
             if upstream.client_id:
@@ -617,7 +640,7 @@ async def _login(
             if scopes:
                 params["scope"] = " ".join(scopes)
             url = _with_query(authorize, params)
-            _print(out, f"Log in to {upstream.name} ({upstream.url}) by opening this URL in a browser:")
+            _print(out, f"Log in to {upstream.name} ({mask_url(upstream.url)}) by opening this URL in a browser:")
             _print(out, url)
             _print(out, f"Waiting for the authorization server to redirect to {callback.redirect_uri} ...")
             if open_browser:
@@ -681,7 +704,9 @@ async def _login(
         except TokenRefused as exc:
             raise LoginError(f"the token endpoint refused the authorization code: {exc.error}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoginError(f"cannot reach the token endpoint {token_endpoint}: {_why(exc, token_endpoint)}") from None
+            raise LoginError(
+                f"cannot reach the token endpoint {mask_url(token_endpoint)}: {_why(exc, token_endpoint)}"
+            ) from None
     grant = _grant_from(answer_tokens, replace(base, auth_method=method))
     async with token_file.lock():
         token_file.save(grant)
@@ -715,7 +740,8 @@ async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser
     upstream = _upstream_named(config, name)
     token_file = TokenFile(tokens_directory(config.state), name)
     try:
-        await login(upstream, token_file, out=out, open_browser=open_browser)
+        command = login_command(upstream, config.state)
+        await login(upstream, token_file, out=out, open_browser=open_browser, again=command)
     except TokenFileError as exc:
         raise LoginError(str(exc)) from None
     _print(out, f"Logged in to {name}; tokens saved in {token_file.path}")
@@ -798,7 +824,8 @@ async def _revoke_for_logout(grant: Grant) -> str:
     except TokenRefused as exc:
         return f"The authorization server refused to revoke the tokens ({exc.error}): deleted here only."
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return f"Cannot reach the authorization server to revoke the tokens ({type(exc).__name__}): deleted here only."
+        why = connection_failure(exc).words
+        return f"Cannot reach the authorization server to revoke the tokens ({why}): deleted here only."
     return f"Revoked the {' and '.join(revoked)} at the authorization server." if revoked else "No token to revoke."
 
 
@@ -819,9 +846,10 @@ def _is_token_challenge(response: aiohttp.ClientResponse) -> bool:
 class ManagedAuth:
     """Puts the stored access token on every upstream request of one upstream, and keeps it fresh."""
 
-    def __init__(self, upstream: UpstreamConfig, token_file: TokenFile) -> None:
+    def __init__(self, upstream: UpstreamConfig, token_file: TokenFile, state: str = MEMORY_STATE) -> None:
         self._upstream = upstream
         self._name = upstream.name
+        self._login = login_command(upstream, state)
         self._file = token_file
         self._grant: Grant | None = None
         self._stamp: int | None = None
@@ -840,7 +868,7 @@ class ManagedAuth:
         await self._tasks.close()
 
     def _hint(self, why: str) -> str:
-        return f"{why}: run `mcp-heal-proxy login {self._name}` (upstream {self._name})"
+        return f"{why}: run `{self._login}` (upstream {self._name})"
 
     def _current(self) -> Grant | None:
         """The stored grant, read again whenever the file changed (a login, or another proxy's refresh)."""
@@ -1026,6 +1054,6 @@ def managed_auth(upstream: UpstreamConfig, state: str) -> ManagedAuth | None:
             log.warning(
                 "auth.not_logged_in",
                 upstream=upstream.name,
-                hint=f"run `mcp-heal-proxy login {upstream.name}`; until then its requests get an error",
+                hint=f"run `{login_command(upstream, state)}`; until then its requests get an error",
             )
-    return ManagedAuth(upstream, token_file)
+    return ManagedAuth(upstream, token_file, state)

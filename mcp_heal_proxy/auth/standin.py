@@ -51,7 +51,7 @@ from mcp_heal_proxy.auth.metadata import (
     rewrite_protected_resource,
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
-from mcp_heal_proxy.errors import UpstreamUnavailable
+from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.front.guards import json_error
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
@@ -520,7 +520,7 @@ class OAuthPassThrough:
                 return web.Response(status=answer.status, body=content, headers=passed)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             refused = tls_failure(exc, urlsplit(url).hostname or "")
-            log.warning("oauth.forward_failed", path=request.path, error=refused or type(exc).__name__)
+            log.warning("oauth.forward_failed", path=request.path, error=refused or connection_failure(exc).words)
             if refused is not None:
                 return oauth_error(502, "temporarily_unavailable", f"the upstream's authorization server: {refused}")
             return oauth_error(502, "temporarily_unavailable", "the upstream's authorization server did not answer")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from mcp_heal_proxy.config import MEMORY_STATE, default_state_path
+from mcp_heal_proxy.display import mask_url
 
 try:
     import fcntl
@@ -64,7 +65,9 @@ class Grant:
 
     def __repr__(self) -> str:
         # Never print tokens, even in a traceback or a debugger.
-        return f"Grant(upstream_url={self.upstream_url!r}, client_id={self.client_id!r}, scope={self.scope!r})"
+        return (
+            f"Grant(upstream_url={mask_url(self.upstream_url)!r}, client_id={self.client_id!r}, scope={self.scope!r})"
+        )
 
     def expires_soon(self, now: float | None = None) -> bool:
         """Whether the access token is expired or about to: refreshed before use then."""

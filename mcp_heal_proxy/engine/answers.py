@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from mcp_heal_proxy.errors import AnswerTooLarge, UpstreamTimeout, UpstreamUnavailable
+from mcp_heal_proxy.errors import AnswerTooLarge, UpstreamTimeout, UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.wire.content_coding import decoder_for
 from mcp_heal_proxy.wire.headers import CONTENT_ENCODING
 from mcp_heal_proxy.wire.jsonrpc import Kind, RequestId
@@ -371,7 +371,7 @@ class AnswerStream:
 
     def _broke(self, exc: BaseException) -> None:
         self.ending = Ending.BROKEN
-        self.failure = "read timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+        self.failure = "read timeout" if isinstance(exc, TimeoutError) else connection_failure(exc).words
 
     def _raise_if_broken(self) -> None:
         if self.ending is Ending.BROKEN:

@@ -31,6 +31,7 @@ from mcp_heal_proxy.errors import (
     UpstreamTimeout,
     UpstreamTLSFailed,
     UpstreamUnavailable,
+    connection_failure,
 )
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import Heal, SessionRecord, SessionStore
@@ -108,9 +109,13 @@ async def read_answer(response: aiohttp.ClientResponse, request_id: str) -> Mapp
 
 
 def _unforeseen(exc: BaseException | None = None) -> HealFailed:
-    """A failure no step of the heal foresaw (a bug, a store that broke in an unexpected way)."""
-    name = type(exc).__name__ if exc is not None else "TimeoutError"
-    return HealFailed(f"the heal failed: {name}")
+    """A failure no step of the heal foresaw (a bug, a store that broke in an unexpected way), in words:
+    a connection's failure as errors.connection_failure says it, anything else without class names."""
+    if exc is None:
+        return HealFailed("the heal failed: a step timed out before heal_timeout")
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
+        return HealFailed(f"the heal failed: {connection_failure(exc).words}")
+    return HealFailed("the heal failed unexpectedly; the proxy's log has the details")
 
 
 class Healer:

@@ -35,7 +35,7 @@ from mcp_heal_proxy.errors import (
 )
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import SessionRecord, SessionStore, new_client_session_id
-from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream, read_capped
+from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, Upstream, attempt_started, read_capped
 from mcp_heal_proxy.wire.content_coding import decoded
 from mcp_heal_proxy.wire.headers import (
     CONTENT_ENCODING,
@@ -569,7 +569,8 @@ class SessionEngine:
         started = time.perf_counter()
         # GET and DELETE cannot run a tool: they may be resent over a connection that broke unanswered.
         response = await self.upstream.send(method, headers, body, stream=stream, resendable=method != "POST")
-        self._upstream_latency.observe(time.perf_counter() - started)
+        # From the attempt that was answered: connect retries before it are not the upstream's latency.
+        self._upstream_latency.observe(time.perf_counter() - max(started, attempt_started()))
         return response
 
     async def check_expiry(self, response: aiohttp.ClientResponse) -> tuple[bool, bytes]:

@@ -106,7 +106,7 @@ def build_app(config: ProxyConfig) -> web.Application:
 
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[front_door(config.allowed_origins, config.token, refused)],
+        middlewares=[front_door(config.allowed_origins, config.token, refused, [u.path for u in config.upstreams])],
     )
     settings = ProxySettings(
         max_body_bytes=config.max_body_bytes,

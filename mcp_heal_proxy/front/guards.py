@@ -65,18 +65,26 @@ def _not_recorded(request: web.Request, status: int) -> None:
     """The default for a front door built without a recorder (tests of the guards alone)."""
 
 
-def front_door(allowed_origins: Iterable[str], token: str | None, refused: Refused = _not_recorded) -> Middleware:
+def front_door(
+    allowed_origins: Iterable[str],
+    token: str | None,
+    refused: Refused = _not_recorded,
+    endpoints: Iterable[str] = (),
+) -> Middleware:
     """The one middleware in front of every handler (one per request, not one per concern):
 
     - a foreign Origin (a web page trying DNS rebinding) gets 403;
     - with a ``token``, ``Authorization: Bearer <token>`` is required on everything but health probes,
       CORS preflights and the status page, compared in constant time; 401 without it;
-    - unknown paths and methods get JSON-RPC bodies a client can parse, never an HTML page.
+    - unknown paths and methods get JSON-RPC bodies a client can parse, never an HTML page; an unknown
+      path's answer lists the MCP ``endpoints`` served (a trailing slash or a typo is then plain to see).
 
     In that order: a refused request learns nothing about which paths exist.
     """
     allows = origin_policy(allowed_origins)
     expected = f"Bearer {token}".encode() if token else None
+    served = ", ".join(sorted(endpoints))
+    not_here = f" (MCP endpoints here: {served})" if served else ""
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -104,7 +112,7 @@ def front_door(allowed_origins: Iterable[str], token: str | None, refused: Refus
             allowed = ", ".join(sorted(exc.allowed_methods))
             return json_error(405, jsonrpc.INVALID_REQUEST, f"method {request.method} not allowed", {"Allow": allowed})
         except web.HTTPNotFound:
-            return json_error(404, jsonrpc.METHOD_NOT_FOUND, f"no MCP endpoint at {request.path}")
+            return json_error(404, jsonrpc.METHOD_NOT_FOUND, f"no MCP endpoint at {request.path}{not_here}")
 
     return guard
 

@@ -27,6 +27,7 @@ from mcp_heal_proxy.errors import (
     TooManyStreams,
     UnsupportedMediaType,
     UpstreamUnavailable,
+    unexpected_failure,
 )
 from mcp_heal_proxy.front.exchange import AiohttpExchange, Exchange
 from mcp_heal_proxy.front.relay import Outcome, PendingResume, Relay, answer_unresumable
@@ -212,7 +213,7 @@ class Proxy:
         recorded with the status it got (499 when it left before any answer). ``method`` names it in the log,
         or (None) the method of its POST body once parsed."""
         started = time.perf_counter()
-        outcome = Outcome()
+        outcome = RequestOutcome()
         task = asyncio.current_task() if method != "GET" else None
         if task is not None:
             self._calls.add(task)
@@ -238,7 +239,7 @@ class Proxy:
         outcome.body = jsonrpc.parse_post_body(await exchange.read_body(self._settings.max_body_bytes))
         await self._post(exchange, outcome.body, outcome)
 
-    async def _answer_errors(self, exchange: Exchange, handling: Awaitable[None], outcome: Outcome) -> None:
+    async def _answer_errors(self, exchange: Exchange, handling: Awaitable[None], outcome: RequestOutcome) -> None:
         """Run a handler; turn its failures into a JSON-RPC error with the request's id (unless an answer
         already started: a second response is never sent)."""
         try:
@@ -246,13 +247,15 @@ class Proxy:
         except ProxyError as exc:
             if outcome.status is not None:
                 raise
+            outcome.error = exc
             await answer_error(exchange, exc, outcome.body)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if outcome.status is not None:
                 raise
             # A failure no branch foresaw: still answer with the request's id, and say so in the log.
-            log.exception("request.unexpected_error", upstream=self._name, error=type(exc).__name__)
-            await answer_error(exchange, UpstreamUnavailable(f"proxy error: {type(exc).__name__}"), outcome.body)
+            log.exception("request.unexpected_error", upstream=self._name)
+            outcome.error = unexpected_failure(exc)
+            await answer_error(exchange, outcome.error, outcome.body)
 
     async def _post(self, exchange: Exchange, body: PostBody, outcome: Outcome) -> None:
         engine = self._engine
@@ -380,8 +383,36 @@ class Proxy:
         session = exchange.headers.get(MCP_SESSION_ID)
         duration = time.perf_counter() - started
         tool = outcome.body.tool_name if outcome.body is not None else None
-        self._metrics.events.request(self._name, method, tool, status, duration, outcome.healed, session)
-        log.info(
+        error = outcome.error if isinstance(outcome, RequestOutcome) else None
+        # What the upstream did, for the status page: an answer (its status, its latency), a failure the
+        # proxy answered for it (in words), or nothing (a request the proxy refused, one the client left
+        # before any answer, or one the proxy's stop ended before any answer).
+        ended_unanswered = outcome.ended_by_proxy and outcome.status is None
+        answered = error is None and status != CLIENT_LEFT_STATUS and not ended_unanswered
+        failure = error.message if error is not None and error.about_upstream else None
+        if outcome.upstream_broke:
+            failure = "upstream MCP server broke its answer after it started"
+        self._metrics.events.request(
+            self._name, method, tool, status, duration, outcome.healed, session, answered=answered, failure=failure
+        )
+        if error is None and failure is None:
+            # The hot path: every answered request logs this line.
+            log.info(
+                "request",
+                upstream=self._name,
+                client_session=session[:8] if session else None,
+                method=label,
+                status=status,
+                healed=outcome.healed,
+                client_left=outcome.client_left,
+                upstream_broke=outcome.upstream_broke,
+                ended_by_proxy=outcome.ended_by_proxy,
+                duration_ms=round(duration * 1000, 3),
+            )
+            return
+        # An error the proxy answered about the upstream is a warning with its words (a broken answer was
+        # one already: upstream.stream_broken); a request the proxy refused stays info.
+        (log.warning if error is not None and error.about_upstream else log.info)(
             "request",
             upstream=self._name,
             client_session=session[:8] if session else None,
@@ -392,6 +423,8 @@ class Proxy:
             upstream_broke=outcome.upstream_broke,
             ended_by_proxy=outcome.ended_by_proxy,
             duration_ms=round(duration * 1000, 3),
+            error=error.message if error is not None else failure,
+            failure=error.failure if error is not None else "broken",
         )
 
     @staticmethod
@@ -406,6 +439,17 @@ def _answered(exchange: AiohttpExchange) -> web.StreamResponse:
     """The response an aiohttp handler returns: every handled request has an answer by then."""
     assert exchange.response is not None, "a handled request without an answer"
     return exchange.response
+
+
+class RequestOutcome(Outcome):
+    """The relay's Outcome plus the error the proxy answered with, if it answered one (for the status
+    page and the request log: what happened, and whether the upstream was the one that failed)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: ProxyError | None = None
 
 
 def _status(outcome: Outcome, exchange: Exchange) -> int:

@@ -30,7 +30,7 @@ from mcp_heal_proxy.engine.answers import AnswerEvent, AnswerStream, Ending
 from mcp_heal_proxy.engine.healing import Healer
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.session import GET_REFUSED, SessionEngine
-from mcp_heal_proxy.errors import AnswerTooLarge, InvalidRequest, ProxyError, UpstreamUnavailable
+from mcp_heal_proxy.errors import AnswerTooLarge, InvalidRequest, ProxyError, UpstreamUnavailable, unexpected_failure
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import MemorySessionStore, SessionRecord
 from mcp_heal_proxy.tasks import TaskOwner
@@ -168,8 +168,8 @@ class Bridge:
         except ProxyError as exc:
             await self._fail(body, exc)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            log.exception("stdio.unexpected_error", error=type(exc).__name__)
-            await self._fail(body, UpstreamUnavailable(f"proxy error: {type(exc).__name__}"))
+            log.exception("stdio.unexpected_error")
+            await self._fail(body, unexpected_failure(exc))
 
     async def _fail(self, body: PostBody, exc: ProxyError) -> None:
         if body.request_ids:
@@ -259,6 +259,7 @@ class Bridge:
                     headers = {**self._headers, LAST_EVENT_ID: last_event_id}
                     resumed = await self._engine.resume(headers, record, record.generation, owed)
                 if resumed is None:
+                    log.warning("stream.unrecovered", upstream=self._engine.name, unanswered=len(owed))
                     why: ProxyError = UpstreamUnavailable(_BROKEN if current.ending is Ending.BROKEN else _ENDED)
                     if current.oversized:
                         # Its response may have been the message too large to hold: say so.
@@ -285,7 +286,9 @@ class Bridge:
                 events += 1
                 await self._write_event(event)
         if answer.ending is Ending.BROKEN:
-            log.warning("upstream.stream_broken", upstream=self._engine.name, error=answer.failure)
+            # Info: a resume or a reattach follows (a healed restart breaks every stream); what cannot be
+            # recovered is a warning where it is found (stream.unrecovered, stream.reattach_failed).
+            log.info("upstream.stream_broken", upstream=self._engine.name, error=answer.failure)
         if answer.oversized:
             log.warning("stdio.answer_too_large", upstream=self._engine.name, limit_bytes=self._max_line)
         return events

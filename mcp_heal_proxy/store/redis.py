@@ -64,7 +64,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, WatchError
 
-from mcp_heal_proxy.errors import StoreUnavailable
+from mcp_heal_proxy.errors import StoreUnavailable, store_failure
 from mcp_heal_proxy.store.records import (
     DEFAULT_HEAL_LOCK_TTL,
     RecordChange,
@@ -165,8 +165,8 @@ def _redis_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        log.warning("store.redis_failed", operation=what, error=f"{type(exc).__name__}: {exc}")
-        raise StoreUnavailable(f"session store unavailable (Redis {what}: {type(exc).__name__})") from exc
+        log.warning("store.redis_failed", operation=what, error=store_failure(exc), detail=str(exc))
+        raise StoreUnavailable(f"session store unavailable (Redis {what} failed: {store_failure(exc)})") from exc
 
 
 class _Turn:

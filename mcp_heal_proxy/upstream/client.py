@@ -14,10 +14,9 @@ requests (POST, DELETE) from ``pool_size``. Waiting for a free connection is bou
 from __future__ import annotations
 
 import asyncio
-import os
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
@@ -26,7 +25,16 @@ import structlog
 
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.config import UpstreamConfig
-from mcp_heal_proxy.errors import InvalidRequest, UpstreamBusy, UpstreamTimeout, UpstreamTLSFailed, UpstreamUnavailable
+from mcp_heal_proxy.display import mask_url
+from mcp_heal_proxy.errors import (
+    InvalidRequest,
+    UpstreamBusy,
+    UpstreamTimeout,
+    UpstreamTLSFailed,
+    UpstreamUnavailable,
+    answer_broken,
+    unreachable,
+)
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 
 if TYPE_CHECKING:
@@ -51,6 +59,17 @@ _PERMANENT: Final = frozenset({301, 308})
 _GONE: Final = frozenset({404, 410})
 # Headers of a request body, dropped when a 303 turns the request into a GET.
 _BODY_HEADERS: Final = frozenset({"content-type", "content-length", "content-encoding"})
+
+
+# When the current task's last attempt to send upstream started: the upstream's latency is timed from
+# there, not from the first attempt (connect retries while the upstream restarts are not its latency).
+# Per task, so concurrent requests never see each other's.
+_ATTEMPT_STARTED: ContextVar[float] = ContextVar("upstream_attempt_started", default=0.0)
+
+
+def attempt_started() -> float:
+    """``time.perf_counter()`` at the start of this task's last attempt to send upstream (0.0 before any)."""
+    return _ATTEMPT_STARTED.get()
 
 
 # Headers with credentials chosen again: what a request waiting to be retried sends next (the token
@@ -300,7 +319,12 @@ class Upstream:
         here, there = urlsplit(url), urlsplit(target or "")
         if target is None or (here.scheme, here.netloc) != (there.scheme, there.netloc):
             # Another origin: the user should configure it (a token for one host must not travel to another).
-            log.warning("upstream.redirect_refused", upstream=self.config.name, status=response.status, to=target)
+            log.warning(
+                "upstream.redirect_refused",
+                upstream=self.config.name,
+                status=response.status,
+                to=mask_url(target) if target else None,
+            )
             raise UpstreamUnavailable(
                 f"upstream MCP server answered {response.status} with a redirect to another origin; "
                 "set the upstream URL to the address it names (see the proxy's log)"
@@ -310,12 +334,14 @@ class Upstream:
                 "upstream.redirected",
                 upstream=self.config.name,
                 status=response.status,
-                to=target,
+                to=mask_url(target),
                 hint="requests now go there; set it as the upstream URL to save the redirect",
             )
             self._retarget(target)
         else:
-            log.info("upstream.redirect_followed", upstream=self.config.name, status=response.status, to=target)
+            log.info(
+                "upstream.redirect_followed", upstream=self.config.name, status=response.status, to=mask_url(target)
+            )
         if response.status == 303 and method != "GET":
             # See Other: the answer is fetched with a GET; the body was delivered already, never sent again.
             method, body = "GET", None
@@ -330,8 +356,8 @@ class Upstream:
         log.warning(
             "upstream.redirect_forgotten",
             upstream=self.config.name,
-            remembered=url,
-            configured=self.config.url,
+            remembered=mask_url(url),
+            configured=mask_url(self.config.url),
             reason=why,
             hint="requests go to the configured URL again",
         )
@@ -366,6 +392,7 @@ class Upstream:
         backoff: Backoff | None = None
         lean = self._lean_streams if stream else self._lean_requests
         while True:
+            _ATTEMPT_STARTED.set(time.perf_counter())
             try:
                 try:
                     if lean is not None:
@@ -399,8 +426,7 @@ class Upstream:
                     backoff = Backoff(first=_FIRST_RETRY_DELAY, maximum=_MAX_RETRY_DELAY)
                 delay = backoff.next_delay()
                 if not (connect_failed or resendable) or time.monotonic() + delay > give_up:
-                    why = _connect_failure(exc) if connect_failed else type(exc).__name__
-                    raise UpstreamUnavailable(f"upstream MCP server unreachable: {why}") from exc
+                    raise unreachable(exc) from exc
                 await asyncio.sleep(delay)
                 if reauthorize is not None:
                     # The wait (a restart) can outlast the access token chosen before it.
@@ -415,17 +441,18 @@ class Upstream:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up:
                     raise UpstreamTimeout(
-                        "upstream MCP server unreachable: no connection within connect_timeout "
-                        f"({self.config.connect_timeout:g} s)"
+                        "cannot reach the upstream MCP server: no connection within connect_timeout "
+                        f"({self.config.connect_timeout:g} s)",
+                        failure="timeout",
                     ) from exc
                 await asyncio.sleep(delay)
                 if reauthorize is not None:
                     # The wait (a restart) can outlast the access token chosen before it.
                     headers = await self._reauthorized(reauthorize, backoff, give_up)
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                raise UpstreamTimeout("upstream MCP server did not answer in time") from exc
+                raise UpstreamTimeout("upstream MCP server did not answer in time", failure="timeout") from exc
             except aiohttp.ClientError as exc:
-                raise UpstreamUnavailable(f"upstream MCP server unreachable: {type(exc).__name__}") from exc
+                raise unreachable(exc) from exc
             except ValueError as exc:
                 # A header the client sent that cannot travel (a line break): the request's own fault.
                 raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
@@ -457,17 +484,6 @@ class Upstream:
         )
 
 
-def _connect_failure(exc: BaseException) -> str:
-    """Why a connection could not be opened, in the same words for either client (no address)."""
-    for cause in (getattr(exc, "os_error", None), exc.__cause__):
-        if isinstance(cause, ssl.SSLError):
-            # Its errno is OpenSSL's, not the system's (8 would read "Exec format error").
-            return "cannot connect (the TLS handshake was cut off)"
-        if isinstance(cause, OSError) and cause.errno is not None:
-            return f"cannot connect ({os.strerror(cause.errno)})"
-    return "cannot connect"
-
-
 async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIMIT) -> bytes:
     """Read a response body up to ``limit`` bytes (the rest stays unread)."""
     chunks: list[bytes] = []
@@ -482,5 +498,5 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int = INSPECT_LIM
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout("upstream MCP server stopped answering mid-body") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream MCP server broke the answer: {type(exc).__name__}") from exc
+        raise answer_broken(exc) from exc
     return b"".join(chunks)

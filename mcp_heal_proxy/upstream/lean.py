@@ -38,6 +38,7 @@ import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.upstream.tls import HandshakeFailed, client_context, is_refusal
 
 # Buffered body bytes above which the socket stops being read, and below which it resumes.
@@ -457,7 +458,7 @@ class LeanPool:
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
+            raise ValueError(f"not an http(s) URL: {mask_url(url)!r}")
         if parts.username is not None or parts.password is not None:
             raise ValueError("the lean client does not take credentials from the URL: use headers")
         self._https = parts.scheme == "https"

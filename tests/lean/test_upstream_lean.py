@@ -468,7 +468,7 @@ async def test_upstream_send_retries_refused_then_gives_up() -> None:
         UpstreamConfig(url=f"http://127.0.0.1:{free_port()}/mcp", client="lean", connect_retry=0.2)
     )
     try:
-        with pytest.raises(UpstreamUnavailable, match=r"unreachable: cannot connect \(Connection refused\)"):
+        with pytest.raises(UpstreamUnavailable, match=r"^cannot reach the upstream MCP server: connection refused"):
             await upstream.send("POST", {}, b"{}")
     finally:
         await upstream.close()

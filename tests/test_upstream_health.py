@@ -29,7 +29,8 @@ async def upstream_health(http: aiohttp.ClientSession, proxy_url: str) -> dict[s
     [
         ("refused", "connection refused: nothing listens at that address"),
         ("dns", "host name not found in DNS"),
-        ("tls", "TLS handshake failed"),
+        # The TLS failure goes on with its cause and fix (tests/test_tls.py checks those).
+        ("tls", "TLS handshake with the upstream failed ("),
     ],
 )
 async def test_an_upstream_nothing_answered_for_is_said_as_it_happened(
@@ -46,7 +47,7 @@ async def test_an_upstream_nothing_answered_for_is_said_as_it_happened(
         async with http.post(proxy.url, json=INITIALIZE, headers=MCP_HEADERS) as response:
             assert response.status == 502
             message = (await response.json())["error"]["message"]
-    assert message == f"cannot reach the upstream MCP server: {said}"
+    assert message.startswith(f"cannot reach the upstream MCP server: {said}")
     health = await upstream_health(http, proxy.url)
     assert health["last_failure"]["why"] == f"{message} (initialize)", "not 'answered HTTP 502': nothing answered"
     assert health["last_failure"]["status"] is None

@@ -414,7 +414,7 @@ class Upstream:
                         raise
                     # The host only: a URL's query may carry a key.
                     log.warning("upstream.tls_failed", upstream=self.config.name, host=parts.netloc, error=why)
-                    failure = UpstreamTLSFailed(f"upstream MCP server unreachable: {why}")
+                    failure = UpstreamTLSFailed(f"cannot reach the upstream MCP server: {why}", failure="tls")
                     if self.on_tls_failure is not None:
                         self.on_tls_failure(failure.message)
                     raise failure from exc

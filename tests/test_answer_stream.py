@@ -28,7 +28,7 @@ from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending
 from mcp_heal_proxy.front.relay import Relay
 from mcp_heal_proxy.wire.sse import ABANDONED_EVENT, Event, SSEParser
 from tests.conftest import ProxyFactory, echo_call, raw_initialize, session_headers, wait_until
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.test_stdio import INITIALIZE, INITIALIZED, bridge_process, ping, raw_bridge
 
 SSE = "text/event-stream"
@@ -265,6 +265,20 @@ async def no_server_stream(request: web.Request, body: Any) -> web.StreamRespons
     return web.Response(status=405)
 
 
+def log_then(how: str) -> Behaviour:
+    """A tools/call answered with a loud log, then a stream that ends or breaks without the response."""
+
+    async def behaviour(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if body.get("method") != "tools/call":
+            return None
+        response = await sse_answer(request, sse_message(LOUD_LOG))
+        if how == "breaks":
+            abort(request)
+        return response
+
+    return behaviour
+
+
 def abort(request: web.Request) -> None:
     assert request.transport is not None
     request.transport.abort()
@@ -276,15 +290,7 @@ async def test_a_call_whose_stream_stops_after_a_loud_log_gets_an_error_with_its
 ) -> None:
     upstream, url = fake
 
-    async def log_then_stop(request: web.Request, body: Any) -> web.StreamResponse | None:
-        if body.get("method") != "tools/call":
-            return None
-        response = await sse_answer(request, sse_message(LOUD_LOG))
-        if how == "breaks":
-            abort(request)
-        return response
-
-    upstream.on_request = log_then_stop
+    upstream.on_request = log_then(how)
     proxy = await start_proxy(url)
     session_id = await raw_initialize(http, proxy.url)
     async with http.post(proxy.url, json=echo_call(41), headers=session_headers(session_id)) as response:
@@ -443,15 +449,7 @@ async def test_over_stdio_a_call_whose_stream_stops_after_a_loud_log_gets_an_err
 ) -> None:
     upstream, url = fake
 
-    async def log_then_stop(request: web.Request, body: Any) -> web.StreamResponse | None:
-        if body.get("method") != "tools/call":
-            return None
-        response = await sse_answer(request, sse_message(LOUD_LOG))
-        if how == "breaks":
-            abort(request)
-        return response
-
-    upstream.on_request = log_then_stop
+    upstream.on_request = log_then(how)
     upstream.on_get = no_server_stream
     async with raw_bridge(url) as bridge:
         await bridge.send(INITIALIZE)

@@ -462,17 +462,24 @@ async def test_over_stdio_a_call_whose_stream_stops_after_a_loud_log_gets_an_err
         assert "error" in error
 
 
+async def huge_json(request: web.Request, body: Any) -> web.StreamResponse | None:
+    if body.get("method") != "tools/call":
+        return None
+    return web.json_response(answer_to(body["id"], text="z" * 300_000))
+
+
+async def huge_event(request: web.Request, body: Any) -> web.StreamResponse | None:
+    if body.get("method") != "tools/call":
+        return None
+    return await sse_answer(request, sse_message(LOUD_LOG), sse_message(answer_to(body["id"], text="z" * 300_000)))
+
+
+@pytest.mark.parametrize(("answer", "before"), [(huge_json, []), (huge_event, [LOUD_LOG])], ids=["json", "sse"])
 async def test_over_stdio_an_answer_over_max_body_bytes_is_an_error_and_the_bridge_goes_on(
-    fake: tuple[FakeUpstream, str], tmp_path: Path
+    fake: tuple[FakeUpstream, str], tmp_path: Path, answer: Behaviour, before: list[dict[str, Any]]
 ) -> None:
     upstream, url = fake
-
-    async def huge(request: web.Request, body: Any) -> web.StreamResponse | None:
-        if body.get("method") != "tools/call":
-            return None
-        return web.json_response(answer_to(body["id"], text="z" * 300_000))
-
-    upstream.on_request = huge
+    upstream.on_request = answer
     upstream.on_get = no_server_stream
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nmax_body_bytes = 100000\n\n[upstreams.only]\nurl = "{url}"\n')
@@ -481,6 +488,7 @@ async def test_over_stdio_an_answer_over_max_body_bytes_is_an_error_and_the_brid
         assert (await bridge.receive())["id"] == 1
         await bridge.send(INITIALIZED)
         await bridge.send(echo_call(6))
+        assert [await bridge.receive() for _ in before] == before
         error = await bridge.receive()
         assert error["id"] == 6
         assert "100000-byte limit" in error["error"]["message"]
@@ -564,34 +572,6 @@ async def test_shutdown_ends_a_get_stream_that_is_retrying_its_reattach(
         await proxy.app.shutdown()
         async with asyncio.timeout(2):
             await response.read()  # ends at once, not after the retries
-
-
-async def test_over_stdio_an_sse_message_over_max_body_bytes_is_an_error_and_the_bridge_goes_on(
-    fake: tuple[FakeUpstream, str], tmp_path: Path
-) -> None:
-    upstream, url = fake
-
-    async def huge_event(request: web.Request, body: Any) -> web.StreamResponse | None:
-        if body.get("method") != "tools/call":
-            return None
-        return await sse_answer(request, sse_message(LOUD_LOG), sse_message(answer_to(body["id"], text="z" * 300_000)))
-
-    upstream.on_request = huge_event
-    upstream.on_get = no_server_stream
-    config = tmp_path / "proxy.toml"
-    config.write_text(f'[server]\nmax_body_bytes = 100000\n\n[upstreams.only]\nurl = "{url}"\n')
-    async with bridge_process("--config", str(config), "--name", "only") as bridge:
-        await bridge.send(INITIALIZE)
-        assert (await bridge.receive())["id"] == 1
-        await bridge.send(INITIALIZED)
-        await bridge.send(echo_call(6))
-        assert await bridge.receive() == LOUD_LOG
-        error = await bridge.receive()
-        assert error["id"] == 6
-        assert "100000-byte limit" in error["error"]["message"]
-        upstream.on_request = None
-        await bridge.send(ping(7))
-        assert (await bridge.receive())["id"] == 7
 
 
 async def test_a_client_that_hangs_up_as_its_answer_starts_is_recorded_as_having_left() -> None:

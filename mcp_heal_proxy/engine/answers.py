@@ -28,7 +28,7 @@ import aiohttp
 from mcp_heal_proxy.errors import AnswerTooLarge, UpstreamTimeout, UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.wire.content_coding import decoder_for
 from mcp_heal_proxy.wire.headers import CONTENT_ENCODING
-from mcp_heal_proxy.wire.jsonrpc import Kind, RequestId
+from mcp_heal_proxy.wire.jsonrpc import RequestId
 from mcp_heal_proxy.wire.sse import Event, Oversized, SSEParser
 
 _NOT_JSON: Final = object()
@@ -43,28 +43,20 @@ class Ending(Enum):
     CLIENT_LEFT = "client_left"  # the front gave it up because its client left
 
 
-def classify(payload: Any) -> tuple[Kind | None, tuple[RequestId, ...]]:
-    """What a JSON-RPC message (or a 2025-03-26 batch) is, and the ids it answers (responses only).
-
-    A response is an object with ``result`` or ``error`` and no ``method``; its ``id`` says what it
-    answers. Anything else that has a ``method`` is a request (with ``id``) or a notification."""
+def answered_ids(payload: Any) -> tuple[RequestId, ...]:
+    """The request ids a JSON-RPC message (or a 2025-03-26 batch) answers. A response is an object with
+    ``result`` or ``error`` and no ``method``; its ``id`` says what it answers. A request, a notification
+    (server-to-client ones included) or anything else answers nothing."""
     if isinstance(payload, list):
-        ids: list[RequestId] = []
-        kinds: set[Kind | None] = set()
-        for item in payload:
-            kind, answered = classify(item)
-            kinds.add(kind)
-            ids.extend(answered)
-        return (kinds.pop() if len(kinds) == 1 else None), tuple(ids)
-    if not isinstance(payload, dict):
-        return None, ()
-    if isinstance(payload.get("method"), str):
-        return (Kind.REQUEST if "id" in payload else Kind.NOTIFICATION), ()
-    if "result" in payload or "error" in payload:
-        request_id = payload.get("id")
-        if request_id is None or (isinstance(request_id, str | int) and not isinstance(request_id, bool)):
-            return Kind.RESPONSE, (request_id,)
-    return None, ()
+        return tuple(request_id for item in payload for request_id in answered_ids(item))
+    if not isinstance(payload, dict) or isinstance(payload.get("method"), str):
+        return ()
+    if "result" not in payload and "error" not in payload:
+        return ()
+    request_id = payload.get("id")
+    if request_id is None or (isinstance(request_id, str | int) and not isinstance(request_id, bool)):
+        return (request_id,)
+    return ()
 
 
 def _may_answer(data: str) -> bool:
@@ -94,14 +86,9 @@ class AnswerEvent:
         return None if self._payload is _NOT_JSON else self._payload
 
     @property
-    def kind(self) -> Kind | None:
-        """Response, notification, server-to-client request, or None (not a JSON-RPC message)."""
-        return classify(self.payload)[0]
-
-    @property
     def answers(self) -> tuple[RequestId, ...]:
         """The request ids this event answers."""
-        return classify(self.payload)[1]
+        return answered_ids(self.payload)
 
 
 class Piece:
@@ -215,10 +202,10 @@ class AnswerStream:
                 chunk += self.response.content.read_nowait()
         return self._piece(chunk) if chunk else None
 
-    async def read_whole(self, limit: int, *, classify: bool = True) -> bytes:
+    async def read_whole(self, limit: int, *, track: bool = True) -> bytes:
         """The rest of the body, read until its end (raw, as the upstream sent it); AnswerTooLarge beyond
         ``limit`` bytes (given up unread), UpstreamUnavailable/UpstreamTimeout if the upstream breaks it.
-        A JSON body is classified (``unanswered``) unless ``classify`` is False: the HTTP front relays a
+        A JSON body is classified (``unanswered``) unless ``track`` is False: the HTTP front relays a
         whole JSON answer as it is and has no use for its ids."""
         if self.content_length is not None and self.content_length > limit:
             self.close()
@@ -233,7 +220,7 @@ class AnswerStream:
                 raise self._broken_error() from exc
             self.ending = Ending.COMPLETE
             body, self._prefetched = self._prefetched + rest, b""
-            if classify:
+            if track:
                 self._note_json(body)
             return body
         chunks: list[bytes] = []
@@ -246,7 +233,7 @@ class AnswerStream:
             chunks.append(piece.data)
         self._raise_if_broken()
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if classify and not self.is_sse:
+        if track and not self.is_sse:
             self._note_json(body)
         return body
 
@@ -367,7 +354,7 @@ class AnswerStream:
             payload = json.loads(self.decoded(body))
         except (ValueError, RecursionError):
             return
-        self._note(classify(payload)[1], payload)
+        self._note(answered_ids(payload), payload)
 
     def _broke(self, exc: BaseException) -> None:
         self.ending = Ending.BROKEN

@@ -98,8 +98,9 @@ async def _send(exchange: Exchange, data: bytes) -> None:
 
 
 def error_events(request_ids: Iterable[RequestId], message: str) -> bytes:
-    """SSE events carrying a JSON-RPC error for each request id (a leading blank line ends any half event)."""
-    return b"\n\n" + b"".join(
+    """SSE events carrying a JSON-RPC error for each request id. Written between events only (a half event
+    is abandoned first: SSEParser.abandon_event), so they need no blank line before them."""
+    return b"".join(
         encode_event(Event(data=json.dumps(jsonrpc.error_object(request_id, UpstreamUnavailable.code, message))))
         for request_id in request_ids
     )
@@ -160,7 +161,7 @@ class Relay:
             if not stream.is_sse and stream.content_length is not None and stream.content_length <= WHOLE_ANSWER_LIMIT:
                 # A JSON answer of known length is one message, not a stream: read it whole, then send
                 # headers and body in one write (a quarter of the time of streaming it).
-                body = await stream.read_whole(WHOLE_ANSWER_LIMIT, classify=False)
+                body = await stream.read_whole(WHOLE_ANSWER_LIMIT, track=False)
                 headers = client_response_headers(stream.headers, client_session_id)
                 await exchange.answer(stream.status, body, headers, stream.reason)
                 return

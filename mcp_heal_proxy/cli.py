@@ -303,23 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stdio(args: argparse.Namespace) -> int:
     """The stdio bridge: errors in its options are one line on stderr (stdout is the client's)."""
+    from mcp_heal_proxy.config import bridge_server_options
     from mcp_heal_proxy.front.stdio import serve_stdio, stdio_upstream
 
     try:
+        # otel and otel_propagate: the [server] keys the bridge takes too.
+        settings, server = bridge_server_options(args.settings, os.environ, args.config)
         upstream, max_line, state = stdio_upstream(
             url=args.upstream,
             config_file=args.config,
             name=args.name,
             header_flags=args.header,
             environ=os.environ,
-            settings=args.settings,
+            settings=settings,
         )
     except ConfigError as exc:
         print(f"mcp-heal-proxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(args.log_format, args.log_level, tuple(v for v in upstream.headers.values() if v))
+    otel = None
+    if server.get("otel"):
+        from mcp_heal_proxy.otel import from_environment
+
+        otel = from_environment(transport="pipe", propagate_proxy=server.get("otel_propagate") == "proxy")
     try:
-        return _run(serve_stdio(upstream, max_line_bytes=max_line, state=state))
+        return _run(serve_stdio(upstream, max_line_bytes=max_line, state=state, otel=otel))
     except KeyboardInterrupt:
         return 0
 

@@ -61,6 +61,12 @@ OAUTH_PASS_THROUGH: Final = ("stand-in", "metadata", "off")
 # The lean client carries 1.7x aiohttp's throughput through the proxy (docs/benchmarks.md, "Tuning");
 # "aiohttp" stays available per upstream as the fallback.
 DEFAULT_UPSTREAM_CLIENT: Final = "lean"
+# Whose trace context the upstream gets with OpenTelemetry on (mcp_heal_proxy/otel.py): the client's, as
+# it sent it (bodies byte for byte), or the proxy's own span's, written into params._meta.
+OtelPropagate = Literal["client", "proxy"]
+OTEL_PROPAGATE: Final = ("client", "proxy")
+# What the otel switch asks for when the optional packages are missing (a command that runs as pasted).
+OTEL_INSTALL: Final = "pip install 'mcp-heal-proxy[otel]'"
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -176,6 +182,9 @@ class ProxyConfig:
     # The secret that seals client session ids, so that a session outlives the loss of the store; every
     # replica sharing a Redis store needs the same one. None: a key file beside the state (key_directory).
     session_key: str | None = None
+    # OpenTelemetry traces and metrics (the otel extra), configured by the standard OTEL_* variables.
+    otel: bool = False
+    otel_propagate: OtelPropagate = "client"
 
     @property
     def listens_on_all_interfaces(self) -> bool:
@@ -333,6 +342,40 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
         return str(value)
 
     return check
+
+
+def _switch(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+_SWITCH_TEXTS: Final = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _text_as_bool(text: str) -> Any:
+    return _SWITCH_TEXTS.get(text.strip().lower(), text)
+
+
+def _otel(value: Any) -> bool:
+    """The OpenTelemetry switch: on only with the otel extra installed (checked here, so that check-config
+    refuses what serve could not run). Nothing of OpenTelemetry is imported while it is off."""
+    if _switch(value):
+        try:
+            import opentelemetry.exporter.otlp.proto.http.trace_exporter
+            import opentelemetry.sdk.trace  # noqa: F401
+        except ImportError:
+            raise _Invalid(f"needs the OpenTelemetry packages: {OTEL_INSTALL}", echo=False) from None
+    return bool(value)
 
 
 def _string(value: Any) -> str:
@@ -555,7 +598,11 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "stream_slot_wait": Option(_seconds(zero_allowed=True), _text_as_number),
     "http_server": Option(_one_of(HTTP_SERVERS), _text_as_str),
     "ca_file": Option(_ca_file, _text_as_str),
+    "otel": Option(_otel, _text_as_bool),
+    "otel_propagate": Option(_one_of(OTEL_PROPAGATE), _text_as_str),
 }
+# The [server] keys the stdio bridge takes too (with --set, MCP_HEAL_PROXY_*, or its --config file).
+BRIDGE_SERVER_KEYS: Final = ("otel", "otel_propagate")
 UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "url": Option(_upstream_url, _text_as_str, _without_userinfo),
     "path": Option(_path, _text_as_str),
@@ -797,6 +844,30 @@ def upstream_settings(settings: Sequence[str], environ: Mapping[str, str]) -> di
         options["ca_file"] = option_from_text(SERVER_OPTIONS, "ca_file", default_ca, ENV_PREFIX + "CA_FILE")
     _check_client_cert(options, "--set ")
     return options
+
+
+def bridge_server_options(
+    settings: Sequence[str], environ: Mapping[str, str], config_file: str | None
+) -> tuple[list[str], dict[str, Any]]:
+    """The [server] keys the stdio bridge takes (BRIDGE_SERVER_KEYS), from its config file's [server], then
+    ``MCP_HEAL_PROXY_*``, then ``--set`` (later ones winning); and the ``--set`` texts left for its upstream."""
+    options: dict[str, Any] = {}
+    if config_file is not None:
+        loaded = load_file(config_file, environ)
+        options.update({key: loaded[key] for key in BRIDGE_SERVER_KEYS if key in loaded})
+    for key in BRIDGE_SERVER_KEYS:
+        name = ENV_PREFIX + key.upper()
+        text = environ.get(name)
+        if text:
+            options[key] = option_from_text(SERVER_OPTIONS, key, text, name)
+    rest: list[str] = []
+    for text in settings:
+        key, value = parse_setting(text)
+        if key in BRIDGE_SERVER_KEYS:
+            options[key] = option_from_text(SERVER_OPTIONS, key, value, f"--set {key}")
+        else:
+            rest.append(text)
+    return rest, options
 
 
 def build_config(

@@ -19,13 +19,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, MutableMapping
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mcp_heal_proxy.display import terminal_safe
 from mcp_heal_proxy.events import EventFeed
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.otel import Telemetry
 
 REDACTED: Final = "[redacted]"
 _SENSITIVE_KEYS: Final = frozenset(
@@ -310,8 +313,11 @@ def method_label(method: str) -> str:
 class Metrics:
     """The proxy's Prometheus metrics, in a registry of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, otel: Telemetry | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # OpenTelemetry traces and metrics (mcp_heal_proxy/otel.py), None when off: the fronts and the
+        # engine read it once and check it per request.
+        self.otel = otel
         # Recent requests, heals and upstream health for the status page (events.py).
         self.events = EventFeed()
         self.requests = Counter(

@@ -325,10 +325,10 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
     """Start the proxy in this process in front of an upstream URL."""
     runners: list[web.AppRunner] = []
 
-    async def start(upstream_url: str, *, port: int = 0, **upstream_options: Any) -> RunningProxy:
+    async def start(upstream_url: str, *, port: int = 0, otel: Any = None, **upstream_options: Any) -> RunningProxy:
         upstream_options.setdefault("client", TEST_CLIENT)
         config = single_upstream(upstream_url, **upstream_options)
-        app = build_app(config)
+        app = build_app(config, otel)  # otel: a test's OpenTelemetry hooks (tests/test_otel.py)
         # As serve() runs it: handlers cancelled when the client leaves, the proxy's own HTTP/1.1 server
         # in front of aiohttp's (aiohttp's alone with http_server="aiohttp").
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

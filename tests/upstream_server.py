@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -41,6 +42,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATS: dict[str, int] = {"initialize": 0, "tools_call": 0}
+TRACEPARENTS: collections.deque[str] = collections.deque(maxlen=20)
 
 
 server = MCPServer("heal-test-upstream")
@@ -147,7 +149,7 @@ async def stats(_: Request) -> JSONResponse:
     # Reading the SDK's private session table lets a test wait for an idle expiry without touching
     # the session (any request on it would reset its idle timer).
     live = sorted(server.session_manager._server_instances)
-    return JSONResponse({**STATS, "live_sessions": live, "state": SESSION_STATE})
+    return JSONResponse({**STATS, "live_sessions": live, "state": SESSION_STATE, "traceparents": list(TRACEPARENTS)})
 
 
 class MemoryEventStore(EventStore):
@@ -196,6 +198,10 @@ def counting(app: ASGIApp) -> ASGIApp:
                 STATS["initialize"] += 1
             if isinstance(item, dict) and item.get("method") == "tools/call":
                 STATS["tools_call"] += 1
+                # The trace context the call came with (tests/test_otel.py: whose context went upstream).
+                meta = (item.get("params") or {}).get("_meta") or {}
+                if isinstance(meta, dict) and isinstance(meta.get("traceparent"), str):
+                    TRACEPARENTS.append(meta["traceparent"])
         sent = False
 
         async def replay() -> Message:

@@ -129,6 +129,10 @@ class Healer:
         self._tasks = TaskOwner()
         self._in_flight: dict[tuple[str, int], asyncio.Task[SessionRecord]] = {}
         self._ids = itertools.count(1)
+        # OpenTelemetry (mcp_heal_proxy/otel.py), None when off: each step of a heal as a CLIENT span
+        # under the heal's span (the engine's), and the heal metrics.
+        self._otel = metrics.otel
+        self._peer = self._otel.peer(self._name, upstream.config.url) if self._otel is not None else None
 
     async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
         """Return the record of a live upstream session for this client session, healing if needed.
@@ -270,6 +274,8 @@ class Healer:
         duration = time.perf_counter() - started
         self._metrics.heals.labels(self._name, reason, outcome).inc()
         self._metrics.heal_duration.labels(self._name).observe(duration)
+        if self._otel is not None:
+            self._otel.heal_reported(self._name, reason, outcome, duration)
         self._metrics.events.heal(
             self._name, record.client_session_id, record.generation, reason, duration, outcome, details
         )
@@ -326,7 +332,7 @@ class Healer:
             "params": record.initialize_params,
         }
         sent = time.perf_counter()
-        response = await self._upstream.send("POST", base, json.dumps(initialize).encode(), resendable=True)
+        response = await self._step(INITIALIZE, request_id, base, json.dumps(initialize).encode())
         log.debug(
             "heal.initialize",
             upstream=self._name,
@@ -361,7 +367,7 @@ class Healer:
             headers[MCP_PROTOCOL_VERSION] = protocol_version
         notification = json.dumps({"jsonrpc": "2.0", "method": INITIALIZED}).encode()
         sent = time.perf_counter()
-        response = await self._upstream.send("POST", headers, notification, resendable=True)
+        response = await self._step(INITIALIZED, None, headers, notification)
         log.debug(
             "heal.initialized",
             upstream=self._name,
@@ -378,12 +384,28 @@ class Healer:
         await self._reapply_state(record, headers)
         return upstream_session_id, protocol_version
 
+    async def _step(
+        self, method: str, request_id: str | None, headers: dict[str, str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """One request of the heal (only the proxy's own: resent over a connection that broke unanswered),
+        with its CLIENT span when OpenTelemetry is on."""
+        if self._otel is None or self._peer is None:
+            return await self._upstream.send("POST", headers, body, resendable=True)
+        step = self._otel.step(method, request_id, self._peer)
+        try:
+            response = await self._upstream.send("POST", headers, body, resendable=True)
+        except BaseException as exc:
+            step.failed(exc)
+            raise
+        step.answered(response.status)
+        return response
+
     async def _reapply_state(self, record: SessionRecord, headers: dict[str, str]) -> None:
         """Step 4: give the new session the subscriptions and log level the client had set."""
         for method, params in state_requests(record):
             request_id = f"mcp-heal-proxy-{next(self._ids)}"
             message = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-            response = await self._upstream.send("POST", headers, message.encode(), resendable=True)
+            response = await self._step(method, request_id, headers, message.encode())
             try:
                 answer = await read_answer(response, request_id) if response.status == 200 else None
             finally:

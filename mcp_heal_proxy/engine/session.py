@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import structlog
@@ -47,6 +47,9 @@ from mcp_heal_proxy.wire.headers import (
     upstream_request_headers,
 )
 from mcp_heal_proxy.wire.jsonrpc import INITIALIZED, PostBody, RequestId
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.otel import HealTrace, Telemetry
 
 log = structlog.get_logger("mcp_heal_proxy.engine.session")
 
@@ -132,6 +135,9 @@ class SessionEngine:
         self._max_sessions = max_sessions
         # Bound once: labels() takes a lock and builds a key on every call.
         self._upstream_latency = metrics.upstream_latency.labels(self.name)
+        # OpenTelemetry (mcp_heal_proxy/otel.py), None when off: one check per request.
+        self._otel = metrics.otel
+        self._peer = self._otel.peer(self.name, self.config.url) if self._otel is not None else None
         # Where evicted sessions go to have their upstream sessions ended (None: left to the upstream).
         self._endings = endings
         # Seals the client session ids this engine issues, and opens them when the store lost a session
@@ -146,6 +152,11 @@ class SessionEngine:
         self._early_openings: dict[str, asyncio.Future[None]] = {}
         # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
         self._opens_streams_early = True
+
+    @property
+    def otel(self) -> Telemetry | None:
+        """OpenTelemetry's hooks (mcp_heal_proxy/otel.py), None when off."""
+        return self._otel
 
     @property
     def activity(self) -> SessionActivity:
@@ -221,7 +232,11 @@ class SessionEngine:
             if self._endings is not None:
                 # In the background: this client's initialize does not wait on another session's DELETE.
                 self._endings.end_later(evicted, "evicted")
-        response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
+        headers = upstream_request_headers(client_headers, None)
+        otel = self._otel
+        response = await (
+            self.send("POST", headers, body.raw) if otel is None else self._traced_post(otel, headers, body)
+        )
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
         # An upstream session exists from here on whatever else the answer says: every refusal below
         # ends it rather than leave it to the upstream's idle timeout (forever, on some servers).
@@ -248,6 +263,8 @@ class SessionEngine:
             )
             # Stored before the client sees the id, so no request can arrive for an unknown id.
             await self.store.create(record)
+            if otel is not None:
+                otel.set_session(record.client_session_id, version)
         except BaseException:
             response.release()
             if opened and upstream_session_id is not None:
@@ -257,15 +274,60 @@ class SessionEngine:
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
 
-    async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
+    async def heal(
+        self, record: SessionRecord, client_headers: Mapping[str, str], reason: str, trace: HealTrace | None = None
+    ) -> SessionRecord:
         """Heal through the Healer; a session the store lost during the request (the heal found no record)
         is restored from its sealed id and healed then, rather than answered 404. A session ended meanwhile
-        (DELETE) stays ended: it is marked so, and restore refuses it."""
+        (DELETE) stays ended: it is marked so, and restore refuses it. ``trace``: the heal's span (with
+        OpenTelemetry on), told the outcome."""
         try:
-            return await self._healer.heal(record, client_headers, reason=reason)
-        except UnknownSession:
-            restored = await self.restore(record.client_session_id)
-            return await self._healer.heal(restored, client_headers, reason=reason)
+            try:
+                healed = await self._healer.heal(record, client_headers, reason=reason)
+            except UnknownSession:
+                restored = await self.restore(record.client_session_id)
+                healed = await self._healer.heal(restored, client_headers, reason=reason)
+        except BaseException as exc:
+            if trace is not None:
+                trace.failed(exc)
+            raise
+        if trace is not None:
+            trace.healed(healed.generation)
+        return healed
+
+    def _heal_trace(self, record: SessionRecord, reason: str) -> HealTrace | None:
+        """The span of a heal about to start (None with OpenTelemetry off): current until closed, after the
+        replay went out, so that the healer's steps and the replay are its children."""
+        if self._otel is None or self._peer is None:
+            return None
+        return self._otel.heal(self._peer, record.client_session_id, reason, record.generation)
+
+    async def _traced_post(
+        self, otel: Telemetry, headers: dict[str, str], body: PostBody, *, replay: bool = False
+    ) -> aiohttp.ClientResponse:
+        """``send`` of a POST body with its CLIENT span (OpenTelemetry on)."""
+        assert self._peer is not None
+        exchange = otel.exchange(body, self._peer, replay=replay)
+        try:
+            response = await self.send("POST", headers, exchange.outgoing(body, headers))
+        except BaseException as exc:
+            exchange.failed(exc)
+            raise
+        exchange.answered(response.status)
+        return response
+
+    async def _traced_get(self, kind: str, headers: dict[str, str], record: SessionRecord) -> aiohttp.ClientResponse:
+        """``send`` of a server stream's GET, with its span when OpenTelemetry is on."""
+        if self._otel is None or self._peer is None:
+            return await self.send("GET", headers, stream=True)
+        exchange = self._otel.stream(kind, self._peer, record.client_session_id, generation=record.generation)
+        try:
+            response = await self.send("GET", headers, stream=True)
+        except BaseException as exc:
+            exchange.failed(exc)
+            raise
+        exchange.answered(response.status)
+        return response
 
     def new_client_session_id(self, initialize_params: Mapping[str, Any], protocol_version: str | None) -> str:
         """A sealed id for a new session (engine/sealing.py), or a random one when the client's initialize
@@ -278,7 +340,11 @@ class SessionEngine:
 
     async def post(self, client_headers: Mapping[str, str], body: PostBody, record: SessionRecord) -> Sent:
         """Send messages on a client session; heal and replay (by policy) if its upstream session is gone."""
-        response = await self.send("POST", self.headers(client_headers, record), body.raw)
+        otel = self._otel
+        headers = self.headers(client_headers, record)
+        response = await (
+            self.send("POST", headers, body.raw) if otel is None else self._traced_post(otel, headers, body)
+        )
         expired, prefetched = await self.check_expiry(response)
         if not expired:
             refuse_garbage(response, body, self.config.url)
@@ -290,18 +356,34 @@ class SessionEngine:
         if body.belongs_to_dead_session:
             # Answers and cancellations for requests of the dead session: nobody is waiting for them.
             return Sent(None, record)
-        record = await self.heal(record, client_headers, reason=f"http_{response.status}")
-        refused = [m.method for m in body.messages if m.method is not None and not self.config.replays(m.method)]
-        if refused:
-            raise NotReplayed(f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}")
-        response = await self.send("POST", self.headers(client_headers, record), body.raw)
+        healing = self._heal_trace(record, f"http_{response.status}")
+        try:
+            record = await self.heal(record, client_headers, reason=f"http_{response.status}", trace=healing)
+            refused = [m.method for m in body.messages if m.method is not None and not self.config.replays(m.method)]
+            if refused:
+                raise NotReplayed(
+                    f"upstream session expired; the proxy opened a new one but does not replay {refused[0]}"
+                )
+            headers = self.headers(client_headers, record)
+            response = await (
+                self.send("POST", headers, body.raw)
+                if otel is None
+                else self._traced_post(otel, headers, body, replay=True)
+            )
+        finally:
+            if healing is not None:
+                healing.close()
         refuse_garbage(response, body, self.config.url)
         prefetched = await self.remember_state(record, body, response)
         return Sent(AnswerStream(response, body.request_ids, prefetched), record, healed=True)
 
     async def post_without_session(self, client_headers: Mapping[str, str], body: PostBody) -> AnswerStream:
         """A message without a session: a 2026-07-28 stateless request, or a mistake the upstream explains."""
-        response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
+        headers = upstream_request_headers(client_headers, None)
+        otel = self._otel
+        response = await (
+            self.send("POST", headers, body.raw) if otel is None else self._traced_post(otel, headers, body)
+        )
         refuse_garbage(response, body, self.config.url)
         return AnswerStream(response, body.request_ids)
 
@@ -343,6 +425,8 @@ class SessionEngine:
                 "DELETE", self.headers(client_headers, record), patient=False, read_timeout=self.config.connect_timeout
             )
             response.release()
+            if self._otel is not None:
+                self._otel.session_ended(record.created_at, record.protocol_version)
             return response.status
         except ProxyError as exc:
             log.warning(
@@ -375,6 +459,8 @@ class SessionEngine:
         if version is not None:
             headers[MCP_PROTOCOL_VERSION] = version
         ending = await delete_upstream_session(self.upstream, headers)
+        if self._otel is not None:
+            self._otel.session_ended(record.created_at, record.protocol_version)
         if not ending.done:
             log.info(
                 "session.orphan_left_upstream",
@@ -472,13 +558,22 @@ class SessionEngine:
         stream opened at notifications/initialized, when there is one."""
         early = await self._take_early_stream(client_headers, record)
         if early is not None:
+            if self._otel is not None and self._peer is not None:
+                # Opened at notifications/initialized; taken over now: the attach, as the client sees it.
+                taken = self._otel.stream("attach", self._peer, record.client_session_id, generation=record.generation)
+                taken.answered(early.status)
             return Sent(AnswerStream(early), record)
-        response = await self.send("GET", self.headers(client_headers, record), stream=True)
+        response = await self._traced_get("attach", self.headers(client_headers, record), record)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
             return Sent(AnswerStream(response, (), prefetched), record)
-        record = await self.heal(record, client_headers, reason=f"http_{response.status}")
-        response = await self.send("GET", self.headers(client_headers, record, fresh_stream=True), stream=True)
+        healing = self._heal_trace(record, f"http_{response.status}")
+        try:
+            record = await self.heal(record, client_headers, reason=f"http_{response.status}", trace=healing)
+            response = await self._traced_get("attach", self.headers(client_headers, record, fresh_stream=True), record)
+        finally:
+            if healing is not None:
+                healing.close()
         return Sent(AnswerStream(response), record, healed=True)
 
     async def resume(
@@ -525,13 +620,18 @@ class SessionEngine:
             if last_event_id is not None and record.generation == stale.generation:
                 headers[LAST_EVENT_ID] = last_event_id
             try:
-                response = await self.send("GET", headers, stream=True)
+                response = await self._traced_get("reattach", headers, record)
                 expired, _ = await self.check_expiry(response)
                 if expired:
-                    record = await self.heal(record, client_headers, reason="get_stream_lost")
-                    response = await self.send(
-                        "GET", self.headers(client_headers, record, fresh_stream=True), stream=True
-                    )
+                    healing = self._heal_trace(record, "get_stream_lost")
+                    try:
+                        record = await self.heal(record, client_headers, reason="get_stream_lost", trace=healing)
+                        response = await self._traced_get(
+                            "reattach", self.headers(client_headers, record, fresh_stream=True), record
+                        )
+                    finally:
+                        if healing is not None:
+                            healing.close()
             except ProxyError as exc:
                 delay = backoff.next_delay()
                 log.info("stream.reattach_retry", upstream=self.name, error=exc.message, delay_s=round(delay, 3))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 from aiohttp import web
@@ -28,6 +29,9 @@ from mcp_heal_proxy.store.records import DEFAULT_HEAL_LOCK_TTL, MemorySessionSto
 from mcp_heal_proxy.store.sqlite import SQLiteSessionStore
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.client import Upstream
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.otel import Telemetry
 
 log = structlog.get_logger("mcp_heal_proxy.front.app")
 
@@ -92,9 +96,17 @@ def session_sealer(config: ProxyConfig) -> SessionSealer:
     return SessionSealer(key)
 
 
-def build_app(config: ProxyConfig) -> web.Application:
-    """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics."""
-    metrics = Metrics()
+def build_app(config: ProxyConfig, otel: Telemetry | None = None) -> web.Application:
+    """The proxy as an aiohttp application: one MCP endpoint per upstream, plus health and metrics.
+
+    ``otel``: OpenTelemetry's hooks (a test's, with its own exporter); with none given and ``otel = true``,
+    the proxy's own from the OTEL_* variables, shut down (pending spans exported) when the app ends."""
+    owned = None
+    if otel is None and config.otel:
+        from mcp_heal_proxy.otel import from_environment
+
+        otel = owned = from_environment(transport="tcp", propagate_proxy=config.otel_propagate == "proxy")
+    metrics = Metrics(otel)
     upstream_names = {upstream.path: upstream.name for upstream in config.upstreams}
 
     def refused(request: web.Request, status: int) -> None:
@@ -120,6 +132,9 @@ def build_app(config: ProxyConfig) -> web.Application:
         # One exit per resource, entered in order and left in reverse: a teardown that fails does not
         # skip the ones after it (the store is closed even when an upstream's close raised).
         async with contextlib.AsyncExitStack() as resources:
+            if owned is not None:
+                # Left last: the spans of calls that ended during the stop are exported before the exit.
+                resources.push_async_callback(asyncio.to_thread, owned.shutdown)
             store = await open_store(config.state, heal_lock_ttl=heal_lock_ttl(config))
             resources.push_async_callback(store.close)
             # After the store: an unusable state path is reported as the store's problem, in one line.

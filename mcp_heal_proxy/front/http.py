@@ -12,7 +12,7 @@ import collections
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 import structlog
@@ -34,8 +34,11 @@ from mcp_heal_proxy.front.relay import Outcome, PendingResume, Relay, answer_unr
 from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.wire import jsonrpc
-from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_SESSION_ID
+from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from mcp_heal_proxy.wire.jsonrpc import PostBody
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.otel import RequestTrace, Telemetry
 
 log = structlog.get_logger("mcp_heal_proxy.front.http")
 
@@ -173,6 +176,8 @@ class Proxy:
         self._name = engine.name
         self._metrics = metrics
         self._settings = settings
+        # OpenTelemetry (mcp_heal_proxy/otel.py), None when off: one check per request.
+        self._otel = metrics.otel
         # The request counter's children bound once per (method label, status), as they occur: labels()
         # takes a lock and builds a key on every call.
         self._request_counts: dict[tuple[str, int], Counter] = {}
@@ -237,7 +242,29 @@ class Proxy:
         if not content_type.lower().startswith("application/json"):
             raise UnsupportedMediaType("POST body must be application/json")
         outcome.body = jsonrpc.parse_post_body(await exchange.read_body(self._settings.max_body_bytes))
-        await self._post(exchange, outcome.body, outcome)
+        if self._otel is None:
+            await self._post(exchange, outcome.body, outcome)
+        else:
+            await self._traced_post(self._otel, exchange, outcome.body, outcome)
+
+    async def _traced_post(self, otel: Telemetry, exchange: Exchange, body: PostBody, outcome: Outcome) -> None:
+        """``_post`` under the SERVER span of its message(s), ended by ``_finish`` with the status the client got."""
+        headers = exchange.headers
+        traced = otel.server_request(
+            body,
+            headers,
+            session_id=headers.get(MCP_SESSION_ID),
+            protocol_version=headers.get(MCP_PROTOCOL_VERSION),
+        )
+        if traced is None:
+            await self._post(exchange, body, outcome)
+            return
+        if isinstance(outcome, RequestOutcome):
+            outcome.trace = traced
+        try:
+            await self._post(exchange, body, outcome)
+        finally:
+            traced.leave()
 
     async def _answer_errors(self, exchange: Exchange, handling: Awaitable[None], outcome: RequestOutcome) -> None:
         """Run a handler; turn its failures into a JSON-RPC error with the request's id (unless an answer
@@ -315,6 +342,17 @@ class Proxy:
         await self._handle(exchange, "GET", lambda outcome: self._get(exchange, outcome))
 
     async def _get(self, exchange: Exchange, outcome: Outcome) -> None:
+        if self._otel is not None:
+            # The client's HTTP traceparent, if any, is the parent of the stream's attach spans.
+            token = self._otel.stream_context(exchange.headers)
+            try:
+                await self._get_stream(exchange, outcome)
+            finally:
+                self._otel.leave(token)
+            return
+        await self._get_stream(exchange, outcome)
+
+    async def _get_stream(self, exchange: Exchange, outcome: Outcome) -> None:
         engine = self._engine
         headers = exchange.headers
         client_session_id = self._required_session_id(exchange)
@@ -384,6 +422,8 @@ class Proxy:
         duration = time.perf_counter() - started
         tool = outcome.body.tool_name if outcome.body is not None else None
         error = outcome.error if isinstance(outcome, RequestOutcome) else None
+        if self._otel is not None and isinstance(outcome, RequestOutcome) and outcome.trace is not None:
+            outcome.trace.end(status=status, error=error, upstream_broke=outcome.upstream_broke)
         # What the upstream did, for the status page: an answer (its status, its latency), a failure the
         # proxy answered for it (in words), or nothing (a request the proxy refused, one the client left
         # before any answer, or one the proxy's stop ended before any answer).
@@ -445,11 +485,13 @@ class RequestOutcome(Outcome):
     """The relay's Outcome plus the error the proxy answered with, if it answered one (for the status
     page and the request log: what happened, and whether the upstream was the one that failed)."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "trace")
 
     def __init__(self) -> None:
         super().__init__()
         self.error: ProxyError | None = None
+        # The request's SERVER span(s), with OpenTelemetry on.
+        self.trace: RequestTrace | None = None
 
 
 def _status(outcome: Outcome, exchange: Exchange) -> int:

@@ -19,7 +19,7 @@ import signal
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import structlog
@@ -38,6 +38,9 @@ from mcp_heal_proxy.upstream.client import Upstream
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION
 from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody, RequestId
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.otel import Telemetry
 
 log = structlog.get_logger("mcp_heal_proxy.front.stdio")
 
@@ -78,6 +81,8 @@ class Bridge:
         self._tasks = TaskOwner()
         self._stream: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
+        # OpenTelemetry (mcp_heal_proxy/otel.py), None when off.
+        self._otel = engine.otel
 
     # --- stdin ----------------------------------------------------------------------------------------
 
@@ -162,7 +167,17 @@ class Bridge:
                 self._stream = self._tasks.spawn(self._follow_server_stream(), name="server-stream")
 
     async def _guarded(self, handling: Any, body: PostBody) -> None:
-        """Run the handling of one message; a failure becomes a JSON-RPC error for its request."""
+        """Run the handling of one message; a failure becomes a JSON-RPC error for its request. With
+        OpenTelemetry on, under the message's SERVER span (ended here, with the error it was answered)."""
+        traced = None
+        if self._otel is not None:
+            record = self._record
+            traced = self._otel.server_request(
+                body,
+                None,
+                session_id=record.client_session_id if record is not None else None,
+                protocol_version=self._headers.get(MCP_PROTOCOL_VERSION),
+            )
         try:
             await handling
         except ProxyError as exc:
@@ -170,6 +185,10 @@ class Bridge:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             log.exception("stdio.unexpected_error")
             await self._fail(body, unexpected_failure(exc))
+        finally:
+            if traced is not None:
+                traced.leave()
+                traced.end()
 
     async def _fail(self, body: PostBody, exc: ProxyError) -> None:
         if body.request_ids:
@@ -359,6 +378,8 @@ class Bridge:
     # --- stdout ---------------------------------------------------------------------------------------
 
     async def _write_error(self, request_id: RequestId, exc: ProxyError) -> None:
+        if self._otel is not None:
+            self._otel.note_error(exc)  # the request being answered in this task failed
         await self._write(_line(jsonrpc.error_object(request_id, exc.code, exc.message)))
 
     async def _write(self, line: bytes) -> None:
@@ -425,13 +446,14 @@ async def _stdio_streams() -> tuple[Reader, _Stdout]:
 
 
 async def open_engine(
-    upstream_config: UpstreamConfig, state: str = ":memory:"
+    upstream_config: UpstreamConfig, state: str = ":memory:", otel: Telemetry | None = None
 ) -> tuple[SessionEngine, contextlib.AsyncExitStack]:
     """The engine for one client's session: the upstream's pools, a healer, records in memory, and the
-    upstream's managed login (tokens beside ``state``'s store, or in the default state directory)."""
+    upstream's managed login (tokens beside ``state``'s store, or in the default state directory);
+    ``otel``, OpenTelemetry's hooks when on."""
     resources = contextlib.AsyncExitStack()
     store = MemorySessionStore()
-    metrics = Metrics()
+    metrics = Metrics(otel)
     auth = None
     if upstream_config.auth == "oauth":
         from mcp_heal_proxy.auth.managed import managed_auth
@@ -445,9 +467,12 @@ async def open_engine(
     return engine, resources
 
 
-async def serve_stdio(upstream_config: UpstreamConfig, *, max_line_bytes: int, state: str = ":memory:") -> int:
-    """Run the bridge on this process's stdin/stdout until stdin closes or a signal asks to stop."""
-    engine, resources = await open_engine(upstream_config, state)
+async def serve_stdio(
+    upstream_config: UpstreamConfig, *, max_line_bytes: int, state: str = ":memory:", otel: Telemetry | None = None
+) -> int:
+    """Run the bridge on this process's stdin/stdout until stdin closes or a signal asks to stop; with
+    ``otel``, what it traced is exported before it exits."""
+    engine, resources = await open_engine(upstream_config, state, otel)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -459,6 +484,8 @@ async def serve_stdio(upstream_config: UpstreamConfig, *, max_line_bytes: int, s
         await bridge.run(read, stop)
     finally:
         await resources.aclose()
+        if otel is not None:
+            await asyncio.to_thread(otel.shutdown)  # last: the session's end is traced too
     return 0
 
 

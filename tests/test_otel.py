@@ -15,6 +15,7 @@ import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import aiohttp
 import anyio
 import mcp_types
 import pytest
@@ -31,7 +32,16 @@ from opentelemetry.trace import SpanKind, StatusCode
 from mcp_heal_proxy.config import ConfigError, build_config, single_upstream
 from mcp_heal_proxy.front.stdio import Bridge, open_engine
 from mcp_heal_proxy.otel import Telemetry, with_meta
-from tests.conftest import REPO_ROOT, TEST_CLIENT, ProxyFactory, UpstreamProcess, mcp_session
+from tests.conftest import (
+    REPO_ROOT,
+    TEST_CLIENT,
+    ProxyFactory,
+    UpstreamProcess,
+    echo_call,
+    mcp_session,
+    session_headers,
+    wait_until,
+)
 
 CALL_TIMEOUT = 20.0
 BRIDGE_COMMAND = (sys.executable, "-m", "mcp_heal_proxy", "stdio", "--upstream", "http://127.0.0.1:9/mcp")
@@ -189,6 +199,12 @@ async def test_a_healed_call_through_the_http_front_is_one_trace_under_the_clien
     proxy = await start_proxy(upstream.url, otel=caught.telemetry)
     async with mcp_session(proxy.url) as session:
         trace_id, span_id = await healed_call_under_a_client_span(session, upstream.restart)
+
+        def reattached() -> bool:
+            return any(s.name == "GET stream reattach" for s in caught.finished())
+
+        # The restart broke the session's server stream; the proxy reattaches it (after a short backoff).
+        await wait_until(reattached, 10, "the server stream reattached")
     spans = caught.finished()
     check_healed_trace(spans, trace_id, span_id, "tcp")
     server = one(spans, name="tools/call echo", kind=SpanKind.SERVER, parent=_parent_of(spans, span_id))
@@ -199,6 +215,10 @@ async def test_a_healed_call_through_the_http_front_is_one_trace_under_the_clien
     attaches = [s for s in spans if s.name.startswith("GET stream")]
     assert attaches
     assert all(s.kind is SpanKind.CLIENT for s in attaches)
+    # The restart broke the stream: reattached, under the stream's attach.
+    reattaches = [s for s in attaches if s.name == "GET stream reattach"]
+    attach_ids = {s.context.span_id for s in attaches if s.name == "GET stream attach"}
+    assert all(s.parent is not None and s.parent.span_id in attach_ids for s in reattaches)
     check_metrics(caught)
     # The client's DELETE ended the session: its duration.
     await asyncio.sleep(0)
@@ -427,3 +447,31 @@ def test_the_console_exporter_never_writes_to_the_bridges_stdout(tmp_path: Any) 
     lines = result.stdout.splitlines()
     assert [json.loads(line)["id"] for line in lines] == [1], "stdout: one JSON-RPC answer, nothing else"
     assert '"name": "initialize"' in result.stderr, "the span went to stderr"
+
+
+async def test_an_error_the_proxy_answers_is_on_the_span_and_the_header_context_is_linked(
+    upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A request on a session the proxy does not know: status ERROR, error.type and rpc.response.status_code
+    the JSON-RPC code it answered. Its parent is the params._meta context; the HTTP header's is a link."""
+    caught = Caught()
+    proxy = await start_proxy(upstream.url, otel=caught.telemetry)
+    meta_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    header_parent = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+    call = echo_call(3)
+    call["params"]["_meta"] = {"traceparent": meta_parent}
+    headers = {**session_headers("no-such-session"), "traceparent": header_parent}
+    async with http.post(proxy.url, data=json.dumps(call), headers=headers) as response:
+        answer = await response.json()
+    assert response.status == 404
+    (span,) = caught.finished()
+    assert (span.name, span.kind) == ("tools/call echo", SpanKind.SERVER)
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331)
+    assert [link.context.span_id for link in span.links] == [0x00F067AA0BA902B7]
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == answer["error"]["message"]
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == str(answer["error"]["code"])
+    assert span.attributes["rpc.response.status_code"] == str(answer["error"]["code"])
+    assert span.attributes["http.response.status_code"] == 404

@@ -10,6 +10,10 @@ the upstream's own CPU beside it; the medians over the rounds are the comparison
 
 Per round and build: wrk c=32 for JSON and SSE answers (requests/s, CPU µs per request of the proxy and
 of the upstream), then wrk c=1 for each (p50, p99). Results go to ``--out`` (compare.json, compare.md).
+
+``--otel`` adds a third proxy: this checkout with OpenTelemetry on (``otel = true``, every request sampled,
+spans and metrics exported over OTLP/HTTP to a sink in this process that answers 200 and counts what it
+got), measured in the same rounds: the cost of tracing beside this checkout with it off.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,50 @@ def measure(
     }
 
 
+class _Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that takes every export (200, an empty protobuf answer) and counts it."""
+
+    exports = 0
+    received = 0
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        type(self).exports += 1
+        type(self).received += len(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@contextmanager
+def otlp_sink() -> Iterator[str]:
+    """The sink's endpoint (OTEL_EXPORTER_OTLP_ENDPOINT) while it runs, on a thread of this process."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    thread = threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def otel_environment(endpoint: str) -> dict[str, str]:
+    """OpenTelemetry on, every request sampled, exported to ``endpoint`` (the SDK's default batching)."""
+    return {
+        "MCP_HEAL_PROXY_OTEL": "true",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_SERVICE_NAME": "mcp-heal-proxy-bench",
+    }
+
+
 def medians(rounds: list[dict[str, dict[str, dict[str, float]]]]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for build_name in rounds[0]:
@@ -64,13 +116,19 @@ def medians(rounds: list[dict[str, dict[str, dict[str, float]]]]) -> dict[str, d
 def render(result: dict[str, Any]) -> str:
     lines = [
         f"Interleaved, {result['rounds']} rounds of {result['duration']:g} s per figure, medians; "
-        f"base: {result['builds']['base']}; this: {result['builds']['this']}.",
+        f"base: {result['builds']['base']}; this: {result['builds']['this']}"
+        + (
+            f"; this+otel: the same with otel = true, sampled at 1.0, OTLP/HTTP to a local sink "
+            f"({result['otlp_exports']['requests']} exports, {result['otlp_exports']['bytes'] / 1e6:.1f} MB)."
+            if "this+otel" in result["medians"]
+            else "."
+        ),
         "",
         "| answer | build | req/s c=32 | proxy CPU µs/req | upstream CPU µs/req | proxy ÷ upstream | p50 c=1 (ms) | p99 c=1 (ms) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for answer in ("json", "sse"):
-        for build_name in ("base", "this"):
+        for build_name in result["medians"]:
             m = result["medians"][build_name][answer]
             lines.append(
                 f"| {answer.upper()} | {build_name} | {m['rps']:,.0f} | {m['proxy_us']:.0f} | {m['upstream_us']:.0f} "
@@ -96,13 +154,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per c=32 figure (c=1: half)")
     parser.add_argument("--log-level", default="info", help="both proxies' --log-level (default info)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "compare")
+    parser.add_argument(
+        "--otel", action="store_true", help="also this checkout with OpenTelemetry on (sampled at 1.0, OTLP to a sink)"
+    )
     args = parser.parse_args(argv)
     wrk_bin = find_tool("wrk")
     if wrk_bin is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     args.out.mkdir(parents=True, exist_ok=True)
     builds = {"base": args.base.resolve(), "this": REPO}
-    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp_name:
+    if args.otel:
+        builds["this+otel"] = REPO
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp_name, otlp_sink() as endpoint:
         tmp = Path(tmp_name)
         logs = args.out / "logs"
         logs.mkdir(exist_ok=True)
@@ -115,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                     workdir=tmp / name,
                     log_level=args.log_level,
                     src=src,
+                    env=otel_environment(endpoint) if name == "this+otel" else None,
                 )
                 for name, src in builds.items()
             }
@@ -149,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "duration": args.duration,
         "builds": {name: build(src) for name, src in builds.items()},
+        "otlp_exports": {"requests": _Sink.exports, "bytes": _Sink.received},
         "medians": medians(rounds),
         "direct": {
             answer: {figure: statistics.median(r[answer][figure] for r in direct_rounds) for figure in FIGURES}

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,10 +234,12 @@ class HealProxy(Service):
         client: str = "lean",
         log_level: str = "info",
         src: Path = REPO,
+        env: Mapping[str, str] | None = None,
     ) -> HealProxy:
         """Start with a generated config: ``state`` is ":memory:", a SQLite path, or a redis:// URL;
         ``client`` is the upstream HTTP client ("aiohttp" or "lean"); ``src`` is the source tree whose
-        mcp_heal_proxy runs (another checkout, to compare two versions with one harness)."""
+        mcp_heal_proxy runs (another checkout, to compare two versions with one harness); ``env``, variables
+        set for it (OpenTelemetry's, say) on top of this process's."""
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "proxy.toml"
         config.write_text(
@@ -258,6 +260,7 @@ class HealProxy(Service):
                 cwd=src,
                 stdout=subprocess.PIPE,
                 stderr=err,
+                env={**os.environ, **env} if env is not None else None,
             )
         self._ready(self._read_port)
         return self

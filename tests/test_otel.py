@@ -19,6 +19,7 @@ import aiohttp
 import anyio
 import mcp_types
 import pytest
+from aiohttp import web
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.shared.message import SessionMessage
@@ -39,9 +40,11 @@ from tests.conftest import (
     UpstreamProcess,
     echo_call,
     mcp_session,
+    raw_initialize,
     session_headers,
     wait_until,
 )
+from tests.fake_upstream import FakeUpstream
 
 CALL_TIMEOUT = 20.0
 BRIDGE_COMMAND = (sys.executable, "-m", "mcp_heal_proxy", "stdio", "--upstream", "http://127.0.0.1:9/mcp")
@@ -475,3 +478,41 @@ async def test_an_error_the_proxy_answers_is_on_the_span_and_the_header_context_
     assert span.attributes["error.type"] == str(answer["error"]["code"])
     assert span.attributes["rpc.response.status_code"] == str(answer["error"]["code"])
     assert span.attributes["http.response.status_code"] == 404
+
+
+async def test_a_failed_heal_is_an_error_span_with_its_outcome_and_the_request_fails_with_it(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The upstream forgot the session and refuses the re-initialize (fault injection): the heal span says
+    failed, with the error, and the request's SERVER span carries the JSON-RPC error the client got."""
+    upstream, url = fake
+    caught = Caught()
+    proxy = await start_proxy(url, otel=caught.telemetry, connect_retry=0)
+    session_id = await raw_initialize(http, proxy.url)
+    upstream.forget_all()
+    upstream.on_reinitialize = answer_500
+    async with http.post(proxy.url, data=json.dumps(echo_call(5)), headers=session_headers(session_id)) as response:
+        answer = await response.json()
+    assert "error" in answer
+    spans = caught.finished()
+    server = one(spans, name="tools/call echo", kind=SpanKind.SERVER)
+    heal = one(spans, name="heal", kind=SpanKind.INTERNAL)
+    assert heal.parent is not None
+    assert heal.parent.span_id == server.context.span_id
+    assert heal.attributes is not None
+    assert heal.attributes["mcp_heal_proxy.heal.outcome"] == "failed"
+    assert heal.attributes["error.type"] == str(answer["error"]["code"])
+    assert heal.status.status_code is StatusCode.ERROR
+    (reinitialize,) = children(spans, heal)
+    assert reinitialize.name == "initialize"
+    assert reinitialize.attributes is not None
+    assert reinitialize.attributes["error.type"] == "500"
+    assert server.status.status_code is StatusCode.ERROR
+    assert server.attributes is not None
+    assert server.attributes["rpc.response.status_code"] == str(answer["error"]["code"])
+    points = caught.metric_points()["mcp_heal_proxy.heals"]
+    assert [(p.attributes["mcp_heal_proxy.heal.outcome"], p.value) for p in points] == [("failed", 1)]
+
+
+async def answer_500(request: web.Request, body: dict[str, Any]) -> web.StreamResponse | None:
+    return web.json_response({"error": "down for maintenance"}, status=500)

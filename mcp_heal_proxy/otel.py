@@ -32,6 +32,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -42,6 +43,8 @@ from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import KNOWN_METHODS
 from mcp_heal_proxy.wire.jsonrpc import Kind, Message, PostBody
+
+log = structlog.get_logger("mcp_heal_proxy.otel")
 
 SCOPE: Final = "mcp_heal_proxy"
 # The conventions' ExplicitBucketBoundaries for every MCP duration histogram.
@@ -62,7 +65,8 @@ _CONTEXT_KEYS: Final = ("traceparent", "tracestate", "baggage")
 
 # The request being served in this task (the fronts set it; the engine's exchanges attach to it).
 _REQUEST: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar("mcp_heal_proxy_request", default=None)
-# The attach span of the server stream followed in this task (reattaches are its children).
+# The attach span of the server stream followed in this task (reattaches are its children). Left set: the
+# task is the stream's (a GET handler, the bridge's stream follower) and ends with it.
 _STREAM: contextvars.ContextVar[Context | None] = contextvars.ContextVar("mcp_heal_proxy_stream", default=None)
 
 
@@ -239,16 +243,16 @@ class Telemetry:
             return None
         return RequestTrace(self, messages, headers, session_id, protocol_version)
 
-    def stream_context(self, headers: Mapping[str, str]) -> object:
+    def stream_context(self, headers: Mapping[str, str]) -> contextvars.Token[Context]:
         """Make the HTTP ``traceparent`` of a client's GET the parent of its stream spans; a token for
         ``leave``."""
         parent, _ = _parent(None, headers)
         return otel_context.attach(parent)
 
     @staticmethod
-    def leave(token: object) -> None:
+    def leave(token: contextvars.Token[Context]) -> None:
         """Undo ``stream_context``."""
-        otel_context.detach(token)  # type: ignore[arg-type]
+        otel_context.detach(token)
 
     @staticmethod
     def note_error(exc: ProxyError) -> None:
@@ -608,6 +612,9 @@ def from_environment(*, transport: str, propagate_proxy: bool) -> Telemetry:
 
     from mcp_heal_proxy import __version__
 
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol and protocol.strip() != "http/protobuf":
+        log.warning("otel.protocol_not_supported", protocol=protocol, hint="the proxy exports http/protobuf")
     defaults: dict[str, str] = {"service.version": __version__}
     if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
@@ -625,6 +632,10 @@ def from_environment(*, transport: str, propagate_proxy: bool) -> Telemetry:
         span_exporter = OTLPSpanExporter()
     elif traces == "console":
         span_exporter = ConsoleSpanExporter(out=sys.stderr)  # stdout is the stdio bridge's protocol channel
+    elif traces != "none":
+        log.warning(
+            "otel.exporter_not_supported", variable="OTEL_TRACES_EXPORTER", value=traces, hint="otlp, console or none"
+        )
     if span_exporter is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     readers: list[MetricReader] = []
@@ -636,6 +647,10 @@ def from_environment(*, transport: str, propagate_proxy: bool) -> Telemetry:
         metric_exporter = OTLPMetricExporter()
     elif metrics == "console":
         metric_exporter = ConsoleMetricExporter(out=sys.stderr)
+    elif metrics != "none":
+        log.warning(
+            "otel.exporter_not_supported", variable="OTEL_METRICS_EXPORTER", value=metrics, hint="otlp, console or none"
+        )
     if metric_exporter is not None:
         readers.append(PeriodicExportingMetricReader(metric_exporter))
     meter_provider = SDKMeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)

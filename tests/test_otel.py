@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mcp_heal_proxy.config import ConfigError, build_config, single_upstream
+from mcp_heal_proxy.config import ConfigError, bridge_server_options, build_config, single_upstream
 from mcp_heal_proxy.front.stdio import Bridge, open_engine
 from mcp_heal_proxy.otel import Telemetry, with_meta
 from tests.conftest import (
@@ -516,3 +516,14 @@ async def test_a_failed_heal_is_an_error_span_with_its_outcome_and_the_request_f
 
 async def answer_500(request: web.Request, body: dict[str, Any]) -> web.StreamResponse | None:
     return web.json_response({"error": "down for maintenance"}, status=500)
+
+
+def test_the_bridge_takes_the_switch_from_its_config_file_the_environment_and_set(tmp_path: Any) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text('[server]\notel = true\n[upstreams.one]\nurl = "http://127.0.0.1:9/mcp"\n')
+    assert bridge_server_options(["read_timeout=5"], {}, str(config)) == (["read_timeout=5"], {"otel": True})
+    environ = {"MCP_HEAL_PROXY_OTEL_PROPAGATE": "proxy"}
+    rest, options = bridge_server_options(["otel=false", "client=lean"], environ, None)
+    assert (rest, options) == (["client=lean"], {"otel": False, "otel_propagate": "proxy"})
+    with pytest.raises(ConfigError, match="--set otel_propagate must be one of"):
+        bridge_server_options(["otel_propagate=server"], {}, None)

@@ -24,6 +24,7 @@ values, tokens, query values of URLs; the upstream's own session ids stay out to
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import os
 import sys
@@ -92,6 +93,18 @@ class Peer:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         self.name = name
         self.attributes: dict[str, str | int] = {"server.address": parts.hostname or "", "server.port": port}
+
+
+def traced_session_id(client_session_id: str) -> str:
+    """What spans record as ``mcp.session.id``: never the client's whole session id, which works as a
+    credential for the session (whoever has it can send on it through the proxy, with the proxy's managed
+    login) and does not belong in a telemetry backend. A sealed id (engine/sealing.py) gives its nonce, the
+    32 hex digits it starts with, unique per session and the prefix that logs, ``sessions`` and the status
+    page show; a random id (initialize params too large to seal) gives a digest of itself instead."""
+    nonce, dot, _ = client_session_id.partition(".")
+    if dot:
+        return nonce
+    return "sha256:" + hashlib.sha256(client_session_id.encode()).hexdigest()[:32]
 
 
 def message_attributes(message: Message) -> tuple[str, dict[str, Any]]:
@@ -294,7 +307,7 @@ class Telemetry:
         ended when the upstream answers. Reattaches are children of the stream's attach."""
         attributes: dict[str, Any] = {
             "http.request.method": "GET",
-            "mcp.session.id": session_id,
+            "mcp.session.id": traced_session_id(session_id),
             "mcp_heal_proxy.stream": kind,
             "mcp_heal_proxy.generation": generation,
             **self._base,
@@ -378,7 +391,7 @@ class RequestTrace:
             name, attributes = message_attributes(message)
             attributes.update(telemetry._base)
             if session_id is not None:
-                attributes["mcp.session.id"] = session_id
+                attributes["mcp.session.id"] = traced_session_id(session_id)
             version = protocol_version
             if version is None and message.method == "initialize" and message.params is not None:
                 requested = message.params.get("protocolVersion")
@@ -406,9 +419,10 @@ class RequestTrace:
         otel_context.detach(self._token)
 
     def set_session(self, session_id: str, protocol_version: str | None) -> None:
+        traced = traced_session_id(session_id)
         for span, attributes in zip(self._spans, self._attributes, strict=True):
-            span.set_attribute("mcp.session.id", session_id)
-            attributes["mcp.session.id"] = session_id
+            span.set_attribute("mcp.session.id", traced)
+            attributes["mcp.session.id"] = traced
             if protocol_version is not None:
                 span.set_attribute("mcp.protocol.version", protocol_version)
                 attributes["mcp.protocol.version"] = protocol_version
@@ -545,7 +559,7 @@ class HealTrace:
             "mcp_heal_proxy.heal.reason": reason,
             "mcp_heal_proxy.heal.generation": generation,
             "mcp_heal_proxy.upstream": peer.name,
-            "mcp.session.id": session_id,
+            "mcp.session.id": traced_session_id(session_id),
             **peer.attributes,
         }
         self.span = telemetry.tracer.start_span("heal", kind=SpanKind.INTERNAL, attributes=attributes)

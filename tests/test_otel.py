@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from mcp_heal_proxy.config import ConfigError, bridge_server_options, build_config, single_upstream
 from mcp_heal_proxy.front.stdio import Bridge, open_engine
-from mcp_heal_proxy.otel import Telemetry, with_meta
+from mcp_heal_proxy.otel import Telemetry, traced_session_id, with_meta
 from tests.conftest import (
     REPO_ROOT,
     TEST_CLIENT,
@@ -126,8 +127,8 @@ def check_healed_trace(spans: Sequence[ReadableSpan], trace_id: int, client_span
     assert attributes["gen_ai.operation.name"] == "execute_tool"
     assert attributes["network.transport"] == transport
     assert attributes["mcp.protocol.version"]
-    assert isinstance(attributes["mcp.session.id"], str)
-    assert len(attributes["mcp.session.id"]) > 8
+    # The sealed id's nonce (32 hex digits), never the whole id: that works as a credential for the session.
+    assert re.fullmatch("[0-9a-f]{32}", attributes["mcp.session.id"])
     assert "jsonrpc.request.id" in attributes
     assert server.status.status_code is StatusCode.UNSET
     # No tool arguments or results, anywhere.
@@ -497,6 +498,14 @@ async def test_a_failed_heal_is_an_error_span_with_its_outcome_and_the_request_f
     spans = caught.finished()
     server = one(spans, name="tools/call echo", kind=SpanKind.SERVER)
     heal = one(spans, name="heal", kind=SpanKind.INTERNAL)
+    # The session's nonce names it on every span; the whole id, a credential for the session, on none.
+    nonce = session_id.partition(".")[0]
+    assert len(nonce) == 32
+    assert server.attributes is not None
+    assert server.attributes["mcp.session.id"] == nonce
+    assert heal.attributes is not None
+    assert heal.attributes["mcp.session.id"] == nonce
+    assert all(session_id not in json.dumps(dict(span.attributes or {})) for span in spans)
     assert heal.parent is not None
     assert heal.parent.span_id == server.context.span_id
     assert heal.attributes is not None
@@ -527,3 +536,14 @@ def test_the_bridge_takes_the_switch_from_its_config_file_the_environment_and_se
     assert (rest, options) == (["client=lean"], {"otel": False, "otel_propagate": "proxy"})
     with pytest.raises(ConfigError, match="--set otel_propagate must be one of"):
         bridge_server_options(["otel_propagate=server"], {}, None)
+
+
+def test_a_random_session_id_is_traced_as_a_digest_of_itself() -> None:
+    """A session whose initialize params were too large to seal has a random id, itself the credential: its
+    spans carry a digest, stable per session, never the id."""
+    random_id = "0123456789abcdef0123456789abcdef"
+    traced = traced_session_id(random_id)
+    assert traced.startswith("sha256:")
+    assert random_id not in traced
+    assert traced == traced_session_id(random_id) != traced_session_id(random_id[::-1])
+    assert traced_session_id("f" * 32 + ".payload.tag") == "f" * 32

@@ -128,7 +128,7 @@ def check_healed_trace(spans: Sequence[ReadableSpan], trace_id: int, client_span
     assert attributes["network.transport"] == transport
     assert attributes["mcp.protocol.version"]
     # The sealed id's nonce (32 hex digits), never the whole id: that works as a credential for the session.
-    assert re.fullmatch("[0-9a-f]{32}", attributes["mcp.session.id"])
+    assert re.fullmatch("[0-9a-f]{32}", str(attributes["mcp.session.id"]))
     assert "jsonrpc.request.id" in attributes
     assert server.status.status_code is StatusCode.UNSET
     # No tool arguments or results, anywhere.

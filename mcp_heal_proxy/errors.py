@@ -24,6 +24,9 @@ class ProxyError(Exception):
     # failed a heal): the status page and the request log count it against the upstream's health. The
     # proxy's refusals of a client's request (400, 404, 413, 415, 429) and its store's failures do not.
     about_upstream: ClassVar[bool] = False
+    # Whether every attempt would fail the same way (a refused certificate, the outbound proxy's 407):
+    # loops that retry (a GET stream's reattach) stop at once.
+    lasting: ClassVar[bool] = False
 
     def __init__(self, message: str, *, request_id: RequestId = None, failure: str | None = None) -> None:
         super().__init__(message)
@@ -85,10 +88,14 @@ class UpstreamTLSFailed(UpstreamUnavailable):
     """The TLS handshake with the upstream failed: the message names the cause and the fix. Answered at
     once, not retried: a certificate that is refused now is refused on every attempt."""
 
+    lasting = True
+
 
 class UpstreamProxyRefused(UpstreamUnavailable):
     """The outbound proxy refused to connect to the upstream for good (407: credentials; 403: its
     policy): the message names the proxy (masked) and the fix. Answered at once, not retried."""
+
+    lasting = True
 
 
 class UpstreamTimeout(ProxyError):

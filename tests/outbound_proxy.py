@@ -28,11 +28,20 @@ READY_TIMEOUT = 10.0
 class TinyProxy:
     """One tinyproxy process; ``user``/``password`` turn on its BasicAuth (407 without them)."""
 
-    def __init__(self, directory: Path, *, user: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        connect_ports: tuple[int, ...] = (),
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.user = user
         self.password = password
+        # Ports CONNECT may reach (tinyproxy answers 403 for others); none listed: any port.
+        self.connect_ports = connect_ports
         self.log = directory / f"tinyproxy-{self.port}.log"
         self.config = directory / f"tinyproxy-{self.port}.conf"
         self.process: subprocess.Popen[bytes] | None = None
@@ -60,6 +69,7 @@ class TinyProxy:
             "Allow 127.0.0.1",
             "DisableViaHeader Yes",
             # No ConnectPort line: CONNECT to any port (the test servers' ports are random).
+            *(f"ConnectPort {port}" for port in self.connect_ports),
         ]
         if self.user is not None:
             lines.append(f"BasicAuth {self.user} {self.password}")

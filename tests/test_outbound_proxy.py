@@ -18,9 +18,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from structlog.testing import capture_logs
 
-from mcp_heal_proxy.config import ConfigError, build_config, describe
+from mcp_heal_proxy.config import ConfigError, build_config, describe, upstream_settings
 from mcp_heal_proxy.upstream.routes import bypassed, proxy_for
 from tests.conftest import (
     INITIALIZE_PARAMS,
@@ -34,7 +36,7 @@ from tests.conftest import (
     mcp_session,
 )
 from tests.outbound_proxy import TinyProxy, tinyproxy, tinyproxy_with_auth
-from tests.test_tls import text_of
+from tests.test_tls import BRIDGE, text_of, unverified
 
 __all__ = ["tinyproxy", "tinyproxy_with_auth"]  # fixtures
 
@@ -116,6 +118,32 @@ async def test_tls_inside_the_tunnel_is_checked_against_the_upstreams_host_name(
     assert (status, answer["id"]) == (502, 41)
     assert "the upstream's certificate is not trusted (" in answer["error"]["message"]
     assert tinyproxy.connects_to(https_upstream.port) >= 1
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_certificate_for_another_host_is_refused_inside_the_tunnel(
+    client: str,
+    test_ca: CertAuthority,
+    tinyproxy: TinyProxy,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The tunnel ends at the upstream, so its certificate must name the upstream's host: one for another
+    name, from a trusted CA, is refused (TLS is not checked against the proxy's name)."""
+    server = HttpsUpstreamProcess(
+        test_ca.ca.issue_cert("mcp.other.example"), tmp_path, client_ssl=test_ca.trusting_context()
+    )
+    server.client_ssl = unverified()
+    await server.start()
+    try:
+        proxy = await start_proxy(server.url, client=client, ca_file=str(test_ca.pem), proxy=tinyproxy.url)
+        status, answer = await initialize(http, proxy.url)
+        assert (status, answer["id"]) == (502, 41)
+        assert "the upstream's certificate is not for 127.0.0.1" in answer["error"]["message"]
+        assert tinyproxy.connects_to(server.port) >= 1
+    finally:
+        await server.stop()
 
 
 # --- credentials --------------------------------------------------------------------------------------
@@ -245,6 +273,28 @@ async def test_a_wrong_proxy_password_is_named_as_such(
     assert "user and password are wrong" in message
     assert "not-the-password" not in message
     assert f"http://***@127.0.0.1:{tinyproxy_with_auth.port}" in message
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_403_from_the_proxys_policy_is_named_at_once(
+    client: str, sse_upstream: UpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """tinyproxy allows CONNECT to port 443 only here (as Squid does by default): 403 to the upstream's."""
+    strict = TinyProxy(tmp_path, connect_ports=(443,))
+    await strict.start()
+    try:
+        proxy = await start_proxy(sse_upstream.url, client=client, proxy=strict.url)
+        started = time.monotonic()
+        status, answer = await initialize(http, proxy.url)
+        elapsed = time.monotonic() - started
+        assert strict.requests() == [f"CONNECT 127.0.0.1:{sse_upstream.port} HTTP/1.1"]
+    finally:
+        await strict.stop()
+    assert (status, answer["id"]) == (502, 41)
+    message = answer["error"]["message"]
+    assert f"the outbound proxy http://127.0.0.1:{strict.port} (proxy) refused the connection (403" in message
+    assert "its policy refuses this host or port" in message
+    assert elapsed < 2.0, f"answered after {elapsed:.1f} s: retried as if the network were down"
 
 
 # --- a proxy that cannot be reached -----------------------------------------------------------------------
@@ -383,6 +433,40 @@ def test_a_bad_proxy_variable_is_refused_naming_it() -> None:
             config_file=None, flags={"upstream": "https://a.example/mcp"}, environ={"HTTPS_PROXY": "socks5://u:pw@h:1"}
         )
     assert "pw" not in str(refused.value)
+
+
+@pytest.mark.parametrize("how", ["--set", "MCP_HEAL_PROXY_PROXY", "HTTPS_PROXY"])
+async def test_the_stdio_bridge_heals_across_an_https_upstream_restart_through_the_proxy(
+    how: str, https_upstream: HttpsUpstreamProcess, test_ca: CertAuthority, tinyproxy: TinyProxy
+) -> None:
+    args = ["stdio", "--upstream", https_upstream.url, "--set", f"ca_file={test_ca.pem}"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    if how == "--set":
+        args += ["--set", f"proxy={tinyproxy.url}"]
+    else:
+        env[how] = tinyproxy.url
+    params = StdioServerParameters(command=BRIDGE, args=args, env=env)
+    async with (
+        stdio_client(params) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream) as session,
+        asyncio.timeout(40),
+    ):
+        await session.initialize()
+        assert text_of(await session.call_tool("echo", {"text": "before"})) == "before"
+        before = tinyproxy.connects_to(https_upstream.port)
+        assert before >= 1, tinyproxy.requests()
+        await https_upstream.restart()
+        assert text_of(await session.call_tool("echo", {"text": "after"})) == "after"
+    assert (await https_upstream.stats())["initialize"] == 1
+    assert tinyproxy.connects_to(https_upstream.port) > before
+
+
+def test_mcp_heal_proxy_proxy_is_the_default_of_every_upstream_and_of_the_bridge() -> None:
+    environ = {"MCP_HEAL_PROXY_PROXY": "http://u:pw@proxy.example:3128"}
+    built = build_config(config_file=None, flags={"upstream": "https://a.example/mcp"}, environ=environ)
+    assert built.upstreams[0].proxy == "http://u:pw@proxy.example:3128"
+    assert upstream_settings([], environ)["proxy"] == "http://u:pw@proxy.example:3128"
+    assert upstream_settings(["proxy="], environ)["proxy"] == "", "--set proxy= goes direct"
 
 
 # --- OAuth and check-config ----------------------------------------------------------------------------------

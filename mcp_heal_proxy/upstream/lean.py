@@ -4,9 +4,9 @@
 ``client = "lean"``. It does the one thing the proxy needs, no more: send a request to one origin in a
 single ``transport.write`` (head and body), and hand back the response once its head arrived, with a
 body reader that pauses the socket when the consumer falls behind (an SSE stream is never buffered
-whole). No redirects, cookies, compression, auth from the URL, or HEAD requests. With an outbound proxy, each
-connection is a CONNECT tunnel opened once (upstream/proxy.py) and then used exactly as a direct one, so
-requests cost the same; without one, nothing about proxies is on the path.
+whole). No redirects, cookies, compression, auth from the URL, or HEAD requests. Through an outbound
+proxy, each connection is a CONNECT tunnel opened once (upstream/proxy.py), then used exactly as a
+direct one: requests cost the same, and without a proxy nothing about proxies is on their path.
 
 Errors. Opening a connection fails with ``ConnectFailed`` (nothing was sent, so ``Upstream.send``
 retries it like aiohttp's ``ClientConnectorError``), ``ConnectTimeout``, or ``HandshakeFailed`` (the handshake

@@ -492,6 +492,59 @@ async def test_oauth_pass_through_discovery_goes_through_the_proxy(
         await upstream.stop()
 
 
+async def test_a_managed_login_its_refresh_and_logout_go_through_the_proxy(
+    tinyproxy: TinyProxy, tmp_path: Path
+) -> None:
+    """login (discovery, registration, code exchange), serve's refresh and logout's revocation: every
+    request to the authorization server goes through the upstream's proxy (absolute-form requests for
+    this http one, so tinyproxy's log shows each path), the MCP requests through CONNECT tunnels."""
+    from tests.managed_login import child_env, login, serve
+    from tests.oauth_clients import OAuthUpstream
+
+    upstream = OAuthUpstream(tmp_path, "--token-lifetime", "1")
+    await upstream.start()
+    try:
+        state_home = tmp_path / "state"
+        env = {k: v for k, v in child_env(state_home).items() if k.lower() not in PROXY_VARIABLES}
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            f'[upstreams.up]\nurl = "{upstream.url}"\npath = "/mcp"\nauth = "oauth"\nproxy = "{tinyproxy.url}"\n'
+        )
+        result = await login(config, "up", env)
+        assert result.returncode == 0, result.stderr
+        origin = f"http://127.0.0.1:{upstream.port}"
+        paths = [line.split()[1].removeprefix(origin) for line in tinyproxy.requests() if origin in line]
+        assert any(path.startswith("/.well-known/oauth-protected-resource") for path in paths), paths
+        assert any(path.startswith("/.well-known/oauth-authorization-server") for path in paths), paths
+        assert "/register" in paths
+        assert "/token" in paths
+        proxy = await serve(config, env)
+        try:
+            async with mcp_session(proxy.url) as session:
+                assert text_of(await session.call_tool("echo", {"text": "one"})) == "one"
+                token_file = state_home / "mcp-heal-proxy" / "oauth" / "up.json"
+                expires_at = json.loads(token_file.read_text())["expires_at"]
+                await asyncio.sleep(max(0.0, expires_at + 0.5 - time.time()))
+                assert text_of(await session.call_tool("echo", {"text": "two"})) == "two"
+        finally:
+            log = await proxy.stop()
+        assert "auth.token_refreshed" in log, log[-4000:]
+        tokens = [line for line in tinyproxy.requests() if line.startswith(f"POST {origin}/token ")]
+        assert len(tokens) >= 2, "the code exchange and the refresh"
+        assert tinyproxy.connects_to(upstream.port) >= 1, "the MCP requests"
+        logout = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcp_heal_proxy", "logout", "up", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            out, errors = await logout.communicate()
+        assert logout.returncode == 0, errors.decode()
+        assert "Revoked the refresh token and access token" in out.decode()
+        assert any(line.startswith(f"POST {origin}/revoke ") for line in tinyproxy.requests()), tinyproxy.requests()
+    finally:
+        await upstream.stop()
+
+
 async def check_connect(config: Path, env: dict[str, str] | None = None) -> tuple[int, list[str], str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mcp_heal_proxy", "check-config", "--connect", str(config),

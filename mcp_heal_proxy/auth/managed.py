@@ -42,8 +42,8 @@ from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, Upstre
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError, connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream.proxy import aiohttp_middlewares
-from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
+from mcp_heal_proxy.upstream.proxy import oauth_client
+from mcp_heal_proxy.upstream.tls import client_context, tls_context, tls_failure
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -468,9 +468,7 @@ def _client(
     """An HTTP client for OAuth requests of one upstream: its ca_file, client certificate and outbound
     proxy apply, as to its MCP requests (the authorization server is often behind the same corporate CA
     and proxy)."""
-    return aiohttp.ClientSession(
-        timeout=timeout, connector=aiohttp.TCPConnector(ssl=tls), middlewares=aiohttp_middlewares(proxy)
-    )
+    return oauth_client(tls, proxy, timeout=timeout)
 
 
 # --- login ----------------------------------------------------------------------------------------
@@ -762,12 +760,8 @@ async def revoke_grant(grant: Grant, upstream: UpstreamConfig | None = None) -> 
     assert grant.revocation_endpoint is not None
     revoked: list[str] = []
     tokens = (("refresh_token", grant.refresh_token), ("access_token", grant.access_token))
-    http_client = (
-        _client(tls_context(upstream), REFRESH_TIMEOUT, upstream.proxy)
-        if upstream is not None
-        else aiohttp.ClientSession(timeout=REFRESH_TIMEOUT, middlewares=aiohttp_middlewares(None))
-    )
-    async with http_client as http:
+    tls = tls_context(upstream) if upstream is not None else client_context(None, None, None)
+    async with _client(tls, REFRESH_TIMEOUT, upstream.proxy if upstream is not None else None) as http:
         for hint, token in tokens:
             if not token:
                 continue

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from typing import Any, Final
 
 import aiohttp
@@ -43,6 +44,7 @@ __all__ = [
     "ProxyUnreachable",
     "TunnelConnector",
     "aiohttp_middlewares",
+    "oauth_client",
     "open_tunnel",
     "proxy_failure",
     "proxy_for",
@@ -193,6 +195,16 @@ class TunnelConnector(aiohttp.TCPConnector):
         raw.set_protocol(protocol)
         protocol.connection_made(raw)
         return protocol
+
+
+def oauth_client(tls: ssl.SSLContext, configured: str | None, **options: Any) -> aiohttp.ClientSession:
+    """An aiohttp client for the OAuth requests of an upstream with these TLS settings and proxy key:
+    each request goes through the proxy ``proxy_for`` picks for its URL. Through a proxy, connections are
+    not reused: a proxy may close a client's connection after any answer (tinyproxy does), and a POST to
+    a token endpoint cannot be sent again; OAuth requests are few (a login, a refresh an hour)."""
+    middlewares = aiohttp_middlewares(configured)
+    connector = aiohttp.TCPConnector(ssl=tls, force_close=bool(middlewares))
+    return aiohttp.ClientSession(connector=connector, middlewares=middlewares, **options)
 
 
 def aiohttp_middlewares(configured: str | None) -> tuple[aiohttp.ClientMiddlewareType, ...]:

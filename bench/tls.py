@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import ssl
 import statistics
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     wrk_bin = find_tool("wrk")
     if wrk_bin is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
-    tinyproxy_bin = shutil.which("tinyproxy")
+    tinyproxy_bin = find_tool("tinyproxy")
     if tinyproxy_bin is None:
         log("tinyproxy is not installed: the path through an outbound proxy is left out")
     args.out.mkdir(parents=True, exist_ok=True)

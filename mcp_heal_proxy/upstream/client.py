@@ -481,7 +481,7 @@ class Upstream:
             log.warning("upstream.tls_failed", upstream=self.config.name, host=parts.netloc, error=why)
             failure = UpstreamTLSFailed(f"cannot reach the upstream MCP server: {why}", failure="tls")
         else:
-            why = proxy_failure(exc, self._proxy)
+            why = proxy_failure(exc)
             if why is None:
                 return None
             log.warning("upstream.proxy_refused", upstream=self.config.name, host=parts.netloc, error=why)

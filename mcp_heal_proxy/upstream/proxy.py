@@ -78,15 +78,13 @@ class ProxyRefused(aiohttp.ClientConnectionError):
         self.status = status
 
 
-def proxy_failure(exc: BaseException, route: ProxyRoute | None) -> str | None:
+def proxy_failure(exc: BaseException) -> str | None:
     """What a lasting refusal by the proxy means (407, 403), in words with the fix; None if ``exc`` is
-    not one. Covers the lean client's ``ProxyRefused`` and aiohttp's ``ClientHttpProxyError``."""
+    not one (both upstream clients open their tunnels with ``open_tunnel``, which raises ``ProxyRefused``)."""
     current: BaseException | None = exc
     while current is not None:
         if isinstance(current, ProxyRefused):
             return str(current)
-        if isinstance(current, aiohttp.ClientHttpProxyError) and current.status in _LASTING and route is not None:
-            return refusal_words(route, current.status, current.message)
         current = current.__cause__
     return None
 

@@ -87,7 +87,11 @@ class TinyProxy:
             with socket.socket() as probe:
                 return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
-        await wait_until(listening, READY_TIMEOUT, "tinyproxy listening")
+        try:
+            await wait_until(listening, READY_TIMEOUT, "tinyproxy listening")
+        except BaseException:
+            await self.stop()  # never leave a proxy running behind a failed start
+            raise
 
     async def stop(self) -> None:
         if self.process is None:

@@ -127,11 +127,21 @@ class BenchUpstream(Service):
 
     name = "bench upstream"
 
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        super().__init__()
+        # (certificate, key): serve https (bench/tls.py measures the hot path over TLS).
+        self.tls = tls
+
+    @property
+    def base(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
     def start(self, log: Path) -> BenchUpstream:
         self.port = free_port()
+        https = ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])] if self.tls else []
         with log.open("ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.upstream", "--port", str(self.port)],
+                [sys.executable, "-m", "bench.upstream", "--port", str(self.port), *https],
                 cwd=REPO,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -235,11 +245,13 @@ class HealProxy(Service):
         log_level: str = "info",
         src: Path = REPO,
         env: Mapping[str, str] | None = None,
+        upstream_keys: dict[str, str] | None = None,
     ) -> HealProxy:
         """Start with a generated config: ``state`` is ":memory:", a SQLite path, or a redis:// URL;
         ``client`` is the upstream HTTP client ("aiohttp" or "lean"); ``src`` is the source tree whose
         mcp_heal_proxy runs (another checkout, to compare two versions with one harness); ``env``, variables
-        set for it (OpenTelemetry's, say) on top of this process's."""
+        set for it (OpenTelemetry's, say) on top of this process's; ``upstream_keys``, more keys of the upstream's
+        table (ca_file, proxy)."""
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "proxy.toml"
         config.write_text(
@@ -252,6 +264,7 @@ class HealProxy(Service):
             f"url = {json.dumps(upstream_url)}\n"
             'path = "/mcp"\n'
             f"client = {json.dumps(client)}\n"
+            + "".join(f"{key} = {json.dumps(value)}\n" for key, value in (upstream_keys or {}).items())
         )
         with log.open("ab") as err:
             self.process = subprocess.Popen(

@@ -1,6 +1,7 @@
 """A fast, minimal Streamable HTTP MCP server for the benchmark (not a conforming server).
 
-Run as ``python -m bench.upstream --port N``; it prints ``ready`` on stdout once it listens.
+Run as ``python -m bench.upstream --port N [--certfile PEM --keyfile PEM]`` (https with the second
+pair); it prints ``ready`` on stdout once it listens.
 
 POST /mcp
   initialize                 -> 200 JSON result, a fresh ``Mcp-Session-Id``
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import time
 import uuid
 
@@ -120,10 +122,10 @@ def build_app() -> web.Application:
     return app
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, context: ssl.SSLContext | None = None) -> None:
     runner = web.AppRunner(build_app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -131,13 +133,19 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--certfile", help="serve https with this certificate (PEM; with --keyfile)")
+    parser.add_argument("--keyfile")
     args = parser.parse_args()
+    context = None
+    if args.certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, context))
     else:
-        uvloop.run(serve(args.port))
+        uvloop.run(serve(args.port, context))
 
 
 if __name__ == "__main__":

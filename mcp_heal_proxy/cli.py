@@ -36,6 +36,7 @@ from mcp_heal_proxy.config import (
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.observability import configure_logging
+from mcp_heal_proxy.upstream.routes import proxy_for
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -397,7 +398,9 @@ def banner(config: ProxyConfig, port: int) -> list[str]:
     lines = [f"mcp-heal-proxy {__version__} on {bound}, sessions in {config.state_display}"]
     for upstream in config.upstreams:
         url = config.client_url(upstream, port)
-        lines.append(f"  {upstream.name}: {url} -> {mask_url(upstream.url)}")
+        route = proxy_for(upstream.url, upstream.proxy)
+        via = f" via proxy {route.shown} ({route.source})" if route is not None else ""
+        lines.append(f"  {upstream.name}: {url} -> {mask_url(upstream.url)}{via}")
         lines.append(f'  paste into your MCP client: url = "{url}"')
     return lines
 
@@ -467,6 +470,7 @@ async def serve(config: ProxyConfig) -> int:
             upstream=upstream.name,
             url=url,
             upstream_url=mask_url(upstream.url),
+            proxy=route.shown if (route := proxy_for(upstream.url, upstream.proxy)) is not None else None,
             state=config.state_display,
         )
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:

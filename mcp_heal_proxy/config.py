@@ -135,6 +135,9 @@ class UpstreamConfig:
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    # The outbound HTTP proxy for every request of this upstream (upstream/proxy.py): None takes
+    # [server] proxy, then HTTPS_PROXY / HTTP_PROXY / NO_PROXY; "" goes direct.
+    proxy: str | None = None
     # The config file this upstream came from (absolute): the hints that name ``login`` repeat it, as
     # login finds the upstream there (auth = "oauth" is settable in a file only).
     config_file: str | None = None
@@ -179,6 +182,8 @@ class ProxyConfig:
     http_server: HttpServer = "fast"
     # The ca_file of every upstream that sets none (build_config copies it there).
     ca_file: str | None = None
+    # The proxy of every upstream that sets none (build_config copies it there).
+    proxy: str | None = None
     # The secret that seals client session ids, so that a session outlives the loss of the store; every
     # replica sharing a Redis store needs the same one. None: a key file beside the state (key_directory).
     session_key: str | None = None
@@ -210,7 +215,8 @@ class ProxyConfig:
         injected = tuple(value for upstream in self.upstreams for value in upstream.headers.values() if value)
         injected += tuple(u.client_secret for u in self.upstreams if u.client_secret)
         store_password = urlsplit(self.state).password if "://" in self.state else None
-        return tuple(s for s in (*injected, self.token, store_password, self.session_key) if s)
+        proxy_passwords = tuple(_password(u.proxy) for u in self.upstreams)
+        return tuple(s for s in (*injected, self.token, store_password, self.session_key, *proxy_passwords) if s)
 
     @property
     def key_directory(self) -> Path:
@@ -224,6 +230,13 @@ class ProxyConfig:
     def state_display(self) -> str:
         """The store location as it may be shown: a Redis URL's password and query values masked."""
         return mask_url(self.state) if "://" in self.state else self.state
+
+
+def _password(url: str | None) -> str | None:
+    try:
+        return urlsplit(url).password if url else None
+    except ValueError:
+        return None
 
 
 def single_upstream(url: str, **options: Any) -> ProxyConfig:
@@ -483,6 +496,21 @@ def _upstream_url(value: Any) -> str:
     return url
 
 
+def _proxy(value: Any) -> str:
+    url = _string(value)
+    if not url:
+        return url  # "": no proxy, whatever the environment says
+    from mcp_heal_proxy.upstream.routes import parse_proxy
+
+    if "://" not in url:
+        raise _Invalid('must be an http://HOST:PORT URL (or "" for none)', echo=False)
+    try:
+        parse_proxy(url, "proxy")
+    except ValueError as exc:
+        raise _Invalid(f"{exc}, not {mask_url(url)!r}", echo=False) from None
+    return url
+
+
 _PATH = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 
 
@@ -600,6 +628,7 @@ SERVER_OPTIONS: Final[Mapping[str, Option]] = {
     "ca_file": Option(_ca_file, _text_as_str),
     "otel": Option(_otel, _text_as_bool),
     "otel_propagate": Option(_one_of(OTEL_PROPAGATE), _text_as_str),
+    "proxy": Option(_proxy, _text_as_str, _without_userinfo),
 }
 # The [server] keys the stdio bridge takes too (with --set, MCP_HEAL_PROXY_*, or its --config file).
 BRIDGE_SERVER_KEYS: Final = ("otel", "otel_propagate")
@@ -629,6 +658,7 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     # Checked together (the key must match the certificate) in _check_client_cert.
     "client_cert": Option(_pem_file, _text_as_str),
     "client_key": Option(_pem_file, _text_as_str),
+    "proxy": Option(_proxy, _text_as_str, _without_userinfo),
 }
 # Keys that only mean something with auth = "oauth".
 _OAUTH_KEYS: Final = ("client_id", "client_secret", "scopes", "callback_port")
@@ -677,7 +707,7 @@ def _upstream_from_table(
     for key, value in table.items():
         if key not in UPSTREAM_OPTIONS:
             raise ConfigError(f"{source}: unknown key upstreams.{name}.{key}")
-        if key in ("client_id", "client_secret") and isinstance(value, str):
+        if key in ("client_id", "client_secret", "proxy") and isinstance(value, str):
             value = expand_env(value, f"upstreams.{name}.{key}", source, environ)
         if key == "headers" and isinstance(value, dict):
             value = {
@@ -768,7 +798,7 @@ def load_file(path: str, environ: Mapping[str, str]) -> dict[str, Any]:
     for key, value in server.items():
         if key not in SERVER_OPTIONS:
             raise ConfigError(f"{path}: unknown key server.{key}")
-        if key in ("token", "session_key") and isinstance(value, str):
+        if key in ("token", "session_key", "proxy") and isinstance(value, str):
             value = expand_env(value, f"server.{key}", path, environ)
         options[key] = check_option(SERVER_OPTIONS, key, value, f"{path}: server.{key}")
     upstream_tables = document.get("upstreams", {})
@@ -831,8 +861,8 @@ def parse_setting(text: str) -> tuple[str, str]:
 
 
 def upstream_settings(settings: Sequence[str], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Upstream keys from ``--set KEY=VALUE`` texts (the stdio bridge's), checked; with no ca_file among
-    them, ``MCP_HEAL_PROXY_CA_FILE`` (the [server] default) when set."""
+    """Upstream keys from ``--set KEY=VALUE`` texts (the stdio bridge's), checked; with no ca_file (or
+    proxy) among them, ``MCP_HEAL_PROXY_CA_FILE`` (``MCP_HEAL_PROXY_PROXY``), the [server] default, when set."""
     options: dict[str, Any] = {}
     for text in settings:
         key, value = parse_setting(text)
@@ -842,6 +872,9 @@ def upstream_settings(settings: Sequence[str], environ: Mapping[str, str]) -> di
     default_ca = environ.get(ENV_PREFIX + "CA_FILE")
     if "ca_file" not in options and default_ca:
         options["ca_file"] = option_from_text(SERVER_OPTIONS, "ca_file", default_ca, ENV_PREFIX + "CA_FILE")
+    default_proxy = environ.get(ENV_PREFIX + "PROXY")
+    if "proxy" not in options and default_proxy:
+        options["proxy"] = option_from_text(SERVER_OPTIONS, "proxy", default_proxy, ENV_PREFIX + "PROXY")
     _check_client_cert(options, "--set ")
     return options
 
@@ -920,6 +953,12 @@ def build_config(
         options["upstreams"] = tuple(
             u if u.ca_file else replace(u, ca_file=options["ca_file"]) for u in options["upstreams"]
         )
+    if options.get("proxy") is not None:
+        # [server] proxy is the default of every upstream that names no proxy of its own.
+        options["upstreams"] = tuple(
+            u if u.proxy is not None else replace(u, proxy=options["proxy"]) for u in options["upstreams"]
+        )
+    check_proxy_environment(options["upstreams"], environ)
     paths = [u.path for u in options["upstreams"]]
     if len(set(paths)) != len(paths):
         raise ConfigError(f"two upstreams share the path {next(p for p in paths if paths.count(p) > 1)}")
@@ -931,6 +970,18 @@ def build_config(
     return ProxyConfig(**options)
 
 
+def check_proxy_environment(upstreams: Sequence[UpstreamConfig], environ: Mapping[str, str]) -> None:
+    """A malformed HTTPS_PROXY / HTTP_PROXY that an upstream would go through is a ConfigError naming it
+    (a proxy key was checked where it was set)."""
+    from mcp_heal_proxy.upstream.routes import proxy_for
+
+    for upstream in upstreams:
+        try:
+            proxy_for(upstream.url, upstream.proxy, environ)
+        except ValueError as exc:
+            raise ConfigError(f"upstream {upstream.name}: {exc}") from None
+
+
 def describe(config: ProxyConfig) -> dict[str, Any]:
     """The effective config as a plain dict with secrets masked (for ``check-config``)."""
     server = {f.name: getattr(config, f.name) for f in fields(ProxyConfig) if f.name != "upstreams"}
@@ -939,6 +990,8 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     if config.session_key:
         server["session_key"] = "***"
     server["state"] = config.state_display
+    if config.proxy:
+        server["proxy"] = mask_url(config.proxy)
     upstreams = {}
     for upstream in config.upstreams:
         table = {
@@ -948,6 +1001,8 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
         if upstream.client_secret:
             table["client_secret"] = "***"
         table["url"] = mask_url(upstream.url)
+        if upstream.proxy:
+            table["proxy"] = mask_url(upstream.proxy)
         upstreams[upstream.name] = table
     return {"server": server, "upstreams": upstreams}
 

@@ -1,6 +1,7 @@
 """``check-config --connect``: try each upstream once, step by step, and say where it stopped and why.
 
-The steps are the ones a request of the proxy takes: DNS, TCP, TLS (https), then HTTP and MCP through
+The steps are the ones a request of the proxy takes: DNS, TCP (or, through an outbound proxy, the proxy
+and its CONNECT tunnel), TLS (https), then HTTP and MCP through
 the proxy's own upstream client (the configured headers, ca_file, client certificate and managed login
 apply): an ``initialize``, whose session is then ended with a DELETE so that the check leaves nothing
 open upstream. Each upstream gets one line: the steps that worked, then the one that failed with its
@@ -24,6 +25,14 @@ import aiohttp
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig, mask_url
 from mcp_heal_proxy.errors import ProxyError
+from mcp_heal_proxy.upstream.proxy import (
+    ProxyCouldNotConnect,
+    ProxyRefused,
+    ProxyRoute,
+    ProxyUnreachable,
+    open_tunnel,
+    proxy_for,
+)
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 
 # A check waits no longer than this for an answer, whatever read_timeout allows a tool call.
@@ -73,6 +82,14 @@ async def check_upstream(upstream: UpstreamConfig, state: str) -> Outcome:
     port = parts.port or (443 if https else 80)
     timeout = upstream.connect_timeout
     try:
+        try:
+            route = proxy_for(upstream.url, upstream.proxy)
+        except ValueError as exc:
+            raise _Stopped("proxy", str(exc)) from None
+        if route is not None:
+            outcome.passed.extend(await _through_proxy(upstream, route, host, port, https, timeout))
+            outcome.passed.extend(await _mcp(upstream, state))
+            return outcome
         addresses = await _resolve(host, port, timeout)
         if addresses[0] != host:  # an IP address in the URL needs no DNS
             outcome.passed.append(f"DNS {host} -> {addresses[0]}")
@@ -133,6 +150,47 @@ async def _tls(upstream: UpstreamConfig, host: str, port: int, limit: float) -> 
     writer.close()
     await _closed(writer)
     return str(version or "ok")
+
+
+async def _through_proxy(
+    upstream: UpstreamConfig, route: ProxyRoute, host: str, port: int, https: bool, limit: float
+) -> list[str]:
+    """The proxy, its tunnel to the upstream, and TLS inside the tunnel (https): what passed."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(limit):
+            raw = await open_tunnel(loop, route, host, port)
+    except TimeoutError:
+        raise _Stopped(
+            "proxy", f"no answer from the outbound proxy {route.shown} within connect_timeout ({limit:g} s)"
+        ) from None
+    except ProxyUnreachable as exc:
+        raise _Stopped("proxy", f"{exc.strerror}; check the proxy URL ({route.source}) and that it runs") from None
+    except ProxyRefused as exc:
+        raise _Stopped("CONNECT", str(exc)) from None
+    except ProxyCouldNotConnect as exc:
+        raise _Stopped("CONNECT", f"{exc.strerror}; is the server running, and the port right?") from None
+    passed = [f"proxy {route.shown} ({route.source})", f"CONNECT {host}:{port}"]
+    if not https:
+        raw.close()
+        return passed
+    protocol = asyncio.Protocol()
+    raw.set_protocol(protocol)
+    try:
+        async with asyncio.timeout(limit):
+            secured = await loop.start_tls(raw, protocol, tls_context(upstream), server_hostname=host)
+    except TimeoutError:
+        raw.close()
+        raise _Stopped("TLS", f"no TLS handshake within connect_timeout ({limit:g} s)") from None
+    except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
+        raw.close()
+        raise _Stopped("TLS", tls_failure(exc, host) or f"the handshake failed ({exc})") from None
+    ssl_object = secured.get_extra_info("ssl_object") if secured is not None else None
+    version = ssl_object.version() if ssl_object is not None else None
+    passed.append(f"TLS ({version or 'ok'})")
+    if secured is not None:
+        secured.close()
+    return passed
 
 
 async def _closed(writer: asyncio.StreamWriter) -> None:

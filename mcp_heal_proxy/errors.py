@@ -24,6 +24,9 @@ class ProxyError(Exception):
     # failed a heal): the status page and the request log count it against the upstream's health. The
     # proxy's refusals of a client's request (400, 404, 413, 415, 429) and its store's failures do not.
     about_upstream: ClassVar[bool] = False
+    # Whether every attempt would fail the same way (a refused certificate, the outbound proxy's 407):
+    # loops that retry (a GET stream's reattach) stop at once.
+    lasting: ClassVar[bool] = False
 
     def __init__(self, message: str, *, request_id: RequestId = None, failure: str | None = None) -> None:
         super().__init__(message)
@@ -85,6 +88,15 @@ class UpstreamTLSFailed(UpstreamUnavailable):
     """The TLS handshake with the upstream failed: the message names the cause and the fix. Answered at
     once, not retried: a certificate that is refused now is refused on every attempt."""
 
+    lasting = True
+
+
+class UpstreamProxyRefused(UpstreamUnavailable):
+    """The outbound proxy refused to connect to the upstream for good (407: credentials; 403: its
+    policy): the message names the proxy (masked) and the fix. Answered at once, not retried."""
+
+    lasting = True
+
 
 class UpstreamTimeout(ProxyError):
     """The upstream did not connect or answer in time."""
@@ -132,7 +144,7 @@ class TooManyStreams(ProxyError):
 @dataclass(frozen=True, slots=True)
 class Failure:
     """What went wrong on a connection, for people: ``kind`` is one word for logs and the status page
-    (refused, timeout, dns, tls, unreachable, closed, reset, broken, failed), ``words`` a short phrase
+    (refused, timeout, dns, tls, proxy, unreachable, closed, reset, broken, failed), ``words`` a short phrase
     that completes "cannot reach the upstream MCP server: ..." or "... broke its answer: ..." (never an
     exception's class name)."""
 
@@ -161,7 +173,21 @@ def connection_failure(exc: BaseException) -> Failure:
     # Classes newer aiohttp releases added; older ones raise the stdlib error they wrap.
     dns_error = getattr(aiohttp, "ClientConnectorDNSError", socket.gaierror)
     reset_error = getattr(aiohttp, "ClientConnectionResetError", ConnectionResetError)
+    from mcp_heal_proxy.upstream.proxy import ProxyCouldNotConnect, ProxyRefused, ProxyUnreachable
+
     chain = _causes(exc)
+    for cause in chain:
+        # The outbound proxy's own failures carry their words (its URL masked): before the causes
+        # below, which would name the proxy's refused socket as the upstream's.
+        if isinstance(cause, ProxyUnreachable | ProxyCouldNotConnect) and cause.strerror:
+            return Failure("proxy", cause.strerror)
+        if isinstance(cause, ProxyRefused):
+            return Failure("proxy", str(cause))
+        # aiohttp's (the OAuth requests'): the proxy's URL is not at hand here, and not needed.
+        if isinstance(cause, aiohttp.ClientHttpProxyError):
+            return Failure("proxy", f"the outbound proxy refused the connection ({cause.status} {cause.message})")
+        if isinstance(cause, aiohttp.ClientProxyConnectionError):
+            return Failure("proxy", f"cannot connect to the outbound proxy: {cause.os_error.strerror or 'failed'}")
     for cause in chain:
         if isinstance(cause, ssl.SSLCertVerificationError):
             detail = cause.verify_message or "not trusted"

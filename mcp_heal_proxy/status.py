@@ -33,13 +33,14 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from mcp_heal_proxy import __version__
-from mcp_heal_proxy.config import MEMORY_STATE, STATUS_PREFIX, ProxyConfig
+from mcp_heal_proxy.config import MEMORY_STATE, STATUS_PREFIX, ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.errors import StoreUnavailable
 from mcp_heal_proxy.events import EventFeed, entry_json
 from mcp_heal_proxy.inventory import PAGE_SESSIONS, CachedStore, RedisReader, is_redis, most_recent, summary
 from mcp_heal_proxy.store.records import SessionRecord, SessionStore
+from mcp_heal_proxy.upstream.routes import proxy_for
 
 API: Final = f"{STATUS_PREFIX}api"
 EVENTS_PATH: Final = f"{API}/events"
@@ -144,12 +145,19 @@ def _limit(request: web.Request, default: int, most: int) -> int:
         return default
 
 
+def _proxy_shown(upstream: UpstreamConfig) -> str | None:
+    """The outbound proxy the upstream's requests go through, masked; None when they go direct."""
+    route = proxy_for(upstream.url, upstream.proxy)
+    return route.shown if route is not None else None
+
+
 def add_routes(app: web.Application, config: ProxyConfig, feed: EventFeed, store_key: web.AppKey[SessionStore]) -> None:
     """Register the page, its assets and the JSON endpoints on the proxy's app."""
     access = Access(config)
     names = [upstream.name for upstream in config.upstreams]
     upstream_info = {
-        upstream.name: {"path": upstream.path, "url": upstream_display(upstream.url)} for upstream in config.upstreams
+        upstream.name: {"path": upstream.path, "url": upstream_display(upstream.url), "proxy": _proxy_shown(upstream)}
+        for upstream in config.upstreams
     }
     redis_reader: list[RedisReader] = []
 

@@ -60,3 +60,35 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
     assert (tmp_path / "results.md").read_text().strip() == out.strip()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_the_tls_benchmark_measures_every_path_in_one_run(tmp_path: Path) -> None:
+    """``python -m bench.tls``: http and https upstreams, direct and through the proxy, and through
+    tinyproxy's tunnels, in one run; every path has its figures."""
+    missing = [name for name in ("wrk", "tinyproxy") if find_tool(name) is None]
+    if missing:
+        message = f"bench.tls needs {' and '.join(missing)} (apt-get install -y wrk tinyproxy)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.tls", "--rounds", "1", "--duration", "0.5", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, f"bench.tls failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    results = json.loads((tmp_path / "tls.json").read_text())
+    paths = ("http direct", "http proxy", "https direct", "https proxy", "https proxy via tinyproxy")
+    assert tuple(results["medians"]) == paths
+    for path in paths:
+        for answer in ("json", "sse"):
+            figures = results["medians"][path][answer]
+            assert figures["rps"] > 0
+            assert figures["upstream_us"] > 0
+            assert (figures["proxy_us"] > 0) == ("proxy" in path), (path, figures)
+    assert results["medians"]["https proxy via tinyproxy"]["json"]["outbound_us"] > 0
+    assert (tmp_path / "tls.md").read_text().strip() == done.stdout.strip()

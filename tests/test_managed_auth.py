@@ -283,7 +283,7 @@ def refreshes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Stand in for the token endpoint: each refresh returns the next access token."""
     spent: list[str] = []
 
-    async def fake_refresh(old: Grant, tls: ssl.SSLContext) -> Grant:
+    async def fake_refresh(old: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         await asyncio.sleep(0.05)  # long enough for concurrent callers to pile up behind it
         spent.append(old.access_token)
         return replace(
@@ -370,7 +370,7 @@ async def test_a_refused_refresh_is_not_retried_until_the_next_login(
 ) -> None:
     attempts: list[str] = []
 
-    async def refused(old: Grant, tls: ssl.SSLContext) -> Grant:
+    async def refused(old: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         attempts.append(old.access_token)
         raise managed.TokenRefused(400, "invalid_grant")
 
@@ -403,7 +403,7 @@ async def test_insufficient_scope_asks_for_a_new_login_and_remembers_the_scope(
 async def test_an_unreachable_authorization_server_spends_the_tokens_last_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def unreachable(_: Grant, tls: ssl.SSLContext) -> Grant:
+    async def unreachable(_: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         raise aiohttp.ClientConnectionError("refused")
 
     monkeypatch.setattr(managed, "refresh_grant", unreachable)
@@ -427,7 +427,7 @@ async def test_a_request_retried_across_an_upstream_restart_takes_a_fresh_token(
     refreshes: list[str] = []
     up = False
 
-    async def refresh(old: Grant, tls: ssl.SSLContext) -> Grant:
+    async def refresh(old: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         if same_process and not up:
             raise aiohttp.ClientConnectionError("refused")
         refreshes.append(old.access_token)
@@ -474,7 +474,7 @@ async def test_a_request_retried_across_an_upstream_restart_takes_a_fresh_token(
 async def test_close_cancels_a_refresh_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started = asyncio.Event()
 
-    async def hanging(_: Grant, tls: ssl.SSLContext) -> Grant:
+    async def hanging(_: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         started.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -504,7 +504,7 @@ async def test_a_hanging_authorization_server_holds_requests_a_bounded_time_then
 ) -> None:
     rounds = 0
 
-    async def hanging(_: Grant, tls: ssl.SSLContext) -> Grant:
+    async def hanging(_: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         nonlocal rounds
         rounds += 1
         await asyncio.sleep(0.3)

@@ -425,6 +425,41 @@ async def test_after_a_restart_with_a_certificate_of_another_ca_the_next_call_fa
     assert any(entry["event"] == "upstream.tls_failed" for entry in logs)
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_get_stream_whose_upstream_comes_back_with_an_untrusted_certificate_ends_at_once_naming_it(
+    client: str, test_ca: CertAuthority, start_proxy: ProxyFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The reattach of a GET stream meets a certificate nobody trusts: no retry makes it trusted, so the
+    stream ends at the first attempt with the cause in the log, not after ten attempts and a minute."""
+    server = HttpsUpstreamProcess(
+        test_ca.ca.issue_cert("127.0.0.1"), test_ca.directory, client_ssl=test_ca.trusting_context()
+    )
+    await server.start()
+    proxy = await start_proxy(server.url, client=client, ca_file=str(test_ca.pem))
+    session_id = await raw_initialize(http, proxy.url)
+    headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    rotated = HttpsUpstreamProcess(
+        trustme.CA().issue_cert("127.0.0.1"), tmp_path, client_ssl=unverified(), port=server.port
+    )
+    with capture_logs() as logs:
+        async with http.get(proxy.url, headers=headers, timeout=timeout) as stream:
+            assert stream.status == 200
+            await server.stop()
+            async with running(rotated):
+                started = time.monotonic()
+                async with asyncio.timeout(20):
+                    while await stream.content.readany():
+                        pass  # keep-alive comments until the proxy ends the stream
+                elapsed = time.monotonic() - started
+    retries = [entry for entry in logs if entry["event"] == "stream.reattach_retry"]
+    failed = [entry for entry in logs if entry["event"] == "stream.reattach_failed"]
+    assert failed, logs
+    assert "the upstream's certificate is not trusted (" in failed[0]["error"]
+    assert not [entry for entry in retries if "certificate" in entry["error"]], retries
+    assert elapsed < 8.0, f"the stream ended {elapsed:.1f} s after the restart"
+
+
 async def test_a_managed_login_and_its_refresh_reach_an_https_authorization_server_through_ca_file(
     test_ca: CertAuthority, tmp_path: Path
 ) -> None:

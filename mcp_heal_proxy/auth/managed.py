@@ -42,7 +42,8 @@ from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, Upstre
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import ProxyError, connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
+from mcp_heal_proxy.upstream.proxy import oauth_client
+from mcp_heal_proxy.upstream.tls import client_context, tls_context, tls_failure
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -439,14 +440,15 @@ def _grant_from(answer: Mapping[str, Any], base: Grant) -> Grant:
     )
 
 
-async def refresh_grant(grant: Grant, tls: ssl.SSLContext) -> Grant:
-    """A new access token for the grant (RFC 6749 section 6), over the upstream's TLS settings (``tls``);
-    raises TokenRefused or aiohttp errors."""
+async def refresh_grant(grant: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
+    """A new access token for the grant (RFC 6749 section 6), over the upstream's TLS settings (``tls``)
+    and outbound proxy (``proxy``, its key: None takes the environment's); raises TokenRefused or
+    aiohttp errors."""
     assert grant.refresh_token is not None
     form = {"grant_type": "refresh_token", "refresh_token": grant.refresh_token}
     if grant.resource:
         form["resource"] = grant.resource
-    async with _client(tls, REFRESH_TIMEOUT) as http:
+    async with _client(tls, REFRESH_TIMEOUT, proxy) as http:
         answer = await _token_request(
             http, grant.token_endpoint, form, grant.client_id, grant.client_secret, grant.auth_method
         )
@@ -460,10 +462,13 @@ def _why(exc: BaseException, url: str) -> str:
     return tls_failure(exc, urlsplit(url).hostname or "") or connection_failure(exc).words
 
 
-def _client(tls: ssl.SSLContext, timeout: aiohttp.ClientTimeout = HTTP_TIMEOUT) -> aiohttp.ClientSession:
-    """An HTTP client for OAuth requests of one upstream: its ca_file and client certificate apply, as to
-    its MCP requests (the authorization server is often behind the same corporate CA)."""
-    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=tls))
+def _client(
+    tls: ssl.SSLContext, timeout: aiohttp.ClientTimeout = HTTP_TIMEOUT, proxy: str | None = None
+) -> aiohttp.ClientSession:
+    """An HTTP client for OAuth requests of one upstream: its ca_file, client certificate and outbound
+    proxy apply, as to its MCP requests (the authorization server is often behind the same corporate CA
+    and proxy)."""
+    return oauth_client(tls, proxy, timeout=timeout)
 
 
 # --- login ----------------------------------------------------------------------------------------
@@ -595,7 +600,7 @@ async def _login(
     wait: float,
     again: str,
 ) -> Grant:
-    async with _client(tls_context(upstream)) as http:
+    async with _client(tls_context(upstream), proxy=upstream.proxy) as http:
         found = await discover(http, upstream.url, lambda line: _print(out, line))
         metadata = found.metadata
         methods = metadata.get("code_challenge_methods_supported")
@@ -748,13 +753,15 @@ async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser
     return 0
 
 
-async def revoke_grant(grant: Grant) -> list[str]:
-    """Revoke the grant's refresh and access tokens at its authorization server (RFC 7009); what
-    was revoked ("refresh token", "access token"). Raises TokenRefused or aiohttp errors."""
+async def revoke_grant(grant: Grant, upstream: UpstreamConfig | None = None) -> list[str]:
+    """Revoke the grant's refresh and access tokens at its authorization server (RFC 7009), over the
+    upstream's TLS settings and outbound proxy; what was revoked ("refresh token", "access token").
+    Raises TokenRefused or aiohttp errors."""
     assert grant.revocation_endpoint is not None
     revoked: list[str] = []
     tokens = (("refresh_token", grant.refresh_token), ("access_token", grant.access_token))
-    async with aiohttp.ClientSession(timeout=REFRESH_TIMEOUT) as http:
+    tls = tls_context(upstream) if upstream is not None else client_context(None, None, None)
+    async with _client(tls, REFRESH_TIMEOUT, upstream.proxy if upstream is not None else None) as http:
         for hint, token in tokens:
             if not token:
                 continue
@@ -804,7 +811,7 @@ async def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
             if grant is None:
                 existed = token_file.delete()
             else:
-                _print(out, await _revoke_for_logout(grant))
+                _print(out, await _revoke_for_logout(grant, upstream))
                 existed = token_file.delete()
     except TokenFileError as exc:
         raise LoginError(str(exc)) from None
@@ -812,7 +819,7 @@ async def run_logout(config: ProxyConfig, name: str, *, out: TextIO) -> int:
     return 0
 
 
-async def _revoke_for_logout(grant: Grant) -> str:
+async def _revoke_for_logout(grant: Grant, upstream: UpstreamConfig) -> str:
     """Revoke the grant's tokens when the authorization server lets us; one line saying what happened."""
     if grant.revocation_endpoint is None:
         return (
@@ -820,7 +827,7 @@ async def _revoke_for_logout(grant: Grant) -> str:
             "are deleted here and stay valid there until they expire."
         )
     try:
-        revoked = await revoke_grant(grant)
+        revoked = await revoke_grant(grant, upstream)
     except TokenRefused as exc:
         return f"The authorization server refused to revoke the tokens ({exc.error}): deleted here only."
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -942,7 +949,7 @@ class ManagedAuth:
                     why = "the access token expired" if reason == "expiry" else "the upstream refused the access token"
                     raise LoginRequired(self._hint(f"{why} and the login gave no refresh token"))
                 try:
-                    fresh = await refresh_grant(grant, tls_context(self._upstream))
+                    fresh = await refresh_grant(grant, tls_context(self._upstream), self._upstream.proxy)
                 except TokenRefused as exc:
                     self._refused = stale
                     log.warning("auth.refresh_refused", upstream=self._name, reason=reason, error=exc.error)

@@ -54,6 +54,7 @@ from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.front.guards import json_error
 from mcp_heal_proxy.tasks import TaskOwner
+from mcp_heal_proxy.upstream.proxy import oauth_client
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
@@ -263,8 +264,8 @@ class OAuthPassThrough:
     async def _http_client(self, app: web.Application) -> AsyncIterator[None]:
         upstreams = list(self._by_path.values())
         for upstream in upstreams:
-            upstream._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=tls_context(upstream.config)), cookie_jar=aiohttp.DummyCookieJar()
+            upstream._http = oauth_client(
+                tls_context(upstream.config), upstream.config.proxy, cookie_jar=aiohttp.DummyCookieJar()
             )
         try:
             yield

@@ -606,7 +606,9 @@ class SessionEngine:
         """The upstream ended a server stream the client still holds: open a new one, healing if need be.
 
         On the same upstream session the stream resumes after ``last_event_id`` (nothing the server sent
-        meanwhile is lost); after a heal it starts fresh (event ids of a dead session mean nothing).
+        meanwhile is lost); after a heal it starts fresh (event ids of a dead session mean nothing). A
+        failure that every attempt would meet (a refused certificate, the outbound proxy's refusal) is
+        raised at once instead of retried.
         """
         backoff = Backoff(first=_REATTACH_RETRY_FIRST, maximum=_REATTACH_RETRY_MAX)
         for _ in range(_REATTACH_ATTEMPTS):
@@ -633,6 +635,8 @@ class SessionEngine:
                         if healing is not None:
                             healing.close()
             except ProxyError as exc:
+                if exc.lasting:
+                    raise  # refused on every attempt: the caller ends the stream, naming why
                 delay = backoff.next_delay()
                 log.info("stream.reattach_retry", upstream=self.name, error=exc.message, delay_s=round(delay, 3))
                 await asyncio.sleep(delay)

@@ -153,7 +153,7 @@ def build_app(config: ProxyConfig, otel: Telemetry | None = None) -> web.Applica
                     strip_client_authorization=config.token is not None,
                     auth=managed_auth(upstream_config, config.state),
                 )
-                upstream.on_tls_failure = functools.partial(metrics.events.upstream_failed, upstream_config.name)
+                upstream.on_lasting_failure = functools.partial(metrics.events.upstream_failed, upstream_config.name)
                 resources.push_async_callback(upstream.close)
                 healer = Healer(upstream, store, metrics)
                 resources.push_async_callback(healer.close)

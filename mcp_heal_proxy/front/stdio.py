@@ -511,6 +511,7 @@ def stdio_upstream(
         ConfigError,
         build_config,
         check_option,
+        check_proxy_environment,
         upstream_settings,
     )
 
@@ -530,7 +531,9 @@ def stdio_upstream(
     if url is None:
         raise ConfigError("stdio needs --upstream URL (or --config FILE --name NAME)")
     checked = check_option(UPSTREAM_OPTIONS, "url", url, "--upstream")
-    return UpstreamConfig(url=checked, headers=headers, **options), DEFAULT_MAX_BODY_BYTES, MEMORY_STATE
+    single = UpstreamConfig(url=checked, headers=headers, **options)
+    check_proxy_environment([single], environ)
+    return single, DEFAULT_MAX_BODY_BYTES, MEMORY_STATE
 
 
 def header_pairs(values: list[str], environ: Mapping[str, str]) -> dict[str, str]:

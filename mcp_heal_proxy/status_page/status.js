@@ -93,7 +93,8 @@ function renderUpstreams() {
     card.dataset.upstream = upstream.name;
     const head = el("div", null, "card-head");
     head.append(el("span", upstream.name, "name"), badge(label, badgeClass));
-    card.append(head, el("div", `${upstream.path}  →  ${upstream.url}`, "route"));
+    const via = upstream.proxy ? `  via proxy ${upstream.proxy}` : "";
+  card.append(head, el("div", `${upstream.path}  →  ${upstream.url}${via}`, "route"));
     const facts = el("div", null, "facts");
     const add = (label, value, className) => {
       const fact = el("div", null, `fact ${className ?? ""}`);

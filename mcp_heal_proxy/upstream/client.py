@@ -29,11 +29,20 @@ from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     UpstreamBusy,
+    UpstreamProxyRefused,
     UpstreamTimeout,
     UpstreamTLSFailed,
     UpstreamUnavailable,
     answer_broken,
     unreachable,
+)
+from mcp_heal_proxy.upstream.proxy import (
+    ProxyCouldNotConnect,
+    ProxyRoute,
+    ProxyUnreachable,
+    TunnelConnector,
+    proxy_failure,
+    proxy_for,
 )
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 
@@ -108,11 +117,12 @@ class Upstream:
         "_lean_streams",
         "_pool_timeout",
         "_post_timeout",
+        "_proxy",
         "_ssl",
         "_stream_timeout",
         "_url",
         "config",
-        "on_tls_failure",
+        "on_lasting_failure",
     )
 
     def __init__(
@@ -122,8 +132,12 @@ class Upstream:
         self._auth = auth
         # The URL requests go to: the configured one, or where the upstream redirected it (same origin).
         self._url = config.url
-        # Told the cause of a failed TLS handshake (the status page shows it as the upstream's last failure).
-        self.on_tls_failure: Callable[[str], None] | None = None
+        # Told the cause of a failure no retry can mend, a failed TLS handshake or the outbound proxy's
+        # refusal (the status page shows it as the upstream's last failure).
+        self.on_lasting_failure: Callable[[str], None] | None = None
+        # The outbound proxy every request of this upstream goes through, or None (upstream/proxy.py):
+        # chosen once, as redirects stay on the upstream's origin. config.py checked the variables.
+        self._proxy: ProxyRoute | None = proxy_for(config.url, config.proxy)
         # One TLS context for every connection of this upstream, both clients (and its OAuth requests,
         # through tls_context): the system's CAs plus ca_file, and the client certificate if any. Not
         # made for an http upstream (redirects stay on its origin): loading the system's CAs takes
@@ -172,22 +186,27 @@ class Upstream:
                     idle_lifetime=config.keepalive_idle,
                     acquire_timeout=config.connect_timeout,
                     ssl_context=self._ssl,
+                    proxy=self._proxy,
                 )
                 for size in (config.pool_size, config.max_streams)
             )
             self._connect_failed = (aiohttp.ClientConnectorError, ConnectFailed)
             self._connect_timeouts = (ConnectTimeout, PoolTimeout)
             self._pool_timeout = PoolTimeout
+        if self._proxy is not None:
+            # The proxy not answering, or unable to reach the upstream: nothing reached the upstream.
+            self._connect_failed += (ProxyUnreachable, ProxyCouldNotConnect)
 
     def _aiohttp(self, stream: bool) -> aiohttp.ClientSession:
         """aiohttp's client for requests or for streams, made on first use (it needs the running loop)."""
         session = self._aiohttp_streams if stream else self._aiohttp_requests
         if session is None:
+            limit = self.config.max_streams if stream else self.config.pool_size
+            tls = self._ssl if self._ssl is not None else True
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self.config.max_streams if stream else self.config.pool_size,
-                    ssl=self._ssl if self._ssl is not None else True,
-                ),
+                connector=aiohttp.TCPConnector(limit=limit, ssl=tls)
+                if self._proxy is None
+                else TunnelConnector(self._proxy, limit=limit, ssl=tls),
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent"),
                 # The proxy is not a browser: cookies pass through as headers, never stored or merged.
@@ -406,18 +425,12 @@ class Upstream:
                         method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
                     )
                 except aiohttp.ClientError as exc:
-                    # A failed TLS handshake is answered at once (a ProxyError, which the clauses below
-                    # let through): no retry makes a refused certificate trusted.
-                    parts = urlsplit(url)
-                    why = tls_failure(exc, parts.hostname or "")
-                    if why is None:
-                        raise
-                    # The host only: a URL's query may carry a key.
-                    log.warning("upstream.tls_failed", upstream=self.config.name, host=parts.netloc, error=why)
-                    failure = UpstreamTLSFailed(f"cannot reach the upstream MCP server: {why}", failure="tls")
-                    if self.on_tls_failure is not None:
-                        self.on_tls_failure(failure.message)
-                    raise failure from exc
+                    # A failed TLS handshake or the proxy's refusal is answered at once (a ProxyError,
+                    # which the clauses below let through): no retry makes a refused certificate trusted.
+                    failure = self._lasting_failure(exc, url)
+                    if failure is not None:
+                        raise failure from exc
+                    raise
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A refused connection carried nothing, so trying again cannot run anything twice; a
                 # restart or deploy usually refuses connections for a moment only.
@@ -456,6 +469,26 @@ class Upstream:
             except ValueError as exc:
                 # A header the client sent that cannot travel (a line break): the request's own fault.
                 raise InvalidRequest(f"request cannot be forwarded: {exc}") from exc
+
+    def _lasting_failure(self, exc: aiohttp.ClientError, url: str) -> UpstreamUnavailable | None:
+        """The client's error for a failure no retry can mend (a refused certificate or handshake, the
+        proxy's 407 or 403), logged and told to the status page; None for any other failure."""
+        parts = urlsplit(url)
+        why = tls_failure(exc, parts.hostname or "")
+        failure: UpstreamUnavailable
+        if why is not None:
+            # The host only: a URL's query may carry a key.
+            log.warning("upstream.tls_failed", upstream=self.config.name, host=parts.netloc, error=why)
+            failure = UpstreamTLSFailed(f"cannot reach the upstream MCP server: {why}", failure="tls")
+        else:
+            why = proxy_failure(exc)
+            if why is None:
+                return None
+            log.warning("upstream.proxy_refused", upstream=self.config.name, host=parts.netloc, error=why)
+            failure = UpstreamProxyRefused(f"cannot reach the upstream MCP server: {why}", failure="proxy")
+        if self.on_lasting_failure is not None:
+            self.on_lasting_failure(failure.message)
+        return failure
 
     def _pool_full(self, exc: Exception, stream: bool) -> bool:
         """Whether a connect timeout was the wait for a pooled connection (every one busy), not the connect."""

@@ -4,7 +4,9 @@
 ``client = "lean"``. It does the one thing the proxy needs, no more: send a request to one origin in a
 single ``transport.write`` (head and body), and hand back the response once its head arrived, with a
 body reader that pauses the socket when the consumer falls behind (an SSE stream is never buffered
-whole). No redirects, cookies, compression, proxies, auth from the URL, or HEAD requests.
+whole). No redirects, cookies, compression, auth from the URL, or HEAD requests. Through an outbound
+proxy, each connection is a CONNECT tunnel opened once (upstream/proxy.py), then used exactly as a
+direct one: requests cost the same, and without a proxy nothing about proxies is on their path.
 
 Errors. Opening a connection fails with ``ConnectFailed`` (nothing was sent, so ``Upstream.send``
 retries it like aiohttp's ``ClientConnectorError``), ``ConnectTimeout``, or ``HandshakeFailed`` (the handshake
@@ -39,6 +41,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mcp_heal_proxy.display import mask_url
+from mcp_heal_proxy.upstream.proxy import ProxyRoute, open_tunnel
 from mcp_heal_proxy.upstream.tls import HandshakeFailed, client_context, is_refusal
 
 # Buffered body bytes above which the socket stops being read, and below which it resumes.
@@ -455,6 +458,7 @@ class LeanPool:
         idle_lifetime: float = IDLE_LIFETIME,
         acquire_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: ProxyRoute | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -479,6 +483,8 @@ class LeanPool:
         self._ssl: ssl.SSLContext | None = None
         if self._https:
             self._ssl = ssl_context if ssl_context is not None else client_context(None, None, None)
+        # Connections go through this proxy's CONNECT tunnels (only opening one differs).
+        self._proxy = proxy
         self._idle: list[_Connection] = []
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -583,6 +589,8 @@ class LeanPool:
                 raise
 
     async def _connect(self) -> _Connection:
+        if self._proxy is not None:
+            return await self._connect_through(self._proxy)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 transport, conn = await self.loop.create_connection(
@@ -604,6 +612,46 @@ class LeanPool:
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         # uvloop calls connection_made soon after, not before, create_connection returns.
         conn.transport = transport
+        return conn
+
+    async def _connect_through(self, proxy: ProxyRoute) -> _Connection:
+        """A connection through the proxy's tunnel: TLS inside it for https, checked against the upstream's
+        host name. The proxy's own failures raise upstream/proxy.py's classes."""
+        conn = _Connection(self)
+        raw: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                raw = await open_tunnel(self.loop, proxy, self._host, self._port)
+                if self._ssl is None:
+                    raw.set_protocol(conn)
+                    conn.connection_made(raw)
+                    return conn
+                transport = await self.loop.start_tls(raw, conn, self._ssl, server_hostname=self._host)
+        except TimeoutError as exc:
+            if raw is not None:
+                raw.close()
+            raise ConnectTimeout(
+                f"connecting to {self._host}:{self._port} through the outbound proxy {proxy.shown} timed out"
+            ) from exc
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            if raw is not None:
+                raw.close()
+            if is_refusal(exc):
+                raise HandshakeFailed(f"TLS handshake with {self._host}:{self._port} failed: {exc}") from exc
+            raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: TLS handshake cut off") from exc
+        except aiohttp.ClientError:  # the proxy's own failures, named by open_tunnel
+            raise
+        except OSError as exc:
+            if raw is not None:
+                raw.close()
+            raise ConnectFailed(f"cannot connect to {self._host}:{self._port} through {proxy.shown}: {exc}") from exc
+        except BaseException:
+            if raw is not None:
+                raw.close()
+            raise
+        # start_tls does not call connection_made on the protocol it hands the TLS transport to.
+        assert transport is not None
+        conn.connection_made(transport)
         return conn
 
     def _put_back(self, conn: _Connection) -> None:

@@ -1,0 +1,163 @@
+"""OAuth through the proxy against a real, certified OpenID Connect server: panva's oidc-provider as the
+MCP server's authorization server (tests/interop/oidc.py), with PKCE S256 required, dynamic
+registration, JWT access tokens whose audience is the MCP server (checked strictly), 2 s access
+tokens, rotating refresh tokens, revocation, RFC 9207 ``iss`` and the device flow. Its login and
+consent pages are completed by a headless browser (form posts).
+
+Both ways of logging in go the whole way: log in, call a tool, the MCP server restarts (its sessions
+die), the access token expires, the same session calls again (a heal and a refresh, no new login),
+and the tokens are revoked at the end.
+- pass-through: the Python SDK's ``OAuthClientProvider`` logs in through the proxy's stand-in (which
+  relays the redirect, since oidc-provider sends ``iss``);
+- managed login: ``mcp-heal-proxy login``, then the SDK client without OAuth; ``logout`` revokes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ProxyFactory, free_port, wait_until
+from tests.interop.conftest import NodeEnv
+from tests.interop.oidc import (
+    TOKEN_LIFETIME,
+    AuthorizationServer,
+    Browser,
+    JwtUpstream,
+    OidcUpstream,
+    require_oidc_provider,
+)
+from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, oauth_mcp_session
+from tests.oauth_server import fingerprint
+from tests.test_managed_login import text_of
+
+pytestmark = pytest.mark.interop
+
+SCENARIO_TIMEOUT = 90.0
+# After the upstream restart, wait until the access token the client holds has expired, and a second
+# more (the resource server allows no leeway, but clocks tick in whole seconds in a JWT).
+EXPIRY_MARGIN = 1.0
+
+
+OidcUpstreams = Callable[..., Awaitable[OidcUpstream]]
+
+
+@pytest.fixture
+async def oidc_upstreams(node_env: NodeEnv, tmp_path: Path) -> AsyncIterator[OidcUpstreams]:
+    """Start oidc-provider (2 s access tokens) and the MCP server it protects, with the MCP server's
+    options (e.g. ``--no-scopes``); stops them all at the end."""
+    require_oidc_provider(node_env)
+    started: list[OidcUpstream] = []
+
+    async def start(*options: str) -> OidcUpstream:
+        mcp_port = free_port()
+        resource = f"http://127.0.0.1:{mcp_port}/mcp"
+        directory = tmp_path / f"oidc-{len(started)}"
+        directory.mkdir()
+        authorization_server = AuthorizationServer(
+            node_env, resource, directory / "oidc-provider.log", token_lifetime=TOKEN_LIFETIME
+        )
+        mcp = JwtUpstream(mcp_port, authorization_server.issuer, directory / "jwt-mcp-server.log", *options)
+        started.append(OidcUpstream(authorization_server, mcp))
+        await authorization_server.start()
+        await mcp.start()
+        return started[-1]
+
+    yield start
+    for pair in started:
+        await pair.mcp.stop()
+        await pair.authorization_server.stop()
+
+
+@pytest.fixture
+async def oidc_upstream(oidc_upstreams: OidcUpstreams) -> OidcUpstream:
+    """oidc-provider and the MCP server it protects (scope ``mcp`` advertised)."""
+    return await oidc_upstreams()
+
+
+class BrowserLogin(HeadlessLogin):
+    """The SDK client's redirect and callback handlers, signing in at oidc-provider's pages."""
+
+    def __init__(self, browser: Browser) -> None:
+        super().__init__()
+        self.browser = browser
+
+    async def redirect(self, authorization_url: str) -> None:
+        self.logins += 1
+        self.callback_url = await self.browser.authorize(authorization_url, REDIRECT_URI)
+
+
+async def _expired(expires_at: float) -> None:
+    await wait_until(lambda: time.time() > expires_at + EXPIRY_MARGIN, TOKEN_LIFETIME + 10, "access token expired")
+
+
+async def _form(url: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.post(url, data=form, headers={"Accept": "application/json"}) as response,
+    ):
+        body = await response.json(content_type=None) if response.content_length != 0 else {}
+        return response.status, body if isinstance(body, dict) else {}
+
+
+async def _metadata(url: str) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.get(url) as response,
+    ):
+        assert response.status == 200, await response.text()
+        data: dict[str, Any] = await response.json()
+        return data
+
+
+async def test_sdk_client_logs_in_through_the_stand_in_heals_refreshes_and_revokes(
+    oidc_upstream: OidcUpstream, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(oidc_upstream.url)
+    storage = MemoryStorage()
+    async with Browser() as browser:
+        login = BrowserLogin(browser)
+        async with asyncio.timeout(SCENARIO_TIMEOUT), oauth_mcp_session(proxy.url, storage, login) as session:
+            assert await text_of(session, "echo", {"text": "before"}) == "before"
+            assert storage.tokens is not None
+            issued = time.time()
+            await oidc_upstream.mcp.restart()
+            await _expired(issued + float(storage.tokens.expires_in or TOKEN_LIFETIME))
+            assert await text_of(session, "echo", {"text": "after"}) == "after"
+    assert login.logins == 1, "one sign-in; the refresh token did the rest"
+    authorization_server = oidc_upstream.authorization_server
+    stats = await authorization_server.stats()
+    assert stats["authorizations"] == 1, stats
+    assert stats["grants"].get("refresh_token", 0) >= 1, stats
+    # Every access token was issued for the MCP server: the stand-in mapped the proxy's URL to its own.
+    assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats
+    upstream_stats = await oidc_upstream.mcp.stats()  # since the restart
+    assert upstream_stats["initialize"] >= 1, "the proxy re-initialized the restarted upstream"
+    held = {fingerprint(token) for token in storage.seen_access_tokens}
+    assert set(upstream_stats["initialize_tokens"]) <= held, upstream_stats
+
+    # The client signs out: it revokes its refresh token at the revocation endpoint the proxy advertises.
+    assert storage.tokens is not None
+    assert storage.tokens.refresh_token is not None
+    assert storage.client_info is not None
+    assert storage.client_info.client_id is not None
+    metadata = await _metadata(proxy.url.rsplit("/mcp", 1)[0] + "/.well-known/oauth-authorization-server/mcp")
+    client_id = storage.client_info.client_id
+    refresh_token = storage.tokens.refresh_token
+    status, _ = await _form(
+        metadata["revocation_endpoint"],
+        {"token": refresh_token, "token_type_hint": "refresh_token", "client_id": client_id},
+    )
+    assert status == 200
+    assert (await authorization_server.stats())["revocations"] == 1
+    status, answer = await _form(
+        metadata["token_endpoint"],
+        {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id},
+    )
+    assert (status, answer.get("error")) == (400, "invalid_grant"), answer

@@ -85,6 +85,9 @@ def test_scope_selection() -> None:
     assert pick(challenge_scope="a", server_scopes=["a"]) == ["a"]
     # offline_access alone would narrow a token that asked for nothing else: left out then.
     assert pick(server_scopes=["offline_access"]) == []
+    # Nothing about the resource: the authorization server's scopes (the MCP SDK's fallback).
+    assert pick(server_scopes=["openid", "offline_access", "mcp"]) == ["openid", "mcp", "offline_access"]
+    assert pick(resource_scopes=["c"], server_scopes=["openid", "mcp"]) == ["c"]
 
 
 @pytest.mark.parametrize(

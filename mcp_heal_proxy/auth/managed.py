@@ -196,9 +196,11 @@ def choose_scopes(
 ) -> list[str]:
     """The scopes to ask for (MCP 2025-11-25 "Scope Selection Strategy").
 
-    The configured ones, else the 401's ``scope``, else the resource's ``scopes_supported``, else none
-    (the scope parameter is then left out). A scope an upstream asked for by a 403 step-up is added.
-    ``offline_access`` is added only when the authorization server lists it (SEP-2207).
+    The configured ones, else the 401's ``scope``, else the resource's ``scopes_supported``, else the
+    authorization server's (as the MCP Python SDK falls back: a server such as oidc-provider refuses an
+    authorization that asks for no scope), else none (the scope parameter is then left out). A scope
+    an upstream asked for by a 403 step-up is added. ``offline_access`` is added only when the
+    authorization server lists it (SEP-2207), and never alone.
     """
     if configured is not None:
         scopes = list(configured)
@@ -206,6 +208,8 @@ def choose_scopes(
         scopes = challenge_scope.split()
     elif resource_scopes:
         scopes = list(resource_scopes)
+    elif server_scopes:
+        scopes = [scope for scope in server_scopes if scope != OFFLINE_ACCESS]
     else:
         scopes = []
     for scope in (wanted or "").split():
@@ -639,6 +643,10 @@ async def _login(
             }
             if scopes:
                 params["scope"] = " ".join(scopes)
+            if OFFLINE_ACCESS in scopes:
+                # OpenID Connect Core 1.0 section 11: offline_access is ignored unless the user is
+                # asked to consent (oidc-provider then grants no refresh token).
+                params["prompt"] = "consent"
             url = _with_query(authorize, params)
             _print(out, f"Log in to {upstream.name} ({mask_url(upstream.url)}) by opening this URL in a browser:")
             _print(out, url)
@@ -748,9 +756,15 @@ async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser
     return 0
 
 
+# RFC 7009 section 2.2.1: the server does not revoke tokens of this type (oidc-provider, for one,
+# revokes no JWT access token: it stays valid until it expires).
+UNSUPPORTED_TOKEN_TYPE: Final = "unsupported_token_type"
+
+
 async def revoke_grant(grant: Grant) -> list[str]:
     """Revoke the grant's refresh and access tokens at its authorization server (RFC 7009); what
-    was revoked ("refresh token", "access token"). Raises TokenRefused or aiohttp errors."""
+    was revoked ("refresh token", "access token"): a type of token the server does not revoke is
+    left out. Raises TokenRefused or aiohttp errors."""
     assert grant.revocation_endpoint is not None
     revoked: list[str] = []
     tokens = (("refresh_token", grant.refresh_token), ("access_token", grant.access_token))
@@ -761,6 +775,8 @@ async def revoke_grant(grant: Grant) -> list[str]:
             try:
                 await _revoke(http, grant, grant.auth_method, token, hint)
             except TokenRefused as exc:
+                if exc.error == UNSUPPORTED_TOKEN_TYPE:
+                    continue
                 if not (
                     exc.status in (400, 401) and grant.auth_method == "client_secret_basic" and grant.client_secret
                 ):
@@ -826,7 +842,12 @@ async def _revoke_for_logout(grant: Grant) -> str:
     except (aiohttp.ClientError, TimeoutError) as exc:
         why = connection_failure(exc).words
         return f"Cannot reach the authorization server to revoke the tokens ({why}): deleted here only."
-    return f"Revoked the {' and '.join(revoked)} at the authorization server." if revoked else "No token to revoke."
+    if not revoked:
+        return "No token to revoke."
+    done = f"Revoked the {' and '.join(revoked)} at the authorization server."
+    if grant.refresh_token and "access token" not in revoked:
+        done += " It does not revoke access tokens: the last one stays valid until it expires."
+    return done
 
 
 # --- the hook in Upstream.send --------------------------------------------------------------------

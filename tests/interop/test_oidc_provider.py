@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ProxyFactory, free_port, wait_until
+from tests.conftest import ProxyFactory, free_port, mcp_session, wait_until
 from tests.interop.conftest import NodeEnv
 from tests.interop.oidc import (
     TOKEN_LIFETIME,
@@ -31,11 +31,13 @@ from tests.interop.oidc import (
     Browser,
     JwtUpstream,
     OidcUpstream,
+    redirect_uri_of,
     require_oidc_provider,
 )
+from tests.managed_login import CLI, REPO_ROOT, child_env, login, serve
 from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, oauth_mcp_session
 from tests.oauth_server import fingerprint
-from tests.test_managed_login import text_of
+from tests.test_managed_login import NAME, stored, text_of, write_config
 
 pytestmark = pytest.mark.interop
 
@@ -161,3 +163,88 @@ async def test_sdk_client_logs_in_through_the_stand_in_heals_refreshes_and_revok
         {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id},
     )
     assert (status, answer.get("error")) == (400, "invalid_grant"), answer
+
+
+async def test_managed_login_heals_refreshes_across_expiry_and_logout_revokes(
+    oidc_upstream: OidcUpstream, tmp_path: Path
+) -> None:
+    """``login`` against oidc-provider yields a refresh token (offline_access granted, prompt=consent):
+    the login outlives the 2 s access token, through a restart, and ``logout`` revokes it."""
+    state_home = tmp_path / "state"
+    env = child_env(state_home)
+    config = write_config(tmp_path, oidc_upstream.url)
+    async with Browser() as browser:
+
+        async def sign_in(url: str) -> int:
+            return await browser.open(await browser.authorize(url, redirect_uri_of(url)))
+
+        result = await login(config, NAME, env, visit=sign_in, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.callback_status == 200
+    grant = stored(state_home)
+    assert grant.get("refresh_token"), "oidc-provider granted offline access: the login can last"
+    authorization_server = oidc_upstream.authorization_server
+    proxy = await serve(config, env)
+    try:
+        async with asyncio.timeout(SCENARIO_TIMEOUT), mcp_session(proxy.url) as session:
+            assert await text_of(session, "echo", {"text": "one"}) == "one"
+            await oidc_upstream.mcp.restart()
+            await _expired(float(stored(state_home)["expires_at"]))
+            assert await text_of(session, "echo", {"text": "two"}) == "two"
+            # And once more after the refreshed token expired too: rotation kept the grant alive.
+            await _expired(float(stored(state_home)["expires_at"]))
+            assert await text_of(session, "whoami", {}) == grant["client_id"]
+    finally:
+        log = await proxy.stop()
+    assert "auth.token_refreshed" in log, log[-4000:]
+    stats = await authorization_server.stats()
+    assert stats["authorizations"] == 1, f"one sign-in, no new login: {stats}"
+    assert stats["grants"].get("refresh_token", 0) >= 2, stats
+    assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats
+
+    refresh_token = stored(state_home)["refresh_token"]
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "logout", NAME, "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, errors = await process.communicate()
+    assert process.returncode == 0, errors.decode()
+    assert "Revoked the refresh token" in out.decode(), out.decode()
+    assert (await authorization_server.stats())["revocations"] >= 1
+    metadata = await _metadata(f"{authorization_server.issuer}/.well-known/openid-configuration")
+    status, answer = await _form(
+        metadata["token_endpoint"],
+        {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": grant["client_id"]},
+    )
+    assert (status, answer.get("error")) == (400, "invalid_grant"), answer
+
+
+async def test_managed_login_gets_a_grant_when_nothing_advertises_scopes(
+    oidc_upstreams: OidcUpstreams, tmp_path: Path
+) -> None:
+    """The MCP server names no scope (no scopes_supported, no scope in its challenge): the login asks
+    for the authorization server's scopes, as the MCP SDK does; oidc-provider refuses an authorization
+    without any scope."""
+    upstream = await oidc_upstreams("--no-scopes")
+    state_home = tmp_path / "state"
+    env = child_env(state_home)
+    config = write_config(tmp_path, upstream.url)
+    async with Browser() as browser:
+
+        async def sign_in(url: str) -> int:
+            return await browser.open(await browser.authorize(url, redirect_uri_of(url)))
+
+        result = await login(config, NAME, env, visit=sign_in, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stored(state_home).get("refresh_token"), "offline_access asked for and granted"
+    proxy = await serve(config, env)
+    try:
+        async with asyncio.timeout(SCENARIO_TIMEOUT), mcp_session(proxy.url) as session:
+            assert await text_of(session, "echo", {"text": "scoped"}) == "scoped"
+    finally:
+        await proxy.stop()
+    stats = await upstream.authorization_server.stats()
+    [asked] = stats["authorize_scopes"]
+    assert asked is not None
+    assert set(asked.split()) == {"openid", "mcp", "offline_access"}, stats

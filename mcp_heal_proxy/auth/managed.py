@@ -571,9 +571,13 @@ async def login(
     open_browser: bool,
     wait: float = LOGIN_TIMEOUT,
     again: str | None = None,
+    device: bool = False,
+    pasted: asyncio.StreamReader | None = None,
 ) -> Grant:
     """Log in to the upstream's authorization server and store the grant. ``again`` is the command that
-    starts this login (login_command), for the browser page of a stale attempt.
+    starts this login (login_command), for the browser page of a stale attempt. ``device``: the device
+    authorization grant (device.py) instead of the browser's redirect; ``pasted``: where the user may
+    paste the address the browser was sent to, when the loopback callback cannot be reached.
 
     Two logins of one upstream at once (two terminals, or two proxies' users sharing a state
     directory) take turns; one that waited uses the tokens the other one obtained instead of sending
@@ -586,7 +590,13 @@ async def login(
             _print(out, f"Another login of {upstream.name} finished meanwhile; using its tokens.")
             return current
         command = again or login_command(upstream, MEMORY_STATE)
-        return await _login(upstream, token_file, current, out=out, open_browser=open_browser, wait=wait, again=command)
+        if device:
+            from mcp_heal_proxy.auth.device import device_login
+
+            return await device_login(upstream, token_file, current, out=out, wait=wait, again=command)
+        return await _login(
+            upstream, token_file, current, out=out, open_browser=open_browser, wait=wait, again=command, pasted=pasted
+        )
 
 
 async def _login(
@@ -598,6 +608,7 @@ async def _login(
     open_browser: bool,
     wait: float,
     again: str,
+    pasted: asyncio.StreamReader | None = None,
 ) -> Grant:
     async with _client(tls_context(upstream)) as http:
         found = await discover(http, upstream.url, lambda line: _print(out, line))
@@ -651,14 +662,16 @@ async def _login(
             _print(out, f"Log in to {upstream.name} ({mask_url(upstream.url)}) by opening this URL in a browser:")
             _print(out, url)
             _print(out, f"Waiting for the authorization server to redirect to {callback.redirect_uri} ...")
+            if pasted is not None:
+                _print(
+                    out,
+                    "If the browser runs on another machine, that page will not load: paste its address "
+                    "(the whole URL from the address bar) here and press Enter.",
+                )
             if open_browser:
                 with contextlib.suppress(webbrowser.Error):
                     webbrowser.open(url)
-            try:
-                async with asyncio.timeout(wait):
-                    answer = await callback.answer
-            except TimeoutError:
-                raise LoginError(f"no answer on {callback.redirect_uri} within {wait:.0f} s") from None
+            answer = await _answer(callback, pasted, state, out, wait)
         finally:
             await callback.close()
         if "error" in answer:
@@ -680,21 +693,7 @@ async def _login(
             "code_verifier": verifier,
             "resource": resource,
         }
-        base = Grant(
-            upstream_url=upstream.url,
-            token_endpoint=token_endpoint,
-            client_id=client.client_id,
-            client_secret=client.secret,
-            auth_method=method,
-            access_token="",
-            resource=resource,
-            issuer=found.issuer,
-            revocation_endpoint=revocation
-            if isinstance(revocation := metadata.get("revocation_endpoint"), str)
-            else None,
-            scope=" ".join(scopes) or None,
-            logged_in_at=time.time(),
-        )
+        base = base_grant(upstream, found, token_endpoint, client, method, resource, scopes)
         try:
             try:
                 answer_tokens = await _token_request(
@@ -721,6 +720,79 @@ async def _login(
     return grant
 
 
+def base_grant(
+    upstream: UpstreamConfig,
+    found: Discovery,
+    token_endpoint: str,
+    client: _Client,
+    method: str,
+    resource: str,
+    scopes: list[str],
+) -> Grant:
+    """What a login knows before the token answer (which _grant_from adds)."""
+    revocation = found.metadata.get("revocation_endpoint")
+    return Grant(
+        upstream_url=upstream.url,
+        token_endpoint=token_endpoint,
+        client_id=client.client_id,
+        client_secret=client.secret,
+        auth_method=method,
+        access_token="",
+        resource=resource,
+        issuer=found.issuer,
+        revocation_endpoint=revocation if isinstance(revocation, str) else None,
+        scope=" ".join(scopes) or None,
+        logged_in_at=time.time(),
+    )
+
+
+# A pasted line longer than this is not an authorization answer (StreamReader's line limit).
+PASTE_LIMIT: Final = 16 * 1024
+
+
+async def _answer(
+    callback: _Callback, pasted: asyncio.StreamReader | None, state: str, out: TextIO, wait: float
+) -> dict[str, str]:
+    """The authorization answer: at the loopback callback, or pasted, whichever comes first, within ``wait``."""
+    waiting: list[asyncio.Future[dict[str, str]]] = [callback.answer]
+    # The reader of pasted lines lives as long as this wait: cancelled once an answer came.
+    reader = TaskOwner()
+    if pasted is not None:
+        waiting.append(reader.spawn(_read_pasted(pasted, state, out), name="login-pasted-answer"))
+    try:
+        done, _ = await asyncio.wait(waiting, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await reader.close()
+    if not done:
+        raise LoginError(f"no answer on {callback.redirect_uri} within {wait:.0f} s")
+    return done.pop().result()
+
+
+async def _read_pasted(reader: asyncio.StreamReader, state: str, out: TextIO) -> dict[str, str]:
+    """The query of the first pasted URL whose ``state`` is this login's, exactly; other lines are
+    answered with what is wrong with them. At the end of the input, waits on (the callback may still
+    come)."""
+    while True:
+        try:
+            line = (await reader.readline()).decode(errors="replace").strip()
+        except ValueError:  # a line over PASTE_LIMIT
+            _print(out, "That line is too long to be the address; paste the address the browser was sent to.")
+            continue
+        if not line:
+            if reader.at_eof():
+                await asyncio.Future()  # nothing more will be pasted: the callback or the timeout decides
+            continue
+        params = dict(parse_qsl(urlsplit(line).query, keep_blank_values=True))
+        if not secrets.compare_digest(params.get("state", ""), state):
+            _print(
+                out,
+                "That address is not the answer to this login (its state does not match); paste the address "
+                "the browser was sent to after you logged in.",
+            )
+            continue
+        return params
+
+
 def _try_post_instead(refused: TokenRefused, client: _Client, method: str, supported: object) -> bool:
     """Whether a refused client_secret_basic deserves a client_secret_post attempt (issue: "else
     client_secret_basic, then client_secret_post"): only for a client whose registration said nothing."""
@@ -743,13 +815,23 @@ def _upstream_named(config: ProxyConfig, name: str) -> UpstreamConfig:
     raise ConfigError(f'no upstream named {name} (upstreams with auth = "oauth": {known})')
 
 
-async def run_login(config: ProxyConfig, name: str, *, out: TextIO, open_browser: bool) -> int:
+async def run_login(
+    config: ProxyConfig,
+    name: str,
+    *,
+    out: TextIO,
+    open_browser: bool,
+    device: bool = False,
+    pasted: asyncio.StreamReader | None = None,
+) -> int:
     """``mcp-heal-proxy login NAME``: exit status 0 once the tokens are stored."""
     upstream = _upstream_named(config, name)
     token_file = TokenFile(tokens_directory(config.state), name)
     try:
         command = login_command(upstream, config.state)
-        await login(upstream, token_file, out=out, open_browser=open_browser, again=command)
+        await login(
+            upstream, token_file, out=out, open_browser=open_browser, again=command, device=device, pasted=pasted
+        )
     except TokenFileError as exc:
         raise LoginError(str(exc)) from None
     _print(out, f"Logged in to {name}; tokens saved in {token_file.path}")

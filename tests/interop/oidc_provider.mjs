@@ -11,7 +11,7 @@
 //   tokens for, and its access tokens are JWTs whose audience is RESOURCE, with scope "mcp";
 // - refresh tokens (only with offline_access, which OpenID Connect grants only with prompt=consent),
 //   rotated at every use; revocation (RFC 7009); RFC 9207 `iss` on authorization responses;
-// - the device authorization grant (RFC 8628);
+// - the device authorization grant (RFC 8628), polled every second;
 // - short access-token lifetimes (--token-lifetime, default 2 s).
 // Its login and consent pages are the library's development pages (any login name and password),
 // completed by the tests with plain HTTP form posts. Tokens live in memory: a restart forgets them.
@@ -115,8 +115,10 @@ provider.on("access_token.issued", (token) => {
 provider.on("grant.revoked", () => {
   stats.revocations += 1;
 });
-provider.on("device_authorization.success", () => {
+provider.on("device_authorization.success", (_ctx, body) => {
   stats.device_authorizations += 1;
+  // Poll every second (RFC 8628's default is 5 s), so that a device login takes a test seconds.
+  body.interval = 1;
 });
 provider.use(async (ctx, next) => {
   if (ctx.path === "/test/stats" && ctx.method === "GET") {

@@ -248,3 +248,106 @@ async def test_managed_login_gets_a_grant_when_nothing_advertises_scopes(
     [asked] = stats["authorize_scopes"]
     assert asked is not None
     assert set(asked.split()) == {"openid", "mcp", "offline_access"}, stats
+
+
+async def _run_login(
+    config: Path, env: dict[str, str], *options: str, stdin: int | None = None
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *CLI, "login", NAME, "--config", str(config), *options,
+        stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+async def _line_after(process: asyncio.subprocess.Process, marker: str, printed: list[str]) -> str:
+    """The first line the login prints after the line containing ``marker`` (bounded by the caller)."""
+    assert process.stdout is not None
+    seen = False
+    while True:
+        line = (await process.stdout.readline()).decode()
+        if not line:
+            raise AssertionError("the login ended early: " + "".join(printed))
+        printed.append(line)
+        if seen:
+            return line.strip()
+        seen = marker in line
+
+
+async def _finish(process: asyncio.subprocess.Process, printed: list[str]) -> str:
+    try:
+        async with asyncio.timeout(60):
+            rest, errors = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = "".join(printed) + rest.decode()
+    assert process.returncode == 0, output + errors.decode()
+    return output
+
+
+async def test_device_login_then_a_client_without_oauth_calls_tools(
+    oidc_upstream: OidcUpstream, tmp_path: Path
+) -> None:
+    """``login --device`` (RFC 8628): the code is approved at oidc-provider's device pages, from another
+    "device" (the headless browser), while the login polls; the tokens then work through the proxy."""
+    state_home = tmp_path / "state"
+    env = child_env(state_home)
+    config = write_config(tmp_path, oidc_upstream.url)
+    process = await _run_login(config, env, "--device")
+    printed: list[str] = []
+    async with asyncio.timeout(60):
+        url = await _line_after(process, "which carries the code", printed)
+        async with Browser() as browser:
+            page = await browser.approve_device(url)
+        assert "Sign-in Success" in page
+        output = await _finish(process, printed)
+    assert "enter the code" in output
+    assert f"Logged in to {NAME}" in output
+    stats = await oidc_upstream.authorization_server.stats()
+    assert stats["device_authorizations"] == 1, stats
+    assert stats["grants"].get("urn:ietf:params:oauth:grant-type:device_code") == 1, stats
+    assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats
+    grant = stored(state_home)
+    assert grant.get("refresh_token"), "offline_access granted to the device login too"
+    proxy = await serve(config, env)
+    try:
+        async with asyncio.timeout(SCENARIO_TIMEOUT), mcp_session(proxy.url) as session:
+            assert await text_of(session, "whoami", {}) == grant["client_id"]
+            await _expired(float(grant["expires_at"]))
+            assert await text_of(session, "echo", {"text": "later"}) == "later"
+    finally:
+        log = await proxy.stop()
+    assert "auth.token_refreshed" in log, log[-4000:]
+
+
+async def test_no_browser_login_takes_the_redirect_address_pasted_on_stdin(
+    oidc_upstream: OidcUpstream, tmp_path: Path
+) -> None:
+    """The browser runs elsewhere, so its redirect to the loopback callback never arrives: the user
+    pastes the address it ended on. One with another login's state is refused; this one is taken."""
+    state_home = tmp_path / "state"
+    env = child_env(state_home)
+    config = write_config(tmp_path, oidc_upstream.url)
+    process = await _run_login(config, env, "--no-browser", stdin=asyncio.subprocess.PIPE)
+    assert process.stdin is not None
+    printed: list[str] = []
+    async with asyncio.timeout(60):
+        url = await _line_after(process, "by opening this URL in a browser", printed)
+        async with Browser() as browser:
+            final = await browser.authorize(url, redirect_uri_of(url))
+        assert "code=" in final
+        forged = final.replace("state=", "state=x")
+        process.stdin.write(f"{forged}\n".encode())
+        answer = await _line_after(process, "paste its address", printed)  # to the forged line
+        assert "state does not match" in answer, printed
+        process.stdin.write(f"  {final}  \n".encode())
+        await process.stdin.drain()
+        output = await _finish(process, printed)
+    assert f"Logged in to {NAME}" in output
+    proxy = await serve(config, env)
+    try:
+        async with asyncio.timeout(SCENARIO_TIMEOUT), mcp_session(proxy.url) as session:
+            assert await text_of(session, "whoami", {}) == stored(state_home)["client_id"]
+    finally:
+        await proxy.stop()

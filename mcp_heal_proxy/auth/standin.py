@@ -52,11 +52,11 @@ from mcp_heal_proxy.auth.metadata import (
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
-from mcp_heal_proxy.front.guards import json_error
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
+from mcp_heal_proxy.wire.responses import json_error
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 

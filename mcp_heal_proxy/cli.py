@@ -526,7 +526,7 @@ async def _stop(runner: web.AppRunner, app: web.Application, stop: asyncio.Event
 
 async def _login_pasting(config: ProxyConfig, name: str) -> int:
     """``login --no-browser``: the redirect's address may also be pasted on stdin."""
-    from mcp_heal_proxy.auth.managed import run_login
+    from mcp_heal_proxy.auth.login import run_login
     from mcp_heal_proxy.auth.paste import stdin_lines
 
     async with stdin_lines() as pasted:
@@ -534,7 +534,8 @@ async def _login_pasting(config: ProxyConfig, name: str) -> int:
 
 
 def _login_or_logout(args: argparse.Namespace) -> int:
-    from mcp_heal_proxy.auth.managed import LoginError, run_login, run_logout
+    from mcp_heal_proxy.auth.errors import LoginError
+    from mcp_heal_proxy.auth.login import run_login, run_logout
 
     config = build_config(config_file=args.config, flags={"state": args.state})
     configure_logging(config.log_format, "warning", config.secrets())

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from mcp_heal_proxy.auth import device, managed
+from mcp_heal_proxy.auth import device, paste
 from mcp_heal_proxy.auth.device import DeviceAuthorization, parse_device_authorization, poll
-from mcp_heal_proxy.auth.managed import LoginError, TokenRefused
+from mcp_heal_proxy.auth.errors import LoginError, TokenRefused
 from mcp_heal_proxy.auth.paste import stdin_lines
 from tests.managed_login import CLI, REPO_ROOT, child_env
 from tests.test_managed_login import NAME, OAuthUpstreams, oauth_upstream, write_config  # noqa: F401
@@ -112,7 +112,7 @@ async def test_polling_is_bounded_by_the_code_lifetime_and_the_wait(expires_in: 
 
 
 def _reader(*lines: bytes, eof: bool = True) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(limit=managed.PASTE_LIMIT)
+    reader = asyncio.StreamReader(limit=paste.PASTE_LIMIT)
     for line in lines:
         reader.feed_data(line)
     if eof:
@@ -128,15 +128,15 @@ async def test_a_pasted_address_counts_only_with_this_logins_state_exactly() -> 
         b"http://127.0.0.1:1/callback?code=x\n",
         b"  http://127.0.0.1:1/callback?code=good&state=s3cret&iss=https%3A%2F%2Fas.example  \n",
     )
-    params = await managed._read_pasted(reader, "s3cret", out)
+    params = await paste.read_pasted(reader, "s3cret", out)
     assert params == {"code": "good", "state": "s3cret", "iss": "https://as.example"}
     assert out.getvalue().count("state does not match") == 2
 
 
 async def test_a_line_too_long_is_answered_and_reading_goes_on() -> None:
     out = io.StringIO()
-    reader = _reader(b"x" * (managed.PASTE_LIMIT + 10) + b"\n", b"http://h/cb?state=s&code=c\n")
-    assert (await managed._read_pasted(reader, "s", out))["code"] == "c"
+    reader = _reader(b"x" * (paste.PASTE_LIMIT + 10) + b"\n", b"http://h/cb?state=s&code=c\n")
+    assert (await paste.read_pasted(reader, "s", out))["code"] == "c"
     assert "too long" in out.getvalue()
 
 
@@ -144,7 +144,7 @@ async def test_at_the_end_of_the_input_the_login_waits_for_the_callback() -> Non
     reader = _reader(b"not an address\n")
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
-            await managed._read_pasted(reader, "s", io.StringIO())
+            await paste.read_pasted(reader, "s", io.StringIO())
 
 
 async def test_device_login_without_a_device_endpoint_says_what_to_run_instead(

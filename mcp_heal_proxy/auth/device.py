@@ -4,7 +4,8 @@ For machines without a browser, or whose loopback callback the browser cannot re
 the proxy asks the authorization server for a device code, prints where to go and the code to enter
 there (from any device), and polls the token endpoint until the user approved, within the server's
 ``interval`` (slowing down when told to), bounded by the code's lifetime and the login's wait.
-Discovery, scopes, registration rules and the stored grant are the browser login's (managed.py).
+Discovery, scopes, registration rules and the stored grant are the browser login's (endpoints.py,
+rules.py).
 """
 
 from __future__ import annotations
@@ -18,23 +19,20 @@ from typing import Any, Final, TextIO
 import aiohttp
 
 from mcp_heal_proxy.auth.bodies import BodyTooLarge, response_body
-from mcp_heal_proxy.auth.managed import (
+from mcp_heal_proxy.auth.endpoints import (
     CLIENT_NAME,
-    LoginError,
-    TokenRefused,
-    _Client,
-    _client,
-    _client_auth,
-    _grant_from,
-    _print,
-    _token_request,
-    _why,
+    RegisteredClient,
     base_grant,
-    choose_scopes,
+    client_auth,
     discover,
-    registration_auth_method,
-    token_auth_method,
+    failure_reason,
+    grant_from,
+    http_client,
+    token_request,
 )
+from mcp_heal_proxy.auth.errors import LoginError, TokenRefused
+from mcp_heal_proxy.auth.login import say
+from mcp_heal_proxy.auth.rules import choose_scopes, registration_auth_method, token_auth_method
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.display import mask_url
@@ -121,7 +119,9 @@ async def poll(
         raise LoginError(f"the login was not approved within {bound:.0f} s; start again: {again}") from None
 
 
-async def _register(http: aiohttp.ClientSession, metadata: Mapping[str, Any], scopes: list[str]) -> _Client:
+async def _register_device(
+    http: aiohttp.ClientSession, metadata: Mapping[str, Any], scopes: list[str]
+) -> RegisteredClient:
     """Dynamic client registration (RFC 7591) of a device client: no redirect URI, no response type."""
     endpoint = metadata.get("registration_endpoint")
     if not isinstance(endpoint, str):
@@ -143,20 +143,22 @@ async def _register(http: aiohttp.ClientSession, metadata: Mapping[str, Any], sc
             payload = json.loads(await response_body(response)) if response.status in (200, 201) else None
             status = response.status
     except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge) as exc:
-        raise LoginError(f"client registration at {mask_url(endpoint)} failed: {_why(exc, endpoint)}") from None
+        raise LoginError(
+            f"client registration at {mask_url(endpoint)} failed: {failure_reason(exc, endpoint)}"
+        ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
         raise LoginError(f"client registration at {mask_url(endpoint)} failed: HTTP {status}")
     secret = payload.get("client_secret")
     method = payload.get("token_endpoint_auth_method")
-    return _Client(
+    return RegisteredClient(
         payload["client_id"], secret if isinstance(secret, str) else None, method if isinstance(method, str) else None
     )
 
 
 async def _authorize_device(
-    http: aiohttp.ClientSession, endpoint: str, form: dict[str, str], client: _Client, method: str
+    http: aiohttp.ClientSession, endpoint: str, form: dict[str, str], client: RegisteredClient, method: str
 ) -> DeviceAuthorization:
-    headers = {"Accept": "application/json", **_client_auth(form, client.client_id, client.secret, method)}
+    headers = {"Accept": "application/json", **client_auth(form, client.client_id, client.secret, method)}
     try:
         async with http.post(endpoint, data=form, headers=headers, allow_redirects=False) as response:
             status = response.status
@@ -165,7 +167,7 @@ async def _authorize_device(
             except (ValueError, BodyTooLarge):
                 payload = None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise LoginError(f"cannot reach the device authorization endpoint: {_why(exc, endpoint)}") from None
+        raise LoginError(f"cannot reach the device authorization endpoint: {failure_reason(exc, endpoint)}") from None
     if status != 200:
         error = payload.get("error") if isinstance(payload, dict) else None
         # Only the OAuth error code: a description could echo what was sent.
@@ -178,8 +180,8 @@ async def device_login(
 ) -> Grant:
     """The device login of one upstream; stores the grant (the caller holds the login lock). ``again``
     is the browser login's command (login_command)."""
-    async with _client(tls_context(upstream)) as http:
-        found = await discover(http, upstream.url, lambda line: _print(out, line))
+    async with http_client(tls_context(upstream)) as http:
+        found = await discover(http, upstream.url, lambda line: say(out, line))
         metadata = found.metadata
         endpoint = metadata.get(DEVICE_ENDPOINT)
         token_endpoint = metadata.get("token_endpoint")
@@ -200,9 +202,9 @@ async def device_login(
             wanted=previous.wanted_scope if previous else None,
         )
         if upstream.client_id:
-            client = _Client(upstream.client_id, upstream.client_secret, None)
+            client = RegisteredClient(upstream.client_id, upstream.client_secret, None)
         else:
-            client = await _register(http, metadata, scopes)
+            client = await _register_device(http, metadata, scopes)
         supported = metadata.get("token_endpoint_auth_methods_supported")
         method = token_auth_method(
             client.registered_method, supported if isinstance(supported, list) else None, client.secret is not None
@@ -213,25 +215,25 @@ async def device_login(
         if scopes:
             form["scope"] = " ".join(scopes)
         authorization = await _authorize_device(http, endpoint, form, client, method)
-        _print(out, f"Log in to {upstream.name} ({mask_url(upstream.url)}) from any device with a browser:")
-        _print(out, f"open {authorization.verification_uri} and enter the code {authorization.user_code}")
+        say(out, f"Log in to {upstream.name} ({mask_url(upstream.url)}) from any device with a browser:")
+        say(out, f"open {authorization.verification_uri} and enter the code {authorization.user_code}")
         if authorization.verification_uri_complete:
-            _print(out, "or open this URL, which carries the code:")
-            _print(out, authorization.verification_uri_complete)
-        _print(out, f"Waiting for the login to be approved (up to {min(authorization.expires_in, wait):.0f} s) ...")
+            say(out, "or open this URL, which carries the code:")
+            say(out, authorization.verification_uri_complete)
+        say(out, f"Waiting for the login to be approved (up to {min(authorization.expires_in, wait):.0f} s) ...")
 
         async def request_token() -> dict[str, Any]:
             grant_form = {"grant_type": DEVICE_CODE_GRANT, "device_code": authorization.device_code}
             grant_form["resource"] = resource
             try:
-                return await _token_request(http, token_endpoint, grant_form, client.client_id, client.secret, method)
+                return await token_request(http, token_endpoint, grant_form, client.client_id, client.secret, method)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise LoginError(
-                    f"cannot reach the token endpoint {mask_url(token_endpoint)}: {_why(exc, token_endpoint)}"
+                    f"cannot reach the token endpoint {mask_url(token_endpoint)}: {failure_reason(exc, token_endpoint)}"
                 ) from None
 
         answer = await poll(request_token, authorization, wait=wait, again=f"{again} --device")
-    grant = _grant_from(answer, base_grant(upstream, found, token_endpoint, client, method, resource, scopes))
+    grant = grant_from(answer, base_grant(upstream, found, token_endpoint, client, method, resource, scopes))
     async with token_file.lock():
         token_file.save(grant)
     return grant

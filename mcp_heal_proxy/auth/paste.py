@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import stat
 import sys
 from collections.abc import AsyncIterator
-from typing import TextIO
+from typing import Final, TextIO
+from urllib.parse import parse_qsl, urlsplit
 
-from mcp_heal_proxy.auth.managed import PASTE_LIMIT
+# A pasted line longer than this is not an authorization answer (StreamReader's line limit).
+PASTE_LIMIT: Final = 16 * 1024
 
 
 @contextlib.asynccontextmanager
@@ -53,3 +56,33 @@ async def stdin_lines(stream: TextIO | None = None) -> AsyncIterator[asyncio.Str
         # The duplicate shares the terminal's flags: put blocking mode back for the shell.
         with contextlib.suppress(OSError):
             os.set_blocking(fd, blocking)
+
+
+async def read_pasted(reader: asyncio.StreamReader, state: str, out: TextIO) -> dict[str, str]:
+    """The query of the first pasted URL whose ``state`` is this login's, exactly; other lines are
+    answered with what is wrong with them. At the end of the input, waits on (the callback may still
+    come)."""
+    while True:
+        try:
+            line = (await reader.readline()).decode(errors="replace").strip()
+        except ValueError:  # a line over PASTE_LIMIT
+            say(out, "That line is too long to be the address; paste the address the browser was sent to.")
+            continue
+        if not line:
+            if reader.at_eof():
+                await asyncio.Future()  # nothing more will be pasted: the callback or the timeout decides
+            continue
+        params = dict(parse_qsl(urlsplit(line).query, keep_blank_values=True))
+        if not secrets.compare_digest(params.get("state", ""), state):
+            say(
+                out,
+                "That address is not the answer to this login (its state does not match); paste the address "
+                "the browser was sent to after you logged in.",
+            )
+            continue
+        return params
+
+
+def say(out: TextIO, line: str) -> None:
+    out.write(line + "\n")
+    out.flush()

@@ -42,6 +42,15 @@ from tests.test_managed_login import NAME, stored, text_of, write_config
 pytestmark = pytest.mark.interop
 
 SCENARIO_TIMEOUT = 90.0
+# oidc-provider offers these; the proxy's stand-in cannot carry them, so it does not advertise them.
+NOT_THROUGH_THE_STAND_IN = (
+    "pushed_authorization_request_endpoint",
+    "userinfo_endpoint",
+    "end_session_endpoint",
+    "device_authorization_endpoint",
+    "dpop_signing_alg_values_supported",
+    "token_endpoint_auth_signing_alg_values_supported",
+)
 # After the upstream restart, wait until the access token the client holds has expired, and a second
 # more (the resource server allows no leeway, but clocks tick in whole seconds in a JWT).
 EXPIRY_MARGIN = 1.0
@@ -150,6 +159,17 @@ async def test_sdk_client_logs_in_through_the_stand_in_heals_refreshes_and_revok
     assert storage.client_info is not None
     assert storage.client_info.client_id is not None
     metadata = await _metadata(proxy.url.rsplit("/mcp", 1)[0] + "/.well-known/oauth-authorization-server/mcp")
+    real = await _metadata(f"{authorization_server.issuer}/.well-known/openid-configuration")
+    # The stand-in names itself and advertises only what it relays: oidc-provider's PAR, userinfo,
+    # end-session, device and DPoP, and OpenID's ID tokens (which name the real issuer), are left out.
+    assert metadata["issuer"] == proxy.url
+    for left_out in NOT_THROUGH_THE_STAND_IN:
+        assert left_out in real, left_out
+        assert left_out not in metadata, left_out
+    assert "openid" not in metadata["scopes_supported"]
+    assert "private_key_jwt" not in metadata["token_endpoint_auth_methods_supported"]
+    assert metadata["code_challenge_methods_supported"] == ["S256"]
+    assert metadata["authorization_response_iss_parameter_supported"] is True
     client_id = storage.client_info.client_id
     refresh_token = storage.tokens.refresh_token
     status, _ = await _form(

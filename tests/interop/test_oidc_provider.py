@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import ProxyFactory, free_port, mcp_session, wait_until
 from tests.interop.conftest import NodeEnv
+from tests.interop.conftest import ProxyFactory as ProcessProxyFactory
 from tests.interop.oidc import (
     TOKEN_LIFETIME,
     AuthorizationServer,
@@ -34,6 +35,7 @@ from tests.interop.oidc import (
     redirect_uri_of,
     require_oidc_provider,
 )
+from tests.interop.test_ts_oauth import run_ts_oauth_client
 from tests.managed_login import CLI, REPO_ROOT, child_env, login, serve
 from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, oauth_mcp_session
 from tests.oauth_server import fingerprint
@@ -42,6 +44,8 @@ from tests.test_managed_login import NAME, stored, text_of, write_config
 pytestmark = pytest.mark.interop
 
 SCENARIO_TIMEOUT = 90.0
+# The redirect URL of tests/interop/ts_oauth_client.mjs (never dialed).
+TS_REDIRECT_URL = "http://127.0.0.1:9/callback"
 # oidc-provider offers these; the proxy's stand-in cannot carry them, so it does not advertise them.
 NOT_THROUGH_THE_STAND_IN = (
     "pushed_authorization_request_endpoint",
@@ -371,3 +375,32 @@ async def test_no_browser_login_takes_the_redirect_address_pasted_on_stdin(
             assert await text_of(session, "whoami", {}) == stored(state_home)["client_id"]
     finally:
         await proxy.stop()
+
+
+async def test_ts_client_logs_in_through_the_stand_in_and_heals(
+    node_env: NodeEnv, oidc_upstream: OidcUpstream, proxy_process: ProcessProxyFactory
+) -> None:
+    """The TypeScript SDK client with an authProvider, through ``serve``: sign-in at oidc-provider's
+    pages, a call, the MCP server restarts, a call on the same session (a heal).
+
+    No refresh here: TS SDK 1.32.2 asks for the resource's scopes only, never ``offline_access``, so
+    oidc-provider (an OpenID provider) gives it no refresh token, with the proxy or without; after
+    the access token expires it has to log in again.
+    """
+    proxy = await proxy_process(oidc_upstream.url)
+    async with Browser() as browser:
+
+        async def authorize(url: str) -> str:
+            return await browser.authorize(url, TS_REDIRECT_URL)
+
+        run = await run_ts_oauth_client(node_env, proxy.url, oidc_upstream.mcp.restart, authorize)
+    assert run.steps.get("first", {}).get("text"), (run, proxy.log()[-4000:])
+    assert run.steps.get("second", {}).get("text") == "after", (run, proxy.log()[-4000:])
+    assert run.steps["first"]["session"] == run.steps["second"]["session"], "the client kept one session id"
+    assert run.steps["auth"]["logins"] == 1, run
+    assert run.returncode == 0, run
+    stats = await oidc_upstream.authorization_server.stats()
+    assert stats["authorizations"] == 1, stats
+    assert stats["authorize_scopes"] == ["mcp"], "what the client asked for: no offline_access"
+    assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats
+    assert "session.healed" in proxy.log()

@@ -24,8 +24,10 @@ import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory, free_port, mcp_session, wait_until
+from tests.interop.clients import run_codex
 from tests.interop.conftest import NodeEnv
 from tests.interop.conftest import ProxyFactory as ProcessProxyFactory
+from tests.interop.fake_model import FIRST_CALL_ID, FIRST_TEXT, SECOND_CALL_ID, SECOND_TEXT
 from tests.interop.oidc import (
     TOKEN_LIFETIME,
     AuthorizationServer,
@@ -35,6 +37,7 @@ from tests.interop.oidc import (
     redirect_uri_of,
     require_oidc_provider,
 )
+from tests.interop.test_codex_oauth import APPROVE_TOOLS, CREDENTIALS_IN_FILE, codex_login, codex_oauth_binary  # noqa: F401
 from tests.interop.test_ts_oauth import run_ts_oauth_client
 from tests.managed_login import CLI, REPO_ROOT, child_env, login, serve
 from tests.oauth_clients import REDIRECT_URI, HeadlessLogin, MemoryStorage, oauth_mcp_session
@@ -65,18 +68,18 @@ OidcUpstreams = Callable[..., Awaitable[OidcUpstream]]
 
 @pytest.fixture
 async def oidc_upstreams(node_env: NodeEnv, tmp_path: Path) -> AsyncIterator[OidcUpstreams]:
-    """Start oidc-provider (2 s access tokens) and the MCP server it protects, with the MCP server's
-    options (e.g. ``--no-scopes``); stops them all at the end."""
+    """Start oidc-provider (2 s access tokens unless ``token_lifetime`` says otherwise) and the MCP
+    server it protects, with the MCP server's options (e.g. ``--no-scopes``); stops them all at the end."""
     require_oidc_provider(node_env)
     started: list[OidcUpstream] = []
 
-    async def start(*options: str) -> OidcUpstream:
+    async def start(*options: str, token_lifetime: float = TOKEN_LIFETIME) -> OidcUpstream:
         mcp_port = free_port()
         resource = f"http://127.0.0.1:{mcp_port}/mcp"
         directory = tmp_path / f"oidc-{len(started)}"
         directory.mkdir()
         authorization_server = AuthorizationServer(
-            node_env, resource, directory / "oidc-provider.log", token_lifetime=TOKEN_LIFETIME
+            node_env, resource, directory / "oidc-provider.log", token_lifetime=token_lifetime
         )
         mcp = JwtUpstream(mcp_port, authorization_server.issuer, directory / "jwt-mcp-server.log", *options)
         started.append(OidcUpstream(authorization_server, mcp))
@@ -378,15 +381,16 @@ async def test_no_browser_login_takes_the_redirect_address_pasted_on_stdin(
 
 
 async def test_ts_client_logs_in_through_the_stand_in_and_heals(
-    node_env: NodeEnv, oidc_upstream: OidcUpstream, proxy_process: ProcessProxyFactory
+    node_env: NodeEnv, oidc_upstreams: OidcUpstreams, proxy_process: ProcessProxyFactory
 ) -> None:
     """The TypeScript SDK client with an authProvider, through ``serve``: sign-in at oidc-provider's
     pages, a call, the MCP server restarts, a call on the same session (a heal).
 
     No refresh here: TS SDK 1.32.2 asks for the resource's scopes only, never ``offline_access``, so
     oidc-provider (an OpenID provider) gives it no refresh token, with the proxy or without; after
-    the access token expires it has to log in again.
+    the access token expires it has to log in again: one-minute access tokens here.
     """
+    oidc_upstream = await oidc_upstreams(token_lifetime=60)
     proxy = await proxy_process(oidc_upstream.url)
     async with Browser() as browser:
 
@@ -404,3 +408,46 @@ async def test_ts_client_logs_in_through_the_stand_in_and_heals(
     assert stats["authorize_scopes"] == ["mcp"], "what the client asked for: no offline_access"
     assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats
     assert "session.healed" in proxy.log()
+
+
+async def test_codex_logs_in_through_the_stand_in_and_its_second_call_survives_a_restart(
+    codex_oauth_binary: Path,  # noqa: F811 (the fixture, imported)
+    oidc_upstreams: OidcUpstreams,
+    proxy_process: ProcessProxyFactory,
+    tmp_path: Path,
+) -> None:
+    """Codex 0.169 (``codex mcp login --no-browser``, then ``codex exec``) through ``serve``, signing in at
+    oidc-provider's pages; the MCP server restarts between its two tool calls.
+
+    One-minute access tokens here: Codex 0.169 asks for ``offline_access`` without ``prompt=consent``
+    (OpenID Connect Core 1.0 section 11), so oidc-provider drops it and gives Codex no refresh token,
+    with the proxy or without; Codex cannot start with an expired token."""
+    oidc_upstream = await oidc_upstreams(token_lifetime=60)
+    proxy = await proxy_process(oidc_upstream.url)
+    home = tmp_path / "home"
+    async with Browser() as browser:
+        returncode, output = await codex_login(codex_oauth_binary, home, proxy.url, browser.authorize)
+    assert returncode == 0, output
+    assert "Successfully logged in" in output, output
+    run = await run_codex(
+        codex_oauth_binary,
+        home,
+        proxy.url,
+        oidc_upstream.mcp.restart,
+        extra_config=CREDENTIALS_IN_FILE,
+        server_config=APPROVE_TOOLS,
+    )
+    assert run.model.restarted, run.explain()
+    first = run.output_of(FIRST_CALL_ID)
+    assert first is not None, run.explain()
+    assert FIRST_TEXT in first, run.explain()
+    second = run.output_of(SECOND_CALL_ID)
+    assert second is not None, run.explain()
+    assert SECOND_TEXT in second, run.explain() + "\n--- proxy log:\n" + proxy.log()[-6000:]
+    assert run.returncode == 0, run.explain()
+    stats = await oidc_upstream.authorization_server.stats()
+    assert stats["authorizations"] == 1, stats
+    # Codex asks for offline_access but sends no prompt=consent, so an OpenID provider drops it.
+    assert stats["authorize_scopes"] == ["mcp offline_access"], stats
+    assert "refresh_token" not in stats["grants"], stats
+    assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats

@@ -49,6 +49,7 @@ const stats = {
   device_authorizations: 0,
   token_audiences: [],
   authorize_scopes: [],
+  authorize_prompts: [],
 };
 
 const provider = new Provider(issuer, {
@@ -127,6 +128,7 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.path === "/auth") {
     stats.authorize_scopes.push(ctx.query.scope ?? null);
+    stats.authorize_prompts.push(ctx.query.prompt ?? null);
   }
   await next();
 });

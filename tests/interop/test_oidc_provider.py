@@ -410,30 +410,35 @@ async def test_ts_client_logs_in_through_the_stand_in_and_heals(
     assert "session.healed" in proxy.log()
 
 
-async def test_codex_logs_in_through_the_stand_in_and_its_second_call_survives_a_restart(
+async def test_codex_logs_in_through_the_stand_in_and_its_second_call_survives_restart_and_refresh(
     codex_oauth_binary: Path,  # noqa: F811 (the fixture, imported)
-    oidc_upstreams: OidcUpstreams,
+    oidc_upstream: OidcUpstream,
     proxy_process: ProcessProxyFactory,
     tmp_path: Path,
 ) -> None:
     """Codex 0.169 (``codex mcp login --no-browser``, then ``codex exec``) through ``serve``, signing in at
-    oidc-provider's pages; the MCP server restarts between its two tool calls.
+    oidc-provider's pages; the MCP server restarts and the access token expires between its two calls.
 
-    One-minute access tokens here: Codex 0.169 asks for ``offline_access`` without ``prompt=consent``
-    (OpenID Connect Core 1.0 section 11), so oidc-provider drops it and gives Codex no refresh token,
-    with the proxy or without; Codex cannot start with an expired token."""
-    oidc_upstream = await oidc_upstreams(token_lifetime=60)
+    Codex asks for ``offline_access`` without ``prompt``; an OpenID provider drops it then (OpenID
+    Connect Core 1.0 section 11) and Codex, without a refresh token, cannot even start once its 2 s
+    token expired. The stand-in adds ``prompt=consent`` for it."""
     proxy = await proxy_process(oidc_upstream.url)
     home = tmp_path / "home"
     async with Browser() as browser:
         returncode, output = await codex_login(codex_oauth_binary, home, proxy.url, browser.authorize)
     assert returncode == 0, output
     assert "Successfully logged in" in output, output
+
+    async def restart_and_expire() -> None:
+        expires = time.time() + TOKEN_LIFETIME
+        await oidc_upstream.mcp.restart()
+        await _expired(expires)
+
     run = await run_codex(
         codex_oauth_binary,
         home,
         proxy.url,
-        oidc_upstream.mcp.restart,
+        restart_and_expire,
         extra_config=CREDENTIALS_IN_FILE,
         server_config=APPROVE_TOOLS,
     )
@@ -447,7 +452,7 @@ async def test_codex_logs_in_through_the_stand_in_and_its_second_call_survives_a
     assert run.returncode == 0, run.explain()
     stats = await oidc_upstream.authorization_server.stats()
     assert stats["authorizations"] == 1, stats
-    # Codex asks for offline_access but sends no prompt=consent, so an OpenID provider drops it.
     assert stats["authorize_scopes"] == ["mcp offline_access"], stats
-    assert "refresh_token" not in stats["grants"], stats
+    assert stats["authorize_prompts"] == ["consent"], "the stand-in asked for consent"
+    assert stats["grants"].get("refresh_token", 0) >= 1, stats
     assert set(stats["token_audiences"]) == {oidc_upstream.url}, stats

@@ -668,3 +668,50 @@ async def test_a_login_that_waited_for_another_uses_its_tokens(
     assert out.url is None, "the user is not sent through the browser a second time"
     assert "finished meanwhile" in out.getvalue()
     assert token_requests == []
+
+
+@pytest.mark.parametrize(
+    ("unsupported", "said"),
+    [
+        (
+            {"access_token"},
+            "Revoked the refresh token at the authorization server. It does not revoke access tokens: "
+            "the last one stays valid until it expires.",
+        ),
+        (
+            {"access_token", "refresh_token"},
+            "The authorization server does not revoke these tokens (unsupported_token_type): deleted here "
+            "only; they stay valid there until they expire.",
+        ),
+        (set(), "Revoked the refresh token and access token at the authorization server."),
+    ],
+)
+async def test_logout_says_which_tokens_the_server_revoked(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], unsupported: set[str], said: str
+) -> None:
+    """RFC 7009 section 2.2.1: a server that does not revoke a type of token (oidc-provider's JWT access
+    tokens) answers unsupported_token_type; the other token is still revoked, and logout says so."""
+    hints: list[str] = []
+
+    async def revoke(request: web.Request) -> web.Response:
+        hint = (await request.post())["token_type_hint"]
+        assert isinstance(hint, str)
+        hints.append(hint)
+        if hint in unsupported:
+            return web.json_response({"error": "unsupported_token_type"}, status=400)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/revoke", revoke)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    grant = Grant(
+        upstream_url=UPSTREAM,
+        token_endpoint=str(server.make_url("/token")),
+        client_id="client",
+        auth_method="none",
+        access_token="access",
+        refresh_token="refresh",
+        revocation_endpoint=str(server.make_url("/revoke")),
+    )
+    assert await login_flow._revoke_for_logout(grant) == said
+    assert hints == ["refresh_token", "access_token"]

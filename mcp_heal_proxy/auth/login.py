@@ -346,8 +346,13 @@ async def _revoke_for_logout(grant: Grant) -> str:
         why = connection_failure(exc).words
         return f"Cannot reach the authorization server to revoke the tokens ({why}): deleted here only."
     if not revoked:
+        if grant.access_token or grant.refresh_token:
+            return (
+                "The authorization server does not revoke these tokens (unsupported_token_type): deleted here "
+                "only; they stay valid there until they expire."
+            )
         return "No token to revoke."
     done = f"Revoked the {' and '.join(revoked)} at the authorization server."
-    if grant.refresh_token and "access token" not in revoked:
+    if grant.access_token and "access token" not in revoked:
         done += " It does not revoke access tokens: the last one stays valid until it expires."
     return done

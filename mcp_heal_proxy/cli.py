@@ -140,6 +140,11 @@ LOGIN_EXAMPLES = """\
 examples:
   mcp-heal-proxy login github --config proxy.toml                 # opens a browser
   mcp-heal-proxy login github --config proxy.toml --no-browser    # prints the URL to open
+  mcp-heal-proxy login github --config proxy.toml --device        # a code to enter on any device
+
+--no-browser on a remote machine: open the printed URL in any browser, log in, and paste the address
+the browser ends on (a page that does not load) back here. --device needs an authorization server
+that offers the device authorization grant (RFC 8628).
 
 for an upstream with auth = "oauth" in the config file:
   [upstreams.github]
@@ -299,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", metavar="FILE", help="TOML config file")
         command.add_argument("--state", metavar="PATH", help="the session store, as given to serve")
     login.add_argument("--no-browser", action="store_true", help="print the URL to open instead of opening it")
+    login.add_argument(
+        "--device", action="store_true", help="log in with a code entered on any device (RFC 8628), no redirect"
+    )
     return parser
 
 
@@ -528,15 +536,29 @@ async def _stop(runner: web.AppRunner, app: web.Application, stop: asyncio.Event
         await asyncio.gather(again, return_exceptions=True)
 
 
+async def _login_pasting(config: ProxyConfig, name: str) -> int:
+    """``login --no-browser``: the redirect's address may also be pasted on stdin."""
+    from mcp_heal_proxy.auth.login import run_login
+    from mcp_heal_proxy.auth.paste import stdin_lines
+
+    async with stdin_lines() as pasted:
+        return await run_login(config, name, out=sys.stdout, open_browser=False, pasted=pasted)
+
+
 def _login_or_logout(args: argparse.Namespace) -> int:
-    from mcp_heal_proxy.auth.managed import LoginError, run_login, run_logout
+    from mcp_heal_proxy.auth.errors import LoginError
+    from mcp_heal_proxy.auth.login import run_login, run_logout
 
     config = build_config(config_file=args.config, flags={"state": args.state})
     configure_logging(config.log_format, "warning", config.secrets())
     try:
         if args.command == "logout":
             return _run(run_logout(config, args.name, out=sys.stdout))
-        return _run(run_login(config, args.name, out=sys.stdout, open_browser=not args.no_browser))
+        if args.device:
+            return _run(run_login(config, args.name, out=sys.stdout, open_browser=False, device=True))
+        if args.no_browser:
+            return _run(_login_pasting(config, args.name))
+        return _run(run_login(config, args.name, out=sys.stdout, open_browser=True))
     except LoginError as exc:
         print(f"mcp-heal-proxy: login failed: {exc}", file=sys.stderr)
         return 1

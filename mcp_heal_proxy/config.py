@@ -648,7 +648,7 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "replay": Option(_replay, _text_as_replay),
     "client": Option(_one_of(UPSTREAM_CLIENTS), _text_as_str),
     "oauth_pass_through": Option(_one_of(OAUTH_PASS_THROUGH), _text_as_str),
-    # Proxy-managed OAuth login (auth/managed.py); a config file's keys only: login reads the file.
+    # Proxy-managed OAuth login (auth/login.py, auth/managed.py); a config file's keys only: login reads the file.
     "auth": Option(_one_of(("oauth",)), None),
     "client_id": Option(_string, None),
     "client_secret": Option(_string, None, _hidden),

@@ -11,7 +11,7 @@ import os
 import re
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +68,10 @@ async def login(
     follow: bool = True,
     timeout: float = 30.0,
     trust: ssl.SSLContext | bool = True,
+    visit: Callable[[str], Awaitable[int]] | None = None,
 ) -> LoginResult:
-    """Run ``login NAME --no-browser``; follow the URL it prints; wait for it to exit."""
+    """Run ``login NAME --no-browser``; follow the URL it prints (with ``visit``, a browser that signs in
+    and returns the callback's status, when the authorization server has pages); wait for it to exit."""
     process = await asyncio.create_subprocess_exec(
         *command,
         "login",
@@ -96,7 +98,7 @@ async def login(
                 if _URL_LINE.match(line.decode().strip()):
                     url = line.decode().strip()
             if url is not None and follow:
-                status = await follow_authorization(url, trust)
+                status = await (visit(url) if visit is not None else follow_authorization(url, trust))
             rest, errors = await process.communicate()
     finally:
         if process.returncode is None:

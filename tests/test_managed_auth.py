@@ -22,16 +22,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mcp_heal_proxy.auth import managed
-from mcp_heal_proxy.auth.managed import (
-    LoginRequired,
-    ManagedAuth,
-    as_metadata_urls,
-    choose_scopes,
-    parse_challenge,
-    prm_urls,
-    token_auth_method,
-)
+from mcp_heal_proxy.auth import errors, managed, rules
+from mcp_heal_proxy.auth import login as login_flow
+from mcp_heal_proxy.auth.errors import LoginRequired
+from mcp_heal_proxy.auth.managed import ManagedAuth
+from mcp_heal_proxy.auth.rules import as_metadata_urls, choose_scopes, parse_challenge, prm_urls, token_auth_method
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import ConfigError, UpstreamConfig, build_config, describe
 from mcp_heal_proxy.upstream.client import Upstream
@@ -85,6 +80,9 @@ def test_scope_selection() -> None:
     assert pick(challenge_scope="a", server_scopes=["a"]) == ["a"]
     # offline_access alone would narrow a token that asked for nothing else: left out then.
     assert pick(server_scopes=["offline_access"]) == []
+    # Nothing about the resource: the authorization server's scopes (the MCP SDK's fallback).
+    assert pick(server_scopes=["openid", "offline_access", "mcp"]) == ["openid", "mcp", "offline_access"]
+    assert pick(resource_scopes=["c"], server_scopes=["openid", "mcp"]) == ["c"]
 
 
 @pytest.mark.parametrize(
@@ -105,7 +103,7 @@ def test_token_endpoint_auth_method(
 
 
 def test_a_registered_method_the_proxy_cannot_use_is_a_clear_error() -> None:
-    with pytest.raises(managed.LoginError, match="private_key_jwt"):
+    with pytest.raises(errors.LoginError, match="private_key_jwt"):
         token_auth_method("private_key_jwt", None, True)
 
 
@@ -119,8 +117,8 @@ def test_bearer_challenge_parsing() -> None:
     assert challenge.scope == "a b"
     assert challenge.resource_metadata == "https://x/.well-known/p"
     assert challenge.params["error_description"] == 'needs "b"'
-    assert parse_challenge('Basic realm="x", Bearer scope=a') == managed.Challenge({"scope": "a"})
-    assert parse_challenge("Bearer") == managed.Challenge({})
+    assert parse_challenge('Basic realm="x", Bearer scope=a') == rules.Challenge({"scope": "a"})
+    assert parse_challenge("Bearer") == rules.Challenge({})
     assert parse_challenge('Basic realm="x"') is None
     assert parse_challenge(None) is None
 
@@ -129,7 +127,7 @@ def test_pkce_challenge_is_s256_of_the_verifier() -> None:
     import base64
     import hashlib
 
-    verifier, challenge = managed.pkce_pair()
+    verifier, challenge = rules.pkce_pair()
     assert 43 <= len(verifier) <= 128
     digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     assert challenge == digest
@@ -372,7 +370,7 @@ async def test_a_refused_refresh_is_not_retried_until_the_next_login(
 
     async def refused(old: Grant, tls: ssl.SSLContext, proxy: str | None = None) -> Grant:
         attempts.append(old.access_token)
-        raise managed.TokenRefused(400, "invalid_grant")
+        raise errors.TokenRefused(400, "invalid_grant")
 
     monkeypatch.setattr(managed, "refresh_grant", refused)
     auth, token_file = hook(tmp_path, grant())
@@ -412,7 +410,7 @@ async def test_an_unreachable_authorization_server_spends_the_tokens_last_second
     assert (await send(auth, transmit)).status == 200
     assert transmit.sent == ["Bearer access-token-one"]
     expired, _ = hook(tmp_path / "expired", grant(obtained_at=time.time() - 100, expires_at=time.time() - 1))
-    with pytest.raises(managed.AuthServerUnavailable, match="cannot reach the authorization server"):
+    with pytest.raises(errors.AuthServerUnavailable, match="cannot reach the authorization server"):
         await send(expired, FakeTransmit())
 
 
@@ -495,7 +493,7 @@ async def test_close_cancels_a_refresh_in_flight(tmp_path: Path, monkeypatch: py
     assert isinstance(refresh, asyncio.Task)
     assert refresh.cancelled()
     # The request waiting for it gets an error that says why, not a cancellation.
-    assert isinstance(outcome, managed.AuthServerUnavailable)
+    assert isinstance(outcome, errors.AuthServerUnavailable)
     assert "stopped" in str(outcome)
 
 
@@ -513,11 +511,11 @@ async def test_a_hanging_authorization_server_holds_requests_a_bounded_time_then
     monkeypatch.setattr(managed, "refresh_grant", hanging)
     auth, _ = hook(tmp_path, grant(obtained_at=time.time() - 100, expires_at=time.time() - 1))
     started = time.monotonic()
-    with pytest.raises(managed.AuthServerUnavailable):
+    with pytest.raises(errors.AuthServerUnavailable):
         await send(auth, FakeTransmit())
     # The next requests do not wait for another round at once: the failure is remembered briefly.
     for _ in range(3):
-        with pytest.raises(managed.AuthServerUnavailable):
+        with pytest.raises(errors.AuthServerUnavailable):
             await send(auth, FakeTransmit())
     assert rounds == 1
     assert time.monotonic() - started < 1.5
@@ -620,7 +618,7 @@ async def test_the_authorization_answer_must_come_from_the_issuer(
     token_file = TokenFile(tmp_path / "oauth", "up")
     out = Lines()
     logging_in = asyncio.get_running_loop().create_task(
-        managed.login(upstream, token_file, out=out, open_browser=False, wait=20)
+        login_flow.login(upstream, token_file, out=out, open_browser=False, wait=20)
     )
     try:
         async with asyncio.timeout(20):
@@ -631,7 +629,7 @@ async def test_the_authorization_answer_must_come_from_the_issuer(
             assert (await logging_in).access_token == "mixed-up-access"
             assert token_requests == ["the-code"]
         else:
-            with pytest.raises(managed.LoginError, match=refusal):
+            with pytest.raises(errors.LoginError, match=refusal):
                 await logging_in
             assert token_requests == [], "a code from a mixed-up answer is never redeemed"
             assert token_file.load(upstream.url) is None
@@ -659,7 +657,7 @@ async def test_a_login_that_waited_for_another_uses_its_tokens(
     token_file.load = counted_load  # type: ignore[method-assign,assignment]
     async with token_file.lock(purpose="login"):  # another login is in the browser
         waiting = asyncio.get_running_loop().create_task(
-            managed.login(upstream, token_file, out=out, open_browser=False, wait=20)
+            login_flow.login(upstream, token_file, out=out, open_browser=False, wait=20)
         )
         await wait_until(lambda: len(loads) == 1, 5, "the second login noted the tokens before it waited")
         assert not waiting.done()
@@ -670,3 +668,51 @@ async def test_a_login_that_waited_for_another_uses_its_tokens(
     assert out.url is None, "the user is not sent through the browser a second time"
     assert "finished meanwhile" in out.getvalue()
     assert token_requests == []
+
+
+@pytest.mark.parametrize(
+    ("unsupported", "said"),
+    [
+        (
+            {"access_token"},
+            "Revoked the refresh token at the authorization server. It does not revoke access tokens: "
+            "the last one stays valid until it expires.",
+        ),
+        (
+            {"access_token", "refresh_token"},
+            "The authorization server does not revoke these tokens (unsupported_token_type): deleted here "
+            "only; they stay valid there until they expire.",
+        ),
+        (set(), "Revoked the refresh token and access token at the authorization server."),
+    ],
+)
+async def test_logout_says_which_tokens_the_server_revoked(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], unsupported: set[str], said: str
+) -> None:
+    """RFC 7009 section 2.2.1: a server that does not revoke a type of token (oidc-provider's JWT access
+    tokens) answers unsupported_token_type; the other token is still revoked, and logout says so."""
+    hints: list[str] = []
+
+    async def revoke(request: web.Request) -> web.Response:
+        hint = (await request.post())["token_type_hint"]
+        assert isinstance(hint, str)
+        hints.append(hint)
+        if hint in unsupported:
+            return web.json_response({"error": "unsupported_token_type"}, status=400)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/revoke", revoke)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    grant = Grant(
+        upstream_url=UPSTREAM,
+        token_endpoint=str(server.make_url("/token")),
+        client_id="client",
+        auth_method="none",
+        access_token="access",
+        refresh_token="refresh",
+        revocation_endpoint=str(server.make_url("/revoke")),
+    )
+    upstream = UpstreamConfig(url=UPSTREAM, name="up", auth="oauth", proxy="")
+    assert await login_flow._revoke_for_logout(grant, upstream) == said
+    assert hints == ["refresh_token", "access_token"]

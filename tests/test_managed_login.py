@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from mcp_heal_proxy.auth.managed import _client_auth
+from mcp_heal_proxy.auth.endpoints import client_auth
 from tests.conftest import HERE, MCP_HEADERS, ServerProcess, free_port, mcp_session, session_headers, wait_until
 from tests.managed_login import CLI, REPO_ROOT, child_env, login, serve
 
@@ -277,7 +277,7 @@ async def test_serve_without_a_login_and_logout(oauth_upstream: OAuthUpstreams, 
     assert not token_path(state_home).exists()
     # RFC 7009: the authorization server no longer honours the refresh token.
     form = {"grant_type": "refresh_token", "refresh_token": grant["refresh_token"]}
-    client = _client_auth(form, grant["client_id"], grant.get("client_secret"), grant["auth_method"])
+    client = client_auth(form, grant["client_id"], grant.get("client_secret"), grant["auth_method"])
     async with (
         aiohttp.ClientSession() as http,
         http.post(grant["token_endpoint"], data=form, headers=client) as response,

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from mcp_heal_proxy.auth import managed
+from mcp_heal_proxy.auth import endpoints, errors
 from mcp_heal_proxy.auth.bodies import OAUTH_BODY_LIMIT
 from tests.conftest import ProxyFactory
 
@@ -188,7 +188,7 @@ async def test_managed_login_reads_answers_whole_and_bounded(
     _, url = splitting
     origin = url.removesuffix("/mcp")
     async with aiohttp.ClientSession() as http:
-        answer = await managed._token_request(http, origin + "/token", {}, "client-1", None, "none")
+        answer = await endpoints.token_request(http, origin + "/token", {}, "client-1", None, "none")
         assert answer["refresh_token"] == "r" * 2000
 
         async def huge(request: web.Request) -> web.StreamResponse:
@@ -199,6 +199,6 @@ async def test_managed_login_reads_answers_whole_and_bounded(
         app.router.add_post("/token", huge)
         app.router.add_get("/metadata", huge)
         server = await aiohttp_server(app)
-        with pytest.raises(managed.TokenRefused):
-            await managed._token_request(http, str(server.make_url("/token")), {}, "client-1", None, "none")
-        assert await managed._get_json(http, str(server.make_url("/metadata"))) is None
+        with pytest.raises(errors.TokenRefused):
+            await endpoints.token_request(http, str(server.make_url("/token")), {}, "client-1", None, "none")
+        assert await endpoints.get_json(http, str(server.make_url("/metadata"))) is None

@@ -24,6 +24,7 @@ from mcp_heal_proxy.auth.metadata import (
     rewrite_challenge,
     rewrite_protected_resource,
 )
+from mcp_heal_proxy.auth.standin import with_offline_consent
 from mcp_heal_proxy.config import ConfigError, build_config
 from mcp_heal_proxy.engine.healing import is_session_expired
 from mcp_heal_proxy.observability import Redactor
@@ -332,3 +333,15 @@ def test_bearer_tokens_are_redacted_from_log_events_by_shape() -> None:
 def test_resource_must_be_the_upstream_or_a_same_origin_prefix(resource: str, accepted: bool) -> None:
     """One rule for the pass-through and the managed login (RFC 9728 sections 3.3 and 7.3)."""
     assert check_resource(resource, UPSTREAM) is accepted
+
+
+def test_offline_access_at_an_openid_provider_asks_for_consent() -> None:
+    openid = {"scopes_supported": ["openid", "offline_access", "mcp"]}
+    asked = [("scope", "mcp offline_access"), ("state", "s")]
+    assert with_offline_consent(asked, openid) == [*asked, ("prompt", "consent")]
+    # The client's own prompt stays; so does a request without offline_access.
+    assert with_offline_consent([*asked, ("prompt", "none")], openid) == [*asked, ("prompt", "none")]
+    assert with_offline_consent([("scope", "mcp")], openid) == [("scope", "mcp")]
+    # A plain OAuth server grants offline_access as asked: nothing to add.
+    assert with_offline_consent(asked, {"scopes_supported": ["offline_access", "mcp"]}) == asked
+    assert with_offline_consent(asked, {}) == asked

@@ -6,6 +6,10 @@
 - ``standin``: the pass-through's HTTP side: metadata routes, the stand-in authorization server
   (``/authorize``, ``/token``, ``/register``, ``/revoke`` forwarded with ``resource`` mapped) and the
   hook that points upstream challenges at the proxy's metadata.
-- ``managed``: the proxy's own login (``auth = "oauth"``): discovery, authorization code + PKCE, refresh,
-  and the hook that puts the token on every upstream request; ``tokens``: where tokens are kept.
+- the proxy's own login (``auth = "oauth"``), split as the MCP Python SDK splits its client:
+  ``login`` (the authorization code flow with PKCE, ``login``/``logout``) and ``device`` (RFC 8628), the
+  requests they make (``endpoints``: discovery, registration, token, revocation), the discovery rules
+  (``rules``, pure), ``tokens`` (where tokens are kept), ``errors``, ``paste`` (an address pasted on
+  stdin); ``managed`` is the hook that puts the token on every upstream request and refreshes it.
+- ``bodies``: every OAuth body read whole and bounded.
 """

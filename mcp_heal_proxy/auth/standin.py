@@ -52,12 +52,12 @@ from mcp_heal_proxy.auth.metadata import (
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
 from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
-from mcp_heal_proxy.front.guards import json_error
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.proxy import oauth_client
 from mcp_heal_proxy.upstream.tls import tls_context, tls_failure
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
+from mcp_heal_proxy.wire.responses import json_error
 
 log = structlog.get_logger("mcp_heal_proxy.auth")
 
@@ -82,6 +82,24 @@ def relays_redirect(server: Mapping[str, Any]) -> bool:
     its own callback, checks ``iss`` there, and hands the client the code with its own ``iss``.
     """
     return server.get(ISS_SUPPORTED) is True
+
+
+def with_offline_consent(pairs: list[tuple[str, str]], server: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The authorization request's parameters, with ``prompt=consent`` added when the client asks an
+    OpenID provider for ``offline_access`` and says nothing of ``prompt``.
+
+    The stand-in advertises ``offline_access`` in its own name, as a plain OAuth server would grant
+    it; an OpenID provider ignores it unless the user is asked to consent (OpenID Connect Core 1.0
+    section 11), and then issues no refresh token. Clients that send no ``prompt`` (Codex) would get
+    logins that end at the first token expiry. A ``prompt`` the client chose is left alone.
+    """
+    scopes_supported = server.get("scopes_supported")
+    if not isinstance(scopes_supported, list) or "openid" not in scopes_supported:
+        return pairs
+    asked = dict(pairs)
+    if "offline_access" not in asked.get("scope", "").split() or "prompt" in asked:
+        return pairs
+    return [*pairs, ("prompt", "consent")]
 
 
 # Clients whose registrations the proxy remembers (the most recent ones): a bound on what /register,
@@ -367,7 +385,8 @@ class OAuthPassThrough:
         return web.json_response(rewrite_authorization_server(document, self._origin(request), upstream.config.path))
 
     async def _authorize(self, request: web.Request, upstream: _Upstream) -> web.StreamResponse:
-        """Redirect to the upstream's authorization endpoint, ``resource`` mapped, all else untouched.
+        """Redirect to the upstream's authorization endpoint, ``resource`` mapped, ``prompt=consent``
+        added for an OpenID provider's ``offline_access`` (``with_offline_consent``), all else untouched.
 
         When the proxy relays the upstream's redirect (RFC 9207 upstreams), the ``redirect_uri`` the
         request names is where the proxy will send the code: it must be one this client registered,
@@ -385,6 +404,7 @@ class OAuthPassThrough:
             return oauth_error(502, "temporarily_unavailable", exc.message)
         pairs = parse_qsl(request.query_string, keep_blank_values=True)
         mapped = [(k, map_resource(v, upstream.config.path, resource) if k == "resource" else v) for k, v in pairs]
+        mapped = with_offline_consent(mapped, server)
         if relays_redirect(server):
             asked = dict(pairs)
             client_id, redirect_uri = asked.get("client_id"), asked.get("redirect_uri")

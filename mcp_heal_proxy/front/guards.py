@@ -25,15 +25,10 @@ from aiohttp.typedefs import Handler, Middleware
 from mcp_heal_proxy.config import is_status_path
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
+from mcp_heal_proxy.wire.responses import json_error
 
 LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
-
-
-def json_error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    """A JSON-RPC error body (id null: the request was refused before it was read)."""
-    body = jsonrpc.error_body((None,), code, message, is_batch=False)
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def origin_is_allowed(origin: str, allowed: frozenset[str]) -> bool:

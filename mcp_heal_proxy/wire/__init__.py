@@ -1,1 +1,2 @@
-"""Pure formats: JSON-RPC, SSE, headers, content codings (no I/O)."""
+"""Pure formats: JSON-RPC, SSE, headers, content codings (no I/O); ``responses``: JSON-RPC errors as
+aiohttp response objects."""

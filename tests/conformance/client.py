@@ -59,17 +59,21 @@ FEATURES = frozenset(
 
 def disable(feature: str) -> None:
     """Switch one rule of the managed login off, in this process."""
-    from mcp_heal_proxy.auth import managed
+    from mcp_heal_proxy.auth import endpoints, errors, rules
+    from mcp_heal_proxy.auth import login as login_flow
 
-    choose = managed.choose_scopes
-    prm_urls = managed.prm_urls
-    as_metadata_urls = managed.as_metadata_urls
+    choose = rules.choose_scopes
+    prm_urls = rules.prm_urls
+    as_metadata_urls = rules.as_metadata_urls
+    # Where the login looks each rule up: the discovery, registration and token requests
+    # (endpoints.py), or the flow that picks scopes and the token endpoint's authentication (login.py).
+    user = {"choose_scopes": login_flow, "token_auth_method": login_flow}
 
     def scopes_without(name: str) -> Any:
         return lambda **kw: choose(**{**kw, name: None})
 
     async def no_legacy(_http: Any, _url: str) -> dict[str, Any]:
-        raise managed.LoginError("no protected-resource metadata")
+        raise errors.LoginError("no protected-resource metadata")
 
     def always_basic(form: dict[str, str], client_id: str, secret: str | None, _method: str) -> dict[str, str]:
         form["client_id"] = client_id
@@ -77,22 +81,22 @@ def disable(feature: str) -> None:
 
     def plus_offline(**kw: Any) -> list[str]:
         scopes = choose(**kw)
-        return scopes if managed.OFFLINE_ACCESS in scopes else [*scopes, managed.OFFLINE_ACCESS]
+        return scopes if rules.OFFLINE_ACCESS in scopes else [*scopes, rules.OFFLINE_ACCESS]
 
     def no_offline(**kw: Any) -> list[str]:
         return choose(**{**kw, "server_scopes": None})
 
     def patch(name: str, value: object) -> None:
-        setattr(managed, name, value)
+        setattr(user.get(name, endpoints), name, value)
 
     if feature == "prm-order":  # only the root metadata URL, as a client ignoring the path would
-        patch("prm_urls", lambda url, _hint: [f"{managed._origin(url)}/.well-known/oauth-protected-resource"])
+        patch("prm_urls", lambda url, _hint: [f"{rules.origin_of(url)}/.well-known/oauth-protected-resource"])
     elif feature == "prm-from-challenge":
         patch("prm_urls", lambda url, _hint: prm_urls(url, None))
     elif feature == "oidc-discovery":
         patch("as_metadata_urls", lambda issuer: [u for u in as_metadata_urls(issuer) if "openid" not in u])
     elif feature == "path-inserted-as-metadata":
-        patch("as_metadata_urls", lambda issuer: as_metadata_urls(managed._origin(issuer)))
+        patch("as_metadata_urls", lambda issuer: as_metadata_urls(rules.origin_of(issuer)))
     elif feature == "challenge-scope":
         patch("choose_scopes", scopes_without("challenge_scope"))
     elif feature == "resource-scopes":
@@ -113,7 +117,7 @@ def disable(feature: str) -> None:
         )
     elif feature == "registered-auth-method":  # a client that always uses client_secret_basic
         patch("token_auth_method", lambda _registered, _supported, _has_secret: "client_secret_basic")
-        patch("_client_auth", always_basic)
+        patch("client_auth", always_basic)
     elif feature == "resource-check":
         patch("check_resource", lambda _resource, _url: True)
     elif feature == "2025-03-26":

@@ -68,8 +68,11 @@ async def oauth_upstream(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitabl
         await server.stop()
 
 
-async def codex_login(binary: Path, home: Path, mcp_url: str) -> tuple[int, str]:
-    """``codex mcp login --no-browser``: follow the URL it prints, paste the callback URL back."""
+async def codex_login(
+    binary: Path, home: Path, mcp_url: str, follow: Callable[[str, str], Awaitable[str]] = follow_to_redirect_uri
+) -> tuple[int, str]:
+    """``codex mcp login --no-browser``: follow the URL it prints (``follow``: a browser that goes from
+    the URL to the redirect URI, signing in on the way if there are pages), paste the callback URL back."""
     (home / ".codex").mkdir(parents=True, exist_ok=True)
     config = f'{CREDENTIALS_IN_FILE}[mcp_servers.{CODEX_MCP_SERVER_NAME}]\nurl = "{mcp_url}"\n'
     (home / ".codex" / "config.toml").write_text(config)
@@ -96,7 +99,7 @@ async def codex_login(binary: Path, home: Path, mcp_url: str) -> tuple[int, str]
                 if found is not None:
                     url = found.group(1)
                     redirect_uri = parse_qs(urlsplit(url).query)["redirect_uri"][0]
-                    callback = await follow_to_redirect_uri(url, redirect_uri)
+                    callback = await follow(url, redirect_uri)
                     process.stdin.write(callback.encode() + b"\n")
                     await process.stdin.drain()
             returncode = await process.wait()

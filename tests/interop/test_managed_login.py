@@ -10,16 +10,17 @@ token and heals the session. Talking to the upstream directly, the same clients 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.interop.clients import run_codex, run_ts_client
 from tests.interop.conftest import NodeEnv
 from tests.interop.fake_model import FIRST_CALL_ID, FIRST_TEXT, SECOND_CALL_ID, SECOND_TEXT
 from tests.managed_login import Serving, child_env, login, serve
-from tests.test_managed_login import NAME, OAuthUpstream, write_config
+from tests.test_managed_login import NAME, OAuthUpstream, _expired, write_config
 
 pytestmark = pytest.mark.interop
 
@@ -35,6 +36,17 @@ async def oauth_upstream(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
     await server.stop()
 
 
+def restart_then_expiry(upstream: OAuthUpstream, state_home: Path) -> Callable[[], Awaitable[None]]:
+    """Between the calls: the upstream restarts, then the stored access token runs out (a restart
+    alone may take less than the 1 s token lifetime, and then nothing needs a refresh)."""
+
+    async def between() -> None:
+        await upstream.restart()
+        await wait_until(lambda: _expired(state_home), 10, "stored access token expired")
+
+    return between
+
+
 @pytest.fixture
 async def managed_proxy(oauth_upstream: OAuthUpstream, tmp_path: Path) -> AsyncIterator[Serving]:
     env = child_env(tmp_path / "state")
@@ -47,9 +59,9 @@ async def managed_proxy(oauth_upstream: OAuthUpstream, tmp_path: Path) -> AsyncI
 
 
 async def test_ts_client_through_a_managed_login_survives_restart_and_expiry(
-    node_env: NodeEnv, oauth_upstream: OAuthUpstream, managed_proxy: Serving
+    node_env: NodeEnv, oauth_upstream: OAuthUpstream, managed_proxy: Serving, tmp_path: Path
 ) -> None:
-    run = await run_ts_client(node_env, managed_proxy.url, oauth_upstream.restart)
+    run = await run_ts_client(node_env, managed_proxy.url, restart_then_expiry(oauth_upstream, tmp_path / "state"))
     assert run.text("first") == "before", run
     assert run.text("second") == "after", run
     assert run.steps["first"]["session"] == run.steps["second"]["session"], "the client kept one session id"
@@ -71,7 +83,8 @@ async def test_ts_client_without_the_proxy_cannot_even_start(node_env: NodeEnv, 
 async def test_codex_through_a_managed_login_survives_restart_and_expiry(
     codex_binary: Path, oauth_upstream: OAuthUpstream, managed_proxy: Serving, tmp_path: Path
 ) -> None:
-    run = await run_codex(codex_binary, tmp_path / "home", managed_proxy.url, oauth_upstream.restart)
+    between = restart_then_expiry(oauth_upstream, tmp_path / "state")
+    run = await run_codex(codex_binary, tmp_path / "home", managed_proxy.url, between)
     assert run.model.restarted, run.explain()
     first = run.output_of(FIRST_CALL_ID)
     assert first is not None, run.explain()

@@ -39,8 +39,17 @@ class OAuthRun:
     stderr: str
 
 
-async def run_ts_oauth_client(node_env: NodeEnv, url: str, between_calls: Callable[[], Awaitable[None]]) -> OAuthRun:
-    """Run tests/interop/ts_oauth_client.mjs against ``url``."""
+async def run_ts_oauth_client(
+    node_env: NodeEnv,
+    url: str,
+    between_calls: Callable[[], Awaitable[None]],
+    authorize: Callable[[str], Awaitable[str]] | None = None,
+) -> OAuthRun:
+    """Run tests/interop/ts_oauth_client.mjs against ``url``. ``authorize``: a browser that signs in
+    at the authorization URL and returns the address it ended on (else the script follows redirects)."""
+    env = node_env.env()
+    if authorize is not None:
+        env["TS_OAUTH_BROWSER"] = "stdin"
     process = await asyncio.create_subprocess_exec(
         node_env.node,
         str(HERE / "ts_oauth_client.mjs"),
@@ -48,7 +57,7 @@ async def run_ts_oauth_client(node_env: NodeEnv, url: str, between_calls: Callab
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=node_env.env(),
+        env=env,
     )
     assert process.stdin is not None
     assert process.stdout is not None
@@ -59,6 +68,9 @@ async def run_ts_oauth_client(node_env: NodeEnv, url: str, between_calls: Callab
             while line := await process.stdout.readline():
                 record = json.loads(line)
                 steps[record["step"]] = record
+                if record["step"] == "authorize" and authorize is not None:
+                    process.stdin.write((await authorize(record["url"])).encode() + b"\n")
+                    await process.stdin.drain()
                 if record["step"] == "ready":
                     await between_calls()
                     process.stdin.write(b"go\n")

@@ -9,6 +9,9 @@
 // redirect URL, and keeps the code; the script then calls transport.finishAuth(code) and connects
 // again. Then: one `whoami` call, a "ready" line, one line read from stdin (the harness restarts the
 // upstream and lets the access token expire meanwhile), one `echo` call on the same session.
+// With TS_OAUTH_BROWSER=stdin (an authorization server with sign-in pages), redirectToAuthorization
+// prints {"step": "authorize", "url": ...} instead and reads the address the browser ended on (the
+// redirect URL with the code) from stdin.
 // Every outcome is one JSON line: {"step": ..., "text"|"error": ..., "session": ...}; the last line,
 // {"step": "auth", "logins": N, "tokens_saved": M}, counts authorizations and token answers
 // (a refresh saves tokens without a login). Exit status 0 only when both calls returned their text.
@@ -50,6 +53,12 @@ async function followToRedirect(authorizationUrl) {
   throw new Error("authorization redirected too many times");
 }
 
+async function askTheHarness(authorizationUrl) {
+  say({ step: "authorize", url: authorizationUrl.toString() });
+  const { value } = await lines.next();
+  return new URL(value.trim());
+}
+
 const counts = { logins: 0, tokens_saved: 0 };
 let pendingCode;
 const memory = {};
@@ -80,7 +89,10 @@ const authProvider = {
   codeVerifier: () => memory.verifier,
   redirectToAuthorization: async (authorizationUrl) => {
     counts.logins += 1;
-    const callback = await followToRedirect(authorizationUrl);
+    const callback =
+      process.env.TS_OAUTH_BROWSER === "stdin"
+        ? await askTheHarness(authorizationUrl)
+        : await followToRedirect(authorizationUrl);
     pendingCode = callback.searchParams.get("code");
     if (!pendingCode) {
       throw new Error(`authorization refused: ${callback.search}`);

@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.bridge.core import Bridge
 from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
@@ -146,6 +147,8 @@ class SessionEngine:
         self._early_openings: dict[str, asyncio.Future[None]] = {}
         # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
         self._opens_streams_early = True
+        # Handshake-era clients in front of a 2026-07-28-only upstream (bridge/): the era, the sessions.
+        self.bridge = Bridge(self)
 
     @property
     def activity(self) -> SessionActivity:

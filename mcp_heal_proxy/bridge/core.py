@@ -1,0 +1,604 @@
+"""A bridged session: a handshake-era client's session that the proxy holds itself, in front of a
+2026-07-28-only upstream (which has no sessions).
+
+The proxy answers ``initialize`` from ``server/discover`` and mints the session (its record in the store,
+marked by ``BRIDGED`` as its upstream session id, so it survives a proxy restart); every later request
+goes upstream as one modern POST; ``ping``, ``logging/setLevel`` and ``resources/subscribe`` are
+answered here (the level and the subscriptions go into the record, the level on every later request);
+``input_required`` results become requests to the client (``elicitation/create``, ...) whose answers
+are sent back with ``inputResponses`` and ``requestState``; the session's GET stream is fed from
+``subscriptions/listen``. Front-independent: both fronts take the messages each call yields (None: a
+silence long enough for a keep-alive) and write them their own way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+import structlog
+
+from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.bridge.era import (
+    HEADER_MISMATCH,
+    MODERN_VERSION,
+    UNSUPPORTED_VERSION,
+    EraState,
+    modern_error,
+    speaks_legacy,
+)
+from mcp_heal_proxy.bridge.wire import (
+    LIST_CHANGED,
+    clean_notification,
+    clean_result,
+    clean_tools,
+    envelope,
+    error_message,
+    initialize_result,
+    listen_filter,
+    modern_body,
+    modern_headers,
+    param_headers,
+)
+from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, answered_ids
+from mcp_heal_proxy.engine.state import SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE, StateChange
+from mcp_heal_proxy.errors import AnswerTooLarge, ProxyError, UpstreamUnavailable
+from mcp_heal_proxy.store.records import SessionRecord
+from mcp_heal_proxy.upstream.client import INSPECT_LIMIT
+from mcp_heal_proxy.wire.headers import upstream_request_headers
+from mcp_heal_proxy.wire.jsonrpc import Message, PostBody
+
+if TYPE_CHECKING:
+    from mcp_heal_proxy.engine.session import Opened, SessionEngine
+
+log = structlog.get_logger("mcp_heal_proxy.bridge")
+
+# The upstream session id of a bridged record: the upstream has no sessions, the proxy holds this one.
+BRIDGED: Final = "mcp-heal-proxy-bridged"
+# Client headers never sent upstream on a bridged request: the proxy sets the modern ones itself.
+_DROP: Final = ("mcp-protocol-version", "last-event-id", "accept", "content-type", "mcp-method", "mcp-name")
+# Requests that cannot run a tool: resent when a connection broke before any answer (a restart).
+_RESENDABLE: Final = frozenset(
+    {
+        "server/discover",
+        "tools/list",
+        "prompts/list",
+        "prompts/get",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "completion/complete",
+        "subscriptions/listen",
+    }
+)
+# Answered by the proxy: the upstream has no such methods (2026-07-28 removed them).
+_LOCAL: Final = frozenset({"ping", SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE})
+# Rounds of input_required before the proxy gives up (the Python and TypeScript SDKs use 10).
+INPUT_ROUNDS: Final = 10
+# The largest answer read whole (a JSON answer, one SSE message).
+_MAX_MESSAGE: Final = 16 * 1024 * 1024
+_BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
+# A GET stream fed from subscriptions/listen: reopened with backoff when it drops.
+_LISTEN_FIRST: Final = 0.25
+_LISTEN_MAX: Final = 30.0
+_LISTEN_LIVED: Final = 30.0
+# How often a listen stream looks whether its filter changed or the proxy stops.
+_LISTEN_TICK: Final = 1.0
+
+
+class UpstreamChallenge(ProxyError):
+    """The upstream asked for credentials (401/403 with a challenge): the HTTP front passes it on as is."""
+
+    http_status = 401
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        super().__init__(f"upstream MCP server answered {status}")
+        self.status = status
+        self.headers = dict(headers)
+        self.body = body
+
+
+class BridgeGone(ProxyError):
+    """The upstream stopped answering as a 2026-07-28-only server does: the bridged session ends (404, so
+    that the client initializes again and the proxy looks at the upstream's era again)."""
+
+    http_status = 404
+    code = -32001
+
+
+@dataclass(frozen=True, slots=True)
+class BridgedOpen:
+    """A bridged initialize: the new session's record and the proxy's answer."""
+
+    record: SessionRecord
+    answer: dict[str, Any]
+
+
+def is_bridged(record: SessionRecord) -> bool:
+    """Whether a session is one the proxy holds itself in front of a modern-only upstream."""
+    return record.upstream_session_id == BRIDGED
+
+
+class Bridge:
+    """One upstream's bridged sessions (built by its SessionEngine, used by both fronts)."""
+
+    def __init__(self, engine: SessionEngine) -> None:
+        self._engine = engine
+        self.upstream = engine.upstream
+        self.name = engine.name
+        self.era = EraState(engine.name, engine.config.era)
+        self._capabilities: dict[str, Any] = {}
+        self._schemas: dict[str, object] = {}
+        self._ids = itertools.count(1)
+        # Input requests sent to clients, by (client session, the id the proxy gave the request).
+        self._inputs: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self._listen_changed: dict[str, asyncio.Event] = {}
+        self._closing = asyncio.Event()
+        self.bridged_sessions = 0
+
+    # --- initialize ---------------------------------------------------------------------------------
+
+    async def open(self, client_headers: Mapping[str, str], body: PostBody) -> Opened | BridgedOpen:
+        """A client's initialize: bridged when the upstream is known modern-only, else forwarded as always;
+        an upstream that refuses it as a modern-only server does is bridged then."""
+        init = body.initialize
+        assert init is not None
+        if self.era.bridges:
+            bridged = await self.initialize(client_headers, init)
+            if bridged is not None:
+                return bridged
+        opened = await self._engine.initialize(client_headers, body)
+        answer = opened.answer
+        if opened.record is not None or answer.status != 400 or not self.era.may_bridge:
+            return opened
+        try:
+            raw = await answer.read_whole(INSPECT_LIMIT)
+        except ProxyError:
+            answer.release()
+            raise
+        answer.release()
+        error = modern_error(answer.status, answer.decoded(raw))
+        if error is not None and not speaks_legacy(error):
+            bridged = await self.initialize(client_headers, init, why=f"initialize refused with {error.get('code')}")
+            if bridged is not None:
+                return bridged
+        # Not modern-only after all: the refusal goes to the client, from the bytes read.
+        return type(opened)(AnswerStream(answer.response, (init.id,), raw), None)
+
+    async def initialize(self, client_headers: Mapping[str, str], init: Message, why: str = "") -> BridgedOpen | None:
+        """Answer an initialize from server/discover and mint the session; None when the upstream does not
+        answer discover (not modern: the initialize goes upstream)."""
+        discover = await self.discover(client_headers)
+        if discover is None:
+            self.era.forget("server/discover refused")
+            return None
+        if why:
+            self.era.learn("modern", why)
+        params = dict(init.params or {})
+        result = initialize_result(discover, params.get("protocolVersion"))
+        version = result["protocolVersion"]
+        record = SessionRecord(
+            client_session_id=self._engine.new_client_session_id(params, version),
+            upstream_session_id=BRIDGED,
+            initialize_params=params,
+            upstream=self.name,
+            protocol_version=version,
+            upstream_protocol_version=MODERN_VERSION,
+        )
+        await self._engine.store.create(record)
+        self.bridged_sessions += 1
+        log.info("session.bridged", upstream=self.name, client_session=record.client_session_id[:8], version=version)
+        return BridgedOpen(record, {"jsonrpc": "2.0", "id": init.id, "result": result})
+
+    async def discover(self, client_headers: Mapping[str, str]) -> dict[str, Any] | None:
+        """The upstream's server/discover result, or None when it is not a modern server's answer."""
+        params = {"_meta": envelope({}, None)}
+        try:
+            response = await self.upstream.send(
+                "POST",
+                self._headers(client_headers, "server/discover", params),
+                modern_body(0, "server/discover", params),
+                resendable=True,
+            )
+        except ProxyError as exc:
+            log.info("bridge.discover_failed", upstream=self.name, error=exc.message)
+            return None
+        try:
+            self._challenge(response, b"")
+            raw = await response.content.read(INSPECT_LIMIT)
+        finally:
+            response.release()
+        try:
+            payload = json.loads(raw) if response.status == 200 else None
+        except (ValueError, RecursionError):
+            payload = None
+        result = payload.get("result") if isinstance(payload, dict) else None
+        if not isinstance(result, dict) or not isinstance(result.get("supportedVersions"), list):
+            return None
+        if MODERN_VERSION not in result["supportedVersions"]:
+            return None
+        capabilities = result.get("capabilities")
+        self._capabilities = dict(capabilities) if isinstance(capabilities, dict) else {}
+        return result
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    def take(self, record: SessionRecord, body: PostBody) -> bool:
+        """A client's answers to the proxy's input requests: handed to the call waiting for them. True when
+        every message of the body was one."""
+        try:
+            payload = json.loads(body.raw)
+        except (ValueError, RecursionError):
+            return False
+        taken = True
+        for item in payload if isinstance(payload, list) else [payload]:
+            request_id = item.get("id") if isinstance(item, dict) else None
+            waiter = self._inputs.get((record.client_session_id, str(request_id)))
+            if waiter is None or waiter.done() or ("result" not in item and "error" not in item):
+                taken = False
+                continue
+            waiter.set_result(item)
+        return taken
+
+    async def call(
+        self, client_headers: Mapping[str, str], record: SessionRecord, message: Message, idle: float
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """One client request, bridged: yields the messages for the client (notifications, input requests,
+        the response last), and None after ``idle`` seconds of silence."""
+        method = message.method
+        assert method is not None
+        if method in _LOCAL:
+            yield await self._local(record, message)
+            return
+        params = dict(message.params or {})
+        client_meta = params.pop("_meta", None)
+        retried: set[int] = set()
+        rounds = 0
+        while True:
+            current = await self._engine.store.get(record.client_session_id) or record
+            sent = {**params, "_meta": envelope(current.initialize_params, current.log_level, client_meta)}
+            final: dict[str, Any] | None = None
+            try:
+                async with contextlib.aclosing(self._send(client_headers, method, sent, idle)) as answer:
+                    async for item in answer:
+                        if item is not None and item.get("id") == _FINAL:
+                            final = item
+                            break
+                        yield item
+            except (UpstreamChallenge, BridgeGone):
+                raise
+            except ProxyError as exc:
+                yield error_message(message.id, exc.code, exc.message)
+                return
+            if final is None:
+                yield error_message(message.id, UpstreamUnavailable.code, _BROKEN)
+                return
+            error = final.get("error")
+            if isinstance(error, dict):
+                code = error.get("code")
+                if code == UNSUPPORTED_VERSION and code not in retried:
+                    # The upstream moved: look at it again, and retry once if it still speaks 2026-07-28.
+                    retried.add(code)
+                    if await self.discover(client_headers) is not None:
+                        continue
+                    self.era.forget("-32022 to a bridged request")
+                if code == HEADER_MISMATCH and method == "tools/call" and code not in retried:
+                    # The tool's x-mcp-header annotations changed: list tools again, retry once.
+                    retried.add(code)
+                    await self._refresh_tools(client_headers, current)
+                    continue
+                yield {"jsonrpc": "2.0", "id": message.id, "error": error}
+                return
+            result = final.get("result")
+            if not isinstance(result, dict):
+                yield error_message(message.id, UpstreamUnavailable.code, "upstream MCP server answered no result")
+                return
+            kind = result.get("resultType", "complete")
+            if kind == "input_required":
+                rounds += 1
+                if rounds > INPUT_ROUNDS:
+                    yield error_message(
+                        message.id, -32603, f"upstream MCP server asked for input more than {INPUT_ROUNDS} times"
+                    )
+                    return
+                responses: dict[str, Any] = {}
+                requests = result.get("inputRequests")
+                async for item in self._ask(record, requests if isinstance(requests, dict) else {}, responses, idle):
+                    yield item
+                if isinstance(requests, dict) and len(responses) < len(requests):
+                    # The client refused (its error goes back as the request's) or never answered.
+                    refusal = responses.get("")
+                    if isinstance(refusal, dict):
+                        yield {"jsonrpc": "2.0", "id": message.id, "error": refusal}
+                    else:
+                        yield error_message(
+                            message.id, -32603, "the client did not answer the server's request in time"
+                        )
+                    return
+                params = {k: v for k, v in params.items() if k not in ("inputResponses", "requestState")}
+                if responses:
+                    params["inputResponses"] = responses
+                if isinstance(result.get("requestState"), str):
+                    params["requestState"] = result["requestState"]
+                if not responses:
+                    await asyncio.sleep(min(0.05 * 2**rounds, 1.0))  # state only: the server is not ready yet
+                continue
+            if kind != "complete":
+                yield error_message(message.id, -32603, f"upstream MCP server answered an unknown resultType {kind!r}")
+                return
+            cleaned = clean_result(result)
+            if method == "tools/list":
+                cleaned, schemas = clean_tools(cleaned)
+                self._schemas.update(schemas)
+            yield {"jsonrpc": "2.0", "id": message.id, "result": cleaned}
+            return
+
+    async def _ask(
+        self, record: SessionRecord, requests: Mapping[str, Any], responses: dict[str, Any], idle: float
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """Send the upstream's input requests to the client and collect its answers into ``responses``
+        (a refusal: under the key "", and the loop stops)."""
+        loop = asyncio.get_running_loop()
+        waiting: list[tuple[str, tuple[str, str], asyncio.Future[dict[str, Any]]]] = []
+        cid = record.client_session_id
+        try:
+            for key, request in requests.items():
+                if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+                    continue
+                minted = f"mcp-heal-proxy-{next(self._ids)}"
+                future: asyncio.Future[dict[str, Any]] = loop.create_future()
+                self._inputs[(cid, minted)] = future
+                waiting.append((key, (cid, minted), future))
+                yield {"jsonrpc": "2.0", "id": minted, "method": request["method"], "params": request.get("params", {})}
+            deadline = loop.time() + self.upstream.config.read_timeout
+            for key, _, future in waiting:
+                while not future.done():
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(idle, left)):
+                            await asyncio.shield(future)
+                    if not future.done():
+                        yield None
+                answer = future.result()
+                if isinstance(answer.get("error"), dict):
+                    responses[""] = answer["error"]
+                    return
+                responses[key] = answer.get("result")
+        finally:
+            for _, slot, future in waiting:
+                self._inputs.pop(slot, None)
+                future.cancel()
+
+    async def _local(self, record: SessionRecord, message: Message) -> dict[str, Any]:
+        """ping, logging/setLevel, resources/subscribe and unsubscribe: answered by the proxy."""
+        params = message.params or {}
+        if message.method != "ping":
+            value = params.get("level" if message.method == SET_LEVEL else "uri")
+            if not isinstance(value, str):
+                return error_message(
+                    message.id,
+                    -32602,
+                    f"{message.method} needs a string {'level' if message.method == SET_LEVEL else 'uri'}",
+                )
+            assert message.method is not None
+            await self._engine.store.apply(record.client_session_id, StateChange(((message.method, value),)))
+            if message.method != SET_LEVEL:
+                self._listen_changed.setdefault(record.client_session_id, asyncio.Event()).set()
+        return {"jsonrpc": "2.0", "id": message.id, "result": {}}
+
+    async def _refresh_tools(self, client_headers: Mapping[str, str], record: SessionRecord) -> None:
+        params = {"_meta": envelope(record.initialize_params, record.log_level)}
+        with contextlib.suppress(ProxyError):
+            async with contextlib.aclosing(self._send(client_headers, "tools/list", params, 3600.0)) as answer:
+                async for item in answer:
+                    result = item.get("result") if item is not None and item.get("id") == _FINAL else None
+                    if isinstance(result, dict):
+                        self._schemas.update(clean_tools(result)[1])
+
+    def _headers(self, client_headers: Mapping[str, str], method: str, params: Mapping[str, Any]) -> dict[str, str]:
+        headers = upstream_request_headers(client_headers, None, drop=_DROP)
+        extra: Mapping[str, str] = {}
+        if method == "tools/call" and isinstance(params.get("name"), str):
+            extra = param_headers(self._schemas.get(params["name"]), params.get("arguments"))
+        headers.update(modern_headers(method, params, extra))
+        return headers
+
+    async def _send(
+        self, client_headers: Mapping[str, str], method: str, params: Mapping[str, Any], idle: float
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """POST one modern request; yield the notifications of its answer, then its response with the id
+        ``_FINAL`` (whatever id it came with), or nothing more if the answer broke before it."""
+        upstream_id = next(self._ids)
+        response = await self.upstream.send(
+            "POST",
+            self._headers(client_headers, method, params),
+            modern_body(upstream_id, method, params),
+            stream=True,
+            resendable=method in _RESENDABLE,
+        )
+        answer = AnswerStream(response, (upstream_id,))
+        try:
+            if answer.is_sse and response.status == 200:
+                answer.bound_events(_MAX_MESSAGE)
+                while (piece := await answer.next(idle)) is not None:
+                    if piece is IDLE:
+                        yield None
+                        continue
+                    for event in piece.events:
+                        payload = event.payload
+                        if not isinstance(payload, dict):
+                            continue
+                        if upstream_id in answered_ids(payload):
+                            yield {**payload, "id": _FINAL}
+                            return
+                        if isinstance(payload.get("method"), str) and "id" not in payload:
+                            yield payload  # progress, log messages: related to this request
+                if answer.ending is Ending.BROKEN:
+                    log.warning("upstream.stream_broken", upstream=self.name, error=answer.failure)
+                return
+            try:
+                raw = answer.decoded(await answer.read_whole(_MAX_MESSAGE))
+            except AnswerTooLarge as exc:
+                yield {"jsonrpc": "2.0", "id": _FINAL, "error": {"code": exc.code, "message": exc.message}}
+                return
+            self._challenge(response, raw)
+            try:
+                payload = json.loads(raw)
+            except (ValueError, RecursionError):
+                payload = None
+            answers = isinstance(payload, dict) and ("result" in payload or "error" in payload)
+            if answers and payload.get("id") in (upstream_id, None):
+                yield {**payload, "id": _FINAL}
+                return
+            if response.status in (400, 404) and modern_error(response.status, raw) is None:
+                # Not a modern server's refusal: the upstream changed era (or is not what it was).
+                self.era.forget(f"HTTP {response.status} without a modern error to {method}")
+                raise BridgeGone(
+                    f"upstream MCP server no longer answers as a 2026-07-28 server (HTTP {response.status}); "
+                    "initialize again"
+                )
+            what = f"{response.status} {response.reason or ''}".strip()
+            yield error_message(
+                _FINAL, UpstreamUnavailable.code, f"upstream MCP server answered {what} without a JSON-RPC answer"
+            )
+        finally:
+            _done_with(answer)
+
+    @staticmethod
+    def _challenge(response: aiohttp.ClientResponse, body: bytes) -> None:
+        if response.status in (401, 403) and response.headers.get("WWW-Authenticate"):
+            raise UpstreamChallenge(response.status, response.headers, body)
+
+    # --- the GET stream -----------------------------------------------------------------------------
+
+    async def listen(
+        self, client_headers: Mapping[str, str], record: SessionRecord, idle: float
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """The bridged session's server stream: the notifications of one upstream subscriptions/listen
+        (list changes the upstream's capabilities allow, the subscribed resources), reopened with backoff
+        when it drops (then one list_changed per kind: what changed meanwhile is unknown) and when the
+        subscriptions change. None after ``idle`` seconds of silence. Ends with the session or the proxy."""
+        cid = record.client_session_id
+        changed = self._listen_changed.setdefault(cid, asyncio.Event())
+        backoff = Backoff(first=_LISTEN_FIRST, maximum=_LISTEN_MAX)
+        loop = asyncio.get_running_loop()
+        gap = False
+        quiet = 0.0
+        try:
+            while not self._closing.is_set():
+                current = await self._engine.store.get(cid)
+                if current is None:
+                    return
+                if not self._capabilities:
+                    await self.discover(client_headers)
+                notifications = listen_filter(self._capabilities, current.subscriptions)
+                changed.clear()
+                params = {"notifications": notifications, "_meta": envelope(current.initialize_params, None)}
+                opened = loop.time()
+                try:
+                    async with contextlib.aclosing(self._listen_once(client_headers, params, changed, gap)) as events:
+                        async for item in events:
+                            if item is None:
+                                quiet += _LISTEN_TICK
+                                if quiet < idle:
+                                    continue
+                            quiet = 0.0
+                            gap = False
+                            yield item
+                except ProxyError as exc:
+                    log.info("bridge.listen_failed", upstream=self.name, client_session=cid[:8], error=exc.message)
+                if changed.is_set():
+                    continue  # the subscriptions changed: a new filter at once
+                gap = True
+                if loop.time() - opened >= _LISTEN_LIVED:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.info("bridge.listen_reopen", upstream=self.name, client_session=cid[:8], delay_s=round(delay, 3))
+                waited = 0.0
+                while waited < delay and not self._closing.is_set():
+                    step = min(_LISTEN_TICK, delay - waited)
+                    await asyncio.sleep(step)
+                    waited += step
+                    quiet += step
+                    if quiet >= idle:
+                        quiet = 0.0
+                        yield None
+        finally:
+            if self._listen_changed.get(cid) is changed:
+                del self._listen_changed[cid]
+
+    async def _listen_once(
+        self, client_headers: Mapping[str, str], params: dict[str, Any], changed: asyncio.Event, gap: bool
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """One upstream listen: its notifications (without the acknowledgment), None at each tick."""
+        response = await self.upstream.send(
+            "POST",
+            self._headers(client_headers, "subscriptions/listen", params),
+            modern_body(next(self._ids), "subscriptions/listen", params),
+            stream=True,
+            resendable=True,
+        )
+        answer = AnswerStream(response)
+        try:
+            if response.status != 200 or not answer.is_sse:
+                raise UpstreamUnavailable(f"upstream MCP server answered {response.status} to subscriptions/listen")
+            answer.bound_events(_MAX_MESSAGE)
+            while not changed.is_set() and not self._closing.is_set():
+                piece = await answer.next(_LISTEN_TICK)
+                if piece is None:
+                    return
+                if piece is IDLE:
+                    yield None
+                    continue
+                for event in piece.events:
+                    payload = event.payload
+                    if not isinstance(payload, dict) or not isinstance(payload.get("method"), str):
+                        continue
+                    if payload["method"] == "notifications/subscriptions/acknowledged":
+                        if gap:
+                            # Reopened after a drop: whatever changed meanwhile was lost, so say every kind did.
+                            for _, key, notification in LIST_CHANGED:
+                                if params["notifications"].get(key):
+                                    yield {"jsonrpc": "2.0", "method": notification}
+                        continue
+                    yield clean_notification(payload)
+        finally:
+            _done_with(answer)
+
+    # --- the end ------------------------------------------------------------------------------------
+
+    async def end(self, record: SessionRecord) -> None:
+        """DELETE of a bridged session: forget it (the upstream has nothing to end)."""
+        cid = record.client_session_id
+        await self._engine.store.delete(cid)
+        for slot in [slot for slot in self._inputs if slot[0] == cid]:
+            self._inputs.pop(slot).cancel()
+        event = self._listen_changed.get(cid)
+        if event is not None:
+            event.set()
+        log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
+
+    def close_streams(self) -> None:
+        """Shutdown: end every listen stream (clients reconnect to the next proxy)."""
+        self._closing.set()
+
+
+# The id the bridge gives an upstream response inside _send (its caller puts the client's id on it).
+_FINAL: Final = "mcp-heal-proxy-final"
+
+
+def _done_with(answer: AnswerStream) -> None:
+    """Hand the connection back when the answer was read to its end, else close it (a listen stream or a
+    call given up: closing is the modern cancellation)."""
+    if answer.ending is Ending.OPEN:
+        answer.close()
+    else:
+        answer.release()

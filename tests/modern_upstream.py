@@ -15,6 +15,7 @@ which checks the ``_meta`` envelope and the Mcp-Method/Mcp-Name headers itself.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
@@ -51,6 +52,14 @@ async def steps(count: int, ctx: Context) -> str:
         await ctx.report_progress(step, count, f"step {step}")
         await ctx.info(f"did step {step}")
     return f"done after {count} steps"
+
+
+@server.tool()
+async def hang(ctx: Context) -> str:
+    """Report progress once, then never finish (a call the test breaks by restarting the server)."""
+    await ctx.report_progress(1, 2, "started")
+    await asyncio.sleep(3600)
+    return "never"
 
 
 class Name(BaseModel):

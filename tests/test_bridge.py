@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from mcp import types
 from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
@@ -22,7 +25,10 @@ from tests.conftest import (
     ProxyFactory,
     UpstreamProcess,
     mcp_session,
+    post_on_session,
+    session_headers,
 )
+from tests.test_stdio import BRIDGE
 
 
 async def test_legacy_client_fails_directly(modern_upstream: ModernUpstreamProcess) -> None:
@@ -38,6 +44,10 @@ async def test_legacy_client_fails_directly(modern_upstream: ModernUpstreamProce
     assert refused.error.code == -32022
     assert refused.error.data["supported"] == ["2026-07-28"]
     assert (await modern_upstream.stats())["initialize_refused"] == 1
+
+
+# The stdio client gives its command a minimal environment: the code under test must still be first.
+CODE_PATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
 
 
 class LegacyClient:
@@ -67,9 +77,15 @@ class LegacyClient:
         self.progress.append(progress)
 
     @contextlib.asynccontextmanager
-    async def session(self, url: str) -> AsyncIterator[ClientSession]:
+    async def session(self, url: str, *, stdio: bool = False) -> AsyncIterator[ClientSession]:
+        """Over HTTP to ``url``, or (``stdio``) launching the stdio bridge to it as its server command."""
+        transport = (
+            stdio_client(StdioServerParameters(command=BRIDGE, args=["stdio", "--upstream", url], env=CODE_PATH))
+            if stdio
+            else streamable_http_client(url)
+        )
         async with (
-            streamable_http_client(url) as (read_stream, write_stream),
+            transport as (read_stream, write_stream),
             ClientSession(
                 read_stream,
                 write_stream,
@@ -152,3 +168,105 @@ async def test_dual_era_upstream_keeps_real_sessions(upstream: UpstreamProcess, 
         await session.list_tools()
         assert len(await upstream.live_sessions()) == 1
     assert (await upstream.stats())["initialize"] == 1
+
+
+async def test_legacy_client_through_the_stdio_bridge(modern_upstream: ModernUpstreamProcess) -> None:
+    """The SDK's ClientSession launching ``mcp-heal-proxy stdio`` against the modern-only upstream: the
+    same checks as over HTTP, each message a line."""
+    client = LegacyClient()
+    async with client.session(modern_upstream.url, stdio=True) as session:
+        await client.exercise(session)
+    assert (await modern_upstream.stats())["initialize_refused"] == 1
+
+
+async def test_an_upstream_restart_costs_nothing_between_calls(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    """The upstream has no sessions to lose: after a restart the bridged session goes on, and its GET
+    stream (fed from subscriptions/listen) is reopened, with one list_changed for what the gap lost."""
+    proxy = await start_proxy(modern_upstream.url)
+    client = LegacyClient()
+    async with client.session(proxy.url) as session:
+        await client.exercise(session)
+        client.list_changed.clear()
+        await modern_upstream.restart()
+        async with asyncio.timeout(10):
+            await client.list_changed.wait()  # the reopened listen said the tool list may have changed
+        await client.exercise(session)
+
+
+async def test_a_proxy_restart_keeps_the_bridged_session(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The bridged session is the proxy's own: its record (version, client info and capabilities, log
+    level) is in the store, so a new proxy on the same port and store serves the client's next calls."""
+    state = str(tmp_path / "sessions.db")
+    proxy = await start_proxy(modern_upstream.url, state=state)
+    client = LegacyClient()
+    async with client.session(proxy.url) as session:
+        await client.exercise(session)
+        port = proxy.port
+        await proxy.stop()
+        await start_proxy(modern_upstream.url, state=state, port=port)
+        client.logs.clear()
+        done = await session.call_tool("steps", {"count": 1}, progress_callback=client.on_progress)
+        assert done.structured_content == {"result": "done after 1 steps"}
+        assert client.logs == ["did step 1"], "the log level set before the restart was lost"
+        await client.exercise(session)
+    meta = (await modern_upstream.stats())["meta"]["tools/call"]
+    assert meta["io.modelcontextprotocol/clientInfo"]["name"] == "mcp"
+
+
+async def test_a_call_broken_by_an_upstream_restart_gets_an_error_with_its_id(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    """A tool call the upstream dropped mid-way is answered with an error (never replayed: it may have
+    run); the session goes on."""
+    proxy = await start_proxy(modern_upstream.url)
+    client = LegacyClient()
+    async with client.session(proxy.url) as session:
+        started = asyncio.Event()
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            started.set()
+
+        call = asyncio.ensure_future(session.call_tool("hang", {}, progress_callback=on_progress))  # noqa: TID251 (awaited)
+        async with asyncio.timeout(10):
+            await started.wait()
+        await modern_upstream.restart()
+        with pytest.raises(MCPError) as broken:
+            async with asyncio.timeout(10):
+                await call
+        assert broken.value.error.code == -32002
+        assert "not replayed" in broken.value.error.message
+        assert (await session.call_tool("echo", {"text": "after"})).structured_content == {"result": "after"}
+    assert (await modern_upstream.stats())["tools_call"] == 1, "the broken call was sent again"
+
+
+async def test_the_wire_a_legacy_client_sees(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Raw HTTP: the initialize the proxy answers, results without the 2026-07-28 members, a modern
+    404 -32601 as a JSON-RPC error in HTTP 200 (a 404 would mean "session gone"), DELETE ending it."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}
+    async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
+        assert response.status == 200
+        session_id = response.headers["Mcp-Session-Id"]
+        result = (await response.json())["result"]
+    assert result["protocolVersion"] == "2025-11-25"
+    assert result["serverInfo"]["name"] == "modern-only-upstream"
+    assert result["instructions"] == "a 2026-07-28-only server for tests"
+    assert "logging" in result["capabilities"]
+    assert result["capabilities"]["tools"] == {"listChanged": True}
+    tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    status, _, answer = await post_on_session(http, proxy.url, session_id, tools)
+    assert status == 200
+    assert not {"resultType", "ttlMs", "cacheScope", "_meta"} & set(answer["result"]), answer["result"].keys()
+    unknown = {"jsonrpc": "2.0", "id": 3, "method": "nope/x", "params": {}}
+    status, _, answer = await post_on_session(http, proxy.url, session_id, unknown)
+    assert (status, answer["id"], answer["error"]["code"]) == (200, 3, -32601)
+    async with http.delete(proxy.url, headers=session_headers(session_id)) as response:
+        assert response.status == 200
+    status, _, _ = await post_on_session(http, proxy.url, session_id, tools)
+    assert status == 404

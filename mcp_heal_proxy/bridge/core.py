@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -139,6 +140,9 @@ class Bridge:
         # Input requests sent to clients, by (client session, the id the proxy gave the request).
         self._inputs: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self._listen_changed: dict[str, asyncio.Event] = {}
+        # Sessions whose client opened a GET stream here (a later one reopens after a gap).
+        self._listened: set[str] = set()
+        self._started = time.time()
         self._closing = asyncio.Event()
         self.bridged_sessions = 0
 
@@ -490,7 +494,10 @@ class Bridge:
         changed = self._listen_changed.setdefault(cid, asyncio.Event())
         backoff = Backoff(first=_LISTEN_FIRST, maximum=_LISTEN_MAX)
         loop = asyncio.get_running_loop()
-        gap = False
+        # A client's GET again (its stream was cut: the network, a proxy restart) also follows a gap; the
+        # first GET of a session made by this process does not.
+        gap = cid in self._listened or record.created_at < self._started
+        self._listened.add(cid)
         quiet = 0.0
         try:
             while not self._closing.is_set():
@@ -584,6 +591,7 @@ class Bridge:
         event = self._listen_changed.get(cid)
         if event is not None:
             event.set()
+        self._listened.discard(cid)
         log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
 
     def close_streams(self) -> None:

@@ -36,6 +36,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MODERN_VERSION = "2026-07-28"
 STATS: dict[str, Any] = {"initialize_refused": 0, "tools_call": 0, "refused": 0, "meta": {}, "methods": []}
 
+STEP_SECONDS = 0.05
+
 server = MCPServer("modern-only-upstream", instructions="a 2026-07-28-only server for tests")
 
 
@@ -47,10 +49,13 @@ async def echo(text: str) -> str:
 
 @server.tool()
 async def steps(count: int, ctx: Context) -> str:
-    """Report progress and log one message per step, then finish."""
+    """Report progress and log one message per step, then finish. Each step takes a moment, as work does:
+    the TypeScript SDK client handles notifications a tick after the messages it read with them, and drops
+    a progress notification read in one piece with the response that ends its request."""
     for step in range(1, count + 1):
         await ctx.report_progress(step, count, f"step {step}")
         await ctx.info(f"did step {step}")
+        await asyncio.sleep(STEP_SECONDS)
     return f"done after {count} steps"
 
 

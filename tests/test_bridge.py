@@ -270,3 +270,19 @@ async def test_the_wire_a_legacy_client_sees(
         assert response.status == 200
     status, _, _ = await post_on_session(http, proxy.url, session_id, tools)
     assert status == 404
+
+
+async def test_a_bridged_session_outlives_the_loss_of_its_store(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A proxy restart with a store that kept nothing (``:memory:``): the sealed session id says the
+    session was bridged, so the new proxy re-creates it as one (no initialize goes upstream)."""
+    proxy = await start_proxy(modern_upstream.url, state=":memory:", session_key="k" * 32)
+    client = LegacyClient()
+    async with client.session(proxy.url) as session:
+        await session.list_tools()
+        port = proxy.port
+        await proxy.stop()
+        await start_proxy(modern_upstream.url, state=":memory:", session_key="k" * 32, port=port)
+        assert (await session.call_tool("echo", {"text": "restored"})).structured_content == {"result": "restored"}
+    assert (await modern_upstream.stats())["initialize_refused"] == 1

@@ -188,7 +188,7 @@ class Bridge:
         result = initialize_result(discover, params.get("protocolVersion"))
         version = result["protocolVersion"]
         record = SessionRecord(
-            client_session_id=self._engine.new_client_session_id(params, version),
+            client_session_id=self._engine.new_client_session_id(params, version, bridged=True),
             upstream_session_id=BRIDGED,
             initialize_params=params,
             upstream=self.name,

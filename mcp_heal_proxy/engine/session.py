@@ -20,7 +20,8 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.bridge.core import Bridge
+from mcp_heal_proxy.bridge.core import BRIDGED, Bridge, is_bridged
+from mcp_heal_proxy.bridge.era import MODERN_VERSION
 from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
@@ -186,11 +187,11 @@ class SessionEngine:
             raise UnknownSession("Session not found")
         record = SessionRecord(
             client_session_id=client_session_id,
-            upstream_session_id=lost_upstream_session_id(),
+            upstream_session_id=BRIDGED if sealed.bridged else lost_upstream_session_id(),
             initialize_params=sealed.initialize_params,
             upstream=self.name,
             protocol_version=sealed.protocol_version,
-            upstream_protocol_version=sealed.protocol_version,
+            upstream_protocol_version=MODERN_VERSION if sealed.bridged else sealed.protocol_version,
         )
         stored = await self.store.create(record)
         if stored is record:
@@ -270,10 +271,12 @@ class SessionEngine:
             restored = await self.restore(record.client_session_id)
             return await self._healer.heal(restored, client_headers, reason=reason)
 
-    def new_client_session_id(self, initialize_params: Mapping[str, Any], protocol_version: str | None) -> str:
+    def new_client_session_id(
+        self, initialize_params: Mapping[str, Any], protocol_version: str | None, *, bridged: bool = False
+    ) -> str:
         """A sealed id for a new session (engine/sealing.py), or a random one when the client's initialize
         params are too large to seal (that session then does not outlive the store)."""
-        sealed = self._sealer.seal(SealedSession(self.name, initialize_params, protocol_version))
+        sealed = self._sealer.seal(SealedSession(self.name, initialize_params, protocol_version, bridged))
         if sealed is not None:
             return sealed
         log.info("session.not_sealed", upstream=self.name, reason="initialize params too large")
@@ -373,6 +376,8 @@ class SessionEngine:
         expiry, eviction, the status page's forget). No client headers exist at that moment, so an
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
         self._drop_early_stream(record.client_session_id)
+        if is_bridged(record):
+            return UpstreamEnding(204)  # the proxy held the session: nothing upstream to end
         headers = upstream_request_headers({}, record.upstream_session_id)
         version = record.upstream_protocol_version or record.protocol_version
         if version is not None:

@@ -18,6 +18,9 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
+from mcp_heal_proxy.front.app import STORE_KEY
+from mcp_heal_proxy.inventory import CachedStore, summary
+from mcp_heal_proxy.watch import format_sessions
 from tests.conftest import (
     INITIALIZE_PARAMS,
     MCP_HEADERS,
@@ -286,3 +289,27 @@ async def test_a_bridged_session_outlives_the_loss_of_its_store(
         await start_proxy(modern_upstream.url, state=":memory:", session_key="k" * 32, port=port)
         assert (await session.call_tool("echo", {"text": "restored"})).structured_content == {"result": "restored"}
     assert (await modern_upstream.stats())["initialize_refused"] == 1
+
+
+async def test_status_sessions_and_metrics_say_the_era_and_which_sessions_are_bridged(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(modern_upstream.url)
+    origin = proxy.url.removesuffix("/mcp")
+    async with http.get(f"{origin}/_proxy/api/upstreams") as response:
+        assert [upstream["era"] for upstream in (await response.json())["upstreams"]] == ["unknown"]
+    async with mcp_session(proxy.url) as session:
+        await session.list_tools()
+        async with http.get(f"{origin}/_proxy/api/status") as response:
+            status = await response.json()
+        assert [upstream["era"] for upstream in status["upstreams"]] == ["modern"]
+        assert [shown.get("bridged") for shown in status["sessions"]["shown"]] == [True]
+        store = proxy.app[STORE_KEY]
+        assert isinstance(store, CachedStore)
+        rows = [summary(record, full=True) for record in store.records()]
+        assert "(bridged to 2026-07-28)" in format_sessions(rows)
+    async with http.get(f"{origin}/metrics") as response:
+        metrics = await response.text()
+    assert 'mcp_heal_proxy_upstream_era{era="modern",upstream="default"} 1.0' in metrics
+    assert 'mcp_heal_proxy_upstream_era{era="unknown",upstream="default"} 0.0' in metrics
+    assert 'mcp_heal_proxy_sessions_bridged_total{upstream="default"} 1.0' in metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import time
@@ -27,6 +28,7 @@ import structlog
 
 from mcp_heal_proxy.backoff import Backoff
 from mcp_heal_proxy.bridge.era import (
+    BRIDGED,
     HEADER_MISMATCH,
     MODERN_VERSION,
     UNSUPPORTED_VERSION,
@@ -50,6 +52,7 @@ from mcp_heal_proxy.bridge.wire import (
 from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, answered_ids
 from mcp_heal_proxy.engine.state import SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE, StateChange
 from mcp_heal_proxy.errors import AnswerTooLarge, ProxyError, UpstreamUnavailable
+from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.upstream.client import INSPECT_LIMIT
 from mcp_heal_proxy.wire.headers import upstream_request_headers
@@ -60,8 +63,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("mcp_heal_proxy.bridge")
 
-# The upstream session id of a bridged record: the upstream has no sessions, the proxy holds this one.
-BRIDGED: Final = "mcp-heal-proxy-bridged"
 # Client headers never sent upstream on a bridged request: the proxy sets the modern ones itself.
 _DROP: Final = ("mcp-protocol-version", "last-event-id", "accept", "content-type", "mcp-method", "mcp-name")
 # Requests that cannot run a tool: resent when a connection broke before any answer (a restart).
@@ -129,11 +130,12 @@ def is_bridged(record: SessionRecord) -> bool:
 class Bridge:
     """One upstream's bridged sessions (built by its SessionEngine, used by both fronts)."""
 
-    def __init__(self, engine: SessionEngine) -> None:
+    def __init__(self, engine: SessionEngine, metrics: Metrics) -> None:
         self._engine = engine
         self.upstream = engine.upstream
         self.name = engine.name
-        self.era = EraState(engine.name, engine.config.era)
+        self._bridged = metrics.sessions_bridged.labels(engine.name)
+        self.era = EraState(engine.name, engine.config.era, functools.partial(_show_era, metrics, engine.name))
         self._capabilities: dict[str, Any] = {}
         self._schemas: dict[str, object] = {}
         self._ids = itertools.count(1)
@@ -144,7 +146,6 @@ class Bridge:
         self._listened: set[str] = set()
         self._started = time.time()
         self._closing = asyncio.Event()
-        self.bridged_sessions = 0
 
     # --- initialize ---------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class Bridge:
             upstream_protocol_version=MODERN_VERSION,
         )
         await self._engine.store.create(record)
-        self.bridged_sessions += 1
+        self._bridged.inc()
         log.info("session.bridged", upstream=self.name, client_session=record.client_session_id[:8], version=version)
         return BridgedOpen(record, {"jsonrpc": "2.0", "id": init.id, "result": result})
 
@@ -601,6 +602,13 @@ class Bridge:
 
 # The id the bridge gives an upstream response inside _send (its caller puts the client's id on it).
 _FINAL: Final = "mcp-heal-proxy-final"
+
+
+def _show_era(metrics: Metrics, upstream: str, era: str) -> None:
+    """The status page's and the era gauge's view of an upstream's era."""
+    metrics.events.upstream_era(upstream, era)
+    for label in ("modern", "legacy", "unknown"):
+        metrics.upstream_era.labels(upstream, label).set(1 if label == era else 0)
 
 
 def _done_with(answer: AnswerStream) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import structlog
@@ -22,6 +23,8 @@ from mcp_heal_proxy.config import UpstreamEra
 
 log = structlog.get_logger("mcp_heal_proxy.bridge.era")
 
+# The upstream session id of a bridged record: the upstream has no sessions, the proxy holds this one.
+BRIDGED: Final = "mcp-heal-proxy-bridged"
 MODERN_VERSION: Final = "2026-07-28"
 MODERN_VERSIONS: Final = frozenset({MODERN_VERSION})
 # The handshake-era versions a bridged client may negotiate, newest first.
@@ -61,13 +64,17 @@ def speaks_legacy(error: dict[str, Any]) -> bool:
 class EraState:
     """One upstream's era: pinned by ``era``, or learned (and learned again when it changes)."""
 
-    __slots__ = ("_name", "changed_at", "known", "pinned")
+    __slots__ = ("_name", "changed_at", "known", "on_change", "pinned")
 
-    def __init__(self, name: str, pinned: UpstreamEra) -> None:
+    def __init__(self, name: str, pinned: UpstreamEra, on_change: Callable[[str], None] | None = None) -> None:
         self._name = name
         self.pinned = pinned
         self.known: Known | None = "modern" if pinned == "modern" else "legacy" if pinned == "legacy" else None
         self.changed_at: float | None = None
+        # Told the new label at every change (the status page, the era gauge).
+        self.on_change = on_change
+        if on_change is not None:
+            on_change(self.label)
 
     @property
     def bridges(self) -> bool:
@@ -91,6 +98,8 @@ class EraState:
         log.info("upstream.era", upstream=self._name, era=era, was=self.known or "unknown", why=why)
         self.known = era
         self.changed_at = time.time()
+        if self.on_change is not None:
+            self.on_change(self.label)
 
     def forget(self, why: str) -> None:
         """The upstream answered as the learned era does not: look again at the next initialize."""
@@ -99,3 +108,5 @@ class EraState:
         log.info("upstream.era", upstream=self._name, era="unknown", was=self.known, why=why)
         self.known = None
         self.changed_at = time.time()
+        if self.on_change is not None:
+            self.on_change(self.label)

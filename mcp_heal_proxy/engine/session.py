@@ -20,8 +20,8 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
-from mcp_heal_proxy.bridge.core import BRIDGED, Bridge, is_bridged
-from mcp_heal_proxy.bridge.era import MODERN_VERSION
+from mcp_heal_proxy.bridge.core import Bridge, is_bridged
+from mcp_heal_proxy.bridge.era import BRIDGED, MODERN_VERSION
 from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
@@ -149,7 +149,7 @@ class SessionEngine:
         # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
         self._opens_streams_early = True
         # Handshake-era clients in front of a 2026-07-28-only upstream (bridge/): the era, the sessions.
-        self.bridge = Bridge(self)
+        self.bridge = Bridge(self, metrics)
 
     @property
     def activity(self) -> SessionActivity:

@@ -22,7 +22,8 @@ from typing import Annotated, Any
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.resolve import Elicit, Resolve
+from mcp.server.mcpserver.resolve import Elicit, ListRoots, Resolve, Sample
+from mcp.types import CreateMessageResult, ListRootsResult, SamplingMessage, TextContent
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -95,6 +96,45 @@ async def add_tool(ctx: Context) -> str:
         server.add_tool(extra, name="extra")
     await ctx.notify_tools_changed()
     return "added extra"
+
+
+def sample_haiku(text: str) -> Sample:
+    return Sample(
+        [SamplingMessage(role="user", content=TextContent(type="text", text=f"a haiku about {text}"))], max_tokens=50
+    )
+
+
+@server.tool()
+async def haiku(text: str, written: Annotated[CreateMessageResult, Resolve(sample_haiku)]) -> str:
+    """Ask the client's model for a haiku (sampling: an input_required result in 2026-07-28)."""
+    content = written.content
+    return content.text if isinstance(content, TextContent) else "no text"
+
+
+def ask_roots() -> ListRoots:
+    return ListRoots()
+
+
+@server.tool()
+async def roots(listed: Annotated[ListRootsResult, Resolve(ask_roots)]) -> str:
+    """The client's roots (roots/list: an input_required result in 2026-07-28)."""
+    return ", ".join(str(root.uri) for root in listed.roots)
+
+
+WATCHED = "file:///watched.txt"
+
+
+@server.resource(WATCHED)
+def watched() -> str:
+    """A resource whose updates touch announces."""
+    return "watched"
+
+
+@server.tool()
+async def touch(ctx: Context) -> str:
+    """Announce that the watched resource changed (to listen streams subscribed to it)."""
+    await ctx.notify_resource_updated(WATCHED)
+    return "touched"
 
 
 @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]

@@ -17,6 +17,7 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from pydantic import FileUrl
 
 from mcp_heal_proxy.front.app import STORE_KEY
 from mcp_heal_proxy.inventory import CachedStore, summary
@@ -63,10 +64,24 @@ class LegacyClient:
         self.notifications: list[str] = []
         self.elicited: list[str] = []
         self.list_changed = asyncio.Event()
+        self.sampled: list[str] = []
+        self.updated: list[str] = []
+        self.resource_updated = asyncio.Event()
 
     async def elicit(self, context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
         self.elicited.append(params.message)
         return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+    async def sample(self, context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        self.sampled.append(
+            params.messages[0].content.text if isinstance(params.messages[0].content, types.TextContent) else ""
+        )
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="old pond, frog"), model="fake"
+        )
+
+    async def roots(self, context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri=FileUrl("file:///work"), name="work")])
 
     async def log(self, params: types.LoggingMessageNotificationParams) -> None:
         self.logs.append(params.data)
@@ -75,6 +90,9 @@ class LegacyClient:
         if isinstance(message, types.ToolListChangedNotification):
             self.notifications.append(message.method)
             self.list_changed.set()
+        if isinstance(message, types.ResourceUpdatedNotification):
+            self.updated.append(str(message.params.uri))
+            self.resource_updated.set()
 
     async def on_progress(self, progress: float, total: float | None, message: str | None) -> None:
         self.progress.append(progress)
@@ -93,6 +111,8 @@ class LegacyClient:
                 read_stream,
                 write_stream,
                 elicitation_callback=self.elicit,
+                sampling_callback=self.sample,
+                list_roots_callback=self.roots,
                 logging_callback=self.log,
                 message_handler=self.message,
             ) as session,
@@ -313,3 +333,27 @@ async def test_status_sessions_and_metrics_say_the_era_and_which_sessions_are_br
     assert 'mcp_heal_proxy_upstream_era{era="modern",upstream="default"} 1.0' in metrics
     assert 'mcp_heal_proxy_upstream_era{era="unknown",upstream="default"} 0.0' in metrics
     assert 'mcp_heal_proxy_sessions_bridged_total{upstream="default"} 1.0' in metrics
+
+
+async def test_sampling_roots_and_resource_subscriptions(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    """sampling/createMessage and roots/list come to the client as requests (from input_required), and a
+    resources/subscribe the proxy answered makes the upstream's listen carry that resource's updates."""
+    proxy = await start_proxy(modern_upstream.url)
+    client = LegacyClient()
+    async with client.session(proxy.url) as session:
+        written = await session.call_tool("haiku", {"text": "frogs"})
+        assert written.structured_content == {"result": "old pond, frog"}, written
+        assert client.sampled == ["a haiku about frogs"]
+        listed = await session.call_tool("roots", {})
+        assert listed.structured_content == {"result": "file:///work"}, listed
+        with pytest.warns(MCPDeprecationWarning):  # resources/subscribe left the protocol in 2026-07-28
+            await session.subscribe_resource("file:///watched.txt")
+        await session.call_tool("touch", {})
+        async with asyncio.timeout(10):
+            await client.resource_updated.wait()
+        assert client.updated == ["file:///watched.txt"]
+        store = proxy.app[STORE_KEY]
+        assert isinstance(store, CachedStore)
+        assert [record.subscriptions for record in store.records()] == [frozenset({"file:///watched.txt"})]

@@ -19,8 +19,8 @@ import functools
 import itertools
 import json
 import time
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -49,11 +49,12 @@ from mcp_heal_proxy.bridge.wire import (
     modern_headers,
     param_headers,
 )
-from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, answered_ids
+from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, Piece, answered_ids
 from mcp_heal_proxy.engine.state import SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE, StateChange
 from mcp_heal_proxy.errors import AnswerTooLarge, ProxyError, UpstreamUnavailable
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import SessionRecord
+from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.client import INSPECT_LIMIT
 from mcp_heal_proxy.wire.headers import upstream_request_headers
 from mcp_heal_proxy.wire.jsonrpc import Message, PostBody
@@ -141,7 +142,8 @@ class Bridge:
         self._ids = itertools.count(1)
         # Input requests sent to clients, by (client session, the id the proxy gave the request).
         self._inputs: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
-        self._listen_changed: dict[str, asyncio.Event] = {}
+        # The GET streams (subscriptions/listen) being served, by client session.
+        self._listening: dict[str, _Listening] = {}
         # Sessions whose client opened a GET stream here (a later one reopens after a gap).
         self._listened: set[str] = set()
         self._started = time.time()
@@ -395,8 +397,15 @@ class Bridge:
                 )
             assert message.method is not None
             await self._engine.store.apply(record.client_session_id, StateChange(((message.method, value),)))
-            if message.method != SET_LEVEL:
-                self._listen_changed.setdefault(record.client_session_id, asyncio.Event()).set()
+            listening = self._listening.get(record.client_session_id)
+            if message.method != SET_LEVEL and listening is not None:
+                # The session's listen is reopened with the new URIs; the client hears its subscribe was
+                # taken once the upstream acknowledged them, so no update sent after the answer is lost.
+                listening.acknowledged.clear()
+                listening.changed.set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.upstream.config.connect_timeout):
+                        await listening.acknowledged.wait()
         return {"jsonrpc": "2.0", "id": message.id, "result": {}}
 
     async def _refresh_tools(self, client_headers: Mapping[str, str], record: SessionRecord) -> None:
@@ -492,7 +501,8 @@ class Bridge:
         when it drops (then one list_changed per kind: what changed meanwhile is unknown) and when the
         subscriptions change. None after ``idle`` seconds of silence. Ends with the session or the proxy."""
         cid = record.client_session_id
-        changed = self._listen_changed.setdefault(cid, asyncio.Event())
+        listening = self._listening[cid] = _Listening()
+        changed = listening.changed
         backoff = Backoff(first=_LISTEN_FIRST, maximum=_LISTEN_MAX)
         loop = asyncio.get_running_loop()
         # A client's GET again (its stream was cut: the network, a proxy restart) also follows a gap; the
@@ -512,7 +522,8 @@ class Bridge:
                 params = {"notifications": notifications, "_meta": envelope(current.initialize_params, None)}
                 opened = loop.time()
                 try:
-                    async with contextlib.aclosing(self._listen_once(client_headers, params, changed, gap)) as events:
+                    opening = self._listen_once(client_headers, params, listening, gap)
+                    async with contextlib.aclosing(opening) as events:
                         async for item in events:
                             if item is None:
                                 quiet += _LISTEN_TICK
@@ -540,13 +551,14 @@ class Bridge:
                         quiet = 0.0
                         yield None
         finally:
-            if self._listen_changed.get(cid) is changed:
-                del self._listen_changed[cid]
+            if self._listening.get(cid) is listening:
+                del self._listening[cid]
 
     async def _listen_once(
-        self, client_headers: Mapping[str, str], params: dict[str, Any], changed: asyncio.Event, gap: bool
+        self, client_headers: Mapping[str, str], params: dict[str, Any], listening: _Listening, gap: bool
     ) -> AsyncGenerator[dict[str, Any] | None, None]:
-        """One upstream listen: its notifications (without the acknowledgment), None at each tick."""
+        """One upstream listen: its notifications (without the acknowledgment), None at each tick; it
+        ends at once when the session's subscriptions change (``listening.changed``)."""
         response = await self.upstream.send(
             "POST",
             self._headers(client_headers, "subscriptions/listen", params),
@@ -559,8 +571,8 @@ class Bridge:
             if response.status != 200 or not answer.is_sse:
                 raise UpstreamUnavailable(f"upstream MCP server answered {response.status} to subscriptions/listen")
             answer.bound_events(_MAX_MESSAGE)
-            while not changed.is_set() and not self._closing.is_set():
-                piece = await answer.next(_LISTEN_TICK)
+            while not listening.changed.is_set() and not self._closing.is_set():
+                piece = await _unless_set(answer.next(_LISTEN_TICK), listening.changed)
                 if piece is None:
                     return
                 if piece is IDLE:
@@ -571,6 +583,7 @@ class Bridge:
                     if not isinstance(payload, dict) or not isinstance(payload.get("method"), str):
                         continue
                     if payload["method"] == "notifications/subscriptions/acknowledged":
+                        listening.acknowledged.set()
                         if gap:
                             # Reopened after a drop: whatever changed meanwhile was lost, so say every kind did.
                             for _, key, notification in LIST_CHANGED:
@@ -589,9 +602,9 @@ class Bridge:
         await self._engine.store.delete(cid)
         for slot in [slot for slot in self._inputs if slot[0] == cid]:
             self._inputs.pop(slot).cancel()
-        event = self._listen_changed.get(cid)
-        if event is not None:
-            event.set()
+        listening = self._listening.get(cid)
+        if listening is not None:
+            listening.changed.set()
         self._listened.discard(cid)
         log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
 
@@ -602,6 +615,27 @@ class Bridge:
 
 # The id the bridge gives an upstream response inside _send (its caller puts the client's id on it).
 _FINAL: Final = "mcp-heal-proxy-final"
+
+
+@dataclass(slots=True)
+class _Listening:
+    """A bridged session's GET stream: told when its subscriptions change, and tells when the upstream
+    acknowledged the listen opened with them."""
+
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    acknowledged: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _unless_set(reading: Coroutine[Any, Any, Piece | None], event: asyncio.Event) -> Piece | None:
+    """The next piece of a listen, or None as soon as ``event`` is set (the read is given up)."""
+    owner = TaskOwner()
+    read = owner.spawn(reading, name="listen-read")
+    wait = owner.spawn(event.wait(), name="listen-changed")
+    try:
+        await asyncio.wait((read, wait), return_when=asyncio.FIRST_COMPLETED)
+        return read.result() if read.done() else None
+    finally:
+        await owner.close()
 
 
 def _show_era(metrics: Metrics, upstream: str, era: str) -> None:

@@ -35,7 +35,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MODERN_VERSION = "2026-07-28"
-STATS: dict[str, Any] = {"initialize_refused": 0, "tools_call": 0, "refused": 0, "meta": {}, "methods": []}
+STATS: dict[str, Any] = {
+    "initialize_refused": 0,
+    "tools_call": 0,
+    "refused": 0,
+    "hang_cancelled": 0,
+    "meta": {},
+    "methods": [],
+}
 
 STEP_SECONDS = 0.05
 
@@ -64,7 +71,11 @@ async def steps(count: int, ctx: Context) -> str:
 async def hang(ctx: Context) -> str:
     """Report progress once, then never finish (a call the test breaks by restarting the server)."""
     await ctx.report_progress(1, 2, "started")
-    await asyncio.sleep(3600)
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        STATS["hang_cancelled"] += 1  # the client closed the answer: the 2026-07-28 cancellation
+        raise
     return "never"
 
 

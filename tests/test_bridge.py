@@ -30,7 +30,9 @@ from tests.conftest import (
     UpstreamProcess,
     mcp_session,
     post_on_session,
+    raw_initialize,
     session_headers,
+    wait_until,
 )
 from tests.test_stdio import BRIDGE
 
@@ -357,3 +359,28 @@ async def test_sampling_roots_and_resource_subscriptions(
         store = proxy.app[STORE_KEY]
         assert isinstance(store, CachedStore)
         assert [record.subscriptions for record in store.records()] == [frozenset({"file:///watched.txt"})]
+
+
+async def test_a_cancelled_call_closes_its_upstream_answer(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A legacy notifications/cancelled (its own POST) becomes the modern cancellation: the proxy closes
+    the call's upstream answer, the tool stops, and the client's stream ends without a response."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    session_id = await raw_initialize(http, proxy.url)
+    params = {"name": "hang", "arguments": {}, "_meta": {"progressToken": "p"}}
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}
+    async with http.post(proxy.url, json=call, headers=session_headers(session_id)) as answer:
+        assert answer.headers["Content-Type"].startswith("text/event-stream")
+        first = await answer.content.readuntil(b"\n\n")
+        assert b"notifications/progress" in first
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7}}
+        status, _, _ = await post_on_session(http, proxy.url, session_id, cancel)
+        assert status == 202
+        rest = await answer.read()
+    assert b'"id":7' not in rest.replace(b" ", b""), "a response after the cancellation"
+    await wait_until(lambda: stats_value(modern_upstream, "hang_cancelled"), 10, "the tool was cancelled upstream")
+
+
+async def stats_value(server: ModernUpstreamProcess, key: str) -> bool:
+    return bool((await server.stats())[key])

@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aiohttp
 import structlog
@@ -49,7 +49,7 @@ from mcp_heal_proxy.bridge.wire import (
     modern_headers,
     param_headers,
 )
-from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, Piece, answered_ids
+from mcp_heal_proxy.engine.answers import IDLE, AnswerStream, Ending, answered_ids
 from mcp_heal_proxy.engine.state import SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE, StateChange
 from mcp_heal_proxy.errors import AnswerTooLarge, ProxyError, UpstreamUnavailable
 from mcp_heal_proxy.observability import Metrics
@@ -142,6 +142,8 @@ class Bridge:
         self._ids = itertools.count(1)
         # Input requests sent to clients, by (client session, the id the proxy gave the request).
         self._inputs: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        # The calls running, by (client session, request id as text): set to cancel one.
+        self._cancels: dict[tuple[str, str], asyncio.Event] = {}
         # The GET streams (subscriptions/listen) being served, by client session.
         self._listening: dict[str, _Listening] = {}
         # Sessions whose client opened a GET stream here (a later one reopens after a gap).
@@ -257,7 +259,40 @@ class Bridge:
         self, client_headers: Mapping[str, str], record: SessionRecord, message: Message, idle: float
     ) -> AsyncGenerator[dict[str, Any] | None, None]:
         """One client request, bridged: yields the messages for the client (notifications, input requests,
-        the response last), and None after ``idle`` seconds of silence."""
+        the response last), and None after ``idle`` seconds of silence. A ``notifications/cancelled`` for
+        it (``cancel``) ends it at once without a response, closing its upstream stream (the 2026-07-28
+        cancellation)."""
+        key = (record.client_session_id, str(message.id))
+        cancelled = self._cancels[key] = asyncio.Event()
+        messages = self._call(client_headers, record, message, idle)
+
+        async def step() -> dict[str, Any] | _End | None:
+            return await anext(messages, _END)
+
+        try:
+            async with contextlib.aclosing(messages):
+                while True:
+                    taken, item = await _unless_set(step(), cancelled)
+                    if not taken:
+                        log.info("bridge.call_cancelled", upstream=self.name, client_session=key[0][:8])
+                        return
+                    if isinstance(item, _End):
+                        return
+                    yield item
+        finally:
+            if self._cancels.get(key) is cancelled:
+                del self._cancels[key]
+
+    def cancel(self, record: SessionRecord, params: Mapping[str, Any] | None) -> None:
+        """A client's notifications/cancelled: end the call it names, if it runs."""
+        request_id = (params or {}).get("requestId")
+        cancelled = self._cancels.get((record.client_session_id, str(request_id)))
+        if cancelled is not None:
+            cancelled.set()
+
+    async def _call(
+        self, client_headers: Mapping[str, str], record: SessionRecord, message: Message, idle: float
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
         method = message.method
         assert method is not None
         if method in _LOCAL:
@@ -572,7 +607,7 @@ class Bridge:
                 raise UpstreamUnavailable(f"upstream MCP server answered {response.status} to subscriptions/listen")
             answer.bound_events(_MAX_MESSAGE)
             while not listening.changed.is_set() and not self._closing.is_set():
-                piece = await _unless_set(answer.next(_LISTEN_TICK), listening.changed)
+                _, piece = await _unless_set(answer.next(_LISTEN_TICK), listening.changed)
                 if piece is None:
                     return
                 if piece is IDLE:
@@ -602,6 +637,8 @@ class Bridge:
         await self._engine.store.delete(cid)
         for slot in [slot for slot in self._inputs if slot[0] == cid]:
             self._inputs.pop(slot).cancel()
+        for key in [key for key in self._cancels if key[0] == cid]:
+            self._cancels[key].set()
         listening = self._listening.get(cid)
         if listening is not None:
             listening.changed.set()
@@ -626,14 +663,23 @@ class _Listening:
     acknowledged: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def _unless_set(reading: Coroutine[Any, Any, Piece | None], event: asyncio.Event) -> Piece | None:
-    """The next piece of a listen, or None as soon as ``event`` is set (the read is given up)."""
+class _End:
+    """What a call's next step gives when the call has no more messages."""
+
+
+_END: Final = _End()
+_T = TypeVar("_T")
+
+
+async def _unless_set(work: Coroutine[Any, Any, _T], event: asyncio.Event) -> tuple[bool, _T | None]:
+    """(True, the result of ``work``), or (False, None) as soon as ``event`` is set (the work is given up:
+    cancelled, which closes the upstream answer it was reading)."""
     owner = TaskOwner()
-    read = owner.spawn(reading, name="listen-read")
-    wait = owner.spawn(event.wait(), name="listen-changed")
+    task = owner.spawn(work, name="bridge-step")
+    wait = owner.spawn(event.wait(), name="bridge-step-unless")
     try:
-        await asyncio.wait((read, wait), return_when=asyncio.FIRST_COMPLETED)
-        return read.result() if read.done() else None
+        await asyncio.wait((task, wait), return_when=asyncio.FIRST_COMPLETED)
+        return (True, task.result()) if task.done() else (False, None)
     finally:
         await owner.close()
 

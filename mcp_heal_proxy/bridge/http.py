@@ -18,7 +18,7 @@ from mcp_heal_proxy.front.exchange import Exchange
 from mcp_heal_proxy.front.relay import Outcome
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
-from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody
+from mcp_heal_proxy.wire.jsonrpc import CANCELLED, Kind, PostBody
 from mcp_heal_proxy.wire.sse import Event, encode_comment, encode_event
 
 _KEEPALIVE: Final = encode_comment("keep-alive")
@@ -51,6 +51,8 @@ async def post(
     if first.kind is not Kind.REQUEST:
         if first.kind is Kind.RESPONSE:
             bridge.take(record, body)
+        elif first.method == CANCELLED:
+            bridge.cancel(record, first.params)
         outcome.status = 202
         await exchange.answer(202, b"", [(MCP_SESSION_ID, cid)])
         return

@@ -9,7 +9,7 @@ from typing import Any, Final
 from mcp_heal_proxy.bridge.core import Bridge, UpstreamChallenge
 from mcp_heal_proxy.bridge.wire import error_message
 from mcp_heal_proxy.store.records import SessionRecord
-from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody
+from mcp_heal_proxy.wire.jsonrpc import CANCELLED, Kind, PostBody
 
 # Writes one JSON-RPC message as one line.
 WriteMessage = Callable[[dict[str, Any]], Awaitable[None]]
@@ -27,6 +27,8 @@ async def post(
         bridge.take(record, body)
         return
     if first.kind is not Kind.REQUEST:
+        if first.method == CANCELLED:
+            bridge.cancel(record, first.params)
         return
     messages = bridge.call(headers, record, first, _IDLE)
     async with contextlib.aclosing(messages):

@@ -24,7 +24,7 @@ import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Elicit, ListRoots, Resolve, Sample
 from mcp.types import CreateMessageResult, ListRootsResult, SamplingMessage, TextContent
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -65,6 +65,12 @@ async def steps(count: int, ctx: Context) -> str:
         await ctx.info(f"did step {step}")
         await asyncio.sleep(STEP_SECONDS)
     return f"done after {count} steps"
+
+
+@server.tool()
+async def regional(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})], query: str) -> str:
+    """A tool whose region argument is mirrored into the Mcp-Param-Region header (x-mcp-header)."""
+    return f"{query} in {region}"
 
 
 @server.tool()

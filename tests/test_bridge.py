@@ -384,3 +384,21 @@ async def test_a_cancelled_call_closes_its_upstream_answer(
 
 async def stats_value(server: ModernUpstreamProcess, key: str) -> bool:
     return bool((await server.stats())[key])
+
+
+async def test_tool_arguments_marked_x_mcp_header_go_as_headers(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A call before any tools/list: the proxy knows no schema, the upstream refuses the missing
+    Mcp-Param-Region (-32020), the proxy lists the tools and sends the call again with the header. Later
+    calls carry it from the start."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    session_id = await raw_initialize(http, proxy.url)
+    params = {"name": "regional", "arguments": {"region": "Zürich ", "query": "q"}}
+    for request_id in (1, 2):
+        call = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+        status, _, answer = await post_on_session(http, proxy.url, session_id, call)
+        assert status == 200
+        assert answer["result"]["structuredContent"] == {"result": "q in Zürich "}, answer
+    methods = (await modern_upstream.stats())["methods"]
+    assert methods == ["server/discover", "tools/call", "tools/list", "tools/call", "tools/call"], methods

@@ -192,14 +192,18 @@ class ModernUpstreamProcess(ServerProcess):
 
     name = "modern-only upstream server"
 
-    def __init__(self, *, json_response: bool = False) -> None:
+    def __init__(self, *, json_response: bool = False, legacy_only: bool = False) -> None:
         super().__init__()
         self.json_response = json_response
+        # The same server speaking only the handshake era (a plain 400 to a 2026-07-28 request).
+        self.legacy_only = legacy_only
 
     def command(self) -> list[str]:
         command = [sys.executable, str(HERE / "modern_upstream.py"), "--port", str(self.port)]
         if self.json_response:
             command.append("--json")
+        if self.legacy_only:
+            command.append("--legacy-only")
         return command
 
 

@@ -40,6 +40,7 @@ STATS: dict[str, Any] = {
     "tools_call": 0,
     "refused": 0,
     "hang_cancelled": 0,
+    "initialize": 0,
     "meta": {},
     "methods": [],
 }
@@ -166,8 +167,17 @@ def _error(status: int, code: int, message: str, request_id: Any = None, data: A
     return status, json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode()
 
 
+# --legacy-only turns the guard around: the server speaks only the handshake era, and answers a 2026-07-28
+# request as a legacy server does (a plain 400 about the missing session, no modern error).
+LEGACY_ONLY = {"on": False}
+
+
 def refusal(method: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes] | None:
     """What a modern-only server answers a request it does not serve (None: the SDK serves it)."""
+    if LEGACY_ONLY["on"]:
+        if headers.get("mcp-protocol-version") == MODERN_VERSION:
+            return 400, b"Bad Request: No valid session ID provided"
+        return None
     if method in ("GET", "DELETE"):
         return 405, b""
     if method != "POST":
@@ -209,7 +219,12 @@ def modern_only(app: ASGIApp) -> ASGIApp:
         if refused is not None:
             STATS["refused"] += 1
             status, payload = refused
-            extra_headers = [(b"allow", b"POST")] if status == 405 else [(b"content-type", b"application/json")]
+            if status == 405:
+                extra_headers = [(b"allow", b"POST")]
+            elif payload.startswith(b"{"):
+                extra_headers = [(b"content-type", b"application/json")]
+            else:
+                extra_headers = [(b"content-type", b"text/plain")]
             await send({"type": "http.response.start", "status": status, "headers": extra_headers})
             await send({"type": "http.response.body", "body": payload})
             return
@@ -219,6 +234,8 @@ def modern_only(app: ASGIApp) -> ASGIApp:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("method"), str):
             method = parsed["method"]
+            if method == "initialize":
+                STATS["initialize"] += 1
             STATS["methods"].append(method)
             params = parsed.get("params")
             if isinstance(params, dict) and isinstance(params.get("_meta"), dict):
@@ -243,7 +260,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--json", action="store_true", help="answer with application/json where the SDK may")
+    parser.add_argument("--legacy-only", action="store_true", help="speak only the handshake era")
     args = parser.parse_args()
+    LEGACY_ONLY["on"] = args.legacy_only
     app = server.streamable_http_app(json_response=args.json, host="127.0.0.1")
     config = uvicorn.Config(modern_only(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
     uvicorn.Server(config).run()

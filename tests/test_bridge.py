@@ -402,3 +402,51 @@ async def test_tool_arguments_marked_x_mcp_header_go_as_headers(
         assert answer["result"]["structuredContent"] == {"result": "q in Zürich "}, answer
     methods = (await modern_upstream.stats())["methods"]
     assert methods == ["server/discover", "tools/call", "tools/list", "tools/call", "tools/call"], methods
+
+
+async def test_an_upstream_that_turns_legacy_is_seen_again(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The modern-only upstream is replaced by a handshake-era one on the same address: a bridged
+    request meets a 400 that is no modern error, so the bridged session ends (404: the client initializes
+    again) and the next initialize goes upstream, where it gets a real upstream session."""
+    proxy = await start_proxy(modern_upstream.url)
+    session_id = await raw_initialize(http, proxy.url)
+    tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    assert (await post_on_session(http, proxy.url, session_id, tools))[0] == 200
+    await modern_upstream.stop()
+    legacy = ModernUpstreamProcess(legacy_only=True, json_response=True)
+    legacy.port = modern_upstream.port
+    await legacy.start()
+    try:
+        status, _, answer = await post_on_session(http, proxy.url, session_id, tools)
+        assert status == 404, answer
+        assert answer["id"] == 2
+        session_id = await raw_initialize(http, proxy.url)
+        status, _, answer = await post_on_session(http, proxy.url, session_id, tools)
+        assert status == 200
+        assert "echo" in {tool["name"] for tool in answer["result"]["tools"]}
+        assert (await legacy.stats())["initialize"] == 1
+        async with http.get(proxy.url.removesuffix("/mcp") + "/_proxy/api/upstreams") as response:
+            assert [upstream["era"] for upstream in (await response.json())["upstreams"]] == ["legacy"]
+    finally:
+        await legacy.stop()
+
+
+async def test_a_json_answering_modern_upstream(start_proxy: ProxyFactory) -> None:
+    """The modern-only upstream answering application/json (no progress stream): calls, an elicitation
+    (the proxy turns the JSON input_required into an SSE answer), list_changed from the listen."""
+    server = ModernUpstreamProcess(json_response=True)
+    await server.start()
+    try:
+        proxy = await start_proxy(server.url)
+        client = LegacyClient()
+        async with client.session(proxy.url) as session:
+            assert (await session.call_tool("echo", {"text": "j"})).structured_content == {"result": "j"}
+            greeted = await session.call_tool("ask_name", {})
+            assert greeted.structured_content == {"result": "hello Ada"}
+            await session.call_tool("add_tool", {})
+            async with asyncio.timeout(10):
+                await client.list_changed.wait()
+    finally:
+        await server.stop()

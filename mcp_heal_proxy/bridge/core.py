@@ -164,7 +164,10 @@ class Bridge:
                 return bridged
         opened = await self._engine.initialize(client_headers, body)
         answer = opened.answer
-        if opened.record is not None or answer.status != 400 or not self.era.may_bridge:
+        if opened.record is not None:
+            self.era.learn("legacy", "initialize accepted")  # a legacy or dual-era upstream
+            return opened
+        if answer.status != 400 or not self.era.may_bridge:
             return opened
         try:
             raw = await answer.read_whole(INSPECT_LIMIT)

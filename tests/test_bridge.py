@@ -450,3 +450,31 @@ async def test_a_json_answering_modern_upstream(start_proxy: ProxyFactory) -> No
                 await client.list_changed.wait()
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize("stdio", [False, True], ids=["http", "stdio"])
+async def test_a_session_whose_upstream_turns_modern_only_is_bridged_from_then_on(
+    start_proxy: ProxyFactory, stdio: bool
+) -> None:
+    """A handshake-era session on a legacy-only upstream; the upstream is replaced by a 2026-07-28-only
+    one on the same address. The session's next request is refused (400 -32022, unrun): the proxy sees the
+    modern error, checks server/discover and makes the session a bridged one; the request goes again, and
+    everything after works as for a session bridged from the start."""
+    legacy = ModernUpstreamProcess(legacy_only=True)
+    await legacy.start()
+    modern = ModernUpstreamProcess()
+    modern.port = legacy.port
+    try:
+        url = legacy.url if stdio else (await start_proxy(legacy.url)).url
+        client = LegacyClient()
+        async with client.session(url, stdio=stdio) as session:
+            assert (await session.call_tool("echo", {"text": "legacy"})).structured_content == {"result": "legacy"}
+            assert (await legacy.stats())["initialize"] == 1
+            await legacy.stop()
+            await modern.start()
+            assert (await session.call_tool("echo", {"text": "modern"})).structured_content == {"result": "modern"}
+            await client.exercise(session)
+        assert (await modern.stats())["initialize_refused"] == 0
+    finally:
+        await legacy.stop()
+        await modern.stop()

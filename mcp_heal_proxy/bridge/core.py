@@ -20,7 +20,7 @@ import itertools
 import json
 import time
 from collections.abc import AsyncGenerator, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aiohttp
@@ -182,6 +182,31 @@ class Bridge:
                 return bridged
         # Not modern-only after all: the refusal goes to the client, from the bytes read.
         return type(opened)(AnswerStream(answer.response, (init.id,), raw), None)
+
+    async def adopt(
+        self, client_headers: Mapping[str, str], record: SessionRecord, answer: AnswerStream
+    ) -> SessionRecord | AnswerStream:
+        """A request on a handshake-era session refused with 400: when the refusal is a modern error and the
+        upstream answers server/discover, the upstream turned 2026-07-28-only under the session, which
+        becomes a bridged one (returned: the request, refused unrun, goes again through the bridge).
+        Else the answer, from the bytes read, for the front to relay."""
+        try:
+            raw = await answer.read_whole(INSPECT_LIMIT)
+        finally:
+            answer.release()
+        error = modern_error(answer.status, answer.decoded(raw))
+        if error is not None and not speaks_legacy(error) and await self.discover(client_headers) is not None:
+            self.era.learn("modern", f"a session's request refused with {error.get('code')}")
+            adopted = await self._engine.store.apply(record.client_session_id, _bridged_now)
+            if adopted is not None and is_bridged(adopted):
+                # Its client's next GET follows a gap (the legacy stream ended): list changes were lost.
+                self._listened.add(record.client_session_id)
+                self._bridged.inc()
+                log.info(
+                    "session.bridged", upstream=self.name, client_session=record.client_session_id[:8], adopted=True
+                )
+                return adopted
+        return AnswerStream(answer.response, answer.unanswered, raw)
 
     async def initialize(self, client_headers: Mapping[str, str], init: Message, why: str = "") -> BridgedOpen | None:
         """Answer an initialize from server/discover and mint the session; None when the upstream does not
@@ -685,6 +710,19 @@ async def _unless_set(work: Coroutine[Any, Any, _T], event: asyncio.Event) -> tu
         return (True, task.result()) if task.done() else (False, None)
     finally:
         await owner.close()
+
+
+def _bridged_now(record: SessionRecord) -> SessionRecord:
+    """A handshake-era session whose upstream turned 2026-07-28-only, as a bridged one (the next
+    generation: a heal prepared on the old upstream session cannot write over it)."""
+    if is_bridged(record):
+        return record
+    return replace(
+        record,
+        upstream_session_id=BRIDGED,
+        upstream_protocol_version=MODERN_VERSION,
+        generation=record.generation + 1,
+    )
 
 
 def _show_era(metrics: Metrics, upstream: str, era: str) -> None:

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 from mcp_heal_proxy.bridge import http as bridged
 from mcp_heal_proxy.bridge.core import BridgedOpen, is_bridged
+from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine
 from mcp_heal_proxy.errors import (
@@ -286,6 +287,15 @@ class Proxy:
                 return
             sent = await engine.post(headers, body, record)
             outcome.healed = sent.healed
+            if sent.answer is not None and sent.answer.status == 400 and engine.bridge.era.may_bridge:
+                # Refused unrun: the upstream may have turned 2026-07-28-only under the session.
+                adopted = await engine.bridge.adopt(headers, sent.record, sent.answer)
+                if not isinstance(adopted, AnswerStream):
+                    await bridged.post(
+                        engine.bridge, exchange, adopted, body, outcome, self._settings.keepalive_interval
+                    )
+                    return
+                sent.answer = adopted
             if sent.answer is None:
                 await exchange.answer(202, b"")
                 return

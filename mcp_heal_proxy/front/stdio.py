@@ -204,6 +204,18 @@ class Bridge:
             await bridged.post(engine.bridge, self._headers, record, body, self._write_message)
             return
         sent = await engine.post(self._headers, body, record)
+        if sent.answer is not None and sent.answer.status == 400 and engine.bridge.era.may_bridge:
+            # Refused unrun: the upstream may have turned 2026-07-28-only under the session.
+            adopted = await engine.bridge.adopt(self._headers, sent.record, sent.answer)
+            if not isinstance(adopted, AnswerStream):
+                self._record = adopted
+                # The session's server stream is now the bridge's (the upstream has no GET stream).
+                if self._stream is not None:
+                    self._stream.cancel()
+                self._stream = self._tasks.spawn(self._follow_server_stream(), name="server-stream")
+                await bridged.post(engine.bridge, self._headers, adopted, body, self._write_message)
+                return
+            sent.answer = adopted
         if sent.answer is not None:
             await self._relay(sent.answer, body, record=sent.record)
 

@@ -478,3 +478,14 @@ async def test_a_session_whose_upstream_turns_modern_only_is_bridged_from_then_o
     finally:
         await legacy.stop()
         await modern.stop()
+
+
+async def test_bridged_sessions_count_against_max_sessions(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(modern_upstream.url, era="modern", max_sessions=2)
+    first = await raw_initialize(http, proxy.url)
+    for _ in range(2):
+        await raw_initialize(http, proxy.url)
+    assert len(proxy.app[STORE_KEY]) == 2
+    assert await proxy.record(first) is None, "the least recently used session stayed"

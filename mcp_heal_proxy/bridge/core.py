@@ -217,6 +217,7 @@ class Bridge:
             return None
         if why:
             self.era.learn("modern", why)
+        await self._engine.make_room()
         params = dict(init.params or {})
         result = initialize_result(discover, params.get("protocolVersion"))
         version = result["protocolVersion"]

@@ -208,23 +208,7 @@ class SessionEngine:
         """
         init = body.initialize
         assert init is not None
-        excess = len(self.store) - self._max_sessions + 1
-        if excess > 0:
-            # Last-use marks not yet flushed are written first: the least recently used session is chosen
-            # by what the store knows, and a session used a moment ago (its upstream session then ended
-            # under a running call) must not pass for the oldest.
-            await self._activity.write_to(self.store)
-            # Sessions in use were just written as used now, so the least recently used are idle ones.
-            evicted = await self.store.evict_oldest(excess)
-            log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
-            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
-            if in_use:
-                # Every session was in use: the limit wins, and the clients of these will get 404.
-                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
-                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
-            if self._endings is not None:
-                # In the background: this client's initialize does not wait on another session's DELETE.
-                self._endings.end_later(evicted, "evicted")
+        await self.make_room()
         response = await self.send("POST", upstream_request_headers(client_headers, None), body.raw)
         upstream_session_id = response.headers.get(MCP_SESSION_ID)
         # An upstream session exists from here on whatever else the answer says: every refusal below
@@ -260,6 +244,27 @@ class SessionEngine:
             raise
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
+
+    async def make_room(self) -> None:
+        """Before a new session (the engine's or the bridge's): evict the least recently used sessions
+        beyond ``max_sessions``."""
+        excess = len(self.store) - self._max_sessions + 1
+        if excess > 0:
+            # Last-use marks not yet flushed are written first: the least recently used session is chosen
+            # by what the store knows, and a session used a moment ago (its upstream session then ended
+            # under a running call) must not pass for the oldest.
+            await self._activity.write_to(self.store)
+            # Sessions in use were just written as used now, so the least recently used are idle ones.
+            evicted = await self.store.evict_oldest(excess)
+            log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
+            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
+            if in_use:
+                # Every session was in use: the limit wins, and the clients of these will get 404.
+                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
+                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
+            if self._endings is not None:
+                # In the background: this client's initialize does not wait on another session's DELETE.
+                self._endings.end_later(evicted, "evicted")
 
     async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
         """Heal through the Healer; a session the store lost during the request (the heal found no record)

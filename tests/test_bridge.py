@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -34,6 +35,7 @@ from tests.conftest import (
     session_headers,
     wait_until,
 )
+from tests.fake_upstream import FakeUpstream
 from tests.test_stdio import BRIDGE
 
 
@@ -489,3 +491,27 @@ async def test_bridged_sessions_count_against_max_sessions(
         await raw_initialize(http, proxy.url)
     assert len(proxy.app[STORE_KEY]) == 2
     assert await proxy.record(first) is None, "the least recently used session stayed"
+
+
+@pytest.mark.parametrize("code", [-32602, -32022])
+async def test_a_refused_initialize_that_is_not_modern_only_reaches_the_client_whole(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession, code: int
+) -> None:
+    """A legacy server refusing an initialize (400, -32602), or one answering -32022 whose server/discover
+    fails (not modern either): the client gets the upstream's refusal byte for byte, from the bytes the
+    proxy read to look at it."""
+    upstream, url = fake
+    refusal = {"jsonrpc": "2.0", "id": 1, "error": {"code": code, "message": "no", "data": {"supported": ["1999"]}}}
+
+    async def refuse(request: web.Request, body: Any) -> web.StreamResponse:
+        return web.json_response(refusal, status=400)
+
+    upstream.initializes = 1  # every initialize is a "re-initialize", which the knob answers
+    upstream.on_reinitialize = refuse
+    proxy = await start_proxy(url)
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}
+    async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
+        assert response.status == 400
+        assert await response.json() == refusal
+    async with http.get(proxy.url.removesuffix("/mcp") + "/_proxy/api/upstreams") as response:
+        assert [upstream["era"] for upstream in (await response.json())["upstreams"]] == ["unknown"]

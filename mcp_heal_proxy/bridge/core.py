@@ -181,7 +181,7 @@ class Bridge:
             if bridged is not None:
                 return bridged
         # Not modern-only after all: the refusal goes to the client, from the bytes read.
-        return type(opened)(AnswerStream(answer.response, (init.id,), raw), None)
+        return type(opened)(_read_again(answer, (init.id,), raw), None)
 
     async def adopt(
         self, client_headers: Mapping[str, str], record: SessionRecord, answer: AnswerStream
@@ -206,7 +206,7 @@ class Bridge:
                     "session.bridged", upstream=self.name, client_session=record.client_session_id[:8], adopted=True
                 )
                 return adopted
-        return AnswerStream(answer.response, answer.unanswered, raw)
+        return _read_again(answer, answer.unanswered, raw)
 
     async def initialize(self, client_headers: Mapping[str, str], init: Message, why: str = "") -> BridgedOpen | None:
         """Answer an initialize from server/discover and mint the session; None when the upstream does not
@@ -711,6 +711,14 @@ async def _unless_set(work: Coroutine[Any, Any, _T], event: asyncio.Event) -> tu
         return (True, task.result()) if task.done() else (False, None)
     finally:
         await owner.close()
+
+
+def _read_again(answer: AnswerStream, request_ids: tuple[Any, ...], raw: bytes) -> AnswerStream:
+    """An answer the bridge read whole (and released) to look at it, as a stream for the front to relay:
+    its bytes come from what was read, never again from the connection."""
+    again = AnswerStream(answer.response, request_ids, raw)
+    again.ending = Ending.COMPLETE
+    return again
 
 
 def _bridged_now(record: SessionRecord) -> SessionRecord:

@@ -192,11 +192,13 @@ class ModernUpstreamProcess(ServerProcess):
 
     name = "modern-only upstream server"
 
-    def __init__(self, *, json_response: bool = False, legacy_only: bool = False) -> None:
+    def __init__(self, *, json_response: bool = False, legacy_only: bool = False, bearer: str | None = None) -> None:
         super().__init__()
         self.json_response = json_response
         # The same server speaking only the handshake era (a plain 400 to a 2026-07-28 request).
         self.legacy_only = legacy_only
+        # A bearer token every MCP request must carry (else 401 with a challenge).
+        self.bearer = bearer
 
     def command(self) -> list[str]:
         command = [sys.executable, str(HERE / "modern_upstream.py"), "--port", str(self.port)]
@@ -204,6 +206,8 @@ class ModernUpstreamProcess(ServerProcess):
             command.append("--json")
         if self.legacy_only:
             command.append("--legacy-only")
+        if self.bearer is not None:
+            command += ["--bearer", self.bearer]
         return command
 
 

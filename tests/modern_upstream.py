@@ -170,6 +170,9 @@ def _error(status: int, code: int, message: str, request_id: Any = None, data: A
 # --legacy-only turns the guard around: the server speaks only the handshake era, and answers a 2026-07-28
 # request as a legacy server does (a plain 400 about the missing session, no modern error).
 LEGACY_ONLY = {"on": False}
+# --bearer TOKEN: every MCP request needs "Authorization: Bearer TOKEN", else 401 with a challenge.
+BEARER: dict[str, str | None] = {"token": None}
+CHALLENGE = 'Bearer error="invalid_token", resource_metadata="http://127.0.0.1/.well-known/oauth-protected-resource"'
 
 
 def refusal(method: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes] | None:
@@ -215,6 +218,12 @@ def modern_only(app: ASGIApp) -> ASGIApp:
                 break
         body = b"".join(chunks)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        token = BEARER["token"]
+        if token is not None and headers.get("authorization") != f"Bearer {token}":
+            challenge = [(b"www-authenticate", CHALLENGE.encode()), (b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 401, "headers": challenge})
+            await send({"type": "http.response.body", "body": b'{"error": "invalid_token"}'})
+            return
         refused = refusal(scope["method"], headers, body)
         if refused is not None:
             STATS["refused"] += 1
@@ -261,8 +270,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--json", action="store_true", help="answer with application/json where the SDK may")
     parser.add_argument("--legacy-only", action="store_true", help="speak only the handshake era")
+    parser.add_argument("--bearer", help="require this bearer token")
     args = parser.parse_args()
     LEGACY_ONLY["on"] = args.legacy_only
+    BEARER["token"] = args.bearer
     app = server.streamable_http_app(json_response=args.json, host="127.0.0.1")
     config = uvicorn.Config(modern_only(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
     uvicorn.Server(config).run()

@@ -515,3 +515,38 @@ async def test_a_refused_initialize_that_is_not_modern_only_reaches_the_client_w
         assert await response.json() == refusal
     async with http.get(proxy.url.removesuffix("/mcp") + "/_proxy/api/upstreams") as response:
         assert [upstream["era"] for upstream in (await response.json())["upstreams"]] == ["unknown"]
+
+
+async def test_an_oauth_challenge_passes_to_a_bridged_client(
+    start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The client's Authorization goes upstream on bridged requests, and an upstream's 401 with a Bearer
+    challenge reaches the client as a 401 with its challenge, rewritten by the OAuth pass-through (the
+    client's OAuth flow starts at the proxy), as without the bridge."""
+    server = ModernUpstreamProcess(json_response=True, bearer="good")
+    await server.start()
+    try:
+        proxy = await start_proxy(server.url)
+        headers = {**MCP_HEADERS, "Authorization": "Bearer good"}
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}
+        async with http.post(proxy.url, json=body, headers=headers) as response:
+            assert response.status == 200
+            session_id = response.headers["Mcp-Session-Id"]
+        on_session = {**session_headers(session_id), "Authorization": "Bearer good"}
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "a"}},
+        }
+        async with http.post(proxy.url, json=call, headers=on_session) as response:
+            assert response.status == 200
+            assert (await response.json())["result"]["structuredContent"] == {"result": "a"}
+        async with http.post(proxy.url, json=call, headers={**on_session, "Authorization": "Bearer stale"}) as response:
+            assert response.status == 401
+            challenge = response.headers["WWW-Authenticate"]
+            assert challenge.startswith('Bearer error="invalid_token"')
+            # Rewritten as the OAuth pass-through rewrites every challenge: the metadata is the proxy's.
+            assert f"127.0.0.1:{proxy.port}/.well-known/oauth-protected-resource" in challenge, challenge
+    finally:
+        await server.stop()

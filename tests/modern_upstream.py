@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Elicit, ListRoots, Resolve, Sample
-from mcp.types import CreateMessageResult, ListRootsResult, SamplingMessage, TextContent
+from mcp.types import CreateMessageResult, InputRequiredResult, ListRootsResult, SamplingMessage, TextContent
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -72,6 +72,19 @@ async def steps(count: int, ctx: Context) -> str:
 async def regional(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})], query: str) -> str:
     """A tool whose region argument is mirrored into the Mcp-Param-Region header (x-mcp-header)."""
     return f"{query} in {region}"
+
+
+@server.tool()
+async def link(ctx: Context) -> str | InputRequiredResult:
+    """Send the user to a URL (URL-mode elicitation: 2026-07-28 has no elicitationId), done once accepted."""
+    answered = (ctx.input_responses or {}).get("signin")
+    if answered is not None:
+        return f"linked ({getattr(answered, 'action', None)})"
+    request = {
+        "method": "elicitation/create",
+        "params": {"mode": "url", "message": "Sign in", "url": "https://example.invalid/a"},
+    }
+    return InputRequiredResult.model_validate({"inputRequests": {"signin": request}, "requestState": "one"})
 
 
 @server.tool()

@@ -69,11 +69,16 @@ class LegacyClient:
         self.elicited: list[str] = []
         self.list_changed = asyncio.Event()
         self.sampled: list[str] = []
+        self.links: list[str | None] = []
+        self.completed: list[str] = []
         self.updated: list[str] = []
         self.resource_updated = asyncio.Event()
 
     async def elicit(self, context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
         self.elicited.append(params.message)
+        if isinstance(params, types.ElicitRequestURLParams):
+            self.links.append(params.elicitation_id)  # the user was sent to params.url
+            return types.ElicitResult(action="accept")
         return types.ElicitResult(action="accept", content={"name": "Ada"})
 
     async def sample(self, context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -94,6 +99,8 @@ class LegacyClient:
         if isinstance(message, types.ToolListChangedNotification):
             self.notifications.append(message.method)
             self.list_changed.set()
+        if isinstance(message, types.ElicitCompleteNotification):
+            self.completed.append(message.params.elicitation_id)
         if isinstance(message, types.ResourceUpdatedNotification):
             self.updated.append(str(message.params.uri))
             self.resource_updated.set()
@@ -550,3 +557,18 @@ async def test_an_oauth_challenge_passes_to_a_bridged_client(
             assert f"127.0.0.1:{proxy.port}/.well-known/oauth-protected-resource" in challenge, challenge
     finally:
         await server.stop()
+
+
+async def test_a_url_mode_elicitation_gets_its_id_and_completion(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory
+) -> None:
+    """2026-07-28 URL-mode elicitation has no elicitationId; 2025-11-25 requires one and a
+    notifications/elicitation/complete: the proxy mints the id and says complete when the call is."""
+    proxy = await start_proxy(modern_upstream.url)
+    client = LegacyClient()
+    async with client.session(proxy.url) as session:
+        linked = await session.call_tool("link", {})
+        assert linked.structured_content == {"result": "linked (accept)"}, linked
+    assert len(client.links) == 1
+    assert client.links[0] is not None
+    assert client.completed == client.links

@@ -331,6 +331,7 @@ class Bridge:
         client_meta = params.pop("_meta", None)
         retried: set[int] = set()
         rounds = 0
+        links: list[str] = []
         while True:
             current = await self._engine.store.get(record.client_session_id) or record
             sent = {**params, "_meta": envelope(current.initialize_params, current.log_level, client_meta)}
@@ -380,7 +381,8 @@ class Bridge:
                     return
                 responses: dict[str, Any] = {}
                 requests = result.get("inputRequests")
-                async for item in self._ask(record, requests if isinstance(requests, dict) else {}, responses, idle):
+                asking = requests if isinstance(requests, dict) else {}
+                async for item in self._ask(record, asking, responses, idle, links):
                     yield item
                 if isinstance(requests, dict) and len(responses) < len(requests):
                     # The client refused (its error goes back as the request's) or never answered.
@@ -403,6 +405,13 @@ class Bridge:
             if kind != "complete":
                 yield error_message(message.id, -32603, f"upstream MCP server answered an unknown resultType {kind!r}")
                 return
+            for link in links:
+                # What 2025-11-25 says once a URL-mode interaction is done: the call that needed it is.
+                yield {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/elicitation/complete",
+                    "params": {"elicitationId": link},
+                }
             cleaned = clean_result(result)
             if method == "tools/list":
                 cleaned, schemas = clean_tools(cleaned)
@@ -411,12 +420,19 @@ class Bridge:
             return
 
     async def _ask(
-        self, record: SessionRecord, requests: Mapping[str, Any], responses: dict[str, Any], idle: float
+        self,
+        record: SessionRecord,
+        requests: Mapping[str, Any],
+        responses: dict[str, Any],
+        idle: float,
+        links: list[str],
     ) -> AsyncGenerator[dict[str, Any] | None, None]:
         """Send the upstream's input requests to the client and collect its answers into ``responses``
-        (a refusal: under the key "", and the loop stops)."""
+        (a refusal: under the key "", and the loop stops). A URL-mode elicitation gets the
+        ``elicitationId`` 2025-11-25 requires (2026-07-28 has none); the ids the client accepted go into
+        ``links``, to be told complete when the call is."""
         loop = asyncio.get_running_loop()
-        waiting: list[tuple[str, tuple[str, str], asyncio.Future[dict[str, Any]]]] = []
+        waiting: list[tuple[str, tuple[str, str], asyncio.Future[dict[str, Any]], object]] = []
         cid = record.client_session_id
         try:
             for key, request in requests.items():
@@ -425,10 +441,15 @@ class Bridge:
                 minted = f"mcp-heal-proxy-{next(self._ids)}"
                 future: asyncio.Future[dict[str, Any]] = loop.create_future()
                 self._inputs[(cid, minted)] = future
-                waiting.append((key, (cid, minted), future))
-                yield {"jsonrpc": "2.0", "id": minted, "method": request["method"], "params": request.get("params", {})}
+                params = request.get("params")
+                params = dict(params) if isinstance(params, dict) else {}
+                link = None
+                if request["method"] == "elicitation/create" and params.get("mode") == "url":
+                    link = params.setdefault("elicitationId", f"mcp-heal-proxy-elicitation-{next(self._ids)}")
+                waiting.append((key, (cid, minted), future, link))
+                yield {"jsonrpc": "2.0", "id": minted, "method": request["method"], "params": params}
             deadline = loop.time() + self.upstream.config.read_timeout
-            for key, _, future in waiting:
+            for key, _, future, link in waiting:
                 while not future.done():
                     left = deadline - loop.time()
                     if left <= 0:
@@ -442,9 +463,12 @@ class Bridge:
                 if isinstance(answer.get("error"), dict):
                     responses[""] = answer["error"]
                     return
-                responses[key] = answer.get("result")
+                result = answer.get("result")
+                responses[key] = result
+                if isinstance(link, str) and isinstance(result, dict) and result.get("action") == "accept":
+                    links.append(link)
         finally:
-            for _, slot, future in waiting:
+            for _, slot, future, _ in waiting:
                 self._inputs.pop(slot, None)
                 future.cancel()
 

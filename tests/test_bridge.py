@@ -20,6 +20,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from pydantic import FileUrl
 
+from mcp_heal_proxy.config import UpstreamConfig
+from mcp_heal_proxy.connect_check import check_upstream
 from mcp_heal_proxy.front.app import STORE_KEY
 from mcp_heal_proxy.inventory import CachedStore, summary
 from mcp_heal_proxy.watch import format_sessions
@@ -572,3 +574,16 @@ async def test_a_url_mode_elicitation_gets_its_id_and_completion(
     assert len(client.links) == 1
     assert client.links[0] is not None
     assert client.completed == client.links
+
+
+async def test_check_config_connect_says_the_upstream_is_bridged(modern_upstream: ModernUpstreamProcess) -> None:
+    """``check-config --connect`` against a 2026-07-28-only upstream: its refused initialize is not a
+    failure when server/discover answers (the proxy bridges its handshake-era clients)."""
+    outcome = await check_upstream(UpstreamConfig(url=modern_upstream.url), ":memory:")
+    assert outcome.ok, outcome.line()
+    assert outcome.passed[-2:] == [
+        "HTTP 400 to initialize (a 2026-07-28-only server)",
+        "MCP server/discover (modern-only-upstream, protocol 2026-07-28): handshake-era clients are bridged",
+    ]
+    refused = await check_upstream(UpstreamConfig(url=modern_upstream.url, era="legacy"), ":memory:")
+    assert refused.stopped_at == "HTTP", refused.line()

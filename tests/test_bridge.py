@@ -587,3 +587,25 @@ async def test_check_config_connect_says_the_upstream_is_bridged(modern_upstream
     ]
     refused = await check_upstream(UpstreamConfig(url=modern_upstream.url, era="legacy"), ":memory:")
     assert refused.stopped_at == "HTTP", refused.line()
+
+
+async def test_a_bridged_initialize_without_credentials_gets_the_upstreams_challenge(
+    start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The era is known (modern) and a client comes without its token: server/discover is refused with
+    401, so the initialize goes upstream as it came and its 401 challenge reaches the client, which logs
+    in and initializes again (bridged)."""
+    server = ModernUpstreamProcess(json_response=True, bearer="good")
+    await server.start()
+    try:
+        proxy = await start_proxy(server.url, era="modern")
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE_PARAMS}
+        async with http.post(proxy.url, json=body, headers=MCP_HEADERS) as response:
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        authorized = {**MCP_HEADERS, "Authorization": "Bearer good"}
+        async with http.post(proxy.url, json=body, headers=authorized) as response:
+            assert response.status == 200
+            assert "Mcp-Session-Id" in response.headers
+    finally:
+        await server.stop()

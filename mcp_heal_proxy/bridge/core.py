@@ -55,7 +55,7 @@ from mcp_heal_proxy.errors import AnswerTooLarge, ProxyError, UpstreamUnavailabl
 from mcp_heal_proxy.observability import Metrics
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.tasks import TaskOwner
-from mcp_heal_proxy.upstream.client import INSPECT_LIMIT
+from mcp_heal_proxy.upstream.client import INSPECT_LIMIT, read_capped
 from mcp_heal_proxy.wire.headers import upstream_request_headers
 from mcp_heal_proxy.wire.jsonrpc import Message, PostBody
 
@@ -248,8 +248,15 @@ class Bridge:
             log.info("bridge.discover_failed", upstream=self.name, error=exc.message)
             return None
         try:
-            self._challenge(response, b"")
-            raw = await response.content.read(INSPECT_LIMIT)
+            if response.status in (401, 403):
+                # Credentials first: the initialize then goes upstream, and its challenge reaches the
+                # client as without the bridge (its OAuth flow starts; the next initialize looks again).
+                log.info("bridge.discover_failed", upstream=self.name, status=response.status)
+                return None
+            raw = await read_capped(response)
+        except ProxyError as exc:
+            log.info("bridge.discover_failed", upstream=self.name, error=exc.message)
+            return None
         finally:
             response.release()
         try:

@@ -39,6 +39,7 @@ from tests.conftest import (
 )
 from tests.fake_upstream import FakeUpstream
 from tests.test_stdio import BRIDGE
+from tests.test_store_redis import RedisServer
 
 
 async def test_legacy_client_fails_directly(modern_upstream: ModernUpstreamProcess) -> None:
@@ -609,3 +610,32 @@ async def test_a_bridged_initialize_without_credentials_gets_the_upstreams_chall
             assert "Mcp-Session-Id" in response.headers
     finally:
         await server.stop()
+
+
+async def test_another_replica_serves_a_bridged_session(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Two proxies sharing a Redis store (and a session key): a session bridged by one is served by the
+    other, with the log level the client set through the first."""
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        await _two_replicas(modern_upstream, start_proxy, http, redis.url)
+    finally:
+        await redis.stop()
+
+
+async def _two_replicas(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession, state: str
+) -> None:
+    first = await start_proxy(modern_upstream.url, state=state, session_key="s" * 32)
+    second = await start_proxy(modern_upstream.url, state=state, session_key="s" * 32)
+    session_id = await raw_initialize(http, first.url)
+    level = {"jsonrpc": "2.0", "id": 1, "method": "logging/setLevel", "params": {"level": "warning"}}
+    assert (await post_on_session(http, first.url, session_id, level))[0] == 200
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "b"}}}
+    status, _, answer = await post_on_session(http, second.url, session_id, call)
+    assert status == 200
+    assert answer["result"]["structuredContent"] == {"result": "b"}
+    meta = (await modern_upstream.stats())["meta"]["tools/call"]
+    assert meta["io.modelcontextprotocol/logLevel"] == "warning"

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -31,6 +32,7 @@ from tests.conftest import (
     ModernUpstreamProcess,
     ProxyFactory,
     UpstreamProcess,
+    echo_call,
     mcp_session,
     post_on_session,
     raw_initialize,
@@ -639,3 +641,35 @@ async def _two_replicas(
     assert answer["result"]["structuredContent"] == {"result": "b"}
     meta = (await modern_upstream.stats())["meta"]["tools/call"]
     assert meta["io.modelcontextprotocol/logLevel"] == "warning"
+
+
+async def test_a_later_32022_makes_the_proxy_look_again_and_retry_once(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A modern upstream that refuses one bridged request with -32022 (a deploy moved it): the proxy asks
+    server/discover again and, the upstream still speaking 2026-07-28, sends the request once more."""
+    seen: list[str] = []
+    refused = {"done": False}
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body["method"])
+        if body["method"] == "server/discover":
+            result = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}}, "resultType": "complete"}
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
+        if not refused["done"]:
+            refused["done"] = True
+            error = {"code": -32022, "message": "Unsupported protocol version", "data": {"supported": ["2026-07-28"]}}
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error}, status=400)
+        called: dict[str, Any] = {"content": [{"type": "text", "text": "ok"}], "resultType": "complete"}
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": called})
+
+    app = web.Application()
+    app.router.add_post("/mcp", handle)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")), era="modern")
+    session_id = await raw_initialize(http, proxy.url)
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(3))
+    assert status == 200
+    assert answer["result"] == {"content": [{"type": "text", "text": "ok"}]}
+    assert seen == ["server/discover", "tools/call", "server/discover", "tools/call"]

@@ -58,6 +58,9 @@ UPSTREAM_CLIENTS: Final = ("aiohttp", "lean")
 # rewrites the protected-resource metadata (the upstream's own authorization server), or neither.
 OAuthPassThrough = Literal["stand-in", "metadata", "off"]
 OAUTH_PASS_THROUGH: Final = ("stand-in", "metadata", "off")
+# Which MCP era an upstream speaks (bridge/era.py): found out ("auto"), or pinned.
+UpstreamEra = Literal["auto", "legacy", "modern"]
+UPSTREAM_ERAS: Final = ("auto", "legacy", "modern")
 # The lean client carries 1.7x aiohttp's throughput through the proxy (docs/benchmarks.md, "Tuning");
 # "aiohttp" stays available per upstream as the fallback.
 DEFAULT_UPSTREAM_CLIENT: Final = "lean"
@@ -122,6 +125,9 @@ class UpstreamConfig:
     # The HTTP client for this upstream: the lean pool in upstream/lean.py, or aiohttp's ClientSession.
     client: UpstreamClient = DEFAULT_UPSTREAM_CLIENT
     oauth_pass_through: OAuthPassThrough = "stand-in"
+    # "modern": the upstream speaks only 2026-07-28, and handshake-era clients are bridged (bridge/);
+    # "legacy": never bridged; "auto": bridged once the upstream refuses an initialize as a modern one.
+    era: UpstreamEra = "auto"
     # auth = "oauth": the proxy logs in itself (``mcp-heal-proxy login NAME``) and sends the token;
     # client_id/client_secret name a pre-registered client (else dynamic registration), scopes
     # replace the discovered ones, callback_port fixes the loopback redirect URI's port.
@@ -648,6 +654,7 @@ UPSTREAM_OPTIONS: Final[Mapping[str, Option]] = {
     "replay": Option(_replay, _text_as_replay),
     "client": Option(_one_of(UPSTREAM_CLIENTS), _text_as_str),
     "oauth_pass_through": Option(_one_of(OAUTH_PASS_THROUGH), _text_as_str),
+    "era": Option(_one_of(UPSTREAM_ERAS), _text_as_str),
     # Proxy-managed OAuth login (auth/login.py, auth/managed.py); a config file's keys only: login reads the file.
     "auth": Option(_one_of(("oauth",)), None),
     "client_id": Option(_string, None),

@@ -205,6 +205,7 @@ async def _mcp(upstream_config: UpstreamConfig, state: str) -> list[str]:
     """The MCP steps through the proxy's own client: initialize, then DELETE of the session it opened."""
     from dataclasses import replace
 
+    from mcp_heal_proxy.bridge.probe import discovered, refused_as_modern
     from mcp_heal_proxy.upstream.client import Upstream, read_capped
 
     auth = None
@@ -241,6 +242,11 @@ async def _mcp(upstream_config: UpstreamConfig, state: str) -> list[str]:
             raise _Stopped("HTTP", exc.message) from None
         finally:
             response.release()
+        if status == 400 and upstream_config.era != "legacy" and refused_as_modern(status, raw):
+            # A 2026-07-28-only server: what the proxy bridges to is its server/discover.
+            found = await discovered(upstream)
+            if found is not None:
+                return [*passed, "HTTP 400 to initialize (a 2026-07-28-only server)", found]
         if status != 200:
             raise _Stopped("HTTP", _status_hint(status, upstream_config))
         passed.append("HTTP 200")

@@ -112,7 +112,7 @@ def percentile(ordered: list[float], fraction: float) -> float:
 class UpstreamHealth:
     """What one upstream's recent answers say about it."""
 
-    __slots__ = ("failure", "heals_failed", "heals_ok", "last_success", "latencies", "requests")
+    __slots__ = ("era", "failure", "heals_failed", "heals_ok", "last_success", "latencies", "requests")
 
     def __init__(self, window: int) -> None:
         self.last_success: float | None = None
@@ -122,6 +122,8 @@ class UpstreamHealth:
         self.requests = 0
         self.heals_ok = 0
         self.heals_failed = 0
+        # Which MCP era the upstream speaks, as the proxy knows it (bridge/era.py): unknown until seen.
+        self.era = "unknown"
 
     def as_json(self, name: str) -> dict[str, Any]:
         """The health summary the page and ``/_proxy/api/upstreams`` show."""
@@ -148,6 +150,7 @@ class UpstreamHealth:
             "latency": latency,
             "requests": self.requests,
             "heals": {"healed": self.heals_ok, "failed": self.heals_failed},
+            "era": self.era,
         }
 
 
@@ -304,6 +307,10 @@ class EventFeed:
             health.failure = (now, None, "heal", f"heal failed: {error}" if error else "heal failed")
         for subscriber in self._subscribers:
             subscriber.offer(entry)
+
+    def upstream_era(self, upstream: str, era: str) -> None:
+        """Note the MCP era the proxy learned the upstream speaks (modern: its legacy clients are bridged)."""
+        self._upstream(upstream).era = era
 
     def upstream_failed(self, upstream: str, why: str) -> None:
         """Note why the upstream could not be used (a TLS failure, with its fix): the upstream's last

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol, cast, runtime_checkable
 from urllib.parse import quote
 
+from mcp_heal_proxy.bridge.era import BRIDGED
 from mcp_heal_proxy.config import MEMORY_STATE
 from mcp_heal_proxy.errors import StoreUnavailable, store_failure
 from mcp_heal_proxy.events import MAX_NAME, short_id
@@ -70,7 +71,10 @@ def summary(record: SessionRecord, *, full: bool = False) -> dict[str, Any]:
         "subscriptions": sorted(record.subscriptions) if full else len(record.subscriptions),
         "log_level": record.log_level,
     }
-    if full and record.upstream_protocol_version not in (None, record.protocol_version):
+    if record.upstream_session_id == BRIDGED:
+        # The proxy holds this session itself in front of a 2026-07-28-only upstream (bridge/).
+        shown["bridged"] = True
+    elif full and record.upstream_protocol_version not in (None, record.protocol_version):
         shown["upstream_protocol_version"] = record.upstream_protocol_version
     return shown
 

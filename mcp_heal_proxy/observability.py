@@ -370,6 +370,18 @@ class Metrics:
         self.open_sessions = Gauge(
             "mcp_heal_proxy_open_sessions", "Client sessions the proxy maps.", registry=self.registry
         )
+        self.upstream_era = Gauge(
+            "mcp_heal_proxy_upstream_era",
+            "1 for the MCP era each upstream speaks as the proxy knows it (modern: legacy clients are bridged).",
+            ("upstream", "era"),
+            registry=self.registry,
+        )
+        self.sessions_bridged = Counter(
+            "mcp_heal_proxy_sessions_bridged_total",
+            "Handshake-era client sessions the proxy opened itself in front of a 2026-07-28-only upstream.",
+            ("upstream",),
+            registry=self.registry,
+        )
         self.open_streams = Gauge(
             "mcp_heal_proxy_open_streams",
             "Responses being streamed to clients right now.",

@@ -77,6 +77,8 @@ def _text(key: str, row: Mapping[str, Any], now: float) -> str:
         return f"{age(value, now)} ago"
     if key == "subscriptions":
         return ", ".join(value) if value else "-"
+    if key == "protocol_version" and row.get("bridged"):
+        return f"{value} (bridged to 2026-07-28)"  # the proxy holds the session (bridge/)
     return "-" if value is None else str(value)
 
 

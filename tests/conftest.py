@@ -186,6 +186,40 @@ class UpstreamProcess(ServerProcess):
         return sessions
 
 
+class ModernUpstreamProcess(ServerProcess):
+    """A 2026-07-28-only server (tests/modern_upstream.py: the SDK server behind a guard that refuses
+    handshake-era requests as the spec says a modern-only server does) in its own process."""
+
+    name = "modern-only upstream server"
+
+    def __init__(self, *, json_response: bool = False, legacy_only: bool = False, bearer: str | None = None) -> None:
+        super().__init__()
+        self.json_response = json_response
+        # The same server speaking only the handshake era (a plain 400 to a 2026-07-28 request).
+        self.legacy_only = legacy_only
+        # A bearer token every MCP request must carry (else 401 with a challenge).
+        self.bearer = bearer
+
+    def command(self) -> list[str]:
+        command = [sys.executable, str(HERE / "modern_upstream.py"), "--port", str(self.port)]
+        if self.json_response:
+            command.append("--json")
+        if self.legacy_only:
+            command.append("--legacy-only")
+        if self.bearer is not None:
+            command += ["--bearer", self.bearer]
+        return command
+
+
+@pytest.fixture
+async def modern_upstream() -> AsyncIterator[ModernUpstreamProcess]:
+    """The modern-only server (SSE answers where the SDK streams)."""
+    server = ModernUpstreamProcess()
+    await server.start()
+    yield server
+    await server.stop()
+
+
 class HttpsUpstreamProcess(UpstreamProcess):
     """The SDK server under uvicorn serving https with a certificate from a test CA (see ``test_ca``).
     ``client_ca`` makes it require a client certificate issued by that CA; ``client_ssl`` is how the

@@ -67,6 +67,8 @@ class SealedSession:
     upstream: str
     initialize_params: Mapping[str, Any]
     protocol_version: str | None
+    # A session the bridge holds itself in front of a 2026-07-28-only upstream (bridge/core.py).
+    bridged: bool = False
 
 
 def _b64encode(data: bytes) -> str:
@@ -102,7 +104,13 @@ class SessionSealer:
 
     def seal(self, session: SealedSession) -> str | None:
         """A new client session id carrying ``session``; None when it would exceed MAX_SEALED_ID."""
-        document = {"u": session.upstream, "p": dict(session.initialize_params), "v": session.protocol_version}
+        document: dict[str, Any] = {
+            "u": session.upstream,
+            "p": dict(session.initialize_params),
+            "v": session.protocol_version,
+        }
+        if session.bridged:
+            document["b"] = 1
         text = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         # Raw deflate with a small window and little memory: payloads are a few hundred bytes, and zlib's
         # defaults (a 32 KiB window, 256 KiB of state) cost eight times the time for the same size.
@@ -139,7 +147,7 @@ class SessionSealer:
             return None
         if version is not None and not isinstance(version, str):
             return None
-        return SealedSession(upstream, params, version)
+        return SealedSession(upstream, params, version, bridged=document.get("b") == 1)
 
 
 def key_from_file(directory: Path) -> str | None:

@@ -20,6 +20,8 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.bridge.core import Bridge, is_bridged
+from mcp_heal_proxy.bridge.era import BRIDGED, MODERN_VERSION
 from mcp_heal_proxy.config import mask_url
 from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.endings import SessionEndings, UpstreamEnding, delete_upstream_session
@@ -152,6 +154,8 @@ class SessionEngine:
         self._early_openings: dict[str, asyncio.Future[None]] = {}
         # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
         self._opens_streams_early = True
+        # Handshake-era clients in front of a 2026-07-28-only upstream (bridge/): the era, the sessions.
+        self.bridge = Bridge(self, metrics)
 
     @property
     def otel(self) -> Telemetry | None:
@@ -194,11 +198,11 @@ class SessionEngine:
             raise UnknownSession("Session not found")
         record = SessionRecord(
             client_session_id=client_session_id,
-            upstream_session_id=lost_upstream_session_id(),
+            upstream_session_id=BRIDGED if sealed.bridged else lost_upstream_session_id(),
             initialize_params=sealed.initialize_params,
             upstream=self.name,
             protocol_version=sealed.protocol_version,
-            upstream_protocol_version=sealed.protocol_version,
+            upstream_protocol_version=MODERN_VERSION if sealed.bridged else sealed.protocol_version,
         )
         stored = await self.store.create(record)
         if stored is record:
@@ -215,23 +219,7 @@ class SessionEngine:
         """
         init = body.initialize
         assert init is not None
-        excess = len(self.store) - self._max_sessions + 1
-        if excess > 0:
-            # Last-use marks not yet flushed are written first: the least recently used session is chosen
-            # by what the store knows, and a session used a moment ago (its upstream session then ended
-            # under a running call) must not pass for the oldest.
-            await self._activity.write_to(self.store)
-            # Sessions in use were just written as used now, so the least recently used are idle ones.
-            evicted = await self.store.evict_oldest(excess)
-            log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
-            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
-            if in_use:
-                # Every session was in use: the limit wins, and the clients of these will get 404.
-                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
-                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
-            if self._endings is not None:
-                # In the background: this client's initialize does not wait on another session's DELETE.
-                self._endings.end_later(evicted, "evicted")
+        await self.make_room()
         headers = upstream_request_headers(client_headers, None)
         otel = self._otel
         response = await (
@@ -273,6 +261,27 @@ class SessionEngine:
             raise
         # What was read to see the answer goes to the client first.
         return Opened(AnswerStream(response, (init.id,), read), record)
+
+    async def make_room(self) -> None:
+        """Before a new session (the engine's or the bridge's): evict the least recently used sessions
+        beyond ``max_sessions``."""
+        excess = len(self.store) - self._max_sessions + 1
+        if excess > 0:
+            # Last-use marks not yet flushed are written first: the least recently used session is chosen
+            # by what the store knows, and a session used a moment ago (its upstream session then ended
+            # under a running call) must not pass for the oldest.
+            await self._activity.write_to(self.store)
+            # Sessions in use were just written as used now, so the least recently used are idle ones.
+            evicted = await self.store.evict_oldest(excess)
+            log.info("session.evicted", upstream=self.name, count=len(evicted), max_sessions=self._max_sessions)
+            in_use = sum(self._activity.in_use(record.client_session_id) for record in evicted)
+            if in_use:
+                # Every session was in use: the limit wins, and the clients of these will get 404.
+                self._metrics.sessions_evicted_in_use.labels(self.name).inc(in_use)
+                log.warning("session.evicted_in_use", upstream=self.name, count=in_use, max_sessions=self._max_sessions)
+            if self._endings is not None:
+                # In the background: this client's initialize does not wait on another session's DELETE.
+                self._endings.end_later(evicted, "evicted")
 
     async def heal(
         self, record: SessionRecord, client_headers: Mapping[str, str], reason: str, trace: HealTrace | None = None
@@ -329,10 +338,12 @@ class SessionEngine:
         exchange.answered(response.status)
         return response
 
-    def new_client_session_id(self, initialize_params: Mapping[str, Any], protocol_version: str | None) -> str:
+    def new_client_session_id(
+        self, initialize_params: Mapping[str, Any], protocol_version: str | None, *, bridged: bool = False
+    ) -> str:
         """A sealed id for a new session (engine/sealing.py), or a random one when the client's initialize
         params are too large to seal (that session then does not outlive the store)."""
-        sealed = self._sealer.seal(SealedSession(self.name, initialize_params, protocol_version))
+        sealed = self._sealer.seal(SealedSession(self.name, initialize_params, protocol_version, bridged))
         if sealed is not None:
             return sealed
         log.info("session.not_sealed", upstream=self.name, reason="initialize params too large")
@@ -454,6 +465,8 @@ class SessionEngine:
         expiry, eviction, the status page's forget). No client headers exist at that moment, so an
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
         self._drop_early_stream(record.client_session_id)
+        if is_bridged(record):
+            return UpstreamEnding(204)  # the proxy held the session: nothing upstream to end
         headers = upstream_request_headers({}, record.upstream_session_id)
         version = record.upstream_protocol_version or record.protocol_version
         if version is not None:

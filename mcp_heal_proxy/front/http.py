@@ -19,6 +19,9 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
+from mcp_heal_proxy.bridge import http as bridged
+from mcp_heal_proxy.bridge.core import BridgedOpen, is_bridged
+from mcp_heal_proxy.engine.answers import AnswerStream
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.session import DELETE_GONE, SessionEngine
 from mcp_heal_proxy.errors import (
@@ -288,7 +291,10 @@ class Proxy:
         engine = self._engine
         headers = exchange.headers
         if body.initialize is not None:
-            opened = await engine.initialize(headers, body)
+            opened = await engine.bridge.open(headers, body)
+            if isinstance(opened, BridgedOpen):  # a modern-only upstream: the proxy holds the session
+                await bridged.answer_initialize(exchange, opened, outcome)
+                return
             cid = opened.record.client_session_id if opened.record is not None else None
             await self._relay.relay(exchange, opened.answer, cid, outcome)
             return
@@ -302,8 +308,21 @@ class Proxy:
                 # Read again: a request that waited runs on the session as it is now (healed meanwhile,
                 # say), not on the dead upstream session it would have found when it arrived.
                 record = await engine.session(client_session_id)
+            if is_bridged(record):
+                idle = self._settings.keepalive_interval
+                await bridged.post(engine.bridge, exchange, record, body, outcome, idle)
+                return
             sent = await engine.post(headers, body, record)
             outcome.healed = sent.healed
+            if sent.answer is not None and sent.answer.status == 400 and engine.bridge.era.may_bridge:
+                # Refused unrun: the upstream may have turned 2026-07-28-only under the session.
+                adopted = await engine.bridge.adopt(headers, sent.record, sent.answer)
+                if not isinstance(adopted, AnswerStream):
+                    await bridged.post(
+                        engine.bridge, exchange, adopted, body, outcome, self._settings.keepalive_interval
+                    )
+                    return
+                sent.answer = adopted
             if sent.answer is None:
                 await exchange.answer(202, b"")
                 return
@@ -333,6 +352,7 @@ class Proxy:
         self._stopping = True
         self._relay.end_server_streams()
         self._engine.end_early_streams()
+        self._engine.bridge.close_streams()
 
     # --- GET and DELETE ---------------------------------------------------------------------------
 
@@ -360,6 +380,9 @@ class Proxy:
         async with self._slots.slot(client_session_id) as waited:
             if waited:
                 record = await engine.session(client_session_id)  # as it is now (see _post)
+            if is_bridged(record):
+                await bridged.get(engine.bridge, exchange, record, outcome, self._settings.keepalive_interval)
+                return
             last_event_id = headers.get(LAST_EVENT_ID)
             if last_event_id is not None:
                 pending = self._relay.take_resume(record.client_session_id, last_event_id)
@@ -396,6 +419,9 @@ class Proxy:
 
     async def _delete(self, exchange: Exchange) -> None:
         record = await self._engine.session(self._required_session_id(exchange))
+        if is_bridged(record):
+            await bridged.delete(self._engine.bridge, exchange, record)
+            return
         status = await self._engine.end(exchange.headers, record)
         if status < 300 or status in DELETE_GONE:
             await exchange.answer(200, b"")

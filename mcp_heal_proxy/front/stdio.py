@@ -25,6 +25,8 @@ import aiohttp
 import structlog
 
 from mcp_heal_proxy.backoff import Backoff
+from mcp_heal_proxy.bridge import stdio as bridged
+from mcp_heal_proxy.bridge.core import BridgedOpen, is_bridged
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.engine.answers import AnswerEvent, AnswerStream, Ending
 from mcp_heal_proxy.engine.healing import Healer
@@ -200,7 +202,11 @@ class Bridge:
     # --- upstream -------------------------------------------------------------------------------------
 
     async def _initialize(self, body: PostBody) -> None:
-        opened = await self._engine.initialize(self._headers, body)
+        opened = await self._engine.bridge.open(self._headers, body)
+        if isinstance(opened, BridgedOpen):  # a modern-only upstream: the bridge holds the session
+            self._record = opened.record
+            await self._write(_line(opened.answer))
+            return
         if opened.record is not None:
             self._record = opened.record
             if opened.record.protocol_version is not None:
@@ -213,7 +219,22 @@ class Bridge:
             await self._relay(await engine.post_without_session(self._headers, body), body)
             return
         record = await engine.session(self._record.client_session_id)
+        if is_bridged(record):
+            await bridged.post(engine.bridge, self._headers, record, body, self._write_message)
+            return
         sent = await engine.post(self._headers, body, record)
+        if sent.answer is not None and sent.answer.status == 400 and engine.bridge.era.may_bridge:
+            # Refused unrun: the upstream may have turned 2026-07-28-only under the session.
+            adopted = await engine.bridge.adopt(self._headers, sent.record, sent.answer)
+            if not isinstance(adopted, AnswerStream):
+                self._record = adopted
+                # The session's server stream is now the bridge's (the upstream has no GET stream).
+                if self._stream is not None:
+                    self._stream.cancel()
+                self._stream = self._tasks.spawn(self._follow_server_stream(), name="server-stream")
+                await bridged.post(engine.bridge, self._headers, adopted, body, self._write_message)
+                return
+            sent.answer = adopted
         if sent.answer is not None:
             await self._relay(sent.answer, body, record=sent.record)
 
@@ -335,6 +356,9 @@ class Bridge:
         engine = self._engine
         loop = asyncio.get_running_loop()
         backoff = Backoff(first=_STREAM_FIRST, maximum=_STREAM_MAX)
+        if is_bridged(self._record):
+            await bridged.follow(engine.bridge, self._headers, self._record, self._write_message)
+            return
         try:
             record = await engine.session(self._record.client_session_id)
             sent = await engine.open_stream(self._headers, record)
@@ -382,6 +406,9 @@ class Bridge:
             self._otel.note_error(exc)  # the request being answered in this task failed
         await self._write(_line(jsonrpc.error_object(request_id, exc.code, exc.message)))
 
+    async def _write_message(self, message: Any) -> None:
+        await self._write(_line(message))
+
     async def _write(self, line: bytes) -> None:
         async with self._write_lock:
             await self._out(line)
@@ -397,6 +424,9 @@ class Bridge:
         with contextlib.suppress(ProxyError):
             # The session as it is now: a heal since the initialize moved it to another upstream session.
             current = await self._engine.store.get(record.client_session_id)
+            if is_bridged(record):
+                await self._engine.bridge.end(record)
+                return
             await self._engine.end(self._headers, current or record)
 
 

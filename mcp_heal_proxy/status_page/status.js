@@ -105,6 +105,7 @@ function renderUpstreams() {
       facts.append(fact);
       return fact;
     };
+    add("era", upstream.era === "modern" ? "2026-07-28 only: legacy clients bridged" : upstream.era ?? "unknown");
     add("last success", ago(upstream.last_success));
     if (upstream.last_failure) {
       const fact = add("last failure", `${ago(upstream.last_failure.at)}: ${upstream.last_failure.why}`, "why");
@@ -145,7 +146,7 @@ function renderSessions() {
       el("td", s.id, "id"),
       el("td", s.upstream),
       el("td", client),
-      el("td", s.protocol_version ?? "–", "mono"),
+      el("td", (s.protocol_version ?? "–") + (s.bridged ? " (bridged to 2026-07-28)" : ""), "mono"),
       heals,
       created,
       used,

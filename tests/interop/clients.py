@@ -56,15 +56,17 @@ async def run_ts_client(
     *,
     argument: str = "text",
     stdio_command: list[str] | None = None,
+    script: str = "ts_client.mjs",
 ) -> ClientRun:
-    """Run tests/interop/ts_client.mjs against ``url``; ``argument`` names the echo tool's argument.
-    With ``stdio_command`` the client launches that command and speaks stdio to it instead."""
+    """Run tests/interop/ts_client.mjs (or another ``script`` of the same protocol: JSON lines, "ready",
+    one line on stdin) against ``url``; ``argument`` names the echo tool's argument. With
+    ``stdio_command`` the client launches that command and speaks stdio to it instead."""
     env = node_env.env()
     if stdio_command is not None:
         env["INTEROP_STDIO_COMMAND"] = json.dumps(stdio_command)
     process = await asyncio.create_subprocess_exec(
         node_env.node,
-        str(HERE / "ts_client.mjs"),
+        str(HERE / script),
         url,
         argument,
         stdin=asyncio.subprocess.PIPE,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -147,7 +148,8 @@ async def stats(_: Request) -> JSONResponse:
     # Reading the SDK's private session table lets a test wait for an idle expiry without touching
     # the session (any request on it would reset its idle timer).
     live = sorted(server.session_manager._server_instances)
-    return JSONResponse({**STATS, "live_sessions": live, "state": SESSION_STATE})
+    # pid: the tests know it is this process that answers on the port, not another one that took it.
+    return JSONResponse({**STATS, "live_sessions": live, "state": SESSION_STATE, "pid": os.getpid()})
 
 
 class MemoryEventStore(EventStore):

@@ -319,8 +319,9 @@ async def test_an_upstream_that_is_down_gets_errors_then_heals_when_it_returns(
 
 async def test_a_bad_option_is_one_line_on_stderr_and_nothing_on_stdout() -> None:
     process = await asyncio.create_subprocess_exec(
-        BRIDGE, "stdio", "--upstream", "ftp://nowhere", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        BRIDGE, "stdio", "--upstream", "ftp://nowhere", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )  # fmt: skip
     async with asyncio.timeout(CALL_TIMEOUT):
         out, err = await process.communicate()
     assert process.returncode == 2

@@ -39,6 +39,8 @@ from tests.fake_upstream import FakeUpstream
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent
 READY_TIMEOUT = 20.0
+# How often a test server is started before its start fails (see ServerProcess.start).
+START_ATTEMPTS = 3
 # The upstream HTTP client of every proxy the tests start: the default (lean), or with
 # MCP_HEAL_PROXY_TEST_CLIENT=aiohttp the whole suite on the aiohttp fallback.
 TEST_CLIENT = os.environ.get("MCP_HEAL_PROXY_TEST_CLIENT", DEFAULT_UPSTREAM_CLIENT)
@@ -73,6 +75,10 @@ async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float
         raise AssertionError(f"{what}: not reached within {timeout} s") from None
 
 
+class _ExitedEarly(Exception):
+    """A test server's process ended before it answered (its exit status): e.g. its port was taken."""
+
+
 class ServerProcess:
     """A test server (a script of tests/) in its own process on a free 127.0.0.1 port, ready once its
     ``/stats`` answers, stopped by its PID. Subclasses say how to start it (``command``)."""
@@ -82,6 +88,8 @@ class ServerProcess:
     def __init__(self) -> None:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # Once it served (a start is then a restart), or when a test chose it, the port stays.
+        self.port_fixed = False
         # How the tests' own requests (/stats, /release) check the server's certificate (https servers).
         self.client_ssl: ssl.SSLContext | bool = True
 
@@ -99,23 +107,42 @@ class ServerProcess:
         raise NotImplementedError
 
     async def start(self) -> None:
-        """Start the server and wait until it answers."""
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(self._answers, READY_TIMEOUT, f"{self.name} ready")
-        except BaseException:
-            await self.stop()
-            raise
+        """Start the server and wait until it answers.
+
+        The port was free when chosen, not reserved: on a machine where other test runs (and their
+        clients' outgoing connections) take ports too, another process can take it before this server
+        binds it. Then this server exits (address in use) and is started again, on a new free port the
+        first time, on the same one for a restart (the proxy in front knows that one), with backoff.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await wait_until(self._answers, READY_TIMEOUT, f"{self.name} ready")
+            except _ExitedEarly as exited:
+                self.process = None
+                if attempt == START_ATTEMPTS:
+                    raise RuntimeError(f"{self.name} exited with {exited} {attempt} times (port {self.port})") from None
+                if not self.port_fixed:
+                    self.port = free_port()
+                await asyncio.sleep(0.2 * attempt)
+                continue
+            except BaseException:
+                await self.stop()
+                raise
+            self.port_fixed = True
+            return
 
     async def _answers(self) -> bool:
+        """Ready once this process answers: not merely something on its port (another process that took
+        the port first answers /stats too, while this one fails to bind and exits)."""
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            raise _ExitedEarly(self.process.returncode)
         try:
-            await self.stats()
+            stats = await self.stats()
         except (aiohttp.ClientError, OSError):
             return False
-        return True
+        return stats.get("pid") == self.process.pid
 
     async def stop(self) -> None:
         """Stop the server by its PID (SIGKILL: every session dies at once, as in a crash)."""
@@ -240,6 +267,7 @@ class HttpsUpstreamProcess(UpstreamProcess):
         super().__init__(json_response=json_response)
         if port is not None:
             self.port = port  # the same address as a server before it (a restart with a new certificate)
+            self.port_fixed = True
         self.certfile = directory / f"server-{self.port}.pem"
         self.keyfile = directory / f"server-{self.port}.key"
         certificate.cert_chain_pems[0].write_to_path(str(self.certfile))

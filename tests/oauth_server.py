@@ -280,7 +280,8 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, AutoApprovingProv
     async def stats(_: Request) -> JSONResponse:
         """Counters since start, and the live session ids (read from the SDK's private table)."""
         live = sorted(server.session_manager._server_instances)
-        return JSONResponse({**STATS, "live_sessions": live, "step_up_scope": step_up["scope"]})
+        # pid: the tests know it is this process that answers on the port, not another one that took it.
+        return JSONResponse({**STATS, "live_sessions": live, "step_up_scope": step_up["scope"], "pid": os.getpid()})
 
     @server.custom_route("/test/revoke-refresh-tokens", methods=["POST"])  # type: ignore[untyped-decorator]
     async def revoke_refresh_tokens(_: Request) -> JSONResponse:

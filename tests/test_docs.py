@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import contextlib
+import io
 import json
 import os
 import plistlib
@@ -124,10 +126,8 @@ def as_check(line: str) -> str:
     return line.replace(" serve", " check-config")
 
 
-@pytest.mark.timeout(FRESH_INSTALL_TIMEOUT + 120)
-async def test_the_readmes_first_command_works_in_a_fresh_checkout_and_its_run_commands_are_valid(
-    tmp_path: Path,
-) -> None:
+def fresh_checkout(tmp_path: Path) -> Path:
+    """A copy of this checkout's files (tracked and new, not ignored ones): what a clone would hold."""
     checkout = tmp_path / "checkout"
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -142,6 +142,14 @@ async def test_the_readmes_first_command_works_in_a_fresh_checkout_and_its_run_c
             continue
         (checkout / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, checkout / name)
+    return checkout
+
+
+@pytest.mark.timeout(FRESH_INSTALL_TIMEOUT + 120)
+async def test_the_readmes_first_command_works_in_a_fresh_checkout_and_its_run_commands_are_valid(
+    tmp_path: Path,
+) -> None:
+    checkout = fresh_checkout(tmp_path)
     demo, _ = readme_first_commands()
     process = await asyncio.create_subprocess_exec(
         "bash",
@@ -529,3 +537,316 @@ def test_every_event_in_the_user_guides_sample_logs_is_one_the_proxy_logs() -> N
     shown = set(re.findall(r'"event": "([a-z_][a-z0-9_.]*)"', USER_GUIDE.read_text(encoding="utf-8")))
     assert shown, "the guide shows sample log lines"
     assert not sorted(name for name in shown if f'"{name}"' not in code)
+
+
+# ---- the user guide: pipx, login, upgrading, uninstalling -----------------------------------------------
+
+
+def guide_section(number: int) -> str:
+    """The text of the user guide's section ``## N. ...``, up to the next section."""
+    text = USER_GUIDE.read_text()
+    match = re.search(rf"^## {number}\. .*?(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert match is not None, f"the user guide has a section {number}"
+    return match.group(0)
+
+
+def section_commands(number: int) -> list[str]:
+    """The command lines of a section's ``sh`` blocks."""
+    blocks = re.findall(r"^```sh\n(.*?)^```", guide_section(number), flags=re.MULTILINE | re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def command_words(line: str) -> list[list[str]]:
+    """Each command of a line (split at ``&&``), as words, comments dropped."""
+    return [shlex.split(part, comments=True) for part in line.split("&&") if shlex.split(part, comments=True)]
+
+
+def expanded(word: str, environ: dict[str, str]) -> str:
+    """A shell word as bash expands it in ``environ``."""
+    result = subprocess.run(
+        ["bash", "-c", f"printf %s {word}"], env=environ, capture_output=True, text=True, timeout=10, check=True
+    )
+    return result.stdout
+
+
+def pipx_commands() -> list[str]:
+    """The pipx lines of section 1 (how to install pipx itself)."""
+    install = guide_section(1)
+    start = install.index("**No pipx yet?**")
+    block = re.search(r"^```sh\n(.*?)^```", install[start:], flags=re.MULTILINE | re.DOTALL)
+    assert block is not None, "section 1 shows how to install pipx"
+    return block.group(1).splitlines()
+
+
+def test_the_guides_install_upgrade_login_and_uninstall_commands_parse_and_name_what_exists() -> None:
+    from mcp_heal_proxy.cli import build_parser
+
+    lines = pipx_commands() + section_commands(10) + section_commands(11) + section_commands(12)
+    for line in lines:
+        checked = subprocess.run(["bash", "-n", "-c", line], capture_output=True, text=True, timeout=10, check=False)
+        assert checked.returncode == 0, f"{line}: {checked.stderr}"
+    commands = [words for line in lines for words in command_words(line)]
+    proxy_runs = [words[1:] for words in commands if words[0] == "mcp-heal-proxy"]
+    assert {words[0] for words in proxy_runs} == {"login", "logout"}
+    for argv in proxy_runs:
+        build_parser().parse_args(argv)  # exits (status 2) on an unknown command or flag
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["name"]
+    assert ["pipx", "install", "--force", "."] in commands, "the upgrade reinstalls with pipx as section 1 installs"
+    assert ["pipx", "uninstall", project] in commands
+    assert ["pipx", "ensurepath"] in commands
+    # The service's names are contrib's: the unit's file name, the agent's Label and its files.
+    unit = SYSTEMD_UNIT.stem
+    with LAUNCHD_AGENT.open("rb") as handle:
+        agent = plistlib.load(handle)
+    assert ["systemctl", "--user", "restart", unit] in commands
+    assert ["systemctl", "--user", "disable", "--now", unit] in commands
+    assert ["rm", f"~/.config/systemd/user/{SYSTEMD_UNIT.name}"] in commands
+    assert f"cp contrib/systemd/{SYSTEMD_UNIT.name} ~/.config/systemd/user/" in guide_section(6)
+    assert any(line.startswith(f"launchctl kickstart -k gui/$(id -u)/{agent['Label']} ") for line in lines)
+    (bootout,) = [line for line in lines if line.startswith("launchctl bootout")]
+    assert f"gui/$(id -u)/{agent['Label']}" in bootout
+    installed_agent = "~/Library/LaunchAgents/mcp-heal-proxy.plist"
+    assert installed_agent in guide_section(6)
+    assert f"rm {installed_agent} {agent['StandardOutPath'].replace('/Users/YOU', '~')}" in bootout
+    # Docker: the volume and the image section 7 makes.
+    docker = guide_section(7)
+    volume = re.search(r"-v (\S+):/data", docker)
+    image = re.search(r"docker build -t (\S+) \.", docker)
+    assert volume is not None
+    assert image is not None
+    assert ["docker", "volume", "rm", volume.group(1)] in commands
+    assert ["docker", "image", "rm", image.group(1)] in commands
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["services"]["mcp-heal-proxy"]["image"].split(":")[0] == image.group(1)
+
+
+def test_the_state_directory_the_guide_deletes_is_where_the_proxy_keeps_sessions_keys_and_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcp_heal_proxy.auth.tokens import tokens_directory
+    from mcp_heal_proxy.config import MEMORY_STATE, default_state_path
+    from mcp_heal_proxy.engine.sealing import KEY_FILE_NAME
+
+    removals = [words for line in section_commands(12) for words in command_words(line) if words[:2] == ["rm", "-rf"]]
+    (linux,) = [words[2] for words in removals if "local/state" in words[2]]
+    (macos,) = [words[2] for words in removals if "Application Support" in words[2]]
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    bare = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    # Where serve puts the store, session.key and the logins' tokens, with and without XDG_STATE_HOME.
+    directory = Path(default_state_path()).parent
+    assert expanded(linux, bare) == str(directory)
+    assert (
+        build_config(config_file=None, flags={"upstream": "http://127.0.0.1:1/mcp"}, environ={}).key_directory
+        == directory
+    )
+    assert tokens_directory(default_state_path()) == tokens_directory(MEMORY_STATE) == directory / "oauth"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert expanded(linux, {**bare, "XDG_STATE_HOME": str(tmp_path / "xdg")}) == str(Path(default_state_path()).parent)
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert expanded(f'"{macos}"', bare) == str(Path(default_state_path()).parent)
+    section = guide_section(12)
+    for name in (Path(default_state_path()).name, KEY_FILE_NAME, "oauth/", "NAME.json"):
+        assert f"`{name}`" in section, name
+    # The example config (and so the service units) names the same directory on every system.
+    example = tomllib.loads(EXAMPLE.read_text())
+    assert Path(example["server"]["state"]).parent == Path("~/.local/state/mcp-heal-proxy")
+
+
+def test_logins_wait_is_the_one_the_guide_states(tmp_path: Path) -> None:
+    from mcp_heal_proxy.auth.login import LOGIN_LOCK_SLACK, LOGIN_TIMEOUT
+
+    section = guide_section(10)
+    # The table the login commands name is a valid config with a managed login of that name.
+    (table,) = [block for block in code_blocks(USER_GUIDE, "") if block.startswith("[upstreams.")]
+    (config_file := tmp_path / "config.toml").write_text(table)
+    (upstream,) = build_config(config_file=str(config_file), flags={}, environ={}).upstreams
+    assert upstream.auth == "oauth"
+    assert all(f"login {upstream.name} --config" in line for line in section_commands(10))
+    assert f"**{LOGIN_TIMEOUT:.0f} seconds**" in section
+    assert f"up to its {LOGIN_TIMEOUT:.0f} s and {LOGIN_LOCK_SLACK:.0f} s more" in section
+    (shown,) = [block for block in code_blocks(USER_GUIDE, "") if "login failed" in block]
+    assert (
+        shown.strip()
+        == f"mcp-heal-proxy: login failed: no answer on http://127.0.0.1:PORT/callback within {LOGIN_TIMEOUT:.0f} s"
+    )
+
+
+async def test_a_login_nobody_finishes_fails_with_the_guides_words(
+    tmp_path: Path, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcp_heal_proxy.auth import login as login_flow
+    from mcp_heal_proxy.auth.errors import LoginError
+    from mcp_heal_proxy.auth.tokens import TokenFile
+    from tests.test_managed_auth import mix_up_server
+
+    app, _ = mix_up_server(None, False)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
+    token_file = TokenFile(tmp_path / "oauth", "up")
+    output = io.StringIO()
+    with pytest.raises(LoginError) as failed:
+        async with asyncio.timeout(20):
+            await login_flow.login(upstream, token_file, out=output, open_browser=False, wait=0.3)
+    (shown,) = [block for block in code_blocks(USER_GUIDE, "") if "login failed" in block]
+    expected = re.escape(shown.strip().removeprefix("mcp-heal-proxy: login failed: ")).replace("PORT", r"\d+")
+    assert re.fullmatch(expected.replace("300", "0"), str(failed.value)), str(failed.value)
+    assert token_file.load(upstream.url) is None, "nothing is stored"
+
+
+async def test_a_sessions_db_of_the_first_sqlite_store_keeps_its_sessions_after_an_upgrade(
+    tmp_path: Path, sse_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """The guide says sessions.db survives an upgrade: a file as the first SQLite store wrote it (one table,
+    the record fields of then) is served by this version, its session healed onto the upstream."""
+    import sqlite3
+    import time
+
+    from tests.conftest import INITIALIZE_PARAMS, echo_call, session_headers, start_serve
+
+    state = tmp_path / "sessions.db"
+    first_schema = (
+        "CREATE TABLE IF NOT EXISTS sessions ("
+        "client_session_id TEXT PRIMARY KEY, record TEXT NOT NULL, last_used REAL NOT NULL)"
+    )
+    now = time.time()
+    record = {
+        "client_session_id": "0f3c9a7e2b5d4c1a8e6f0b2d4a6c8e0f",
+        "upstream_session_id": "an-upstream-session-long-gone",
+        "initialize_params": INITIALIZE_PARAMS,
+        "upstream": "default",
+        "protocol_version": "2025-11-25",
+        "upstream_protocol_version": "2025-11-25",
+        "generation": 0,
+        "subscriptions": [],
+        "log_level": None,
+        "created_at": now,
+        "last_used": now,
+    }
+    with contextlib.closing(sqlite3.connect(state)) as connection, connection:
+        connection.execute(first_schema)
+        connection.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?)", (record["client_session_id"], json.dumps(record), now)
+        )
+    process, url = await start_serve("--upstream", sse_upstream.url, "--port", "0", "--state", str(state))
+    try:
+        headers = session_headers(str(record["client_session_id"]))
+        async with http.post(url, json=echo_call(1, "kept"), headers=headers) as response:
+            status, answer = response.status, await response.text()
+    finally:
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()
+    assert status == 200, answer
+    assert '"text":"kept"' in answer
+    with contextlib.closing(sqlite3.connect(state)) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        (stored,) = connection.execute("SELECT record FROM sessions").fetchall()
+    assert tables == {"sessions", "ended"}, "the table later versions added is created, nothing else changes"
+    assert json.loads(stored[0])["generation"] == 1, "the session was healed onto a new upstream session"
+
+
+async def serve_installed(
+    program: Path, env: dict[str, str], *args: str
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """An installed ``mcp-heal-proxy serve ARGS``: the process, the client URL and the store its banner name."""
+    process = await asyncio.create_subprocess_exec(
+        program, "serve", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(SERVICE_TIMEOUT):
+            first = (await process.stdout.readline()).decode()
+            while (match := re.search(r'url = "([^"]+)"', (await process.stdout.readline()).decode())) is None:
+                pass
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process, match.group(1), first.split(", sessions in ")[1].strip()
+
+
+async def stop_serving(process: asyncio.subprocess.Process) -> None:
+    process.terminate()
+    async with asyncio.timeout(SERVICE_TIMEOUT):
+        assert await process.wait() == 0
+
+
+@pytest.mark.timeout(2 * FRESH_INSTALL_TIMEOUT + 120)
+async def test_the_guides_pipx_install_upgrade_and_uninstall_keep_the_sessions_then_remove_everything(
+    tmp_path: Path, sse_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """Section 1's ``pipx install .``, section 10's ``pipx install --force .`` (a client's session id still
+    works after it) and section 11's removals, as a user pastes them, in a home of their own."""
+    from tests.conftest import echo_call, raw_initialize, session_headers
+
+    if shutil.which("pipx") is None:
+        message = "the guide's pipx commands need pipx (apt-get install -y pipx)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    install = [line for line in code_blocks(USER_GUIDE, "sh")[0].splitlines() if line.startswith("pipx install .")]
+    upgrade = [line for line in section_commands(11) if line.startswith("pipx install --force .")]
+    removals = [
+        line
+        for line in section_commands(12)
+        if line.startswith("pipx uninstall") or (line.startswith("rm -rf") and "Application Support" not in line)
+    ]
+    assert len(install) == len(upgrade) == 1
+    assert len(removals) == 3
+    checkout = fresh_checkout(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_environment(HOME=str(home))
+    env.pop("XDG_STATE_HOME", None)  # the default state directory, under this home
+    # The user's pip cache: the dependencies are not downloaded again for each install.
+    env.setdefault("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+
+    async def paste(line: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            "bash", "-c", line, cwd=checkout, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        try:
+            async with asyncio.timeout(FRESH_INSTALL_TIMEOUT):
+                printed, _ = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0, f"{line}\n{printed.decode()[-3000:]}"
+
+    program = home / ".local" / "bin" / "mcp-heal-proxy"
+    await paste(install[0])
+    port = str(free_port())
+    process, url, store = await serve_installed(program, env, "--upstream", sse_upstream.url, "--port", port)
+    try:
+        session_id = await raw_initialize(http, url)
+    finally:
+        await stop_serving(process)
+    state_directory = home / ".local" / "state" / "mcp-heal-proxy"
+    assert store == str(state_directory / "sessions.db")
+    assert (state_directory / "session.key").is_file()
+
+    await paste(upgrade[0])
+    process, url, _ = await serve_installed(program, env, "--upstream", sse_upstream.url, "--port", port)
+    try:
+        async with http.post(
+            url, json=echo_call(2, "after the upgrade"), headers=session_headers(session_id)
+        ) as answer:
+            status, text = answer.status, await answer.text()
+    finally:
+        await stop_serving(process)
+    assert status == 200, text
+    assert '"text":"after the upgrade"' in text, "the session id from before the upgrade still works"
+    assert (await sse_upstream.stats())["initialize"] == 1, "kept, not healed: the upstream session went on"
+
+    (home / ".config" / "mcp-heal-proxy").mkdir(parents=True)
+    (home / ".config" / "mcp-heal-proxy" / "config.toml").write_text("")
+    for line in removals:
+        await paste(line)
+    assert not program.exists()
+    assert not state_directory.exists()
+    assert not (home / ".config" / "mcp-heal-proxy").exists()

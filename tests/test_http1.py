@@ -433,7 +433,7 @@ async def test_a_head_that_never_ends_is_refused_instead_of_buffered_without_lim
 
 
 def test_an_idle_connection_is_kept_as_long_as_aiohttp_keeps_one() -> None:
-    from aiohttp.web_protocol import RequestHandler
+    from aiohttp.web import RequestHandler
 
     default = inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
     assert default == http1.KEEPALIVE_TIMEOUT

@@ -70,14 +70,16 @@ def writes_to_client(writes: list[tuple[object, bytes]], session_id: str) -> lis
     return [data for transport, data in writes if id(transport) in transports]
 
 
+@pytest.mark.parametrize("http_server", ["fast", "aiohttp"])
 async def test_a_complete_sse_answer_goes_to_the_client_in_one_write(
     fake: tuple[FakeUpstream, str],
     start_proxy: ProxyFactory,
     http: aiohttp.ClientSession,
     writes: list[tuple[object, bytes]],
+    http_server: str,
 ) -> None:
     upstream, url = fake
-    proxy = await start_proxy(url)
+    proxy = await start_proxy(url, http_server=http_server)
     session_id = await raw_initialize(http, proxy.url)
     progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
     body = sse(progress, {"jsonrpc": "2.0", "id": 41, "result": {"content": []}})

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +22,10 @@ import pytest
 from aiohttp import web
 from mcp import types
 from mcp.client.session import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 from mcp.shared.exceptions import MCPError
 
-from tests.conftest import UpstreamProcess, mcp_session, wait_until
+from tests.conftest import REPO_ROOT, UpstreamProcess, mcp_session, wait_until
 from tests.fake_upstream import FakeUpstream, hang_forever
 
 BRIDGE = str(Path(sys.executable).parent / "mcp-heal-proxy")
@@ -38,10 +39,25 @@ INITIALIZE = {
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
 
 
+def checkout_pythonpath() -> str:
+    """PYTHONPATH for a bridge process: this checkout's code first. The bridge command belongs to the
+    venv, whose installed package may be another checkout (an editable install of the main one, in the
+    middle of a merge or an edit): without this, a worktree's tests would run that code instead."""
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def bridge_parameters(url: str) -> StdioServerParameters:
+    """How the SDK client launches the bridge: with the SDK's default environment (HOME, PATH, USER and
+    the like), plus this checkout's code on PYTHONPATH."""
+    return StdioServerParameters(
+        command=BRIDGE, args=["stdio", "--upstream", url], env={"PYTHONPATH": checkout_pythonpath()}
+    )
+
+
 @contextlib.asynccontextmanager
 async def bridged_session(url: str, **callbacks: Any) -> AsyncIterator[ClientSession]:
     """The SDK client launching the bridge as its MCP server command."""
-    params = StdioServerParameters(command=BRIDGE, args=["stdio", "--upstream", url])
+    params = bridge_parameters(url)
     async with (
         stdio_client(params) as (read_stream, write_stream),
         ClientSession(read_stream, write_stream, **callbacks) as session,
@@ -58,6 +74,18 @@ async def echo(session: ClientSession, text: str) -> str:
     content = result.content[0]
     assert isinstance(content, types.TextContent)
     return content.text
+
+
+def test_the_bridge_the_sdk_client_launches_runs_this_checkouts_code(tmp_path: Path) -> None:
+    # What the SDK gives the process it launches (stdio_client): its default environment, then params.env.
+    # The bridge is a console script: the directory it runs in is not on its path (hence cwd elsewhere).
+    params = bridge_parameters("http://127.0.0.1:1/mcp")
+    env = get_default_environment() | (params.env or {})
+    where = subprocess.run(
+        [sys.executable, "-c", "import mcp_heal_proxy; print(mcp_heal_proxy.__file__)"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=CALL_TIMEOUT,
+    ).stdout.strip()  # fmt: skip
+    assert Path(where).is_relative_to(REPO_ROOT), f"the bridge would run {where}, not this checkout's code"
 
 
 async def test_the_sdk_client_keeps_its_session_across_an_upstream_restart(upstream: UpstreamProcess) -> None:
@@ -158,9 +186,9 @@ async def raw_bridge(url: str, *extra: str) -> AsyncIterator[RawBridge]:
 @contextlib.asynccontextmanager
 async def bridge_process(*args: str) -> AsyncIterator[RawBridge]:
     """``mcp-heal-proxy stdio ARGS`` with the environment a client gives the commands it launches."""
-    # PYTHONPATH too when set: the tests of a checkout run that checkout's code, not the installed one.
-    names = ("HOME", "PATH", "USER", "LANG", "PYTHONPATH")
-    env = {key: os.environ[key] for key in names if key in os.environ}
+    # And this checkout's code, not the installed one (see checkout_pythonpath).
+    names = ("HOME", "PATH", "USER", "LANG")
+    env = {key: os.environ[key] for key in names if key in os.environ} | {"PYTHONPATH": checkout_pythonpath()}
     process = await asyncio.create_subprocess_exec(
         BRIDGE,
         "stdio",
@@ -258,7 +286,8 @@ async def test_an_upstream_that_is_down_gets_errors_then_heals_when_it_returns(
 ) -> None:
     config = tmp_path / "proxy.toml"
     config.write_text(f'[upstreams.test]\nurl = "{sse_upstream.url}"\nconnect_retry = 0.5\n')
-    env = {key: os.environ[key] for key in ("HOME", "PATH", "PYTHONPATH") if key in os.environ}
+    env = {key: os.environ[key] for key in ("HOME", "PATH") if key in os.environ}
+    env["PYTHONPATH"] = checkout_pythonpath()
     process = await asyncio.create_subprocess_exec(
         BRIDGE,
         "stdio",
@@ -290,8 +319,9 @@ async def test_an_upstream_that_is_down_gets_errors_then_heals_when_it_returns(
 
 async def test_a_bad_option_is_one_line_on_stderr_and_nothing_on_stdout() -> None:
     process = await asyncio.create_subprocess_exec(
-        BRIDGE, "stdio", "--upstream", "ftp://nowhere", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        BRIDGE, "stdio", "--upstream", "ftp://nowhere", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )  # fmt: skip
     async with asyncio.timeout(CALL_TIMEOUT):
         out, err = await process.communicate()
     assert process.returncode == 2

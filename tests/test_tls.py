@@ -550,6 +550,10 @@ async def test_the_stdio_bridge_answers_an_untrusted_certificate_with_an_error_n
     https_upstream: HttpsUpstreamProcess,
 ) -> None:
     async with bridge_process("--upstream", https_upstream.url) as bridge:
+        # The clock starts once the bridge reads its stdin (a request it refuses by itself, no upstream
+        # involved): its Python start-up, seconds on a loaded machine, is not the answer's time.
+        await bridge.send({"jsonrpc": "2.0", "id": 76, "method": 42})
+        assert (await bridge.receive())["id"] == 76
         started = time.monotonic()
         await bridge.send({**STDIO_INITIALIZE, "id": 77})
         answer = await bridge.receive()

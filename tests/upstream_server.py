@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -149,7 +150,10 @@ async def stats(_: Request) -> JSONResponse:
     # Reading the SDK's private session table lets a test wait for an idle expiry without touching
     # the session (any request on it would reset its idle timer).
     live = sorted(server.session_manager._server_instances)
-    return JSONResponse({**STATS, "live_sessions": live, "state": SESSION_STATE, "traceparents": list(TRACEPARENTS)})
+    # pid: the tests know it is this process that answers on the port, not another one that took it.
+    return JSONResponse(
+        {**STATS, "live_sessions": live, "state": SESSION_STATE, "traceparents": list(TRACEPARENTS), "pid": os.getpid()}
+    )
 
 
 class MemoryEventStore(EventStore):

@@ -65,7 +65,11 @@ class Exchange(Protocol):
 class _WithFirstBytes(web.StreamResponse):
     """A streamed answer whose first bytes are written right after prepare: its headers go out with
     them in one write (aiohttp's StreamResponse writes headers on their own at prepare; its Response
-    does not, by this same class attribute)."""
+    does not, by this same class attribute).
+
+    The attribute is private: aiohttp has no public way to hold a StreamResponse's headers for its
+    first write (a Response needs its whole body first). Guarded by tests/test_relay_writes.py::
+    test_a_complete_sse_answer_goes_to_the_client_in_one_write on aiohttp's server, which counts writes."""
 
     _send_headers_immediately = False
 

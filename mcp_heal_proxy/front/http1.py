@@ -36,8 +36,13 @@ from typing import TYPE_CHECKING, Final, NoReturn, cast
 import httptools
 import structlog
 from aiohttp import hdrs, web
+
+# aiohttp's set of headers a request may not carry twice. No public name holds it (http_parser's __all__
+# leaves it out), and a copy here would drift from the parser that refuses such requests; imported, a
+# release that renames it fails at import, loudly, and one that changes it is followed. Guarded by
+# tests/test_http1.py::test_a_head_aiohttp_refuses_is_refused_by_the_proxy_not_sent_upstream.
 from aiohttp.http_parser import SINGLETON_HEADERS
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from mcp_heal_proxy.front.exchange import HeaderPairs
@@ -289,7 +294,12 @@ class FastConnection(asyncio.Protocol):
         self._idle_since = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
         # aiohttp's server learns of this connection too: its shutdown (the app's graceful stop) waits
-        # for the request being answered here as for its own. It reads ``_task_handler`` on connection_lost.
+        # for the request being answered here as for its own. Its connection_lost reads the private
+        # ``_task_handler`` of each connection it knows (to forget it once its request ends); aiohttp has
+        # no public way to put a connection of another protocol under its graceful stop, and waiting
+        # for these connections apart would stop them before the app's on_shutdown instead of with
+        # aiohttp's. Guarded by tests/test_shutdown.py::
+        # test_sigterm_refuses_new_requests_lets_calls_finish_and_flushes_the_store (a call on this server).
         self._task_handler: asyncio.Task[None] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
@@ -170,7 +171,8 @@ async def touch(ctx: Context) -> str:
 
 @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
 async def stats(_: Request) -> JSONResponse:
-    return JSONResponse(STATS)
+    # pid: the tests know it is this process that answers on the port (tests/conftest.py, ServerProcess).
+    return JSONResponse({**STATS, "pid": os.getpid()})
 
 
 def _error(status: int, code: int, message: str, request_id: Any = None, data: Any = None) -> tuple[int, bytes]:

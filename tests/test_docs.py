@@ -997,7 +997,11 @@ def test_the_guides_pass_through_part_names_what_the_stand_in_does_not_advertise
     assert shown["scopes_supported"] == ["mcp"]
 
 
-async def test_the_guides_pass_through_curl_lines_show_the_proxy_standing_in(tmp_path: Path, command: Path) -> None:
+async def test_the_guides_pass_through_curl_lines_show_the_proxy_standing_in(
+    tmp_path: Path, command: Path, sse_upstream: Any
+) -> None:
+    """The two curl lines against serve in front of the OAuth test upstream (the proxy's URL everywhere),
+    of an upstream without OAuth metadata (404) and of one that cannot be reached (502)."""
     from tests.oauth_clients import OAuthUpstream
 
     fenced = re.findall(r"^```(\w*)\n(.*?)^```", passthrough_part(), flags=re.M | re.S)
@@ -1033,6 +1037,20 @@ async def test_the_guides_pass_through_curl_lines_show_the_proxy_standing_in(tmp
     assert endpoints
     assert all(value.startswith(f"{origin}/oauth/mcp/") for value in endpoints), "endpoints under /oauth/mcp/"
     assert "device_authorization_endpoint" not in server
+    for upstream_url, status in ((sse_upstream.url, 404), (f"http://127.0.0.1:{free_port()}/mcp", 502)):
+        port = free_port()
+        process, _, _ = await serve_installed(command, env, "--upstream", upstream_url, "--port", str(port))
+        try:
+            for line in lines:
+                pasted = line.replace("curl -s ", "curl -s -o /dev/null -w %{http_code} ").replace(
+                    ":8787/", f":{port}/"
+                )
+                result = await asyncio.to_thread(
+                    subprocess.run, ["bash", "-c", pasted], env=env, capture_output=True, text=True, timeout=30
+                )
+                assert result.stdout == str(status), (upstream_url, line, result.stdout)
+        finally:
+            await stop_serving(process)
 
 
 def watch_section() -> str:

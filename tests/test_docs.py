@@ -3,6 +3,7 @@ the service units in contrib/, and the snippets users copy into their clients.""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import configparser
 import contextlib
@@ -518,17 +519,59 @@ async def test_the_user_guides_transcripts_are_what_the_commands_print(command: 
         assert printed.decode() == output, line
 
 
+USER_LEVELS = frozenset({"info", "warning", "error", "exception", "critical"})
+
+
+def _is_user_level(node: ast.expr, chosen: set[str]) -> bool:
+    """``log.info`` (any logger name ending in ``log``), ``log.warning if ... else log.info``, or a name
+    assigned one of those (``emit = log.info if ... else log.warning``): a call at info or above."""
+    if isinstance(node, ast.Attribute):
+        return node.attr in USER_LEVELS and isinstance(node.value, ast.Name) and node.value.id.endswith("log")
+    if isinstance(node, ast.IfExp):
+        return _is_user_level(node.body, chosen) or _is_user_level(node.orelse, chosen)
+    return isinstance(node, ast.Name) and node.id in chosen
+
+
+def _event_names(node: ast.expr) -> list[str] | None:
+    """The event names a first argument can be: a literal, or a conditional between literals."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.IfExp):
+        body, orelse = _event_names(node.body), _event_names(node.orelse)
+        return None if body is None or orelse is None else body + orelse
+    return None
+
+
+def logged_events() -> dict[str, str]:
+    """Each event name the proxy's code logs at info or above, with where (by the code's syntax tree, so
+    that calls through a chosen level, ``emit = log.info if ... else log.warning``, count too)."""
+    events: dict[str, str] = {}
+    for path in sorted((REPO_ROOT / "mcp_heal_proxy").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        chosen = {
+            target.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and _is_user_level(node.value, set())
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _is_user_level(node.func, chosen):
+                where = f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
+                names = _event_names(node.args[0]) if node.args else None
+                assert names is not None, f"{where}: a log call whose event is not a literal the scan can read"
+                events.update(dict.fromkeys(names, where))
+    return events
+
+
 def test_every_event_the_proxy_logs_at_info_or_above_is_in_the_user_guide() -> None:
     """What a user sees in the log, they can look up: each event name logged at info, warning or error."""
-    call = re.compile(r'\blog\.(?:info|warning|error|exception|critical)\(\s*"([a-z_][a-z0-9_.]*)"')
-    events = {
-        name
-        for path in (REPO_ROOT / "mcp_heal_proxy").rglob("*.py")
-        for name in call.findall(path.read_text(encoding="utf-8"))
-    }
+    events = logged_events()
     assert len(events) > 40, "the scan found the proxy's log calls"
+    # Those logged through a level chosen at run time count too: the heal's events and the request line.
+    assert {"session.healed", "session.heal_failed", "request"} <= set(events)
     guide = USER_GUIDE.read_text(encoding="utf-8")
-    missing = sorted(name for name in events if f"`{name}`" not in guide)
+    missing = sorted(f"{name} ({where})" for name, where in events.items() if f"`{name}`" not in guide)
     assert not missing, f"log events not in docs/user-guide.md: {missing}"
 
 
@@ -850,3 +893,358 @@ async def test_the_guides_pipx_install_upgrade_and_uninstall_keep_the_sessions_t
     assert not program.exists()
     assert not state_directory.exists()
     assert not (home / ".config" / "mcp-heal-proxy").exists()
+
+
+# ---- the user guide: every command, pass-through OAuth, the status page, sessions, tail -----------------
+
+
+def cli_subcommands() -> dict[str, Any]:
+    """The CLI's subcommands and their parsers, as build_parser defines them."""
+    import argparse
+
+    from mcp_heal_proxy.cli import build_parser
+
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def guide_proxy_commands(lines: list[str]) -> list[list[str]]:
+    """The ``mcp-heal-proxy`` runs of command lines: their arguments, ``VAR=value`` prefixes dropped."""
+    runs: list[list[str]] = []
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True  # words as bash splits them; quotes, comments and ; & | as bash reads them
+        words: list[str] = []
+        for token in [*lexer, ";"]:
+            if token and set(token) <= set(";&|"):
+                while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                    words.pop(0)  # VAR=value before the command
+                if words and words[0] == "mcp-heal-proxy":
+                    runs.append(words[1:])
+                words = []
+            else:
+                words.append(token)
+    return runs
+
+
+def parses(argv: list[str]) -> None:
+    from mcp_heal_proxy.cli import build_parser
+
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exc:
+        raise AssertionError(f"the guide's `mcp-heal-proxy {shlex.join(argv)}` does not parse") from exc
+
+
+def test_every_subcommand_of_the_cli_is_in_the_user_guide_and_every_command_shown_parses() -> None:
+    guide = USER_GUIDE.read_text()
+    subcommands = cli_subcommands()
+    assert {"serve", "sessions", "tail", "login"} <= set(subcommands), "read from the parser"
+    missing = [name for name in subcommands if not re.search(rf"mcp-heal-proxy {re.escape(name)}(?![\w-])", guide)]
+    assert not missing, f"subcommands the user guide never names as `mcp-heal-proxy NAME`: {missing}"
+    lines = [line for block in code_blocks(USER_GUIDE, "sh") for line in block.splitlines() if line.strip()]
+    runs = guide_proxy_commands(lines)
+    assert len(runs) > 15, "the scan found the guide's commands"
+    for argv in runs:
+        parses(argv)
+    shown = {argv[0] for argv in runs}
+    assert {"serve", "check-config", "demo", "sessions", "tail", "login", "logout"} <= shown
+
+
+def passthrough_part() -> str:
+    """Section 4's paragraphs on a client that logs in itself through the proxy (OAuth pass-through)."""
+    section = guide_section(4)
+    start = section.index("**An upstream that needs an OAuth login, for a client that logs in itself**")
+    end = section.index("**An upstream that needs an OAuth login, for a client that cannot log in**")
+    return section[start:end]
+
+
+def test_the_guides_pass_through_part_names_what_the_stand_in_does_not_advertise() -> None:
+    from mcp_heal_proxy.auth import metadata
+    from mcp_heal_proxy.config import OAUTH_PASS_THROUGH
+
+    part = passthrough_part()
+    assert all(f'"{mode}"' in part for mode in OAUTH_PASS_THROUGH), "each oauth_pass_through mode"
+    assert "`[server] trusted_proxies`" in part
+    for endpoint in ("authorize", "token", "register", "revoke"):
+        assert f"`/{endpoint}`" in part
+        assert endpoint in metadata.STAND_IN_ENDPOINTS
+    # What the guide says is not advertised is left out of the stand-in's metadata.
+    for words, key in (
+        ("device login (RFC 8628)", "device_authorization_endpoint"),
+        ("pushed authorization requests", "pushed_authorization_request_endpoint"),
+        ("DPoP", "dpop_signing_alg_values_supported"),
+        ("client authentication by JWT or mutual TLS", "token_endpoint_auth_signing_alg_values_supported"),
+        ("client authentication by JWT or mutual TLS", "tls_client_certificate_bound_access_tokens"),
+        ("signed request objects", "request_object_signing_alg_values_supported"),
+        ("ID token", "id_token_signing_alg_values_supported"),
+    ):
+        assert words in " ".join(part.split()), words
+        assert key in metadata._NOT_RELAYED, key
+    upstream = {
+        "issuer": "https://as.example.com",
+        "authorization_endpoint": "https://as.example.com/authorize",
+        "token_endpoint": "https://as.example.com/token",
+        "device_authorization_endpoint": "https://as.example.com/device",
+        "grant_types_supported": ["authorization_code", "urn:ietf:params:oauth:grant-type:device_code"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "tls_client_auth", "client_secret_post"],
+        "scopes_supported": ["openid", "mcp"],
+    }
+    shown = metadata.rewrite_authorization_server(upstream, "http://127.0.0.1:8787", "/mcp")
+    assert "device_authorization_endpoint" not in shown
+    assert shown["grant_types_supported"] == ["authorization_code"]
+    assert shown["token_endpoint_auth_methods_supported"] == ["client_secret_post"]
+    assert shown["scopes_supported"] == ["mcp"]
+
+
+async def test_the_guides_pass_through_curl_lines_show_the_proxy_standing_in(
+    tmp_path: Path, command: Path, sse_upstream: Any
+) -> None:
+    """The two curl lines against serve in front of the OAuth test upstream (the proxy's URL everywhere),
+    of an upstream without OAuth metadata (404) and of one that cannot be reached (502)."""
+    from tests.oauth_clients import OAuthUpstream
+
+    fenced = re.findall(r"^```(\w*)\n(.*?)^```", passthrough_part(), flags=re.M | re.S)
+    lines = [line for language, block in fenced if language == "sh" for line in block.splitlines()]
+    assert len(lines) == 2
+    assert all(line.startswith("curl -s http://127.0.0.1:8787/.well-known/") for line in lines)
+    upstream = OAuthUpstream(tmp_path)
+    await upstream.start()
+    try:
+        env = clean_environment(HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
+        port = free_port()
+        process, url, _ = await serve_installed(command, env, "--upstream", upstream.url, "--port", str(port))
+        try:
+            documents = []
+            for line in lines:
+                pasted = line.replace(":8787/", f":{port}/")
+                result = await asyncio.to_thread(
+                    subprocess.run, ["bash", "-c", pasted], env=env, capture_output=True, text=True, timeout=30
+                )
+                assert result.returncode == 0, result.stderr
+                documents.append(json.loads(result.stdout))
+        finally:
+            await stop_serving(process)
+    finally:
+        await upstream.stop()
+    resource, server = documents
+    origin = f"http://127.0.0.1:{port}"
+    assert url == f"{origin}/mcp"
+    assert resource["resource"] == url
+    assert resource["authorization_servers"] == [url], "the proxy's URL"
+    assert server["issuer"] == url
+    endpoints = [value for key, value in server.items() if key.endswith("_endpoint")]
+    assert endpoints
+    assert all(value.startswith(f"{origin}/oauth/mcp/") for value in endpoints), "endpoints under /oauth/mcp/"
+    assert "device_authorization_endpoint" not in server
+    for upstream_url, status in ((sse_upstream.url, 404), (f"http://127.0.0.1:{free_port()}/mcp", 502)):
+        port = free_port()
+        process, _, _ = await serve_installed(command, env, "--upstream", upstream_url, "--port", str(port))
+        try:
+            for line in lines:
+                pasted = line.replace("curl -s ", "curl -s -o /dev/null -w %{http_code} ").replace(
+                    ":8787/", f":{port}/"
+                )
+                result = await asyncio.to_thread(
+                    subprocess.run, ["bash", "-c", pasted], env=env, capture_output=True, text=True, timeout=30
+                )
+                assert result.stdout == str(status), (upstream_url, line, result.stdout)
+        finally:
+            await stop_serving(process)
+
+
+def watch_section() -> str:
+    return guide_section(13)
+
+
+def test_the_guides_watch_section_shows_every_flag_of_sessions_and_tail() -> None:
+    section = watch_section()
+    assert section.startswith("## 13. Watching the proxy")
+    runs = guide_proxy_commands(section_commands(13))
+    assert {argv[0] for argv in runs} == {"sessions", "tail"}
+    for argv in runs:
+        parses(argv)
+    subcommands = cli_subcommands()
+    for name in ("sessions", "tail"):
+        flags = {flag for action in subcommands[name]._actions for flag in action.option_strings} - {"-h", "--help"}
+        assert flags, name
+        missing = sorted(flag for flag in flags if f"{flag}" not in section)
+        assert not missing, f"{name} flags the guide does not show: {missing}"
+    assert "forget" in {word for argv in runs for word in argv}
+    assert "`MCP_HEAL_PROXY_TOKEN=YOUR_TOKEN mcp-heal-proxy sessions forget" in section
+    assert "`MCP_HEAL_PROXY_TOKEN=YOUR_TOKEN mcp-heal-proxy tail`" in section
+    from mcp_heal_proxy.watch import DEFAULT_GIVE_UP, DEFAULT_PROXY_URL, RECONNECT_FIRST, RECONNECT_MAX
+
+    assert f"(default {DEFAULT_GIVE_UP:.0f})" in section
+    assert f"doubling up to {RECONNECT_MAX:.0f} s" in section
+    assert RECONNECT_FIRST == 0.25, "a quarter of a second"
+    assert f"`{DEFAULT_PROXY_URL}`" in section
+    assert f"`{DEFAULT_PROXY_URL}/`" in section, "the status page's URL"
+
+
+def test_the_guides_sessions_table_and_tail_lines_are_what_the_commands_print() -> None:
+    from mcp_heal_proxy.watch import format_event, format_sessions
+
+    fenced = re.findall(r"^```(\w*)\n(.*?)^```", watch_section(), flags=re.M | re.S)
+    blocks = [text for language, text in fenced if not language]
+    (table,) = [block for block in blocks if block.startswith("SESSION ")]
+    now = 1_796_000_000.0
+    _, row = table.splitlines()
+    cells = row.split()
+    rows = [
+        {
+            "id": cells[0] + "f7e8c085fc493329d1d47d99",
+            "upstream": cells[1],
+            "client": cells[2],
+            "client_version": cells[3],
+            "protocol_version": cells[4],
+            "heals": int(cells[5]),
+            "created": now - 180,
+            "last_used": now - 10,
+            "subscriptions": [],
+            "log_level": None,
+        }
+    ]
+    assert format_sessions(rows, now) == table.rstrip("\n")
+    (feed,) = [block for block in blocks if block.startswith("following ")]
+    for line in feed.splitlines()[1:]:
+        clock, upstream, session, *rest = line.split()
+        moment = time_today(clock)
+        if rest[0] == "HEAL":
+            item = {"at": moment, "upstream": upstream, "session": session, "reason": rest[1], "outcome": rest[2],
+                    "generation": int(rest[-1]), "duration_ms": float(rest[3])}  # fmt: skip
+            assert format_event("heal", item, color=False) == line
+        else:
+            healed = rest[-1] == "HEALED"
+            item = {"at": moment, "upstream": upstream, "session": session, "method": rest[0], "tool": rest[1],
+                    "status": int(rest[2]), "duration_ms": float(rest[3]), "healed": healed}  # fmt: skip
+            assert format_event("request", item, color=False) == line
+
+
+def time_today(clock: str) -> float:
+    """The epoch time of a ``HH:MM:SS.mmm`` clock reading today, local time (as tail prints it)."""
+    import time
+
+    hours, minutes, rest = clock.split(":")
+    seconds, millis = rest.split(".")
+    today = time.localtime()
+    moment = time.mktime((today.tm_year, today.tm_mon, today.tm_mday, int(hours), int(minutes), int(seconds), 0, 0, -1))
+    return moment + int(millis) / 1000 + 0.0001
+
+
+async def test_the_guides_sessions_and_tail_lines_work_against_a_running_proxy(
+    tmp_path: Path, command: Path, sse_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    """Section 13's lines as a user pastes them, pointed at a ``serve`` of the test's: ``tail`` follows it
+    across a restart and gives up once it is gone, ``sessions`` lists the store, ``forget`` ends a session
+    through the proxy (its client then gets 404) and, with no proxy left, deletes the record only."""
+    from tests.conftest import echo_call, raw_initialize, session_headers
+
+    lines = section_commands(13)
+    sessions = [line for line in lines if line.startswith("mcp-heal-proxy sessions")]
+    tails = [line for line in lines if line.startswith("mcp-heal-proxy tail")]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = tmp_path / "home" / ".config" / "mcp-heal-proxy" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'[server]\nport = {port}\n\n[upstreams.default]\nurl = "{sse_upstream.url}"\n')
+    path = f"{command.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = clean_environment(PATH=path, HOME=str(tmp_path / "home"), XDG_STATE_HOME=str(tmp_path / "state"))
+
+    def pointed(line: str) -> str:
+        """The line aimed at the test's proxy: its port, and its URL where the line relies on the default."""
+        line = line.split("  #")[0].strip().replace("http://127.0.0.1:9000", base).replace(":8787", f":{port}")
+        if line.startswith("mcp-heal-proxy tail") and base not in line:
+            line = line.replace("mcp-heal-proxy tail", f"mcp-heal-proxy tail {base}", 1)
+        if " forget " in line and "--config" not in line:
+            line += f" --proxy {base}"
+        return line
+
+    async def paste(line: str) -> tuple[int, str, str]:
+        result = await asyncio.to_thread(
+            subprocess.run, ["bash", "-c", pointed(line)], env=env, capture_output=True, text=True, timeout=30
+        )
+        return result.returncode, result.stdout, result.stderr
+
+    async def follow(line: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            "bash", "-c", "exec " + pointed(line), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+    async def line_of(stream: asyncio.StreamReader | None) -> str:
+        assert stream is not None
+        async with asyncio.timeout(SERVICE_TIMEOUT):
+            return (await stream.readline()).decode()
+
+    async def serving() -> asyncio.subprocess.Process:
+        process, url, _ = await serve_installed(command, env, "--config", str(config))
+        assert url == f"{base}/default/mcp"
+        return process
+
+    # The --give-up line follows from the last start only: a slow restart must not run out its time.
+    (giving_up,) = [line for line in tails if "--give-up" in line]
+    followers: list[asyncio.subprocess.Process] = []
+    try:
+        proxy = await serving()
+        try:
+            followers = [await follow(line) for line in tails if line != giving_up]
+            for follower in followers:
+                assert (await line_of(follower.stderr)).startswith(f"following {base}/_proxy/api/events")
+            url = f"{base}/default/mcp"
+            ended, kept = await raw_initialize(http, url), await raw_initialize(http, url)
+            async with http.post(url, json=echo_call(2, "seen"), headers=session_headers(ended)) as answer:
+                assert answer.status == 200
+                await answer.read()
+            for follower, line in zip(followers, [line for line in tails if line != giving_up], strict=True):
+                while "tools/call" not in (printed := await line_of(follower.stdout)):
+                    pass
+                if "--json" in line:
+                    assert json.loads(printed)["method"] == "tools/call"
+                else:
+                    assert re.search(rf"  default  {ended[:8]}  tools/call echo +200 ", printed), printed
+            # sessions, as listed: the plain table with both sessions, the JSON with full ids.
+            for line in sessions:
+                if "redis://" in line or " forget " in line:
+                    continue
+                status, out, err = await paste(line)
+                assert status == 0, err
+                if "--json" in line:
+                    assert {row["id"] for row in json.loads(out)} == {ended, kept}
+                else:
+                    assert out.startswith("SESSION   UPSTREAM  CLIENT"), out
+                    assert {row.split()[0] for row in out.splitlines()[1:]} == {ended[:8], kept[:8]}
+            (forget,) = [line.replace("ae972275", ended[:8]) for line in sessions if " forget " in line]
+            status, out, err = await paste(forget)
+            assert status == 0, err
+            (shown,) = [block for block in code_blocks(USER_GUIDE, "") if block.startswith("ended session ")]
+            assert out == shown.replace("ae972275", ended[:8]).replace(":8787", f":{port}")
+            async with http.post(url, json=echo_call(3, "gone"), headers=session_headers(ended)) as answer:
+                assert answer.status == 404, "the client's next request on a forgotten session"
+            # A restart: each tail says so and reconnects.
+            await stop_serving(proxy)
+            for follower in followers:
+                assert "reconnecting" in await line_of(follower.stderr)
+            proxy = await serving()
+            for follower in followers:
+                assert (await line_of(follower.stderr)).startswith(f"reconnected to {base}")
+            follower = await follow(giving_up)
+            followers.append(follower)
+            assert (await line_of(follower.stderr)).startswith(f"following {base}/_proxy/api/events")
+        finally:
+            await stop_serving(proxy)
+        # Gone for good: the --give-up line exits with status 1 in its time.
+        seconds = float(giving_up.split("--give-up ")[1].split()[0])
+        async with asyncio.timeout(seconds + SERVICE_TIMEOUT):
+            _, err_bytes = await follower.communicate()
+        assert follower.returncode == 1
+        assert f"could not reconnect within {seconds:g} s" in err_bytes.decode()
+    finally:
+        for process in followers:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    # With no proxy left, forget deletes the record only, and says so.
+    status, out, err = await paste(forget.replace(ended[:8], kept[:8]))
+    assert status == 0, err
+    assert out.startswith(f"forgot session {kept[:8]}: record deleted from the store only"), out

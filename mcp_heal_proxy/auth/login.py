@@ -206,9 +206,10 @@ async def _login(
         if "error" in answer:
             raise LoginError(f"the authorization server refused the login: {answer['error']}")
         iss = answer.get("iss")
-        expected_issuer = metadata.get("issuer") if isinstance(metadata.get("issuer"), str) else found.issuer
-        if iss is not None and expected_issuer is not None and iss.rstrip("/") != str(expected_issuer).rstrip("/"):
-            # RFC 9207: an answer from another authorization server (a mix-up attack) is not used.
+        expected_issuer = found.issuer  # discovery checked that the metadata names exactly this one
+        if iss is not None and iss != expected_issuer:
+            # RFC 9207: an answer from another authorization server (a mix-up attack) is not used; its
+            # section 2.4 asks for a simple string comparison, so no normalising of a trailing '/'.
             raise LoginError(f"the authorization answer came from issuer {iss!r}, not {expected_issuer!r}")
         if metadata.get("authorization_response_iss_parameter_supported") is True and iss is None:
             raise LoginError("the authorization server promised an iss parameter (RFC 9207) and sent none")

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import pytest
@@ -664,6 +664,37 @@ async def login_against_mix_up_server(
                 await logging_in
             assert token_requests == [], "a code from a mixed-up answer is never redeemed"
             assert token_file.load(upstream.url) is None
+    finally:
+        logging_in.cancel()
+        with contextlib.suppress(BaseException):
+            await logging_in
+
+
+async def test_a_callback_with_a_non_ascii_state_is_refused_and_the_login_goes_on(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """The login's callback compares the state as bytes: a non-ASCII one is a stranger's (400), not a
+    500, and the real answer that follows still logs in."""
+    app, token_requests = mix_up_server("SELF", True)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
+    token_file = TokenFile(tmp_path / "oauth", "up")
+    out = Lines()
+    logging_in = asyncio.get_running_loop().create_task(
+        login_flow.login(upstream, token_file, out=out, open_browser=False, wait=20)
+    )
+    try:
+        async with asyncio.timeout(20):
+            await out.printed.wait()
+        assert out.url is not None
+        redirect_uri = parse_qs(urlsplit(out.url).query)["redirect_uri"][0]
+        async with aiohttp.ClientSession() as http:
+            for state in ("%C3%A9", "%FF", "\u00e9t\u00e9"):
+                async with http.get(f"{redirect_uri}?code=stolen&state={state}") as response:
+                    assert response.status == 400, (state, await response.text())
+        await follow_authorization(out.url)
+        assert (await logging_in).access_token == "mixed-up-access"
+        assert token_requests == ["the-code"]
     finally:
         logging_in.cancel()
         with contextlib.suppress(BaseException):

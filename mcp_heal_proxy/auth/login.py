@@ -32,6 +32,7 @@ from mcp_heal_proxy.auth.paste import read_pasted
 from mcp_heal_proxy.auth.rules import OFFLINE_ACCESS, choose_scopes, pkce_pair, token_auth_method, with_query
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, UpstreamConfig, login_command
+from mcp_heal_proxy.constant_time import same_secret
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
@@ -69,7 +70,7 @@ class _Callback:
 
     async def _handle(self, request: web.Request) -> web.Response:
         params = dict(request.query)
-        if not secrets.compare_digest(params.get("state", ""), self._state):
+        if not same_secret(params.get("state", ""), self._state):
             # Not the answer to our request (a stale tab, or someone else's redirect): ignore it.
             return web.Response(status=400, text=f"Unknown login attempt; start again with: {self._again}")
         if not self.answer.done():

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from mcp_heal_proxy.display import mask_url as mask_url  # re-exported: engine/session.py imports it from here
 
@@ -222,6 +222,7 @@ class ProxyConfig:
         injected += tuple(u.client_secret for u in self.upstreams if u.client_secret)
         store_password = urlsplit(self.state).password if "://" in self.state else None
         proxy_passwords = tuple(_password(u.proxy) for u in self.upstreams)
+        proxy_passwords += tuple(unquote(p) for p in proxy_passwords if p and "%" in p)  # as decoded
         return tuple(s for s in (*injected, self.token, store_password, self.session_key, *proxy_passwords) if s)
 
     @property
@@ -239,10 +240,13 @@ class ProxyConfig:
 
 
 def _password(url: str | None) -> str | None:
-    try:
-        return urlsplit(url).password if url else None
-    except ValueError:
+    """The password in ``[SCHEME://]USER:PASSWORD@HOST...``: all of it, up to the last '@', as a
+    proxy's user information is split (urlsplit would stop at a '/' in it)."""
+    if not url:
         return None
+    userinfo, at, _ = url.partition("://")[2 if "://" in url else 0].rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    return password if at and colon and password else None
 
 
 def single_upstream(url: str, **options: Any) -> ProxyConfig:
@@ -512,8 +516,8 @@ def _proxy(value: Any) -> str:
         raise _Invalid('must be an http://HOST:PORT URL (or "" for none)', echo=False)
     try:
         parse_proxy(url, "proxy")
-    except ValueError as exc:
-        raise _Invalid(f"{exc}, not {mask_url(url)!r}", echo=False) from None
+    except ValueError as exc:  # names the part that is wrong, never the value (it may hold a password)
+        raise _Invalid(str(exc), echo=False) from None
     return url
 
 

@@ -24,6 +24,7 @@ import aiohttp
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig, mask_url
+from mcp_heal_proxy.display import mask_text
 from mcp_heal_proxy.errors import ProxyError
 from mcp_heal_proxy.upstream.proxy import (
     ProxyCouldNotConnect,
@@ -325,11 +326,13 @@ def _initialize_result(raw: bytes, content_type: str) -> dict[str, Any]:
 async def check_connections(config: ProxyConfig, out: TextIO) -> int:
     """Check every upstream (one at a time, so the lines come in the file's order); 0 if all passed."""
     failed = 0
+    secrets = config.secrets()
     for upstream in config.upstreams:
         try:
             outcome = await check_upstream(upstream, config.state)
         except aiohttp.ClientError as exc:  # an outcome, never a traceback
             outcome = Outcome(upstream.name, mask_url(upstream.url), stopped_at="HTTP", reason=str(exc))
         failed += not outcome.ok
-        print(outcome.line(), file=out, flush=True)
+        # A reason may quote an exception's text, which may hold a URL with its credentials.
+        print(mask_text(outcome.line(), secrets), file=out, flush=True)
     return 1 if failed else 0

@@ -26,19 +26,16 @@ def _mask_query(query: str) -> str:
 
 def mask_url(url: str) -> str:
     """The URL as it may be printed or logged: user and password (``user:password@``) shown as ``***@``,
-    each query value and any fragment as ``***``. A string that is not a URL is returned as it is."""
+    each query value and any fragment as ``***``. A string that is not a URL is returned as it is,
+    unless it holds an ``@`` (``user:password@host:port``, a proxy variable's form without a scheme)."""
     if "://" not in url:
-        return url
+        return _mask_by_shape("", url) if "@" in url else url
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        # Not parseable (a bad port, say): mask by shape, whatever stands between :// and @, and after ?.
         scheme, _, rest = url.partition("://")
-        userinfo, at, after = rest.partition("@")
-        rest = f"{MASK}@{after}" if at and "/" not in userinfo else rest
-        base, question, query = rest.partition("?")
-        return f"{scheme}://{base}" + (f"?{_mask_query(query.partition('#')[0])}" if question else "")
+        return _mask_by_shape(f"{scheme}://", rest)
     netloc = parts.netloc
     if "@" in netloc:
         host = parts.hostname or ""
@@ -48,6 +45,27 @@ def mask_url(url: str) -> str:
     query = _mask_query(parts.query) if parts.query else ""
     fragment = MASK if parts.fragment else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def _mask_by_shape(prefix: str, rest: str) -> str:
+    """A URL that does not parse (a bad port, an unencoded '/' in the password), masked by its shape:
+    everything up to the last '@' (a password may hold '/', '?', '#' and '@'), and the query's values."""
+    _, at, rest = rest.rpartition("@")
+    base, question, query = rest.partition("?")
+    return prefix + (f"{MASK}@" if at else "") + base + (f"?{_mask_query(query.partition('#')[0])}" if question else "")
+
+
+_URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def mask_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Free text (an exception's message) as it may be printed: each URL in it masked (``mask_url``)
+    and each of ``secrets`` (the config's, ``ProxyConfig.secrets``) replaced by ``***`` (as the log's
+    redactor does, only from 6 characters on: shorter values would mask innocent text)."""
+    text = _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), text)
+    for secret in sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 # C0 controls (ESC, BEL, CR, LF, BS, ...), DEL and the C1 controls (0x80-0x9f, among them CSI 0x9b,

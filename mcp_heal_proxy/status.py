@@ -34,6 +34,7 @@ from aiohttp import web
 
 from mcp_heal_proxy import __version__
 from mcp_heal_proxy.config import MEMORY_STATE, STATUS_PREFIX, ProxyConfig, UpstreamConfig
+from mcp_heal_proxy.constant_time import same_secret
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.engine.endings import SessionEndings
 from mcp_heal_proxy.errors import StoreUnavailable
@@ -106,16 +107,14 @@ class Access:
 
     def token_matches(self, presented: str) -> bool:
         """Whether a ``?token=`` value is the inbound token (constant time)."""
-        return self._bearer is not None and hmac.compare_digest(f"Bearer {presented}".encode(), self._bearer)
+        return self._bearer is not None and same_secret(f"Bearer {presented}", self._bearer)
 
     def refusal(self, request: web.Request) -> web.Response | None:
         """None when the request may see the page, else the answer that refuses it."""
         if self._bearer is not None and self._cookie is not None:
-            presented = request.headers.get("Authorization", "").encode()
+            presented = request.headers.get("Authorization", "")
             cookie = request.cookies.get(COOKIE, "")
-            if hmac.compare_digest(presented, self._bearer) or hmac.compare_digest(
-                cookie.encode(), self._cookie.encode()
-            ):
+            if same_secret(presented, self._bearer) or same_secret(cookie, self._cookie):
                 return None
             return _refused(401, "this proxy has a token: open /?token=YOUR_TOKEN once, or send Authorization: Bearer")
         if not _is_loopback(request.remote):

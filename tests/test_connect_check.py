@@ -8,8 +8,12 @@ listens on, and a host name that cannot resolve.
 from __future__ import annotations
 
 import asyncio
+import io
 import sys
 from pathlib import Path
+
+import aiohttp
+import pytest
 
 from tests.conftest import REPO_ROOT, CertAuthority, HttpsUpstreamProcess, free_port
 
@@ -88,3 +92,29 @@ async def test_every_upstream_answering_exits_0(
     assert status == 0, (lines, stderr)
     assert len(lines) == 1
     assert lines[0].startswith("good (")
+
+
+async def test_an_unexpected_client_error_is_printed_with_urls_and_secrets_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp's errors may carry the URL they were about (InvalidURL, a redirect's target): the reason
+    is printed with every URL masked and every configured secret removed."""
+    from mcp_heal_proxy import connect_check
+    from mcp_heal_proxy.config import build_config
+
+    config = build_config(
+        config_file=None,
+        flags={"upstream": "https://mcp.example/mcp?api_key=s3cret-key", "proxy": "http://u:Xy7%2Fs3cr3t@p.corp:3128"},
+        environ={},
+    )
+
+    async def fails(upstream: object, state: str) -> connect_check.Outcome:
+        raise aiohttp.InvalidURL("https://u:Xy7/s3cr3t@p.corp:3128/mcp?api_key=s3cret-key (decoded Xy7/s3cr3t)")
+
+    monkeypatch.setattr(connect_check, "check_upstream", fails)
+    out = io.StringIO()
+    assert await connect_check.check_connections(config, out) == 1
+    shown = out.getvalue()
+    assert "stopped at HTTP" in shown, shown
+    assert "s3cret-key" not in shown, shown
+    assert "s3cr3t" not in shown, shown

@@ -133,6 +133,20 @@ async def test_a_pasted_address_counts_only_with_this_logins_state_exactly() -> 
     assert out.getvalue().count("state does not match") == 2
 
 
+async def test_a_pasted_address_with_a_non_ascii_state_is_answered_and_reading_goes_on() -> None:
+    """A state that is not ASCII (percent-encoded UTF-8, raw UTF-8, bytes that are not UTF-8) is not
+    this login's: the paste is answered as a mismatch, never a traceback."""
+    out = io.StringIO()
+    reader = _reader(
+        b"http://127.0.0.1:1/callback?code=x&state=%C3%A9\n",
+        b"http://127.0.0.1:1/callback?code=x&state=\xc3\xa9\n",
+        b"http://127.0.0.1:1/callback?code=x&state=%FF\xff\n",
+        b"http://127.0.0.1:1/callback?code=good&state=s3cret\n",
+    )
+    assert (await paste.read_pasted(reader, "s3cret", out))["code"] == "good"
+    assert out.getvalue().count("state does not match") == 3
+
+
 async def test_a_line_too_long_is_answered_and_reading_goes_on() -> None:
     out = io.StringIO()
     reader = _reader(b"x" * (paste.PASTE_LIMIT + 10) + b"\n", b"http://h/cb?state=s&code=c\n")

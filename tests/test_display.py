@@ -29,6 +29,11 @@ from tests.fake_upstream import FakeUpstream
         ("https://s3cret@[::1]:8443/mcp", "https://***@[::1]:8443/mcp"),
         # Not parseable (a bad port): masked by shape all the same.
         ("https://u:s3cret@host:99999/mcp?k=s3cret", "https://***@host:99999/mcp?k=***"),
+        # A '/' in the password makes the rest look like a path: masked up to the last '@' all the same.
+        ("http://user:Xy7/s3cr3t@proxy.corp:3128", "http://***@proxy.corp:3128"),
+        ("http://user:Xy7/s3cr3t@p@ss@proxy.corp:abc", "http://***@proxy.corp:abc"),
+        # No scheme (HTTPS_PROXY=HOST:PORT is taken as http): user and password masked too.
+        ("user:s3cret@proxy:abc", "***@proxy:abc"),
         ("/var/lib/sessions.db", "/var/lib/sessions.db"),
         (":memory:", ":memory:"),
     ],

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import pytest
@@ -547,8 +547,9 @@ class Lines(io.StringIO):
         return super().write(text)
 
 
-def mix_up_server(iss: str | None, promise_iss: bool) -> tuple[web.Application, list[str]]:
-    """An MCP server that is its own authorization server and redirects with ``iss`` (or none)."""
+def mix_up_server(iss: str | None, promise_iss: bool, issuer: str | None = "SELF") -> tuple[web.Application, list[str]]:
+    """An MCP server that is its own authorization server and redirects with ``iss`` (or none); its
+    metadata names ``issuer`` (SELF: its own origin, the protected-resource metadata's name for it)."""
     token_requests: list[str] = []
     app = web.Application()
 
@@ -563,16 +564,16 @@ def mix_up_server(iss: str | None, promise_iss: bool) -> tuple[web.Application, 
         return web.json_response({"resource": f"{base(request)}/mcp", "authorization_servers": [base(request)]})
 
     async def metadata(request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "issuer": base(request),
-                "authorization_endpoint": f"{base(request)}/authorize",
-                "token_endpoint": f"{base(request)}/token",
-                "registration_endpoint": f"{base(request)}/register",
-                "code_challenge_methods_supported": ["S256"],
-                "authorization_response_iss_parameter_supported": promise_iss,
-            }
-        )
+        document = {
+            "authorization_endpoint": f"{base(request)}/authorize",
+            "token_endpoint": f"{base(request)}/token",
+            "registration_endpoint": f"{base(request)}/register",
+            "code_challenge_methods_supported": ["S256"],
+            "authorization_response_iss_parameter_supported": promise_iss,
+        }
+        if issuer is not None:
+            document["issuer"] = issuer.replace("SELF", base(request))
+        return web.json_response(document)
 
     async def register(_: web.Request) -> web.Response:
         return web.json_response({"client_id": "mixed-up", "token_endpoint_auth_method": "none"}, status=201)
@@ -602,6 +603,8 @@ def mix_up_server(iss: str | None, promise_iss: bool) -> tuple[web.Application, 
         ("SELF", True, None),
         (None, False, None),
         ("https://other-issuer.example", False, "came from issuer"),
+        # RFC 9207 section 2.4: simple string comparison; a trailing '/' is another issuer.
+        ("SELF/", True, "came from issuer"),
         (None, True, "promised an iss parameter"),
     ],
 )
@@ -612,7 +615,67 @@ async def test_the_authorization_answer_must_come_from_the_issuer(
     promise_iss: bool,
     refusal: str | None,
 ) -> None:
-    app, token_requests = mix_up_server(iss, promise_iss)
+    await login_against_mix_up_server(tmp_path, aiohttp_server, iss, promise_iss, "SELF", refusal)
+
+
+@pytest.mark.parametrize(
+    ("issuer", "refusal"),
+    [
+        # RFC 8414 section 3.3: identical to the issuer the metadata was fetched for, so not with a '/' added.
+        ("SELF/", "names issuer"),
+        ("https://other-issuer.example", "names issuer"),
+        # RFC 8414 section 2: issuer is required; without it nothing ties the metadata to the server.
+        (None, "names no issuer"),
+    ],
+)
+async def test_authorization_server_metadata_must_name_its_issuer_exactly(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]], issuer: str | None, refusal: str
+) -> None:
+    await login_against_mix_up_server(tmp_path, aiohttp_server, "SELF", True, issuer, refusal)
+
+
+async def login_against_mix_up_server(
+    tmp_path: Path,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    iss: str | None,
+    promise_iss: bool,
+    issuer: str | None,
+    refusal: str | None,
+) -> None:
+    app, token_requests = mix_up_server(iss, promise_iss, issuer)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
+    token_file = TokenFile(tmp_path / "oauth", "up")
+    out = Lines()
+    logging_in = asyncio.get_running_loop().create_task(
+        login_flow.login(upstream, token_file, out=out, open_browser=False, wait=20)
+    )
+    logging_in.add_done_callback(lambda _: out.printed.set())  # refused metadata prints no URL
+    try:
+        async with asyncio.timeout(20):
+            await out.printed.wait()
+        if out.url is not None:  # refused metadata ends the login before any URL is printed
+            await follow_authorization(out.url)
+        if refusal is None:
+            assert (await logging_in).access_token == "mixed-up-access"
+            assert token_requests == ["the-code"]
+        else:
+            with pytest.raises(errors.LoginError, match=refusal):
+                await logging_in
+            assert token_requests == [], "a code from a mixed-up answer is never redeemed"
+            assert token_file.load(upstream.url) is None
+    finally:
+        logging_in.cancel()
+        with contextlib.suppress(BaseException):
+            await logging_in
+
+
+async def test_a_callback_with_a_non_ascii_state_is_refused_and_the_login_goes_on(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """The login's callback compares the state as bytes: a non-ASCII one is a stranger's (400), not a
+    500, and the real answer that follows still logs in."""
+    app, token_requests = mix_up_server("SELF", True)
     server = await aiohttp_server(app, host="127.0.0.1")
     upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
     token_file = TokenFile(tmp_path / "oauth", "up")
@@ -624,15 +687,14 @@ async def test_the_authorization_answer_must_come_from_the_issuer(
         async with asyncio.timeout(20):
             await out.printed.wait()
         assert out.url is not None
+        redirect_uri = parse_qs(urlsplit(out.url).query)["redirect_uri"][0]
+        async with aiohttp.ClientSession() as http:
+            for state in ("%C3%A9", "%FF", "\u00e9t\u00e9"):
+                async with http.get(f"{redirect_uri}?code=stolen&state={state}") as response:
+                    assert response.status == 400, (state, await response.text())
         await follow_authorization(out.url)
-        if refusal is None:
-            assert (await logging_in).access_token == "mixed-up-access"
-            assert token_requests == ["the-code"]
-        else:
-            with pytest.raises(errors.LoginError, match=refusal):
-                await logging_in
-            assert token_requests == [], "a code from a mixed-up answer is never redeemed"
-            assert token_file.load(upstream.url) is None
+        assert (await logging_in).access_token == "mixed-up-access"
+        assert token_requests == ["the-code"]
     finally:
         logging_in.cancel()
         with contextlib.suppress(BaseException):

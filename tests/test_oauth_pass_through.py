@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 import structlog
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp.shared.exceptions import MCPError
@@ -466,6 +467,24 @@ async def test_relayed_callback_refuses_unknown_state_and_a_foreign_issuer(
     assert answer["error"] == ["access_denied"]
     assert answer["state"] == ["s1"]
     assert "code" not in answer
+
+
+async def test_relayed_callback_with_a_non_ascii_tag_is_refused_not_an_error(
+    oauth_upstream: OAuthFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream = await oauth_upstream("--send-iss")
+    proxy = await start_proxy(upstream.url)
+    authorize = proxy.url.replace("/mcp", "/oauth/mcp/authorize")
+    params = {"response_type": "code", "client_id": "x", "redirect_uri": REDIRECT_URI, "state": "s1"}
+    async with http.get(authorize, params=params, allow_redirects=False) as response:
+        assert response.status == 302
+        relayed_state = parse_qs(urlsplit(response.headers["Location"]).query)["state"][0]
+    # The tag is the path's last segment, percent-decoded: a non-ASCII one names no client redirect.
+    callback = proxy.url.replace("/mcp", "/oauth/mcp/callback/%C3%A9")
+    answer = {"code": "c", "state": relayed_state, "iss": upstream.origin}
+    async with http.get(yarl.URL(callback, encoded=True), params=answer, allow_redirects=False) as response:
+        assert response.status == 400, await response.text()
+        assert (await response.json())["error"] == "invalid_request"
 
 
 async def test_with_an_inbound_token_nothing_is_passed_through(

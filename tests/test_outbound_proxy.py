@@ -416,7 +416,7 @@ def test_the_environment_picks_the_proxy_by_the_urls_scheme() -> None:
         ("https://proxy.example:3128", "must be an http:// URL"),
         ("http://proxy.example:3128/path", "without a path"),
         ("proxy.example:3128", "must be an http://HOST:PORT URL"),
-        ("http://proxy.example:99999", "a valid host and port"),
+        ("http://proxy.example:99999", "port must be a number from 1 to 65535"),
     ],
 )
 def test_a_bad_proxy_key_is_refused_where_it_is_set(value: str, words: str, tmp_path: Path) -> None:
@@ -433,6 +433,92 @@ def test_a_bad_proxy_variable_is_refused_naming_it() -> None:
             config_file=None, flags={"upstream": "https://a.example/mcp"}, environ={"HTTPS_PROXY": "socks5://u:pw@h:1"}
         )
     assert "pw" not in str(refused.value)
+
+
+# Values a mask could miss: a '/' in the password (unencoded, so the rest parses as a path), and a
+# HOST:PORT without a scheme (the environment's form). Each names the part that is wrong, never the value.
+TRICKY_PROXIES = [
+    ("proxy", "http://user:Xy7/s3cr3t@proxy.corp:3128", "Xy7/s3cr3t", "percent-encode"),
+    ("proxy", "http://user:s3cr3t-pw@proxy.corp:abc", "s3cr3t-pw", "port"),
+    ("HTTPS_PROXY", "user:s3cret@proxy:abc", "s3cret", "port"),
+    ("HTTPS_PROXY", "user:Xy7/s3cr3t@proxy.corp:3128", "Xy7/s3cr3t", "percent-encode"),
+    ("HTTPS_PROXY", "socks5://user:s3cr3t-pw@proxy.corp:1080", "s3cr3t-pw", "scheme"),
+]
+
+
+def tricky_config(tmp_path: Path, where: str, value: str) -> tuple[Path, dict[str, str]]:
+    config = tmp_path / "proxy.toml"
+    if where == "proxy":
+        config.write_text(f'[upstreams.a]\nurl = "https://a.example/mcp"\nproxy = "{value}"\n')
+        return config, {}
+    config.write_text('[upstreams.a]\nurl = "https://a.example/mcp"\n')
+    return config, {where: value}
+
+
+def password_parts(password: str) -> list[str]:
+    """The password and each piece of it a mask that stops at '/' would leave."""
+    return [password, *(piece for piece in password.split("/") if len(piece) >= 3)]
+
+
+@pytest.mark.parametrize(("where", "value", "password", "words"), TRICKY_PROXIES)
+def test_a_refused_proxy_value_is_never_echoed(
+    where: str, value: str, password: str, words: str, tmp_path: Path
+) -> None:
+    config, environ = tricky_config(tmp_path, where, value)
+    with pytest.raises(ConfigError) as refused:
+        build_config(config_file=str(config), flags={}, environ=environ)
+    message = str(refused.value)
+    assert (where if where != "proxy" else "upstreams.a.proxy") in message, message
+    assert words in message, message
+    for part in password_parts(password):
+        assert part not in message, message
+    with pytest.raises(ValueError, match="PROXY") as raised:
+        proxy_for("https://a.example/mcp", None, {where: value} if where != "proxy" else {"HTTPS_PROXY": value})
+    for part in password_parts(password):
+        assert part not in str(raised.value), raised.value
+
+
+@pytest.mark.parametrize(("where", "value", "password", "words"), TRICKY_PROXIES)
+async def test_check_config_and_its_connect_never_echo_a_refused_proxy(
+    where: str, value: str, password: str, words: str, tmp_path: Path
+) -> None:
+    config, environ = tricky_config(tmp_path, where, value)
+    for connect in ([], ["--connect"]):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcp_heal_proxy", "check-config", *connect, str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+            env={**os.environ, **environ},
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            stdout, stderr = await process.communicate()
+        shown = stdout.decode() + stderr.decode()
+        assert process.returncode != 0, shown
+        assert words in shown, shown
+        for part in password_parts(password):
+            assert part not in shown, shown
+
+
+def test_a_proxy_password_is_a_secret_whole_and_never_in_a_repr() -> None:
+    from mcp_heal_proxy.config import _password
+    from mcp_heal_proxy.observability import Redactor
+    from mcp_heal_proxy.status import _proxy_shown
+
+    # Up to the last '@': the whole password, not the part before a '/' (too short to be redacted).
+    assert _password("http://user:Xy7/s3cr3t@proxy.corp:3128") == "Xy7/s3cr3t"
+    assert _password("http://user:p@ss:w0rd@proxy.corp:3128") == "p@ss:w0rd"
+    assert _password("http://proxy.corp:3128") is None
+    accepted = "http://user:Xy7%2Fs3cr3t@proxy.corp:3128"
+    config = build_config(config_file=None, flags={"upstream": "https://a.example/mcp", "proxy": accepted}, environ={})
+    redactor = Redactor(config.secrets())
+    event = redactor(None, "info", {"event": "x", "a": f"via {accepted}", "b": "decoded Xy7/s3cr3t"})
+    assert "s3cr3t" not in json.dumps(event), event
+    (upstream,) = config.upstreams
+    assert _proxy_shown(upstream) == "http://***@proxy.corp:3128"
+    route = proxy_for(upstream.url, upstream.proxy)
+    assert route is not None
+    assert route.authorization is not None
+    assert "s3cr3t" not in repr(route), repr(route)
+    assert route.authorization not in repr(route), repr(route)
 
 
 @pytest.mark.parametrize("how", ["--set", "MCP_HEAL_PROXY_PROXY", "HTTPS_PROXY"])

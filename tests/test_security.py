@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -14,6 +16,7 @@ from tests.fake_upstream import FakeUpstream
 
 AiohttpServer = Callable[..., Any]
 TOKEN = "inbound-token-5c1d2e"
+MCP_RAW_HEADERS = "".join(f"{name}: {value}\r\n" for name, value in MCP_HEADERS.items()).encode()
 
 
 @pytest.mark.parametrize(
@@ -107,3 +110,43 @@ async def test_the_checks_run_in_order_origin_then_token_then_route(
         assert body["id"] is None
         if status == 405:
             assert response.headers["Allow"] == "DELETE, GET, OPTIONS, POST"
+
+
+async def raw_status(url: str, method: str, target: str, headers: bytes) -> int:
+    """The status code of one request written byte for byte (aiohttp's client would refuse or encode
+    the bytes these checks need: a header that is not UTF-8)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        head = f"{method} {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: 0\r\nConnection: close\r\n"
+        writer.write(head.encode() + headers + b"\r\n")
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+            await reader.read()
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        b"Authorization: Bearer \xc3\xa9\xc3\xa9\xc3\xa9\r\n",  # UTF-8, not ASCII
+        b"Authorization: Bearer \xff\xfe\r\n",  # not even UTF-8
+        b"Cookie: mcp_heal_proxy_status=\xc3\xa9\r\n",
+        b"Cookie: mcp_heal_proxy_status=\xff\r\n",
+    ],
+)
+async def test_a_non_ascii_credential_is_refused_not_an_error(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, credential: bytes
+) -> None:
+    """A credential that is not ASCII never matches the token, and is refused like any wrong one (401):
+    the constant-time comparisons take bytes, so such a header is no 500."""
+    upstream, url = fake
+    proxy = await with_token(start_proxy, url)
+    assert await raw_status(proxy.url, "POST", "/mcp", MCP_RAW_HEADERS + credential) == 401
+    for target in ("/_proxy/api/upstreams", "/?token=%C3%A9", "/?token=%FF"):
+        assert await raw_status(proxy.url, "GET", target, credential) in (302, 401, 403), target
+    assert upstream.seen == []

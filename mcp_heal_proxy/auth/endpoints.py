@@ -157,8 +157,20 @@ async def discover(
             break
     if metadata is None:
         raise LoginError(f"no authorization server metadata found for {mask_url(issuer)}")
-    if isinstance(metadata.get("issuer"), str) and metadata["issuer"].rstrip("/") != issuer.rstrip("/"):
-        raise LoginError(f"the authorization server metadata names issuer {metadata['issuer']!r}, not {issuer!r}")
+    # RFC 8414 section 3.3: the metadata's issuer is identical to the one its URL was built from (a simple
+    # string comparison, no normalising: "https://as/" is another issuer than "https://as"), and it is
+    # required (section 2): metadata that names none could be anyone's.
+    named = metadata.get("issuer")
+    if not isinstance(named, str):
+        raise LoginError(
+            f"the authorization server metadata for {mask_url(issuer)} names no issuer (RFC 8414 requires it): "
+            "refusing to log in with metadata that is not tied to its server"
+        )
+    if named != issuer:
+        raise LoginError(
+            f"the authorization server metadata names issuer {named!r}, not {issuer!r} as the upstream's "
+            "protected-resource metadata does (they must be identical, RFC 8414 section 3.3)"
+        )
     scopes = resource_metadata.get("scopes_supported")
     return Discovery(
         metadata=metadata,

@@ -32,6 +32,7 @@ from mcp_heal_proxy.auth.paste import read_pasted
 from mcp_heal_proxy.auth.rules import OFFLINE_ACCESS, choose_scopes, pkce_pair, token_auth_method, with_query
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, UpstreamConfig, login_command
+from mcp_heal_proxy.constant_time import same_secret
 from mcp_heal_proxy.display import mask_url
 from mcp_heal_proxy.errors import connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
@@ -69,7 +70,7 @@ class _Callback:
 
     async def _handle(self, request: web.Request) -> web.Response:
         params = dict(request.query)
-        if not secrets.compare_digest(params.get("state", ""), self._state):
+        if not same_secret(params.get("state", ""), self._state):
             # Not the answer to our request (a stale tab, or someone else's redirect): ignore it.
             return web.Response(status=400, text=f"Unknown login attempt; start again with: {self._again}")
         if not self.answer.done():
@@ -206,9 +207,10 @@ async def _login(
         if "error" in answer:
             raise LoginError(f"the authorization server refused the login: {answer['error']}")
         iss = answer.get("iss")
-        expected_issuer = metadata.get("issuer") if isinstance(metadata.get("issuer"), str) else found.issuer
-        if iss is not None and expected_issuer is not None and iss.rstrip("/") != str(expected_issuer).rstrip("/"):
-            # RFC 9207: an answer from another authorization server (a mix-up attack) is not used.
+        expected_issuer = found.issuer  # discovery checked that the metadata names exactly this one
+        if iss is not None and iss != expected_issuer:
+            # RFC 9207: an answer from another authorization server (a mix-up attack) is not used; its
+            # section 2.4 asks for a simple string comparison, so no normalising of a trailing '/'.
             raise LoginError(f"the authorization answer came from issuer {iss!r}, not {expected_issuer!r}")
         if metadata.get("authorization_response_iss_parameter_supported") is True and iss is None:
             raise LoginError("the authorization server promised an iss parameter (RFC 9207) and sent none")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import stat
 import sys
 from collections.abc import AsyncIterator
 from typing import Final, TextIO
 from urllib.parse import parse_qsl, urlsplit
+
+from mcp_heal_proxy.constant_time import same_secret
 
 # A pasted line longer than this is not an authorization answer (StreamReader's line limit).
 PASTE_LIMIT: Final = 16 * 1024
@@ -73,7 +74,7 @@ async def read_pasted(reader: asyncio.StreamReader, state: str, out: TextIO) -> 
                 await asyncio.Future()  # nothing more will be pasted: the callback or the timeout decides
             continue
         params = dict(parse_qsl(urlsplit(line).query, keep_blank_values=True))
-        if not secrets.compare_digest(params.get("state", ""), state):
+        if not same_secret(params.get("state", ""), state):
             say(
                 out,
                 "That address is not the answer to this login (its state does not match); paste the address "

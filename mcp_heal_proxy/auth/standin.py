@@ -51,6 +51,7 @@ from mcp_heal_proxy.auth.metadata import (
     rewrite_protected_resource,
 )
 from mcp_heal_proxy.config import ProxyConfig, UpstreamConfig
+from mcp_heal_proxy.constant_time import same_secret
 from mcp_heal_proxy.errors import UpstreamUnavailable, connection_failure
 from mcp_heal_proxy.tasks import TaskOwner
 from mcp_heal_proxy.upstream.proxy import oauth_client
@@ -432,7 +433,7 @@ class OAuthPassThrough:
         """The upstream's authorization redirect (RFC 9207 upstreams): check ``iss``, pass the code on."""
         query = dict(parse_qsl(request.query_string, keep_blank_values=True))
         found = upstream.pending.finish(query.get("state", ""))
-        if found is None or not secrets.compare_digest(request.match_info["tag"], redirect_tag(found.redirect_uri)):
+        if found is None or not same_secret(request.match_info["tag"], redirect_tag(found.redirect_uri)):
             return oauth_error(400, "invalid_request", "unknown or expired authorization")
         try:
             server = await self._upstream_server(request, upstream)

@@ -13,7 +13,6 @@ Origin, inbound token; and CORS.
 from __future__ import annotations
 
 import functools
-import hmac
 import re
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -23,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from mcp_heal_proxy.config import is_status_path
+from mcp_heal_proxy.constant_time import same_secret
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from mcp_heal_proxy.wire.responses import json_error
@@ -95,8 +95,8 @@ def front_door(
             and request.method != "OPTIONS"
             and not is_status_path(request.path)
         ):
-            presented = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(presented, expected):
+            presented = request.headers.get("Authorization", "")
+            if not same_secret(presented, expected):
                 refused(request, 401)
                 return json_error(
                     401, jsonrpc.INVALID_REQUEST, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}

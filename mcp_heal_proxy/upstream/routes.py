@@ -9,7 +9,7 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from mcp_heal_proxy.display import mask_url
@@ -22,11 +22,12 @@ PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")
 class ProxyRoute:
     """One outbound proxy: where it listens, and the credentials its URL carries."""
 
-    url: str  # as configured, credentials included: never shown (``shown`` is)
+    # As configured, credentials included: never shown (``shown`` is), so not in the repr either.
+    url: str = field(repr=False)
     host: str
     port: int
     # "Basic ..." from the URL's user and password, or None.
-    authorization: str | None
+    authorization: str | None = field(repr=False)
     # Where it was set: "proxy" (the key) or the environment variable's name, for messages.
     source: str
 
@@ -38,16 +39,30 @@ class ProxyRoute:
 
 def parse_proxy(url: str, source: str) -> ProxyRoute:
     """A proxy URL, checked: ``http://[USER:PASSWORD@]HOST[:PORT]`` (a bare ``HOST:PORT`` from the
-    environment is taken as http, as curl takes it). ValueError says what is wrong."""
+    environment is taken as http, as curl takes it). ValueError says which part is wrong, never the
+    value: it may hold a password that no mask can be sure to find in a malformed URL."""
     if "://" not in url:
         url = f"http://{url}"
+    authority = url.partition("://")[2]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    if "@" in url.partition("://")[2] and "@" not in authority:
+        raise ValueError(
+            "must percent-encode '/', '?' and '#' in its user and password (as %2F, %3F, %23): "
+            "http://USER:PASSWORD@HOST:PORT"
+        )
     try:
         parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("must name a valid host: http://HOST:PORT") from None
+    try:
         port = parts.port
     except ValueError:
-        raise ValueError("must be http://HOST:PORT (a valid host and port)") from None
+        raise ValueError("must be http://HOST:PORT, and its port must be a number from 1 to 65535") from None
     if parts.scheme != "http":
-        raise ValueError("must be an http:// URL (the proxy is spoken to in plain HTTP; CONNECT carries TLS)")
+        raise ValueError(
+            "must be an http:// URL, not another scheme (the proxy is spoken to in plain HTTP; CONNECT carries TLS)"
+        )
     if not parts.hostname:
         raise ValueError("must name a host: http://HOST:PORT")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -84,7 +99,7 @@ def proxy_for(url: str, configured: str | None, environ: Mapping[str, str] | Non
     try:
         return parse_proxy(value, name)
     except ValueError as exc:
-        raise ValueError(f"{name} {exc}, not {mask_url(value)!r}") from None
+        raise ValueError(f"{name} {exc}") from None  # never the value: see parse_proxy
 
 
 def bypassed(host: str, port: int, environ: Mapping[str, str]) -> bool:

@@ -20,7 +20,6 @@ import aiohttp
 
 from mcp_heal_proxy.auth.bodies import BodyTooLarge, response_body
 from mcp_heal_proxy.auth.endpoints import (
-    CLIENT_NAME,
     RegisteredClient,
     base_grant,
     client_auth,
@@ -28,11 +27,12 @@ from mcp_heal_proxy.auth.endpoints import (
     failure_reason,
     grant_from,
     http_client,
+    register,
     token_request,
 )
 from mcp_heal_proxy.auth.errors import LoginError, TokenRefused
 from mcp_heal_proxy.auth.login import say
-from mcp_heal_proxy.auth.rules import choose_scopes, registration_auth_method, token_auth_method
+from mcp_heal_proxy.auth.rules import choose_scopes, token_auth_method
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.display import mask_url
@@ -119,42 +119,6 @@ async def poll(
         raise LoginError(f"the login was not approved within {bound:.0f} s; start again: {again}") from None
 
 
-async def _register_device(
-    http: aiohttp.ClientSession, metadata: Mapping[str, Any], scopes: list[str]
-) -> RegisteredClient:
-    """Dynamic client registration (RFC 7591) of a device client: no redirect URI, no response type."""
-    endpoint = metadata.get("registration_endpoint")
-    if not isinstance(endpoint, str):
-        raise LoginError(
-            "the authorization server offers no dynamic client registration: register a client with it and "
-            "set client_id (and client_secret) on this upstream"
-        )
-    supported = metadata.get("token_endpoint_auth_methods_supported")
-    body: dict[str, Any] = {
-        "client_name": CLIENT_NAME,
-        "grant_types": list(REGISTRATION_GRANT_TYPES),
-        "response_types": [],
-        "token_endpoint_auth_method": registration_auth_method(supported if isinstance(supported, list) else None),
-    }
-    if scopes:
-        body["scope"] = " ".join(scopes)
-    try:
-        async with http.post(endpoint, json=body, allow_redirects=False) as response:
-            payload = json.loads(await response_body(response)) if response.status in (200, 201) else None
-            status = response.status
-    except (aiohttp.ClientError, TimeoutError, ValueError, BodyTooLarge) as exc:
-        raise LoginError(
-            f"client registration at {mask_url(endpoint)} failed: {failure_reason(exc, endpoint)}"
-        ) from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
-        raise LoginError(f"client registration at {mask_url(endpoint)} failed: HTTP {status}")
-    secret = payload.get("client_secret")
-    method = payload.get("token_endpoint_auth_method")
-    return RegisteredClient(
-        payload["client_id"], secret if isinstance(secret, str) else None, method if isinstance(method, str) else None
-    )
-
-
 async def _authorize_device(
     http: aiohttp.ClientSession, endpoint: str, form: dict[str, str], client: RegisteredClient, method: str
 ) -> DeviceAuthorization:
@@ -204,7 +168,7 @@ async def device_login(
         if upstream.client_id:
             client = RegisteredClient(upstream.client_id, upstream.client_secret, None)
         else:
-            client = await _register_device(http, metadata, scopes)
+            client = await register(http, metadata, scopes, redirect_uri=None, grant_types=REGISTRATION_GRANT_TYPES)
         supported = metadata.get("token_endpoint_auth_methods_supported")
         method = token_auth_method(
             client.registered_method, supported if isinstance(supported, list) else None, client.secret is not None

@@ -271,9 +271,16 @@ class RegisteredClient:
 
 
 async def register(
-    http: aiohttp.ClientSession, metadata: Mapping[str, Any], redirect_uri: str, scopes: list[str]
+    http: aiohttp.ClientSession,
+    metadata: Mapping[str, Any],
+    scopes: list[str],
+    *,
+    redirect_uri: str | None,
+    grant_types: tuple[str, ...] = REGISTRATION_GRANT_TYPES,
 ) -> RegisteredClient:
-    """Dynamic client registration (RFC 7591)."""
+    """Dynamic client registration (RFC 7591): of a browser login's client (its loopback ``redirect_uri``,
+    response type ``code``), or with ``redirect_uri`` None of a device client (RFC 8628: no redirect URI,
+    no response type, its own ``grant_types``)."""
     endpoint = metadata.get("registration_endpoint")
     if not isinstance(endpoint, str):
         raise LoginError(
@@ -283,9 +290,8 @@ async def register(
     supported = metadata.get("token_endpoint_auth_methods_supported")
     body: dict[str, Any] = {
         "client_name": CLIENT_NAME,
-        "redirect_uris": [redirect_uri],
-        "grant_types": list(REGISTRATION_GRANT_TYPES),
-        "response_types": ["code"],
+        **({"redirect_uris": [redirect_uri], "response_types": ["code"]} if redirect_uri else {"response_types": []}),
+        "grant_types": list(grant_types),
         "token_endpoint_auth_method": registration_auth_method(supported if isinstance(supported, list) else None),
     }
     if scopes:

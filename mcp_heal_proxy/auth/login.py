@@ -165,7 +165,7 @@ async def _login(
             if upstream.client_id:
                 client = RegisteredClient(upstream.client_id, upstream.client_secret, None)
             else:
-                client = await register(http, metadata, callback.redirect_uri, scopes)
+                client = await register(http, metadata, scopes, redirect_uri=callback.redirect_uri)
             supported = metadata.get("token_endpoint_auth_methods_supported")
             method = token_auth_method(
                 client.registered_method, supported if isinstance(supported, list) else None, client.secret is not None

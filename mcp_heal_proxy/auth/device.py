@@ -32,7 +32,7 @@ from mcp_heal_proxy.auth.endpoints import (
 )
 from mcp_heal_proxy.auth.errors import LoginError, TokenRefused
 from mcp_heal_proxy.auth.login import say
-from mcp_heal_proxy.auth.rules import choose_scopes, token_auth_method
+from mcp_heal_proxy.auth.rules import token_auth_method
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile
 from mcp_heal_proxy.config import UpstreamConfig
 from mcp_heal_proxy.display import mask_url
@@ -157,14 +157,7 @@ async def device_login(
             )
         if not isinstance(token_endpoint, str):
             raise LoginError("the authorization server metadata lacks token_endpoint")
-        server_scopes = metadata.get("scopes_supported")
-        scopes = choose_scopes(
-            configured=upstream.scopes,
-            challenge_scope=found.challenge_scope,
-            resource_scopes=found.resource_scopes,
-            server_scopes=server_scopes if isinstance(server_scopes, list) else None,
-            wanted=previous.wanted_scope if previous else None,
-        )
+        scopes = found.scopes(upstream, previous)
         if upstream.client_id:
             client = RegisteredClient(upstream.client_id, upstream.client_secret, None)
         else:

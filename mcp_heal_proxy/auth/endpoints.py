@@ -23,6 +23,7 @@ from mcp_heal_proxy.auth.metadata import check_resource
 from mcp_heal_proxy.auth.rules import (
     Challenge,
     as_metadata_urls,
+    choose_scopes,
     legacy_endpoints,
     origin_of,
     parse_challenge,
@@ -58,6 +59,17 @@ class Discovery:
     issuer: str | None
     challenge_scope: str | None = None
     resource_scopes: list[str] | None = None
+
+    def scopes(self, upstream: UpstreamConfig, previous: Grant | None) -> list[str]:
+        """The scopes a login of ``upstream`` asks for (rules.choose_scopes), ``previous`` its last grant."""
+        server_scopes = self.metadata.get("scopes_supported")
+        return choose_scopes(
+            configured=upstream.scopes,
+            challenge_scope=self.challenge_scope,
+            resource_scopes=self.resource_scopes,
+            server_scopes=server_scopes if isinstance(server_scopes, list) else None,
+            wanted=previous.wanted_scope if previous else None,
+        )
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:

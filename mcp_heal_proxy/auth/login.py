@@ -29,7 +29,7 @@ from mcp_heal_proxy.auth.endpoints import (
 )
 from mcp_heal_proxy.auth.errors import LoginError, TokenRefused
 from mcp_heal_proxy.auth.paste import read_pasted
-from mcp_heal_proxy.auth.rules import OFFLINE_ACCESS, choose_scopes, pkce_pair, token_auth_method, with_query
+from mcp_heal_proxy.auth.rules import OFFLINE_ACCESS, pkce_pair, token_auth_method, with_query
 from mcp_heal_proxy.auth.tokens import Grant, TokenFile, TokenFileError, tokens_directory
 from mcp_heal_proxy.config import MEMORY_STATE, ConfigError, ProxyConfig, UpstreamConfig, login_command
 from mcp_heal_proxy.constant_time import same_secret
@@ -150,14 +150,7 @@ async def _login(
         token_endpoint = metadata.get("token_endpoint")
         if not isinstance(authorize, str) or not isinstance(token_endpoint, str):
             raise LoginError("the authorization server metadata lacks authorization_endpoint or token_endpoint")
-        server_scopes = metadata.get("scopes_supported")
-        scopes = choose_scopes(
-            configured=upstream.scopes,
-            challenge_scope=found.challenge_scope,
-            resource_scopes=found.resource_scopes,
-            server_scopes=server_scopes if isinstance(server_scopes, list) else None,
-            wanted=previous.wanted_scope if previous else None,
-        )
+        scopes = found.scopes(upstream, previous)
         state = secrets.token_urlsafe(24)
         callback = _Callback(state, again)
         await callback.start(upstream.callback_port or 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
@@ -170,7 +171,8 @@ async def touch(ctx: Context) -> str:
 
 @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
 async def stats(_: Request) -> JSONResponse:
-    return JSONResponse(STATS)
+    # The pid: ready means this process answers (tests/conftest.py ServerProcess), not one that took the port.
+    return JSONResponse({**STATS, "pid": os.getpid()})
 
 
 def _error(status: int, code: int, message: str, request_id: Any = None, data: Any = None) -> tuple[int, bytes]:

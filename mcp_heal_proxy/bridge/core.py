@@ -86,6 +86,8 @@ _LOCAL: Final = frozenset({"ping", SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE})
 INPUT_ROUNDS: Final = 10
 # The largest answer read whole (a JSON answer, one SSE message).
 _MAX_MESSAGE: Final = 16 * 1024 * 1024
+# The JSON-RPC error of a bridged call whose session ended under it (as for a session the proxy forgot).
+SESSION_ENDED: Final = -32001
 _BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
 # A GET stream fed from subscriptions/listen: reopened with backoff when it drops.
 _LISTEN_FIRST: Final = 0.25
@@ -142,8 +144,8 @@ class Bridge:
         self._ids = itertools.count(1)
         # Input requests sent to clients, by (client session, the id the proxy gave the request).
         self._inputs: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
-        # The calls running, by (client session, request id as text): set to cancel one.
-        self._cancels: dict[tuple[str, str], asyncio.Event] = {}
+        # The calls running, by (client session, request id as text): stopped by a cancel or the session's end.
+        self._cancels: dict[tuple[str, str], _Running] = {}
         # The GET streams (subscriptions/listen) being served, by client session.
         self._listening: dict[str, _Listening] = {}
         # Sessions whose client opened a GET stream here (a later one reopens after a gap).
@@ -299,7 +301,7 @@ class Bridge:
         it (``cancel``) ends it at once without a response, closing its upstream stream (the 2026-07-28
         cancellation)."""
         key = (record.client_session_id, str(message.id))
-        cancelled = self._cancels[key] = asyncio.Event()
+        running = self._cancels[key] = _Running()
         messages = self._call(client_headers, record, message, idle)
 
         async def step() -> dict[str, Any] | _End | None:
@@ -308,23 +310,29 @@ class Bridge:
         try:
             async with contextlib.aclosing(messages):
                 while True:
-                    taken, item = await _unless_set(step(), cancelled)
+                    taken, item = await _unless_set(step(), running.stop)
                     if not taken:
+                        if running.ended is not None or not running.stop.is_set():
+                            # The session ended under the call (or its step was cancelled from inside): its
+                            # client still gets an answer with its id.
+                            why = running.ended or "the proxy stopped the request"
+                            yield error_message(message.id, SESSION_ENDED, why)
+                            return
                         log.info("bridge.call_cancelled", upstream=self.name, client_session=key[0][:8])
                         return
                     if isinstance(item, _End):
                         return
                     yield item
         finally:
-            if self._cancels.get(key) is cancelled:
+            if self._cancels.get(key) is running:
                 del self._cancels[key]
 
     def cancel(self, record: SessionRecord, params: Mapping[str, Any] | None) -> None:
         """A client's notifications/cancelled: end the call it names, if it runs."""
         request_id = (params or {}).get("requestId")
-        cancelled = self._cancels.get((record.client_session_id, str(request_id)))
-        if cancelled is not None:
-            cancelled.set()
+        running = self._cancels.get((record.client_session_id, str(request_id)))
+        if running is not None:
+            running.stop.set()
 
     async def _call(
         self, client_headers: Mapping[str, str], record: SessionRecord, message: Message, idle: float
@@ -695,15 +703,25 @@ class Bridge:
         """DELETE of a bridged session: forget it (the upstream has nothing to end)."""
         cid = record.client_session_id
         await self._engine.store.delete(cid)
-        for slot in [slot for slot in self._inputs if slot[0] == cid]:
-            self._inputs.pop(slot).cancel()
-        for key in [key for key in self._cancels if key[0] == cid]:
-            self._cancels[key].set()
+        self._stop_calls(cid, "the client ended the session while the request ran")
         listening = self._listening.get(cid)
         if listening is not None:
             listening.changed.set()
         self._listened.discard(cid)
         log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
+
+    def _stop_calls(self, cid: str, why: str) -> None:
+        """End a session's calls: each still answers its client, with an error naming ``why`` (an input
+        request it waits on is given that error as its answer: a cancelled future would cut the call's
+        stream without a response)."""
+        for slot in [slot for slot in self._inputs if slot[0] == cid]:
+            waiter = self._inputs.pop(slot)
+            if not waiter.done():
+                waiter.set_result(error_message(slot[1], SESSION_ENDED, why))
+        for key in [key for key in self._cancels if key[0] == cid]:
+            running = self._cancels[key]
+            running.ended = why
+            running.stop.set()
 
     def close_streams(self) -> None:
         """Shutdown: end every listen stream (clients reconnect to the next proxy)."""
@@ -712,6 +730,15 @@ class Bridge:
 
 # The id the bridge gives an upstream response inside _send (its caller puts the client's id on it).
 _FINAL: Final = "mcp-heal-proxy-final"
+
+
+@dataclass(slots=True)
+class _Running:
+    """A bridged call: ``stop`` set ends it; without ``ended`` (a notifications/cancelled) it ends without
+    a response, with it (the session ended) its client gets an error naming why."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: str | None = None
 
 
 @dataclass(slots=True)
@@ -739,7 +766,10 @@ async def _unless_set(work: Coroutine[Any, Any, _T], event: asyncio.Event) -> tu
     wait = owner.spawn(event.wait(), name="bridge-step-unless")
     try:
         await asyncio.wait((task, wait), return_when=asyncio.FIRST_COMPLETED)
-        return (True, task.result()) if task.done() else (False, None)
+        if task.done() and not task.cancelled():
+            return True, task.result()
+        # Not done, or cancelled from inside (never by this caller, who is still running): given up.
+        return False, None
     finally:
         await owner.close()
 

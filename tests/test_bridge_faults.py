@@ -1,0 +1,74 @@
+"""The bridge across 2026-07-28 when things go wrong mid-call: the session ends, the upstream leaves or
+changes era while a bridged call waits for the client's input. Each call still ends with a JSON-RPC
+response carrying its id (never a cut stream, never a hang)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import (
+    INITIALIZE_PARAMS,
+    MCP_HEADERS,
+    ModernUpstreamProcess,
+    ProxyFactory,
+    session_headers,
+)
+
+# A client that can answer elicitations (else the upstream refuses the call that needs one).
+ELICITING = {**INITIALIZE_PARAMS, "capabilities": {"elicitation": {}}}
+
+
+async def _initialize(http: aiohttp.ClientSession, url: str) -> str:
+    """Initialize as a client that answers elicitations; return its session id."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": ELICITING}
+    async with http.post(url, json=body, headers=MCP_HEADERS) as response:
+        assert response.status == 200, await response.text()
+        session_id: str = response.headers["Mcp-Session-Id"]
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    async with http.post(url, json=initialized, headers=session_headers(session_id)) as response:
+        assert response.status == 202
+    return session_id
+
+
+def _events(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an SSE body."""
+    messages = []
+    for block in raw.decode().split("\n\n"):
+        data = [line[5:].strip() for line in block.splitlines() if line.startswith("data:")]
+        if data:
+            messages.append(json.loads("\n".join(data)))
+    return messages
+
+
+async def _elicited_call(http: aiohttp.ClientSession, url: str, session_id: str, request_id: int) -> Any:
+    """POST a call of ask_name; return the open answer once its elicitation/create arrived, and the request."""
+    call = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": "ask_name", "arguments": {}}}
+    answer = await http.post(url, json=call, headers=session_headers(session_id))
+    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    async with asyncio.timeout(10):
+        while True:
+            messages = _events(await answer.content.readuntil(b"\n\n"))
+            if messages and messages[0].get("method") == "elicitation/create":
+                return answer, messages[0]
+
+
+async def test_a_delete_while_a_call_waits_for_input_answers_the_call(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """DELETE of the session while its call waits for the client's elicitation answer: the call's stream
+    ends with a JSON-RPC error carrying its id (the session ended), not cut."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    session_id = await _initialize(http, proxy.url)
+    answer, _ = await _elicited_call(http, proxy.url, session_id, 7)
+    async with answer:
+        async with http.delete(proxy.url, headers=session_headers(session_id)) as deleted:
+            assert deleted.status == 200
+        async with asyncio.timeout(10):
+            rest = _events(await answer.read())
+    responses = [message for message in rest if message.get("id") == 7]
+    assert len(responses) == 1, rest
+    assert "ended" in responses[0]["error"]["message"], responses[0]

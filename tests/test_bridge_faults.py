@@ -72,3 +72,31 @@ async def test_a_delete_while_a_call_waits_for_input_answers_the_call(
     responses = [message for message in rest if message.get("id") == 7]
     assert len(responses) == 1, rest
     assert "ended" in responses[0]["error"]["message"], responses[0]
+
+
+async def test_an_upstream_gone_legacy_after_an_input_round_answers_the_call(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The call's SSE answer has started (an elicitation went to the client); the upstream is replaced by a
+    handshake-era one before the client answers. The call sent again with the answer meets a 400 that is
+    no modern error: the stream ends with an error carrying the call's id, and the session is gone (404)."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    session_id = await _initialize(http, proxy.url)
+    answer, asked = await _elicited_call(http, proxy.url, session_id, 8)
+    async with answer:
+        await modern_upstream.stop()
+        legacy = ModernUpstreamProcess(legacy_only=True)
+        legacy.port = modern_upstream.port
+        await legacy.start()
+        try:
+            reply = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"name": "Ada"}}}
+            async with http.post(proxy.url, json=reply, headers=session_headers(session_id)) as taken:
+                assert taken.status == 202
+            async with asyncio.timeout(10):
+                rest = _events(await answer.read())
+        finally:
+            await legacy.stop()
+    responses = [message for message in rest if message.get("id") == 8]
+    assert len(responses) == 1, rest
+    assert responses[0]["error"]["code"] == -32001, responses[0]
+    assert "initialize again" in responses[0]["error"]["message"], responses[0]

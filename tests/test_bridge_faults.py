@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from mcp.shared.exceptions import MCPError
 
 from tests.conftest import (
     INITIALIZE_PARAMS,
     MCP_HEADERS,
     ModernUpstreamProcess,
     ProxyFactory,
+    echo_call,
+    post_on_session,
+    raw_initialize,
     session_headers,
 )
+from tests.test_bridge import LegacyClient
 
 # A client that can answer elicitations (else the upstream refuses the call that needs one).
 ELICITING = {**INITIALIZE_PARAMS, "capabilities": {"elicitation": {}}}
@@ -100,3 +109,70 @@ async def test_an_upstream_gone_legacy_after_an_input_round_answers_the_call(
     assert len(responses) == 1, rest
     assert responses[0]["error"]["code"] == -32001, responses[0]
     assert "initialize again" in responses[0]["error"]["message"], responses[0]
+
+
+@pytest.mark.parametrize("discover_after", ["refused", "legacy"])
+async def test_a_32022_the_upstream_does_not_take_back_ends_the_bridged_session(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    discover_after: str,
+) -> None:
+    """A bridged request refused with -32022: when server/discover then fails (``refused``), or the refusal
+    names a handshake-era version (``legacy``: the upstream speaks it now), the bridged session ends (404
+    with the request's id, so the client initializes again) instead of the -32022 reaching the client."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body["method"])
+        if body["method"] == "server/discover" and len(seen) == 1:
+            result = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}}, "resultType": "complete"}
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
+        supported = ["2025-11-25"] if discover_after == "legacy" else ["2026-07-28"]
+        if body["method"] == "server/discover":
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": "no"}}, status=400
+            )
+        error = {"code": -32022, "message": "Unsupported protocol version", "data": {"supported": supported}}
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/mcp", handle)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy(str(server.make_url("/mcp")), era="modern")
+    session_id = await raw_initialize(http, proxy.url)
+    status, _, answer = await post_on_session(http, proxy.url, session_id, echo_call(3))
+    assert status == 404, answer
+    assert answer["id"] == 3
+    expected = ["server/discover", "tools/call"] + (["server/discover"] if discover_after == "refused" else [])
+    assert seen == expected
+
+
+async def test_over_stdio_an_upstream_gone_legacy_is_initialized_again(
+    modern_upstream: ModernUpstreamProcess,
+) -> None:
+    """The stdio bridge's bridged session, and the upstream replaced by a handshake-era one: the request
+    that meets it gets an error with its id naming what happened; the next one goes upstream on a session
+    the proxy initializes with the client's own initialize params (the client cannot initialize again)."""
+    client = LegacyClient()
+    legacy = ModernUpstreamProcess(legacy_only=True)
+    legacy.port = modern_upstream.port
+    try:
+        async with client.session(modern_upstream.url, stdio=True) as session:
+            assert (await session.call_tool("echo", {"text": "a"})).structured_content == {"result": "a"}
+            await modern_upstream.stop()
+            await legacy.start()
+            with pytest.raises(MCPError) as gone:
+                async with asyncio.timeout(10):
+                    await session.call_tool("echo", {"text": "b"})
+            assert "2026-07-28" in gone.value.error.message, gone.value.error
+            async with asyncio.timeout(10):
+                again = await session.call_tool("echo", {"text": "c"})
+            assert again.structured_content == {"result": "c"}
+            assert "echo" in {tool.name for tool in (await session.list_tools()).tools}
+        stats = await legacy.stats()
+        assert stats["initialize"] == 1
+        assert stats["meta"] == {}, "the proxy sent 2026-07-28 requests to the handshake-era upstream"
+    finally:
+        await legacy.stop()

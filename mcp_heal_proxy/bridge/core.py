@@ -111,10 +111,15 @@ class UpstreamChallenge(ProxyError):
 
 class BridgeGone(ProxyError):
     """The upstream stopped answering as a 2026-07-28-only server does: the bridged session ends (404, so
-    that the client initializes again and the proxy looks at the upstream's era again)."""
+    that the client initializes again and the proxy looks at the upstream's era again). ``what``: what
+    the upstream answered."""
 
     http_status = 404
     code = -32001
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"upstream MCP server no longer answers as a 2026-07-28 server ({what}); initialize again")
+        self.what = what
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,12 +374,17 @@ class Bridge:
             error = final.get("error")
             if isinstance(error, dict):
                 code = error.get("code")
+                if code == UNSUPPORTED_VERSION and speaks_legacy(error):
+                    # The upstream speaks a handshake-era version now: the bridge ends.
+                    self.era.forget("-32022 naming a handshake-era version to a bridged request")
+                    raise BridgeGone("-32022 naming a handshake-era version")
                 if code == UNSUPPORTED_VERSION and code not in retried:
                     # The upstream moved: look at it again, and retry once if it still speaks 2026-07-28.
                     retried.add(code)
                     if await self.discover(client_headers) is not None:
                         continue
-                    self.era.forget("-32022 to a bridged request")
+                    self.era.forget("-32022 to a bridged request, server/discover refused")
+                    raise BridgeGone("-32022, and server/discover failed")
                 if code == HEADER_MISMATCH and method == "tools/call" and code not in retried:
                     # The tool's x-mcp-header annotations changed: list tools again, retry once.
                     retried.add(code)
@@ -572,16 +582,19 @@ class Bridge:
             except (ValueError, RecursionError):
                 payload = None
             answers = isinstance(payload, dict) and ("result" in payload or "error" in payload)
-            if answers and payload.get("id") in (upstream_id, None):
+            refusal = response.status in (400, 404)
+            if answers and (
+                payload.get("id") == upstream_id
+                # A null id answers this request unless it is a refusal no modern server sends (a legacy
+                # server's 400 "Mcp-Session-Id header is required", its 404 "Session not found").
+                or (payload.get("id") is None and (not refusal or modern_error(400, raw) is not None))
+            ):
                 yield {**payload, "id": _FINAL}
                 return
-            if response.status in (400, 404) and modern_error(response.status, raw) is None:
+            if refusal and modern_error(response.status, raw) is None:
                 # Not a modern server's refusal: the upstream changed era (or is not what it was).
                 self.era.forget(f"HTTP {response.status} without a modern error to {method}")
-                raise BridgeGone(
-                    f"upstream MCP server no longer answers as a 2026-07-28 server (HTTP {response.status}); "
-                    "initialize again"
-                )
+                raise BridgeGone(f"HTTP {response.status}")
             what = f"{response.status} {response.reason or ''}".strip()
             yield error_message(
                 _FINAL, UpstreamUnavailable.code, f"upstream MCP server answered {what} without a JSON-RPC answer"
@@ -616,8 +629,8 @@ class Bridge:
         try:
             while not self._closing.is_set():
                 current = await self._engine.store.get(cid)
-                if current is None:
-                    return
+                if current is None or not is_bridged(current):
+                    return  # ended, or a handshake-era session again (unbridge)
                 if not self._capabilities:
                     await self.discover(client_headers)
                 notifications = listen_filter(self._capabilities, current.subscriptions)
@@ -709,6 +722,32 @@ class Bridge:
             listening.changed.set()
         self._listened.discard(cid)
         log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
+
+    async def unbridge(self, record: SessionRecord) -> SessionRecord | None:
+        """A bridged session whose upstream speaks the handshake era now, where its client cannot
+        initialize again (stdio): it becomes a handshake-era session whose upstream session is lost, so
+        that its next request initializes one upstream with the client's own initialize params (the
+        heal, as for a restored session). Its listen ends. The record, or None when the store has none."""
+        # Imported here: engine/session.py builds this module's Bridge.
+        from mcp_heal_proxy.engine.session import lost_upstream_session_id
+
+        def handshake_era(current: SessionRecord) -> SessionRecord:
+            if not is_bridged(current):
+                return current
+            return replace(
+                current,
+                upstream_session_id=lost_upstream_session_id(),
+                upstream_protocol_version=current.protocol_version,
+                generation=current.generation + 1,
+            )
+
+        cid = record.client_session_id
+        updated = await self._engine.store.apply(cid, handshake_era)
+        listening = self._listening.get(cid)
+        if listening is not None:
+            listening.changed.set()
+        log.info("session.unbridged", upstream=self.name, client_session=cid[:8])
+        return updated
 
     def _stop_calls(self, cid: str, why: str) -> None:
         """End a session's calls: each still answers its client, with an error naming ``why`` (an input

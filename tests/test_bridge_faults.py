@@ -15,6 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp.shared.exceptions import MCPError
 
+from mcp_heal_proxy.bridge.core import Bridge
+from mcp_heal_proxy.front.app import PROXIES_KEY
+from mcp_heal_proxy.wire.jsonrpc import parse_post_body
 from tests.conftest import (
     INITIALIZE_PARAMS,
     MCP_HEADERS,
@@ -176,3 +179,25 @@ async def test_over_stdio_an_upstream_gone_legacy_is_initialized_again(
         assert stats["meta"] == {}, "the proxy sent 2026-07-28 requests to the handshake-era upstream"
     finally:
         await legacy.stop()
+
+
+async def test_a_call_closed_while_it_waits_for_input_lets_go_of_its_input_requests_at_once(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A bridged call closed while its input request waits for the client's answer (its client left): the
+    input request is forgotten as the call closes, not later when the garbage collector gets to it."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    session_id = await _initialize(http, proxy.url)
+    record = await proxy.record(session_id)
+    assert record is not None
+    bridge: Bridge = proxy.app[PROXIES_KEY]["/mcp"]._engine.bridge
+    call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "ask_name", "arguments": {}}}
+    message = parse_post_body(json.dumps(call).encode()).messages[0]
+    messages = bridge.call({}, record, message, 30.0)
+    async with asyncio.timeout(10):
+        async for item in messages:
+            if item is not None and item.get("method") == "elicitation/create":
+                break
+    assert len(bridge._inputs) == 1
+    await messages.aclose()
+    assert bridge._inputs == {}, "the input request outlived its call"

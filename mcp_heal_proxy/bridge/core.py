@@ -407,8 +407,10 @@ class Bridge:
                 responses: dict[str, Any] = {}
                 requests = result.get("inputRequests")
                 asking = requests if isinstance(requests, dict) else {}
-                async for item in self._ask(record, asking, responses, idle, links):
-                    yield item
+                # Closed with the call (its client left mid-question): the input requests go with it.
+                async with contextlib.aclosing(self._ask(record, asking, responses, idle, links)) as questions:
+                    async for item in questions:
+                        yield item
                 if isinstance(requests, dict) and len(responses) < len(requests):
                     # The client refused (its error goes back as the request's) or never answered.
                     refusal = responses.get("")

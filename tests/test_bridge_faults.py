@@ -27,6 +27,7 @@ from tests.conftest import (
     post_on_session,
     raw_initialize,
     session_headers,
+    wait_until,
 )
 from tests.test_bridge import LegacyClient
 
@@ -201,3 +202,31 @@ async def test_a_call_closed_while_it_waits_for_input_lets_go_of_its_input_reque
     assert len(bridge._inputs) == 1
     await messages.aclose()
     assert bridge._inputs == {}, "the input request outlived its call"
+
+
+async def test_a_forgotten_bridged_session_ends_its_listen_and_its_calls(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The status page's forget (as idle expiry and eviction) ends a bridged session the proxy holds: its
+    GET stream (the upstream listen) ends, a call waiting for the client's input answers with an error
+    carrying its id, and the bridge keeps nothing of it."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    base = proxy.url.removesuffix("/mcp")
+    bridge: Bridge = proxy.app[PROXIES_KEY]["/mcp"]._engine.bridge
+    session_id = await _initialize(http, proxy.url)
+    get_headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    async with http.get(proxy.url, headers=get_headers) as stream:
+        assert stream.status == 200
+        await wait_until(lambda: session_id in bridge._listening, 10, "the listen is open")
+        answer, _ = await _elicited_call(http, proxy.url, session_id, 10)
+        async with answer:
+            async with http.delete(f"{base}/_proxy/api/sessions/{session_id}") as forgotten:
+                assert forgotten.status == 200
+            async with asyncio.timeout(10):
+                rest = _events(await answer.read())
+                await stream.read()  # the GET stream ends
+    responses = [message for message in rest if message.get("id") == 10]
+    assert len(responses) == 1, rest
+    assert responses[0]["error"]["code"] == -32001, responses[0]
+    assert session_id not in bridge._listened
+    await wait_until(lambda: session_id not in bridge._listening, 10, "the listen ended")

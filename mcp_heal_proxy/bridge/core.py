@@ -629,7 +629,7 @@ class Bridge:
         self._listened.add(cid)
         quiet = 0.0
         try:
-            while not self._closing.is_set():
+            while not self._closing.is_set() and not listening.ended:
                 current = await self._engine.store.get(cid)
                 if current is None or not is_bridged(current):
                     return  # ended, or a handshake-era session again (unbridge)
@@ -652,6 +652,8 @@ class Bridge:
                             yield item
                 except ProxyError as exc:
                     log.info("bridge.listen_failed", upstream=self.name, client_session=cid[:8], error=exc.message)
+                if listening.ended:
+                    return
                 if changed.is_set():
                     continue  # the subscriptions changed: a new filter at once
                 gap = True
@@ -718,12 +720,18 @@ class Bridge:
         """DELETE of a bridged session: forget it (the upstream has nothing to end)."""
         cid = record.client_session_id
         await self._engine.store.delete(cid)
-        self._stop_calls(cid, "the client ended the session while the request ran")
+        self.forget(cid, "the client ended the session while the request ran")
+        log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
+
+    def forget(self, cid: str, why: str = "the proxy forgot the session while the request ran") -> None:
+        """A bridged session that ended (DELETE, idle expiry, eviction, the status page's forget): its
+        listen ends, its calls answer with an error naming ``why``, and nothing of it is kept here."""
+        self._stop_calls(cid, why)
         listening = self._listening.get(cid)
         if listening is not None:
+            listening.ended = True
             listening.changed.set()
         self._listened.discard(cid)
-        log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
 
     async def unbridge(self, record: SessionRecord) -> SessionRecord | None:
         """A bridged session whose upstream speaks the handshake era now, where its client cannot
@@ -789,6 +797,8 @@ class _Listening:
 
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     acknowledged: asyncio.Event = field(default_factory=asyncio.Event)
+    # The session ended: the stream ends (its record may still be in the store for a moment).
+    ended: bool = False
 
 
 class _End:

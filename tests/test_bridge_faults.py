@@ -230,3 +230,25 @@ async def test_a_forgotten_bridged_session_ends_its_listen_and_its_calls(
     assert responses[0]["error"]["code"] == -32001, responses[0]
     assert session_id not in bridge._listened
     await wait_until(lambda: session_id not in bridge._listening, 10, "the listen ended")
+
+
+async def test_an_answer_to_the_proxys_input_request_needs_no_stream_slot(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Two stream slots per session, both taken (the GET stream, a call waiting for an elicitation): the
+    client's POSTed answer is the proxy's to take, never upstream, so it takes no slot and the call ends."""
+    proxy = await start_proxy(modern_upstream.url, era="modern", max_streams_per_session=2, stream_slot_wait=0.3)
+    session_id = await _initialize(http, proxy.url)
+    get_headers = {**session_headers(session_id), "Accept": "text/event-stream"}
+    async with http.get(proxy.url, headers=get_headers) as stream:
+        assert stream.status == 200
+        answer, asked = await _elicited_call(http, proxy.url, session_id, 11)
+        async with answer:
+            reply = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"name": "Ada"}}}
+            async with http.post(proxy.url, json=reply, headers=session_headers(session_id)) as taken:
+                assert taken.status == 202, await taken.text()
+            async with asyncio.timeout(10):
+                rest = _events(await answer.read())
+    responses = [message for message in rest if message.get("id") == 11]
+    assert responses == [{"jsonrpc": "2.0", "id": 11, "result": responses[0].get("result")}], rest
+    assert responses[0]["result"]["structuredContent"] == {"result": "hello Ada"}

@@ -41,6 +41,7 @@ STATS: dict[str, Any] = {
     "tools_call": 0,
     "refused": 0,
     "hang_cancelled": 0,
+    "steps_done": 0,
     "initialize": 0,
     "meta": {},
     "methods": [],
@@ -66,6 +67,7 @@ async def steps(count: int, ctx: Context) -> str:
         await ctx.report_progress(step, count, f"step {step}")
         await ctx.info(f"did step {step}")
         await asyncio.sleep(STEP_SECONDS)
+    STATS["steps_done"] += 1  # ran to its end: nobody cancelled it
     return f"done after {count} steps"
 
 

@@ -252,3 +252,25 @@ async def test_an_answer_to_the_proxys_input_request_needs_no_stream_slot(
     responses = [message for message in rest if message.get("id") == 11]
     assert responses == [{"jsonrpc": "2.0", "id": 11, "result": responses[0].get("result")}], rest
     assert responses[0]["result"]["structuredContent"] == {"result": "hello Ada"}
+
+
+async def test_a_client_that_drops_its_stream_does_not_cancel_the_upstream_call(
+    modern_upstream: ModernUpstreamProcess, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A handshake-era client dropping its POST stream is not cancelling (that is notifications/cancelled):
+    the proxy keeps reading the upstream answer (closing it would be the 2026-07-28 cancellation), so the
+    tool runs to its end."""
+    proxy = await start_proxy(modern_upstream.url, era="modern")
+    session_id = await _initialize(http, proxy.url)
+    params = {"name": "steps", "arguments": {"count": 20}, "_meta": {"progressToken": "p"}}
+    call = {"jsonrpc": "2.0", "id": 12, "method": "tools/call", "params": params}
+    async with http.post(proxy.url, json=call, headers=session_headers(session_id)) as answer:
+        assert answer.headers["Content-Type"].startswith("text/event-stream")
+        async with asyncio.timeout(10):
+            assert b"notifications/progress" in await answer.content.readuntil(b"\n\n")
+        answer.close()  # the client leaves, without notifications/cancelled
+    await wait_until(lambda: _stat(modern_upstream, "steps_done"), 10, "the tool ran to its end")
+
+
+async def _stat(server: ModernUpstreamProcess, key: str) -> bool:
+    return bool((await server.stats())[key])

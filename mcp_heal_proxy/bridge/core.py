@@ -153,6 +153,9 @@ class Bridge:
         self._cancels: dict[tuple[str, str], _Running] = {}
         # The GET streams (subscriptions/listen) being served, by client session.
         self._listening: dict[str, _Listening] = {}
+        # Calls whose client left before their response, read to their end (see _drain).
+        self._drains = TaskOwner()
+        self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}
         # Sessions whose client opened a GET stream here (a later one reopens after a gap).
         self._listened: set[str] = set()
         self._started = time.time()
@@ -304,33 +307,78 @@ class Bridge:
         """One client request, bridged: yields the messages for the client (notifications, input requests,
         the response last), and None after ``idle`` seconds of silence. A ``notifications/cancelled`` for
         it (``cancel``) ends it at once without a response, closing its upstream stream (the 2026-07-28
-        cancellation)."""
+        cancellation). Closed before its response without one (its client left: a dropped stream is no
+        cancellation), the upstream answer is read to its end in the background and discarded."""
         key = (record.client_session_id, str(message.id))
         running = self._cancels[key] = _Running()
         messages = self._call(client_headers, record, message, idle)
-
-        async def step() -> dict[str, Any] | _End | None:
-            return await anext(messages, _END)
-
+        steps = TaskOwner()
+        step: asyncio.Task[dict[str, Any] | _End | None] | None = None
+        done = False  # answered, cancelled, stopped or failed: nothing upstream is left to read
         try:
-            async with contextlib.aclosing(messages):
-                while True:
-                    taken, item = await _unless_set(step(), running.stop)
-                    if not taken:
-                        if running.ended is not None or not running.stop.is_set():
-                            # The session ended under the call (or its step was cancelled from inside): its
-                            # client still gets an answer with its id.
-                            why = running.ended or "the proxy stopped the request"
-                            yield error_message(message.id, SESSION_ENDED, why)
-                            return
-                        log.info("bridge.call_cancelled", upstream=self.name, client_session=key[0][:8])
+            while True:
+                step = steps.spawn(_next(messages), name="bridge-step")
+                if not await _first_or_set(step, running.stop):
+                    done = True
+                    if running.ended is not None:
+                        # The session ended under the call: its client still gets an answer with its id.
+                        yield error_message(message.id, SESSION_ENDED, running.ended)
                         return
-                    if isinstance(item, _End):
-                        return
-                    yield item
+                    log.info("bridge.call_cancelled", upstream=self.name, client_session=key[0][:8])
+                    return
+                if step.cancelled():
+                    done = True  # cancelled from inside: the client still gets an answer with its id
+                    yield error_message(message.id, SESSION_ENDED, "the proxy stopped the request")
+                    return
+                try:
+                    item = step.result()
+                except BaseException:
+                    done = True
+                    raise
+                step = None
+                if isinstance(item, _End):
+                    done = True
+                    return
+                # Its response, or an input request (the upstream answer asking is complete: nothing is open
+                # upstream while the client is asked): a close right after it leaves nothing to read.
+                done = item is not None and "id" in item
+                yield item
+                done = False
         finally:
             if self._cancels.get(key) is running:
                 del self._cancels[key]
+            if done or running.stop.is_set() or self._closing.is_set():
+                await steps.close()  # closes the upstream answer being read: the modern cancellation
+                await messages.aclose()
+            else:
+                drain = self._drains.spawn(self._drain(key, messages, step, steps), name="bridge-drain")
+                self._draining[key] = drain
+                drain.add_done_callback(functools.partial(_forget_drain, self._draining, key))
+
+    async def _drain(
+        self,
+        key: tuple[str, str],
+        messages: AsyncGenerator[dict[str, Any] | None, None],
+        step: asyncio.Task[dict[str, Any] | _End | None] | None,
+        steps: TaskOwner,
+    ) -> None:
+        """A call whose client left before its response: read the upstream answer to its end (closing
+        it would cancel the call on a 2026-07-28 server), bounded by read_timeout, and discard it. An input
+        request ends it: nobody is left to answer, and the upstream holds nothing while it asks."""
+        outcome = "answered"
+        try:
+            async with asyncio.timeout(self.upstream.config.read_timeout):
+                item = await step if step is not None else await _next(messages)
+                while not isinstance(item, _End) and (item is None or "id" not in item):
+                    item = await _next(messages)
+        except TimeoutError:
+            outcome = "read_timeout"
+        except ProxyError as exc:
+            outcome = exc.message
+        finally:
+            await steps.close()
+            await messages.aclose()
+        log.info("bridge.call_drained", upstream=self.name, client_session=key[0][:8], outcome=outcome)
 
     def cancel(self, record: SessionRecord, params: Mapping[str, Any] | None) -> None:
         """A client's notifications/cancelled: end the call it names, if it runs."""
@@ -727,6 +775,8 @@ class Bridge:
         """A bridged session that ended (DELETE, idle expiry, eviction, the status page's forget): its
         listen ends, its calls answer with an error naming ``why``, and nothing of it is kept here."""
         self._stop_calls(cid, why)
+        for key in [key for key in self._draining if key[0] == cid]:
+            self._draining.pop(key).cancel()
         listening = self._listening.get(cid)
         if listening is not None:
             listening.ended = True
@@ -773,8 +823,11 @@ class Bridge:
             running.stop.set()
 
     def close_streams(self) -> None:
-        """Shutdown: end every listen stream (clients reconnect to the next proxy)."""
+        """Shutdown: end every listen stream (clients reconnect to the next proxy), and stop reading the
+        answers of calls whose clients left."""
         self._closing.set()
+        for drain in list(self._draining.values()):
+            drain.cancel()
 
 
 # The id the bridge gives an upstream response inside _send (its caller puts the client's id on it).
@@ -823,6 +876,28 @@ async def _unless_set(work: Coroutine[Any, Any, _T], event: asyncio.Event) -> tu
         return False, None
     finally:
         await owner.close()
+
+
+async def _next(messages: AsyncGenerator[dict[str, Any] | None, None]) -> dict[str, Any] | _End | None:
+    """A call's next message, or _END."""
+    return await anext(messages, _END)
+
+
+async def _first_or_set(task: asyncio.Future[Any], event: asyncio.Event) -> bool:
+    """Wait until ``task`` is done (True) or ``event`` is set (False). The task is never cancelled here:
+    when the caller is (its client left), the task goes on for whoever takes it."""
+    waiter = TaskOwner()
+    setting = waiter.spawn(event.wait(), name="bridge-step-unless")
+    try:
+        await asyncio.wait((task, setting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        setting.cancel()
+    return task.done()
+
+
+def _forget_drain(draining: dict[tuple[str, str], asyncio.Task[None]], key: tuple[str, str], task: Any) -> None:
+    if draining.get(key) is task:
+        del draining[key]
 
 
 def _read_again(answer: AnswerStream, request_ids: tuple[Any, ...], raw: bytes) -> AnswerStream:

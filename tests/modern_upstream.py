@@ -41,6 +41,7 @@ STATS: dict[str, Any] = {
     "tools_call": 0,
     "refused": 0,
     "hang_cancelled": 0,
+    "steps_done": 0,
     "initialize": 0,
     "meta": {},
     "methods": [],
@@ -66,6 +67,7 @@ async def steps(count: int, ctx: Context) -> str:
         await ctx.report_progress(step, count, f"step {step}")
         await ctx.info(f"did step {step}")
         await asyncio.sleep(STEP_SECONDS)
+    STATS["steps_done"] += 1  # ran to its end: nobody cancelled it
     return f"done after {count} steps"
 
 
@@ -183,7 +185,7 @@ def _error(status: int, code: int, message: str, request_id: Any = None, data: A
 
 
 # --legacy-only turns the guard around: the server speaks only the handshake era, and answers a 2026-07-28
-# request as a legacy server does (a plain 400 about the missing session, no modern error).
+# request as a legacy server does (a 400 about the missing session, with no modern error).
 LEGACY_ONLY = {"on": False}
 # --bearer TOKEN: every MCP request needs "Authorization: Bearer TOKEN", else 401 with a challenge.
 BEARER: dict[str, str | None] = {"token": None}
@@ -194,7 +196,9 @@ def refusal(method: str, headers: dict[str, str], body: bytes) -> tuple[int, byt
     """What a modern-only server answers a request it does not serve (None: the SDK serves it)."""
     if LEGACY_ONLY["on"]:
         if headers.get("mcp-protocol-version") == MODERN_VERSION:
-            return 400, b"Bad Request: No valid session ID provided"
+            # What the TypeScript SDK's legacy server sends a request without a session: an error with a
+            # null id, whose code is no modern one.
+            return _error(400, -32000, "Bad Request: Mcp-Session-Id header is required")
         return None
     if method in ("GET", "DELETE"):
         return 405, b""

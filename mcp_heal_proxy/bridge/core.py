@@ -86,6 +86,8 @@ _LOCAL: Final = frozenset({"ping", SET_LEVEL, SUBSCRIBE, UNSUBSCRIBE})
 INPUT_ROUNDS: Final = 10
 # The largest answer read whole (a JSON answer, one SSE message).
 _MAX_MESSAGE: Final = 16 * 1024 * 1024
+# The JSON-RPC error of a bridged call whose session ended under it (as for a session the proxy forgot).
+SESSION_ENDED: Final = -32001
 _BROKEN: Final = "upstream MCP server broke the stream before answering; the request was not replayed (it may have run)"
 # A GET stream fed from subscriptions/listen: reopened with backoff when it drops.
 _LISTEN_FIRST: Final = 0.25
@@ -109,10 +111,15 @@ class UpstreamChallenge(ProxyError):
 
 class BridgeGone(ProxyError):
     """The upstream stopped answering as a 2026-07-28-only server does: the bridged session ends (404, so
-    that the client initializes again and the proxy looks at the upstream's era again)."""
+    that the client initializes again and the proxy looks at the upstream's era again). ``what``: what
+    the upstream answered."""
 
     http_status = 404
     code = -32001
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"upstream MCP server no longer answers as a 2026-07-28 server ({what}); initialize again")
+        self.what = what
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +149,13 @@ class Bridge:
         self._ids = itertools.count(1)
         # Input requests sent to clients, by (client session, the id the proxy gave the request).
         self._inputs: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
-        # The calls running, by (client session, request id as text): set to cancel one.
-        self._cancels: dict[tuple[str, str], asyncio.Event] = {}
+        # The calls running, by (client session, request id as text): stopped by a cancel or the session's end.
+        self._cancels: dict[tuple[str, str], _Running] = {}
         # The GET streams (subscriptions/listen) being served, by client session.
         self._listening: dict[str, _Listening] = {}
+        # Calls whose client left before their response, read to their end (see _drain).
+        self._drains = TaskOwner()
+        self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}
         # Sessions whose client opened a GET stream here (a later one reopens after a gap).
         self._listened: set[str] = set()
         self._started = time.time()
@@ -297,34 +307,85 @@ class Bridge:
         """One client request, bridged: yields the messages for the client (notifications, input requests,
         the response last), and None after ``idle`` seconds of silence. A ``notifications/cancelled`` for
         it (``cancel``) ends it at once without a response, closing its upstream stream (the 2026-07-28
-        cancellation)."""
+        cancellation). Closed before its response without one (its client left: a dropped stream is no
+        cancellation), the upstream answer is read to its end in the background and discarded."""
         key = (record.client_session_id, str(message.id))
-        cancelled = self._cancels[key] = asyncio.Event()
+        running = self._cancels[key] = _Running()
         messages = self._call(client_headers, record, message, idle)
-
-        async def step() -> dict[str, Any] | _End | None:
-            return await anext(messages, _END)
-
+        steps = TaskOwner()
+        step: asyncio.Task[dict[str, Any] | _End | None] | None = None
+        done = False  # answered, cancelled, stopped or failed: nothing upstream is left to read
         try:
-            async with contextlib.aclosing(messages):
-                while True:
-                    taken, item = await _unless_set(step(), cancelled)
-                    if not taken:
-                        log.info("bridge.call_cancelled", upstream=self.name, client_session=key[0][:8])
+            while True:
+                step = steps.spawn(_next(messages), name="bridge-step")
+                if not await _first_or_set(step, running.stop):
+                    done = True
+                    if running.ended is not None:
+                        # The session ended under the call: its client still gets an answer with its id.
+                        yield error_message(message.id, SESSION_ENDED, running.ended)
                         return
-                    if isinstance(item, _End):
-                        return
-                    yield item
+                    log.info("bridge.call_cancelled", upstream=self.name, client_session=key[0][:8])
+                    return
+                if step.cancelled():
+                    done = True  # cancelled from inside: the client still gets an answer with its id
+                    yield error_message(message.id, SESSION_ENDED, "the proxy stopped the request")
+                    return
+                try:
+                    item = step.result()
+                except BaseException:
+                    done = True
+                    raise
+                step = None
+                if isinstance(item, _End):
+                    done = True
+                    return
+                # Its response, or an input request (the upstream answer asking is complete: nothing is open
+                # upstream while the client is asked): a close right after it leaves nothing to read.
+                done = item is not None and "id" in item
+                yield item
+                done = False
         finally:
-            if self._cancels.get(key) is cancelled:
+            if self._cancels.get(key) is running:
                 del self._cancels[key]
+            if done or running.stop.is_set() or self._closing.is_set():
+                await steps.close()  # closes the upstream answer being read: the modern cancellation
+                await messages.aclose()
+            else:
+                drain = self._drains.spawn(self._drain(key, messages, step, steps), name="bridge-drain")
+                self._draining[key] = drain
+                drain.add_done_callback(functools.partial(_forget_drain, self._draining, key))
+
+    async def _drain(
+        self,
+        key: tuple[str, str],
+        messages: AsyncGenerator[dict[str, Any] | None, None],
+        step: asyncio.Task[dict[str, Any] | _End | None] | None,
+        steps: TaskOwner,
+    ) -> None:
+        """A call whose client left before its response: read the upstream answer to its end (closing
+        it would cancel the call on a 2026-07-28 server), bounded by read_timeout, and discard it. An input
+        request ends it: nobody is left to answer, and the upstream holds nothing while it asks."""
+        outcome = "answered"
+        try:
+            async with asyncio.timeout(self.upstream.config.read_timeout):
+                item = await step if step is not None else await _next(messages)
+                while not isinstance(item, _End) and (item is None or "id" not in item):
+                    item = await _next(messages)
+        except TimeoutError:
+            outcome = "read_timeout"
+        except ProxyError as exc:
+            outcome = exc.message
+        finally:
+            await steps.close()
+            await messages.aclose()
+        log.info("bridge.call_drained", upstream=self.name, client_session=key[0][:8], outcome=outcome)
 
     def cancel(self, record: SessionRecord, params: Mapping[str, Any] | None) -> None:
         """A client's notifications/cancelled: end the call it names, if it runs."""
         request_id = (params or {}).get("requestId")
-        cancelled = self._cancels.get((record.client_session_id, str(request_id)))
-        if cancelled is not None:
-            cancelled.set()
+        running = self._cancels.get((record.client_session_id, str(request_id)))
+        if running is not None:
+            running.stop.set()
 
     async def _call(
         self, client_headers: Mapping[str, str], record: SessionRecord, message: Message, idle: float
@@ -361,12 +422,17 @@ class Bridge:
             error = final.get("error")
             if isinstance(error, dict):
                 code = error.get("code")
+                if code == UNSUPPORTED_VERSION and speaks_legacy(error):
+                    # The upstream speaks a handshake-era version now: the bridge ends.
+                    self.era.forget("-32022 naming a handshake-era version to a bridged request")
+                    raise BridgeGone("-32022 naming a handshake-era version")
                 if code == UNSUPPORTED_VERSION and code not in retried:
                     # The upstream moved: look at it again, and retry once if it still speaks 2026-07-28.
                     retried.add(code)
                     if await self.discover(client_headers) is not None:
                         continue
-                    self.era.forget("-32022 to a bridged request")
+                    self.era.forget("-32022 to a bridged request, server/discover refused")
+                    raise BridgeGone("-32022, and server/discover failed")
                 if code == HEADER_MISMATCH and method == "tools/call" and code not in retried:
                     # The tool's x-mcp-header annotations changed: list tools again, retry once.
                     retried.add(code)
@@ -389,8 +455,10 @@ class Bridge:
                 responses: dict[str, Any] = {}
                 requests = result.get("inputRequests")
                 asking = requests if isinstance(requests, dict) else {}
-                async for item in self._ask(record, asking, responses, idle, links):
-                    yield item
+                # Closed with the call (its client left mid-question): the input requests go with it.
+                async with contextlib.aclosing(self._ask(record, asking, responses, idle, links)) as questions:
+                    async for item in questions:
+                        yield item
                 if isinstance(requests, dict) and len(responses) < len(requests):
                     # The client refused (its error goes back as the request's) or never answered.
                     refusal = responses.get("")
@@ -564,16 +632,19 @@ class Bridge:
             except (ValueError, RecursionError):
                 payload = None
             answers = isinstance(payload, dict) and ("result" in payload or "error" in payload)
-            if answers and payload.get("id") in (upstream_id, None):
+            refusal = response.status in (400, 404)
+            if answers and (
+                payload.get("id") == upstream_id
+                # A null id answers this request unless it is a refusal no modern server sends (a legacy
+                # server's 400 "Mcp-Session-Id header is required", its 404 "Session not found").
+                or (payload.get("id") is None and (not refusal or modern_error(400, raw) is not None))
+            ):
                 yield {**payload, "id": _FINAL}
                 return
-            if response.status in (400, 404) and modern_error(response.status, raw) is None:
+            if refusal and modern_error(response.status, raw) is None:
                 # Not a modern server's refusal: the upstream changed era (or is not what it was).
                 self.era.forget(f"HTTP {response.status} without a modern error to {method}")
-                raise BridgeGone(
-                    f"upstream MCP server no longer answers as a 2026-07-28 server (HTTP {response.status}); "
-                    "initialize again"
-                )
+                raise BridgeGone(f"HTTP {response.status}")
             what = f"{response.status} {response.reason or ''}".strip()
             yield error_message(
                 _FINAL, UpstreamUnavailable.code, f"upstream MCP server answered {what} without a JSON-RPC answer"
@@ -606,10 +677,10 @@ class Bridge:
         self._listened.add(cid)
         quiet = 0.0
         try:
-            while not self._closing.is_set():
+            while not self._closing.is_set() and not listening.ended:
                 current = await self._engine.store.get(cid)
-                if current is None:
-                    return
+                if current is None or not is_bridged(current):
+                    return  # ended, or a handshake-era session again (unbridge)
                 if not self._capabilities:
                     await self.discover(client_headers)
                 notifications = listen_filter(self._capabilities, current.subscriptions)
@@ -629,6 +700,8 @@ class Bridge:
                             yield item
                 except ProxyError as exc:
                     log.info("bridge.listen_failed", upstream=self.name, client_session=cid[:8], error=exc.message)
+                if listening.ended:
+                    return
                 if changed.is_set():
                     continue  # the subscriptions changed: a new filter at once
                 gap = True
@@ -695,23 +768,79 @@ class Bridge:
         """DELETE of a bridged session: forget it (the upstream has nothing to end)."""
         cid = record.client_session_id
         await self._engine.store.delete(cid)
-        for slot in [slot for slot in self._inputs if slot[0] == cid]:
-            self._inputs.pop(slot).cancel()
-        for key in [key for key in self._cancels if key[0] == cid]:
-            self._cancels[key].set()
+        self.forget(cid, "the client ended the session while the request ran")
+        log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
+
+    def forget(self, cid: str, why: str = "the proxy forgot the session while the request ran") -> None:
+        """A bridged session that ended (DELETE, idle expiry, eviction, the status page's forget): its
+        listen ends, its calls answer with an error naming ``why``, and nothing of it is kept here."""
+        self._stop_calls(cid, why)
+        for key in [key for key in self._draining if key[0] == cid]:
+            self._draining.pop(key).cancel()
+        listening = self._listening.get(cid)
+        if listening is not None:
+            listening.ended = True
+            listening.changed.set()
+        self._listened.discard(cid)
+
+    async def unbridge(self, record: SessionRecord) -> SessionRecord | None:
+        """A bridged session whose upstream speaks the handshake era now, where its client cannot
+        initialize again (stdio): it becomes a handshake-era session whose upstream session is lost, so
+        that its next request initializes one upstream with the client's own initialize params (the
+        heal, as for a restored session). Its listen ends. The record, or None when the store has none."""
+        # Imported here: engine/session.py builds this module's Bridge.
+        from mcp_heal_proxy.engine.session import lost_upstream_session_id
+
+        def handshake_era(current: SessionRecord) -> SessionRecord:
+            if not is_bridged(current):
+                return current
+            return replace(
+                current,
+                upstream_session_id=lost_upstream_session_id(),
+                upstream_protocol_version=current.protocol_version,
+                generation=current.generation + 1,
+            )
+
+        cid = record.client_session_id
+        updated = await self._engine.store.apply(cid, handshake_era)
         listening = self._listening.get(cid)
         if listening is not None:
             listening.changed.set()
-        self._listened.discard(cid)
-        log.info("session.bridge_ended", upstream=self.name, client_session=cid[:8])
+        log.info("session.unbridged", upstream=self.name, client_session=cid[:8])
+        return updated
+
+    def _stop_calls(self, cid: str, why: str) -> None:
+        """End a session's calls: each still answers its client, with an error naming ``why`` (an input
+        request it waits on is given that error as its answer: a cancelled future would cut the call's
+        stream without a response)."""
+        for slot in [slot for slot in self._inputs if slot[0] == cid]:
+            waiter = self._inputs.pop(slot)
+            if not waiter.done():
+                waiter.set_result(error_message(slot[1], SESSION_ENDED, why))
+        for key in [key for key in self._cancels if key[0] == cid]:
+            running = self._cancels[key]
+            running.ended = why
+            running.stop.set()
 
     def close_streams(self) -> None:
-        """Shutdown: end every listen stream (clients reconnect to the next proxy)."""
+        """Shutdown: end every listen stream (clients reconnect to the next proxy), and stop reading the
+        answers of calls whose clients left."""
         self._closing.set()
+        for drain in list(self._draining.values()):
+            drain.cancel()
 
 
 # The id the bridge gives an upstream response inside _send (its caller puts the client's id on it).
 _FINAL: Final = "mcp-heal-proxy-final"
+
+
+@dataclass(slots=True)
+class _Running:
+    """A bridged call: ``stop`` set ends it; without ``ended`` (a notifications/cancelled) it ends without
+    a response, with it (the session ended) its client gets an error naming why."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: str | None = None
 
 
 @dataclass(slots=True)
@@ -721,6 +850,8 @@ class _Listening:
 
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     acknowledged: asyncio.Event = field(default_factory=asyncio.Event)
+    # The session ended: the stream ends (its record may still be in the store for a moment).
+    ended: bool = False
 
 
 class _End:
@@ -739,9 +870,34 @@ async def _unless_set(work: Coroutine[Any, Any, _T], event: asyncio.Event) -> tu
     wait = owner.spawn(event.wait(), name="bridge-step-unless")
     try:
         await asyncio.wait((task, wait), return_when=asyncio.FIRST_COMPLETED)
-        return (True, task.result()) if task.done() else (False, None)
+        if task.done() and not task.cancelled():
+            return True, task.result()
+        # Not done, or cancelled from inside (never by this caller, who is still running): given up.
+        return False, None
     finally:
         await owner.close()
+
+
+async def _next(messages: AsyncGenerator[dict[str, Any] | None, None]) -> dict[str, Any] | _End | None:
+    """A call's next message, or _END."""
+    return await anext(messages, _END)
+
+
+async def _first_or_set(task: asyncio.Future[Any], event: asyncio.Event) -> bool:
+    """Wait until ``task`` is done (True) or ``event`` is set (False). The task is never cancelled here:
+    when the caller is (its client left), the task goes on for whoever takes it."""
+    waiter = TaskOwner()
+    setting = waiter.spawn(event.wait(), name="bridge-step-unless")
+    try:
+        await asyncio.wait((task, setting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        setting.cancel()
+    return task.done()
+
+
+def _forget_drain(draining: dict[tuple[str, str], asyncio.Task[None]], key: tuple[str, str], task: Any) -> None:
+    if draining.get(key) is task:
+        del draining[key]
 
 
 def _read_again(answer: AnswerStream, request_ids: tuple[Any, ...], raw: bytes) -> AnswerStream:

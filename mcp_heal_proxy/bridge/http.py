@@ -12,14 +12,19 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any, Final
 
+import structlog
+
 from mcp_heal_proxy.bridge.core import Bridge, BridgedOpen, UpstreamChallenge
-from mcp_heal_proxy.errors import InvalidRequest
+from mcp_heal_proxy.bridge.wire import error_message
+from mcp_heal_proxy.errors import InvalidRequest, ProxyError
 from mcp_heal_proxy.front.exchange import Exchange
 from mcp_heal_proxy.front.relay import Outcome
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.wire.headers import MCP_SESSION_ID
-from mcp_heal_proxy.wire.jsonrpc import CANCELLED, Kind, PostBody
+from mcp_heal_proxy.wire.jsonrpc import CANCELLED, Kind, PostBody, RequestId
 from mcp_heal_proxy.wire.sse import Event, encode_comment, encode_event
+
+log = structlog.get_logger("mcp_heal_proxy.bridge")
 
 _KEEPALIVE: Final = encode_comment("keep-alive")
 
@@ -68,7 +73,7 @@ async def post(
             headers = [("Content-Type", "application/json"), (MCP_SESSION_ID, cid)]
             await exchange.answer(200, _json(head), headers)
             return
-        await _stream(exchange, cid, head, messages, outcome)
+        await _stream(exchange, cid, head, messages, outcome, first.id)
 
 
 async def _stream(
@@ -77,7 +82,11 @@ async def _stream(
     head: dict[str, Any] | None,
     rest: AsyncGenerator[dict[str, Any] | None, None],
     outcome: Outcome,
+    request_id: RequestId | None = None,
 ) -> None:
+    """Write the messages as SSE. A request's stream that meets a failure of the proxy's own (the upstream's
+    401, its era changed, the store) once its answer started ends with that error as its response: the
+    client gets its request's id back, and the stream ends cleanly."""
     headers = [
         ("Content-Type", "text/event-stream"),
         ("Cache-Control", "no-cache"),
@@ -88,8 +97,14 @@ async def _stream(
         await exchange.start(200, None, headers)
         outcome.status = 200
         await exchange.write(_KEEPALIVE if head is None else _event(head))
-        async for message in rest:
-            await exchange.write(_KEEPALIVE if message is None else _event(message))
+        try:
+            async for message in rest:
+                await exchange.write(_KEEPALIVE if message is None else _event(message))
+        except ProxyError as exc:
+            if request_id is None:
+                raise
+            log.warning("bridge.call_failed", client_session=cid[:8], error=exc.message)
+            await exchange.write(_event(error_message(request_id, exc.code, exc.message)))
         await exchange.end()
     except ConnectionError:
         outcome.client_left = True

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from mcp_heal_proxy.bridge.core import Bridge, UpstreamChallenge
+from mcp_heal_proxy.bridge.core import Bridge, BridgeGone, UpstreamChallenge
 from mcp_heal_proxy.bridge.wire import error_message
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.wire.jsonrpc import CANCELLED, Kind, PostBody
@@ -39,6 +39,14 @@ async def post(
         except UpstreamChallenge as challenge:
             # No OAuth flow over stdio: the client learns why (the bridge's managed login is the fix).
             await write(error_message(first.id, challenge.code, challenge.message))
+        except BridgeGone as gone:
+            # The client cannot initialize again over stdio: the proxy does, at its next request.
+            await bridge.unbridge(record)
+            why = (
+                f"upstream MCP server no longer answers as a 2026-07-28 server ({gone.what}); the proxy "
+                "initializes the session upstream again at the next request"
+            )
+            await write(error_message(first.id, gone.code, why))
 
 
 async def follow(bridge: Bridge, headers: Mapping[str, str], record: SessionRecord, write: WriteMessage) -> None:

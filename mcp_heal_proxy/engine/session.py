@@ -466,6 +466,7 @@ class SessionEngine:
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
         self._drop_early_stream(record.client_session_id)
         if is_bridged(record):
+            self.bridge.forget(record.client_session_id)
             return UpstreamEnding(204)  # the proxy held the session: nothing upstream to end
         headers = upstream_request_headers({}, record.upstream_session_id)
         version = record.upstream_protocol_version or record.protocol_version

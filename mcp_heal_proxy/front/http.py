@@ -38,7 +38,7 @@ from mcp_heal_proxy.observability import Metrics, method_label
 from mcp_heal_proxy.store.records import SessionRecord
 from mcp_heal_proxy.wire import jsonrpc
 from mcp_heal_proxy.wire.headers import LAST_EVENT_ID, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
-from mcp_heal_proxy.wire.jsonrpc import PostBody
+from mcp_heal_proxy.wire.jsonrpc import Kind, PostBody
 
 if TYPE_CHECKING:
     from mcp_heal_proxy.otel import RequestTrace, Telemetry
@@ -303,6 +303,11 @@ class Proxy:
             await self._relay.relay(exchange, await engine.post_without_session(headers, body), None, outcome)
             return
         record = await engine.session(client_session_id)
+        if is_bridged(record) and not body.is_batch and body.messages[0].kind is not Kind.REQUEST:
+            # The client's answer to the proxy's own input request (or a notification): taken here, never
+            # sent upstream, so it takes no stream slot (the slots may all be the GET and the waiting call).
+            await bridged.post(engine.bridge, exchange, record, body, outcome, self._settings.keepalive_interval)
+            return
         async with self._slots.slot(client_session_id) as waited:
             if waited:
                 # Read again: a request that waited runs on the session as it is now (healed meanwhile,

@@ -221,6 +221,13 @@ class Bridge:
         record = await engine.session(self._record.client_session_id)
         if is_bridged(record):
             await bridged.post(engine.bridge, self._headers, record, body, self._write_message)
+            current = await engine.store.get(record.client_session_id)
+            if current is not None and not is_bridged(current):
+                # The upstream speaks the handshake era again (bridge unbridge): so does the server stream.
+                self._record = current
+                if current.protocol_version is not None:
+                    self._headers[MCP_PROTOCOL_VERSION] = current.protocol_version
+                self._follow_again()
             return
         sent = await engine.post(self._headers, body, record)
         if sent.answer is not None and sent.answer.status == 400 and engine.bridge.era.may_bridge:
@@ -229,14 +236,18 @@ class Bridge:
             if not isinstance(adopted, AnswerStream):
                 self._record = adopted
                 # The session's server stream is now the bridge's (the upstream has no GET stream).
-                if self._stream is not None:
-                    self._stream.cancel()
-                self._stream = self._tasks.spawn(self._follow_server_stream(), name="server-stream")
+                self._follow_again()
                 await bridged.post(engine.bridge, self._headers, adopted, body, self._write_message)
                 return
             sent.answer = adopted
         if sent.answer is not None:
             await self._relay(sent.answer, body, record=sent.record)
+
+    def _follow_again(self) -> None:
+        """Follow the session's server stream anew (it changed era)."""
+        if self._stream is not None:
+            self._stream.cancel()
+        self._stream = self._tasks.spawn(self._follow_server_stream(), name="server-stream")
 
     async def _relay(self, answer: AnswerStream, body: PostBody, *, record: SessionRecord | None = None) -> None:
         """Write the messages of an upstream answer to stdout as they arrive; then an error for each

@@ -288,11 +288,12 @@ async def register(
     scopes: list[str],
     *,
     redirect_uri: str | None,
-    grant_types: tuple[str, ...] = REGISTRATION_GRANT_TYPES,
+    grant_types: tuple[str, ...] | None = None,
 ) -> RegisteredClient:
     """Dynamic client registration (RFC 7591): of a browser login's client (its loopback ``redirect_uri``,
     response type ``code``), or with ``redirect_uri`` None of a device client (RFC 8628: no redirect URI,
-    no response type, its own ``grant_types``)."""
+    no response type, its own ``grant_types``; None is the browser login's, REGISTRATION_GRANT_TYPES, read
+    when called)."""
     endpoint = metadata.get("registration_endpoint")
     if not isinstance(endpoint, str):
         raise LoginError(
@@ -303,7 +304,7 @@ async def register(
     body: dict[str, Any] = {
         "client_name": CLIENT_NAME,
         **({"redirect_uris": [redirect_uri], "response_types": ["code"]} if redirect_uri else {"response_types": []}),
-        "grant_types": list(grant_types),
+        "grant_types": list(grant_types if grant_types is not None else REGISTRATION_GRANT_TYPES),
         "token_endpoint_auth_method": registration_auth_method(supported if isinstance(supported, list) else None),
     }
     if scopes:

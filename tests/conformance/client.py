@@ -65,9 +65,9 @@ def disable(feature: str) -> None:
     choose = rules.choose_scopes
     prm_urls = rules.prm_urls
     as_metadata_urls = rules.as_metadata_urls
-    # Where the login looks each rule up: the discovery, registration and token requests
-    # (endpoints.py), or the flow that picks scopes and the token endpoint's authentication (login.py).
-    user = {"choose_scopes": login_flow, "token_auth_method": login_flow}
+    # Where the login looks each rule up: the discovery (scopes included), registration and token requests
+    # (endpoints.py), or the flow that picks the token endpoint's authentication (login.py).
+    user = {"token_auth_method": login_flow}
 
     def scopes_without(name: str) -> Any:
         return lambda **kw: choose(**{**kw, name: None})

@@ -207,6 +207,17 @@ class UpstreamProcess(ServerProcess):
         ):
             assert response.status == 200
 
+    async def forget_sessions(self) -> list[str]:
+        """A failover: the upstream forgets every session (later requests on them answer 404) while the
+        streams already open on them stay open. The ids it forgot."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.origin}/forget", ssl=self.client_ssl) as response,
+        ):
+            assert response.status == 200
+            forgotten: list[str] = (await response.json())["forgotten"]
+            return forgotten
+
     async def live_sessions(self) -> list[str]:
         """Session ids the upstream still holds."""
         sessions: list[str] = (await self.stats())["live_sessions"]

@@ -99,16 +99,21 @@ async def echo(session: ClientSession, text: str) -> None:
     assert not result.is_error, result
 
 
-async def healed_call_under_a_client_span(session: ClientSession, restart: Any) -> tuple[int, int]:
-    """Subscribe to a resource (state a heal re-applies), restart the upstream, call the tool under a span of the
-    client's own: the client's trace id and span id (what the SDK client put in params._meta)."""
+async def healed_call_under_a_client_span(session: ClientSession, upstream: UpstreamProcess) -> tuple[int, int]:
+    """Subscribe to a resource (state a heal re-applies), have the upstream forget the session, call the tool
+    under a span of the client's own: the client's trace id and span id (what the SDK client put in
+    params._meta).
+
+    Forgotten, not restarted: a restart also breaks the session's server stream, whose reattach may heal
+    first (reason get_stream_lost), and the call then finds the new session. Forgotten, the call alone
+    meets the 404, and the stream on the forgotten session stays open until the heal ends it."""
     # The SDK warns that 2026-07-28 removes subscriptions: the sessions here are 2025-11-25 ones.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
         async with asyncio.timeout(CALL_TIMEOUT):
             await session.subscribe_resource("test://otel/watched")
     await echo(session, "before")
-    await restart()
+    assert len(await upstream.forget_sessions()) == 1
     client_tracer = TracerProvider().get_tracer("the client")
     with client_tracer.start_as_current_span("the client's call") as client_span:
         await echo(session, "after")
@@ -202,12 +207,13 @@ async def test_a_healed_call_through_the_http_front_is_one_trace_under_the_clien
     caught = Caught()
     proxy = await start_proxy(upstream.url, otel=caught.telemetry)
     async with mcp_session(proxy.url) as session:
-        trace_id, span_id = await healed_call_under_a_client_span(session, upstream.restart)
+        trace_id, span_id = await healed_call_under_a_client_span(session, upstream)
 
         def reattached() -> bool:
             return any(s.name == "GET stream reattach" for s in caught.finished())
 
-        # The restart broke the session's server stream; the proxy reattaches it (after a short backoff).
+        # The heal ended the server stream left on the forgotten session; the proxy reattaches it on the new
+        # one (after a short backoff).
         await wait_until(reattached, 10, "the server stream reattached")
     spans = caught.finished()
     check_healed_trace(spans, trace_id, span_id, "tcp")
@@ -219,7 +225,7 @@ async def test_a_healed_call_through_the_http_front_is_one_trace_under_the_clien
     attaches = [s for s in spans if s.name.startswith("GET stream")]
     assert attaches
     assert all(s.kind is SpanKind.CLIENT for s in attaches)
-    # The restart broke the stream: reattached, under the stream's attach.
+    # The heal ended the stream: reattached, under the stream's attach.
     reattaches = [s for s in attaches if s.name == "GET stream reattach"]
     attach_ids = {s.context.span_id for s in attaches if s.name == "GET stream attach"}
     assert all(s.parent is not None and s.parent.span_id in attach_ids for s in reattaches)
@@ -277,7 +283,7 @@ async def test_a_healed_call_through_the_stdio_bridge_is_one_trace_under_the_cli
 ) -> None:
     caught = Caught(transport="pipe")
     async with bridged_in_process(upstream.url, caught.telemetry) as session:
-        trace_id, span_id = await healed_call_under_a_client_span(session, upstream.restart)
+        trace_id, span_id = await healed_call_under_a_client_span(session, upstream)
     spans = caught.finished()
     check_healed_trace(spans, trace_id, span_id, "pipe")
     server = one(spans, name="tools/call echo", kind=SpanKind.SERVER, parent=_parent_of(spans, span_id))

@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+from mcp.server.streamable_http import GET_STREAM_KEY, EventCallback, EventId, EventMessage, EventStore, StreamId
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INVALID_PARAMS,
@@ -143,16 +143,44 @@ async def release(request: Request) -> JSONResponse:
     return JSONResponse({"released": int(request.query_params["step"])})
 
 
+@server.custom_route("/forget", methods=["POST"])  # type: ignore[untyped-decorator]
+async def forget(_: Request) -> JSONResponse:
+    """Forget every session without closing its streams: requests on them answer 404 from now on, while
+    a server stream already open goes on (open, and silent for good). A failover to a replica that never
+    saw the sessions does this, as does a server whose session table lost its entries."""
+    forgotten = list(server.session_manager._server_instances)
+    server.session_manager._server_instances.clear()
+    return JSONResponse({"forgotten": forgotten})
+
+
+@server.tool()
+async def announce(uri: str, ctx: Context) -> str:
+    """Send resources/updated for ``uri`` on the session's server stream (the GET stream: a notification
+    of the server's own, related to no request); the SDK drops it when that stream is not open."""
+    await ctx.session.send_resource_updated(uri)
+    return f"announced {uri}"
+
+
 @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
 async def stats(_: Request) -> JSONResponse:
     """How many initialize and tools/call requests arrived since start, the live session ids, and the
     state (subscriptions, level) each session was given."""
     # Reading the SDK's private session table lets a test wait for an idle expiry without touching
     # the session (any request on it would reset its idle timer).
-    live = sorted(server.session_manager._server_instances)
+    instances = server.session_manager._server_instances
+    live = sorted(instances)
+    # The sessions with a server stream (GET) open: what a test waits for before announce.
+    listening = sorted(sid for sid, transport in instances.items() if GET_STREAM_KEY in transport._request_streams)
     # pid: the tests know it is this process that answers on the port, not another one that took it.
     return JSONResponse(
-        {**STATS, "live_sessions": live, "state": SESSION_STATE, "traceparents": list(TRACEPARENTS), "pid": os.getpid()}
+        {
+            **STATS,
+            "live_sessions": live,
+            "listening": listening,
+            "state": SESSION_STATE,
+            "traceparents": list(TRACEPARENTS),
+            "pid": os.getpid(),
+        }
     )
 
 

@@ -6,7 +6,8 @@ the bytes exactly as the upstream sent them (the HTTP front forwards those untou
 they completed, framed by the one parser (wire/sse.py, the WHATWG rules, whatever the chunking). Each
 event is classified once, lazily: a response to request id N, a notification, or a server-to-client
 request. When the body stops, ``ending`` says how: it ended as the upstream framed it (``COMPLETE``), or
-the upstream broke it (``BROKEN``: connection lost, framing error, read timeout). ``unanswered`` then names
+the upstream broke it (``BROKEN``: connection lost, framing error, read timeout), or the proxy ended a
+server stream a heal left on a dead session (``SUPERSEDED``, see engine/streams.py). ``unanswered`` then names
 the requests of the POST whose response never came, and ``between_events`` whether the stream stopped
 between events. The fronts decide only what to write about it: errors with the ids, a resume, an abort.
 
@@ -34,6 +35,18 @@ from mcp_heal_proxy.wire.sse import Event, Oversized, SSEParser
 _NOT_JSON: Final = object()
 
 
+class StreamSuperseded(aiohttp.ClientConnectionError):
+    """What the reader of a server stream meets when the proxy ended it because a heal moved its session on
+    (a ClientConnectionError, so that code written for a closed response still applies)."""
+
+
+def supersede(response: aiohttp.ClientResponse) -> None:
+    """End a server stream whose session a heal moved on from: its reader stops at once, ``SUPERSEDED``.
+    The exception goes in before the close, which would otherwise wake the reader with its own."""
+    response.content.set_exception(StreamSuperseded("a heal moved the session on to a new upstream session"))
+    response.close()
+
+
 class Ending(Enum):
     """How an answer stopped."""
 
@@ -41,6 +54,7 @@ class Ending(Enum):
     COMPLETE = "complete"  # the body ended as the upstream framed it
     BROKEN = "broken"  # the upstream broke it: connection lost, framing error, read timeout
     CLIENT_LEFT = "client_left"  # the front gave it up because its client left
+    SUPERSEDED = "superseded"  # a server stream the proxy ended: a heal moved its session on
 
 
 def answered_ids(payload: Any) -> tuple[RequestId, ...]:
@@ -357,6 +371,9 @@ class AnswerStream:
         self._note(answered_ids(payload), payload)
 
     def _broke(self, exc: BaseException) -> None:
+        if isinstance(exc, StreamSuperseded):
+            self.ending = Ending.SUPERSEDED
+            return
         self.ending = Ending.BROKEN
         self.failure = "read timeout" if isinstance(exc, TimeoutError) else connection_failure(exc).words
 

@@ -29,6 +29,7 @@ from mcp_heal_proxy.engine.healing import EXPIRY_STATUSES, Healer, is_session_ex
 from mcp_heal_proxy.engine.housekeeping import SessionActivity
 from mcp_heal_proxy.engine.sealing import SealedSession, SessionSealer
 from mcp_heal_proxy.engine.state import state_change, state_request_ids
+from mcp_heal_proxy.engine.streams import ServerStreams
 from mcp_heal_proxy.errors import (
     InvalidRequest,
     ProxyError,
@@ -154,6 +155,8 @@ class SessionEngine:
         self._early_openings: dict[str, asyncio.Future[None]] = {}
         # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
         self._opens_streams_early = True
+        # The server streams open now, by generation: a heal ends those it left on a dead session.
+        self._server_streams = ServerStreams()
         # Handshake-era clients in front of a 2026-07-28-only upstream (bridge/): the era, the sessions.
         self.bridge = Bridge(self, metrics)
 
@@ -302,6 +305,7 @@ class SessionEngine:
             raise
         if trace is not None:
             trace.healed(healed.generation)
+        self._server_streams.healed(healed.client_session_id, healed.upstream_session_id)
         return healed
 
     def _heal_trace(self, record: SessionRecord, reason: str) -> HealTrace | None:
@@ -430,6 +434,7 @@ class SessionEngine:
         forget the record whatever the upstream says. Returns the upstream's status; raises when the
         upstream could not be told."""
         self._drop_early_stream(record.client_session_id)
+        self._server_streams.forget(record.client_session_id)
         try:
             # No connect_retry and a short read bound.
             response = await self.upstream.send(
@@ -465,6 +470,7 @@ class SessionEngine:
         expiry, eviction, the status page's forget). No client headers exist at that moment, so an
         upstream that wants the client's credentials refuses (401): logged, as any failure, never raised."""
         self._drop_early_stream(record.client_session_id)
+        self._server_streams.forget(record.client_session_id)
         if is_bridged(record):
             self.bridge.forget(record.client_session_id)
             return UpstreamEnding(204)  # the proxy held the session: nothing upstream to end
@@ -576,10 +582,12 @@ class SessionEngine:
                 # Opened at notifications/initialized; taken over now: the attach, as the client sees it.
                 taken = self._otel.stream("attach", self._peer, record.client_session_id, generation=record.generation)
                 taken.answered(early.status)
+            await self._track_stream(record, early)
             return Sent(AnswerStream(early), record)
         response = await self._traced_get("attach", self.headers(client_headers, record), record)
         expired, prefetched = await self.check_expiry(response)
         if not expired:
+            await self._track_stream(record, response)
             return Sent(AnswerStream(response, (), prefetched), record)
         healing = self._heal_trace(record, f"http_{response.status}")
         try:
@@ -588,7 +596,17 @@ class SessionEngine:
         finally:
             if healing is not None:
                 healing.close()
+        await self._track_stream(record, response)
         return Sent(AnswerStream(response), record, healed=True)
+
+    async def _track_stream(self, record: SessionRecord, response: aiohttp.ClientResponse) -> None:
+        """Keep a server stream just opened on ``record``'s upstream session, for a heal to end; end it now
+        if the session moved on while its GET was on its way (a heal here, or in another proxy process)."""
+        cid = record.client_session_id
+        self._server_streams.opened(cid, record.upstream_session_id, response)
+        current = await self.store.get(cid)
+        if current is not None and current.upstream_session_id != record.upstream_session_id:
+            self._server_streams.healed(cid, current.upstream_session_id)
 
     async def resume(
         self,
@@ -657,6 +675,7 @@ class SessionEngine:
                 continue
             if response.status == 200:
                 log.info("stream.reattached", upstream=self.name, client_session=record.client_session_id[:8])
+                await self._track_stream(record, response)
                 return response
             response.release()
             if response.status in GET_REFUSED:

@@ -123,6 +123,14 @@ class LeanBody:
         self._conn = None
         self._wake()
 
+    def set_exception(self, exc: BaseException) -> None:
+        """What the next read raises (as aiohttp's ``StreamReader.set_exception``); the connection stays
+        with the body, for the response's ``close`` that follows."""
+        if self.done:
+            return
+        self._exc = exc
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -246,6 +254,11 @@ class LeanResponse:
         self.reason = reason
         self.headers = headers
         self.content = content
+
+    @property
+    def closed(self) -> bool:
+        """Whether no more of the body will arrive (ended, broken, or closed)."""
+        return self.content.done
 
     @property
     def content_length(self) -> int | None:

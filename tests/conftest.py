@@ -81,15 +81,17 @@ class _ExitedEarly(Exception):
 
 class ServerProcess:
     """A test server (a script of tests/) in its own process on a free 127.0.0.1 port, ready once its
-    ``/stats`` answers, stopped by its PID. Subclasses say how to start it (``command``)."""
+    ``/stats`` answers, stopped by its PID. Subclasses say how to start it (``command``), and may keep its
+    output in a file (``log_path``; by default it is discarded)."""
 
     name = "server"
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, *, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port if port is not None else free_port()
+        self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         # Once it served (a start is then a restart), or when a test chose it, the port stays.
-        self.port_fixed = False
+        self.port_fixed = port is not None
         # How the tests' own requests (/stats, /release) check the server's certificate (https servers).
         self.client_ssl: ssl.SSLContext | bool = True
 
@@ -115,13 +117,16 @@ class ServerProcess:
         first time, on the same one for a restart (the proxy in front knows that one), with backoff.
         """
         for attempt in range(1, START_ATTEMPTS + 1):
-            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.process = self._spawn()
             try:
                 await wait_until(self._answers, READY_TIMEOUT, f"{self.name} ready")
             except _ExitedEarly as exited:
                 self.process = None
                 if attempt == START_ATTEMPTS:
-                    raise RuntimeError(f"{self.name} exited with {exited} {attempt} times (port {self.port})") from None
+                    where = f"; see {self.log_path}" if self.log_path is not None else ""
+                    raise RuntimeError(
+                        f"{self.name} exited with {exited} {attempt} times (port {self.port}){where}"
+                    ) from None
                 if not self.port_fixed:
                     self.port = free_port()
                 await asyncio.sleep(0.2 * attempt)
@@ -131,6 +136,14 @@ class ServerProcess:
                 raise
             self.port_fixed = True
             return
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """The process, from the repository root (``python -m tests...`` commands), its output in the log file
+        when there is one."""
+        if self.log_path is None:
+            return subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT)
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 
     async def _answers(self) -> bool:
         """Ready once this process answers: not merely something on its port (another process that took

@@ -15,13 +15,16 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import mcp.types as types
 import pytest
+from aiohttp import web
 from mcp.client.session import ClientSession, IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_heal_proxy.config import UPSTREAM_CLIENTS
-from tests.conftest import ProxyFactory, UpstreamProcess, wait_until
+from tests.conftest import ProxyFactory, UpstreamProcess, echo_call, raw_initialize, session_headers, wait_until
+from tests.fake_upstream import FakeUpstream
 from tests.test_stdio import bridged_session
 
 CALL_TIMEOUT = 20.0
@@ -109,3 +112,52 @@ async def test_the_stdio_bridge_moves_its_server_stream_to_the_healed_session(up
     updates = Updates()
     async with bridged_session(upstream.url, message_handler=updates.handler) as session:
         await heal_over_a_forgotten_session(session, upstream, updates)
+
+
+async def test_a_heal_whose_caller_left_still_ends_the_stream_on_the_old_session(
+    fake: tuple[FakeUpstream, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Fault injection: the heal runs in its own task and finishes when the client that asked for it hung
+    up in the middle. The heal's task, not the gone caller, ends the old stream, so the client's server
+    stream still moves to the new session."""
+    upstream, url = fake
+    done = asyncio.Event()
+
+    async def open_stream(request: web.Request, _: Any) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n')
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3 * CALL_TIMEOUT):
+                await done.wait()  # open (and silent) until the test ends, well past its waits
+        return response
+
+    async def slow_reinitialize(_: web.Request, __: Any) -> None:
+        await asyncio.sleep(1.0)  # the client hangs up during it
+        return None
+
+    upstream.on_get = open_stream
+    upstream.on_reinitialize = slow_reinitialize
+    proxy = await start_proxy(url)
+    session_id = await raw_initialize(http, proxy.url)
+    try:
+        async with http.get(proxy.url, headers=session_headers(session_id)) as stream:
+            assert stream.status == 200
+            await stream.content.readuntil(b"\n\n")  # the first event: the stream is open upstream
+
+            def streams_on(upstream_session: str) -> int:
+                return sum(
+                    1
+                    for seen in upstream.seen
+                    if seen.method == "GET" and seen.headers.get("Mcp-Session-Id") == upstream_session
+                )
+
+            assert streams_on("upstream-1") == 1
+            upstream.forget_all()  # the open stream stays open
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await http.post(proxy.url, json=echo_call(2), headers=session_headers(session_id))
+            await wait_until(lambda: upstream.initializes == 2, CALL_TIMEOUT, "the heal's re-initialize")
+            await wait_until(lambda: streams_on("upstream-2") == 1, CALL_TIMEOUT, "the stream on the healed session")
+    finally:
+        done.set()

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -133,6 +133,9 @@ class Healer:
         # under the heal's span (the engine's), and the heal metrics.
         self._otel = metrics.otel
         self._peer = self._otel.peer(self._name, upstream.config.url) if self._otel is not None else None
+        # Told of each session a heal moved on, from the heal's own task: also when every caller left
+        # before it ended (the engine ends the server streams left on the old upstream session).
+        self.on_healed: Callable[[SessionRecord], None] | None = None
 
     async def heal(self, record: SessionRecord, client_headers: Mapping[str, str], reason: str) -> SessionRecord:
         """Return the record of a live upstream session for this client session, healing if needed.
@@ -146,7 +149,12 @@ class Healer:
             task = self._tasks.spawn(self._heal_once(record, dict(client_headers), reason), name="heal")
             self._in_flight[key] = task
             task.add_done_callback(lambda done: self._forget(key, done))
+            task.add_done_callback(self._tell_healed)
         return await asyncio.shield(task)
+
+    def _tell_healed(self, done: asyncio.Task[SessionRecord]) -> None:
+        if self.on_healed is not None and not done.cancelled() and done.exception() is None:
+            self.on_healed(done.result())
 
     def _forget(self, key: tuple[str, int], done: asyncio.Task[SessionRecord]) -> None:
         self._in_flight.pop(key, None)

@@ -157,6 +157,7 @@ class SessionEngine:
         self._opens_streams_early = True
         # The server streams open now, by generation: a heal ends those it left on a dead session.
         self._server_streams = ServerStreams()
+        healer.on_healed = self._server_streams.healed
         # Handshake-era clients in front of a 2026-07-28-only upstream (bridge/): the era, the sessions.
         self.bridge = Bridge(self, metrics)
 
@@ -305,7 +306,6 @@ class SessionEngine:
             raise
         if trace is not None:
             trace.healed(healed.generation)
-        self._server_streams.healed(healed.client_session_id, healed.upstream_session_id)
         return healed
 
     def _heal_trace(self, record: SessionRecord, reason: str) -> HealTrace | None:
@@ -601,12 +601,19 @@ class SessionEngine:
 
     async def _track_stream(self, record: SessionRecord, response: aiohttp.ClientResponse) -> None:
         """Keep a server stream just opened on ``record``'s upstream session, for a heal to end; end it now
-        if the session moved on while its GET was on its way (a heal here, or in another proxy process)."""
+        if the session moved on while its GET was on its way (a heal here, or in another proxy process:
+        read fresh, past a cache that may still hold the old record)."""
         cid = record.client_session_id
         self._server_streams.opened(cid, record.upstream_session_id, response)
-        current = await self.store.get(cid)
-        if current is not None and current.upstream_session_id != record.upstream_session_id:
-            self._server_streams.healed(cid, current.upstream_session_id)
+        try:
+            current = await self.store.get(cid, fresh=True)
+        except BaseException:
+            response.release()  # the front never gets it (the store failed, or the caller was cancelled)
+            raise
+        if current is None:
+            self._server_streams.forget(cid)  # ended meanwhile: the front's stream ends with it
+        elif current.upstream_session_id != record.upstream_session_id:
+            self._server_streams.healed(current)
 
     async def resume(
         self,

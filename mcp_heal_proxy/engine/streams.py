@@ -1,4 +1,4 @@
-"""The server streams (GET) the engine opened, by client session and generation.
+"""The server streams (GET) the engine opened, by client session and the upstream session each is on.
 
 A heal moves a client session to a new upstream session. A server stream still open on the old one (the
 upstream forgot the session without closing its streams: a failover to a replica that never saw it, a
@@ -10,18 +10,25 @@ backoff) on the new session.
 
 Streams are told apart by upstream session id, not generation: a session restored from its sealed id
 starts again at generation 0. Per process: a heal in another proxy process (a shared store) ends no stream
-here; the engine compares each stream it opens with the store's record, which catches that case and a
-heal that ended while the stream's GET was on its way.
+here unless the engine sees it: it compares each stream it opens with the store's record (read fresh),
+which catches a heal that ended while the stream's GET was on its way, here or in another process. The
+heal's own task tells the table (Healer.on_healed), so a heal whose callers all left still ends them.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 import aiohttp
 import structlog
 
 from mcp_heal_proxy.engine.answers import supersede
+from mcp_heal_proxy.store.records import SessionRecord
 
 log = structlog.get_logger("mcp_heal_proxy.engine.streams")
+
+# Below this many sessions in the table, no sweep of ended ones.
+_SWEEP_FIRST: Final = 64
 
 
 class ServerStreams:
@@ -29,6 +36,7 @@ class ServerStreams:
 
     def __init__(self) -> None:
         self._open: dict[str, list[tuple[str, aiohttp.ClientResponse]]] = {}
+        self._sweep_at = _SWEEP_FIRST
 
     def opened(self, client_session_id: str, upstream_session_id: str, response: aiohttp.ClientResponse) -> None:
         """A stream opened on this upstream session (the ones since closed are dropped here, so that the
@@ -38,9 +46,21 @@ class ServerStreams:
         streams = [entry for entry in self._open.get(client_session_id, ()) if not entry[1].closed]
         streams.append((upstream_session_id, response))
         self._open[client_session_id] = streams
+        if len(self._open) >= self._sweep_at:
+            self._sweep()
 
-    def healed(self, client_session_id: str, upstream_session_id: str) -> None:
-        """The session now runs on ``upstream_session_id``: end its streams on any other."""
+    def _sweep(self) -> None:
+        """Drop the sessions whose streams all ended: a session can end where no ``forget`` reaches this
+        table (in another proxy process, or dropped from a full queue of endings). Amortized: run when the
+        table doubled since the last sweep."""
+        self._open = {
+            cid: streams for cid, streams in self._open.items() if any(not response.closed for _, response in streams)
+        }
+        self._sweep_at = max(_SWEEP_FIRST, 2 * len(self._open))
+
+    def healed(self, record: SessionRecord) -> None:
+        """The session now runs on ``record``'s upstream session: end its streams on any other."""
+        client_session_id, upstream_session_id = record.client_session_id, record.upstream_session_id
         streams = self._open.pop(client_session_id, [])
         kept = [(sid, response) for sid, response in streams if sid == upstream_session_id and not response.closed]
         if kept:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-import aiohttp
 import pytest
 
 from mcp_heal_proxy.config import DEFAULT_UPSTREAM_CLIENT
-from tests.conftest import TEST_CLIENT, free_port, wait_until
+from tests.conftest import TEST_CLIENT, ServerProcess, free_port, wait_until
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -147,63 +146,29 @@ async def everything(node_env: NodeEnv, tmp_path: Path) -> AsyncIterator[Everyth
     await server.stop()
 
 
-class TtlServer:
+class TtlServer(ServerProcess):
     """tests/interop/ttl_server.py: the Python SDK server with a short idle TTL and no GET stream."""
 
+    name = "TTL server"
+
     def __init__(self, log_path: Path, idle_timeout: float, *, json_response: bool = False) -> None:
-        self.port = free_port()
-        self.log_path = log_path
+        super().__init__(log_path=log_path)
         self.idle_timeout = idle_timeout
         self.json_response = json_response
-        self.process: asyncio.subprocess.Process | None = None
 
-    @property
-    def url(self) -> str:
-        """The MCP endpoint."""
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    async def start(self) -> None:
-        """Start the server and wait until it answers."""
+    def command(self) -> list[str]:
         command = [sys.executable, "-m", "tests.interop.ttl_server", "--port", str(self.port)]
         command += ["--idle-timeout", str(self.idle_timeout)]
         if self.json_response:
             command.append("--json")
-        with self.log_path.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *command, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=REPO
-            )
-        await wait_until(self._answers, READY_TIMEOUT, "TTL server ready")
-
-    async def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.returncode is not None:
-            raise RuntimeError(f"TTL server exited with {self.process.returncode}; see {self.log_path}")
-        try:
-            await self.stats()
-        except (aiohttp.ClientError, OSError):
-            return False
-        return True
-
-    async def stop(self) -> None:
-        """Kill it."""
-        if self.process is not None:
-            await stop_process(self.process, signal.SIGKILL)
-            self.process = None
-
-    async def stats(self) -> dict[str, int]:
-        """Requests and idle expiries counted since start."""
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=2)) as response,
-        ):
-            data: dict[str, int] = await response.json()
-            return data
+        return command
 
     async def wait_for_expiry(self, count: int = 1) -> None:
         """Wait until the server has expired ``count`` idle sessions (bounded: a few TTLs)."""
 
         async def expired() -> bool:
-            return (await self.stats()).get("idle_expired", 0) >= count
+            so_far: int = (await self.stats()).get("idle_expired", 0)
+            return so_far >= count
 
         await wait_until(expired, self.idle_timeout * 5 + 5, f"{count} idle session expiry")
 

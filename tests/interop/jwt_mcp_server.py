@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -149,7 +150,8 @@ def main() -> None:
 
     @server.custom_route("/stats", methods=["GET"])  # type: ignore[untyped-decorator]
     async def stats(_: Request) -> JSONResponse:
-        return JSONResponse(STATS)
+        # pid: the tests know it is this process that answers on the port (tests/conftest.py ServerProcess).
+        return JSONResponse({**STATS, "pid": os.getpid()})
 
     app = server.streamable_http_app(host="127.0.0.1")
     config = uvicorn.Config(counting(app), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")

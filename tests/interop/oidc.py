@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 import aiohttp
 
-from tests.conftest import READY_TIMEOUT, free_port, wait_until
-from tests.interop.conftest import HERE, REPO, NodeEnv, missing_prerequisite, port_open, stop_process
+from tests.conftest import READY_TIMEOUT, ServerProcess, free_port, wait_until
+from tests.interop.conftest import HERE, NodeEnv, missing_prerequisite, port_open, stop_process
 
 OIDC_PROVIDER = "oidc-provider"
 # Access tokens expire this soon (seconds): every scenario outlives a few.
@@ -78,7 +78,14 @@ class AuthorizationServer:
         assert self.process is not None
         if self.process.returncode is not None:
             raise RuntimeError(f"oidc-provider exited with {self.process.returncode}; see {self.log_path}")
-        return await port_open(self.port)
+        if not await port_open(self.port):
+            return False
+        try:
+            stats = await self.stats()
+        except (aiohttp.ClientError, OSError, ValueError):
+            return False
+        # This process, not another one that took the port first (this one then exits: address in use).
+        return bool(stats.get("pid") == self.process.pid)
 
     async def stop(self) -> None:
         if self.process is not None:
@@ -99,57 +106,20 @@ class AuthorizationServer:
         return count
 
 
-class JwtUpstream:
+class JwtUpstream(ServerProcess):
     """tests/interop/jwt_mcp_server.py: the SDK server accepting only the authorization server's JWTs
-    issued for its own URL."""
+    issued for its own URL (so its port is chosen before the authorization server starts, and kept)."""
+
+    name = "JWT-checking MCP server"
 
     def __init__(self, port: int, issuer: str, log_path: Path, *options: str) -> None:
-        self.port = port
+        super().__init__(port=port, log_path=log_path)
         self.issuer = issuer
-        self.log_path = log_path
         self.options = options
-        self.process: asyncio.subprocess.Process | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    async def start(self) -> None:
+    def command(self) -> list[str]:
         command = [sys.executable, "-m", "tests.interop.jwt_mcp_server", "--port", str(self.port)]
-        command += ["--issuer", self.issuer, *self.options]
-        with self.log_path.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *command, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=REPO
-            )
-        await wait_until(self._answers, READY_TIMEOUT, "JWT-checking MCP server ready")
-
-    async def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.returncode is not None:
-            raise RuntimeError(f"the MCP server exited with {self.process.returncode}; see {self.log_path}")
-        try:
-            await self.stats()
-        except (aiohttp.ClientError, OSError):
-            return False
-        return True
-
-    async def stop(self) -> None:
-        """SIGKILL: every session dies at once, as in a crash."""
-        if self.process is not None:
-            await stop_process(self.process, signal.SIGKILL)
-            self.process = None
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def stats(self) -> dict[str, Any]:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
-            http.get(f"http://127.0.0.1:{self.port}/stats") as response,
-        ):
-            data: dict[str, Any] = await response.json()
-            return data
+        return [*command, "--issuer", self.issuer, *self.options]
 
 
 @dataclass

@@ -123,7 +123,8 @@ provider.on("device_authorization.success", (_ctx, body) => {
 });
 provider.use(async (ctx, next) => {
   if (ctx.path === "/test/stats" && ctx.method === "GET") {
-    ctx.body = stats;
+    // pid: the tests know it is this process that answers on the port, not another one that took it.
+    ctx.body = { ...stats, pid: process.pid };
     return;
   }
   if (ctx.path === "/auth") {

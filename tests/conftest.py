@@ -459,11 +459,11 @@ async def start_serve(*args: str, stderr: int = asyncio.subprocess.DEVNULL) -> t
 
 
 @contextlib.asynccontextmanager
-async def mcp_session(url: str) -> AsyncIterator[ClientSession]:
-    """The official SDK client, initialized, on ``url``."""
+async def mcp_session(url: str, **callbacks: Any) -> AsyncIterator[ClientSession]:
+    """The official SDK client, initialized, on ``url`` (``callbacks``: ClientSession's, e.g. message_handler)."""
     async with (
         streamable_http_client(url) as (read_stream, write_stream),
-        ClientSession(read_stream, write_stream) as session,
+        ClientSession(read_stream, write_stream, **callbacks) as session,
     ):
         await session.initialize()
         yield session

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,10 +19,17 @@ import mcp.types as types
 import pytest
 from aiohttp import web
 from mcp.client.session import ClientSession, IncomingMessage
-from mcp.client.streamable_http import streamable_http_client
 
 from mcp_heal_proxy.config import UPSTREAM_CLIENTS
-from tests.conftest import ProxyFactory, UpstreamProcess, echo_call, raw_initialize, session_headers, wait_until
+from tests.conftest import (
+    ProxyFactory,
+    UpstreamProcess,
+    echo_call,
+    mcp_session,
+    raw_initialize,
+    session_headers,
+    wait_until,
+)
 from tests.fake_upstream import FakeUpstream
 from tests.test_stdio import bridged_session
 
@@ -46,17 +52,6 @@ class Updates:
     async def wait(self) -> None:
         async with asyncio.timeout(CALL_TIMEOUT):
             await self._arrived.wait()
-
-
-@contextlib.asynccontextmanager
-async def http_session(url: str, **callbacks: Any) -> AsyncIterator[ClientSession]:
-    async with (
-        streamable_http_client(url) as (read_stream, write_stream),
-        ClientSession(read_stream, write_stream, **callbacks) as session,
-    ):
-        async with asyncio.timeout(CALL_TIMEOUT):
-            await session.initialize()
-        yield session
 
 
 async def call(session: ClientSession, tool: str, **arguments: Any) -> str:
@@ -104,7 +99,7 @@ async def test_the_http_front_moves_the_clients_server_stream_to_the_healed_sess
     """Both upstream HTTP clients: each ends a response its own way (engine/answers.py: supersede)."""
     proxy = await start_proxy(sse_upstream.url, client=client)
     updates = Updates()
-    async with http_session(proxy.url, message_handler=updates.handler) as session:
+    async with mcp_session(proxy.url, message_handler=updates.handler) as session:
         await heal_over_a_forgotten_session(session, sse_upstream, updates)
 
 

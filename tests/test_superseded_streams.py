@@ -4,8 +4,9 @@ The upstream forgets the session without closing its streams (a failover to a re
 the client's next call meets 404 and heals, while the server stream (GET) stays open on the forgotten
 session, silent for good. What the new session sends on its own (here resources/updated, a notification
 related to no request) goes to the new session's stream. The official SDK client, through the HTTP front
-and through the stdio bridge, to the official SDK server: the proxy ends the old stream and reattaches
-on the new session, and the notification reaches the client.
+and through the stdio bridge, to the official SDK server: the heal opens the new session's stream before
+the replay, ends the old one, and the client's stream moves to the new one; what the replay sent on it
+reaches the client, and so does what the session sends later.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Updates:
         async with asyncio.timeout(CALL_TIMEOUT):
             await self._arrived.wait()
 
+    def clear(self) -> None:
+        self.uris.clear()
+        self._arrived.clear()
+
 
 async def call(session: ClientSession, tool: str, **arguments: Any) -> str:
     async with asyncio.timeout(CALL_TIMEOUT):
@@ -74,15 +79,21 @@ async def heal_over_a_forgotten_session(session: ClientSession, upstream: Upstre
     await wait_until(lambda: _one_listening(upstream), CALL_TIMEOUT, "the client's server stream upstream")
     forgotten = await upstream.forget_sessions()
     assert len(forgotten) == 1
-    assert await call(session, "echo", text="after") == "after"  # 404, healed, replayed
+    # The call that heals is the one that announces: replayed on the new session, it sends resources/updated
+    # on that session's server stream at once. The heal opened that stream before the replay, and the
+    # client's stream, moved to it, brings what waited there.
+    assert await call(session, "announce", uri=WATCHED) == f"announced {WATCHED}"  # 404, healed, replayed
     assert (await upstream.stats())["initialize"] == 2, "one heal: one re-initialize"
+    await updates.wait()
+    assert updates.uris == [WATCHED]
 
     async def moved_on() -> bool:
         now = await listening(upstream)
         return len(now) == 1 and now[0] not in forgotten
 
-    # Without the proxy ending the stream on the forgotten session, no stream opens on the new one.
+    # Without the proxy ending the stream on the forgotten session, the client's stays there.
     await wait_until(moved_on, CALL_TIMEOUT, "the server stream on the healed session")
+    updates.clear()
     assert await call(session, "announce", uri=WATCHED) == f"announced {WATCHED}"
     await updates.wait()
     assert updates.uris == [WATCHED]

@@ -293,7 +293,13 @@ class SessionEngine:
         """Heal through the Healer; a session the store lost during the request (the heal found no record)
         is restored from its sealed id and healed then, rather than answered 404. A session ended meanwhile
         (DELETE) stays ended: it is marked so, and restore refuses it. ``trace``: the heal's span (with
-        OpenTelemetry on), told the outcome."""
+        OpenTelemetry on), told the outcome.
+
+        A session whose client listens on a server stream gets the new session's stream opened here, before
+        the replay (open_stream_early): what the new session sends on its own from its first moment waits
+        in it for the stream's reattach, which takes it, instead of being dropped by a server that keeps
+        nothing for a stream not yet open."""
+        listening = self._server_streams.listening(record.client_session_id)
         try:
             try:
                 healed = await self._healer.heal(record, client_headers, reason=reason)
@@ -306,6 +312,8 @@ class SessionEngine:
             raise
         if trace is not None:
             trace.healed(healed.generation)
+        if listening and healed.upstream_session_id != record.upstream_session_id and not is_bridged(healed):
+            await self.open_stream_early(client_headers, healed)
         return healed
 
     def _heal_trace(self, record: SessionRecord, reason: str) -> HealTrace | None:
@@ -576,12 +584,9 @@ class SessionEngine:
     async def open_stream(self, client_headers: Mapping[str, str], record: SessionRecord) -> Sent:
         """Open the session's server-to-client stream (GET), healing first if the session is gone; the
         stream opened at notifications/initialized, when there is one."""
-        early = await self._take_early_stream(client_headers, record)
+        # Opened at notifications/initialized (or by a heal); taken over now.
+        early = await self._take_early_as("attach", record, client_headers)
         if early is not None:
-            if self._otel is not None and self._peer is not None:
-                # Opened at notifications/initialized; taken over now: the attach, as the client sees it.
-                taken = self._otel.stream("attach", self._peer, record.client_session_id, generation=record.generation)
-                taken.answered(early.status)
             await self._track_stream(record, early)
             return Sent(AnswerStream(early), record)
         response = await self._traced_get("attach", self.headers(client_headers, record), record)
@@ -592,12 +597,33 @@ class SessionEngine:
         healing = self._heal_trace(record, f"http_{response.status}")
         try:
             record = await self.heal(record, client_headers, reason=f"http_{response.status}", trace=healing)
-            response = await self._traced_get("attach", self.headers(client_headers, record, fresh_stream=True), record)
+            response = await self._stream_after_heal("attach", client_headers, record)
         finally:
             if healing is not None:
                 healing.close()
         await self._track_stream(record, response)
         return Sent(AnswerStream(response), record, healed=True)
+
+    async def _stream_after_heal(
+        self, kind: str, client_headers: Mapping[str, str], record: SessionRecord
+    ) -> aiohttp.ClientResponse:
+        """The healed session's server stream: the one the heal opened, else a new GET (servers allow one
+        GET stream per session, so never both)."""
+        early = await self._take_early_as(kind, record)
+        if early is not None:
+            return early
+        return await self._traced_get(kind, self.headers(client_headers, record, fresh_stream=True), record)
+
+    async def _take_early_as(
+        self, kind: str, record: SessionRecord, client_headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse | None:
+        """The stream opened early on this record's session, taken over as an attach or a reattach (its span,
+        with OpenTelemetry on, as the client sees it); None if there is none or it does not fit."""
+        early = await self._take_early_stream(client_headers or {}, record)
+        if early is not None and self._otel is not None and self._peer is not None:
+            taken = self._otel.stream(kind, self._peer, record.client_session_id, generation=record.generation)
+            taken.answered(early.status)
+        return early
 
     async def _track_stream(self, record: SessionRecord, response: aiohttp.ClientResponse) -> None:
         """Keep a server stream just opened on ``record``'s upstream session, for a heal to end; end it now
@@ -658,18 +684,19 @@ class SessionEngine:
                 except UnknownSession:
                     return None  # the client ended its session meanwhile
             headers = self.headers(client_headers, record, fresh_stream=True)
-            if last_event_id is not None and record.generation == stale.generation:
+            resuming = last_event_id is not None and record.generation == stale.generation
+            if last_event_id is not None and resuming:
                 headers[LAST_EVENT_ID] = last_event_id
             try:
-                response = await self._traced_get("reattach", headers, record)
+                # After a heal (here or by a call), the stream the heal opened for this moment, if any.
+                early = None if resuming else await self._take_early_as("reattach", record)
+                response = early if early is not None else await self._traced_get("reattach", headers, record)
                 expired, _ = await self.check_expiry(response)
                 if expired:
                     healing = self._heal_trace(record, "get_stream_lost")
                     try:
                         record = await self.heal(record, client_headers, reason="get_stream_lost", trace=healing)
-                        response = await self._traced_get(
-                            "reattach", self.headers(client_headers, record, fresh_stream=True), record
-                        )
+                        response = await self._stream_after_heal("reattach", client_headers, record)
                     finally:
                         if healing is not None:
                             healing.close()
@@ -680,6 +707,12 @@ class SessionEngine:
                 log.info("stream.reattach_retry", upstream=self.name, error=exc.message, delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
                 continue
+            if response.status == 409:
+                # One GET stream per session: this GET crossed the one a heal was opening. Take that one.
+                early = await self._take_early_as("reattach", record)
+                if early is not None:
+                    response.release()
+                    response = early
             if response.status == 200:
                 log.info("stream.reattached", upstream=self.name, client_session=record.client_session_id[:8])
                 await self._track_stream(record, response)

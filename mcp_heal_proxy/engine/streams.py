@@ -71,6 +71,11 @@ class ServerStreams:
         if ending:
             log.info("stream.superseded", client_session=client_session_id[:8], streams=len(ending))
 
+    def listening(self, client_session_id: str) -> bool:
+        """Whether the session's client has had a server stream since it last opened one (open now, or
+        ended and not yet reattached: a restart breaks it before the heal)."""
+        return client_session_id in self._open
+
     def forget(self, client_session_id: str) -> None:
         """The session ended: its streams end with their fronts (nothing to keep for them here)."""
         self._open.pop(client_session_id, None)

@@ -74,6 +74,11 @@ _REATTACH_RETRY_MAX: Final = 8.0
 # the upstream's idle expiry of a session whose client never opens one (servers do not expire a session
 # while its GET stream is open).
 EARLY_STREAM_WAIT: Final = 3.0
+# The stream a heal opens for a client that listens waits longer: the front reattaches after its backoff
+# (which grows with quick heals in a row, and is never shorter than the server's retry:), up to 30 s.
+HEALED_STREAM_WAIT: Final = 30.0
+# How long a heal waits for that stream's head before it replays without it (the replay waits on it).
+HEALED_STREAM_OPEN_TIMEOUT: Final = 2.0
 
 
 class NotReplayed(ProxyError):
@@ -312,8 +317,13 @@ class SessionEngine:
             raise
         if trace is not None:
             trace.healed(healed.generation)
-        if listening and healed.upstream_session_id != record.upstream_session_id and not is_bridged(healed):
-            await self.open_stream_early(client_headers, healed)
+        if (
+            listening
+            and healed.upstream_session_id != record.upstream_session_id
+            and not is_bridged(healed)
+            and not self._server_streams.open_on(healed)
+        ):
+            await self.open_stream_early(client_headers, healed, after_heal=True)
         return healed
 
     def _heal_trace(self, record: SessionRecord, reason: str) -> HealTrace | None:
@@ -502,7 +512,9 @@ class SessionEngine:
 
     # --- server streams -------------------------------------------------------------------------------
 
-    async def open_stream_early(self, client_headers: Mapping[str, str], record: SessionRecord) -> None:
+    async def open_stream_early(
+        self, client_headers: Mapping[str, str], record: SessionRecord, *, after_heal: bool = False
+    ) -> None:
         """Open the session's server stream (GET) now, for the client's first GET to take over.
 
         A server may send its own requests (sampling, elicitation) on the GET stream at any moment, even
@@ -513,9 +525,17 @@ class SessionEngine:
         notification was taken, the stream is there before the client can send anything else; what the
         server sends on it waits (in the connection's buffers) for the client's GET. Best effort and
         bounded by ``connect_timeout``: a failure leaves the client's GET to open its own stream.
+
+        ``after_heal``: opened by a heal, for the front's reattach (see heal): bounded more tightly, as the
+        replay waits on it, kept longer for its taker, and a slow one does not switch early streams off.
         """
         cid = record.client_session_id
-        if not self._opens_streams_early or cid in self._early_openings:
+        underway = self._early_openings.get(cid)
+        if underway is not None:
+            if after_heal:
+                await asyncio.shield(underway)  # another caller of the same heal is opening it: replay after
+            return
+        if not self._opens_streams_early:
             return
         opening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._early_openings[cid] = opening
@@ -526,14 +546,18 @@ class SessionEngine:
             if name.lower() not in ("accept", "content-type", "content-length", "content-encoding")
         }
         headers["Accept"] = "text/event-stream"
+        bound = (
+            min(self.config.connect_timeout, HEALED_STREAM_OPEN_TIMEOUT) if after_heal else self.config.connect_timeout
+        )
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
+            async with asyncio.timeout(bound):
                 response = await self.upstream.send("GET", headers, stream=True, resendable=True, patient=False)
         except TimeoutError:
-            # A server that holds a GET's head back until it has an event would cost every session start
-            # this wait: no more early streams for this upstream.
-            self._opens_streams_early = False
-            log.warning("stream.early_open_slow", upstream=self.name, timeout_s=self.config.connect_timeout)
+            log.warning("stream.early_open_slow", upstream=self.name, timeout_s=bound)
+            if not after_heal:
+                # A server that holds a GET's head back until it has an event would cost every session start
+                # this wait: no more early streams for this upstream.
+                self._opens_streams_early = False
             return
         except ProxyError as exc:
             log.info("stream.early_open_failed", upstream=self.name, error=exc.message)
@@ -546,7 +570,8 @@ class SessionEngine:
             if response.status == 405:
                 self._opens_streams_early = False  # this server has no GET streams
             return
-        expiry = asyncio.get_running_loop().call_later(EARLY_STREAM_WAIT, self._drop_early_stream, cid)
+        wait = HEALED_STREAM_WAIT if after_heal else EARLY_STREAM_WAIT
+        expiry = asyncio.get_running_loop().call_later(wait, self._drop_early_stream, cid)
         self._early_streams[cid] = _EarlyStream(response, record.upstream_session_id, expiry)
 
     def _drop_early_stream(self, client_session_id: str) -> None:
@@ -685,7 +710,7 @@ class SessionEngine:
                     return None  # the client ended its session meanwhile
             headers = self.headers(client_headers, record, fresh_stream=True)
             resuming = last_event_id is not None and record.generation == stale.generation
-            if last_event_id is not None and resuming:
+            if resuming and last_event_id is not None:  # (the second test narrows the type for mypy)
                 headers[LAST_EVENT_ID] = last_event_id
             try:
                 # After a heal (here or by a call), the stream the heal opened for this moment, if any.

@@ -76,6 +76,14 @@ class ServerStreams:
         ended and not yet reattached: a restart breaks it before the heal)."""
         return client_session_id in self._open
 
+    def open_on(self, record: SessionRecord) -> bool:
+        """Whether a stream is open on ``record``'s upstream session already (the heal a caller waited for
+        was over before it asked, and the client's stream has moved)."""
+        return any(
+            sid == record.upstream_session_id and not response.closed
+            for sid, response in self._open.get(record.client_session_id, ())
+        )
+
     def forget(self, client_session_id: str) -> None:
         """The session ended: its streams end with their fronts (nothing to keep for them here)."""
         self._open.pop(client_session_id, None)

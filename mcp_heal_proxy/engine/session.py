@@ -160,7 +160,7 @@ class SessionEngine:
         self._early_openings: dict[str, asyncio.Future[None]] = {}
         # Off once the upstream showed it has no GET streams (405) or keeps their heads waiting.
         self._opens_streams_early = True
-        # The server streams open now, by generation: a heal ends those it left on a dead session.
+        # The server streams open now, by upstream session: a heal ends those it left on the old one.
         self._server_streams = ServerStreams()
         healer.on_healed = self._server_streams.healed
         # Handshake-era clients in front of a 2026-07-28-only upstream (bridge/): the era, the sessions.

@@ -547,6 +547,15 @@ class Lines(io.StringIO):
         return super().write(text)
 
 
+async def login_parts(
+    app: web.Application, tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> tuple[UpstreamConfig, TokenFile, Lines]:
+    """A managed login's upstream (``app`` serving it and its authorization server), token file and output."""
+    server = await aiohttp_server(app, host="127.0.0.1")
+    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
+    return upstream, TokenFile(tmp_path / "oauth", "up"), Lines()
+
+
 def mix_up_server(iss: str | None, promise_iss: bool, issuer: str | None = "SELF") -> tuple[web.Application, list[str]]:
     """An MCP server that is its own authorization server and redirects with ``iss`` (or none); its
     metadata names ``issuer`` (SELF: its own origin, the protected-resource metadata's name for it)."""
@@ -643,10 +652,7 @@ async def login_against_mix_up_server(
     refusal: str | None,
 ) -> None:
     app, token_requests = mix_up_server(iss, promise_iss, issuer)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
-    token_file = TokenFile(tmp_path / "oauth", "up")
-    out = Lines()
+    upstream, token_file, out = await login_parts(app, tmp_path, aiohttp_server)
     logging_in = asyncio.get_running_loop().create_task(
         login_flow.login(upstream, token_file, out=out, open_browser=False, wait=20)
     )
@@ -676,10 +682,7 @@ async def test_a_callback_with_a_non_ascii_state_is_refused_and_the_login_goes_o
     """The login's callback compares the state as bytes: a non-ASCII one is a stranger's (400), not a
     500, and the real answer that follows still logs in."""
     app, token_requests = mix_up_server("SELF", True)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
-    token_file = TokenFile(tmp_path / "oauth", "up")
-    out = Lines()
+    upstream, token_file, out = await login_parts(app, tmp_path, aiohttp_server)
     logging_in = asyncio.get_running_loop().create_task(
         login_flow.login(upstream, token_file, out=out, open_browser=False, wait=20)
     )
@@ -705,10 +708,7 @@ async def test_a_login_that_waited_for_another_uses_its_tokens(
     tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
     app, token_requests = mix_up_server("SELF", True)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    upstream = UpstreamConfig(url=str(server.make_url("/mcp")), name="up", auth="oauth")
-    token_file = TokenFile(tmp_path / "oauth", "up")
-    out = Lines()
+    upstream, token_file, out = await login_parts(app, tmp_path, aiohttp_server)
     loads: list[str] = []
     load = token_file.load
 
